@@ -1,0 +1,104 @@
+"""TimeLSTM and the choice of LSTM engine.
+
+Engines: ``numpy`` (reference, always there), ``cython`` (fastseq/_ext, float32/float64 on CPU)
+and ``cupy`` (GPU). The choice is automatic (cupy for CuPy arrays, cython when built, else numpy);
+``FASTSEQ_KERNEL=numpy|cython`` in the environment, or ``set_kernel(name)``, overrides it.
+"""
+import os
+
+from .. import backend
+from ..backend import get_array_module
+from . import _numpy
+
+_cython = None
+_cython_error = None
+try:
+    from . import _cython
+except ImportError as e:  # extension not built here
+    _cython_error = str(e)
+
+_override = os.environ.get("FASTSEQ_KERNEL") or None
+if _override not in (None, "numpy", "cython", "cupy"):
+    raise ValueError(f"FASTSEQ_KERNEL={_override!r}: expected numpy, cython or cupy")
+
+
+def cython_available():
+    return _cython is not None
+
+
+def set_kernel(name=None):
+    """Force an engine ('numpy', 'cython', 'cupy') or None for the automatic choice."""
+    global _override
+    if name not in (None, "numpy", "cython", "cupy"):
+        raise ValueError(f"unknown LSTM kernel {name!r}; expected numpy, cython or cupy")
+    if name == "cython" and _cython is None:
+        raise backend.BackendError(f"the Cython LSTM kernel is not built: {_cython_error}")
+    _override = name
+
+
+def kernel_name():
+    if backend.is_gpu():
+        return "cupy"
+    if _override == "cython" and _cython is None:
+        raise backend.BackendError(
+            f"FASTSEQ_KERNEL=cython but the Cython LSTM kernel is not built: {_cython_error}")
+    if _override in ("numpy", "cython"):
+        return _override
+    return "cython" if _cython is not None else "numpy"
+
+
+def get_kernel(x):
+    """The engine module that runs an LSTM over array x."""
+    if get_array_module(x) is not __import__("numpy"):
+        from . import _cupy
+        return _cupy
+    name = kernel_name() if not backend.is_gpu() else "numpy"
+    if name == "cython" and x.dtype in _cython.DTYPES:
+        return _cython
+    return _numpy
+
+
+class TimeLSTM:
+    """LSTM over a whole sequence. params = [Wx (D, 4H), Wh (H, 4H), b (4H,)], gates [f|g|i|o].
+
+    stateful=True carries (h, c) from one forward to the next (truncated BPTT); set_state(h, c)
+    starts from a given state; after backward, ``dh`` is the gradient of the initial h.
+    """
+
+    def __init__(self, Wx, Wh, b, stateful=False):
+        self.params = [Wx, Wh, b]
+        xp = get_array_module(Wx)
+        self.grads = [xp.zeros_like(Wx), xp.zeros_like(Wh), xp.zeros_like(b)]
+        self.stateful = stateful
+        self.h = self.c = self.dh = None
+        self._cache = None
+        self._kernel = None
+
+    def forward(self, xs):
+        Wx, Wh, b = self.params
+        if xs.ndim != 3 or xs.shape[2] != Wx.shape[0]:
+            raise ValueError(f"TimeLSTM expects input of shape (N, T, {Wx.shape[0]}), got {xs.shape}")
+        N, H = xs.shape[0], Wh.shape[0]
+        xp = get_array_module(xs)
+        if not self.stateful or self.h is None:
+            self.h = xp.zeros((N, H), dtype=Wx.dtype)
+        if not self.stateful or self.c is None:
+            self.c = xp.zeros((N, H), dtype=Wx.dtype)
+        if self.h.shape != (N, H):
+            raise ValueError(f"TimeLSTM state has shape {self.h.shape} but the batch needs {(N, H)}")
+        self._kernel = get_kernel(xs)
+        hs, self.h, self.c, self._cache = self._kernel.forward(
+            xs.astype(Wx.dtype, copy=False), Wx, Wh, b, self.h, self.c)
+        return hs
+
+    def backward(self, dhs):
+        dxs, self.dh = self._kernel.backward(dhs.astype(self.params[0].dtype, copy=False),
+                                             self._cache, self.grads)
+        self._cache = None
+        return dxs
+
+    def set_state(self, h, c=None):
+        self.h, self.c = h, c
+
+    def reset_state(self):
+        self.h, self.c = None, None
