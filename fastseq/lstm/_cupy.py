@@ -1,0 +1,215 @@
+"""CuPy LSTM engine (NVIDIA GPU): same math and interface as ``_numpy``, fused per-step kernels.
+
+    forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
+    backward(dhs, cache, grads)    -> dxs, dh0                 grads = [dWx, dWh, db], written in place
+
+Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g | i | o].
+
+Per time step the forward pass is one cuBLAS product (h_{t-1} Wh) and one fused elementwise
+kernel (bias + gates + cell + output); the backward pass is one fused elementwise kernel (all four
+gate gradients and dc_{t-1}) and one product (dA_t Wh^T). x Wx, dWx, dWh and dx are one product
+each over all time steps. Every buffer is time-major (T, N, ...) and allocated once per call.
+
+The kernel sources are plain C++ expressions over ``T`` (float or double) using only ``tanh``,
+so ``tests/test_cupy_source.py`` compiles these very strings with a host C++ compiler and runs the
+whole engine on the CPU (``_forward`` / ``_backward`` take the array module and the kernel
+factory as arguments). Importing this module never needs CuPy; calling ``forward`` does.
+"""
+import numpy
+
+from .. import backend
+
+DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+# name -> (in_params, out_params, operation) in cupy.ElementwiseKernel syntax; filled below.
+_STEP_KERNELS = {}
+_compiled = {}  # name -> cupy.ElementwiseKernel, built on first use (CuPy caches the binaries)
+
+
+def _elementwise(name):
+    """The memoised ``cupy.ElementwiseKernel`` for step kernel ``name`` (compiled on first call
+    for each dtype by CuPy itself)."""
+    kern = _compiled.get(name)
+    if kern is None:
+        import cupy  # lazy: this module must import on machines without CuPy
+        in_params, out_params, operation = _STEP_KERNELS[name]
+        kern = cupy.ElementwiseKernel(in_params, out_params, operation, name, no_return=True)
+        _compiled[name] = kern
+    return kern
+
+
+def _matmul_into(xp, a, b, out):
+    """``out[...] = a @ b`` without a temporary when the array module allows it."""
+    if out.flags.c_contiguous and out.dtype == a.dtype == b.dtype:
+        try:
+            xp.matmul(a, b, out=out)
+            return out
+        except TypeError:  # a CuPy too old for matmul(out=)
+            pass
+    out[...] = xp.matmul(a, b)
+    return out
+
+
+def _require_gpu_arrays(arrays, what):
+    backend.check_same_device(*arrays, what=what)
+    if backend.get_array_module(arrays[0]) is numpy:
+        raise TypeError(f"the CuPy LSTM engine needs CuPy arrays, got NumPy ones for {what}; "
+                        "move them with fastseq.backend.to_gpu (or use the numpy engine)")
+
+
+def _check_dtype(dtype):
+    dtype = numpy.dtype(dtype)
+    if dtype not in DTYPES:
+        raise TypeError(f"the CuPy LSTM engine supports float32 and float64, not {dtype}")
+    return dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+_LSTM_FWD_IN = "raw T hw, raw T b, T c_prev, int32 H"
+_LSTM_FWD_OUT = "raw T gates, T c_next, T tanh_c, T h_next"
+# One thread per (n, j) of the (N, H) state; i = n * H + j. ``gates`` is the flat (N * 4H) row
+# block of x_t Wx on entry and the activated gates on exit; ``hw`` is the flat h_{t-1} Wh.
+_LSTM_FWD_SRC = r"""
+const ptrdiff_t n = i / H;
+const ptrdiff_t j = i - n * H;
+const ptrdiff_t k = n * 4 * H + j;
+const T a_f = gates[k] + b[j] + hw[k];
+const T a_g = gates[k + H] + b[j + H] + hw[k + H];
+const T a_i = gates[k + 2 * H] + b[j + 2 * H] + hw[k + 2 * H];
+const T a_o = gates[k + 3 * H] + b[j + 3 * H] + hw[k + 3 * H];
+const T f = tanh(a_f * T(0.5)) * T(0.5) + T(0.5);
+const T g = tanh(a_g);
+const T in_g = tanh(a_i * T(0.5)) * T(0.5) + T(0.5);
+const T o = tanh(a_o * T(0.5)) * T(0.5) + T(0.5);
+gates[k] = f;
+gates[k + H] = g;
+gates[k + 2 * H] = in_g;
+gates[k + 3 * H] = o;
+const T c = f * c_prev + g * in_g;
+const T tc = tanh(c);
+c_next = c;
+tanh_c = tc;
+h_next = o * tc;
+"""
+_STEP_KERNELS["fastseq_lstm_fwd_step"] = (_LSTM_FWD_IN, _LSTM_FWD_OUT, _LSTM_FWD_SRC)
+
+
+def forward(xs, Wx, Wh, b, h0, c0):
+    """LSTM over a whole sequence on the GPU.
+
+    NumPy equivalent (``_numpy.forward``), per step t with a = x_t Wx + b + h_{t-1} Wh::
+
+        f, g, i, o = sigmoid(a[:, :H]), tanh(a[:, H:2H]), sigmoid(a[:, 2H:3H]), sigmoid(a[:, 3H:])
+        c_t = f * c_{t-1} + g * i;   h_t = o * tanh(c_t)
+
+    Returns hs (N, T, H) (a view of the cached time-major buffer), copies of h_T and c_T, and
+    the cache for ``backward``. All arrays must be CuPy arrays of one float dtype.
+    """
+    _require_gpu_arrays((xs, Wx, Wh, b, h0, c0), "LSTM forward inputs")
+    import cupy
+    return _forward(cupy, _elementwise, xs, Wx, Wh, b, h0, c0)
+
+
+def _forward(xp, kernel, xs, Wx, Wh, b, h0, c0):
+    dtype = _check_dtype(Wx.dtype)
+    N, T, D = xs.shape
+    H = Wh.shape[0]
+    if Wx.shape != (D, 4 * H) or Wh.shape != (H, 4 * H) or b.shape != (4 * H,):
+        raise ValueError(f"LSTM weights have shapes Wx {Wx.shape}, Wh {Wh.shape}, b {b.shape}; "
+                         f"expected {(D, 4 * H)}, {(H, 4 * H)}, {(4 * H,)}")
+    if h0.shape != (N, H) or c0.shape != (N, H):
+        raise ValueError(f"LSTM state has shapes {h0.shape}, {c0.shape}; expected {(N, H)}")
+    Wx = xp.ascontiguousarray(Wx)
+    Wh = xp.ascontiguousarray(Wh, dtype=dtype)
+    b = xp.ascontiguousarray(b, dtype=dtype)
+    # time-major copy of the inputs; kept for dWx
+    x2 = xp.ascontiguousarray(xs.transpose(1, 0, 2), dtype=dtype).reshape(T * N, D)
+    A = xp.matmul(x2, Wx).reshape(T, N * 4 * H)  # row t: flat (N, 4H) x_t Wx, then the gates
+    Hs = xp.empty((T + 1, N, H), dtype=dtype)     # Hs[0] = h0, Hs[t + 1] = h_t
+    Cs = xp.empty((T + 1, N, H), dtype=dtype)     # Cs[0] = c0, Cs[t + 1] = c_t
+    TCs = xp.empty((T, N, H), dtype=dtype)        # tanh(c_t)
+    Hs[0] = h0
+    Cs[0] = c0
+    HW = xp.empty((N, 4 * H), dtype=dtype)
+    HW_flat = HW.reshape(N * 4 * H)
+    step = kernel("fastseq_lstm_fwd_step")
+    for t in range(T):
+        _matmul_into(xp, Hs[t], Wh, HW)
+        step(HW_flat, b, Cs[t], H, A[t], Cs[t + 1], TCs[t], Hs[t + 1])
+    cache = (x2, Wx, Wh, A, Hs, Cs, TCs)
+    return Hs[1:].transpose(1, 0, 2), Hs[T].copy(), Cs[T].copy(), cache
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+
+_LSTM_BWD_IN = "raw T gates, T dh_out, T dh_rec, T dc_next, T c_prev, T tanh_c, int32 H"
+_LSTM_BWD_OUT = "raw T dgates, T dc_prev"
+# One thread per (n, j); ``gates`` / ``dgates`` are flat (N * 4H) rows of the activated gates and
+# of dA_t. dh = dh_out (from above) + dh_rec (from step t + 1, dA_{t+1} Wh^T).
+_LSTM_BWD_SRC = r"""
+const ptrdiff_t n = i / H;
+const ptrdiff_t j = i - n * H;
+const ptrdiff_t k = n * 4 * H + j;
+const T f = gates[k];
+const T g = gates[k + H];
+const T in_g = gates[k + 2 * H];
+const T o = gates[k + 3 * H];
+const T tc = tanh_c;
+const T dh = dh_out + dh_rec;
+const T ds = dc_next + dh * o * (T(1) - tc * tc);
+dgates[k] = ds * c_prev * f * (T(1) - f);
+dgates[k + H] = ds * in_g * (T(1) - g * g);
+dgates[k + 2 * H] = ds * g * in_g * (T(1) - in_g);
+dgates[k + 3 * H] = dh * tc * o * (T(1) - o);
+dc_prev = ds * f;
+"""
+_STEP_KERNELS["fastseq_lstm_bwd_step"] = (_LSTM_BWD_IN, _LSTM_BWD_OUT, _LSTM_BWD_SRC)
+
+
+def backward(dhs, cache, grads):
+    """Backpropagation through time for ``forward``; grads = [dWx, dWh, db] written in place.
+
+    NumPy equivalent (``_numpy.backward``), per step t from T-1 down to 0::
+
+        dh = dhs[:, t] + dh_next;   ds = dc_next + dh * o * (1 - tanh(c_t)**2)
+        dA_t = [ds * c_{t-1} * f * (1 - f) | ds * i * (1 - g**2) | ds * g * i * (1 - i)
+                | dh * tanh(c_t) * o * (1 - o)]
+        dc_next = ds * f;   dh_next = dA_t Wh^T
+
+    then dWx = X^T dA, dWh = H_prev^T dA, db = sum(dA), dxs = dA Wx^T over all steps at once.
+    Returns dxs (N, T, D) and dh0 (N, H).
+    """
+    _require_gpu_arrays((dhs, cache[3]), "LSTM backward inputs")
+    _require_gpu_arrays(list(grads), "LSTM gradient buffers")
+    import cupy
+    return _backward(cupy, _elementwise, dhs, cache, grads)
+
+
+def _backward(xp, kernel, dhs, cache, grads):
+    x2, Wx, Wh, A, Hs, Cs, TCs = cache
+    T, N, H = TCs.shape
+    D = x2.shape[1]
+    dtype = A.dtype
+    if dhs.shape != (N, T, H):
+        raise ValueError(f"dhs has shape {dhs.shape}; the forward pass produced {(N, T, H)}")
+    dhs_tm = xp.ascontiguousarray(dhs.transpose(1, 0, 2), dtype=dtype)  # (T, N, H)
+    dA = xp.empty((T, N * 4 * H), dtype=dtype)
+    dh = xp.zeros((N, H), dtype=dtype)        # dh_next: dA_{t+1} Wh^T (zero after the last step)
+    dc = xp.zeros((N, H), dtype=dtype)        # dc_next
+    dc_prev = xp.empty((N, H), dtype=dtype)
+    WhT = xp.ascontiguousarray(Wh.T)
+    step = kernel("fastseq_lstm_bwd_step")
+    for t in reversed(range(T)):
+        step(A[t], dhs_tm[t], dh, dc, Cs[t], TCs[t], H, dA[t], dc_prev)
+        _matmul_into(xp, dA[t].reshape(N, 4 * H), WhT, dh)
+        dc, dc_prev = dc_prev, dc
+    dWx, dWh, db = grads
+    dA2 = dA.reshape(T * N, 4 * H)
+    _matmul_into(xp, x2.T, dA2, dWx)
+    _matmul_into(xp, Hs[:T].reshape(T * N, H).T, dA2, dWh)
+    db[...] = dA2.sum(axis=0)
+    dxs = xp.matmul(dA2, Wx.T).reshape(T, N, D).transpose(1, 0, 2)
+    return dxs, dh

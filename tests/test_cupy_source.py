@@ -1,0 +1,369 @@
+"""CPU checks of the CuPy LSTM engine (fastseq/lstm/_cupy.py) without CuPy or a GPU.
+
+The very kernel strings that the engine hands to ``cupy.ElementwiseKernel`` are wrapped in a
+host C++ harness that mirrors the code CuPy generates around them:
+
+    typedef float T;                                     (or double)
+    for (ptrdiff_t i = 0; i < n; ++i) {                  (CUPY_FOR, i = C-order index)
+        const T &c_prev = _raw_c_prev[i];                (non-raw input: const reference)
+        T &c_next = _raw_c_next[i];                      (non-raw output: reference)
+        <operation>
+    }
+
+Raw parameters become bounds-checked arrays (read-only for inputs, as CuPy passes them
+``const``), so an index outside a buffer is reported instead of reading garbage. The compiled
+kernels are then driven by the engine's own ``_forward`` / ``_backward`` with NumPy as the array
+module, and compared with the NumPy reference engine. Skipped when no C++ compiler is found.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from fastseq.lstm import _cupy, _numpy
+
+_CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+_CTYPES = {"float32": "float", "float64": "double"}
+
+_PRELUDE = r"""
+#include <cmath>
+#include <cstddef>
+// CUDA declares float/double overloads of the math functions in the global namespace.
+using std::tanh;
+using std::exp;
+
+static int g_oob = 0;  // set when a kernel indexes outside a raw array
+
+template <typename U>
+struct RawIn {  // a `raw` input parameter: const CArray, indexed by a flat index
+    const U* p; ptrdiff_t n;
+    const U& operator[](ptrdiff_t k) const {
+        if (k < 0 || k >= n) { g_oob = 1; return p[0]; }
+        return p[k];
+    }
+};
+
+template <typename U>
+struct RawOut {  // a `raw` output parameter
+    U* p; ptrdiff_t n; mutable U dummy;
+    U& operator[](ptrdiff_t k) const {
+        if (k < 0 || k >= n) { g_oob = 1; return dummy; }
+        return p[k];
+    }
+};
+
+extern "C" int fastseq_take_oob(void) { int r = g_oob; g_oob = 0; return r; }
+"""
+
+
+def _parse_params(spec, is_input):
+    """cupy.ElementwiseKernel parameter list -> [(name, kind, ctype, is_input)]."""
+    out = []
+    for item in spec.split(","):
+        toks = item.split()
+        raw = toks[0] == "raw"
+        typ, name = toks[-2], toks[-1]
+        if typ == "T":
+            kind = "raw" if raw else "elem"
+        elif typ == "int32":
+            kind = "int"
+        else:
+            raise AssertionError(f"harness does not know parameter type {typ!r}")
+        out.append((name, kind, typ, is_input))
+    return out
+
+
+def _harness_source():
+    parts = [_PRELUDE]
+    for kname, (ins, outs, body) in _cupy._STEP_KERNELS.items():
+        params = _parse_params(ins, True) + _parse_params(outs, False)
+        decl, prologue = ["ptrdiff_t _size"], []
+        for name, kind, typ, is_in in params:
+            if kind == "raw":
+                decl.append(f"{'RawIn' if is_in else 'RawOut'}<T> {name}")
+            elif kind == "int":
+                decl.append(f"int {name}")
+            else:
+                decl.append(f"{'const ' if is_in else ''}T* _raw_{name}")
+                prologue.append(f"{'const ' if is_in else ''}T &{name} = _raw_{name}[i];")
+        parts.append(f"template <typename T>\nstatic void {kname}_impl({', '.join(decl)}) {{\n"
+                     f"  for (ptrdiff_t i = 0; i < _size; ++i) {{\n    "
+                     + "\n    ".join(prologue) + "\n" + body + "\n  }\n}\n")
+        for ctype in _CTYPES.values():
+            cdecl, cargs = ["ptrdiff_t _size"], ["_size"]
+            for idx, (name, kind, typ, is_in) in enumerate(params):
+                if kind == "raw":
+                    cdecl += [f"void* p{idx}", f"ptrdiff_t n{idx}"]
+                    q = "const " if is_in else ""
+                    init = f"{{({q}{ctype}*)p{idx}, n{idx}}}" if is_in \
+                        else f"{{({ctype}*)p{idx}, n{idx}, 0}}"
+                    cargs.append(f"{'RawIn' if is_in else 'RawOut'}<{ctype}>{init}")
+                elif kind == "int":
+                    cdecl.append(f"int p{idx}")
+                    cargs.append(f"p{idx}")
+                else:
+                    cdecl.append(f"void* p{idx}")
+                    cargs.append(f"({'const ' if is_in else ''}{ctype}*)p{idx}")
+            parts.append(f'extern "C" void {kname}_{ctype}({", ".join(cdecl)}) {{\n'
+                         f"  {kname}_impl<{ctype}>({', '.join(cargs)});\n}}\n")
+    return "\n".join(parts)
+
+
+class _EmulatedElementwise:
+    """Stands in for cupy.ElementwiseKernel(in_params, out_params, operation, name) on NumPy
+    arrays, with CuPy's argument rules plus the engine's own contract (contiguous arrays)."""
+
+    def __init__(self, lib, name):
+        ins, outs, _ = _cupy._STEP_KERNELS[name]
+        self.params = _parse_params(ins, True) + _parse_params(outs, False)
+        self.lib, self.name = lib, name
+
+    def __call__(self, *args):
+        assert len(args) == len(self.params), "raw outputs must be passed explicitly"
+        arrays = [a for a, p in zip(args, self.params) if p[1] != "int"]
+        dtypes = {a.dtype for a in arrays}
+        assert len(dtypes) == 1, f"{self.name}: type T is mismatched {dtypes} (CuPy: TypeError)"
+        ctype = _CTYPES[str(dtypes.pop())]
+        shapes = {a.shape for a, p in zip(args, self.params) if p[1] == "elem"}
+        assert len(shapes) == 1, f"{self.name}: elementwise shapes differ {shapes}"
+        shape = shapes.pop()
+        cargs = [ctypes.c_ssize_t(int(np.prod(shape)))]
+        for a, (pname, kind, _, is_in) in zip(args, self.params):
+            if kind == "int":
+                assert isinstance(a, (int, np.integer)), f"{pname} must be an int"
+                cargs.append(ctypes.c_int(int(a)))
+                continue
+            assert isinstance(a, np.ndarray) and a.flags.c_contiguous, f"{pname} not contiguous"
+            if not is_in:
+                assert a.flags.writeable, f"{pname} is read-only"
+            if kind == "raw":
+                assert a.ndim == 1, f"raw {pname} should be passed flat (the engine's contract)"
+                cargs += [ctypes.c_void_p(a.ctypes.data), ctypes.c_ssize_t(a.size)]
+            else:
+                cargs.append(ctypes.c_void_p(a.ctypes.data))
+        getattr(self.lib, f"{self.name}_{ctype}")(*cargs)
+        assert self.lib.fastseq_take_oob() == 0, f"{self.name}: index outside a raw array"
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    if _CXX is None:
+        pytest.skip("no C++ compiler found")
+    d = tmp_path_factory.mktemp("cupy_src")
+    src, so = d / "kernels.cpp", d / "kernels.so"
+    src.write_text(_harness_source())
+    # -ffp-contract=off: no fused multiply-add, so float64 results follow NumPy's rounding.
+    cmd = [_CXX, "-std=c++11", "-O2", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-unused-variable",
+           "-shared", "-fPIC", str(src), "-o", str(so)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"kernel sources failed to compile:\n{r.stderr}"
+    return ctypes.CDLL(str(so))
+
+
+@pytest.fixture
+def kernel(lib):
+    return lambda name: _EmulatedElementwise(lib, name)
+
+
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+def _params(rng, N, T, D, H, dtype, scale=0.5):
+    def r(*s):
+        return (rng.standard_normal(s) * scale).astype(dtype)
+    return r(N, T, D), r(D, 4 * H), r(H, 4 * H), r(4 * H), r(N, H), r(N, H)
+
+
+# ------------------------------------------------------------------- single step vs formulas
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,H", [(1, 1), (3, 5), (7, 16)])
+def test_forward_step_kernel(kernel, dtype, N, H):
+    rng = np.random.default_rng(N * 100 + H)
+    xw, hw = (rng.standard_normal((N, 4 * H)) * 2).astype(dtype), rng.standard_normal((N, 4 * H)).astype(dtype)
+    b, c_prev = rng.standard_normal(4 * H).astype(dtype), rng.standard_normal((N, H)).astype(dtype)
+    gates = xw.copy()
+    c_next, tanh_c, h_next = (np.full((N, H), np.nan, dtype) for _ in range(3))
+    kernel("fastseq_lstm_fwd_step")(hw.reshape(-1), b, c_prev, H, gates.reshape(-1),
+                                    c_next, tanh_c, h_next)
+    a = xw + b + hw
+    exp = np.tanh(a * 0.5) * 0.5 + 0.5  # sigmoid
+    exp[:, H:2 * H] = np.tanh(a[:, H:2 * H])
+    f, g, i, o = exp[:, :H], exp[:, H:2 * H], exp[:, 2 * H:3 * H], exp[:, 3 * H:]
+    c = f * c_prev + g * i
+    np.testing.assert_allclose(gates, exp, **TOL[dtype])
+    np.testing.assert_allclose(c_next, c, **TOL[dtype])
+    np.testing.assert_allclose(tanh_c, np.tanh(c), **TOL[dtype])
+    np.testing.assert_allclose(h_next, o * np.tanh(c), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,H", [(1, 1), (4, 3), (6, 16)])
+def test_backward_step_kernel(kernel, dtype, N, H):
+    rng = np.random.default_rng(N * 10 + H)
+    gates = rng.uniform(0.05, 0.95, (N, 4 * H)).astype(dtype)
+    gates[:, H:2 * H] = rng.uniform(-0.9, 0.9, (N, H))
+    dh_out, dh_rec, dc_next, c_prev = (rng.standard_normal((N, H)).astype(dtype) for _ in range(4))
+    tanh_c = np.tanh(rng.standard_normal((N, H))).astype(dtype)
+    dgates = np.full((N, 4 * H), np.nan, dtype)
+    dc_prev = np.full((N, H), np.nan, dtype)
+    kernel("fastseq_lstm_bwd_step")(gates.reshape(-1), dh_out, dh_rec, dc_next, c_prev, tanh_c, H,
+                                    dgates.reshape(-1), dc_prev)
+    f, g, i, o = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:3 * H], gates[:, 3 * H:]
+    dh = dh_out + dh_rec
+    ds = dc_next + dh * o * (1 - tanh_c * tanh_c)
+    exp = np.concatenate([ds * c_prev * f * (1 - f), ds * i * (1 - g * g), ds * g * i * (1 - i),
+                          dh * tanh_c * o * (1 - o)], axis=1)
+    np.testing.assert_allclose(dgates, exp, **TOL[dtype])
+    np.testing.assert_allclose(dc_prev, ds * f, **TOL[dtype])
+
+
+def test_harness_reports_out_of_bounds(kernel):
+    """The raw-array bounds check works: a wrong H makes the kernel index past the gates."""
+    N, H = 2, 3
+    z = np.zeros
+    with pytest.raises(AssertionError, match="index outside a raw array"):
+        kernel("fastseq_lstm_fwd_step")(z(N * 4 * H), z(4 * H), z((N, H)), H + 1,
+                                        z(N * 4 * H), z((N, H)), z((N, H)), z((N, H)))
+
+
+# ------------------------------------------------------ whole engine, driven with NumPy arrays
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,T,D,H", [(1, 1, 1, 1), (2, 5, 3, 4), (5, 7, 6, 8), (3, 1, 4, 2),
+                                     (4, 9, 2, 10)])
+def test_engine_matches_numpy_reference(kernel, dtype, N, T, D, H):
+    rng = np.random.default_rng(N * 1000 + T * 100 + D * 10 + H)
+    xs, Wx, Wh, b, h0, c0 = _params(rng, N, T, D, H, dtype)
+    hs, hT, cT, cache = _cupy._forward(np, kernel, xs, Wx, Wh, b, h0, c0)
+    rhs, rhT, rcT, rcache = _numpy.forward(xs, Wx, Wh, b, h0, c0)
+    tol = TOL[dtype]
+    assert hs.shape == (N, T, H) and hs.dtype == dtype
+    np.testing.assert_allclose(hs, rhs, **tol)
+    np.testing.assert_allclose(hT, rhT, **tol)
+    np.testing.assert_allclose(cT, rcT, **tol)
+
+    dhs = rng.standard_normal((N, T, H)).astype(dtype)
+    grads = [np.full_like(Wx, np.nan), np.full_like(Wh, np.nan), np.full_like(b, np.nan)]
+    ids = [id(g) for g in grads]
+    rgrads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+    dxs, dh0 = _cupy._backward(np, kernel, dhs, cache, grads)
+    rdxs, rdh0 = _numpy.backward(dhs, rcache, rgrads)
+    assert [id(g) for g in grads] == ids
+    gtol = dict(rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+    np.testing.assert_allclose(dxs, rdxs, **gtol)
+    np.testing.assert_allclose(dh0, rdh0, **gtol)
+    for g, rg in zip(grads, rgrads):
+        np.testing.assert_allclose(g, rg, **gtol)
+
+
+def test_engine_noncontiguous_inputs(kernel):
+    """Strided xs / weights / state and a strided dhs give the reference results."""
+    rng = np.random.default_rng(7)
+    N, T, D, H = 3, 4, 5, 6
+    xs = rng.standard_normal((T, N, D)).transpose(1, 0, 2)
+    Wx = np.asfortranarray(rng.standard_normal((D, 4 * H)))
+    Wh = rng.standard_normal((4 * H, H)).T
+    b = rng.standard_normal(8 * H)[::2]
+    h0 = rng.standard_normal((H, N)).T
+    c0 = rng.standard_normal((N, 2 * H))[:, ::2]
+    hs, hT, cT, cache = _cupy._forward(np, kernel, xs, Wx, Wh, b, h0, c0)
+    rhs, rhT, rcT, rcache = _numpy.forward(xs, Wx, Wh, b, h0, c0)
+    np.testing.assert_allclose(hs, rhs, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(cT, rcT, rtol=1e-12, atol=1e-13)
+    dhs = rng.standard_normal((T, N, H)).transpose(1, 0, 2)
+    grads = [np.zeros((D, 4 * H)), np.zeros((H, 4 * H)), np.zeros(4 * H)]
+    rgrads = [np.zeros_like(g) for g in grads]
+    dxs, dh0 = _cupy._backward(np, kernel, dhs, cache, grads)
+    rdxs, rdh0 = _numpy.backward(dhs, rcache, rgrads)
+    np.testing.assert_allclose(dxs, rdxs, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(dh0, rdh0, rtol=1e-11, atol=1e-12)
+    for g, rg in zip(grads, rgrads):
+        np.testing.assert_allclose(g, rg, rtol=1e-11, atol=1e-12)
+
+
+def test_engine_stateful_continuation(kernel):
+    """Two halves with (h, c) carried over equal one pass over the whole sequence."""
+    rng = np.random.default_rng(3)
+    xs, Wx, Wh, b, h0, c0 = _params(rng, 4, 10, 3, 5, np.float64)
+    hs, hT, cT, _ = _cupy._forward(np, kernel, xs, Wx, Wh, b, h0, c0)
+    hs1, h1, c1, _ = _cupy._forward(np, kernel, xs[:, :6], Wx, Wh, b, h0, c0)
+    hs2, h2, c2, _ = _cupy._forward(np, kernel, xs[:, 6:], Wx, Wh, b, h1, c1)
+    np.testing.assert_allclose(np.concatenate([hs1, hs2], axis=1), hs, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(h2, hT, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(c2, cT, rtol=1e-13, atol=1e-14)
+
+
+def test_engine_gradient_numerically(kernel):
+    """Central differences of sum(hs * w) + sum(hT * u) on a tiny float64 problem."""
+    rng = np.random.default_rng(11)
+    N, T, D, H = 2, 3, 2, 3
+    params = list(_params(rng, N, T, D, H, np.float64, scale=0.8))
+    w = rng.standard_normal((N, T, H))
+
+    def loss(p):
+        hs, _, _, _ = _cupy._forward(np, kernel, *p)
+        return float((hs * w).sum())
+
+    _, _, _, cache = _cupy._forward(np, kernel, *params)
+    grads = [np.zeros_like(params[1]), np.zeros_like(params[2]), np.zeros_like(params[3])]
+    dxs, dh0 = _cupy._backward(np, kernel, w, cache, grads)
+    analytic = {0: dxs, 1: grads[0], 2: grads[1], 3: grads[2], 4: dh0}
+    eps = 1e-6
+    for k, g in analytic.items():
+        num = np.zeros_like(params[k])
+        flat = params[k].reshape(-1)
+        for idx in range(flat.size):
+            old = flat[idx]
+            flat[idx] = old + eps
+            lp = loss(params)
+            flat[idx] = old - eps
+            lm = loss(params)
+            flat[idx] = old
+            num.reshape(-1)[idx] = (lp - lm) / (2 * eps)
+        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8, err_msg=f"parameter {k}")
+
+
+def test_engine_empty_sequence(kernel):
+    rng = np.random.default_rng(0)
+    xs, Wx, Wh, b, h0, c0 = _params(rng, 2, 0, 3, 4, np.float64)
+    hs, hT, cT, cache = _cupy._forward(np, kernel, xs, Wx, Wh, b, h0, c0)
+    assert hs.shape == (2, 0, 4)
+    np.testing.assert_array_equal(hT, h0)
+    grads = [np.ones_like(Wx), np.ones_like(Wh), np.ones_like(b)]
+    dxs, dh0 = _cupy._backward(np, kernel, np.zeros((2, 0, 4)), cache, grads)
+    assert dxs.shape == (2, 0, 3)
+    assert not dh0.any() and not any(g.any() for g in grads)
+
+
+# ----------------------------------------------------------------- module without CuPy
+
+def test_module_imports_and_rejects_numpy_arrays():
+    rng = np.random.default_rng(0)
+    args = _params(rng, 2, 3, 4, 5, np.float32)
+    with pytest.raises(TypeError, match="CuPy arrays"):
+        _cupy.forward(*args)
+
+
+def test_rejects_unsupported_dtype(kernel):
+    rng = np.random.default_rng(0)
+    args = _params(rng, 2, 3, 4, 5, np.float16)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        _cupy._forward(np, kernel, *args)
+
+
+def test_kernel_specs_are_cupy_syntax():
+    """Parameter lists use only what ElementwiseKernel accepts, no 'i' parameter, and every
+    parameter is used by its operation."""
+    import re
+    for name, (ins, outs, body) in _cupy._STEP_KERNELS.items():
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)
+        for spec in (ins, outs):
+            for item in spec.split(","):
+                toks = item.split()
+                assert len(toks) in (2, 3) and (len(toks) == 2 or toks[0] == "raw"), item
+                assert toks[-1] != "i"
+                assert re.search(rf"\b{toks[-1]}\b", body), f"{name}: {toks[-1]} unused"
