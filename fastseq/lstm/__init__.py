@@ -65,6 +65,8 @@ class TimeLSTM:
     starts from a given state; after backward, ``dh`` is the gradient of the initial h.
     """
 
+    param_names = ("Wx", "Wh", "b")
+
     def __init__(self, Wx, Wh, b, stateful=False):
         self.params = [Wx, Wh, b]
         xp = get_array_module(Wx)

@@ -7,7 +7,8 @@ Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g 
     c_t = f * c_{t-1} + g * i;          h_t = o * tanh(c_t)
 
 Backward keeps the activated gates (as the textbook does) in the buffer that held the
-pre-activations, plus c_t and tanh(c_t); nothing is recomputed.
+pre-activations, plus c_t and tanh(c_t); nothing is recomputed. Buffers are time-major so each
+step's slice is contiguous.
 
 Interface shared by every engine (numpy, cython, cupy):
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
@@ -16,35 +17,41 @@ Interface shared by every engine (numpy, cython, cupy):
 from ..backend import get_array_module
 
 
-def _sigmoid(x, xp):
-    # sigmoid(x) = (1 + tanh(x/2)) / 2: no overflow warnings, one transcendental
-    x *= 0.5
-    xp.tanh(x, out=x)
-    x += 1.0
-    x *= 0.5
-    return x
+def _gate_vectors(H, dtype, xp):
+    """Per-column constants so one tanh over all 4H columns gives [sigmoid f | tanh g | sigmoid i, o]:
+    sigmoid(x) = 0.5 tanh(0.5 x) + 0.5."""
+    half = xp.full(4 * H, 0.5, dtype=dtype)
+    half[H:2 * H] = 1.0          # scale before and after tanh
+    shift = xp.full(4 * H, 0.5, dtype=dtype)
+    shift[H:2 * H] = 0.0
+    return half, shift
 
 
 def forward(xs, Wx, Wh, b, h0, c0):
     xp = get_array_module(xs)
     N, T, D = xs.shape
     H = Wh.shape[0]
-    # time-major buffers: per-step slices are contiguous
+    scale, shift = _gate_vectors(H, Wx.dtype, xp)
     A = (xs.transpose(1, 0, 2).reshape(T * N, D) @ Wx).reshape(T, N, 4 * H)  # (T, N, 4H)
     A += b
     hs = xp.empty((T, N, H), dtype=A.dtype)
     cs = xp.empty((T, N, H), dtype=A.dtype)
     tcs = xp.empty((T, N, H), dtype=A.dtype)
+    hWh = xp.empty((N, 4 * H), dtype=A.dtype)
+    gi = xp.empty((N, H), dtype=A.dtype)
     h, c = h0, c0
     for t in range(T):
         a = A[t]
-        a += h @ Wh
-        _sigmoid(a[:, :H], xp)
-        xp.tanh(a[:, H:2 * H], out=a[:, H:2 * H])
-        _sigmoid(a[:, 2 * H:], xp)
+        xp.matmul(h, Wh, out=hWh)
+        a += hWh
+        a *= scale
+        xp.tanh(a, out=a)
+        a *= scale
+        a += shift
         f, g, i, o = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
         c = xp.multiply(f, c, out=cs[t])
-        c += g * i
+        xp.multiply(g, i, out=gi)
+        c += gi
         xp.tanh(c, out=tcs[t])
         h = xp.multiply(o, tcs[t], out=hs[t])
     cache = (xs, Wx, Wh, h0, c0, A, hs, cs, tcs)
@@ -56,29 +63,40 @@ def backward(dhs, cache, grads):
     xp = get_array_module(dhs)
     T, N, H = hs.shape
     D = xs.shape[2]
+    # local derivatives for all steps at once: y(1-y) for sigmoid gates, 1-y^2 for tanh g
+    dact = A * A
+    dact *= -1
+    dact[..., :H] += A[..., :H]
+    dact[..., H:2 * H] += 1
+    dact[..., 2 * H:] += A[..., 2 * H:]
+    ok = tcs * tcs                      # o * (1 - tanh(c)^2)
+    xp.subtract(1, ok, out=ok)
+    ok *= A[..., 3 * H:]
+    dhs_t = xp.ascontiguousarray(dhs.transpose(1, 0, 2))  # (T, N, H)
     dA = xp.empty_like(A)
     dh_next = xp.zeros((N, H), dtype=A.dtype)
     dc_next = xp.zeros((N, H), dtype=A.dtype)
+    dh = xp.empty((N, H), dtype=A.dtype)
+    ds = xp.empty((N, H), dtype=A.dtype)
     for t in reversed(range(T)):
-        a = A[t]
-        f, g, i, o = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
-        tc = tcs[t]
+        a, da = A[t], dA[t]
         c_prev = cs[t - 1] if t > 0 else c0
-        dh = dhs[:, t] + dh_next
-        ds = dc_next + dh * o * (1 - tc * tc)
-        da = dA[t]
-        da[:, :H] = ds * c_prev * f * (1 - f)
-        da[:, H:2 * H] = ds * i * (1 - g * g)
-        da[:, 2 * H:3 * H] = ds * g * i * (1 - i)
-        da[:, 3 * H:] = dh * tc * o * (1 - o)
-        dc_next = ds * f
+        xp.add(dhs_t[t], dh_next, out=dh)
+        xp.multiply(dh, ok[t], out=ds)
+        ds += dc_next                                   # ds = dc + dh o (1 - tanh^2 c)
+        xp.multiply(ds, c_prev, out=da[:, :H])          # df
+        xp.multiply(ds, a[:, 2 * H:3 * H], out=da[:, H:2 * H])   # dg = ds i
+        xp.multiply(ds, a[:, H:2 * H], out=da[:, 2 * H:3 * H])   # di = ds g
+        xp.multiply(dh, tcs[t], out=da[:, 3 * H:])      # do = dh tanh c
+        da *= dact[t]
+        dc_next = ds * a[:, :H]
         dh_next = da @ Wh.T
     dWx, dWh, db = grads
     dA2 = dA.reshape(T * N, 4 * H)
-    x2 = xs.transpose(1, 0, 2).reshape(T * N, D)
-    dWx[...] = x2.T @ dA2
-    h_prev = xp.concatenate([h0[None], hs[:-1]], axis=0).reshape(T * N, H)
-    dWh[...] = h_prev.T @ dA2
+    dWx[...] = xs.transpose(1, 0, 2).reshape(T * N, D).T @ dA2
+    dWh[...] = h0.T @ dA[0]
+    if T > 1:
+        dWh += hs[:-1].reshape((T - 1) * N, H).T @ dA[1:].reshape((T - 1) * N, 4 * H)
     db[...] = dA2.sum(axis=0)
     dxs = (dA2 @ Wx.T).reshape(T, N, D).transpose(1, 0, 2)
     return dxs, dh_next

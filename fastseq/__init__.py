@@ -1,0 +1,13 @@
+"""fastseq: fast from-scratch recurrent sequence models (textbook names, three engines)."""
+from . import backend
+from .functions import clip_grads, softmax
+from .layers import TimeAffine, TimeDropout, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
+from .models import Decoder, Encoder, PeekyDecoder, PeekySeq2seq, Seq2seq
+from .optim import SGD, Adam
+from .trainer import Trainer, eval_seq2seq
+
+__version__ = "0.1.0"
+
+__all__ = ["backend", "clip_grads", "softmax", "TimeAffine", "TimeDropout", "TimeEmbedding",
+           "TimeLSTM", "TimeSoftmaxWithLoss", "Encoder", "Decoder", "PeekyDecoder", "Seq2seq",
+           "PeekySeq2seq", "SGD", "Adam", "Trainer", "eval_seq2seq", "__version__"]

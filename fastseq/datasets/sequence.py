@@ -1,0 +1,147 @@
+"""Character-level toy transduction data (the textbook's addition.txt format).
+
+Each line is ``question`` + ``answer``: the answer starts at the first ``_`` and runs to the end of
+the line, e.g. ``"71+118 _189 "``. Vocabulary ids follow first appearance over question then
+answer, line by line; rows are shuffled with ``RandomState(seed)``; the last 10% is the test split.
+
+    (x_train, t_train), (x_test, t_test) = load_data('addition.txt')
+    char_to_id, id_to_char = get_vocab()
+
+With no such file, ``addition.txt`` is generated (a, b uniform in 0..999, seeded) - no download.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataFormatError(ValueError):
+    """A data file line that does not follow the question_answer format."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    char_to_id: dict
+    id_to_char: dict
+    question_width: int
+    answer_width: int
+
+    def __len__(self):
+        return len(self.char_to_id)
+
+    def encode(self, questions, reverse=False):
+        """Question strings -> (N, question_width) ids, padded with spaces as in the data."""
+        if isinstance(questions, str):
+            questions = [questions]
+        out = np.empty((len(questions), self.question_width), dtype=np.int32)
+        for n, q in enumerate(questions):
+            if len(q) > self.question_width:
+                raise ValueError(f"question {q!r} has {len(q)} characters but the model's input "
+                                 f"width is {self.question_width}")
+            q = q.ljust(self.question_width)
+            bad = sorted({ch for ch in q if ch not in self.char_to_id})
+            if bad:
+                raise ValueError(f"question {q.rstrip()!r} contains character(s) {bad} outside the "
+                                 f"vocabulary {''.join(sorted(self.char_to_id))!r}")
+            out[n] = [self.char_to_id[ch] for ch in q]
+        return out[:, ::-1].copy() if reverse else out
+
+    def decode(self, ids):
+        """One row of ids -> string."""
+        return "".join(self.id_to_char[int(i)] for i in ids)
+
+
+@dataclass(frozen=True)
+class SequenceData:
+    x_train: np.ndarray
+    t_train: np.ndarray
+    x_test: np.ndarray
+    t_test: np.ndarray
+    vocab: Vocabulary
+    source: str
+
+
+_last = None  # the most recent load, for the textbook's get_vocab(); never mutated
+
+
+def generate_addition(n=50000, seed=0):
+    """Lines like the textbook's addition.txt: 'a+b' padded to 7, '_' + sum padded to 5."""
+    rng = np.random.RandomState(seed)
+    a = rng.randint(0, 1000, size=n)
+    b = rng.randint(0, 1000, size=n)
+    return [f"{x}+{y}".ljust(7) + f"_{x + y}".ljust(5) for x, y in zip(a, b)]
+
+
+GENERATORS = {"addition.txt": generate_addition}
+
+
+def parse_lines(lines, source="<lines>"):
+    """(questions, answers) from raw lines, with clear errors on malformed ones."""
+    questions, answers = [], []
+    for i, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
+        if not line:
+            continue
+        k = line.find("_")
+        if k <= 0:
+            raise DataFormatError(f"{source}, line {i}: expected 'question_answer' with a '_' "
+                                  f"after a non-empty question, got {line!r}")
+        q, a = line[:k], line[k:]
+        if questions and (len(q) != len(questions[0]) or len(a) != len(answers[0])):
+            raise DataFormatError(
+                f"{source}, line {i}: question/answer widths {len(q)}/{len(a)} differ from the first "
+                f"line's {len(questions[0])}/{len(answers[0])} (lines must be padded alike): {line!r}")
+        questions.append(q)
+        answers.append(a)
+    if not questions:
+        raise DataFormatError(f"{source}: no data lines")
+    return questions, answers
+
+
+def build(questions, answers, seed=1984, source="<lines>"):
+    char_to_id = {}
+    for q, a in zip(questions, answers):
+        for ch in q + a:
+            if ch not in char_to_id:
+                char_to_id[ch] = len(char_to_id)
+    id_to_char = {i: ch for ch, i in char_to_id.items()}
+    x = np.array([[char_to_id[c] for c in q] for q in questions], dtype=np.int32)
+    t = np.array([[char_to_id[c] for c in a] for a in answers], dtype=np.int32)
+    idx = np.arange(len(x))
+    if seed is not None:
+        np.random.RandomState(seed).shuffle(idx)
+    x, t = x[idx], t[idx]
+    split = len(x) - len(x) // 10
+    vocab = Vocabulary(char_to_id, id_to_char, x.shape[1], t.shape[1])
+    return SequenceData(x[:split], t[:split], x[split:], t[split:], vocab, source)
+
+
+def load_dataset(file_name_or_path="addition.txt", seed=1984):
+    """A SequenceData (arrays + its own Vocabulary) from a file, or generated when absent."""
+    global _last
+    path = os.fspath(file_name_or_path)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            q, a = parse_lines(f, path)
+        data = build(q, a, seed, path)
+    elif os.path.basename(path) in GENERATORS and os.path.dirname(path) == "":
+        lines = GENERATORS[path](seed=0)
+        data = build(*parse_lines(lines, f"generated {path}"), seed, f"generated {path}")
+    else:
+        raise FileNotFoundError(f"data file {path!r} not found (built-in generated sets: "
+                                f"{', '.join(GENERATORS)})")
+    _last = data
+    return data
+
+
+def load_data(file_name_or_path="addition.txt", seed=1984):
+    """The textbook's interface: ((x_train, t_train), (x_test, t_test))."""
+    d = load_dataset(file_name_or_path, seed)
+    return (d.x_train, d.t_train), (d.x_test, d.t_test)
+
+
+def get_vocab():
+    """(char_to_id, id_to_char) of the most recent load_data, as fresh dicts."""
+    if _last is None:
+        raise RuntimeError("get_vocab() called before load_data()")
+    return dict(_last.vocab.char_to_id), dict(_last.vocab.id_to_char)

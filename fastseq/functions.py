@@ -1,0 +1,54 @@
+"""Stateless math shared by the layers (works on NumPy and CuPy arrays alike)."""
+from .backend import get_array_module
+
+
+def sigmoid(x):
+    xp = get_array_module(x)
+    return 0.5 * (xp.tanh(0.5 * x) + 1.0)
+
+
+def softmax(x):
+    """Row-wise softmax over the last axis."""
+    xp = get_array_module(x)
+    y = x - x.max(axis=-1, keepdims=True)
+    xp.exp(y, out=y)
+    y /= y.sum(axis=-1, keepdims=True)
+    return y
+
+
+def softmax_cross_entropy(scores, labels, ignore_label=-1):
+    """Fused softmax + mean cross-entropy over rows whose label != ignore_label.
+
+    scores (M, V), labels (M,). Returns (loss, dscores) where dscores is the gradient of the
+    mean loss: (softmax - onehot) / n_valid on valid rows, 0 on ignored rows. ``scores`` is
+    overwritten (it becomes the gradient) to avoid a second (M, V) temporary.
+    """
+    xp = get_array_module(scores)
+    M = scores.shape[0]
+    mask = labels != ignore_label
+    safe = xp.where(mask, labels, 0)
+    scores -= scores.max(axis=1, keepdims=True)
+    rows = xp.arange(M)
+    picked = scores[rows, safe]  # log-softmax numerator
+    xp.exp(scores, out=scores)
+    z = scores.sum(axis=1)
+    n_valid = int(mask.sum())
+    denom = max(n_valid, 1)
+    logp = picked - xp.log(z)
+    loss = -(logp * mask).sum() / denom
+    scores *= (mask / (z * denom)).astype(scores.dtype)[:, None]
+    scores[rows, safe] -= (mask / denom).astype(scores.dtype)
+    return float(loss), scores
+
+
+def clip_grads(grads, max_norm):
+    """Scale all grads in place by max_norm / (total_norm + 1e-6) when that is below 1."""
+    total = 0.0
+    for g in grads:
+        total += float((g * g).sum())
+    total = total ** 0.5
+    rate = max_norm / (total + 1e-6)
+    if rate < 1:
+        for g in grads:
+            g *= rate
+    return total

@@ -1,0 +1,5 @@
+from .base import Model
+from .peeky import PeekyDecoder, PeekySeq2seq
+from .seq2seq import Decoder, Encoder, Seq2seq
+
+__all__ = ["Model", "Encoder", "Decoder", "Seq2seq", "PeekyDecoder", "PeekySeq2seq"]

@@ -1,0 +1,63 @@
+"""PeekyDecoder / PeekySeq2seq: the encoder state h is fed to every LSTM step and every affine step.
+
+LSTM input at each step: [h ; embedding] (rows 0..H-1 of Wx multiply h);
+affine input: [h ; LSTM output] (rows 0..H-1 of the affine W multiply h).
+"""
+import numpy as np
+
+from ..backend import get_array_module
+from ..layers import TimeAffine, TimeEmbedding
+from ..lstm import TimeLSTM
+from .base import Model, make_rng, randn, zeros
+from .seq2seq import Seq2seq, _as_start_ids
+
+
+class PeekyDecoder(Model):
+    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32):
+        rng = rng if rng is not None else make_rng(None)
+        V, D, H = vocab_size, wordvec_size, hidden_size
+        self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
+        self.lstm = TimeLSTM(randn(rng, H + D, 4 * H, scale=1 / np.sqrt(H + D), dtype=dtype),
+                             randn(rng, H, 4 * H, scale=1 / np.sqrt(H), dtype=dtype),
+                             zeros(4 * H, dtype=dtype), stateful=True)
+        self.affine = TimeAffine(randn(rng, H + H, V, scale=1 / np.sqrt(H + H), dtype=dtype),
+                                 zeros(V, dtype=dtype))
+        self.layers = [("embed", self.embed), ("lstm", self.lstm), ("affine", self.affine)]
+        self.H = H
+
+    def _step(self, xs, h):
+        xp = get_array_module(h)
+        N, T = xs.shape
+        hs = xp.broadcast_to(h[:, None, :], (N, T, self.H))
+        out = xp.concatenate([hs, self.embed.forward(xs)], axis=2)
+        out = self.lstm.forward(out)
+        out = xp.concatenate([hs, out], axis=2)
+        return self.affine.forward(out)
+
+    def forward(self, xs, h):
+        self.lstm.set_state(h)
+        return self._step(xs, h)
+
+    def backward(self, dscore):
+        H = self.H
+        dout = self.affine.backward(dscore)
+        dhs_affine, dout = dout[:, :, :H], dout[:, :, H:]
+        dout = self.lstm.backward(dout)
+        dhs_lstm, dembed = dout[:, :, :H], dout[:, :, H:]
+        self.embed.backward(dembed)
+        return self.lstm.dh + dhs_affine.sum(axis=1) + dhs_lstm.sum(axis=1)
+
+    def generate(self, h, start_id, sample_size):
+        xp = get_array_module(h)
+        N = h.shape[0]
+        self.lstm.set_state(h)
+        x = _as_start_ids(start_id, N, xp)
+        out = xp.empty((N, sample_size), dtype=np.int64)
+        for t in range(sample_size):
+            x = self._step(x, h).argmax(axis=2)
+            out[:, t] = x[:, 0]
+        return out
+
+
+class PeekySeq2seq(Seq2seq):
+    decoder_class = PeekyDecoder

@@ -1,0 +1,141 @@
+"""Encoder, Decoder, Seq2seq (chapter 7): teacher forcing, batched greedy generation."""
+import numpy as np
+
+from .. import backend
+from ..backend import get_array_module
+from ..layers import TimeAffine, TimeEmbedding, TimeSoftmaxWithLoss
+from ..lstm import TimeLSTM
+from .base import Model, make_rng, randn, zeros
+
+
+def _lstm_params(rng, D, H, dtype):
+    return (randn(rng, D, 4 * H, scale=1 / np.sqrt(D), dtype=dtype),
+            randn(rng, H, 4 * H, scale=1 / np.sqrt(H), dtype=dtype),
+            zeros(4 * H, dtype=dtype))
+
+
+class Encoder(Model):
+    """ids (N, T) -> last hidden state h (N, H)."""
+
+    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32):
+        rng = rng if rng is not None else make_rng(None)
+        V, D, H = vocab_size, wordvec_size, hidden_size
+        self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
+        self.lstm = TimeLSTM(*_lstm_params(rng, D, H, dtype), stateful=False)
+        self.layers = [("embed", self.embed), ("lstm", self.lstm)]
+        self.hs = None
+
+    def forward(self, xs):
+        hs = self.lstm.forward(self.embed.forward(xs))
+        self.hs = hs
+        return hs[:, -1, :]
+
+    def backward(self, dh):
+        xp = get_array_module(dh)
+        dhs = xp.zeros(self.hs.shape, dtype=self.hs.dtype)
+        dhs[:, -1, :] = dh
+        self.embed.backward(self.lstm.backward(dhs))
+
+
+def _as_start_ids(start_id, N, xp):
+    s = xp.asarray(start_id)
+    if s.ndim == 0:
+        s = xp.full((N,), int(s))
+    return s.reshape(N, 1).astype(np.int64)
+
+
+class Decoder(Model):
+    """Teacher-forced scores (N, T, V) from ids (N, T) starting at encoder state h (c = 0)."""
+
+    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32):
+        rng = rng if rng is not None else make_rng(None)
+        V, D, H = vocab_size, wordvec_size, hidden_size
+        self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
+        self.lstm = TimeLSTM(*_lstm_params(rng, D, H, dtype), stateful=True)
+        self.affine = TimeAffine(randn(rng, H, V, scale=1 / np.sqrt(H), dtype=dtype),
+                                 zeros(V, dtype=dtype))
+        self.layers = [("embed", self.embed), ("lstm", self.lstm), ("affine", self.affine)]
+
+    def forward(self, xs, h):
+        self.lstm.set_state(h)
+        return self.affine.forward(self.lstm.forward(self.embed.forward(xs)))
+
+    def backward(self, dscore):
+        self.embed.backward(self.lstm.backward(self.affine.backward(dscore)))
+        return self.lstm.dh
+
+    def generate(self, h, start_id, sample_size):
+        """Greedy decoding of sample_size ids for every row of h at once -> (N, sample_size)."""
+        xp = get_array_module(h)
+        N = h.shape[0]
+        self.lstm.set_state(h)
+        x = _as_start_ids(start_id, N, xp)
+        out = xp.empty((N, sample_size), dtype=np.int64)
+        for t in range(sample_size):
+            score = self.affine.forward(self.lstm.forward(self.embed.forward(x)))
+            x = score.argmax(axis=2)
+            out[:, t] = x[:, 0]
+        return out
+
+
+class Seq2seq(Model):
+    """Encoder + Decoder. forward(xs, ts) -> loss: decoder input ts[:, :-1], targets ts[:, 1:]."""
+
+    decoder_class = Decoder
+
+    def __init__(self, vocab_size, wordvec_size, hidden_size, *, seed=None, dtype=np.float32,
+                 ignore_label=-1):
+        rng = make_rng(seed)
+        self.vocab_size, self.wordvec_size, self.hidden_size = vocab_size, wordvec_size, hidden_size
+        self.encoder = Encoder(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype)
+        self.decoder = self.decoder_class(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype)
+        self.softmax = TimeSoftmaxWithLoss(ignore_label=ignore_label)
+        self.layers = [("encoder." + n, l) for n, l in self.encoder.layers] + \
+                      [("decoder." + n, l) for n, l in self.decoder.layers]
+
+    def config(self):
+        return {"vocab_size": self.vocab_size, "wordvec_size": self.wordvec_size,
+                "hidden_size": self.hidden_size}
+
+    def _check_ids(self, a, what, ignore=None):
+        a = backend.asarray(a)
+        if a.ndim != 2:
+            raise ValueError(f"{what} must be a 2-D (N, T) array of ids, got shape {a.shape}")
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"{what} must hold integer ids, got dtype {a.dtype}")
+        if a.size:
+            hi, lo = int(a.max()), int(a.min())
+            if hi >= self.vocab_size:
+                raise ValueError(f"{what} holds id {hi} but the model's vocabulary has only "
+                                 f"{self.vocab_size} entries (vocabulary mismatch?)")
+            if lo < 0 and not (ignore is not None and bool(((a >= 0) | (a == ignore)).all())):
+                raise ValueError(f"{what} holds negative id {lo}")
+        return a
+
+    def forward(self, xs, ts):
+        ignore = self.softmax.ignore_label
+        xs = self._check_ids(xs, "questions xs")
+        ts = self._check_ids(ts, "answers ts", ignore=ignore)
+        if xs.shape[0] != ts.shape[0]:
+            raise ValueError(f"xs has {xs.shape[0]} rows but ts has {ts.shape[0]}")
+        h = self.encoder.forward(xs)
+        # ignored (padding) positions are fed as id 0; their targets are masked out of the loss
+        dec_in = ts[:, :-1]
+        if ignore is not None and ignore < 0:
+            dec_in = backend.xp.where(dec_in == ignore, 0, dec_in)
+        score = self.decoder.forward(dec_in, h)
+        return self.softmax.forward(score, ts[:, 1:])
+
+    def backward(self, dout=1):
+        dh = self.decoder.backward(self.softmax.backward(dout))
+        self.encoder.backward(dh)
+
+    def generate(self, xs, start_id, sample_size):
+        """Greedy answers: a list of ids for one (1, T) question (as the textbook), else an
+        (N, sample_size) NumPy array for N questions decoded together."""
+        xs = self._check_ids(xs, "questions xs")
+        h = self.encoder.forward(xs)
+        out = backend.to_cpu(self.decoder.generate(h, start_id, sample_size))
+        if xs.shape[0] == 1:
+            return [int(i) for i in out[0]]
+        return out

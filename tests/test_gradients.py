@@ -1,0 +1,125 @@
+"""Finite-difference gradient checks in float64 for every layer and model (rel. error < 1e-6)."""
+import numpy as np
+import pytest
+
+from fastseq.layers import TimeAffine, TimeDropout, TimeEmbedding, TimeSoftmaxWithLoss
+from fastseq.lstm import TimeLSTM
+from fastseq.models import PeekySeq2seq, Seq2seq
+
+from conftest import numerical_grad, rel_error
+
+TOL = 1e-6
+
+
+def check_layer(layer, x, w, grad_input=True):
+    """Loss = sum(w * layer(x)); compare analytic grads of params (and x) with differences."""
+    def loss():
+        return float((layer.forward(x) * w).sum())
+
+    loss()
+    dx = layer.backward(w.copy())
+    analytic = [g.copy() for g in layer.grads]
+    for p, g in zip(layer.params, analytic):
+        assert rel_error(numerical_grad(loss, p), g) < TOL
+    if grad_input:
+        assert rel_error(numerical_grad(loss, x), dx) < TOL
+
+
+def test_time_affine():
+    rng = np.random.default_rng(0)
+    layer = TimeAffine(rng.standard_normal((4, 5)), rng.standard_normal(5))
+    check_layer(layer, rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 5)))
+
+
+def test_time_embedding():
+    rng = np.random.default_rng(1)
+    layer = TimeEmbedding(rng.standard_normal((6, 3)))
+    ids = np.array([[0, 2, 2, 5], [1, 2, 0, 0]])  # repeated ids: gradients must accumulate
+    check_layer(layer, ids, rng.standard_normal((2, 4, 3)), grad_input=False)
+
+
+def test_time_embedding_few_ids_large_vocab():
+    rng = np.random.default_rng(2)
+    layer = TimeEmbedding(rng.standard_normal((50, 3)))
+    check_layer(layer, np.array([[7, 7]]), rng.standard_normal((1, 2, 3)), grad_input=False)
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_time_lstm(numpy_kernel, stateful):
+    rng = np.random.default_rng(3)
+    D, H = 3, 4
+    layer = TimeLSTM(rng.standard_normal((D, 4 * H)), rng.standard_normal((H, 4 * H)) / 2,
+                     rng.standard_normal(4 * H), stateful=stateful)
+    h0 = rng.standard_normal((2, H))
+    x = rng.standard_normal((2, 5, D))
+    w = rng.standard_normal((2, 5, H))
+
+    def loss():
+        layer.set_state(h0.copy() if stateful else None)
+        return float((layer.forward(x) * w).sum())
+
+    loss()
+    dx = layer.backward(w.copy())
+    assert rel_error(numerical_grad(loss, x), dx) < TOL
+    for p, g in zip(layer.params, [g.copy() for g in layer.grads]):
+        assert rel_error(numerical_grad(loss, p), g) < TOL
+    if stateful:  # dh is the gradient of the initial state
+        assert rel_error(numerical_grad(loss, h0), layer.dh) < TOL
+
+
+@pytest.mark.parametrize("with_ignore", [False, True])
+def test_time_softmax_with_loss(with_ignore):
+    rng = np.random.default_rng(4)
+    layer = TimeSoftmaxWithLoss()
+    xs = rng.standard_normal((3, 4, 5))
+    ts = rng.integers(0, 5, (3, 4))
+    if with_ignore:
+        ts[0, 1] = ts[2, 3] = -1
+    loss = layer.forward(xs, ts)
+    dx = layer.backward()
+    assert rel_error(numerical_grad(lambda: layer.forward(xs, ts), xs), dx) < TOL
+    if with_ignore:
+        assert np.all(dx[0, 1] == 0) and np.all(dx[2, 3] == 0)
+        # loss is the mean over the 10 labelled positions only
+        p = np.exp(xs - xs.max(2, keepdims=True))
+        p /= p.sum(2, keepdims=True)
+        mask = ts != -1
+        expect = -np.log(p[mask, ts[mask]]).mean()
+        assert abs(loss - expect) < 1e-12
+
+
+def test_time_dropout_fixed_mask():
+    rng = np.random.default_rng(5)
+    layer = TimeDropout(0.4, seed=0)
+    x = rng.standard_normal((2, 3, 4))
+    layer.forward(x)
+    mask = layer.mask.copy()
+    assert set(np.unique(mask)) <= {0.0, 1 / 0.6}
+    w = rng.standard_normal(x.shape)
+
+    def loss():  # fixed mask: same one as the forward above
+        return float((x * mask * w).sum())
+
+    assert rel_error(numerical_grad(loss, x), layer.backward(w)) < TOL
+    layer.train_flg = False
+    assert layer.forward(x) is x
+
+
+@pytest.mark.parametrize("model_cls", [Seq2seq, PeekySeq2seq])
+@pytest.mark.parametrize("with_ignore", [False, True])
+def test_seq2seq_models(numpy_kernel, model_cls, with_ignore):
+    rng = np.random.default_rng(6)
+    V, D, H = 6, 3, 4
+    model = model_cls(V, D, H, seed=0, dtype=np.float64)
+    for p in model.params:  # non-zero biases and larger embeddings exercise every path
+        p[...] = rng.standard_normal(p.shape) * 0.5
+    xs = rng.integers(0, V, (3, 5))
+    ts = rng.integers(0, V, (3, 4))
+    if with_ignore:
+        ts[0, 3] = ts[1, 2] = ts[1, 3] = -1
+    model.forward(xs, ts)
+    model.backward()
+    grads = [g.copy() for g in model.grads]
+    for name, p, g in zip(model.param_names, model.params, grads):
+        num = numerical_grad(lambda: model.forward(xs, ts), p)
+        assert rel_error(num, g) < TOL, name
