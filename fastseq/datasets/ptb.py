@@ -21,7 +21,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from http.client import HTTPException
+from http.client import HTTPException, IncompleteRead
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +116,7 @@ def _fetch(url, dest, name):
     """Download ``url`` to ``dest`` atomically, verifying length and SHA-256; raise DownloadError."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".part")
+    got, total = 0, None
     try:
         try:
             req = urllib.request.Request(url, headers={"User-Agent": "fastseq"})
@@ -123,7 +124,6 @@ def _fetch(url, dest, name):
                 length = resp.headers.get("Content-Length")
                 total = int(length) if length and length.strip().isdigit() else None
                 h = hashlib.sha256()
-                got = 0
                 bar = _progress(total, name)
                 try:
                     while True:
@@ -138,6 +138,10 @@ def _fetch(url, dest, name):
                     bar.close()
         except urllib.error.HTTPError as e:
             raise DownloadError(f"{name}: HTTP error {e.code} {e.reason} from {url}") from None
+        except IncompleteRead as e:
+            expected = f" of {total}" if total is not None else ""
+            raise DownloadError(f"{name}: download from {url} was truncated: the connection closed "
+                                f"after {got + len(e.partial)}{expected} bytes") from None
         except (urllib.error.URLError, HTTPException, OSError, ValueError) as e:
             raise DownloadError(f"{name}: download from {url} failed "
                                 f"({type(e).__name__}: {e})") from e
