@@ -1,0 +1,43 @@
+"""Curves as PNG (matplotlib is optional: `pip install fastseq[plot]`)."""
+import os
+
+
+def have_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def plot_curves(curves, xlabel, ylabel, path, title=None, ylim=None, xs=None):
+    """curves: {label: [y, ...]}; saves a PNG at path atomically. Returns path, or None without matplotlib."""
+    if not have_matplotlib():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, ys in curves.items():
+        x = xs if xs is not None else range(1, len(ys) + 1)
+        ax.plot(list(x)[:len(ys)], ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
+    fig.tight_layout()
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_curve(ys, xlabel, ylabel, path=None, ylim=None):
+    return plot_curves({ylabel: ys}, xlabel, ylabel, path or f"{ylabel}.png", ylim=ylim)

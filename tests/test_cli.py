@@ -1,0 +1,76 @@
+"""python -m fastseq.train end to end on a small configuration."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastseq import PeekySeq2seq
+from fastseq.train import main
+
+
+def test_train_cli_writes_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["--epochs", "2", "--hidden-size", "16", "--wordvec-size", "8", "--batch-size", "512",
+               "--out", str(out), "--no-progress", "--seed", "3"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "engine:" in text and "test accuracy" in text and "truth" in text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["model"] == "peeky" and m["config"]["reverse"] is True
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2]
+    for e in m["epochs"]:
+        assert set(e) == {"epoch", "train_seconds", "eval_seconds", "loss", "test_accuracy"}
+        assert 0.0 <= e["test_accuracy"] <= 1.0
+    assert m["epochs"][1]["loss"] < m["epochs"][0]["loss"]
+    assert "lstm" in m["engine"]
+    model = PeekySeq2seq(13, 8, 16)
+    meta = model.load_params(out / "model.npz")
+    assert meta["reverse"] is True and len(meta["chars"]) == 13
+    pytest.importorskip("matplotlib")
+    assert (out / "accuracy.png").stat().st_size > 1000
+
+
+def test_train_cli_same_seed_same_run(tmp_path):
+    args = ["--epochs", "1", "--hidden-size", "8", "--wordvec-size", "4", "--batch-size", "1024",
+            "--no-progress", "--model", "seq2seq", "--no-reverse"]
+    main(args + ["--out", str(tmp_path / "a")])
+    main(args + ["--out", str(tmp_path / "b")])
+    la = json.loads((tmp_path / "a/metrics.json").read_text())["epochs"][0]["loss"]
+    lb = json.loads((tmp_path / "b/metrics.json").read_text())["epochs"][0]["loss"]
+    assert la == lb
+    with np.load(tmp_path / "a/model.npz") as a, np.load(tmp_path / "b/model.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_gpu_without_cupy_exits_2(tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    env = dict(os.environ, GPU="1")
+    r = subprocess.run([sys.executable, "-m", "fastseq.train", "--epochs", "1", "--out",
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and "CuPy" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_bad_data_file_is_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1+1_2\nbroken\n")
+    assert main(["--data", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "line 2" in capsys.readouterr().err
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ["--task", "--model", "--reverse", "--no-reverse", "--epochs", "--batch-size",
+                 "--hidden-size", "--wordvec-size", "--lr", "--seed", "--data", "--out"]:
+        assert flag in text
