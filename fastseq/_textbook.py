@@ -51,6 +51,8 @@ def _allowlist():
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _latin1_encode,  # protocols 0-2 write bytes through it
+        ("__builtin__", "bytes"): bytes,  # ... and empty bytes as bytes() (Python 2 module name)
+        ("builtins", "bytes"): bytes,
     }
     for mod in ("numpy._core", "numpy.core"):  # files written by NumPy 2 and by NumPy 1
         allowed[(f"{mod}.multiarray", "_reconstruct")] = reconstruct  # protocols 0-4
