@@ -73,7 +73,7 @@ def _base_urls(base_url=None):
 
 
 def _join(base, name):
-    return base if base.endswith("/" + name) else base.rstrip("/") + "/" + name
+    return base.rstrip("/") + "/" + name
 
 
 def _sha256(data):
