@@ -32,8 +32,10 @@ def forward(xs, Wx, Wh, b, h0, c0):
     N, T, D = xs.shape
     H = Wh.shape[0]
     scale, shift = _gate_vectors(H, Wx.dtype, xp)
-    A = (xs.transpose(1, 0, 2).reshape(T * N, D) @ Wx).reshape(T, N, 4 * H)  # (T, N, 4H)
-    A += b
+    # pre-activations come out already scaled for the single tanh: a * scale = x (Wx scale) + ...
+    Whs = Wh * scale
+    A = (xs.transpose(1, 0, 2).reshape(T * N, D) @ (Wx * scale)).reshape(T, N, 4 * H)  # (T, N, 4H)
+    A += b * scale
     hs = xp.empty((T, N, H), dtype=A.dtype)
     cs = xp.empty((T, N, H), dtype=A.dtype)
     tcs = xp.empty((T, N, H), dtype=A.dtype)
@@ -42,9 +44,9 @@ def forward(xs, Wx, Wh, b, h0, c0):
     h, c = h0, c0
     for t in range(T):
         a = A[t]
-        xp.matmul(h, Wh, out=hWh)
-        a += hWh
-        a *= scale
+        if t > 0 or h.any():  # a zero initial state contributes nothing
+            xp.matmul(h, Whs, out=hWh)
+            a += hWh
         xp.tanh(a, out=a)
         a *= scale
         a += shift

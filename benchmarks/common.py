@@ -1,0 +1,95 @@
+"""Shared helpers for the benchmarks: data, models, FLOP counts, the machine's GEMM rate."""
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+V, D, H, BATCH = 13, 16, 128, 128
+
+
+def addition_data():
+    from fastseq.datasets.sequence import load_dataset
+    path = SHARED / "addition.txt"
+    return load_dataset(str(path) if path.exists() else "addition.txt")
+
+
+def lstm_flops(N, T, D, H):
+    """Matrix-product FLOPs of one LSTM forward + backward: x Wx, h Wh (forward); dWx, dx, dWh, dh."""
+    return 6 * N * T * 4 * H * (D + H)
+
+
+def seq2seq_flops_per_iter(model="seq2seq", N=BATCH, Tq=7, Ta=4, D=D, H=H, V=V):
+    dec_in = D + H if model == "peeky" else D
+    aff_in = 2 * H if model == "peeky" else H
+    return lstm_flops(N, Tq, D, H) + lstm_flops(N, Ta, dec_in, H) + 6 * N * Ta * aff_in * V
+
+
+def gemm_shapes_per_iter(model="seq2seq", N=BATCH, Tq=7, Ta=4, D=D, H=H, V=V):
+    """(m, k, n) of the products one training iteration does (row-major C[m,n] = A[m,k] B[k,n])."""
+    dec_in = D + H if model == "peeky" else D
+    aff_in = 2 * H if model == "peeky" else H
+    s = []
+    for T, Din in ((Tq, D), (Ta, dec_in)):
+        s += [(N * T, Din, 4 * H)]                 # x Wx
+        s += [(N, H, 4 * H)] * T                   # h Wh per step
+        s += [(N, 4 * H, H)] * T                   # dA Wh^T per step
+        s += [(Din, N * T, 4 * H), (H, N * T, 4 * H), (N * T, 4 * H, Din)]  # dWx, dWh, dx
+    s += [(N * Ta, aff_in, V), (aff_in, N * Ta, V), (N * Ta, V, aff_in)]
+    return s
+
+
+def measure_gemm_rate(shapes, repeats=20, dtype=np.float32):
+    """GFLOP/s of exactly these products into preallocated buffers (hot caches): the ceiling."""
+    rng = np.random.default_rng(0)
+    bufs = [(rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype),
+             np.empty((m, n), dtype)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    for a, b, c in bufs:
+        np.matmul(a, b, out=c)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for a, b, c in bufs:
+            np.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+def set_engine(name):
+    """numpy | cython | cupy; returns False (with a reason) when the engine cannot run here."""
+    from fastseq import backend, lstm
+    if name == "cupy":
+        if not backend.gpu_available():
+            return False
+        backend.use("cupy")
+        lstm.set_kernel(None)
+        return True
+    backend.use("numpy")
+    if name == "cython" and not lstm.cython_available():
+        return False
+    lstm.set_kernel(name)
+    return True
+
+
+def peak_rss_reset():
+    """Reset the kernel's peak-RSS mark for this process (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_kib(field="VmHWM"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def threads():
+    return os.environ.get("OPENBLAS_NUM_THREADS", "default")
