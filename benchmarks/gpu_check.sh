@@ -155,7 +155,7 @@ def bench(fn, sync, reps):
     sync()
     return (time.perf_counter() - t) / reps * 1e3
 
-print(f"{'problem (N,T,D,H) float32':34s} {'numpy ms':>10s} {'cupy ms':>10s} {'speedup':>8s} {'max|dh|':>9s}")
+print(f"{'problem (N,T,D,H) float32':34s} {'numpy ms':>10s} {'cupy ms':>10s} {'speedup':>8s} {'hs diff':>9s}")
 for shape, label in (((128, 29, 16, 256), "date seq2seq decoder"),
                      ((20, 35, 650, 650), "PTB better-RNNLM layer")):
     N, T, D, H = shape

@@ -25,7 +25,8 @@ import pytest
 
 from fastseq.lstm import _cupy, _numpy
 
-_CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+_CXX = (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        or shutil.which("clang++"))
 _CTYPES = {"float32": "float", "float64": "double"}
 
 _PRELUDE = r"""
@@ -156,8 +157,8 @@ def lib(tmp_path_factory):
     src, so = d / "kernels.cpp", d / "kernels.so"
     src.write_text(_harness_source())
     # -ffp-contract=off: no fused multiply-add, so float64 results follow NumPy's rounding.
-    cmd = [_CXX, "-std=c++11", "-O2", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-unused-variable",
-           "-shared", "-fPIC", str(src), "-o", str(so)]
+    cmd = [_CXX, "-std=c++11", "-O2", "-ffp-contract=off", "-Wall", "-Werror",
+           "-Wno-unused-variable", "-shared", "-fPIC", str(src), "-o", str(so)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"kernel sources failed to compile:\n{r.stderr}"
     return ctypes.CDLL(str(so))
@@ -183,7 +184,8 @@ def _params(rng, N, T, D, H, dtype, scale=0.5):
 @pytest.mark.parametrize("N,H", [(1, 1), (3, 5), (7, 16)])
 def test_forward_step_kernel(kernel, dtype, N, H):
     rng = np.random.default_rng(N * 100 + H)
-    xw, hw = (rng.standard_normal((N, 4 * H)) * 2).astype(dtype), rng.standard_normal((N, 4 * H)).astype(dtype)
+    xw = (rng.standard_normal((N, 4 * H)) * 2).astype(dtype)
+    hw = rng.standard_normal((N, 4 * H)).astype(dtype)
     b, c_prev = rng.standard_normal(4 * H).astype(dtype), rng.standard_normal((N, H)).astype(dtype)
     gates = xw.copy()
     c_next, tanh_c, h_next = (np.full((N, H), np.nan, dtype) for _ in range(3))

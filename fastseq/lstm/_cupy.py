@@ -1,7 +1,7 @@
 """CuPy LSTM engine (NVIDIA GPU): same math and interface as ``_numpy``, fused per-step kernels.
 
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
-    backward(dhs, cache, grads)    -> dxs, dh0                 grads = [dWx, dWh, db], written in place
+    backward(dhs, cache, grads)    -> dxs, dh0                 grads = [dWx, dWh, db] (in place)
 
 Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g | i | o].
 
@@ -15,6 +15,8 @@ so ``tests/test_cupy_source.py`` compiles these very strings with a host C++ com
 whole engine on the CPU (``_forward`` / ``_backward`` take the array module and the kernel
 factory as arguments). Importing this module never needs CuPy; calling ``forward`` does.
 """
+import sys
+
 import numpy
 
 from .. import backend
@@ -52,7 +54,8 @@ def _matmul_into(xp, a, b, out):
 
 def _require_gpu_arrays(arrays, what):
     backend.check_same_device(*arrays, what=what)
-    if backend.get_array_module(arrays[0]) is numpy:
+    cupy = sys.modules.get("cupy")  # loaded whenever CuPy arrays exist; never imported here
+    if cupy is None or not isinstance(arrays[0], cupy.ndarray):
         raise TypeError(f"the CuPy LSTM engine needs CuPy arrays, got NumPy ones for {what}; "
                         "move them with fastseq.backend.to_gpu (or use the numpy engine)")
 
