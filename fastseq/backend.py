@@ -8,6 +8,7 @@ raised, in one line, the moment a GPU is asked for.
     fastseq.backend.use("cupy")            # or at run time
 """
 import os
+import sys
 
 import numpy as np
 
@@ -35,6 +36,8 @@ def _load_cupy():
         n = cupy.cuda.runtime.getDeviceCount()
         if n < 1:
             raise RuntimeError("no CUDA device found")
+        # compile and run one tiny kernel: catches missing NVRTC / CUDA headers up front
+        float((cupy.arange(2, dtype=cupy.float32) * 2).sum())
     except Exception as e:
         _cupy_error = f"CuPy is installed but no usable NVIDIA GPU was found ({type(e).__name__}: {e})"
         return None
@@ -65,17 +68,24 @@ def is_gpu():
     return xp is not np
 
 
+def _imported_cupy():
+    """cupy if anything has imported it (arrays may come from user code), else None."""
+    return _cupy if _cupy is not None else sys.modules.get("cupy")
+
+
 def get_array_module(*arrays):
     """numpy or cupy, whichever owns the given arrays (numpy for plain Python values)."""
-    if _cupy is not None:
-        return _cupy.get_array_module(*arrays)
+    cp = _imported_cupy()
+    if cp is not None:
+        return cp.get_array_module(*arrays)
     return np
 
 
 def to_cpu(a):
     """A NumPy array (copied from the GPU when needed)."""
-    if _cupy is not None and isinstance(a, _cupy.ndarray):
-        return _cupy.asnumpy(a)
+    cp = _imported_cupy()
+    if cp is not None and isinstance(a, cp.ndarray):
+        return cp.asnumpy(a)
     return np.asarray(a)
 
 
@@ -96,9 +106,13 @@ def asarray(a, dtype=None):
 
 def check_same_device(*arrays, what="arrays"):
     """Raise a clear TypeError when NumPy and CuPy arrays are mixed."""
-    kinds = {type(a).__module__.split(".")[0] for a in arrays if hasattr(a, "shape")}
-    if len(kinds) > 1:
-        raise TypeError(f"{what} mix host (NumPy) and device (CuPy) arrays: {sorted(kinds)}; "
+    cp = _imported_cupy()
+    if cp is None:
+        return
+    host = any(isinstance(a, np.ndarray) for a in arrays)
+    device = any(isinstance(a, cp.ndarray) for a in arrays)
+    if host and device:
+        raise TypeError(f"{what} mix host (NumPy) and device (CuPy) arrays; "
                         "move them with fastseq.backend.to_gpu / to_cpu")
 
 
