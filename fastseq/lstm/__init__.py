@@ -80,6 +80,7 @@ class TimeLSTM:
         Wx, Wh, b = self.params
         if xs.ndim != 3 or xs.shape[2] != Wx.shape[0]:
             raise ValueError(f"TimeLSTM expects input of shape (N, T, {Wx.shape[0]}), got {xs.shape}")
+        backend.check_same_device(xs, Wx, what="TimeLSTM input and weights")
         N, H = xs.shape[0], Wh.shape[0]
         xp = get_array_module(xs)
         if not self.stateful or self.h is None:
