@@ -1,0 +1,58 @@
+"""Micro-benchmark of one LSTM forward+backward per engine.
+
+    python benchmarks/bench_lstm_kernel.py            # (128, 7, 16), H=128, float32
+    python benchmarks/bench_lstm_kernel.py --n 5000   # batched inference shape (forward only timing too)
+"""
+import argparse
+import time
+
+import numpy as np
+
+from fastseq.lstm import _numpy
+
+try:
+    from fastseq.lstm import _cython
+except ImportError:  # extension not built
+    _cython = None
+
+
+def bench(engine, N, T, D, H, dtype, reps):
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((N, T, D)).astype(dtype)
+    Wx = (rng.standard_normal((D, 4 * H)) / np.sqrt(D)).astype(dtype)
+    Wh = (rng.standard_normal((H, 4 * H)) / np.sqrt(H)).astype(dtype)
+    b = np.zeros(4 * H, dtype)
+    h0 = np.zeros((N, H), dtype)
+    c0 = np.zeros((N, H), dtype)
+    dhs = rng.standard_normal((N, T, H)).astype(dtype)
+    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+    fwd, fb = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        hs, hT, cT, cache = engine.forward(xs, Wx, Wh, b, h0, c0)
+        t1 = time.perf_counter()
+        engine.backward(dhs, cache, grads)
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        fb.append(t2 - t0)
+    return np.median(fwd), np.median(fb)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=128)
+    p.add_argument("--t", type=int, default=7)
+    p.add_argument("--d", type=int, default=16)
+    p.add_argument("--h", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--reps", type=int, default=50)
+    a = p.parse_args()
+    engines = [("numpy", _numpy)] + ([("cython", _cython)] if _cython else [])
+    for name, eng in engines:
+        f, fb = bench(eng, a.n, a.t, a.d, a.h, np.dtype(a.dtype), a.reps)
+        print(f"{name:7s} N={a.n} T={a.t} D={a.d} H={a.h} {a.dtype}: "
+              f"forward {f * 1e3:8.3f} ms   forward+backward {fb * 1e3:8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Fused LSTM kernel for the CPU (float32 and float64), used by fastseq.lstm._cython.
+
+Layout (all buffers are allocated by the caller, time-major so that per-step slices are contiguous):
+
+    X  (T, N, D)      time-major copy of the input xs (N, T, D)
+    A  (T, N, 4H)     x_t Wx, then h_{t-1} Wh and b added, then overwritten in place by the
+                      activated gates [f | g | i | o]; backward overwrites them by dA
+    Hb (T+1, N, H)    Hb[0] = h0, Hb[t+1] = h_t     (Hb[:-1] is h_{t-1} for every t: one dWh product)
+    Cb (T+1, N, H)    Cb[0] = c0, Cb[t+1] = c_t
+    TC (T, N, H)      tanh(c_t)
+
+Products go through the BLAS that SciPy links (scipy.linalg.cython_blas). BLAS is column-major: a
+row-major C = A B is computed as the column-major C^T = B^T A^T, so every call below passes its
+operands swapped. One product per sequence computes x Wx for all steps, dWx, dWh and dX; only
+h_{t-1} Wh (forward) and dA_t Wh^T (backward) run inside the time loop.
+
+The gate nonlinearities, the cell update and their derivatives run as one pass per time step
+(C functions below, vectorised by the compiler; on x86-64 Linux they are compiled for AVX-512,
+AVX2+FMA and baseline SSE2 and the best is picked when the module loads). sigmoid and tanh are
+computed from an accurate expm1 (Cody-Waite reduction plus a Taylor polynomial), because libm's
+scalar calls would not vectorise; error is a few ulp in either precision.
+"""
+cimport cython
+from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
+from libc.stdlib cimport malloc, calloc, free
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+cimport openmp
+
+ctypedef fused floating:
+    float
+    double
+
+
+cdef extern from *:
+    """
+    #include <math.h>
+    #include <stdint.h>
+    #include <string.h>
+
+    /* Compile the elementwise kernels for several instruction sets and dispatch at load time
+       (GCC function multi-versioning through ifunc; x86-64 Linux only). */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+        && !defined(FS_NO_CLONES)
+    #  define FS_KERNEL __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+    #else
+    #  define FS_KERNEL
+    #endif
+    /* The clamps in tanh/sigmoid only if-convert (and so vectorise) when FP operations may be
+       speculated (FP exception flags are never looked at here), and the rounding trick
+       (t + 1.5 2^23) - 1.5 2^23 must not be reassociated away. */
+    #if defined(__GNUC__) && !defined(__clang__)
+    #  pragma GCC push_options
+    #  pragma GCC optimize("no-trapping-math", "no-associative-math")
+    #endif
+    #if defined(_OPENMP)
+    #  define FS_SIMD _Pragma("omp simd")
+    #else
+    #  define FS_SIMD
+    #endif
+    #if defined(__GNUC__)
+    #  define FS_INLINE static inline __attribute__((always_inline))
+    #  define FS_RESTRICT __restrict__
+    #else
+    #  define FS_INLINE static inline
+    #  define FS_RESTRICT
+    #endif
+
+    /* ---- float32 ------------------------------------------------------------------------ */
+
+    /* exp and expm1 of x, -87 <= x <= 0 (NaN propagates): x = k ln2 + r, |r| <= ln2/2, then
+       expm1(x) = 2^k expm1(r) + (2^k - 1) and exp(x) = 2^k expm1(r) + 2^k; for k = 0 expm1(x) is
+       expm1(r) itself, so tiny |x| keep their full relative accuracy in tanh. */
+    FS_INLINE void fs_exp_redf(float x, float *ps, float *pp)
+    {
+        float t = x * 1.44269504088896341f;
+        float sh = t + 12582912.0f;                    /* 1.5 * 2^23: rounds t to an integer k, */
+        float kf = sh - 12582912.0f;                   /* whose low bits are those of sh */
+        float r = (x - kf * 0.693145751953125f) - kf * 1.428606820309417232e-6f;
+        float p = r + r * r * (0.5f + r * (1.66666672e-1f + r * (4.16666679e-2f
+                  + r * (8.33333377e-3f + r * (1.38888892e-3f + r * 1.98412701e-4f)))));
+        uint32_t bits;
+        memcpy(&bits, &sh, sizeof bits);
+        bits = (bits + 127u) << 23;                    /* 2^k */
+        memcpy(ps, &bits, sizeof bits);
+        *pp = p;
+    }
+
+    FS_INLINE float fs_expm1_negf(float x)
+    {
+        float s, p;
+        fs_exp_redf(x, &s, &p);
+        return s * p + (s - 1.0f);
+    }
+
+    FS_INLINE float fs_exp_negf(float x)
+    {
+        float s, p;
+        fs_exp_redf(x, &s, &p);
+        return s * p + s;
+    }
+
+    FS_INLINE float fs_tanhf(float x)
+    {
+        float ax = fabsf(x);
+        ax = ax > 9.0f ? 9.0f : ax;                    /* tanh(9) rounds to 1 */
+        float u = fs_expm1_negf(-2.0f * ax);          /* e^{-2|x|} - 1 */
+        return copysignf(-u / (u + 2.0f), x);
+    }
+
+    FS_INLINE float fs_sigmoidf(float x)
+    {
+        float ax = fabsf(x);
+        ax = ax > 87.0f ? 87.0f : ax;
+        float e = fs_exp_negf(-ax);                    /* e^{-|x|} in (0, 1] */
+        float d = 1.0f / (1.0f + e);
+        float ed = e * d;                              /* both computed: the select vectorises */
+        return x >= 0.0f ? d : ed;                     /* NaN: d and ed are NaN */
+    }
+
+    /* ---- float64 ------------------------------------------------------------------------ */
+
+    FS_INLINE void fs_exp_redd(double x, double *ps, double *pp)
+    {
+        double t = x * 1.4426950408889634074;
+        double sh = t + 6755399441055744.0;            /* 1.5 * 2^52 */
+        double kd = sh - 6755399441055744.0;
+        double r = (x - kd * 6.93147180369123816490e-01) - kd * 1.90821492927058770002e-10;
+        double p = r + r * r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120
+                   + r * (1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880
+                   + r * (1.0 / 3628800 + r * (1.0 / 39916800 + r * (1.0 / 479001600
+                   + r * (1.0 / 6227020800.0))))))))))));
+        uint64_t bits;
+        memcpy(&bits, &sh, sizeof bits);
+        bits = (bits + 1023u) << 52;
+        memcpy(ps, &bits, sizeof bits);
+        *pp = p;
+    }
+
+    FS_INLINE double fs_expm1_negd(double x)
+    {
+        double s, p;
+        fs_exp_redd(x, &s, &p);
+        return s * p + (s - 1.0);
+    }
+
+    FS_INLINE double fs_exp_negd(double x)
+    {
+        double s, p;
+        fs_exp_redd(x, &s, &p);
+        return s * p + s;
+    }
+
+    FS_INLINE double fs_tanhd(double x)
+    {
+        double ax = fabs(x);
+        ax = ax > 20.0 ? 20.0 : ax;
+        double u = fs_expm1_negd(-2.0 * ax);
+        return copysign(-u / (u + 2.0), x);
+    }
+
+    FS_INLINE double fs_sigmoidd(double x)
+    {
+        double ax = fabs(x);
+        ax = ax > 700.0 ? 700.0 : ax;
+        double e = fs_exp_negd(-ax);
+        double d = 1.0 / (1.0 + e);
+        double ed = e * d;
+        return x >= 0.0 ? d : ed;
+    }
+
+    /* ---- fused per-step kernels over rows [n0, n1) ----------------------------------------- */
+
+    /* forward: A holds x_t Wx + h_{t-1} Wh for one step (N, 4H); adds b, activates the gates in
+       place and writes c_t, tanh(c_t) and h_t. */
+    #define FS_FWD(T, SFX) \
+    FS_KERNEL static void fs_fwd_rows##SFX(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, \
+            T *FS_RESTRICT A, const T *FS_RESTRICT b, const T *FS_RESTRICT cprev, \
+            T *FS_RESTRICT c, T *FS_RESTRICT tc, T *FS_RESTRICT h) \
+    { \
+        const T *bf = b, *bg = b + H, *bi = b + 2 * H, *bo = b + 3 * H; \
+        for (Py_ssize_t n = n0; n < n1; ++n) { \
+            T *FS_RESTRICT af = A + n * 4 * H; \
+            T *FS_RESTRICT ag = af + H; \
+            T *FS_RESTRICT ai = af + 2 * H; \
+            T *FS_RESTRICT ao = af + 3 * H; \
+            const T *FS_RESTRICT cp = cprev + n * H; \
+            T *FS_RESTRICT cn = c + n * H; \
+            T *FS_RESTRICT tn = tc + n * H; \
+            T *FS_RESTRICT hn = h + n * H; \
+            FS_SIMD \
+            for (Py_ssize_t j = 0; j < H; ++j) { \
+                T f = fs_sigmoid##SFX(af[j] + bf[j]); \
+                T g = fs_tanh##SFX(ag[j] + bg[j]); \
+                T i = fs_sigmoid##SFX(ai[j] + bi[j]); \
+                T o = fs_sigmoid##SFX(ao[j] + bo[j]); \
+                T cc = f * cp[j] + g * i; \
+                T th = fs_tanh##SFX(cc); \
+                af[j] = f; ag[j] = g; ai[j] = i; ao[j] = o; \
+                cn[j] = cc; tn[j] = th; hn[j] = o * th; \
+            } \
+        } \
+    }
+
+    /* backward: A holds the activated gates of step t; overwritten in place by dA_t.
+       dy: dL/dh_t from above (row stride dy_rs), dhn: dA_{t+1} Wh^T, dc: dL/dc_t in, dL/dc_{t-1}
+       out. The column sums of dA_t are added to dbacc (4H accumulators, ACC precision). */
+    #define FS_BWD(T, SFX, ACC) \
+    FS_KERNEL static void fs_bwd_rows##SFX(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, \
+            T *FS_RESTRICT A, const T *FS_RESTRICT dy, Py_ssize_t dy_rs, \
+            const T *FS_RESTRICT dhn, T *FS_RESTRICT dc, const T *FS_RESTRICT cprev, \
+            const T *FS_RESTRICT tc, ACC *FS_RESTRICT dbacc) \
+    { \
+        ACC *FS_RESTRICT sf = dbacc; \
+        ACC *FS_RESTRICT sg = dbacc + H; \
+        ACC *FS_RESTRICT si = dbacc + 2 * H; \
+        ACC *FS_RESTRICT so = dbacc + 3 * H; \
+        for (Py_ssize_t n = n0; n < n1; ++n) { \
+            T *FS_RESTRICT af = A + n * 4 * H; \
+            T *FS_RESTRICT ag = af + H; \
+            T *FS_RESTRICT ai = af + 2 * H; \
+            T *FS_RESTRICT ao = af + 3 * H; \
+            const T *FS_RESTRICT dyn = dy + n * dy_rs; \
+            const T *FS_RESTRICT dnn = dhn + n * H; \
+            T *FS_RESTRICT dcn = dc + n * H; \
+            const T *FS_RESTRICT cp = cprev + n * H; \
+            const T *FS_RESTRICT tn = tc + n * H; \
+            FS_SIMD \
+            for (Py_ssize_t j = 0; j < H; ++j) { \
+                T f = af[j], g = ag[j], i = ai[j], o = ao[j], th = tn[j]; \
+                T dh = dyn[j] + dnn[j]; \
+                T ds = dcn[j] + dh * o * (1 - th * th); \
+                T df = ds * cp[j] * f * (1 - f); \
+                T dg = ds * i * (1 - g * g); \
+                T di = ds * g * i * (1 - i); \
+                T dO = dh * th * o * (1 - o); \
+                af[j] = df; ag[j] = dg; ai[j] = di; ao[j] = dO; \
+                dcn[j] = ds * f; \
+                sf[j] += df; sg[j] += dg; si[j] += di; so[j] += dO; \
+            } \
+        } \
+    }
+
+    FS_FWD(float, f)
+    FS_FWD(double, d)
+    FS_BWD(float, f, double)
+    FS_BWD(double, d, double)
+
+    #if defined(__GNUC__) && !defined(__clang__)
+    #  pragma GCC pop_options
+    #endif
+    """
+    void fs_fwd_rowsf(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, float *A, const float *b,
+                      const float *cprev, float *c, float *tc, float *h) noexcept nogil
+    void fs_fwd_rowsd(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, double *A, const double *b,
+                      const double *cprev, double *c, double *tc, double *h) noexcept nogil
+    void fs_bwd_rowsf(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, float *A, const float *dy,
+                      Py_ssize_t dy_rs, const float *dhn, float *dc, const float *cprev,
+                      const float *tc, double *dbacc) noexcept nogil
+    void fs_bwd_rowsd(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, double *A, const double *dy,
+                      Py_ssize_t dy_rs, const double *dhn, double *dc, const double *cprev,
+                      const double *tc, double *dbacc) noexcept nogil
+
+
+def max_threads():
+    """OpenMP's thread count (OMP_NUM_THREADS or the number of cores)."""
+    return openmp.omp_get_max_threads()
+
+
+cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, const floating *a,
+                       int lda, const floating *b, int ldb, floating beta, floating *c,
+                       int ldc) noexcept nogil:
+    """Column-major C = alpha op(A) op(B) + beta C through SciPy's BLAS."""
+    if floating is float:
+        sgemm(&ta, &tb, &m, &n, &k, &alpha, <float *>a, &lda, <float *>b, &ldb, &beta, c, &ldc)
+    else:
+        dgemm(&ta, &tb, &m, &n, &k, &alpha, <double *>a, &lda, <double *>b, &ldb, &beta, c, &ldc)
+
+
+cdef inline bint _all_zero(const floating *x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if x[i] != 0:
+            return False
+    return True
+
+
+cdef inline int _threads_for(Py_ssize_t N, int nthreads) noexcept nogil:
+    """Threads for the per-step gate math (the caller decides whether it pays); at most N."""
+    if nthreads <= 1 or N < 2:
+        return 1
+    return nthreads if nthreads < N else <int>N
+
+
+def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
+            const floating[::1] b, const floating[:, ::1] h0, const floating[:, ::1] c0,
+            floating[:, :, ::1] X, floating[:, :, ::1] A, floating[:, :, ::1] Hb,
+            floating[:, :, ::1] Cb, floating[:, :, ::1] TC, int nthreads=1):
+    """Fill X, A, Hb, Cb, TC (see the module docstring). Returns whether h0 was all zeros
+    (then backward can leave step 0 out of the dWh product)."""
+    cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
+    cdef Py_ssize_t G = 4 * H, t, n, p, nth
+    cdef bint h0_zero
+    cdef floating *a
+    with nogil:
+        for n in range(N):
+            for t in range(T):
+                memcpy(&X[t, n, 0], &xs[n, t, 0], D * sizeof(floating))
+        memcpy(&Hb[0, 0, 0], &h0[0, 0], N * H * sizeof(floating))
+        memcpy(&Cb[0, 0, 0], &c0[0, 0], N * H * sizeof(floating))
+        h0_zero = _all_zero(&h0[0, 0], N * H)
+        # A = X Wx for all steps at once:  A^T (4H x TN) = Wx^T (4H x D) X^T (D x TN)
+        _gemm(c'N', c'N', <int>G, <int>(T * N), <int>D, <floating>1, &Wx[0, 0], <int>G,
+              &X[0, 0, 0], <int>D, <floating>0, &A[0, 0, 0], <int>G)
+        nth = _threads_for(N, nthreads)
+        for t in range(T):
+            a = &A[t, 0, 0]
+            if t > 0 or not h0_zero:
+                # a += h_{t-1} Wh:  a^T (4H x N) += Wh^T (4H x H) h^T (H x N)
+                _gemm(c'N', c'N', <int>G, <int>N, <int>H, <floating>1, &Wh[0, 0], <int>G,
+                      &Hb[t, 0, 0], <int>H, <floating>1, a, <int>G)
+            if nth == 1:
+                if floating is float:
+                    fs_fwd_rowsf(0, N, H, a, &b[0], &Cb[t, 0, 0], &Cb[t + 1, 0, 0],
+                                 &TC[t, 0, 0], &Hb[t + 1, 0, 0])
+                else:
+                    fs_fwd_rowsd(0, N, H, a, &b[0], &Cb[t, 0, 0], &Cb[t + 1, 0, 0],
+                                 &TC[t, 0, 0], &Hb[t + 1, 0, 0])
+            else:
+                for p in prange(nth, num_threads=nth, schedule='static'):
+                    if floating is float:
+                        fs_fwd_rowsf(p * N // nth, (p + 1) * N // nth, H, a, &b[0], &Cb[t, 0, 0],
+                                     &Cb[t + 1, 0, 0], &TC[t, 0, 0], &Hb[t + 1, 0, 0])
+                    else:
+                        fs_fwd_rowsd(p * N // nth, (p + 1) * N // nth, H, a, &b[0], &Cb[t, 0, 0],
+                                     &Cb[t + 1, 0, 0], &TC[t, 0, 0], &Hb[t + 1, 0, 0])
+    return h0_zero
+
+
+def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
+             const floating[:, ::1] Wx, const floating[:, ::1] Wh,
+             floating[:, :, ::1] A, const floating[:, :, ::1] Hb, const floating[:, :, ::1] Cb,
+             const floating[:, :, ::1] TC, floating[:, ::1] dWx, floating[:, ::1] dWh,
+             floating[::1] db, floating[:, :, ::1] dX, floating[:, ::1] dh0,
+             bint h0_zero=False, int nthreads=1):
+    """Backward through the cache filled by forward. A is overwritten by dA (so one backward per
+    forward). dhs (N, T, H) may have any strides as long as its last axis is contiguous.
+    Writes dWx, dWh, db (overwritten, not accumulated), dX (T, N, D) and dh0 (N, H)."""
+    cdef Py_ssize_t N = A.shape[1], T = A.shape[0], H = Wh.shape[0], D = Wx.shape[0]
+    cdef Py_ssize_t G = 4 * H, t, p, j, nth, K
+    cdef Py_ssize_t isz = sizeof(floating)
+    cdef Py_ssize_t dy_rs = dhs.strides[0] // isz, dy_ts = dhs.strides[1] // isz
+    if dhs.shape[0] != N or dhs.shape[1] != T or dhs.shape[2] != H:
+        raise ValueError(f"dhs has shape {tuple(dhs.shape)[:3]}, expected {(N, T, H)}")
+    if dhs.strides[2] != isz or dhs.strides[0] % isz or dhs.strides[1] % isz:
+        raise ValueError("dhs must be contiguous along its last axis")
+    nth = _threads_for(N, nthreads)
+    cdef floating *dc = <floating *>calloc(N * H, isz)
+    cdef double *dbacc = <double *>calloc(nth * G, sizeof(double))
+    cdef const floating *dy0 = &dhs[0, 0, 0]
+    cdef floating *a
+    cdef floating *dhn = &dh0[0, 0]
+    if dc == NULL or dbacc == NULL:
+        free(dc)
+        free(dbacc)
+        raise MemoryError()
+    try:
+        with nogil:
+            memset(dhn, 0, N * H * isz)
+            for t in range(T - 1, -1, -1):
+                a = &A[t, 0, 0]
+                if nth == 1:
+                    if floating is float:
+                        fs_bwd_rowsf(0, N, H, a, dy0 + t * dy_ts, dy_rs, dhn, dc, &Cb[t, 0, 0],
+                                     &TC[t, 0, 0], dbacc)
+                    else:
+                        fs_bwd_rowsd(0, N, H, a, dy0 + t * dy_ts, dy_rs, dhn, dc, &Cb[t, 0, 0],
+                                     &TC[t, 0, 0], dbacc)
+                else:
+                    for p in prange(nth, num_threads=nth, schedule='static'):
+                        if floating is float:
+                            fs_bwd_rowsf(p * N // nth, (p + 1) * N // nth, H, a, dy0 + t * dy_ts,
+                                         dy_rs, dhn, dc, &Cb[t, 0, 0], &TC[t, 0, 0],
+                                         dbacc + p * G)
+                        else:
+                            fs_bwd_rowsd(p * N // nth, (p + 1) * N // nth, H, a, dy0 + t * dy_ts,
+                                         dy_rs, dhn, dc, &Cb[t, 0, 0], &TC[t, 0, 0],
+                                         dbacc + p * G)
+                # dh_{t-1} (from the gates) = dA_t Wh^T:  (H x N) = Wh (H x 4H) dA_t^T (4H x N)
+                _gemm(c'T', c'N', <int>H, <int>N, <int>G, <floating>1, &Wh[0, 0], <int>G,
+                      a, <int>G, <floating>0, dhn, <int>H)
+            # dWx = X^T dA:  dWx^T (4H x D) = dA^T (4H x TN) X (TN x D)
+            _gemm(c'N', c'T', <int>G, <int>D, <int>(T * N), <floating>1, &A[0, 0, 0], <int>G,
+                  &X[0, 0, 0], <int>D, <floating>0, &dWx[0, 0], <int>G)
+            # dWh = Hprev^T dA with Hprev = Hb[:-1]; rows of step 0 add nothing when h0 == 0
+            K = (T - 1) * N if h0_zero else T * N
+            if K > 0:
+                _gemm(c'N', c'T', <int>G, <int>H, <int>K, <floating>1,
+                      &A[0, 0, 0] + (T * N - K) * G, <int>G, &Hb[0, 0, 0] + (T * N - K) * H,
+                      <int>H, <floating>0, &dWh[0, 0], <int>G)
+            else:
+                memset(&dWh[0, 0], 0, H * G * isz)
+            # dX = dA Wx^T:  dX^T (D x TN) = Wx (D x 4H) dA^T (4H x TN)
+            _gemm(c'T', c'N', <int>D, <int>(T * N), <int>G, <floating>1, &Wx[0, 0], <int>G,
+                  &A[0, 0, 0], <int>G, <floating>0, &dX[0, 0, 0], <int>D)
+            for p in range(1, nth):
+                for j in range(G):
+                    dbacc[j] += dbacc[p * G + j]
+            for j in range(G):
+                db[j] = <floating>dbacc[j]
+    finally:
+        free(dc)
+        free(dbacc)
