@@ -2,12 +2,13 @@
 from . import backend
 from .functions import clip_grads, softmax
 from .layers import TimeAffine, TimeDropout, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
-from .models import Decoder, Encoder, PeekyDecoder, PeekySeq2seq, Seq2seq
+from .models import BetterRnnlm, Decoder, Encoder, PeekyDecoder, PeekySeq2seq, Rnnlm, Seq2seq
 from .optim import SGD, Adam
-from .trainer import Trainer, eval_seq2seq
+from .trainer import RnnlmTrainer, Trainer, eval_perplexity, eval_seq2seq
 
 __version__ = "0.1.0"
 
 __all__ = ["backend", "clip_grads", "softmax", "TimeAffine", "TimeDropout", "TimeEmbedding",
            "TimeLSTM", "TimeSoftmaxWithLoss", "Encoder", "Decoder", "PeekyDecoder", "Seq2seq",
-           "PeekySeq2seq", "SGD", "Adam", "Trainer", "eval_seq2seq", "__version__"]
+           "PeekySeq2seq", "Rnnlm", "BetterRnnlm", "SGD", "Adam", "Trainer", "eval_seq2seq",
+           "RnnlmTrainer", "eval_perplexity", "__version__"]

@@ -52,3 +52,58 @@ def clip_grads(grads, max_norm):
         for g in grads:
             g *= rate
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# BLAS threads for small products
+
+_blas_local = None  # ctypes function openblas_set_num_threads_local, False when unavailable
+
+
+def _find_blas_local():
+    global _blas_local
+    if _blas_local is not None:
+        return _blas_local
+    _blas_local = False
+    try:
+        import ctypes
+        import numpy as np  # noqa: F401  (loads its BLAS)
+        with open("/proc/self/maps") as f:  # Linux: the shared libraries loaded in this process
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+        # NumPy's own copy first (SciPy may load another one)
+        for path in sorted(paths, key=lambda p: "numpy" not in p):
+            lib = ctypes.CDLL(path)
+            fn = getattr(lib, "openblas_set_num_threads_local", None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                _blas_local = fn
+                break
+    except (OSError, AttributeError, ImportError):
+        _blas_local = False
+    return _blas_local
+
+
+class blas_threads:
+    """Context manager: limit NumPy's OpenBLAS to n threads in the calling thread only.
+
+    Tiny products (one row times a matrix, as in word-by-word generation) run faster on one thread
+    and, on a busy machine, avoid OpenBLAS's multi-thread hand-off costing milliseconds per call.
+    A no-op where NumPy's BLAS is not an OpenBLAS with ``openblas_set_num_threads_local``.
+    """
+
+    def __init__(self, n=1):
+        self.n = int(n)
+        self._old = None
+
+    def __enter__(self):
+        fn = _find_blas_local()
+        if fn:
+            self._old = fn(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        fn = _find_blas_local()
+        if fn and self._old is not None and self._old > 0:
+            fn(self._old)
+        self._old = None
+        return False

@@ -31,10 +31,13 @@ class TimeEmbedding:
         self.idx = idx
         return W[idx]
 
-    def backward(self, dout):
+    def backward(self, dout, accumulate=False):
+        """Scatter-add dout into the rows of dW (zeroed first unless ``accumulate``: then the rows
+        are added to what dW already holds, e.g. a tied output layer's gradient)."""
         dW, = self.grads
         xp = get_array_module(dW)
-        dW[...] = 0
+        if not accumulate:
+            dW[...] = 0
         D = dW.shape[1]
         # scatter-add of rows; bincount per column is much faster than add.at on NumPy
         ids = self.idx.ravel()
@@ -47,7 +50,12 @@ class TimeEmbedding:
                 order = xp.argsort(ids, kind="stable")
                 sids = ids[order]
                 starts = xp.flatnonzero(xp.r_[True, sids[1:] != sids[:-1]])
-                dW[sids[starts]] = xp.add.reduceat(d[order], starts, axis=0)
+                rows = sids[starts]
+                sums = xp.add.reduceat(d[order], starts, axis=0)
+                if accumulate:
+                    dW[rows] += sums  # rows are unique here
+                else:
+                    dW[rows] = sums
         else:
             xp.add.at(dW, ids, d)
         return None
@@ -87,9 +95,10 @@ class TimeSoftmaxWithLoss:
     """Mean cross-entropy over all (n, t) whose label is not ``ignore_label``; masked in the
     gradient too. forward(xs (N, T, V), ts (N, T)) -> float loss."""
 
-    def __init__(self, ignore_label=-1):
+    def __init__(self, ignore_label=-1, overwrite_input=False):
         self.params, self.grads = [], []
         self.ignore_label = ignore_label
+        self.overwrite_input = overwrite_input  # reuse the scores' memory for the gradient
         self.dx = None
 
     def forward(self, xs, ts):
@@ -98,7 +107,9 @@ class TimeSoftmaxWithLoss:
             ts = ts.argmax(axis=2)
         if ts.shape != (N, T):
             raise ValueError(f"labels have shape {ts.shape} but scores need {(N, T)}")
-        scores = xs.reshape(N * T, V).copy()
+        scores = xs.reshape(N * T, V)
+        if not self.overwrite_input:
+            scores = scores.copy()
         loss, d = softmax_cross_entropy(scores, ts.reshape(N * T), self.ignore_label)
         self.dx = d.reshape(N, T, V)
         return loss
@@ -118,6 +129,11 @@ class TimeDropout:
         self.dropout_ratio = dropout_ratio
         self.train_flg = True
         self.mask = None
+        self._seed = seed
+        self._rng = None
+
+    def reseed(self, seed=None):
+        """Restart the mask generator (same seed -> same masks again)."""
         self._seed = seed
         self._rng = None
 

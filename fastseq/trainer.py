@@ -1,4 +1,5 @@
-"""Training loops and evaluation: Trainer (seq2seq), eval_seq2seq."""
+"""Training loops and evaluation: Trainer (seq2seq), eval_seq2seq, RnnlmTrainer (language models,
+truncated BPTT), eval_perplexity."""
 import time
 
 import numpy as np
@@ -99,6 +100,136 @@ def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_
             print(f"Q {''.join(id_to_char[int(i)] for i in q)}  T {''.join(id_to_char[int(i)] for i in c)}"
                   f"  {mark} {''.join(id_to_char[int(i)] for i in g)}")
     return float(ok.mean())
+
+
+def _lm_batch(x, t, rows, time_idx, time_size):
+    """Batch (B, T) of x and t: row i reads positions (rows[i] + time_idx + j) % len(x), j < T."""
+    pos = rows[:, None] + (time_idx + np.arange(time_size))[None, :]
+    pos %= len(x)
+    return x[pos], t[pos]
+
+
+class RnnlmTrainer:
+    """Truncated-BPTT training of a stateful language model (textbook layout).
+
+    The data is read as ``batch_size`` parallel streams: row i starts at offset ``i * jump``
+    (``jump = len(xs) // batch_size``) and advances by ``time_size`` words per iteration. The
+    running time index continues across iterations, epochs and ``fit`` calls, and the model's
+    LSTM state carries from batch to batch. ``ppl_list`` holds the perplexity of every
+    ``eval_interval`` iterations; ``epoch_losses`` the mean loss of each epoch.
+    """
+
+    def __init__(self, model, optimizer, progress=True):
+        self.model, self.optimizer = model, optimizer
+        self.time_idx = 0
+        self.ppl_list, self.epoch_losses = [], []
+        self.eval_interval = None
+        self.current_epoch = 0
+        self.show_progress = progress
+
+    def get_batch(self, x, t, batch_size, time_size):
+        """The next (batch_x, batch_t), advancing the running time index by time_size."""
+        jump = len(x) // batch_size
+        rows = np.arange(batch_size) * jump
+        if backend.get_array_module(x) is not np:
+            rows = backend.xp.asarray(rows)
+            pos = rows[:, None] + backend.xp.arange(self.time_idx, self.time_idx + time_size)[None, :]
+            pos %= len(x)
+            bx, bt = x[pos], t[pos]
+        else:
+            bx, bt = _lm_batch(x, t, rows, self.time_idx, time_size)
+        self.time_idx += time_size
+        return bx, bt
+
+    def fit(self, xs, ts, max_epoch=10, batch_size=20, time_size=35, max_grad=None,
+            eval_interval=20, max_iters=None):
+        """``max_iters`` caps the iterations per epoch (default len(xs) // (batch_size * time_size))."""
+        if len(xs) != len(ts):
+            raise ValueError(f"xs has {len(xs)} words but ts has {len(ts)}")
+        for name, v in (("batch_size", batch_size), ("time_size", time_size)):
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        n_iters = len(xs) // (batch_size * time_size)
+        if n_iters < 1:
+            raise ValueError(f"the corpus ({len(xs)} words) is shorter than one batch "
+                             f"({batch_size} x {time_size} words)")
+        if max_iters is not None:
+            n_iters = min(n_iters, int(max_iters))
+        xs, ts = backend.asarray(xs), backend.asarray(ts)
+        model, optimizer = self.model, self.optimizer
+        params, grads = model.params, model.grads  # tied weights are held once: no dedup needed
+        self.eval_interval = eval_interval
+        total, count = 0.0, 0
+        for _ in range(max_epoch):
+            epoch_total = 0.0
+            bar = progress(range(n_iters), total=n_iters, desc=f"epoch {self.current_epoch + 1}",
+                           enabled=self.show_progress)
+            for _it in bar:
+                bx, bt = self.get_batch(xs, ts, batch_size, time_size)
+                loss = model.forward(bx, bt)
+                model.backward()
+                if max_grad is not None:
+                    clip_grads(grads, max_grad)
+                optimizer.update(params, grads)
+                total += loss
+                epoch_total += loss
+                count += 1
+                if eval_interval and count == eval_interval:
+                    ppl = float(np.exp(total / count))
+                    self.ppl_list.append(ppl)
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(ppl=f"{ppl:.2f}")
+                    total, count = 0.0, 0
+            self.epoch_losses.append(epoch_total / n_iters)
+            self.current_epoch += 1
+        return self
+
+    def plot(self, path=None, ylim=None):
+        from .plot import plot_curve
+        return plot_curve(self.ppl_list, f"iterations (x{self.eval_interval})", "perplexity",
+                          path, ylim)
+
+
+def eval_perplexity(model, corpus, batch_size=10, time_size=35, max_iters=None, progress_bar=False):
+    """exp(mean loss) of predicting corpus[k + 1] from corpus[.. k] (textbook formula).
+
+    ``max_iters = (len - 1) // (B * T)``, ``jump = (len - 1) // B``; iteration k reads row i from
+    offset ``k * T + i * jump``: inputs ``corpus[(offset + t) % len]``, targets one word ahead.
+    The model's state is reset first (and its previous state restored afterwards), and it runs with
+    ``train_flg=False``. ``max_iters`` may cap the iterations (quick estimates).
+    """
+    corpus = np.asarray(backend.to_cpu(corpus))
+    n = len(corpus)
+    iters = (n - 1) // (batch_size * time_size)
+    if iters < 1:
+        raise ValueError(f"the corpus ({n} words) is shorter than one evaluation batch "
+                         f"({batch_size} x {time_size} + 1 words)")
+    if max_iters is not None:
+        iters = min(iters, int(max_iters))
+    jump = (n - 1) // batch_size
+    saved = model.get_state() if hasattr(model, "get_state") else None
+    model.reset_state()
+    rows = np.arange(batch_size) * jump
+    steps = np.arange(time_size)
+    import inspect
+    try:
+        has_flag = "train_flg" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        has_flag = False
+    total = 0.0
+    try:
+        for k in progress(range(iters), total=iters, desc="perplexity", enabled=progress_bar):
+            pos = rows[:, None] + (k * time_size + steps)[None, :]
+            xs = corpus[pos % n]
+            ts = corpus[(pos + 1) % n]
+            loss = model.forward(xs, ts, train_flg=False) if has_flag else model.forward(xs, ts)
+            total += loss
+    finally:
+        if saved is not None:
+            model.set_state(saved)
+        else:
+            model.reset_state()
+    return float(np.exp(total / iters))
 
 
 def timed(fn, *a, **kw):
