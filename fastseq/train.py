@@ -3,6 +3,8 @@
     python -m fastseq.train                      # PeekySeq2seq + reversed input on generated addition
     python -m fastseq.train --model seq2seq --no-reverse --data ../shared/data/addition.txt
     GPU=1 python -m fastseq.train                # same run on CuPy
+    python -m fastseq.train --task ptb --model rnnlm --data-dir ../shared/data/ptb
+    python -m fastseq.train --task ptb --model better          # BetterRnnlm, 40 epochs
 """
 import argparse
 import json
@@ -21,20 +23,39 @@ def build_parser():
         description="Train a fastseq model. Default: PeekySeq2seq with reversed input on the "
                     "addition task (data generated, no download), 25 epochs.")
     p.add_argument("--task", choices=TASKS, default="addition",
-                   help="addition: seq2seq on 'a+b' -> sum (default)")
+                   help="addition: seq2seq on 'a+b' -> sum (default); ptb: language model on "
+                        "the Penn Treebank")
     p.add_argument("--model", default=None,
-                   help="addition: seq2seq | peeky (default peeky)")
+                   help="addition: seq2seq | peeky (default peeky); ptb: rnnlm | better "
+                        "(default rnnlm)")
     p.add_argument("--reverse", dest="reverse", action="store_true", default=True,
                    help="feed each question reversed (default; improves seq2seq accuracy)")
     p.add_argument("--no-reverse", dest="reverse", action="store_false",
                    help="feed questions in their written order")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (addition: 25)")
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (addition: 128)")
-    p.add_argument("--hidden-size", type=int, default=None, help="LSTM hidden size H (addition: 128)")
-    p.add_argument("--wordvec-size", type=int, default=None, help="embedding size D (addition: 16)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (addition: Adam 1e-3)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (addition: 25; ptb: rnnlm 4, better 40)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="mini-batch size (addition: 128; ptb: 20)")
+    p.add_argument("--hidden-size", type=int, default=None,
+                   help="LSTM hidden size H (addition: 128; ptb: rnnlm 100, better 650)")
+    p.add_argument("--wordvec-size", type=int, default=None,
+                   help="embedding size D (addition: 16; ptb: rnnlm 100, better 650)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (addition: Adam 1e-3; ptb: SGD 20, divided by 4 whenever "
+                        "the validation perplexity gets worse)")
     p.add_argument("--max-grad", type=float, default=None,
-                   help="clip gradients to this global norm (addition: 5.0)")
+                   help="clip gradients to this global norm (addition: 5.0; ptb: 0.25)")
+    p.add_argument("--time-size", type=int, default=None,
+                   help="ptb: truncated-BPTT length T (default 35)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="ptb --model better: dropout ratio (default 0.5)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="ptb: folder holding ptb.{train,valid,test}.txt (default: the download "
+                        "cache of fastseq.datasets.ptb)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="ptb: cap the iterations per epoch (quick runs)")
+    p.add_argument("--eval-max-iters", type=int, default=None,
+                   help="ptb: cap the iterations of each perplexity evaluation (quick runs)")
     p.add_argument("--seed", type=int, default=1984,
                    help="seed for weights, shuffling and generated data (default 1984)")
     p.add_argument("--data", default=None, metavar="PATH",
@@ -129,7 +150,111 @@ def run_addition(args, out):
     return metrics
 
 
-TASKS = {"addition": run_addition}
+def run_ptb(args, out):
+    from . import trainer as trainer_mod
+    from .datasets import ptb
+    from .models import BetterRnnlm, Rnnlm
+    from .optim import SGD
+    from .plot import have_matplotlib, plot_curves
+
+    model_name = args.model or "rnnlm"
+    if model_name not in ("rnnlm", "better"):
+        raise ValueError(f"--model {model_name!r} is not a language model; use rnnlm or better")
+    better = model_name == "better"
+    size = 650 if better else 100
+    cfg = dict(task="ptb", model=model_name,
+               epochs=args.epochs or (40 if better else 4),
+               batch_size=args.batch_size or 20, time_size=args.time_size or 35,
+               hidden_size=args.hidden_size or size, wordvec_size=args.wordvec_size or size,
+               lr=args.lr or 20.0, max_grad=0.25 if args.max_grad is None else args.max_grad,
+               seed=args.seed, data_dir=args.data_dir, max_iters=args.max_iters,
+               eval_max_iters=args.eval_max_iters, eval_batch_size=10)
+    if better:
+        cfg["dropout"] = 0.5 if args.dropout is None else args.dropout
+    for k in ("epochs", "batch_size", "time_size", "hidden_size", "wordvec_size"):
+        if cfg[k] < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+    if args.max_iters is not None and args.max_iters < 1:
+        raise ValueError(f"--max-iters must be >= 1, got {args.max_iters}")
+
+    corpus, word_to_id, id_to_word = ptb.load_data("train", data_dir=args.data_dir)
+    corpus_val, _, _ = ptb.load_data("val", data_dir=args.data_dir)
+    corpus_test, _, _ = ptb.load_data("test", data_dir=args.data_dir)
+    V = len(word_to_id)
+    vocab = [id_to_word[i] for i in range(V)]
+    if better:
+        model = BetterRnnlm(V, cfg["wordvec_size"], cfg["hidden_size"], cfg["dropout"],
+                            seed=args.seed)
+    else:
+        model = Rnnlm(V, cfg["wordvec_size"], cfg["hidden_size"], seed=args.seed)
+    optimizer = SGD(cfg["lr"])
+    trainer = trainer_mod.RnnlmTrainer(model, optimizer, progress=not args.no_progress)
+    xs, ts = corpus[:-1], corpus[1:]
+    iters = len(xs) // (cfg["batch_size"] * cfg["time_size"])
+    if args.max_iters:
+        iters = min(iters, args.max_iters)
+    print(f"{type(model).__name__} on PTB: {len(corpus)} train / {len(corpus_val)} val / "
+          f"{len(corpus_test)} test words, vocabulary {V}, {iters} iterations per epoch")
+    print(backend.describe(), flush=True)
+
+    def evaluate(c, desc):
+        return trainer_mod.eval_perplexity(model, c, batch_size=cfg["eval_batch_size"],
+                                           time_size=cfg["time_size"],
+                                           max_iters=args.eval_max_iters,
+                                           progress_bar=not args.no_progress)
+
+    model_path = os.path.join(out, "model.npz")
+    metrics = {"config": cfg, "engine": backend.info(), "epochs": []}
+    best = None
+    lr = cfg["lr"]
+    for epoch in range(1, cfg["epochs"] + 1):
+        optimizer.lr = lr
+        t0 = time.perf_counter()
+        trainer.fit(xs, ts, max_epoch=1, batch_size=cfg["batch_size"], time_size=cfg["time_size"],
+                    max_grad=cfg["max_grad"], max_iters=args.max_iters)
+        t1 = time.perf_counter()
+        ppl = float(evaluate(corpus_val, "val"))
+        t2 = time.perf_counter()
+        loss = float(trainer.epoch_losses[-1])
+        metrics["epochs"].append({"epoch": epoch, "train_seconds": round(t1 - t0, 4),
+                                  "eval_seconds": round(t2 - t1, 4), "loss": round(loss, 6),
+                                  "train_perplexity": round(float(np.exp(loss)), 4),
+                                  "val_perplexity": round(ppl, 4), "lr": lr})
+        note = ""
+        if best is None or ppl < best:
+            best = ppl
+            model.save_params(model_path, meta={"task": "ptb", "vocab_source": "ptb",
+                                                "vocab": vocab, "epoch": epoch,
+                                                "val_perplexity": ppl})
+            note = " (best, saved)"
+        else:
+            lr /= 4.0
+            note = f" (worse: lr -> {lr:g})"
+        print(f"epoch {epoch:3d} | loss {loss:.4f} | train perplexity {np.exp(loss):9.2f} | "
+              f"val perplexity {ppl:9.2f} | lr {metrics['epochs'][-1]['lr']:g} | "
+              f"train {t1 - t0:.1f}s eval {t2 - t1:.1f}s{note}", flush=True)
+        write_json(os.path.join(out, "metrics.json"), metrics)
+
+    model.load_params(model_path)  # the best epoch's weights
+    model.reset_state()
+    t0 = time.perf_counter()
+    test_ppl = float(evaluate(corpus_test, "test"))
+    metrics["test_perplexity"] = round(test_ppl, 4)
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    print(f"test perplexity {test_ppl:.2f} (best model, val perplexity {best:.2f}; "
+          f"eval {time.perf_counter() - t0:.1f}s)")
+    png = plot_curves({"train": [e["train_perplexity"] for e in metrics["epochs"]],
+                       "validation": [e["val_perplexity"] for e in metrics["epochs"]]},
+                      "epoch", "perplexity", os.path.join(out, "perplexity.png"),
+                      title=f"{type(model).__name__} on PTB (test {test_ppl:.1f})")
+    if png is None and not have_matplotlib():
+        print("note: matplotlib is not installed, so perplexity.png was not drawn "
+              "(pip install 'fastseq[plot]')")
+    print(f"wrote {out}/metrics.json, model.npz" + (", perplexity.png" if png else ""))
+    return metrics
+
+
+TASKS = {"addition": run_addition, "ptb": run_ptb}
 
 
 def main(argv=None):
@@ -143,7 +268,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     try:
         TASKS[args.task](args, out)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # incl. missing files, checksum and download errors
         print(f"fastseq: {e}", file=sys.stderr)
         return 2
     return 0
