@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 
-from fastseq.lstm import _numpy
+import fastseq.lstm._numpy as _numpy
 
 try:
-    from fastseq.lstm import _cython
+    import fastseq.lstm._cython as _cython
 except ImportError:  # extension not built
     _cython = None
 

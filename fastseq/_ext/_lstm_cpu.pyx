@@ -42,9 +42,15 @@ cdef extern from *:
 
     /* Compile the elementwise kernels for several instruction sets and dispatch at load time
        (GCC function multi-versioning through ifunc; x86-64 Linux only). */
+    /* Clones are chosen by instruction-set level (x86-64-v4: AVX-512, v3: AVX2+FMA); clones named
+       after a CPU model ("arch=haswell") would be chosen by model, so newer CPUs would get the
+       baseline one. */
     #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+        && !defined(FS_NO_CLONES) && __GNUC__ >= 12
+    #  define FS_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+    #elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
         && !defined(FS_NO_CLONES)
-    #  define FS_KERNEL __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+    #  define FS_KERNEL __attribute__((target_clones("avx2", "default")))
     #else
     #  define FS_KERNEL
     #endif
