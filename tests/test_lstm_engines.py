@@ -1,0 +1,320 @@
+"""The Cython LSTM engine against the NumPy reference engine (and against central differences).
+
+Skipped when the extension is not built, unless FASTSEQ_REQUIRE_EXT=1 (CI), where a missing
+extension fails instead.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import numerical_grad
+
+REQUIRE_EXT = os.environ.get("FASTSEQ_REQUIRE_EXT", "0") == "1"
+
+try:
+    # `import a.b.c` always imports the submodule (and sets it as the package's attribute)
+    import fastseq.lstm._cython as _cython
+except ImportError as e:
+    if REQUIRE_EXT:
+        pytest.fail(f"FASTSEQ_REQUIRE_EXT=1 but the Cython LSTM kernel is not importable: {e}",
+                    pytrace=False)
+    pytest.skip(f"Cython LSTM kernel not built ({e})", allow_module_level=True)
+
+from fastseq import lstm  # noqa: E402
+from fastseq.lstm import _numpy  # noqa: E402
+
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def restore_kernel():
+    yield
+    lstm.set_kernel(None)
+
+
+@pytest.fixture
+def parallel_gates(monkeypatch):
+    """Run the per-step gate math on OpenMP threads even for small batches."""
+    monkeypatch.setattr(_cython, "NUM_THREADS", max(2, _cython.NUM_THREADS))
+    monkeypatch.setattr(_cython, "PARALLEL_MIN_ELEMENTS", 0)
+
+
+def assert_close(actual, expected, rtol, what=""):
+    """||actual - expected|| <= rtol * max(||expected||, 0.01 sqrt(size)).
+
+    Norm-wise relative error; arrays whose RMS is below 0.01 (inputs and upstream gradients here
+    are O(1)) are compared absolutely at that scale instead, since a few-ulp difference in a
+    saturated gate g makes a relative difference of g(1-g) far above eps in either engine."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
+    err = np.linalg.norm(actual - expected)
+    scale = max(np.linalg.norm(expected), 0.01 * np.sqrt(expected.size), 1e-300)
+    assert err <= rtol * scale, f"{what}: relative error {err / scale:.3g} > {rtol:g}"
+
+
+def make_case(rng, N, T, D, H, dtype, zero_state=False, scale=1.0):
+    xs = rng.standard_normal((N, T, D)) * scale
+    Wx = rng.standard_normal((D, 4 * H)) / np.sqrt(D)
+    Wh = rng.standard_normal((H, 4 * H)) / np.sqrt(H)
+    b = rng.standard_normal(4 * H) * 0.5
+    if zero_state:
+        h0, c0 = np.zeros((N, H)), np.zeros((N, H))
+    else:
+        h0, c0 = np.tanh(rng.standard_normal((N, H))), rng.standard_normal((N, H))
+    dhs = rng.standard_normal((N, T, H))
+    return [a.astype(dtype) for a in (xs, Wx, Wh, b, h0, c0, dhs)]
+
+
+def run_engine(engine, xs, Wx, Wh, b, h0, c0, dhs):
+    hs, hT, cT, cache = engine.forward(xs, Wx, Wh, b, h0, c0)
+    hs = hs.copy()  # the engine may reuse nothing, but compare values as they were after forward
+    grads = [np.full_like(Wx, np.nan), np.full_like(Wh, np.nan), np.full_like(b, np.nan)]
+    dxs, dh0 = engine.backward(dhs, cache, grads)
+    return dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=grads[0], dWh=grads[1], db=grads[2])
+
+
+def compare(case, dtype):
+    ref = run_engine(_numpy, *case)
+    out = run_engine(_cython, *case)
+    for k in ref:
+        assert out[k].dtype == dtype, f"{k}: dtype {out[k].dtype}"
+        assert_close(out[k], ref[k], TOL[dtype], k)
+    return out
+
+
+shapes = st.tuples(st.integers(1, 9), st.integers(1, 8), st.integers(1, 12), st.integers(1, 10))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=shapes, dtype=st.sampled_from([np.float32, np.float64]), zero_state=st.booleans(),
+       scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 2**31 - 1))
+def test_matches_numpy_random_shapes(shape, dtype, zero_state, scale, seed):
+    rng = np.random.default_rng(seed)
+    compare(make_case(rng, *shape, dtype, zero_state, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(128, 7, 16, 128), (128, 4, 16, 128), (33, 5, 7, 77),
+                                   (2, 3, 300, 5), (1, 1, 1, 1)])
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_matches_numpy_larger(shape, dtype, zero_state):
+    rng = np.random.default_rng(sum(shape))
+    compare(make_case(rng, *shape, dtype, zero_state), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parallel_gate_math_matches(dtype, parallel_gates):
+    rng = np.random.default_rng(3)
+    for shape in [(2, 3, 4, 5), (9, 4, 6, 10), (64, 5, 16, 32)]:
+        compare(make_case(rng, *shape, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_saturated_gates(dtype):
+    """Huge pre-activations: gates saturate to 0/1 exactly like the reference, nothing non-finite."""
+    rng = np.random.default_rng(4)
+    case = make_case(rng, 6, 5, 4, 7, dtype, scale=200.0)
+    compare(case, dtype)
+
+
+def test_nan_propagates():
+    rng = np.random.default_rng(5)
+    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 3, 4, 2, 5, np.float32)
+    xs[1, 2, 0] = np.nan
+    hs, hT, cT, _ = _cython.forward(xs, Wx, Wh, b, h0, c0)
+    assert np.isnan(hs[1, 2:]).all() and np.isnan(hT[1]).all()
+    assert np.isfinite(hs[0]).all() and np.isfinite(hs[2]).all() and np.isfinite(hs[1, :2]).all()
+
+
+def dhs_variants(rng, N, T, H, dtype):
+    base = rng.standard_normal((N, T, H)).astype(dtype)
+    time_major = np.ascontiguousarray(base.transpose(1, 0, 2)).transpose(1, 0, 2)
+    wide = np.zeros((N, T, 2 * H), dtype)
+    wide[..., ::2] = base
+    reversed_t = np.ascontiguousarray(base[:, ::-1])[:, ::-1]
+    return {
+        "contiguous": base,
+        "time-major view": time_major,
+        "strided last axis": wide[..., ::2],
+        "fortran": np.asfortranarray(base),
+        "negative stride": reversed_t,
+        "broadcast (read-only)": np.broadcast_to(base[:, :1], (N, T, H)),
+        "float64 input": base.astype(np.float64),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_noncontiguous_dhs(dtype):
+    rng = np.random.default_rng(6)
+    N, T, D, H = 5, 4, 3, 6
+    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, dtype)
+    for name, dhs in dhs_variants(rng, N, T, H, dtype).items():
+        ref = run_engine(_numpy, xs, Wx, Wh, b, h0, c0, np.ascontiguousarray(dhs, dtype))
+        out = run_engine(_cython, xs, Wx, Wh, b, h0, c0, dhs)
+        for k in ref:
+            assert_close(out[k], ref[k], TOL[dtype], f"{name}: {k}")
+
+
+def test_noncontiguous_inputs_and_grads():
+    rng = np.random.default_rng(7)
+    dtype = np.float32
+    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 4, 3, 5, 6, dtype)
+    ref = run_engine(_numpy, xs, Wx, Wh, b, h0, c0, dhs)
+    xs_view = np.ascontiguousarray(xs.transpose(1, 0, 2)).transpose(1, 0, 2)
+    hs, hT, cT, cache = _cython.forward(xs_view, np.asfortranarray(Wx), Wh, b,
+                                        np.asfortranarray(h0), c0)
+    grads = [np.asfortranarray(np.zeros_like(Wx)), np.zeros_like(Wh), np.zeros_like(b)]
+    ids = [id(g) for g in grads]
+    dxs, dh0 = _cython.backward(dhs, cache, grads)
+    assert [id(g) for g in grads] == ids  # written in place
+    got = dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=grads[0], dWh=grads[1], db=grads[2])
+    for k in ref:
+        assert_close(got[k], ref[k], TOL[dtype], k)
+
+
+def test_grads_are_overwritten_not_accumulated():
+    rng = np.random.default_rng(8)
+    case = make_case(rng, 3, 2, 4, 5, np.float64)
+    xs, Wx, Wh, b, h0, c0, dhs = case
+    grads = [np.full_like(Wx, 7.0), np.full_like(Wh, 7.0), np.full_like(b, 7.0)]
+    *_, cache = _cython.forward(xs, Wx, Wh, b, h0, c0)
+    _cython.backward(dhs, cache, grads)
+    ref = run_engine(_numpy, *case)
+    for g, k in zip(grads, ("dWx", "dWh", "db")):
+        assert_close(g, ref[k], 1e-10, k)
+
+
+def test_cache_serves_one_backward():
+    rng = np.random.default_rng(9)
+    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 2, 2, 3, 4, np.float32)
+    *_, cache = _cython.forward(xs, Wx, Wh, b, h0, c0)
+    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+    _cython.backward(dhs, cache, grads)
+    with pytest.raises(ValueError, match="one backward"):
+        _cython.backward(dhs, cache, grads)
+
+
+def test_rejects_bad_input():
+    rng = np.random.default_rng(10)
+    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 2, 2, 3, 4, np.float32)
+    with pytest.raises(TypeError):
+        _cython.forward(xs, Wx, Wh.astype(np.float64), b, h0, c0)
+    with pytest.raises(TypeError):
+        _cython.forward(xs.astype(np.float16), Wx.astype(np.float16), Wh.astype(np.float16),
+                        b.astype(np.float16), h0.astype(np.float16), c0.astype(np.float16))
+    with pytest.raises(ValueError):
+        _cython.forward(xs, Wx, Wh, b, h0[:1], c0)
+    *_, cache = _cython.forward(xs, Wx, Wh, b, h0, c0)
+    with pytest.raises(ValueError):
+        _cython.backward(dhs[:, :1], cache, [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)])
+
+
+def test_empty_batch_falls_back():
+    rng = np.random.default_rng(11)
+    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 0, 3, 2, 4, np.float32)
+    out = run_engine(_cython, xs, Wx, Wh, b, h0, c0, dhs)
+    assert out["hs"].shape == (0, 3, 4) and out["dxs"].shape == (0, 3, 2)
+    assert np.all(out["dWx"] == 0) and np.all(out["db"] == 0)
+
+
+# --- central differences (float64) ------------------------------------------------------------
+
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_gradients_by_central_differences(zero_state):
+    rng = np.random.default_rng(12)
+    N, T, D, H = 2, 3, 3, 4
+    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, np.float64, zero_state)
+    R = rng.standard_normal((N, T, H))
+
+    def loss():
+        hs, hT, cT, _ = _cython.forward(xs, Wx, Wh, b, h0, c0)
+        return float(np.sum(hs * R))
+
+    *_, cache = _cython.forward(xs, Wx, Wh, b, h0, c0)
+    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+    dxs, dh0 = _cython.backward(R, cache, grads)
+    for name, x, g in (("xs", xs, dxs), ("Wx", Wx, grads[0]), ("Wh", Wh, grads[1]),
+                       ("b", b, grads[2]), ("h0", h0, dh0)):
+        num = numerical_grad(loss, x)
+        err = np.linalg.norm(num - g) / max(np.linalg.norm(num) + np.linalg.norm(g), 1e-12)
+        assert err < 1e-7, f"d{name}: relative error {err:.3g}"
+
+
+# --- through TimeLSTM and set_kernel ------------------------------------------------------------
+
+def make_layer(rng, D, H, dtype, stateful):
+    Wx = (rng.standard_normal((D, 4 * H)) / np.sqrt(D)).astype(dtype)
+    Wh = (rng.standard_normal((H, 4 * H)) / np.sqrt(H)).astype(dtype)
+    b = (rng.standard_normal(4 * H) * 0.1).astype(dtype)
+    return lambda: lstm.TimeLSTM(Wx.copy(), Wh.copy(), b.copy(), stateful=stateful)
+
+
+def drive(layer, kernel, chunks, dchunks, h=None):
+    lstm.set_kernel(kernel)
+    if h is not None:
+        layer.set_state(h.copy())
+    outs = []
+    for xs, dhs in zip(chunks, dchunks):
+        hs = layer.forward(xs)
+        outs.append(np.array(hs))
+        assert layer._kernel is (_cython if kernel == "cython" else _numpy)
+        dxs = layer.backward(dhs)
+        outs += [np.array(dxs), layer.dh.copy()] + [g.copy() for g in layer.grads]
+    outs += [layer.h.copy(), layer.c.copy()]
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stateful_continuation_through_timelstm(dtype):
+    rng = np.random.default_rng(13)
+    N, D, H = 4, 5, 6
+    new = make_layer(rng, D, H, dtype, stateful=True)
+    chunks = [rng.standard_normal((N, T, D)).astype(dtype) for T in (3, 5)]
+    dchunks = [rng.standard_normal((N, T, H)).astype(dtype) for T in (3, 5)]
+    ref = drive(new(), "numpy", chunks, dchunks)
+    out = drive(new(), "cython", chunks, dchunks)
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert_close(a, b, TOL[dtype], f"output {i}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_set_state_with_given_h(dtype):
+    rng = np.random.default_rng(14)
+    N, T, D, H = 3, 4, 2, 5
+    h = np.tanh(rng.standard_normal((N, H))).astype(dtype)
+    new = make_layer(rng, D, H, dtype, stateful=False)
+    chunks = [rng.standard_normal((N, T, D)).astype(dtype)]
+    dchunks = [rng.standard_normal((N, T, H)).astype(dtype)]
+    ref = drive(new(), "numpy", chunks, dchunks, h=h)
+    out = drive(new(), "cython", chunks, dchunks, h=h)
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert_close(a, b, TOL[dtype], f"output {i}")
+    assert np.abs(out[2]).sum() > 0  # dh (gradient of the given h) is not trivially zero
+
+
+def test_set_kernel_selects_cython():
+    x = np.zeros((1, 1, 1), np.float32)
+    lstm.set_kernel("cython")
+    assert lstm.kernel_name() == "cython" and lstm.get_kernel(x) is _cython
+    lstm.set_kernel("numpy")
+    assert lstm.get_kernel(x) is _numpy
+
+
+def test_package_import_finds_the_extension():
+    """A fresh `import fastseq.lstm` must pick up the built extension (automatic engine choice).
+
+    (`_cython = None` before `from . import _cython` in fastseq/lstm/__init__.py makes the import
+    statement return that None instead of importing the submodule.)"""
+    code = ("import fastseq.lstm as l, sys; "
+            "sys.exit(0 if l.cython_available() else 'cython engine not loaded: %s' % l._cython_error)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "FASTSEQ_KERNEL": ""})
+    assert r.returncode == 0, r.stderr or r.stdout
