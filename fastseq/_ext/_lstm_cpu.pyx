@@ -293,23 +293,77 @@ cdef inline bint _all_zero(const floating *x, Py_ssize_t n) noexcept nogil:
     return True
 
 
-cdef inline int _threads_for(Py_ssize_t N, int nthreads) noexcept nogil:
-    """Threads for the per-step gate math (the caller decides whether it pays); at most N."""
-    if nthreads <= 1 or N < 2:
-        return 1
-    return nthreads if nthreads < N else <int>N
+cdef Py_ssize_t _block_bytes = 512 * 1024
+
+
+def set_block_bytes(Py_ssize_t nbytes):
+    """Size of the gate block of one time step processed at a time (tuning; 0: whole steps)."""
+    global _block_bytes
+    _block_bytes = nbytes
+
+
+cdef inline Py_ssize_t _block_rows(Py_ssize_t N, Py_ssize_t H, Py_ssize_t isz) noexcept nogil:
+    """Rows per block of a time step: the block's gates (rows x 4H) stay in L2 between the h Wh
+    product that fills them and the gate pass that reads them (matters for large N)."""
+    if _block_bytes <= 0:
+        return N
+    cdef Py_ssize_t nb = _block_bytes // (4 * H * isz)
+    if nb < 64:
+        nb = 64
+    return N if nb >= N else nb
+
+
+cdef void _fwd_gates(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t H, floating *a, const floating *b,
+                     const floating *cprev, floating *c, floating *tc, floating *h,
+                     int nth) noexcept nogil:
+    """Gate pass of forward over rows [r0, r1) of one step, on nth OpenMP threads."""
+    cdef Py_ssize_t p, n = r1 - r0
+    if nth <= 1 or n < 2 * nth:
+        if floating is float:
+            fs_fwd_rowsf(r0, r1, H, a, b, cprev, c, tc, h)
+        else:
+            fs_fwd_rowsd(r0, r1, H, a, b, cprev, c, tc, h)
+        return
+    for p in prange(nth, num_threads=nth, schedule='static'):
+        if floating is float:
+            fs_fwd_rowsf(r0 + p * n // nth, r0 + (p + 1) * n // nth, H, a, b, cprev, c, tc, h)
+        else:
+            fs_fwd_rowsd(r0 + p * n // nth, r0 + (p + 1) * n // nth, H, a, b, cprev, c, tc, h)
+
+
+cdef void _bwd_gates(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t H, floating *a, const floating *dy,
+                     Py_ssize_t dy_rs, const floating *dhn, floating *dc, const floating *cprev,
+                     const floating *tc, double *dbacc, int nth) noexcept nogil:
+    """Gate pass of backward over rows [r0, r1) of one step; thread p adds its column sums of
+    dA to dbacc[p*4H : (p+1)*4H]."""
+    cdef Py_ssize_t p, n = r1 - r0
+    if nth <= 1 or n < 2 * nth:
+        if floating is float:
+            fs_bwd_rowsf(r0, r1, H, a, dy, dy_rs, dhn, dc, cprev, tc, dbacc)
+        else:
+            fs_bwd_rowsd(r0, r1, H, a, dy, dy_rs, dhn, dc, cprev, tc, dbacc)
+        return
+    for p in prange(nth, num_threads=nth, schedule='static'):
+        if floating is float:
+            fs_bwd_rowsf(r0 + p * n // nth, r0 + (p + 1) * n // nth, H, a, dy, dy_rs, dhn, dc,
+                         cprev, tc, dbacc + p * 4 * H)
+        else:
+            fs_bwd_rowsd(r0 + p * n // nth, r0 + (p + 1) * n // nth, H, a, dy, dy_rs, dhn, dc,
+                         cprev, tc, dbacc + p * 4 * H)
 
 
 def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
             const floating[::1] b, const floating[:, ::1] h0, const floating[:, ::1] c0,
             floating[:, :, ::1] X, floating[:, :, ::1] A, floating[:, :, ::1] Hb,
             floating[:, :, ::1] Cb, floating[:, :, ::1] TC, int nthreads=1):
-    """Fill X, A, Hb, Cb, TC (see the module docstring). Returns whether h0 was all zeros
-    (then backward can leave step 0 out of the dWh product)."""
+    """Fill X, A, Hb, Cb, TC (see the module docstring); nthreads > 1 runs the gate math on
+    OpenMP threads. Returns whether h0 was all zeros (then step 0 needs no h Wh product, and
+    backward leaves step 0 out of dWh)."""
     cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
-    cdef Py_ssize_t G = 4 * H, t, n, p, nth
+    cdef Py_ssize_t G = 4 * H, t, n, r0, r1, NB
     cdef bint h0_zero
-    cdef floating *a
+    cdef const floating *W = &Wh[0, 0]
+    cdef const floating *bias = &b[0]
     with nogil:
         for n in range(N):
             for t in range(T):
@@ -320,28 +374,18 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
         # A = X Wx for all steps at once:  A^T (4H x TN) = Wx^T (4H x D) X^T (D x TN)
         _gemm(c'N', c'N', <int>G, <int>(T * N), <int>D, <floating>1, &Wx[0, 0], <int>G,
               &X[0, 0, 0], <int>D, <floating>0, &A[0, 0, 0], <int>G)
-        nth = _threads_for(N, nthreads)
+        NB = _block_rows(N, H, sizeof(floating))
         for t in range(T):
-            a = &A[t, 0, 0]
-            if t > 0 or not h0_zero:
-                # a += h_{t-1} Wh:  a^T (4H x N) += Wh^T (4H x H) h^T (H x N)
-                _gemm(c'N', c'N', <int>G, <int>N, <int>H, <floating>1, &Wh[0, 0], <int>G,
-                      &Hb[t, 0, 0], <int>H, <floating>1, a, <int>G)
-            if nth == 1:
-                if floating is float:
-                    fs_fwd_rowsf(0, N, H, a, &b[0], &Cb[t, 0, 0], &Cb[t + 1, 0, 0],
-                                 &TC[t, 0, 0], &Hb[t + 1, 0, 0])
-                else:
-                    fs_fwd_rowsd(0, N, H, a, &b[0], &Cb[t, 0, 0], &Cb[t + 1, 0, 0],
-                                 &TC[t, 0, 0], &Hb[t + 1, 0, 0])
-            else:
-                for p in prange(nth, num_threads=nth, schedule='static'):
-                    if floating is float:
-                        fs_fwd_rowsf(p * N // nth, (p + 1) * N // nth, H, a, &b[0], &Cb[t, 0, 0],
-                                     &Cb[t + 1, 0, 0], &TC[t, 0, 0], &Hb[t + 1, 0, 0])
-                    else:
-                        fs_fwd_rowsd(p * N // nth, (p + 1) * N // nth, H, a, &b[0], &Cb[t, 0, 0],
-                                     &Cb[t + 1, 0, 0], &TC[t, 0, 0], &Hb[t + 1, 0, 0])
+            r0 = 0
+            while r0 < N:
+                r1 = r0 + NB if r0 + NB < N else N
+                if t > 0 or not h0_zero:
+                    # a += h_{t-1} Wh:  a^T (4H x rows) += Wh^T (4H x H) h^T (H x rows)
+                    _gemm(c'N', c'N', <int>G, <int>(r1 - r0), <int>H, <floating>1, W, <int>G,
+                          &Hb[t, r0, 0], <int>H, <floating>1, &A[t, r0, 0], <int>G)
+                _fwd_gates(r0, r1, H, &A[t, 0, 0], bias, &Cb[t, 0, 0], &Cb[t + 1, 0, 0],
+                           &TC[t, 0, 0], &Hb[t + 1, 0, 0], nthreads)
+                r0 = r1
     return h0_zero
 
 
@@ -351,23 +395,23 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
              const floating[:, :, ::1] TC, floating[:, ::1] dWx, floating[:, ::1] dWh,
              floating[::1] db, floating[:, :, ::1] dX, floating[:, ::1] dh0,
              bint h0_zero=False, int nthreads=1):
-    """Backward through the cache filled by forward. A is overwritten by dA (so one backward per
-    forward). dhs (N, T, H) may have any strides as long as its last axis is contiguous.
+    """Backward through the buffers filled by forward. A is overwritten by dA (so one backward
+    per forward). dhs (N, T, H) may have any strides as long as its last axis is contiguous.
     Writes dWx, dWh, db (overwritten, not accumulated), dX (T, N, D) and dh0 (N, H)."""
     cdef Py_ssize_t N = A.shape[1], T = A.shape[0], H = Wh.shape[0], D = Wx.shape[0]
-    cdef Py_ssize_t G = 4 * H, t, p, j, nth, K
+    cdef Py_ssize_t G = 4 * H, t, p, j, K, r0, r1, NB
     cdef Py_ssize_t isz = sizeof(floating)
-    cdef Py_ssize_t dy_rs = dhs.strides[0] // isz, dy_ts = dhs.strides[1] // isz
+    cdef int nth = nthreads if nthreads > 1 else 1
     if dhs.shape[0] != N or dhs.shape[1] != T or dhs.shape[2] != H:
         raise ValueError(f"dhs has shape {tuple(dhs.shape)[:3]}, expected {(N, T, H)}")
     if dhs.strides[2] != isz or dhs.strides[0] % isz or dhs.strides[1] % isz:
         raise ValueError("dhs must be contiguous along its last axis")
-    nth = _threads_for(N, nthreads)
+    cdef Py_ssize_t dy_rs = dhs.strides[0] // isz, dy_ts = dhs.strides[1] // isz
+    cdef const floating *dy0 = &dhs[0, 0, 0]
+    cdef const floating *W = &Wh[0, 0]
+    cdef floating *dhn = &dh0[0, 0]
     cdef floating *dc = <floating *>calloc(N * H, isz)
     cdef double *dbacc = <double *>calloc(nth * G, sizeof(double))
-    cdef const floating *dy0 = &dhs[0, 0, 0]
-    cdef floating *a
-    cdef floating *dhn = &dh0[0, 0]
     if dc == NULL or dbacc == NULL:
         free(dc)
         free(dbacc)
@@ -375,32 +419,22 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     try:
         with nogil:
             memset(dhn, 0, N * H * isz)
+            NB = _block_rows(N, H, isz)
             for t in range(T - 1, -1, -1):
-                a = &A[t, 0, 0]
-                if nth == 1:
-                    if floating is float:
-                        fs_bwd_rowsf(0, N, H, a, dy0 + t * dy_ts, dy_rs, dhn, dc, &Cb[t, 0, 0],
-                                     &TC[t, 0, 0], dbacc)
-                    else:
-                        fs_bwd_rowsd(0, N, H, a, dy0 + t * dy_ts, dy_rs, dhn, dc, &Cb[t, 0, 0],
-                                     &TC[t, 0, 0], dbacc)
-                else:
-                    for p in prange(nth, num_threads=nth, schedule='static'):
-                        if floating is float:
-                            fs_bwd_rowsf(p * N // nth, (p + 1) * N // nth, H, a, dy0 + t * dy_ts,
-                                         dy_rs, dhn, dc, &Cb[t, 0, 0], &TC[t, 0, 0],
-                                         dbacc + p * G)
-                        else:
-                            fs_bwd_rowsd(p * N // nth, (p + 1) * N // nth, H, a, dy0 + t * dy_ts,
-                                         dy_rs, dhn, dc, &Cb[t, 0, 0], &TC[t, 0, 0],
-                                         dbacc + p * G)
-                # dh_{t-1} (from the gates) = dA_t Wh^T:  (H x N) = Wh (H x 4H) dA_t^T (4H x N)
-                _gemm(c'T', c'N', <int>H, <int>N, <int>G, <floating>1, &Wh[0, 0], <int>G,
-                      a, <int>G, <floating>0, dhn, <int>H)
+                r0 = 0
+                while r0 < N:
+                    r1 = r0 + NB if r0 + NB < N else N
+                    _bwd_gates(r0, r1, H, &A[t, 0, 0], dy0 + t * dy_ts, dy_rs, dhn, dc,
+                               &Cb[t, 0, 0], &TC[t, 0, 0], dbacc, nth)
+                    # dh_{t-1} (through the gates) = dA_t Wh^T:
+                    #   (H x rows) = Wh (H x 4H) dA_t^T (4H x rows)
+                    _gemm(c'T', c'N', <int>H, <int>(r1 - r0), <int>G, <floating>1, W, <int>G,
+                          &A[t, r0, 0], <int>G, <floating>0, dhn + r0 * H, <int>H)
+                    r0 = r1
             # dWx = X^T dA:  dWx^T (4H x D) = dA^T (4H x TN) X (TN x D)
             _gemm(c'N', c'T', <int>G, <int>D, <int>(T * N), <floating>1, &A[0, 0, 0], <int>G,
                   &X[0, 0, 0], <int>D, <floating>0, &dWx[0, 0], <int>G)
-            # dWh = Hprev^T dA with Hprev = Hb[:-1]; rows of step 0 add nothing when h0 == 0
+            # dWh = Hprev^T dA with Hprev = Hb[:-1]; the rows of step 0 add nothing when h0 == 0
             K = (T - 1) * N if h0_zero else T * N
             if K > 0:
                 _gemm(c'N', c'T', <int>G, <int>H, <int>K, <floating>1,

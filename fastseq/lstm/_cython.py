@@ -8,7 +8,16 @@ Importing this module raises ImportError when the extension is not built; fastse
 the NumPy engine. Buffers are time-major (hs and dxs come back as transposed views of them) and
 backward overwrites the cached gates with their gradients, so a cache serves one backward only
 (as in TimeLSTM, which drops it after backward).
+
+The internal buffers (gates, cells, tanh(cells), time-major inputs: never handed to the caller)
+go back to a small pool when their cache is used up or dropped, and the next forward of the same
+shape reuses them: fresh memory costs the kernel a page fault and a page clear per 4 KiB, which
+is a third of a large-batch forward. The pool keeps at most POOL_MAX_BYTES (clear_pool() empties
+it).
 """
+import threading
+from collections import OrderedDict
+
 import numpy as np
 
 from .._ext import _lstm_cpu
@@ -50,25 +59,27 @@ def forward(xs, Wx, Wh, b, h0, c0):
     if N == 0 or T == 0 or D == 0 or H == 0:  # degenerate: BLAS needs non-empty leading dims
         hs, hT, cT, cache = _numpy.forward(xs, Wx, Wh, b, h0, c0)
         return hs, hT, cT, ("numpy", cache)
-    X = np.empty((T, N, D), dtype)
-    A = np.empty((T, N, 4 * H), dtype)
-    Hb = np.empty((T + 1, N, H), dtype)
-    Cb = np.empty((T + 1, N, H), dtype)
-    TC = np.empty((T, N, H), dtype)
+    key = (T, N, D, H, dtype.str)
+    work = _pool_take(key)
+    if work is None:
+        work = (np.empty((T, N, D), dtype), np.empty((T, N, 4 * H), dtype),
+                np.empty((T + 1, N, H), dtype), np.empty((T, N, H), dtype))
+    X, A, Cb, TC = work
+    Hb = np.empty((T + 1, N, H), dtype)  # hs is a view of it: never pooled
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
     h0_zero = _lstm_cpu.forward(xs, Wx, Wh, b, h0, c0, X, A, Hb, Cb, TC, threads)
-    cache = ["cython", X, Wx, Wh, A, Hb, Cb, TC, h0_zero]
+    cache = _Cache(key, work, Wx, Wh, Hb, h0_zero)
     return Hb[1:].transpose(1, 0, 2), Hb[T].copy(), Cb[T].copy(), cache
 
 
 def backward(dhs, cache, grads):
-    if cache[0] == "numpy":
+    if isinstance(cache, tuple) and cache and cache[0] == "numpy":
         return _numpy.backward(dhs, cache[1], grads)
-    if cache[0] != "cython":
+    if not isinstance(cache, _Cache) or cache.work is None:
         raise ValueError("backward() needs the cache of a forward() of the Cython engine, and "
                          "each cache serves one backward only")
-    _, X, Wx, Wh, A, Hb, Cb, TC, h0_zero = cache
-    cache[0] = "used"  # backward overwrites A with dA
+    X, A, Cb, TC = cache.work
+    Wx, Wh, Hb, h0_zero = cache.Wx, cache.Wh, cache.Hb, cache.h0_zero
     T, N, D = X.shape
     H = Wh.shape[0]
     dtype = A.dtype
@@ -91,9 +102,83 @@ def backward(dhs, cache, grads):
     dX = np.empty((T, N, D), dtype)
     dh0 = np.empty((N, H), dtype)
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
-    _lstm_cpu.backward(dhs, X, Wx, Wh, A, Hb, Cb, TC, outs[0], outs[1], outs[2], dX, dh0,
-                       h0_zero, threads)
+    try:
+        _lstm_cpu.backward(dhs, X, Wx, Wh, A, Hb, Cb, TC, outs[0], outs[1], outs[2], dX, dh0,
+                           h0_zero, threads)
+    finally:
+        cache.release()  # A now holds dA: the cache is used up either way
     for g, o in zip(grads, outs):
         if g is not o:
             g[...] = o
     return dX.transpose(1, 0, 2), dh0
+
+
+# --- cache and buffer pool -------------------------------------------------------------------
+
+POOL_MAX_BYTES = 256 << 20
+
+_pool = OrderedDict()  # key -> list of buffer tuples, least recently returned first
+_pool_bytes = 0
+_pool_lock = threading.Lock()
+
+
+def _nbytes(work):
+    return sum(a.nbytes for a in work)
+
+
+def _pool_take(key):
+    global _pool_bytes
+    with _pool_lock:
+        sets = _pool.get(key)
+        if not sets:
+            return None
+        work = sets.pop()
+        if not sets:
+            del _pool[key]
+        _pool_bytes -= _nbytes(work)
+        return work
+
+
+def _pool_give(key, work):
+    global _pool_bytes
+    size = _nbytes(work)
+    if size > POOL_MAX_BYTES:
+        return
+    with _pool_lock:
+        _pool.setdefault(key, []).append(work)
+        _pool.move_to_end(key)
+        _pool_bytes += size
+        while _pool_bytes > POOL_MAX_BYTES:  # drop the least recently returned sets
+            old_key, sets = next(iter(_pool.items()))
+            _pool_bytes -= _nbytes(sets.pop(0))
+            if not sets:
+                del _pool[old_key]
+
+
+def clear_pool():
+    """Free the pooled buffers."""
+    global _pool_bytes
+    with _pool_lock:
+        _pool.clear()
+        _pool_bytes = 0
+
+
+class _Cache:
+    """What backward needs; hands its internal buffers to the pool once used up or dropped."""
+
+    __slots__ = ("key", "work", "Wx", "Wh", "Hb", "h0_zero")
+
+    def __init__(self, key, work, Wx, Wh, Hb, h0_zero):
+        self.key, self.work = key, work
+        self.Wx, self.Wh, self.Hb, self.h0_zero = Wx, Wh, Hb, h0_zero
+
+    def release(self):
+        work, self.work = self.work, None
+        if work is not None:
+            _pool_give(self.key, work)
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown
+            pass
