@@ -3,6 +3,8 @@
 Arrays are batch-major: xs (N, T, ...). Grads are preallocated and written in place, so a model's
 concatenated ``grads`` list stays valid across steps.
 """
+import numpy as np
+
 from . import backend
 from .backend import get_array_module
 from .functions import softmax_cross_entropy
@@ -154,3 +156,113 @@ class TimeDropout:
 
     def backward(self, dout):
         return dout if self.mask is None else dout * self.mask
+
+
+class TimeAffineSoftmaxWithLoss:
+    """TimeAffine followed by TimeSoftmaxWithLoss, computed together (large vocabularies).
+
+    Wraps an existing ``TimeAffine``: its weight and bias are moved into one (H + 2, V) buffer
+    [W; b; 1] (``affine.params`` become views [W, b] of it, same for ``affine.grads``), so one
+    product [x, 1, -c] @ [W; b; 1] gives the scores with the bias added and each row already
+    shifted by a constant c_i for a stable exp, and one product gives dW and db.
+
+    The shift: softmax needs some c_i >= max_j s_ij; instead of a pass over the (M, V) scores for
+    the maximum, c_i is the Cauchy-Schwarz bound ||[x_i, 1]|| max_j ||[W_j; b_j]|| >= |s_ij|. It is
+    used when it is below 40 for every row (then every exp(s_ij - c_i) lies in [exp(-80), 1]: no
+    overflow, no subnormals); otherwise the exact row maximum is subtracted as usual.
+
+    forward(x (N, T, H), ts (N, T)) -> mean cross-entropy over labels != ignore_label. The scores
+    buffer is turned in place into e = exp(s - c); backward never forms the softmax gradient
+    (p - onehot) / n explicitly: with per-row factors r = 1 / (n z), z = sum_j e_ij,
+        dx = r * (e W^T) - W[:, t]^T / n,      [dW; db] = ([x, 1] r)^T e - scatter(x / n at t),
+    so the only passes over (M, V) are the two products, exp and sum (plus max and subtract in the
+    fallback). Buffers are reused from call to call.
+    """
+
+    SHIFT_BOUND = {"float32": 40.0, "float64": 300.0}
+
+    def __init__(self, affine, ignore_label=-1):
+        W, b = affine.params
+        xp = get_array_module(W)
+        H, V = W.shape
+        Wb = xp.empty((H + 2, V), dtype=W.dtype)
+        Wb[:H] = W
+        Wb[H] = b
+        Wb[H + 1] = 1
+        G = xp.zeros_like(Wb)
+        affine.params = [Wb[:H], Wb[H]]
+        affine.grads = [G[:H], G[H]]
+        self.affine = affine
+        self._Wb, self._G = Wb, G
+        self.params, self.grads = [], []  # they belong to the affine layer
+        self.ignore_label = ignore_label
+        self._S = self._Xb = None
+        self._saved = None
+        self.used_bound = None  # whether the last forward used the bound shift (for tests)
+
+    def forward(self, x, ts):
+        xp = get_array_module(x)
+        Wb = self._Wb
+        N, T, H = x.shape
+        V = Wb.shape[1]
+        if H + 2 != Wb.shape[0]:
+            raise ValueError(f"expected input width {Wb.shape[0] - 2}, got {x.shape}")
+        if ts.shape != (N, T):
+            raise ValueError(f"labels have shape {ts.shape} but scores need {(N, T)}")
+        M = N * T
+        dtype = Wb.dtype
+        if self._S is None or self._S.shape != (M, V):
+            self._S = xp.empty((M, V), dtype=dtype)
+            self._Xb = xp.empty((M, H + 2), dtype=dtype)
+        S, Xb = self._S, self._Xb
+        Xb[:, :H] = x.reshape(M, H)
+        Xb[:, H] = 1
+        # row bound c_i = ||[x_i, 1]|| * max_j ||[W_j; b_j]||
+        Wt = Wb[:H + 1]
+        wn = float(xp.sqrt(xp.einsum("ij,ij->j", Wt, Wt).max()))
+        Xt = Xb[:, :H + 1]
+        c = xp.sqrt(xp.einsum("ij,ij->i", Xt, Xt)) * wn
+        limit = self.SHIFT_BOUND.get(np.dtype(dtype).name, 40.0)
+        self.used_bound = bool(float(c.max()) < limit)
+        Xb[:, H + 1] = -c if self.used_bound else 0
+        xp.matmul(Xb, Wb, out=S)
+        if not self.used_bound:
+            S -= S.max(axis=1, keepdims=True)
+        labels = ts.reshape(M)
+        mask = labels != self.ignore_label
+        safe = xp.where(mask, labels, 0)
+        picked = S[xp.arange(M), safe]
+        xp.exp(S, out=S)
+        z = S.sum(axis=1)
+        n = max(int(mask.sum()), 1)
+        loss = float(((xp.log(z) - picked) * mask).sum()) / n
+        self._saved = (z, mask, safe, n, N, T)
+        return loss
+
+    def backward(self, dout=1):
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() first (and serves one forward only)")
+        xp = get_array_module(self._S)
+        z, mask, safe, n, N, T = self._saved
+        S, Xb, Wb, G = self._S, self._Xb, self._Wb, self._G
+        H = Wb.shape[0] - 2
+        W = Wb[:H]
+        dtype = Wb.dtype
+        r = (mask * (float(dout) / n) / z).astype(dtype)          # (M,)
+        q = (mask * (float(dout) / n)).astype(dtype)              # one-hot coefficient
+        dx = S @ W.T
+        dx *= r[:, None]
+        dx -= W[:, safe].T * q[:, None]
+        # [x, 1] scaled by r, then one product gives dW and db together (row H + 1 is unused)
+        Xq = Xb[:, :H + 1] * q[:, None]                           # the one-hot part
+        Xb *= r[:, None]
+        xp.matmul(Xb.T, S, out=G)
+        # subtract x_i q_i from column t_i of [dW; db] (repeated labels accumulate)
+        order = xp.argsort(safe, kind="stable")
+        sl = safe[order]
+        starts = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), sl[1:] != sl[:-1]]))
+        sums = xp.add.reduceat(Xq[order], starts, axis=0)          # (U, H + 1)
+        G[:H + 1, sl[starts]] -= sums.T
+        G[H + 1] = 0
+        self._saved = None
+        return dx.reshape(N, T, H)

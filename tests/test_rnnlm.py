@@ -380,3 +380,39 @@ def test_train_cli_ptb_rejects_seq2seq_model(shared_data, tmp_path, capsys):
                "--out", str(tmp_path), "--no-progress"])
     assert rc == 2
     assert "rnnlm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [0.3, 30.0])  # shift by the bound / by the exact row maximum
+def test_fused_affine_softmax_matches_separate_layers(scale):
+    from fastseq.layers import TimeAffine, TimeAffineSoftmaxWithLoss, TimeSoftmaxWithLoss
+    rng = np.random.default_rng(8)
+    N, T, H, V = 3, 4, 5, 9
+    W, b = rng.standard_normal((H, V)) * scale, rng.standard_normal(V)
+    x = rng.standard_normal((N, T, H))
+    ts = rng.integers(0, V, (N, T))
+    ts[0, 1] = ts[2, 3] = -1          # ignored positions
+    ts[1, :] = 4                      # repeated labels accumulate
+    a1, s1 = TimeAffine(W.copy(), b.copy()), TimeSoftmaxWithLoss()
+    l1 = s1.forward(a1.forward(x), ts)
+    dx1 = a1.backward(s1.backward(0.5))
+    a2 = TimeAffine(W.copy(), b.copy())
+    fused = TimeAffineSoftmaxWithLoss(a2)
+    l2 = fused.forward(x, ts)
+    assert fused.used_bound == (scale < 1)
+    dx2 = fused.backward(0.5)
+    assert l2 == pytest.approx(l1, rel=1e-12)
+    assert rel_error(dx1, dx2) < 1e-12
+    for g1, g2 in zip(a1.grads, a2.grads):
+        assert rel_error(g1, g2) < 1e-12
+
+    def loss():
+        return fused.forward(x, ts)
+
+    loss()
+    dx = fused.backward()
+    grads = [g.copy() for g in a2.grads]
+    assert rel_error(numerical_grad(loss, x), dx) < TOL
+    for p, g in zip(a2.params, grads):
+        assert rel_error(numerical_grad(loss, p), g) < TOL
+    # predict() path: the affine layer alone still sees the same (view) parameters
+    assert np.allclose(a2.forward(x), a1.forward(x))

@@ -13,7 +13,8 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 from ..functions import blas_threads
-from ..layers import TimeAffine, TimeDropout, TimeEmbedding, TimeSoftmaxWithLoss
+from ..layers import (TimeAffine, TimeAffineSoftmaxWithLoss, TimeDropout, TimeEmbedding,
+                      TimeSoftmaxWithLoss)
 from ..lstm import TimeLSTM
 from .base import Model, make_rng, randn, zeros
 
@@ -247,7 +248,9 @@ class Rnnlm(_LanguageModel):
         self.lstm = _lstm(rng, D, H, dtype)
         self.affine = TimeAffine(randn(rng, H, V, scale=1 / np.sqrt(H), dtype=dtype),
                                  zeros(V, dtype=dtype))
-        self.loss_layer = TimeSoftmaxWithLoss(overwrite_input=True)
+        # training computes affine + softmax + loss together (the affine's W and b become views
+        # of one buffer); predict() uses the affine layer alone
+        self.loss_layer = TimeAffineSoftmaxWithLoss(self.affine)
         self.layers = [("embed", self.embed), ("lstm", self.lstm), ("affine", self.affine)]
         self.lstm_layers = [self.lstm]
         self.dropout_layers = []
@@ -259,12 +262,19 @@ class Rnnlm(_LanguageModel):
     def _scores(self, xs, train_flg):
         return self.affine.forward(self.lstm.forward(self.embed.forward(xs)))
 
+    def forward(self, xs, ts, train_flg=True):
+        xs = self._check_ids(xs, "xs")
+        ts = self._check_ids(ts, "ts")
+        if xs.shape != ts.shape:
+            raise ValueError(f"xs has shape {xs.shape} but ts has shape {ts.shape}")
+        return self.loss_layer.forward(self.lstm.forward(self.embed.forward(xs)), ts)
+
     def _output_weight_vh(self):
         W = self.affine.params[0]
         return get_array_module(W).ascontiguousarray(W.T)
 
     def backward(self, dout=1):
-        dx = self.affine.backward(self.loss_layer.backward(dout))
+        dx = self.loss_layer.backward(dout)
         self.embed.backward(self.lstm.backward(dx))
         return None
 
