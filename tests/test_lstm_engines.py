@@ -224,6 +224,57 @@ def test_empty_batch_falls_back():
     assert np.all(out["dWx"] == 0) and np.all(out["db"] == 0)
 
 
+# --- buffer pool ------------------------------------------------------------------------------
+
+def test_pooled_buffers_are_not_shared_while_alive():
+    """Two live caches of the same shape, backward in either order; earlier hs stay intact."""
+    rng = np.random.default_rng(15)
+    _cython.clear_pool()
+    cases = [make_case(rng, 4, 3, 5, 6, np.float32) for _ in range(3)]
+    Wx, Wh, b = cases[0][1:4]
+    cases = [[c[0], Wx, Wh, b] + c[4:] for c in cases]
+    refs = [run_engine(_numpy, *c) for c in cases]
+    # a dropped cache hands its buffers to the pool...
+    *_, cache = _cython.forward(*cases[2][:6])
+    work = cache.work
+    del cache
+    # ...and the next forward of that shape reuses them
+    hs0, hT0, cT0, cache0 = _cython.forward(*cases[0][:6])
+    assert cache0.work is work
+    hs1, hT1, cT1, cache1 = _cython.forward(*cases[1][:6])
+    assert all(a is not b for a, b in zip(cache1.work, cache0.work))
+    outs = []
+    for cache, case in ((cache1, cases[1]), (cache0, cases[0])):
+        grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+        dxs, dh0 = _cython.backward(case[6], cache, grads)
+        outs.append((dxs, dh0, grads))
+    # a later forward (reusing the released buffers) must not touch the earlier outputs
+    _cython.forward(*cases[2][:6])
+    for (hs, hT, cT), (dxs, dh0, grads), ref in zip(((hs1, hT1, cT1), (hs0, hT0, cT0)), outs,
+                                                    (refs[1], refs[0])):
+        got = dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=grads[0], dWh=grads[1], db=grads[2])
+        for k in ref:
+            assert_close(got[k], ref[k], 1e-5, k)
+
+
+def test_pool_is_bounded(monkeypatch):
+    rng = np.random.default_rng(16)
+    case = make_case(rng, 3, 2, 4, 5, np.float64)
+    _cython.clear_pool()
+    monkeypatch.setattr(_cython, "POOL_MAX_BYTES", 0)
+    *_, cache = _cython.forward(*case[:6])
+    del cache
+    assert _cython._pool_bytes == 0 and not _cython._pool
+    monkeypatch.setattr(_cython, "POOL_MAX_BYTES", 1 << 20)
+    for _ in range(3):
+        *_, cache = _cython.forward(*case[:6])
+        cache2 = _cython.forward(*case[:6])[3]
+        del cache, cache2
+    assert 0 < _cython._pool_bytes <= 1 << 20
+    _cython.clear_pool()
+    assert _cython._pool_bytes == 0 and not _cython._pool
+
+
 # --- central differences (float64) ------------------------------------------------------------
 
 @pytest.mark.parametrize("zero_state", [False, True])
