@@ -45,7 +45,9 @@ def clip_grads(grads, max_norm):
     """Scale all grads in place by max_norm / (total_norm + 1e-6) when that is below 1."""
     total = 0.0
     for g in grads:
-        total += float((g * g).sum())
+        xp = get_array_module(g)
+        flat = g.reshape(-1)  # a view for contiguous grads: no (g * g) temporary
+        total += float(xp.dot(flat, flat))
     total = total ** 0.5
     rate = max_norm / (total + 1e-6)
     if rate < 1:
