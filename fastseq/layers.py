@@ -172,9 +172,9 @@ class TimeAffineSoftmaxWithLoss:
     overflow, no subnormals); otherwise the exact row maximum is subtracted as usual.
 
     forward(x (N, T, H), ts (N, T)) -> mean cross-entropy over labels != ignore_label. The scores
-    buffer is turned in place into e = exp(s - c); backward never forms the softmax gradient
-    (p - onehot) / n explicitly: with per-row factors r = 1 / (n z), z = sum_j e_ij,
-        dx = r * (e W^T) - W[:, t]^T / n,      [dW; db] = ([x, 1] r)^T e - scatter(x / n at t),
+    buffer is turned in place into e = exp(s - c); backward subtracts z_i = sum_j e_ij at each
+    label and never normalises the (M, V) matrix: with per-row factors r = dout / (n z),
+        dx = r * ((e - z onehot) W^T),      [dW; db] = ([x, 1] r)^T (e - z onehot),
     so the only passes over (M, V) are the two products, exp and sum (plus max and subtract in the
     fallback). Buffers are reused from call to call.
     """
@@ -248,21 +248,14 @@ class TimeAffineSoftmaxWithLoss:
         H = Wb.shape[0] - 2
         W = Wb[:H]
         dtype = Wb.dtype
-        r = (mask * (float(dout) / n) / z).astype(dtype)          # (M,)
-        q = (mask * (float(dout) / n)).astype(dtype)              # one-hot coefficient
+        r = (mask * (float(dout) / n) / z).astype(dtype)          # (M,), 0 on ignored rows
+        # e - z onehot(t): scaled by r this is the softmax gradient (p - onehot) dout / n
+        S[xp.arange(S.shape[0]), safe] -= z
         dx = S @ W.T
         dx *= r[:, None]
-        dx -= W[:, safe].T * q[:, None]
-        # [x, 1] scaled by r, then one product gives dW and db together (row H + 1 is unused)
-        Xq = Xb[:, :H + 1] * q[:, None]                           # the one-hot part
+        # [x, 1] scaled by r: one product gives dW and db together (row H + 1 is unused)
         Xb *= r[:, None]
         xp.matmul(Xb.T, S, out=G)
-        # subtract x_i q_i from column t_i of [dW; db] (repeated labels accumulate)
-        order = xp.argsort(safe, kind="stable")
-        sl = safe[order]
-        starts = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), sl[1:] != sl[:-1]]))
-        sums = xp.add.reduceat(Xq[order], starts, axis=0)          # (U, H + 1)
-        G[:H + 1, sl[starts]] -= sums.T
         G[H + 1] = 0
         self._saved = None
         return dx.reshape(N, T, H)
