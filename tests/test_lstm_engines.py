@@ -109,6 +109,29 @@ def test_matches_numpy_larger(shape, dtype, zero_state):
     compare(make_case(rng, *shape, dtype, zero_state), dtype)
 
 
+@pytest.fixture(params=["scipy", "auto"])
+def blas(request):
+    """Run with SciPy's BLAS (what the kernel is compiled against) and with the automatic choice
+    (NumPy's OpenBLAS where it can be found); restore the automatic choice after."""
+    used = _cython.use_blas(request.param)
+    yield used
+    _cython.use_blas("auto")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blas_sources_match(dtype, blas):
+    rng = np.random.default_rng(2)
+    for shape in [(1, 1, 1, 1), (5, 3, 4, 6), (128, 7, 16, 128), (40, 2, 300, 9)]:
+        for zero_state in (False, True):
+            compare(make_case(rng, *shape, dtype, zero_state), dtype)
+
+
+def test_use_blas_rejects_unknown():
+    with pytest.raises(ValueError):
+        _cython.use_blas("mkl")
+    assert _cython.BLAS == _cython.use_blas("auto")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_parallel_gate_math_matches(dtype, parallel_gates):
     rng = np.random.default_rng(3)

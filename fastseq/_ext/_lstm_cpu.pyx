@@ -25,6 +25,7 @@ cimport cython
 from cython.parallel cimport prange
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, calloc, free
+from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 cimport openmp
@@ -275,14 +276,61 @@ def max_threads():
     return openmp.omp_get_max_threads()
 
 
+# Optional external BLAS (the library NumPy itself uses; see fastseq/lstm/_cython.py): Fortran
+# sgemm_/dgemm_ entry points with 32-bit (LP64) or 64-bit (ILP64) integers. None set: SciPy's.
+ctypedef void (*sgemm32_t)(char *, char *, int *, int *, int *, float *, float *, int *, float *,
+                           int *, float *, float *, int *) noexcept nogil
+ctypedef void (*dgemm32_t)(char *, char *, int *, int *, int *, double *, double *, int *, double *,
+                           int *, double *, double *, int *) noexcept nogil
+ctypedef void (*sgemm64_t)(char *, char *, int64_t *, int64_t *, int64_t *, float *, float *,
+                           int64_t *, float *, int64_t *, float *, float *, int64_t *) noexcept nogil
+ctypedef void (*dgemm64_t)(char *, char *, int64_t *, int64_t *, int64_t *, double *, double *,
+                           int64_t *, double *, int64_t *, double *, double *, int64_t *) noexcept nogil
+
+cdef void *_ext_sgemm = NULL
+cdef void *_ext_dgemm = NULL
+cdef bint _ext_ilp64 = False
+
+
+def set_blas(size_t sgemm_addr=0, size_t dgemm_addr=0, bint ilp64=False):
+    """Route the products to Fortran sgemm_/dgemm_ at these addresses (0, 0: SciPy's BLAS).
+    The caller vouches for the signature: reference BLAS, LP64 or (ilp64=True) ILP64."""
+    global _ext_sgemm, _ext_dgemm, _ext_ilp64
+    if (sgemm_addr == 0) != (dgemm_addr == 0):
+        raise ValueError("give both sgemm and dgemm, or neither")
+    _ext_sgemm, _ext_dgemm, _ext_ilp64 = <void *>sgemm_addr, <void *>dgemm_addr, ilp64
+
+
+def blas_source():
+    """'scipy', or 'external (LP64)' / 'external (ILP64)' after set_blas."""
+    if _ext_sgemm == NULL:
+        return "scipy"
+    return "external (ILP64)" if _ext_ilp64 else "external (LP64)"
+
+
 cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, const floating *a,
                        int lda, const floating *b, int ldb, floating beta, floating *c,
                        int ldc) noexcept nogil:
-    """Column-major C = alpha op(A) op(B) + beta C through SciPy's BLAS."""
+    """Column-major C = alpha op(A) op(B) + beta C."""
+    cdef int64_t m8 = m, n8 = n, k8 = k, lda8 = lda, ldb8 = ldb, ldc8 = ldc
     if floating is float:
-        sgemm(&ta, &tb, &m, &n, &k, &alpha, <float *>a, &lda, <float *>b, &ldb, &beta, c, &ldc)
+        if _ext_sgemm == NULL:
+            sgemm(&ta, &tb, &m, &n, &k, &alpha, <float *>a, &lda, <float *>b, &ldb, &beta, c, &ldc)
+        elif _ext_ilp64:
+            (<sgemm64_t>_ext_sgemm)(&ta, &tb, &m8, &n8, &k8, &alpha, <float *>a, &lda8,
+                                    <float *>b, &ldb8, &beta, c, &ldc8)
+        else:
+            (<sgemm32_t>_ext_sgemm)(&ta, &tb, &m, &n, &k, &alpha, <float *>a, &lda, <float *>b,
+                                    &ldb, &beta, c, &ldc)
     else:
-        dgemm(&ta, &tb, &m, &n, &k, &alpha, <double *>a, &lda, <double *>b, &ldb, &beta, c, &ldc)
+        if _ext_dgemm == NULL:
+            dgemm(&ta, &tb, &m, &n, &k, &alpha, <double *>a, &lda, <double *>b, &ldb, &beta, c, &ldc)
+        elif _ext_ilp64:
+            (<dgemm64_t>_ext_dgemm)(&ta, &tb, &m8, &n8, &k8, &alpha, <double *>a, &lda8,
+                                    <double *>b, &ldb8, &beta, c, &ldc8)
+        else:
+            (<dgemm32_t>_ext_dgemm)(&ta, &tb, &m, &n, &k, &alpha, <double *>a, &lda, <double *>b,
+                                    &ldb, &beta, c, &ldc)
 
 
 cdef inline bint _all_zero(const floating *x, Py_ssize_t n) noexcept nogil:
@@ -293,7 +341,7 @@ cdef inline bint _all_zero(const floating *x, Py_ssize_t n) noexcept nogil:
     return True
 
 
-cdef Py_ssize_t _block_bytes = 512 * 1024
+cdef Py_ssize_t _block_bytes = 0
 
 
 def set_block_bytes(Py_ssize_t nbytes):

@@ -15,6 +15,8 @@ shape reuses them: fresh memory costs the kernel a page fault and a page clear p
 is a third of a large-batch forward. The pool keeps at most POOL_MAX_BYTES (clear_pool() empties
 it).
 """
+import ctypes
+import os
 import threading
 from collections import OrderedDict
 
@@ -25,10 +27,114 @@ from . import _numpy
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-# OpenMP threads for the per-step gate math; used only where a step has at least
-# PARALLEL_MIN_ELEMENTS = N*H elements (below that, thread start-up costs more than it saves,
-# and OpenBLAS already runs its products on every core).
-NUM_THREADS = _lstm_cpu.max_threads()
+
+# --- which BLAS ----------------------------------------------------------------------------------
+# The kernel is compiled against scipy.linalg.cython_blas. With pip wheels SciPy and NumPy each
+# bundle their own OpenBLAS, each with its own thread pool whose workers spin for a while after
+# every call; a training step alternating between NumPy products (affine layers) and SciPy products
+# (the LSTM) keeps both pools' workers busy on the same cores and slows both down. So when NumPy's
+# own OpenBLAS can be found among the loaded libraries, the kernel calls that one instead.
+# FASTSEQ_LSTM_BLAS=scipy keeps SciPy's; =numpy requires NumPy's.
+
+_BLAS_NAMES = (("scipy_sgemm_64_", "scipy_dgemm_64_", True),  # NumPy >= 2 wheels (ILP64)
+               ("sgemm_64_", "dgemm_64_", True),              # NumPy 1.2x wheels (openblas64_)
+               ("scipy_sgemm_", "scipy_dgemm_", None),
+               ("sgemm_", "dgemm_", None))
+_CONFIG_NAMES = ("scipy_openblas_get_config64_", "openblas_get_config64_",
+                 "scipy_openblas_get_config", "openblas_get_config")
+
+
+def _numpy_blas():
+    """(sgemm_ address, dgemm_ address, ilp64, library path) of the OpenBLAS that NumPy loaded,
+    or None when it cannot be identified with certainty."""
+    npdir = os.path.dirname(os.path.abspath(np.__file__))
+    roots = (npdir + os.sep, npdir + ".libs" + os.sep)
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split(None, 5)[5].strip() for ln in f if len(ln.split(None, 5)) == 6})
+    except OSError:
+        return None
+    for path in paths:
+        if not path.startswith(roots) or "openblas" not in os.path.basename(path).lower():
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        config = ""
+        for name in _CONFIG_NAMES:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                config = (fn() or b"").decode("ascii", "replace")
+                break
+        for sname, dname, ilp64 in _BLAS_NAMES:
+            sfn, dfn = getattr(lib, sname, None), getattr(lib, dname, None)
+            if sfn is None or dfn is None:
+                continue
+            if ilp64 is None:  # integer width from the build configuration
+                if not config:
+                    break
+                ilp64 = "USE64BITINT" in config
+            addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+            return addr(sfn), addr(dfn), ilp64, path
+    return None
+
+
+def _self_test():
+    """A small forward/backward against the NumPy engine, float32 and float64."""
+    rng = np.random.default_rng(0)
+    for dtype, tol in ((np.float32, 1e-4), (np.float64, 1e-10)):
+        N, T, D, H = 3, 2, 5, 7
+        args = [rng.standard_normal(s).astype(dtype) for s in
+                ((N, T, D), (D, 4 * H), (H, 4 * H), (4 * H,), (N, H), (N, H))]
+        dhs = rng.standard_normal((N, T, H)).astype(dtype)
+        outs = []
+        for eng in (_numpy, __import__(__name__, fromlist=["x"])):
+            hs, hT, cT, cache = eng.forward(*args)
+            g = [np.zeros_like(args[1]), np.zeros_like(args[2]), np.zeros_like(args[3])]
+            dxs, dh0 = eng.backward(dhs, cache, g)
+            outs.append([hs, hT, dxs, dh0] + g)
+        for a, b in zip(*outs):
+            if not np.allclose(a, b, rtol=tol, atol=tol):
+                return False
+    return True
+
+
+def use_blas(which):
+    """'numpy': NumPy's OpenBLAS (error if it cannot be found), 'scipy': SciPy's, 'auto': NumPy's
+    when found and passing a self-test, else SciPy's. Returns the source in use."""
+    global BLAS
+    if which not in ("auto", "numpy", "scipy"):
+        raise ValueError(f"unknown BLAS choice {which!r}; expected auto, numpy or scipy")
+    _lstm_cpu.set_blas(0, 0)
+    BLAS = "scipy"
+    if which == "scipy":
+        return BLAS
+    found = _numpy_blas()
+    if found is None:
+        if which == "numpy":
+            raise RuntimeError("NumPy's OpenBLAS could not be identified among the loaded libraries")
+        return BLAS
+    s, d, ilp64, path = found
+    _lstm_cpu.set_blas(s, d, ilp64)
+    if not _self_test():
+        _lstm_cpu.set_blas(0, 0)
+        if which == "numpy":
+            raise RuntimeError(f"NumPy's BLAS ({path}) gave wrong products")
+        return BLAS
+    BLAS = f"numpy ({os.path.basename(path)})"
+    return BLAS
+
+
+BLAS = "scipy"
+
+# OpenMP threads for the per-step gate math, used where a step has at least
+# PARALLEL_MIN_ELEMENTS = N*H elements. Default 1: the products (most of the time) already run on
+# every core in OpenBLAS, and on a 2-core machine shared with other work, OpenMP threads next to
+# OpenBLAS's spinning workers made batched inference slower (5000 questions: 151 ms vs 125 ms).
+# FASTSEQ_LSTM_THREADS=n (or setting NUM_THREADS) turns it on.
+NUM_THREADS = max(1, int(os.environ.get("FASTSEQ_LSTM_THREADS", "1") or 1))
 PARALLEL_MIN_ELEMENTS = 1 << 17
 
 
@@ -182,3 +288,6 @@ class _Cache:
             self.release()
         except Exception:  # interpreter shutdown
             pass
+
+
+use_blas(os.environ.get("FASTSEQ_LSTM_BLAS", "auto") or "auto")
