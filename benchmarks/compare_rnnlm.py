@@ -103,7 +103,7 @@ class TorchRunner:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), CLIP)
         self.opt.step()
-        return float(loss)
+        return loss.item()
 
 
 def time_runner(runner, data, start, n):
@@ -131,7 +131,19 @@ def main(argv=None):
     data = batches(corpus, args.warmup + args.iters)
     from fastseq import backend, lstm
     runners = [FastseqRunner()]
-    if not args.no_numpy_kernel and lstm.kernel_name() != "numpy":
+    if lstm.kernel_name() == "numpy" and not lstm.cython_available():
+        # the Cython kernel may be built but not picked up by fastseq.lstm's import; load it
+        # explicitly so that its row shows up (labelled) when it exists
+        import importlib
+        try:
+            importlib.import_module("fastseq.lstm._cython")
+        except ImportError:
+            pass
+        if lstm.cython_available():
+            print("note: the Cython LSTM kernel is built but fastseq.lstm did not load it "
+                  "automatically; it was imported explicitly for the 'cython' row")
+            runners.append(FastseqRunner("cython"))
+    elif not args.no_numpy_kernel and lstm.kernel_name() != "numpy":
         runners.append(FastseqRunner("numpy"))
     try:
         runners.append(TorchRunner())
