@@ -10,7 +10,9 @@ Layout (all buffers are allocated by the caller, time-major so that per-step sli
     Cb (T+1, N, H)    Cb[0] = c0, Cb[t+1] = c_t
     TC (T, N, H)      tanh(c_t)
 
-Products go through the BLAS that SciPy links (scipy.linalg.cython_blas). BLAS is column-major: a
+Products go through the BLAS that SciPy links (scipy.linalg.cython_blas), or through the Fortran
+sgemm_/dgemm_ that set_blas() points at (fastseq.lstm._cython points it at NumPy's own OpenBLAS,
+so that a process runs one BLAS thread pool, not two). BLAS is column-major: a
 row-major C = A B is computed as the column-major C^T = B^T A^T, so every call below passes its
 operands swapped. One product per sequence computes x Wx for all steps, dWx, dWh and dX; only
 h_{t-1} Wh (forward) and dA_t Wh^T (backward) run inside the time loop.
@@ -28,7 +30,6 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.stdint cimport int64_t
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
-cimport openmp
 
 ctypedef fused floating:
     float
@@ -269,11 +270,6 @@ cdef extern from *:
     void fs_bwd_rowsd(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, double *A, const double *dy,
                       Py_ssize_t dy_rs, const double *dhn, double *dc, const double *cprev,
                       const double *tc, double *dbacc) noexcept nogil
-
-
-def max_threads():
-    """OpenMP's thread count (OMP_NUM_THREADS or the number of cores)."""
-    return openmp.omp_get_max_threads()
 
 
 # Optional external BLAS (the library NumPy itself uses; see fastseq/lstm/_cython.py): Fortran

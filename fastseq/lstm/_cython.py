@@ -225,7 +225,7 @@ POOL_MAX_BYTES = 256 << 20
 
 _pool = OrderedDict()  # key -> list of buffer tuples, least recently returned first
 _pool_bytes = 0
-_pool_lock = threading.Lock()
+_pool_lock = threading.RLock()  # re-entered if a GC pass inside drops a cache
 
 
 def _nbytes(work):
