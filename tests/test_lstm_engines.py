@@ -239,6 +239,18 @@ def test_rejects_bad_input():
         _cython.backward(dhs[:, :1], cache, [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)])
 
 
+def test_inputs_and_states_are_cast_to_the_weights_dtype():
+    rng = np.random.default_rng(17)
+    case = make_case(rng, 3, 4, 2, 5, np.float32)
+    xs, Wx, Wh, b, h0, c0, dhs = case
+    ref = run_engine(_cython, *case)
+    out = run_engine(_cython, xs.astype(np.float64), Wx, Wh, b, h0.astype(np.float64),
+                     c0.astype(np.float16), dhs.astype(np.float64))
+    for k in ref:
+        assert out[k].dtype == np.float32
+        assert_close(out[k], ref[k], 1e-3, k)  # c0 went through float16
+
+
 def test_empty_batch_falls_back():
     rng = np.random.default_rng(11)
     xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 0, 3, 2, 4, np.float32)

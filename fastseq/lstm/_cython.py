@@ -138,14 +138,16 @@ NUM_THREADS = max(1, int(os.environ.get("FASTSEQ_LSTM_THREADS", "1") or 1))
 PARALLEL_MIN_ELEMENTS = 1 << 17
 
 
-def _check(name, a, dtype, shape):
+def _check(name, a, dtype, shape, cast=False):
+    """C-contiguous array of dtype and shape. Weights must already have the dtype (of Wx);
+    inputs and states (cast=True) are converted, as the NumPy engine's arithmetic would."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} has dtype {a.dtype}, expected {dtype} (all LSTM arrays share one)")
+    if a.dtype != dtype and not cast:
+        raise TypeError(f"{name} has dtype {a.dtype} but Wx has {dtype}: the weights must share one")
     if a.shape != shape:
         raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
-    return np.ascontiguousarray(a)
+    return np.ascontiguousarray(a, dtype=dtype)
 
 
 def forward(xs, Wx, Wh, b, h0, c0):
@@ -156,12 +158,12 @@ def forward(xs, Wx, Wh, b, h0, c0):
     if dtype not in DTYPES:
         raise TypeError(f"the Cython LSTM engine supports float32 and float64, not {dtype}")
     H = Wh.shape[0]
-    xs = _check("xs", xs, dtype, (N, T, D))
+    xs = _check("xs", xs, dtype, (N, T, D), cast=True)
     Wx = _check("Wx", Wx, dtype, (D, 4 * H))
     Wh = _check("Wh", Wh, dtype, (H, 4 * H))
     b = _check("b", b, dtype, (4 * H,))
-    h0 = _check("h0", h0, dtype, (N, H))
-    c0 = _check("c0", c0, dtype, (N, H))
+    h0 = _check("h0", h0, dtype, (N, H), cast=True)
+    c0 = _check("c0", c0, dtype, (N, H), cast=True)
     if N == 0 or T == 0 or D == 0 or H == 0:  # degenerate: BLAS needs non-empty leading dims
         hs, hT, cT, cache = _numpy.forward(xs, Wx, Wh, b, h0, c0)
         return hs, hT, cT, ("numpy", cache)
