@@ -10,11 +10,11 @@ from .. import backend
 from ..backend import get_array_module
 from . import _numpy
 
-_cython = None
 _cython_error = None
 try:
     from . import _cython
 except ImportError as e:  # extension not built here
+    _cython = None
     _cython_error = str(e)
 
 _override = os.environ.get("FASTSEQ_KERNEL") or None
