@@ -17,21 +17,19 @@ Interface shared by every engine (numpy, cython, cupy):
 from ..backend import get_array_module
 
 
-def _gate_vectors(H, dtype, xp):
-    """Per-column constants so one tanh over all 4H columns gives [sigmoid f | tanh g | sigmoid i, o]:
-    sigmoid(x) = 0.5 tanh(0.5 x) + 0.5."""
-    half = xp.full(4 * H, 0.5, dtype=dtype)
-    half[H:2 * H] = 1.0          # scale before and after tanh
-    shift = xp.full(4 * H, 0.5, dtype=dtype)
-    shift[H:2 * H] = 0.0
-    return half, shift
+def _gate_scale(H, dtype, xp):
+    """Column scale so one tanh over all 4H columns serves every gate:
+    sigmoid(x) = 0.5 tanh(0.5 x) + 0.5 for f, i, o; tanh(x) for g."""
+    scale = xp.full(4 * H, 0.5, dtype=dtype)
+    scale[H:2 * H] = 1.0
+    return scale
 
 
 def forward(xs, Wx, Wh, b, h0, c0):
     xp = get_array_module(xs)
     N, T, D = xs.shape
     H = Wh.shape[0]
-    scale, shift = _gate_vectors(H, Wx.dtype, xp)
+    scale = _gate_scale(H, Wx.dtype, xp)
     # pre-activations come out already scaled for the single tanh: a * scale = x (Wx scale) + ...
     Whs = Wh * scale
     A = (xs.transpose(1, 0, 2).reshape(T * N, D) @ (Wx * scale)).reshape(T, N, 4 * H)  # (T, N, 4H)
@@ -48,8 +46,9 @@ def forward(xs, Wx, Wh, b, h0, c0):
             xp.matmul(h, Whs, out=hWh)
             a += hWh
         xp.tanh(a, out=a)
-        a *= scale
-        a += shift
+        for sig in (a[:, :H], a[:, 2 * H:]):   # sigmoid gates f and (i, o): 0.5 tanh + 0.5
+            sig *= 0.5
+            sig += 0.5
         f, g, i, o = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
         c = xp.multiply(f, c, out=cs[t])
         xp.multiply(g, i, out=gi)
