@@ -6,6 +6,8 @@ fastseq NumPy engine, fastseq Cython engine, PyTorch CPU (nn.LSTM, same model an
 Each (engine, model) runs in its own process (so peak memory is its own), the runs are
 interleaved over the repeats and the fastest epoch of each is reported, with the GFLOP/s achieved
 and its fraction of this machine's measured GEMM rate for exactly the products of one iteration.
+Memory: "RSS MiB" is the rise of the process's peak resident set during the timed epoch (after a
+warm-up); "arrays MiB" is the peak of NumPy array memory (tracemalloc) over 20 further iterations.
 """
 import argparse
 import json
@@ -37,7 +39,16 @@ def fastseq_epoch(engine, model_name, iters):
     base = rss_kib("VmRSS")
     t0 = time.perf_counter()
     trainer.fit(x[:n], data.t_train[:n], 1, BATCH, 5.0)
-    return time.perf_counter() - t0, rss_kib("VmHWM") - base, trainer.epoch_losses[-1]
+    seconds = time.perf_counter() - t0
+    rss = rss_kib("VmHWM") - base
+    # array memory (NumPy reports its buffers to tracemalloc), measured apart from the timing
+    import tracemalloc
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    trainer.fit(x[:BATCH * 20], data.t_train[:BATCH * 20], 1, BATCH, 5.0)
+    traced = (tracemalloc.get_traced_memory()[1] - base) / 1024
+    tracemalloc.stop()
+    return seconds, rss, trainer.epoch_losses[-2], traced
 
 
 def torch_epoch(model_name, iters):
@@ -98,12 +109,13 @@ def torch_epoch(model_name, iters):
     base = rss_kib("VmRSS")
     t0 = time.perf_counter()
     loss = run(iters)
-    return time.perf_counter() - t0, rss_kib("VmHWM") - base, loss
+    return time.perf_counter() - t0, rss_kib("VmHWM") - base, loss, None
 
 
 def worker(engine, model_name, iters):
     res = torch_epoch(model_name, iters) if engine == "torch" else fastseq_epoch(engine, model_name, iters)
-    print(json.dumps(None if res is None else {"seconds": res[0], "peak_kib": res[1], "loss": res[2]}))
+    print(json.dumps(None if res is None else {"seconds": res[0], "peak_kib": res[1], "loss": res[2],
+                                              "traced_kib": res[3]}))
 
 
 def main():
@@ -138,7 +150,7 @@ def main():
     print(f"machine: {cpu}, {os.cpu_count()} cores; numpy {np.__version__}; "
           f"iterations per epoch: {args.iters} (batch {BATCH}, D={D}, H={H}); best of {args.repeats}")
     print(f"{'model':8} {'engine':7} {'epoch s':>8} {'GFLOP':>7} {'GFLOP/s':>8} {'of GEMM':>8} "
-          f"{'peak MiB':>9} {'vs numpy':>9} {'vs torch':>9}")
+          f"{'RSS MiB':>8} {'arrays MiB':>10} {'vs numpy':>9} {'vs torch':>9}")
     for model_name in args.models:
         flops = seq2seq_flops_per_iter(model_name) * args.iters
         rate = measure_gemm_rate(gemm_shapes_per_iter(model_name))
@@ -153,8 +165,9 @@ def main():
             for other in ("numpy", "torch"):
                 o = results.get((model_name, other))
                 vs[other] = f"{o['seconds'] / s:8.2f}x" if o else "      n/a"
+            traced = "n/a" if r["traced_kib"] is None else f"{r['traced_kib'] / 1024:.2f}"
             print(f"{model_name:8} {engine:7} {s:8.2f} {flops / 1e9:7.1f} {gfs:8.1f} {gfs / rate:8.0%} "
-                  f"{r['peak_kib'] / 1024:9.1f} {vs['numpy']:>9} {vs['torch']:>9}")
+                  f"{r['peak_kib'] / 1024:8.1f} {traced:>10} {vs['numpy']:>9} {vs['torch']:>9}")
         print(f"{model_name:8} GEMM ceiling: {rate:.1f} GFLOP/s for this iteration's products "
               f"(preallocated, hot), i.e. {flops / rate / 1e9:.2f} s per epoch")
 
