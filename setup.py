@@ -32,7 +32,12 @@ def extensions():
         extra_link_args=openmp,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
-    return cythonize([ext], language_level=3, compiler_directives={
+    optim = Extension(
+        "fastseq._ext._optim_cpu",
+        ["fastseq/_ext/_optim_cpu.pyx"],
+        extra_compile_args=["-O3"],
+    )
+    return cythonize([ext, optim], language_level=3, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False})
 
 

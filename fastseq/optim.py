@@ -1,5 +1,17 @@
 """Optimisers: update(params, grads) in place (textbook forms)."""
+import numpy as np
+
 from .backend import get_array_module
+
+try:  # fused one-pass update (fastseq/_ext); the NumPy expressions below are the reference
+    from ._ext import _optim_cpu
+except ImportError:
+    _optim_cpu = None
+
+
+def _fusable(*arrays):
+    return all(type(a) is np.ndarray and a.flags.c_contiguous and a.dtype in (np.float32, np.float64)
+               and a.dtype == arrays[0].dtype for a in arrays)
 
 
 class SGD:
@@ -17,8 +29,9 @@ class Adam:
     """lr_t = lr sqrt(1 - b2^t) / (1 - b1^t); m += (1-b1)(g-m); v += (1-b2)(g^2-v);
     p -= lr_t m / (sqrt(v) + 1e-7)"""
 
-    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999):
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, fused=True):
         self.lr, self.beta1, self.beta2 = lr, beta1, beta2
+        self.fused = fused and _optim_cpu is not None
         self.iter = 0
         self.m = self.v = None
 
@@ -29,6 +42,10 @@ class Adam:
         self.iter += 1
         lr_t = self.lr * (1.0 - self.beta2 ** self.iter) ** 0.5 / (1.0 - self.beta1 ** self.iter)
         for p, g, m, v in zip(params, grads, self.m, self.v):
+            if self.fused and _fusable(p, g, m, v):
+                _optim_cpu.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                                       lr_t, 1 - self.beta1, 1 - self.beta2, 1e-7)
+                continue
             xp = get_array_module(p)
             m += (1 - self.beta1) * (g - m)
             v += (1 - self.beta2) * (g * g - v)
