@@ -35,7 +35,7 @@ def extensions():
     optim = Extension(
         "fastseq._ext._optim_cpu",
         ["fastseq/_ext/_optim_cpu.pyx"],
-        extra_compile_args=["-O3"],
+        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],
     )
     return cythonize([ext, optim], language_level=3, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False})

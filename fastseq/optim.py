@@ -43,8 +43,9 @@ class Adam:
         lr_t = self.lr * (1.0 - self.beta2 ** self.iter) ** 0.5 / (1.0 - self.beta1 ** self.iter)
         for p, g, m, v in zip(params, grads, self.m, self.v):
             if self.fused and _fusable(p, g, m, v):
-                _optim_cpu.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
-                                       lr_t, 1 - self.beta1, 1 - self.beta2, 1e-7)
+                fn = _optim_cpu.adam_update_f32 if p.dtype == np.float32 else _optim_cpu.adam_update_f64
+                fn(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                   lr_t, 1 - self.beta1, 1 - self.beta2, 1e-7)
                 continue
             xp = get_array_module(p)
             m += (1 - self.beta1) * (g - m)
