@@ -38,15 +38,22 @@ class TimeEmbedding:
         are added to what dW already holds, e.g. a tied output layer's gradient)."""
         dW, = self.grads
         xp = get_array_module(dW)
-        if not accumulate:
-            dW[...] = 0
         D = dW.shape[1]
+        if not accumulate and not (xp is backend.np and dW.shape[0] <= 64):
+            dW[...] = 0
         # scatter-add of rows; bincount per column is much faster than add.at on NumPy
         ids = self.idx.ravel()
         d = dout.reshape(-1, D)
         if xp is backend.np:
             V = dW.shape[0]
-            if ids.size * 4 < V:  # few ids, big vocabulary: add.at over rows only
+            if V <= 64:  # small vocabulary: dW (+)= onehot(ids)^T d, one small product
+                onehot = np.zeros((ids.size, V), dtype=d.dtype)
+                onehot[np.arange(ids.size), ids] = 1
+                if accumulate:
+                    dW += onehot.T @ d
+                else:
+                    np.matmul(onehot.T, d, out=dW)
+            elif ids.size * 4 < V:  # few ids, big vocabulary: add.at over rows only
                 xp.add.at(dW, ids, d)
             else:
                 order = xp.argsort(ids, kind="stable")

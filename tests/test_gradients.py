@@ -38,10 +38,15 @@ def test_time_embedding():
     check_layer(layer, ids, rng.standard_normal((2, 4, 3)), grad_input=False)
 
 
-def test_time_embedding_few_ids_large_vocab():
+@pytest.mark.parametrize("V,shape", [(500, (1, 2)),     # few ids, large vocabulary: add.at
+                                     (100, (4, 10)),    # many ids: sort + reduceat
+                                     (30, (3, 5))])     # small vocabulary: one-hot product
+def test_time_embedding_scatter_paths(V, shape):
     rng = np.random.default_rng(2)
-    layer = TimeEmbedding(rng.standard_normal((50, 3)))
-    check_layer(layer, np.array([[7, 7]]), rng.standard_normal((1, 2, 3)), grad_input=False)
+    layer = TimeEmbedding(rng.standard_normal((V, 3)))
+    ids = rng.integers(0, V, shape)
+    ids.flat[0] = ids.flat[-1]  # at least one repeated id
+    check_layer(layer, ids, rng.standard_normal(shape + (3,)), grad_input=False)
 
 
 @pytest.mark.parametrize("stateful", [False, True])
