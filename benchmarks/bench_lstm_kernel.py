@@ -49,7 +49,9 @@ def main():
     a = p.parse_args()
     engines = [("numpy", _numpy)] + ([("cython", _cython)] if _cython else [])
     if _cython:
-        print(f"cython engine BLAS: {_cython.BLAS}; gate-math threads: {_cython.NUM_THREADS}")
+        split = getattr(_cython, "_split_ways", None)
+        print(f"cython engine BLAS: {_cython.BLAS}; gate-math threads: {_cython.NUM_THREADS}; "
+              f"split row groups at N={a.n}: {split(a.n) if split else 'n/a'}")
     for name, eng in engines:
         f, fb = bench(eng, a.n, a.t, a.d, a.h, np.dtype(a.dtype), a.reps)
         print(f"{name:7s} N={a.n} T={a.t} D={a.d} H={a.h} {a.dtype}: "

@@ -404,3 +404,79 @@ def test_package_import_finds_the_extension():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                        env={**os.environ, "FASTSEQ_KERNEL": ""})
     assert r.returncode == 0, r.stderr or r.stdout
+
+
+# --- split path: row groups with their own time loop on OpenMP threads, single-threaded BLAS -----
+
+@pytest.fixture(params=[(True, True), (True, False), (False, True), (False, False)],
+                ids=["xw+grads", "xw", "grads", "plain"])
+def forced_split(request, monkeypatch):
+    """The split path for any batch of >= 4 rows, in each of its variants (x Wx per group or one
+    product; dX, dWx, dWh per group or after the loop); skipped where it cannot run."""
+    if not _cython._lstm_cpu.can_split():
+        pytest.skip("split path unavailable (no OpenMP or no BLAS thread setter)")
+    monkeypatch.setattr(_cython, "SPLIT", "1")
+    monkeypatch.setattr(_cython, "SPLIT_WAYS", max(2, _cython.SPLIT_WAYS))
+    xw, grads = request.param
+    _cython._lstm_cpu.set_split_xw(xw)
+    _cython._lstm_cpu.set_split_grads(grads)
+    yield
+    _cython._lstm_cpu.set_split_xw(True)
+    _cython._lstm_cpu.set_split_grads(True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_split_path_matches(dtype, zero_state, forced_split):
+    rng = np.random.default_rng(11)
+    for shape in [(4, 1, 1, 1), (5, 3, 4, 6), (65, 7, 16, 32), (128, 7, 16, 128), (131, 2, 300, 9)]:
+        assert _cython._split_ways(shape[0]) >= 2
+        compare(make_case(rng, *shape, dtype, zero_state), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_path_noncontiguous_dhs(dtype, forced_split):
+    rng = np.random.default_rng(12)
+    N, T, D, H = 9, 4, 3, 6
+    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, dtype)
+    for name, dhs in dhs_variants(rng, N, T, H, dtype).items():
+        ref = run_engine(_numpy, xs, Wx, Wh, b, h0, c0, np.ascontiguousarray(dhs, dtype))
+        out = run_engine(_cython, xs, Wx, Wh, b, h0, c0, dhs)
+        for k in ref:
+            assert_close(out[k], ref[k], TOL[dtype], f"{name}: {k}")
+
+
+def test_split_env_override_and_threshold(monkeypatch):
+    if not _cython._lstm_cpu.can_split():
+        pytest.skip("split path unavailable")
+    monkeypatch.setattr(_cython, "SPLIT_WAYS", 2)
+    monkeypatch.setattr(_cython, "SPLIT", "auto")
+    assert _cython._split_ways(_cython.SPLIT_MIN_ROWS) == 2
+    assert _cython._split_ways(_cython.SPLIT_MIN_ROWS - 1) == 0
+    monkeypatch.setattr(_cython, "SPLIT", "0")
+    assert _cython._split_ways(5000) == 0
+    monkeypatch.setattr(_cython, "SPLIT", "1")
+    assert _cython._split_ways(4) == 2
+    assert _cython._split_ways(3) == 0
+
+
+def test_split_path_with_global_thread_setter(monkeypatch):
+    """Only a global BLAS thread setter known: set to 1 around the loop, restored after."""
+    found = _cython._numpy_blas()
+    if found is None or not _cython._lstm_cpu.can_split():
+        pytest.skip("NumPy's OpenBLAS not in use")
+    local, gset, gget = _cython._thread_setters(found[3])
+    if not gset:
+        pytest.skip("no global thread setter")
+    import ctypes
+    getter = ctypes.CFUNCTYPE(ctypes.c_int)(gget)
+    before = getter()
+    monkeypatch.setattr(_cython, "SPLIT", "1")
+    _cython._lstm_cpu.set_blas_threads(0, gset, gget)
+    try:
+        rng = np.random.default_rng(13)
+        for dtype in (np.float32, np.float64):
+            compare(make_case(rng, 70, 5, 8, 16, dtype), dtype)
+        assert getter() == before
+    finally:
+        _cython._lstm_cpu.set_blas_threads(local, gset, gget)

@@ -17,6 +17,13 @@ row-major C = A B is computed as the column-major C^T = B^T A^T, so every call b
 operands swapped. One product per sequence computes x Wx for all steps, dWx, dWh and dX; only
 h_{t-1} Wh (forward) and dA_t Wh^T (backward) run inside the time loop.
 
+Split path (nsplit >= 2, when can_split()): the batch rows are cut into nsplit groups, and each
+group runs the whole time loop on its own OpenMP thread with the BLAS made single-threaded for
+that thread (OpenBLAS's thread-local setter, or the global one around the loop). Rows are
+independent in the recurrence, so the groups never wait for each other. By default the groups
+also compute x_t Wx and (backward) dX_t and their shares of dWx, dWh per step, summed at the end,
+so the kernel makes no threaded BLAS call at all (see set_split_xw, set_split_grads).
+
 The gate nonlinearities, the cell update and their derivatives run as one pass per time step
 (C functions below, vectorised by the compiler; on x86-64 Linux with GCC they are compiled for
 x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline SSE2 and the best is picked when the module loads;
@@ -305,6 +312,59 @@ def blas_source():
     return "external (ILP64)" if _ext_ilp64 else "external (LP64)"
 
 
+# BLAS thread count for the split path (see forward/backward, nsplit): OpenBLAS's
+# openblas_set_num_threads_local(n) (returns the calling thread's previous setting, 0 = none) when
+# set_blas_threads() got it; otherwise a global setter/getter pair. Both belong to the BLAS that
+# _gemm calls.
+ctypedef int (*set_local_t)(int) noexcept nogil
+ctypedef void (*set_global_t)(int) noexcept nogil
+ctypedef int (*get_global_t)() noexcept nogil
+
+cdef void *_set_local = NULL
+cdef void *_set_global = NULL
+cdef void *_get_global = NULL
+
+
+def set_blas_threads(size_t set_local_addr=0, size_t set_global_addr=0, size_t get_global_addr=0):
+    """Functions that set the BLAS's thread count: int openblas_set_num_threads_local(int) and/or
+    void set_num_threads(int) with int get_num_threads(). All 0: none known (no split path)."""
+    global _set_local, _set_global, _get_global
+    if (set_global_addr == 0) != (get_global_addr == 0):
+        raise ValueError("give both the global setter and getter, or neither")
+    _set_local, _set_global, _get_global = (<void *>set_local_addr, <void *>set_global_addr,
+                                            <void *>get_global_addr)
+
+
+cdef extern from *:
+    """
+    #if defined(_OPENMP)
+    #  define FS_HAVE_OPENMP 1
+    #else
+    #  define FS_HAVE_OPENMP 0
+    #endif
+    """
+    int FS_HAVE_OPENMP
+
+
+def can_split():
+    """Whether the split path can run: built with OpenMP, and a way to make the BLAS
+    single-threaded per worker is known."""
+    return bool(FS_HAVE_OPENMP) and (_set_local != NULL or _set_global != NULL)
+
+
+cdef int _blas_one_thread() noexcept nogil:
+    """Make the BLAS single-threaded for the calling thread (thread-local setter); returns the
+    previous setting to give to _blas_restore."""
+    if _set_local != NULL:
+        return (<set_local_t>_set_local)(1)
+    return 0
+
+
+cdef void _blas_restore(int old) noexcept nogil:
+    if _set_local != NULL:
+        (<set_local_t>_set_local)(old)
+
+
 cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, const floating *a,
                        int lda, const floating *b, int ldb, floating beta, floating *c,
                        int ldc) noexcept nogil:
@@ -400,16 +460,113 @@ cdef void _bwd_gates(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t H, floating *a, co
                          cprev, tc, dbacc + p * 4 * H)
 
 
+cdef bint _split_xw = True
+
+
+def set_split_xw(bint on):
+    """Split path: compute x_t Wx per step inside each row group (True, default) or as one
+    threaded product before the loop (False). Tuning knob."""
+    global _split_xw
+    _split_xw = on
+
+
+cdef void _fwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_ssize_t H,
+                   Py_ssize_t D, const floating *X, const floating *Wx,
+                   const floating *W, const floating *bias, floating *A, floating *Hb,
+                   floating *Cb, floating *TC, bint h0_zero, bint xw) noexcept nogil:
+    """The whole time loop of forward for rows [r0, r1), single-threaded BLAS (split path): rows
+    are independent in the recurrence, so the halves need no synchronisation."""
+    cdef Py_ssize_t t, G = 4 * H, NH = N * H
+    cdef int old
+    if r1 <= r0:
+        return
+    old = _blas_one_thread()
+    for t in range(T):
+        if xw:  # a_t = x_t Wx for these rows
+            _gemm(c'N', c'N', <int>G, <int>(r1 - r0), <int>D, <floating>1, Wx, <int>G,
+                  X + t * N * D + r0 * D, <int>D, <floating>0, A + t * N * G + r0 * G, <int>G)
+        if t > 0 or not h0_zero:
+            _gemm(c'N', c'N', <int>G, <int>(r1 - r0), <int>H, <floating>1, W, <int>G,
+                  Hb + t * NH + r0 * H, <int>H, <floating>1, A + t * N * G + r0 * G, <int>G)
+        if floating is float:
+            fs_fwd_rowsf(r0, r1, H, A + t * N * G, bias, Cb + t * NH, Cb + (t + 1) * NH,
+                         TC + t * NH, Hb + (t + 1) * NH)
+        else:
+            fs_fwd_rowsd(r0, r1, H, A + t * N * G, bias, Cb + t * NH, Cb + (t + 1) * NH,
+                         TC + t * NH, Hb + (t + 1) * NH)
+    _blas_restore(old)
+
+
+cdef bint _split_grads = True
+
+
+def set_split_grads(bint on):
+    """Split path of backward: compute dX and partial dWx, dWh per step inside each row group
+    (True, default; the partials are summed at the end) or as threaded products after the loop
+    (False). Tuning knob."""
+    global _split_grads
+    _split_grads = on
+
+
+cdef void _bwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_ssize_t H,
+                   const floating *W, floating *A, const floating *dy0, Py_ssize_t dy_ts,
+                   Py_ssize_t dy_rs, floating *dhn, floating *dc, const floating *Cb,
+                   const floating *TC, double *dbacc, Py_ssize_t D, const floating *X,
+                   const floating *Wx, const floating *Hb, floating *dX, floating *pdWx,
+                   floating *pdWh, bint h0_zero) noexcept nogil:
+    """The whole time loop of backward for rows [r0, r1) (split path, see _fwd_seq). With pdWx
+    (zeroed, D x 4H) and pdWh (zeroed, H x 4H), also this group's dX rows and its share of dWx
+    and dWh, per step."""
+    cdef Py_ssize_t t, G = 4 * H, NH = N * H, rows = r1 - r0
+    cdef floating *at
+    cdef int old
+    if r1 <= r0:
+        return
+    old = _blas_one_thread()
+    for t in range(T - 1, -1, -1):
+        at = A + t * N * G + r0 * G
+        if floating is float:
+            fs_bwd_rowsf(r0, r1, H, A + t * N * G, dy0 + t * dy_ts, dy_rs, dhn, dc, Cb + t * NH,
+                         TC + t * NH, dbacc)
+        else:
+            fs_bwd_rowsd(r0, r1, H, A + t * N * G, dy0 + t * dy_ts, dy_rs, dhn, dc, Cb + t * NH,
+                         TC + t * NH, dbacc)
+        _gemm(c'T', c'N', <int>H, <int>rows, <int>G, <floating>1, W, <int>G,
+              at, <int>G, <floating>0, dhn + r0 * H, <int>H)
+        if pdWx != NULL:
+            # dX_t rows = dA_t Wx^T;  dWx += x_t^T dA_t;  dWh += h_{t-1}^T dA_t  (these rows)
+            _gemm(c'T', c'N', <int>D, <int>rows, <int>G, <floating>1, Wx, <int>G,
+                  at, <int>G, <floating>0, dX + t * N * D + r0 * D, <int>D)
+            _gemm(c'N', c'T', <int>G, <int>D, <int>rows, <floating>1, at, <int>G,
+                  X + t * N * D + r0 * D, <int>D, <floating>1, pdWx, <int>G)
+            if t > 0 or not h0_zero:
+                _gemm(c'N', c'T', <int>G, <int>H, <int>rows, <floating>1, at, <int>G,
+                      Hb + t * NH + r0 * H, <int>H, <floating>1, pdWh, <int>G)
+    _blas_restore(old)
+
+
+cdef inline int _split_ways(int nsplit, Py_ssize_t N) noexcept nogil:
+    """How many row groups the split path uses (0: not used)."""
+    if nsplit < 2 or not FS_HAVE_OPENMP or (_set_local == NULL and _set_global == NULL):
+        return 0
+    if N < 2 * nsplit:
+        return 0
+    return nsplit
+
+
 def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
             const floating[::1] b, const floating[:, ::1] h0, const floating[:, ::1] c0,
             floating[:, :, ::1] X, floating[:, :, ::1] A, floating[:, :, ::1] Hb,
-            floating[:, :, ::1] Cb, floating[:, :, ::1] TC, int nthreads=1):
+            floating[:, :, ::1] Cb, floating[:, :, ::1] TC, int nthreads=1, int nsplit=0):
     """Fill X, A, Hb, Cb, TC (see the module docstring); nthreads > 1 runs the gate math on
-    OpenMP threads. Returns whether h0 was all zeros (then step 0 needs no h Wh product, and
-    backward leaves step 0 out of dWh)."""
+    OpenMP threads. nsplit >= 2 (when can_split()): the rows are cut into nsplit groups, each
+    running the whole time loop (h Wh product and gate math) on its own OpenMP thread with
+    single-threaded BLAS; the x Wx product stays one threaded product. Returns whether h0 was
+    all zeros (then step 0 needs no h Wh product, and backward leaves step 0 out of dWh)."""
     cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
-    cdef Py_ssize_t G = 4 * H, t, n, r0, r1, NB
+    cdef Py_ssize_t G = 4 * H, t, n, r0, r1, NB, p
     cdef bint h0_zero
+    cdef int ways = _split_ways(nsplit, N), gold = 0
     cdef const floating *W = &Wh[0, 0]
     cdef const floating *bias = &b[0]
     with nogil:
@@ -420,10 +577,22 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
         memcpy(&Cb[0, 0, 0], &c0[0, 0], N * H * sizeof(floating))
         h0_zero = _all_zero(&h0[0, 0], N * H)
         # A = X Wx for all steps at once:  A^T (4H x TN) = Wx^T (4H x D) X^T (D x TN)
-        _gemm(c'N', c'N', <int>G, <int>(T * N), <int>D, <floating>1, &Wx[0, 0], <int>G,
-              &X[0, 0, 0], <int>D, <floating>0, &A[0, 0, 0], <int>G)
+        # (the split path computes it per step in each row group: no threaded BLAS call here)
+        if not (ways and _split_xw):
+            _gemm(c'N', c'N', <int>G, <int>(T * N), <int>D, <floating>1, &Wx[0, 0], <int>G,
+                  &X[0, 0, 0], <int>D, <floating>0, &A[0, 0, 0], <int>G)
+        if ways:
+            if _set_local == NULL:  # only a global setter: one BLAS thread around the loop
+                gold = (<get_global_t>_get_global)()
+                (<set_global_t>_set_global)(1)
+            for p in prange(ways, num_threads=ways, schedule='static'):
+                _fwd_seq(p * N // ways, (p + 1) * N // ways, T, N, H, D, &X[0, 0, 0],
+                         &Wx[0, 0], W, bias, &A[0, 0, 0], &Hb[0, 0, 0], &Cb[0, 0, 0],
+                         &TC[0, 0, 0], h0_zero, _split_xw)
+            if _set_local == NULL:
+                (<set_global_t>_set_global)(gold)
         NB = _block_rows(N, H, sizeof(floating))
-        for t in range(T):
+        for t in range(0 if ways else T):  # the per-step path (not split)
             r0 = 0
             while r0 < N:
                 r1 = r0 + NB if r0 + NB < N else N
@@ -437,12 +606,30 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
     return h0_zero
 
 
+cdef void _sum_parts(const floating *part, int ways, Py_ssize_t PW, floating *dWx,
+                     Py_ssize_t nx, floating *dWh, Py_ssize_t nh) noexcept nogil:
+    """dWx, dWh = sums over the row groups of their shares part[p*PW : (p+1)*PW] (dWx then dWh)."""
+    cdef Py_ssize_t j
+    cdef int p
+    cdef floating acc
+    for j in range(nx):
+        acc = part[j]
+        for p in range(1, ways):
+            acc = acc + part[p * PW + j]
+        dWx[j] = acc
+    for j in range(nh):
+        acc = part[nx + j]
+        for p in range(1, ways):
+            acc = acc + part[p * PW + nx + j]
+        dWh[j] = acc
+
+
 def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
              const floating[:, ::1] Wx, const floating[:, ::1] Wh,
              floating[:, :, ::1] A, const floating[:, :, ::1] Hb, const floating[:, :, ::1] Cb,
              const floating[:, :, ::1] TC, floating[:, ::1] dWx, floating[:, ::1] dWh,
              floating[::1] db, floating[:, :, ::1] dX, floating[:, ::1] dh0,
-             bint h0_zero=False, int nthreads=1):
+             bint h0_zero=False, int nthreads=1, int nsplit=0):
     """Backward through the buffers filled by forward. A is overwritten by dA (so one backward
     per forward). dhs (N, T, H) may have any strides as long as its last axis is contiguous.
     Writes dWx, dWh, db (overwritten, not accumulated), dX (T, N, D) and dh0 (N, H)."""
@@ -450,6 +637,9 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     cdef Py_ssize_t G = 4 * H, t, p, j, K, r0, r1, NB
     cdef Py_ssize_t isz = sizeof(floating)
     cdef int nth = nthreads if nthreads > 1 else 1
+    cdef int ways = _split_ways(nsplit, N), gold = 0
+    if ways > nth:
+        nth = ways  # one set of db accumulators per row group
     if dhs.shape[0] != N or dhs.shape[1] != T or dhs.shape[2] != H:
         raise ValueError(f"dhs has shape {tuple(dhs.shape)[:3]}, expected {(N, T, H)}")
     if dhs.strides[2] != isz or dhs.strides[0] % isz or dhs.strides[1] % isz:
@@ -460,15 +650,34 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     cdef floating *dhn = &dh0[0, 0]
     cdef floating *dc = <floating *>calloc(N * H, isz)
     cdef double *dbacc = <double *>calloc(nth * G, sizeof(double))
-    if dc == NULL or dbacc == NULL:
+    cdef Py_ssize_t PW = (D + H) * G  # split path: one (dWx, dWh) share per row group
+    cdef floating *part = NULL
+    if ways and _split_grads:
+        part = <floating *>calloc(ways * PW, isz)
+    if dc == NULL or dbacc == NULL or (ways and _split_grads and part == NULL):
         free(dc)
         free(dbacc)
+        free(part)
         raise MemoryError()
     try:
         with nogil:
             memset(dhn, 0, N * H * isz)
             NB = _block_rows(N, H, isz)
-            for t in range(T - 1, -1, -1):
+            if ways:
+                if _set_local == NULL:
+                    gold = (<get_global_t>_get_global)()
+                    (<set_global_t>_set_global)(1)
+                for p in prange(ways, num_threads=ways, schedule='static'):
+                    _bwd_seq(p * N // ways, (p + 1) * N // ways, T, N, H, W, &A[0, 0, 0], dy0,
+                             dy_ts, dy_rs, dhn, dc, &Cb[0, 0, 0], &TC[0, 0, 0], dbacc + p * G,
+                             D, &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], &dX[0, 0, 0],
+                             part + p * PW if part != NULL else NULL,
+                             part + p * PW + D * G if part != NULL else NULL, h0_zero)
+                if _set_local == NULL:
+                    (<set_global_t>_set_global)(gold)
+                if part != NULL:  # dWx, dWh = the sums of the groups' shares
+                    _sum_parts(part, ways, PW, &dWx[0, 0], D * G, &dWh[0, 0], H * G)
+            for t in range((0 if ways else T) - 1, -1, -1):  # the per-step path (not split)
                 r0 = 0
                 while r0 < N:
                     r1 = r0 + NB if r0 + NB < N else N
@@ -479,20 +688,21 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
                     _gemm(c'T', c'N', <int>H, <int>(r1 - r0), <int>G, <floating>1, W, <int>G,
                           &A[t, r0, 0], <int>G, <floating>0, dhn + r0 * H, <int>H)
                     r0 = r1
-            # dWx = X^T dA:  dWx^T (4H x D) = dA^T (4H x TN) X (TN x D)
-            _gemm(c'N', c'T', <int>G, <int>D, <int>(T * N), <floating>1, &A[0, 0, 0], <int>G,
-                  &X[0, 0, 0], <int>D, <floating>0, &dWx[0, 0], <int>G)
-            # dWh = Hprev^T dA with Hprev = Hb[:-1]; the rows of step 0 add nothing when h0 == 0
-            K = (T - 1) * N if h0_zero else T * N
-            if K > 0:
-                _gemm(c'N', c'T', <int>G, <int>H, <int>K, <floating>1,
-                      &A[0, 0, 0] + (T * N - K) * G, <int>G, &Hb[0, 0, 0] + (T * N - K) * H,
-                      <int>H, <floating>0, &dWh[0, 0], <int>G)
-            else:
-                memset(&dWh[0, 0], 0, H * G * isz)
-            # dX = dA Wx^T:  dX^T (D x TN) = Wx (D x 4H) dA^T (4H x TN)
-            _gemm(c'T', c'N', <int>D, <int>(T * N), <int>G, <floating>1, &Wx[0, 0], <int>G,
-                  &A[0, 0, 0], <int>G, <floating>0, &dX[0, 0, 0], <int>D)
+            if part == NULL:  # (the split path has computed them)
+                # dWx = X^T dA:  dWx^T (4H x D) = dA^T (4H x TN) X (TN x D)
+                _gemm(c'N', c'T', <int>G, <int>D, <int>(T * N), <floating>1, &A[0, 0, 0], <int>G,
+                      &X[0, 0, 0], <int>D, <floating>0, &dWx[0, 0], <int>G)
+                # dWh = Hprev^T dA with Hprev = Hb[:-1]; the rows of step 0 add nothing when h0 == 0
+                K = (T - 1) * N if h0_zero else T * N
+                if K > 0:
+                    _gemm(c'N', c'T', <int>G, <int>H, <int>K, <floating>1,
+                          &A[0, 0, 0] + (T * N - K) * G, <int>G, &Hb[0, 0, 0] + (T * N - K) * H,
+                          <int>H, <floating>0, &dWh[0, 0], <int>G)
+                else:
+                    memset(&dWh[0, 0], 0, H * G * isz)
+                # dX = dA Wx^T:  dX^T (D x TN) = Wx (D x 4H) dA^T (4H x TN)
+                _gemm(c'T', c'N', <int>D, <int>(T * N), <int>G, <floating>1, &Wx[0, 0], <int>G,
+                      &A[0, 0, 0], <int>G, <floating>0, &dX[0, 0, 0], <int>D)
             for p in range(1, nth):
                 for j in range(G):
                     dbacc[j] += dbacc[p * G + j]
@@ -501,3 +711,4 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     finally:
         free(dc)
         free(dbacc)
+        free(part)

@@ -81,6 +81,29 @@ def _numpy_blas():
     return None
 
 
+_LOCAL_SETTERS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_",
+                  "scipy_openblas_set_num_threads_local")
+_GLOBAL_SETTERS = (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+                   ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+                   ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+                   ("openblas_set_num_threads", "openblas_get_num_threads"))
+
+
+def _thread_setters(path):
+    """(thread-local setter, global setter, global getter) addresses of the OpenBLAS at path, 0
+    where missing: the split path (see SPLIT) makes each worker's products single-threaded."""
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return 0, 0, 0
+    addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+    local = next((addr(getattr(lib, n)) for n in _LOCAL_SETTERS if hasattr(lib, n)), 0)
+    for sname, gname in _GLOBAL_SETTERS:
+        if hasattr(lib, sname) and hasattr(lib, gname):
+            return local, addr(getattr(lib, sname)), addr(getattr(lib, gname))
+    return local, 0, 0
+
+
 def _self_test():
     """A small forward/backward against the NumPy engine, float32 and float64."""
     rng = np.random.default_rng(0)
@@ -108,6 +131,7 @@ def use_blas(which):
     if which not in ("auto", "numpy", "scipy"):
         raise ValueError(f"unknown BLAS choice {which!r}; expected auto, numpy or scipy")
     _lstm_cpu.set_blas(0, 0)
+    _lstm_cpu.set_blas_threads(0, 0, 0)  # SciPy's BLAS: its thread count is not ours to set
     BLAS = "scipy"
     if which == "scipy":
         return BLAS
@@ -118,8 +142,10 @@ def use_blas(which):
         return BLAS
     s, d, ilp64, path = found
     _lstm_cpu.set_blas(s, d, ilp64)
+    _lstm_cpu.set_blas_threads(*_thread_setters(path))
     if not _self_test():
         _lstm_cpu.set_blas(0, 0)
+        _lstm_cpu.set_blas_threads(0, 0, 0)
         if which == "numpy":
             raise RuntimeError(f"NumPy's BLAS ({path}) gave wrong products")
         return BLAS
@@ -136,6 +162,38 @@ BLAS = "scipy"
 # FASTSEQ_LSTM_THREADS=n (or setting NUM_THREADS) turns it on.
 NUM_THREADS = max(1, int(os.environ.get("FASTSEQ_LSTM_THREADS", "1") or 1))
 PARALLEL_MIN_ELEMENTS = 1 << 17
+
+
+# Split path: for N >= SPLIT_MIN_ROWS the rows are cut into groups that each run the whole time
+# loop (h Wh product and gate math; backward: gate derivatives and dA Wh^T) on their own OpenMP
+# thread with single-threaded BLAS, with no synchronisation between steps (rows are independent
+# in the recurrence); the once-per-sequence products (x Wx, dWx, dWh, dX) stay single threaded
+# BLAS calls on every core, unless the kernel's set_split_xw/set_split_grads knobs (default on)
+# move them into the groups too (x_t Wx, dX_t and shares of dWx, dWh per step; the shares are
+# summed), so that no threaded BLAS call (whose pool workers keep spinning afterwards next to
+# the OpenMP threads) happens inside the kernel at all. Many small threaded products per step
+# cost OpenBLAS a hand-off each; on 2 shared cores, (128, 7, 16) H=128 forward+backward went from
+# ~3.9-4.6 ms to ~2.6-3.0 ms (best of 400), the addition Seq2seq epoch from ~2.8 s to ~2.0-2.5 s,
+# and a (5000, 7) forward from ~44 ms to ~29-33 ms.
+# FASTSEQ_LSTM_SPLIT=0 turns it off, =1 uses it for any N that gives each group SPLIT_MIN_GROUP
+# rows (default: N >= SPLIT_MIN_ROWS). Needs NumPy's OpenBLAS (use_blas) and an OpenMP build.
+SPLIT = (os.environ.get("FASTSEQ_LSTM_SPLIT", "") or "auto").strip().lower()
+SPLIT_MIN_ROWS = 64
+SPLIT_MIN_GROUP = 2
+try:
+    SPLIT_WAYS = max(1, len(os.sched_getaffinity(0)))
+except (AttributeError, OSError):
+    SPLIT_WAYS = max(1, os.cpu_count() or 1)
+
+
+def _split_ways(N):
+    """Row groups for a batch of N rows (0: the per-step path)."""
+    if SPLIT in ("0", "off", "false", "no") or SPLIT_WAYS < 2 or not _lstm_cpu.can_split():
+        return 0
+    if SPLIT not in ("1", "on", "true", "yes") and N < SPLIT_MIN_ROWS:
+        return 0
+    ways = min(SPLIT_WAYS, N // SPLIT_MIN_GROUP)
+    return ways if ways >= 2 else 0
 
 
 def _check(name, a, dtype, shape, cast=False):
@@ -175,7 +233,8 @@ def forward(xs, Wx, Wh, b, h0, c0):
     X, A, Cb, TC = work
     Hb = np.empty((T + 1, N, H), dtype)  # hs is a view of it: never pooled
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
-    h0_zero = _lstm_cpu.forward(xs, Wx, Wh, b, h0, c0, X, A, Hb, Cb, TC, threads)
+    h0_zero = _lstm_cpu.forward(xs, Wx, Wh, b, h0, c0, X, A, Hb, Cb, TC, threads,
+                                _split_ways(N))
     cache = _Cache(key, work, Wx, Wh, Hb, h0_zero)
     return Hb[1:].transpose(1, 0, 2), Hb[T].copy(), Cb[T].copy(), cache
 
@@ -212,7 +271,7 @@ def backward(dhs, cache, grads):
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
     try:
         _lstm_cpu.backward(dhs, X, Wx, Wh, A, Hb, Cb, TC, outs[0], outs[1], outs[2], dX, dh0,
-                           h0_zero, threads)
+                           h0_zero, threads, _split_ways(N))
     finally:
         cache.release()  # A now holds dA: the cache is used up either way
     for g, o in zip(grads, outs):
