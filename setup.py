@@ -35,6 +35,8 @@ def extensions():
     optim = Extension(
         "fastseq._ext._optim_cpu",
         ["fastseq/_ext/_optim_cpu.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],
     )
     return cythonize([ext, optim], language_level=3, compiler_directives={

@@ -1,17 +1,10 @@
 """Optimisers: update(params, grads) in place (textbook forms)."""
-import numpy as np
-
 from .backend import get_array_module
 
 try:  # fused one-pass update (fastseq/_ext); the NumPy expressions below are the reference
     from ._ext import _optim_cpu
 except ImportError:
     _optim_cpu = None
-
-
-def _fusable(*arrays):
-    return all(type(a) is np.ndarray and a.flags.c_contiguous and a.dtype in (np.float32, np.float64)
-               and a.dtype == arrays[0].dtype for a in arrays)
 
 
 class SGD:
@@ -41,12 +34,10 @@ class Adam:
             self.v = [get_array_module(p).zeros_like(p) for p in params]
         self.iter += 1
         lr_t = self.lr * (1.0 - self.beta2 ** self.iter) ** 0.5 / (1.0 - self.beta1 ** self.iter)
+        if self.fused and _optim_cpu.adam_update(list(params), list(grads), self.m, self.v, lr_t,
+                                                 1 - self.beta1, 1 - self.beta2, 1e-7):
+            return  # all host arrays, contiguous: done in one fused pass
         for p, g, m, v in zip(params, grads, self.m, self.v):
-            if self.fused and _fusable(p, g, m, v):
-                fn = _optim_cpu.adam_update_f32 if p.dtype == np.float32 else _optim_cpu.adam_update_f64
-                fn(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
-                   lr_t, 1 - self.beta1, 1 - self.beta2, 1e-7)
-                continue
             xp = get_array_module(p)
             m += (1 - self.beta1) * (g - m)
             v += (1 - self.beta2) * (g * g - v)
