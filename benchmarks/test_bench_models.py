@@ -65,3 +65,20 @@ def test_rnnlm_train_step(benchmark, engine):
 
     benchmark.group = "train-step-rnnlm"
     benchmark.pedantic(step, rounds=15, warmup_rounds=2, iterations=1)
+
+
+def test_rnnlm_generate_100_words(benchmark, engine):
+    """Sampling 100 words (one step at a time through the stateful layers); aim: < 50 ms on CPU."""
+    if not hasattr(fastseq, "Rnnlm"):
+        pytest.skip("Rnnlm not available")
+    model = fastseq.Rnnlm(10000, 100, 100, seed=0)
+    state = {"seed": 0}
+
+    def sample():
+        model.reset_state()
+        state["seed"] += 1
+        return model.generate(0, skip_ids=[1, 2, 3], sample_size=100, seed=state["seed"])
+
+    benchmark.group = "generate-100-words-rnnlm"
+    ids = benchmark.pedantic(sample, rounds=15, warmup_rounds=2, iterations=1)
+    assert len(ids) == 100
