@@ -229,8 +229,9 @@ def forward(xs, Wx, Wh, b, h0, c0):
     work = _pool_take(key)
     if work is None:
         work = (np.empty((T, N, D), dtype), np.empty((T, N, 4 * H), dtype),
-                np.empty((T + 1, N, H), dtype), np.empty((T, N, H), dtype))
-    X, A, Cb, TC = work
+                np.empty((T + 1, N, H), dtype), np.empty((T, N, H), dtype),
+                np.empty(N * H + _split_ways(N) * (D + H) * 4 * H, dtype))  # backward's scratch
+    X, A, Cb, TC, _ = work
     Hb = np.empty((T + 1, N, H), dtype)  # hs is a view of it: never pooled
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
     h0_zero = _lstm_cpu.forward(xs, Wx, Wh, b, h0, c0, X, A, Hb, Cb, TC, threads,
@@ -245,7 +246,7 @@ def backward(dhs, cache, grads):
     if not isinstance(cache, _Cache) or cache.work is None:
         raise ValueError("backward() needs the cache of a forward() of the Cython engine, and "
                          "each cache serves one backward only")
-    X, A, Cb, TC = cache.work
+    X, A, Cb, TC, scratch = cache.work
     Wx, Wh, Hb, h0_zero = cache.Wx, cache.Wh, cache.Hb, cache.h0_zero
     T, N, D = X.shape
     H = Wh.shape[0]
@@ -271,7 +272,7 @@ def backward(dhs, cache, grads):
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
     try:
         _lstm_cpu.backward(dhs, X, Wx, Wh, A, Hb, Cb, TC, outs[0], outs[1], outs[2], dX, dh0,
-                           h0_zero, threads, _split_ways(N))
+                           h0_zero, threads, _split_ways(N), scratch)
     finally:
         cache.release()  # A now holds dA: the cache is used up either way
     for g, o in zip(grads, outs):
