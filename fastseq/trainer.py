@@ -75,11 +75,12 @@ class Trainer:
 
 
 def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_reverse=False,
-                 batch_size=None):
+                 batch_size=1000):
     """Exact-match accuracy of greedy answers over all questions, decoded in batches.
 
     ``corrects`` rows start with the start symbol ('_'), as in the textbook; the rest of each row
-    is the answer. With one question this returns 1.0 or 0.0 (textbook: 1 or 0).
+    is the answer. With one question this returns 1.0 or 0.0 (textbook: 1 or 0). Batches of 1000
+    keep each step's arrays in cache (faster on CPU than one batch of 5000); None = all at once.
     """
     questions, corrects = np.asarray(backend.to_cpu(questions)), np.asarray(backend.to_cpu(corrects))
     if questions.ndim == 1:
