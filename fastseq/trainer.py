@@ -19,6 +19,16 @@ def progress(iterable, total=None, desc=None, enabled=True):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def train_step(model, optimizer, params, grads, x, t, max_grad=None):
+    """forward, backward, optional global-norm clipping, update; returns the loss."""
+    loss = model.forward(x, t)
+    model.backward()
+    if max_grad is not None:
+        clip_grads(grads, max_grad)
+    optimizer.update(params, grads)
+    return loss
+
+
 class Trainer:
     """Mini-batch training: fit(x, t, max_epoch, batch_size, max_grad) with per-epoch shuffling.
 
@@ -52,11 +62,7 @@ class Trainer:
                            enabled=self.show_progress)
             for it in bar:
                 sl = slice(it * batch_size, (it + 1) * batch_size)
-                loss = model.forward(xs_all[sl], ts_all[sl])
-                model.backward()
-                if max_grad is not None:
-                    clip_grads(grads, max_grad)
-                optimizer.update(params, grads)
+                loss = train_step(model, optimizer, params, grads, xs_all[sl], ts_all[sl], max_grad)
                 total += loss
                 epoch_total += loss
                 count += 1
@@ -167,11 +173,7 @@ class RnnlmTrainer:
                            enabled=self.show_progress)
             for _it in bar:
                 bx, bt = self.get_batch(xs, ts, batch_size, time_size)
-                loss = model.forward(bx, bt)
-                model.backward()
-                if max_grad is not None:
-                    clip_grads(grads, max_grad)
-                optimizer.update(params, grads)
+                loss = train_step(model, optimizer, params, grads, bx, bt, max_grad)
                 total += loss
                 epoch_total += loss
                 count += 1

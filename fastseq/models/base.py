@@ -44,6 +44,23 @@ class Model:
     def config(self):
         return {}
 
+    def _check_ids(self, a, what, ignore=None):
+        """a as a 2-D integer array on the current device, every id in [0, vocab_size) (or equal
+        to ``ignore``); otherwise a clear error naming ``what``."""
+        a = backend.asarray(a)
+        if a.ndim != 2:
+            raise ValueError(f"{what} must be a 2-D (N, T) array of ids, got shape {a.shape}")
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"{what} must hold integer ids, got dtype {a.dtype}")
+        if a.size:
+            lo, hi = int(a.min()), int(a.max())
+            if hi >= self.vocab_size:
+                raise ValueError(f"{what} holds id {hi} outside the model's vocabulary "
+                                 f"[0, {self.vocab_size}) (vocabulary mismatch?)")
+            if lo < 0 and not (ignore is not None and bool(((a >= 0) | (a == ignore)).all())):
+                raise ValueError(f"{what} holds negative id {lo}")
+        return a
+
     def save_params(self, path, meta=None):
         """Write the weights to ``path`` (.npz, atomically) with names, shapes and a checksum."""
         m = {"model": type(self).__name__, "config": self.config()}

@@ -8,11 +8,13 @@ import numpy as np
 from ..backend import get_array_module
 from ..layers import TimeAffine, TimeEmbedding
 from ..lstm import TimeLSTM
-from .base import Model, make_rng, randn, zeros
-from .seq2seq import Seq2seq, _as_start_ids
+from .base import make_rng, randn, zeros
+from .seq2seq import Decoder, Seq2seq
 
 
-class PeekyDecoder(Model):
+class PeekyDecoder(Decoder):
+    """Decoder whose every step also sees the encoder state h (forward/generate from Decoder)."""
+
     def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32):
         rng = rng if rng is not None else make_rng(None)
         V, D, H = vocab_size, wordvec_size, hidden_size
@@ -34,10 +36,6 @@ class PeekyDecoder(Model):
         out = xp.concatenate([hs, out], axis=2)
         return self.affine.forward(out)
 
-    def forward(self, xs, h):
-        self.lstm.set_state(h)
-        return self._step(xs, h)
-
     def backward(self, dscore):
         H = self.H
         dout = self.affine.backward(dscore)
@@ -46,17 +44,6 @@ class PeekyDecoder(Model):
         dhs_lstm, dembed = dout[:, :, :H], dout[:, :, H:]
         self.embed.backward(dembed)
         return self.lstm.dh + dhs_affine.sum(axis=1) + dhs_lstm.sum(axis=1)
-
-    def generate(self, h, start_id, sample_size):
-        xp = get_array_module(h)
-        N = h.shape[0]
-        self.lstm.set_state(h)
-        x = _as_start_ids(start_id, N, xp)
-        out = xp.empty((N, sample_size), dtype=np.int64)
-        for t in range(sample_size):
-            x = self._step(x, h).argmax(axis=2)
-            out[:, t] = x[:, 0]
-        return out
 
 
 class PeekySeq2seq(Seq2seq):

@@ -92,19 +92,6 @@ class _LanguageModel(Model):
     lstm_layers = ()
     dropout_layers = ()
 
-    def _check_ids(self, a, what):
-        a = backend.asarray(a)
-        if a.ndim != 2:
-            raise ValueError(f"{what} must be a 2-D (N, T) array of word ids, got shape {a.shape}")
-        if a.dtype.kind not in "iu":
-            raise TypeError(f"{what} must hold integer word ids, got dtype {a.dtype}")
-        if a.size:
-            lo, hi = int(a.min()), int(a.max())
-            if hi >= self.vocab_size or lo < 0:
-                raise ValueError(f"{what} holds id {hi if hi >= self.vocab_size else lo} outside the "
-                                 f"model's vocabulary [0, {self.vocab_size}) (vocabulary mismatch?)")
-        return a
-
     # --- textbook interface ---------------------------------------------------------------
 
     def _scores(self, xs, train_flg):

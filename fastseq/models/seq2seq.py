@@ -56,9 +56,12 @@ class Decoder(Model):
                                  zeros(V, dtype=dtype))
         self.layers = [("embed", self.embed), ("lstm", self.lstm), ("affine", self.affine)]
 
+    def _step(self, xs, h):
+        return self.affine.forward(self.lstm.forward(self.embed.forward(xs)))
+
     def forward(self, xs, h):
         self.lstm.set_state(h)
-        return self.affine.forward(self.lstm.forward(self.embed.forward(xs)))
+        return self._step(xs, h)
 
     def backward(self, dscore):
         self.embed.backward(self.lstm.backward(self.affine.backward(dscore)))
@@ -72,8 +75,7 @@ class Decoder(Model):
         x = _as_start_ids(start_id, N, xp)
         out = xp.empty((N, sample_size), dtype=np.int64)
         for t in range(sample_size):
-            score = self.affine.forward(self.lstm.forward(self.embed.forward(x)))
-            x = score.argmax(axis=2)
+            x = self._step(x, h).argmax(axis=2)
             out[:, t] = x[:, 0]
         return out
 
@@ -96,21 +98,6 @@ class Seq2seq(Model):
     def config(self):
         return {"vocab_size": self.vocab_size, "wordvec_size": self.wordvec_size,
                 "hidden_size": self.hidden_size}
-
-    def _check_ids(self, a, what, ignore=None):
-        a = backend.asarray(a)
-        if a.ndim != 2:
-            raise ValueError(f"{what} must be a 2-D (N, T) array of ids, got shape {a.shape}")
-        if a.dtype.kind not in "iu":
-            raise TypeError(f"{what} must hold integer ids, got dtype {a.dtype}")
-        if a.size:
-            hi, lo = int(a.max()), int(a.min())
-            if hi >= self.vocab_size:
-                raise ValueError(f"{what} holds id {hi} but the model's vocabulary has only "
-                                 f"{self.vocab_size} entries (vocabulary mismatch?)")
-            if lo < 0 and not (ignore is not None and bool(((a >= 0) | (a == ignore)).all())):
-                raise ValueError(f"{what} holds negative id {lo}")
-        return a
 
     def forward(self, xs, ts):
         ignore = self.softmax.ignore_label
