@@ -24,20 +24,37 @@ def softmax_cross_entropy(scores, labels, ignore_label=-1):
     overwritten (it becomes the gradient) to avoid a second (M, V) temporary.
     """
     xp = get_array_module(scores)
-    M = scores.shape[0]
+    M, V = scores.shape
     mask = labels != ignore_label
-    safe = xp.where(mask, labels, 0)
-    scores -= scores.max(axis=1, keepdims=True)
-    rows = xp.arange(M)
-    picked = scores[rows, safe]  # log-softmax numerator
-    xp.exp(scores, out=scores)
-    z = scores.sum(axis=1)
     n_valid = int(mask.sum())
-    denom = max(n_valid, 1)
+    all_valid = n_valid == M  # the common case: no masking arithmetic at all
+    safe = labels if all_valid else xp.where(mask, labels, 0)
+    # Stability shift: the global max (one fast reduction; per-row maxima over short rows cost
+    # ~15x more in NumPy). If a row then underflows to z ~ 0, redo with per-row maxima.
+    shift = scores.max()
+    flat = scores.reshape(-1)  # a view: scores is contiguous here
+    at_label = xp.arange(M) * V + safe
+    picked = flat[at_label] - shift  # log-softmax numerator
+    e = xp.exp(scores - shift)
+    ones = xp.ones(V, dtype=scores.dtype)
+    z = e @ ones  # row sums as one matrix-vector product
+    if float(z.min()) < 1e-30:
+        row_max = scores.max(axis=1, keepdims=True)
+        picked = flat[at_label] - row_max[:, 0]
+        xp.exp(scores - row_max, out=e)
+        z = e @ ones
+    scores[...] = e
+    denom = scores.dtype.type(max(n_valid, 1))
     logp = picked - xp.log(z)
-    loss = -(logp * mask).sum() / denom
-    scores *= (mask / (z * denom)).astype(scores.dtype)[:, None]
-    scores[rows, safe] -= (mask / denom).astype(scores.dtype)
+    if all_valid:
+        loss = -logp.sum() / denom
+        scores /= (z * denom)[:, None]
+        flat[at_label] -= 1 / denom
+    else:
+        w = mask.astype(scores.dtype) / denom
+        loss = -(logp * w).sum()
+        scores *= (w / z)[:, None]
+        flat[at_label] -= w
     return float(loss), scores
 
 

@@ -72,6 +72,27 @@ def test_time_lstm(numpy_kernel, stateful):
         assert rel_error(numerical_grad(loss, h0), layer.dh) < TOL
 
 
+def test_time_lstm_need_dh_false(numpy_kernel):
+    """need_dh=False (the Encoder's setting): same parameter and input gradients, dh is None."""
+    rng = np.random.default_rng(3)
+    D, H = 3, 4
+    layer = TimeLSTM(rng.standard_normal((D, 4 * H)), rng.standard_normal((H, 4 * H)) / 2,
+                     rng.standard_normal(4 * H))
+    layer.need_dh = False
+    x = rng.standard_normal((2, 5, D))
+    w = rng.standard_normal((2, 5, H))
+
+    def loss():
+        return float((layer.forward(x) * w).sum())
+
+    loss()
+    dx = layer.backward(w.copy())
+    assert layer.dh is None
+    assert rel_error(numerical_grad(loss, x), dx) < TOL
+    for p, g in zip(layer.params, [g.copy() for g in layer.grads]):
+        assert rel_error(numerical_grad(loss, p), g) < TOL
+
+
 @pytest.mark.parametrize("with_ignore", [False, True])
 def test_time_softmax_with_loss(with_ignore):
     rng = np.random.default_rng(4)
@@ -116,6 +137,7 @@ def test_seq2seq_models(numpy_kernel, model_cls, with_ignore):
     rng = np.random.default_rng(6)
     V, D, H = 6, 3, 4
     model = model_cls(V, D, H, seed=0, dtype=np.float64)
+    assert model.encoder.lstm.need_dh is False
     for p in model.params:  # non-zero biases and larger embeddings exercise every path
         p[...] = rng.standard_normal(p.shape) * 0.5
     xs = rng.integers(0, V, (3, 5))
@@ -128,3 +150,16 @@ def test_seq2seq_models(numpy_kernel, model_cls, with_ignore):
     for name, p, g in zip(model.param_names, model.params, grads):
         num = numerical_grad(lambda: model.forward(xs, ts), p)
         assert rel_error(num, g) < TOL, name
+
+
+def test_softmax_loss_survives_rows_far_below_the_global_max():
+    """The fast path shifts by the global max; a row that would underflow takes the per-row path."""
+    from fastseq.functions import softmax_cross_entropy
+    x = np.array([[0.0, 1.0, 2.0], [-200.0, -199.0, -201.0]], dtype=np.float32)
+    labels = np.array([2, 1])
+    loss, d = softmax_cross_entropy(x.copy(), labels)
+    x64 = x.astype(np.float64)
+    p = np.exp(x64 - x64.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert np.isfinite(loss) and abs(loss - (-np.log(p[[0, 1], [2, 1]]).mean())) < 1e-6
+    assert np.abs(d - (p - np.eye(3)[[2, 1]]) / 2).max() < 1e-6
