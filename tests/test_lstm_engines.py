@@ -480,3 +480,84 @@ def test_split_path_with_global_thread_setter(monkeypatch):
         assert getter() == before
     finally:
         _cython._lstm_cpu.set_blas_threads(local, gset, gget)
+
+
+# --- need_dh0=False: the product for dh0 is skipped, everything else unchanged ------------------
+
+def run_engine_no_dh0(engine, xs, Wx, Wh, b, h0, c0, dhs):
+    hs, hT, cT, cache = engine.forward(xs, Wx, Wh, b, h0, c0)
+    grads = [np.full_like(Wx, np.nan), np.full_like(Wh, np.nan), np.full_like(b, np.nan)]
+    dxs, dh0 = engine.backward(dhs, cache, grads, need_dh0=False)
+    assert dh0 is None
+    return dict(dxs=np.array(dxs), dWx=grads[0], dWh=grads[1], db=grads[2])
+
+
+def compare_no_dh0(case, dtype):
+    """Each engine without dh0 gives bit-identical gradients to itself with dh0, and the Cython
+    engine agrees with the NumPy one."""
+    full = {}
+    for eng in (_numpy, _cython):
+        ref = run_engine(eng, *case)
+        out = run_engine_no_dh0(eng, *case)
+        for k in out:
+            assert out[k].dtype == dtype
+            np.testing.assert_array_equal(out[k], ref[k], err_msg=f"{eng.__name__} {k}")
+        full[eng] = out
+    for k in full[_numpy]:
+        assert_close(full[_cython][k], full[_numpy][k], TOL[dtype], k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_no_dh0_matches(dtype, zero_state):
+    rng = np.random.default_rng(21)
+    for shape in [(1, 1, 1, 1), (3, 2, 5, 7), (9, 8, 12, 10), (65, 7, 16, 32), (128, 7, 16, 128)]:
+        compare_no_dh0(make_case(rng, *shape, dtype, zero_state), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_no_dh0_split_path_matches(dtype, zero_state, forced_split):
+    rng = np.random.default_rng(22)
+    for shape in [(4, 1, 1, 1), (5, 3, 4, 6), (128, 7, 16, 128)]:
+        assert _cython._split_ways(shape[0]) >= 2
+        compare_no_dh0(make_case(rng, *shape, dtype, zero_state), dtype)
+
+
+def test_no_dh0_empty_batch_falls_back():
+    rng = np.random.default_rng(23)
+    case = make_case(rng, 0, 3, 2, 4, np.float32)
+    out = run_engine_no_dh0(_cython, *case)
+    assert out["dxs"].shape == (0, 3, 2)
+
+
+@pytest.mark.parametrize("kernel", ["numpy", "cython"])
+def test_timelstm_need_dh(kernel):
+    rng = np.random.default_rng(24)
+    make = make_layer(rng, 5, 6, np.float64, stateful=False)
+    xs = rng.standard_normal((4, 3, 5))
+    dhs = rng.standard_normal((4, 3, 6))
+    outs = []
+    for need in (True, False):
+        layer = make()
+        assert layer.need_dh is True  # textbook default
+        layer.need_dh = need
+        lstm.set_kernel(kernel)
+        layer.forward(xs)
+        dxs = layer.backward(dhs)
+        assert (layer.dh is None) == (not need)
+        outs.append([np.array(dxs)] + [g.copy() for g in layer.grads])
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_encoder_skips_dh():
+    import fastseq
+    model = fastseq.Seq2seq(13, 16, 32, seed=0)
+    assert model.encoder.lstm.need_dh is False
+    assert model.decoder.lstm.need_dh is True
+    rng = np.random.default_rng(25)
+    model.forward(rng.integers(0, 13, (4, 7)), rng.integers(0, 13, (4, 5)))
+    model.backward()
+    assert model.encoder.lstm.dh is None
+    assert model.decoder.lstm.dh is not None

@@ -513,10 +513,10 @@ cdef void _bwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_
                    Py_ssize_t dy_rs, floating *dhn, floating *dc, const floating *Cb,
                    const floating *TC, double *dbacc, Py_ssize_t D, const floating *X,
                    const floating *Wx, const floating *Hb, floating *dX, floating *pdWx,
-                   floating *pdWh, bint h0_zero) noexcept nogil:
+                   floating *pdWh, bint h0_zero, bint need_dh0) noexcept nogil:
     """The whole time loop of backward for rows [r0, r1) (split path, see _fwd_seq). With pdWx
     (zeroed, D x 4H) and pdWh (zeroed, H x 4H), also this group's dX rows and its share of dWx
-    and dWh, per step."""
+    and dWh, per step. need_dh0=False: no dA_0 Wh^T at t = 0 (dhn then holds dh_1 at the end)."""
     cdef Py_ssize_t t, G = 4 * H, NH = N * H, rows = r1 - r0
     cdef floating *at
     cdef int old
@@ -533,8 +533,9 @@ cdef void _bwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_
         else:
             fs_bwd_rowsd(r0, r1, H, A + t * N * G, dy0 + t * dy_ts, dy_rs, dhn, dc, Cb + t * NH,
                          TC + t * NH, dbacc)
-        _gemm(c'T', c'N', <int>H, <int>rows, <int>G, <floating>1, W, <int>G,
-              at, <int>G, <floating>0, dhn + r0 * H, <int>H)
+        if t > 0 or need_dh0:
+            _gemm(c'T', c'N', <int>H, <int>rows, <int>G, <floating>1, W, <int>G,
+                  at, <int>G, <floating>0, dhn + r0 * H, <int>H)
         if pdWx != NULL:
             # dX_t rows = dA_t Wx^T;  dWx += x_t^T dA_t;  dWh += h_{t-1}^T dA_t  (these rows)
             _gemm(c'T', c'N', <int>D, <int>rows, <int>G, <floating>1, Wx, <int>G,
@@ -631,10 +632,13 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
              floating[:, :, ::1] A, const floating[:, :, ::1] Hb, const floating[:, :, ::1] Cb,
              const floating[:, :, ::1] TC, floating[:, ::1] dWx, floating[:, ::1] dWh,
              floating[::1] db, floating[:, :, ::1] dX, floating[:, ::1] dh0,
-             bint h0_zero=False, int nthreads=1, int nsplit=0, floating[::1] scratch=None):
+             bint h0_zero=False, int nthreads=1, int nsplit=0, floating[::1] scratch=None,
+             bint need_dh0=True):
     """Backward through the buffers filled by forward. A is overwritten by dA (so one backward
     per forward). dhs (N, T, H) may have any strides as long as its last axis is contiguous.
     Writes dWx, dWh, db (overwritten, not accumulated), dX (T, N, D) and dh0 (N, H).
+    need_dh0=False skips the product dA_0 Wh^T at t = 0: dh0 is then only working memory (its
+    contents are not the gradient of h0).
     scratch (optional, at least N*H + nsplit*(D + H)*4H elements): working memory for dc and the
     row groups' dWx, dWh shares instead of calloc'd memory (which, at ~0.6 MB, costs page faults
     on every call whenever malloc hands it back to the system in between)."""
@@ -687,7 +691,8 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
                              dy_ts, dy_rs, dhn, dc, &Cb[0, 0, 0], &TC[0, 0, 0], dbacc + p * G,
                              D, &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], &dX[0, 0, 0],
                              part + p * PW if part != NULL else NULL,
-                             part + p * PW + D * G if part != NULL else NULL, h0_zero)
+                             part + p * PW + D * G if part != NULL else NULL, h0_zero,
+                             need_dh0)
                 if _set_local == NULL:
                     (<set_global_t>_set_global)(gold)
                 if part != NULL:  # dWx, dWh = the sums of the groups' shares
@@ -700,8 +705,9 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
                                &Cb[t, 0, 0], &TC[t, 0, 0], dbacc, nth)
                     # dh_{t-1} (through the gates) = dA_t Wh^T:
                     #   (H x rows) = Wh (H x 4H) dA_t^T (4H x rows)
-                    _gemm(c'T', c'N', <int>H, <int>(r1 - r0), <int>G, <floating>1, W, <int>G,
-                          &A[t, r0, 0], <int>G, <floating>0, dhn + r0 * H, <int>H)
+                    if t > 0 or need_dh0:
+                        _gemm(c'T', c'N', <int>H, <int>(r1 - r0), <int>G, <floating>1, W,
+                              <int>G, &A[t, r0, 0], <int>G, <floating>0, dhn + r0 * H, <int>H)
                     r0 = r1
             if part == NULL:  # (the split path has computed them)
                 # dWx = X^T dA:  dWx^T (4H x D) = dA^T (4H x TN) X (TN x D)

@@ -63,6 +63,8 @@ class TimeLSTM:
 
     stateful=True carries (h, c) from one forward to the next (truncated BPTT); set_state(h, c)
     starts from a given state; after backward, ``dh`` is the gradient of the initial h.
+    need_dh = False (e.g. the Encoder, which starts from a zero state) skips computing it (one
+    N x 4H x H product per backward): ``dh`` is then None after backward.
     """
 
     param_names = ("Wx", "Wh", "b")
@@ -72,6 +74,7 @@ class TimeLSTM:
         xp = get_array_module(Wx)
         self.grads = [xp.zeros_like(Wx), xp.zeros_like(Wh), xp.zeros_like(b)]
         self.stateful = stateful
+        self.need_dh = True
         self.h = self.c = self.dh = None
         self._cache = None
         self._kernel = None
@@ -96,7 +99,8 @@ class TimeLSTM:
 
     def backward(self, dhs):
         dxs, self.dh = self._kernel.backward(dhs.astype(self.params[0].dtype, copy=False),
-                                             self._cache, self.grads)
+                                             self._cache, self.grads,
+                                             need_dh0=self.need_dh)
         self._cache = None
         return dxs
 

@@ -172,7 +172,7 @@ dc_prev = ds * f;
 _STEP_KERNELS["fastseq_lstm_bwd_step"] = (_LSTM_BWD_IN, _LSTM_BWD_OUT, _LSTM_BWD_SRC)
 
 
-def backward(dhs, cache, grads):
+def backward(dhs, cache, grads, need_dh0=True):
     """Backpropagation through time for ``forward``; grads = [dWx, dWh, db] written in place.
 
     NumPy equivalent (``_numpy.backward``), per step t from T-1 down to 0::
@@ -183,15 +183,15 @@ def backward(dhs, cache, grads):
         dc_next = ds * f;   dh_next = dA_t Wh^T
 
     then dWx = X^T dA, dWh = H_prev^T dA, db = sum(dA), dxs = dA Wx^T over all steps at once.
-    Returns dxs (N, T, D) and dh0 (N, H).
+    Returns dxs (N, T, D) and dh0 (N, H); need_dh0=False skips dA_0 Wh^T and returns dh0 None.
     """
     _require_gpu_arrays((dhs, cache[3]), "LSTM backward inputs")
     _require_gpu_arrays(list(grads), "LSTM gradient buffers")
     import cupy
-    return _backward(cupy, _elementwise, dhs, cache, grads)
+    return _backward(cupy, _elementwise, dhs, cache, grads, need_dh0=need_dh0)
 
 
-def _backward(xp, kernel, dhs, cache, grads):
+def _backward(xp, kernel, dhs, cache, grads, need_dh0=True):
     x2, Wx, Wh, A, Hs, Cs, TCs = cache
     T, N, H = TCs.shape
     D = x2.shape[1]
@@ -207,7 +207,8 @@ def _backward(xp, kernel, dhs, cache, grads):
     step = kernel("fastseq_lstm_bwd_step")
     for t in reversed(range(T)):
         step(A[t], dhs_tm[t], dh, dc, Cs[t], TCs[t], H, dA[t], dc_prev)
-        _matmul_into(xp, dA[t].reshape(N, 4 * H), WhT, dh)
+        if t > 0 or need_dh0:
+            _matmul_into(xp, dA[t].reshape(N, 4 * H), WhT, dh)
         dc, dc_prev = dc_prev, dc
     dWx, dWh, db = grads
     dA2 = dA.reshape(T * N, 4 * H)
@@ -215,4 +216,4 @@ def _backward(xp, kernel, dhs, cache, grads):
     _matmul_into(xp, Hs[:T].reshape(T * N, H).T, dA2, dWh)
     db[...] = dA2.sum(axis=0)
     dxs = xp.matmul(dA2, Wx.T).reshape(T, N, D).transpose(1, 0, 2)
-    return dxs, dh
+    return dxs, (dh if need_dh0 else None)

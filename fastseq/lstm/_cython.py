@@ -2,7 +2,8 @@
 
 Same interface as the NumPy reference engine (_numpy.py):
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
-    backward(dhs, cache, grads)    -> dxs, dh0                 grads = [dWx, dWh, db], written in place
+    backward(dhs, cache, grads, need_dh0=True) -> dxs, dh0     grads = [dWx, dWh, db], written in place
+                                                                (dh0 None when need_dh0=False)
 
 Importing this module raises ImportError when the extension is not built; fastseq.lstm then uses
 the NumPy engine. Buffers are time-major (hs and dxs come back as transposed views of them) and
@@ -240,9 +241,9 @@ def forward(xs, Wx, Wh, b, h0, c0):
     return Hb[1:].transpose(1, 0, 2), Hb[T].copy(), Cb[T].copy(), cache
 
 
-def backward(dhs, cache, grads):
+def backward(dhs, cache, grads, need_dh0=True):
     if isinstance(cache, tuple) and cache and cache[0] == "numpy":
-        return _numpy.backward(dhs, cache[1], grads)
+        return _numpy.backward(dhs, cache[1], grads, need_dh0=need_dh0)
     if not isinstance(cache, _Cache) or cache.work is None:
         raise ValueError("backward() needs the cache of a forward() of the Cython engine, and "
                          "each cache serves one backward only")
@@ -272,13 +273,13 @@ def backward(dhs, cache, grads):
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
     try:
         _lstm_cpu.backward(dhs, X, Wx, Wh, A, Hb, Cb, TC, outs[0], outs[1], outs[2], dX, dh0,
-                           h0_zero, threads, _split_ways(N), scratch)
+                           h0_zero, threads, _split_ways(N), scratch, bool(need_dh0))
     finally:
         cache.release()  # A now holds dA: the cache is used up either way
     for g, o in zip(grads, outs):
         if g is not o:
             g[...] = o
-    return dX.transpose(1, 0, 2), dh0
+    return dX.transpose(1, 0, 2), (dh0 if need_dh0 else None)
 
 
 # --- cache and buffer pool -------------------------------------------------------------------

@@ -12,7 +12,10 @@ step's slice is contiguous.
 
 Interface shared by every engine (numpy, cython, cupy):
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
-    backward(dhs, cache, grads)    -> dxs, dh0                 grads = [dWx, dWh, db], written in place
+    backward(dhs, cache, grads, need_dh0=True) -> dxs, dh0     grads = [dWx, dWh, db], written in place
+
+need_dh0=False skips the product dA_0 Wh^T at t = 0 (N x 4H x H) and returns dh0 = None: for a
+layer whose initial state is a constant (the Encoder's zero state) nobody needs that gradient.
 """
 from ..backend import get_array_module
 
@@ -59,7 +62,7 @@ def forward(xs, Wx, Wh, b, h0, c0):
     return hs.transpose(1, 0, 2), h.copy(), c.copy(), cache
 
 
-def backward(dhs, cache, grads):
+def backward(dhs, cache, grads, need_dh0=True):
     xs, Wx, Wh, h0, c0, A, hs, cs, tcs = cache
     xp = get_array_module(dhs)
     T, N, H = hs.shape
@@ -91,7 +94,8 @@ def backward(dhs, cache, grads):
         xp.multiply(dh, tcs[t], out=da[:, 3 * H:])      # do = dh tanh c
         da *= dact[t]
         dc_next = ds * a[:, :H]
-        dh_next = da @ Wh.T
+        if t > 0 or need_dh0:
+            dh_next = da @ Wh.T
     dWx, dWh, db = grads
     dA2 = dA.reshape(T * N, 4 * H)
     dWx[...] = xs.transpose(1, 0, 2).reshape(T * N, D).T @ dA2
@@ -100,4 +104,4 @@ def backward(dhs, cache, grads):
         dWh += hs[:-1].reshape((T - 1) * N, H).T @ dA[1:].reshape((T - 1) * N, 4 * H)
     db[...] = dA2.sum(axis=0)
     dxs = (dA2 @ Wx.T).reshape(T, N, D).transpose(1, 0, 2)
-    return dxs, dh_next
+    return dxs, (dh_next if need_dh0 else None)

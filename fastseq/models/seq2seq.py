@@ -22,6 +22,7 @@ class Encoder(Model):
         V, D, H = vocab_size, wordvec_size, hidden_size
         self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
         self.lstm = TimeLSTM(*_lstm_params(rng, D, H, dtype), stateful=False)
+        self.lstm.need_dh = False  # starts from a zero state: nobody uses the gradient of h0
         self.layers = [("embed", self.embed), ("lstm", self.lstm)]
         self.hs = None
 
