@@ -146,3 +146,17 @@ def test_load_corrupt_or_tampered(tmp_path):
     np.savez(path, p000=np.zeros(3))
     with pytest.raises(CheckpointError, match="metadata"):
         Seq2seq(13, 8, 16).load_params(path)
+
+
+def test_threaded_eval_matches_serial(numpy_kernel):
+    from fastseq import Adam, Trainer, eval_seq2seq
+    d = sequence.load_dataset("addition.txt")
+    m = PeekySeq2seq(len(d.vocab), 8, 32, seed=0)
+    Trainer(m, Adam(1e-2), seed=0, progress=False).fit(d.x_train[:2048], d.t_train[:2048], 1, 128)
+    q, c = d.x_test[:1200], d.t_test[:1200]
+    serial = eval_seq2seq(m, q, c, batch_size=100, workers=1)
+    threaded = eval_seq2seq(m, q, c, batch_size=100, workers=3)
+    assert serial == threaded
+    copy = m.inference_copy()
+    assert all(a is b for a, b in zip(copy.params, m.params))  # weights shared, not copied
+    assert copy.decoder.lstm is not m.decoder.lstm               # state is its own

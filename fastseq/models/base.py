@@ -1,4 +1,7 @@
 """What every model shares: params/grads lists, initialisation, save/load as .npz."""
+import copy
+import types
+
 import numpy as np
 
 from .. import backend
@@ -43,6 +46,16 @@ class Model:
 
     def config(self):
         return {}
+
+    def inference_copy(self):
+        """A copy with its own layer state (caches, LSTM h/c) that shares the weight and gradient
+        arrays, so several threads can decode with one set of weights."""
+        memo = {id(a): a for a in self.params + self.grads}
+        for _, layer in self.layers:
+            for v in vars(layer).values():
+                if isinstance(v, types.ModuleType):  # an LSTM's engine module
+                    memo[id(v)] = v
+        return copy.deepcopy(self, memo)
 
     def _check_ids(self, a, what, ignore=None):
         """a as a 2-D integer array on the current device, every id in [0, vocab_size) (or equal
