@@ -265,9 +265,3 @@ def eval_perplexity(model, corpus, batch_size=10, time_size=35, max_iters=None, 
         else:
             model.reset_state()
     return float(np.exp(total / iters))
-
-
-def timed(fn, *a, **kw):
-    t0 = time.perf_counter()
-    out = fn(*a, **kw)
-    return out, time.perf_counter() - t0

@@ -173,16 +173,20 @@ def dhs_variants(rng, N, T, H, dtype):
     }
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_noncontiguous_dhs(dtype):
-    rng = np.random.default_rng(6)
-    N, T, D, H = 5, 4, 3, 6
+def _check_noncontiguous_dhs(seed, N, dtype):
+    rng = np.random.default_rng(seed)
+    T, D, H = 4, 3, 6
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, dtype)
     for name, dhs in dhs_variants(rng, N, T, H, dtype).items():
         ref = run_engine(_numpy, xs, Wx, Wh, b, h0, c0, np.ascontiguousarray(dhs, dtype))
         out = run_engine(_cython, xs, Wx, Wh, b, h0, c0, dhs)
         for k in ref:
             assert_close(out[k], ref[k], TOL[dtype], f"{name}: {k}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_noncontiguous_dhs(dtype):
+    _check_noncontiguous_dhs(6, 5, dtype)
 
 
 def test_noncontiguous_inputs_and_grads():
@@ -436,14 +440,7 @@ def test_split_path_matches(dtype, zero_state, forced_split):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_split_path_noncontiguous_dhs(dtype, forced_split):
-    rng = np.random.default_rng(12)
-    N, T, D, H = 9, 4, 3, 6
-    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, dtype)
-    for name, dhs in dhs_variants(rng, N, T, H, dtype).items():
-        ref = run_engine(_numpy, xs, Wx, Wh, b, h0, c0, np.ascontiguousarray(dhs, dtype))
-        out = run_engine(_cython, xs, Wx, Wh, b, h0, c0, dhs)
-        for k in ref:
-            assert_close(out[k], ref[k], TOL[dtype], f"{name}: {k}")
+    _check_noncontiguous_dhs(12, 9, dtype)
 
 
 def test_split_env_override_and_threshold(monkeypatch):
