@@ -35,9 +35,10 @@ def extensions():
     optim = Extension(
         "fastseq._ext._optim_cpu",
         ["fastseq/_ext/_optim_cpu.pyx"],
-        include_dirs=[numpy.get_include()],
+        include_dirs=[numpy.get_include(), "fastseq/_ext"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],
+        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"] + openmp,
+        extra_link_args=openmp,
     )
     return cythonize([ext, optim], language_level=3, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False})

@@ -1,10 +1,24 @@
 """Optimisers: update(params, grads) in place (textbook forms)."""
 from .backend import get_array_module
 
+import os
+
 try:  # fused one-pass update (fastseq/_ext); the NumPy expressions below are the reference
     from ._ext import _optim_cpu
 except ImportError:
     _optim_cpu = None
+
+
+def _cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Threads for the fused kernels over large parameter lists (FASTSEQ_OPTIM_THREADS=1: none).
+if _optim_cpu is not None:
+    _optim_cpu.set_threads(int(os.environ.get("FASTSEQ_OPTIM_THREADS", "0") or 0) or _cpu_count())
 
 
 class SGD:

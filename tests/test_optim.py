@@ -69,3 +69,69 @@ def test_sgd_and_clip():
     g = [np.array([0.3, 0.4])]
     clip_grads(g, 1.0)
     assert np.allclose(g[0], [0.3, 0.4])  # below the threshold: untouched
+
+
+def _big(dtype, seed, sizes=((129, 511), (7,), (40_001,), (3, 5, 7), (1,))):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in sizes]
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
+def optim_threads(request):
+    if optim._optim_cpu is None:
+        pytest.skip("fused optimiser extension not built")
+    old = optim._optim_cpu.set_threads(request.param)
+    yield request.param
+    optim._optim_cpu.set_threads(old)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 2e-6), (np.float64, 1e-13)])
+def test_fused_adam_large_lists_any_thread_count(optim_threads, dtype, rtol):
+    # ~106k elements: above the threshold for threads; shares split arrays at odd offsets
+    p1, p2 = _big(dtype, 0), _big(dtype, 0)
+    fused, plain = Adam(0.01), Adam(0.01, fused=False)
+    for step in range(3):
+        g = _big(dtype, step + 1)
+        fused.update(p1, g)
+        plain.update(p2, g)
+    for a, b in zip(p1, p2):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_squares_and_scale_match_numpy(optim_threads, dtype):
+    ops = optim._optim_cpu
+    g = _big(dtype, 5)
+    ref = sum(float((a.astype(np.float64) ** 2).sum()) for a in g)
+    assert ops.sum_squares(g) == pytest.approx(ref, rel=1e-12)
+    expect = [a * dtype(0.25) for a in g]
+    assert ops.scale(g, 0.25) is True
+    for a, b in zip(g, expect):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_kernels_refuse_what_they_cannot_do():
+    if optim._optim_cpu is None:
+        pytest.skip("fused optimiser extension not built")
+    ops = optim._optim_cpu
+    mixed = [np.ones(3, np.float32), np.ones(3, np.float64)]
+    strided = [np.ones((4, 4))[:, ::2]]
+    ints = [np.ones(3, np.int64)]
+    for bad in (mixed, strided, ints, []):
+        assert ops.sum_squares(bad) is None
+        assert ops.scale(bad, 0.5) is False
+    assert ops.adam_update([np.ones(3)], [np.ones(4)], [np.ones(3)], [np.ones(3)],
+                           0.1, 0.1, 0.001, 1e-7) is False
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clip_grads_fast_path_matches_numpy(monkeypatch, dtype):
+    import fastseq.functions as F
+    g1, g2 = _big(dtype, 9), _big(dtype, 9)
+    n1 = clip_grads(g1, 5.0)
+    monkeypatch.setattr(F, "_optim_cpu", None)
+    n2 = clip_grads(g2, 5.0)
+    assert n1 == pytest.approx(n2, rel=1e-5) and n1 > 5.0
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert a.dtype == dtype

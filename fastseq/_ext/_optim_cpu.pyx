@@ -1,16 +1,109 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Fused optimiser update: one pass over each parameter, one call for the whole parameter list.
+"""Fused optimiser kernels over a whole parameter list: one call, one pass per array, vectorised
+(AVX-512 / AVX2 clones) and, for large lists, split over OpenMP threads.
 
-NumPy equivalent of adam_update (fastseq.optim.Adam), for each (p, g, m, v):
-    m += (1 - beta1) * (g - m)
-    v += (1 - beta2) * (g * g - v)
-    p -= lr_t * m / (sqrt(v) + eps)
+NumPy equivalents:
+    adam_update:   for each (p, g, m, v):
+                       m += (1 - beta1) * (g - m)
+                       v += (1 - beta2) * (g * g - v)
+                       p -= lr_t * m / (sqrt(v) + eps)
+    sum_squares:   sum(float((g.astype(float64) ** 2).sum()) for g in gs)
+    scale:         for g in gs: g *= rate
+
+Every function returns None (touching nothing) unless all arrays are C-contiguous, writeable
+float32 or float64 NumPy arrays with matching sizes and dtypes; the caller then uses NumPy.
 """
-from libc.math cimport sqrt, sqrtf
+from cython.parallel cimport prange
+from libc.stdlib cimport malloc, free
 
 cimport numpy as cnp
 
 cnp.import_array()
+
+
+cdef extern from "fs_simd.h":
+    """
+    #include <math.h>
+
+    /* elements [i0, i1) of one array: the loops are written for the vectoriser */
+    FS_KERNEL static void fs_adam_f(Py_ssize_t i0, Py_ssize_t i1, float *FS_RESTRICT p,
+            const float *FS_RESTRICT g, float *FS_RESTRICT m, float *FS_RESTRICT v,
+            float a, float b, float lr, float eps)
+    {
+        for (Py_ssize_t i = i0; i < i1; ++i) {
+            float x = g[i];
+            float mi = m[i] + a * (x - m[i]);
+            float vi = v[i] + b * (x * x - v[i]);
+            m[i] = mi;
+            v[i] = vi;
+            p[i] -= lr * mi / (sqrtf(vi) + eps);
+        }
+    }
+
+    FS_KERNEL static void fs_adam_d(Py_ssize_t i0, Py_ssize_t i1, double *FS_RESTRICT p,
+            const double *FS_RESTRICT g, double *FS_RESTRICT m, double *FS_RESTRICT v,
+            double a, double b, double lr, double eps)
+    {
+        for (Py_ssize_t i = i0; i < i1; ++i) {
+            double x = g[i];
+            double mi = m[i] + a * (x - m[i]);
+            double vi = v[i] + b * (x * x - v[i]);
+            m[i] = mi;
+            v[i] = vi;
+            p[i] -= lr * mi / (sqrt(vi) + eps);
+        }
+    }
+
+    /* sum of squares, accumulated in double (the reduction is vectorised through OpenMP simd) */
+    FS_KERNEL static double fs_sumsq_f(Py_ssize_t i0, Py_ssize_t i1, const float *FS_RESTRICT g)
+    {
+        double total = 0.0;
+        FS_SIMD_SUM(total)
+        for (Py_ssize_t i = i0; i < i1; ++i) total += (double)g[i] * (double)g[i];
+        return total;
+    }
+
+    FS_KERNEL static double fs_sumsq_d(Py_ssize_t i0, Py_ssize_t i1, const double *FS_RESTRICT g)
+    {
+        double total = 0.0;
+        FS_SIMD_SUM(total)
+        for (Py_ssize_t i = i0; i < i1; ++i) total += g[i] * g[i];
+        return total;
+    }
+
+    FS_KERNEL static void fs_scale_f(Py_ssize_t i0, Py_ssize_t i1, float *FS_RESTRICT g, float r)
+    {
+        for (Py_ssize_t i = i0; i < i1; ++i) g[i] *= r;
+    }
+
+    FS_KERNEL static void fs_scale_d(Py_ssize_t i0, Py_ssize_t i1, double *FS_RESTRICT g, double r)
+    {
+        for (Py_ssize_t i = i0; i < i1; ++i) g[i] *= r;
+    }
+    """
+    int FS_HAVE_OPENMP
+    void fs_adam_f(Py_ssize_t i0, Py_ssize_t i1, float *p, const float *g, float *m, float *v,
+                   float a, float b, float lr, float eps) noexcept nogil
+    void fs_adam_d(Py_ssize_t i0, Py_ssize_t i1, double *p, const double *g, double *m,
+                   double *v, double a, double b, double lr, double eps) noexcept nogil
+    double fs_sumsq_f(Py_ssize_t i0, Py_ssize_t i1, const float *g) noexcept nogil
+    double fs_sumsq_d(Py_ssize_t i0, Py_ssize_t i1, const double *g) noexcept nogil
+    void fs_scale_f(Py_ssize_t i0, Py_ssize_t i1, float *g, float r) noexcept nogil
+    void fs_scale_d(Py_ssize_t i0, Py_ssize_t i1, double *g, double r) noexcept nogil
+
+
+# Lists with at least PARALLEL_MIN elements in all are split over NUM_THREADS OpenMP threads
+# (set_threads); smaller ones run on the calling thread.
+cdef int NUM_THREADS = 1
+cdef Py_ssize_t PARALLEL_MIN = 1 << 15
+
+
+def set_threads(int n):
+    """Threads for large parameter lists (1: none). Returns the previous value."""
+    global NUM_THREADS
+    old = NUM_THREADS
+    NUM_THREADS = n if (n > 1 and FS_HAVE_OPENMP) else 1
+    return old
 
 
 cdef bint _ok(object a, int typenum, Py_ssize_t n):
@@ -19,59 +112,181 @@ cdef bint _ok(object a, int typenum, Py_ssize_t n):
             and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a))
 
 
-def adam_update(list ps, list gs, list ms, list vs, double lr_t, double a, double b, double eps):
-    """Update every parameter in place; returns False (touching nothing) unless all arrays are
-    C-contiguous float32 or float64 with matching sizes and dtypes."""
-    cdef Py_ssize_t k, i, n, K = len(ps)
-    cdef int typenum
-    if len(gs) != K or len(ms) != K or len(vs) != K:
-        return False
+cdef int _common_type(list arrays):
+    """NPY_FLOAT32 or NPY_FLOAT64 when every array is a C-contiguous writeable ndarray of that
+    type, else -1."""
+    cdef int typenum = -1
+    for a in arrays:
+        if type(a) is not cnp.ndarray:
+            return -1
+        if typenum == -1:
+            typenum = cnp.PyArray_TYPE(<cnp.ndarray>a)
+            if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+                return -1
+        if not _ok(a, typenum, cnp.PyArray_SIZE(<cnp.ndarray>a)):
+            return -1
+    return typenum
+
+
+cdef struct Lists:
+    Py_ssize_t K           # arrays per list
+    Py_ssize_t total       # elements in all
+    Py_ssize_t *start      # start[k]: index of array k's first element in the concatenation
+    void **ptr             # ptr[j * K + k]: data of array k of list j
+
+
+cdef int _lists(Lists *L, list lists, int *typenum) except -1:
+    """Fill L from lists of equally many, equally sized arrays of one dtype. Returns 0, or 1
+    when they do not qualify (L is then empty)."""
+    cdef Py_ssize_t K = len(lists[0]), k, j, n
+    L.K, L.total, L.start, L.ptr = K, 0, NULL, NULL
+    typenum[0] = -1
+    for lst in lists:
+        if len(lst) != K:
+            return 1
+    if K == 0:
+        return 1
+    cdef int t = _common_type(lists[0])
+    if t < 0:
+        return 1
+    for j in range(1, len(lists)):
+        if _common_type(lists[j]) != t:
+            return 1
+        for k in range(K):
+            if cnp.PyArray_SIZE(<cnp.ndarray>lists[j][k]) != cnp.PyArray_SIZE(<cnp.ndarray>lists[0][k]):
+                return 1
+    L.start = <Py_ssize_t *>malloc((K + 1) * sizeof(Py_ssize_t))
+    L.ptr = <void **>malloc(K * len(lists) * sizeof(void *))
+    if L.start == NULL or L.ptr == NULL:
+        _free(L)
+        raise MemoryError()
     for k in range(K):
-        if type(ps[k]) is not cnp.ndarray:
-            return False
-        typenum = cnp.PyArray_TYPE(<cnp.ndarray>ps[k])
-        if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
-            return False
-        n = cnp.PyArray_SIZE(<cnp.ndarray>ps[k])
-        if not (_ok(ps[k], typenum, n) and _ok(gs[k], typenum, n) and _ok(ms[k], typenum, n)
-                and _ok(vs[k], typenum, n)):
-            return False
-    cdef float *pf
-    cdef float *gf
-    cdef float *mf
-    cdef float *vf
-    cdef double *pd
-    cdef double *gd
-    cdef double *md
-    cdef double *vd
-    cdef float af = <float>a, bf = <float>b, lf = <float>lr_t, ef = <float>eps, x, mi, vi
-    cdef double xd, mdi, vdi
+        L.start[k] = L.total
+        L.total += cnp.PyArray_SIZE(<cnp.ndarray>lists[0][k])
+        for j in range(len(lists)):
+            L.ptr[j * K + k] = cnp.PyArray_DATA(<cnp.ndarray>lists[j][k])
+    L.start[K] = L.total
+    typenum[0] = t
+    return 0
+
+
+cdef void _free(Lists *L) noexcept:
+    free(L.start)
+    free(L.ptr)
+    L.start, L.ptr = NULL, NULL
+
+
+cdef int _threads(Py_ssize_t total) noexcept nogil:
+    return NUM_THREADS if total >= PARALLEL_MIN else 1
+
+
+# Each kernel below runs over a share [e0, e1) of the concatenated elements: it walks the arrays
+# that overlap the share and calls the per-array C loop on the overlapping part.
+
+cdef void _adam_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1, double a, double b,
+                      double lr, double eps) noexcept nogil:
+    cdef Py_ssize_t k, i0, i1, K = L.K
     for k in range(K):
-        n = cnp.PyArray_SIZE(<cnp.ndarray>ps[k])
-        if cnp.PyArray_TYPE(<cnp.ndarray>ps[k]) == cnp.NPY_FLOAT32:
-            pf = <float *>cnp.PyArray_DATA(<cnp.ndarray>ps[k])
-            gf = <float *>cnp.PyArray_DATA(<cnp.ndarray>gs[k])
-            mf = <float *>cnp.PyArray_DATA(<cnp.ndarray>ms[k])
-            vf = <float *>cnp.PyArray_DATA(<cnp.ndarray>vs[k])
-            with nogil:
-                for i in range(n):
-                    x = gf[i]
-                    mi = mf[i] + af * (x - mf[i])
-                    vi = vf[i] + bf * (x * x - vf[i])
-                    mf[i] = mi
-                    vf[i] = vi
-                    pf[i] -= lf * mi / (sqrtf(vi) + ef)
+        i0 = (e0 if e0 > L.start[k] else L.start[k]) - L.start[k]
+        i1 = (e1 if e1 < L.start[k + 1] else L.start[k + 1]) - L.start[k]
+        if i1 <= i0:
+            continue
+        if f32:
+            fs_adam_f(i0, i1, <float *>L.ptr[k], <float *>L.ptr[K + k], <float *>L.ptr[2 * K + k],
+                      <float *>L.ptr[3 * K + k], <float>a, <float>b, <float>lr, <float>eps)
         else:
-            pd = <double *>cnp.PyArray_DATA(<cnp.ndarray>ps[k])
-            gd = <double *>cnp.PyArray_DATA(<cnp.ndarray>gs[k])
-            md = <double *>cnp.PyArray_DATA(<cnp.ndarray>ms[k])
-            vd = <double *>cnp.PyArray_DATA(<cnp.ndarray>vs[k])
-            with nogil:
-                for i in range(n):
-                    xd = gd[i]
-                    mdi = md[i] + a * (xd - md[i])
-                    vdi = vd[i] + b * (xd * xd - vd[i])
-                    md[i] = mdi
-                    vd[i] = vdi
-                    pd[i] -= lr_t * mdi / (sqrt(vdi) + eps)
+            fs_adam_d(i0, i1, <double *>L.ptr[k], <double *>L.ptr[K + k],
+                      <double *>L.ptr[2 * K + k], <double *>L.ptr[3 * K + k], a, b, lr, eps)
+
+
+def adam_update(list ps, list gs, list ms, list vs, double lr_t, double a, double b, double eps):
+    """Update every parameter in place (a = 1 - beta1, b = 1 - beta2); returns True, or False
+    (touching nothing) when the arrays do not qualify."""
+    cdef Lists L
+    cdef int typenum, nth, q
+    if not ps or _lists(&L, [ps, gs, ms, vs], &typenum):
+        return False
+    cdef bint f32 = typenum == cnp.NPY_FLOAT32
+    try:
+        with nogil:
+            nth = _threads(L.total)
+            if nth == 1:
+                _adam_share(&L, f32, 0, L.total, a, b, lr_t, eps)
+            else:
+                for q in prange(nth, num_threads=nth, schedule='static'):
+                    _adam_share(&L, f32, q * L.total // nth, (q + 1) * L.total // nth,
+                                a, b, lr_t, eps)
+    finally:
+        _free(&L)
+    return True
+
+
+cdef double _sumsq_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1) noexcept nogil:
+    cdef Py_ssize_t k, i0, i1
+    cdef double total = 0
+    for k in range(L.K):
+        i0 = (e0 if e0 > L.start[k] else L.start[k]) - L.start[k]
+        i1 = (e1 if e1 < L.start[k + 1] else L.start[k + 1]) - L.start[k]
+        if i1 > i0:
+            total += (fs_sumsq_f(i0, i1, <float *>L.ptr[k]) if f32
+                      else fs_sumsq_d(i0, i1, <double *>L.ptr[k]))
+    return total
+
+
+def sum_squares(list gs):
+    """Sum of the squares of every element of every array (accumulated in float64), or None
+    when the arrays do not qualify."""
+    cdef Lists L
+    cdef int typenum, nth, q
+    cdef double parts[64]
+    cdef double total = 0
+    if not gs or _lists(&L, [gs], &typenum):
+        return None
+    cdef bint f32 = typenum == cnp.NPY_FLOAT32
+    try:
+        with nogil:
+            nth = _threads(L.total)
+            if nth > 64:
+                nth = 64
+            if nth == 1:
+                total = _sumsq_share(&L, f32, 0, L.total)
+            else:
+                for q in prange(nth, num_threads=nth, schedule='static'):
+                    parts[q] = _sumsq_share(&L, f32, q * L.total // nth, (q + 1) * L.total // nth)
+                for q in range(nth):
+                    total += parts[q]
+    finally:
+        _free(&L)
+    return total
+
+
+cdef void _scale_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1, double r) noexcept nogil:
+    cdef Py_ssize_t k, i0, i1
+    for k in range(L.K):
+        i0 = (e0 if e0 > L.start[k] else L.start[k]) - L.start[k]
+        i1 = (e1 if e1 < L.start[k + 1] else L.start[k + 1]) - L.start[k]
+        if i1 > i0:
+            if f32:
+                fs_scale_f(i0, i1, <float *>L.ptr[k], <float>r)
+            else:
+                fs_scale_d(i0, i1, <double *>L.ptr[k], r)
+
+
+def scale(list gs, double rate):
+    """Multiply every array in place by rate; True, or False when they do not qualify."""
+    cdef Lists L
+    cdef int typenum, nth, q
+    if not gs or _lists(&L, [gs], &typenum):
+        return False
+    cdef bint f32 = typenum == cnp.NPY_FLOAT32
+    try:
+        with nogil:
+            nth = _threads(L.total)
+            if nth == 1:
+                _scale_share(&L, f32, 0, L.total, rate)
+            else:
+                for q in prange(nth, num_threads=nth, schedule='static'):
+                    _scale_share(&L, f32, q * L.total // nth, (q + 1) * L.total // nth, rate)
+    finally:
+        _free(&L)
     return True

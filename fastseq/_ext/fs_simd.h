@@ -1,0 +1,37 @@
+/* Compiler helpers shared by fastseq's C kernels.
+
+   FS_KERNEL: compile a function for several instruction sets and pick the best when the module
+   loads (GCC function multi-versioning through ifunc, x86-64 Linux only). Clones are chosen by
+   instruction-set level (x86-64-v4: AVX-512, v3: AVX2+FMA); clones named after a CPU model
+   ("arch=haswell") would be chosen by model, so newer CPUs would get the baseline one. */
+#ifndef FS_SIMD_H
+#define FS_SIMD_H
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && !defined(FS_NO_CLONES) && __GNUC__ >= 12
+#  define FS_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && !defined(FS_NO_CLONES)
+#  define FS_KERNEL __attribute__((target_clones("avx2", "default")))
+#else
+#  define FS_KERNEL
+#endif
+
+#if defined(__GNUC__)
+#  define FS_RESTRICT __restrict__
+#else
+#  define FS_RESTRICT
+#endif
+
+#if defined(_OPENMP)
+#  define FS_SIMD _Pragma("omp simd")
+#  define FS_PRAGMA(x) _Pragma(#x)
+#  define FS_SIMD_SUM(var) FS_PRAGMA(omp simd reduction(+:var))
+#  define FS_HAVE_OPENMP 1
+#else
+#  define FS_SIMD
+#  define FS_SIMD_SUM(var)
+#  define FS_HAVE_OPENMP 0
+#endif
+
+#endif
