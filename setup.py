@@ -40,7 +40,13 @@ def extensions():
         extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"] + openmp,
         extra_link_args=openmp,
     )
-    return cythonize([ext, optim], language_level=3, compiler_directives={
+    ops = Extension(
+        "fastseq._ext._ops_cpu",
+        ["fastseq/_ext/_ops_cpu.pyx"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],
+    )
+    return cythonize([ext, optim, ops], language_level=3, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False})
 
 

@@ -1,10 +1,14 @@
 """Stateless math shared by the layers (works on NumPy and CuPy arrays alike)."""
+import numpy as np
+
 from .backend import get_array_module
 
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
 try:
-    from ._ext import _optim_cpu
+    from ._ext import _ops_cpu, _optim_cpu
 except ImportError:  # not built: NumPy does it
-    _optim_cpu = None
+    _ops_cpu = _optim_cpu = None
 
 
 def sigmoid(x):
@@ -30,6 +34,9 @@ def softmax_cross_entropy(scores, labels, ignore_label=-1):
     """
     xp = get_array_module(scores)
     M, V = scores.shape
+    if (_ops_cpu is not None and xp is np and scores.dtype in _FLOATS and scores.flags.c_contiguous
+            and scores.flags.writeable and M and V):
+        return _softmax_cross_entropy_fused(scores, labels, ignore_label)
     mask = labels != ignore_label
     n_valid = int(mask.sum())
     all_valid = n_valid == M  # the common case: no masking arithmetic at all
@@ -60,6 +67,18 @@ def softmax_cross_entropy(scores, labels, ignore_label=-1):
         loss = -(logp * w).sum()
         scores *= (w / z)[:, None]
         flat[at_label] -= w
+    return float(loss), scores
+
+
+def _softmax_cross_entropy_fused(scores, labels, ignore_label):
+    """The same on host arrays in three passes: row max and shift, exp (NumPy's SIMD), then sums,
+    loss and gradient (fastseq/_ext/_ops_cpu)."""
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    has_ignore = ignore_label is not None
+    ignore = int(ignore_label) if has_ignore else 0
+    picked, n_valid = _ops_cpu.softmax_shift(scores, labels, ignore, has_ignore)
+    np.exp(scores, out=scores)
+    loss = _ops_cpu.softmax_finish(scores, labels, picked, ignore, n_valid, has_ignore)
     return float(loss), scores
 
 

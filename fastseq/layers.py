@@ -8,6 +8,13 @@ import numpy as np
 from . import backend
 from .backend import get_array_module
 from .functions import softmax_cross_entropy
+
+try:
+    from ._ext import _ops_cpu
+except ImportError:  # not built: NumPy does it
+    _ops_cpu = None
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 from .lstm import TimeLSTM  # noqa: F401  (re-exported: the LSTM lives in fastseq/lstm)
 
 
@@ -27,11 +34,23 @@ class TimeEmbedding:
         idx = xp.asarray(idx)
         if idx.dtype.kind not in "iu":
             raise TypeError(f"TimeEmbedding expects integer ids, got dtype {idx.dtype}")
+        if _ops_cpu is not None and xp is np and W.flags.c_contiguous and W.dtype in _FLOATS:
+            # one pass that checks the ids and copies the rows (fastseq/_ext/_ops_cpu)
+            ids = np.ascontiguousarray(idx, dtype=np.int64)
+            out = np.empty(ids.shape + (W.shape[1],), dtype=W.dtype)
+            if _ops_cpu.embed_gather(W, ids.reshape(-1), out.reshape(-1, W.shape[1])) >= 0:
+                self._out_of_range(ids, W.shape[0])
+            self.idx = ids
+            return out
         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= W.shape[0]):
-            raise ValueError(f"token id out of range: ids must be in [0, {W.shape[0]}), "
-                             f"got min {int(idx.min())}, max {int(idx.max())}")
+            self._out_of_range(idx, W.shape[0])
         self.idx = idx
         return W[idx]
+
+    @staticmethod
+    def _out_of_range(idx, V):
+        raise ValueError(f"token id out of range: ids must be in [0, {V}), "
+                         f"got min {int(idx.min())}, max {int(idx.max())}")
 
     def backward(self, dout, accumulate=False):
         """Scatter-add dout into the rows of dW (zeroed first unless ``accumulate``: then the rows
@@ -39,6 +58,11 @@ class TimeEmbedding:
         dW, = self.grads
         xp = get_array_module(dW)
         D = dW.shape[1]
+        if (_ops_cpu is not None and xp is np and dout.ndim == 3 and self.idx.ndim == 2
+                and dout.dtype == dW.dtype and dW.dtype in _FLOATS and dW.flags.c_contiguous
+                and self.idx.dtype == np.int64 and dout.strides[2] == dout.itemsize):
+            _ops_cpu.embed_scatter(dW, self.idx, dout, accumulate)  # ids checked in forward
+            return None
         if not accumulate and not (xp is backend.np and dW.shape[0] <= 64):
             dW[...] = 0
         # scatter-add of rows; bincount per column is much faster than add.at on NumPy
