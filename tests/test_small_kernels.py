@@ -1,5 +1,6 @@
 """The fused CPU kernels around the LSTM (fastseq/_ext/_ops_cpu) against the NumPy code they
-replace: softmax + cross-entropy, and the embedding's gather and scatter-add."""
+replace: softmax + cross-entropy, the embedding's gather and scatter-add. Also TimeAffine on
+the LSTM's time-major output against a contiguous copy."""
 import numpy as np
 import pytest
 
@@ -79,3 +80,21 @@ def test_embedding_rejects_out_of_range_ids_on_both_paths(numpy_only):
         with pytest.raises(ValueError, match=r"must be in \[0, 4\), got min -1, max 4"):
             e.forward(np.array([[0, 4], [-1, 2]]))
         numpy_only()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_affine_on_time_major_view_matches_contiguous_input(dtype):
+    from fastseq.layers import TimeAffine
+    rng = np.random.default_rng(3)
+    W, b = rng.standard_normal((6, 5)).astype(dtype), rng.standard_normal(5).astype(dtype)
+    tm = rng.standard_normal((4, 3, 6)).astype(dtype)  # (T, N, H) as the LSTM engines keep hs
+    dout = rng.standard_normal((3, 4, 5)).astype(dtype)
+    outs = []
+    for x in (tm.transpose(1, 0, 2), np.ascontiguousarray(tm.transpose(1, 0, 2))):
+        layer = TimeAffine(W, b)
+        y = layer.forward(x)
+        assert layer.time_major == (not x.flags.c_contiguous)
+        outs.append((y, layer.backward(dout), *layer.grads))
+    for a, c in zip(*outs):
+        assert a.shape == c.shape
+        np.testing.assert_allclose(a, c, rtol=1e-5)
