@@ -1,4 +1,6 @@
 """Stateless math shared by the layers (works on NumPy and CuPy arrays alike)."""
+import os
+
 import numpy as np
 
 from .backend import get_array_module
@@ -82,12 +84,30 @@ def _softmax_cross_entropy_fused(scores, labels, ignore_label):
     return float(loss), scores
 
 
+def kernel_threads():
+    """OpenMP threads for the fused kernels over whole parameter lists (Adam, clip_grads): every
+    core while the Cython LSTM engine runs, whose own OpenMP threads are then already awake; one
+    otherwise. (With the NumPy engine, OpenMP threads next to OpenBLAS's still-spinning workers
+    made each Adam step ~15x slower on 2 cores.) FASTSEQ_OPTIM_THREADS=n overrides."""
+    forced = os.environ.get("FASTSEQ_OPTIM_THREADS", "")
+    if forced.strip():
+        return max(1, int(forced))
+    from .lstm import kernel_name
+    if kernel_name() != "cython":
+        return 1
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def clip_grads(grads, max_norm):
     """Scale all grads in place by max_norm / (total_norm + 1e-6) when that is below 1.
     Returns the norm before clipping. (Host arrays go through one fused, threaded pass of
     fastseq/_ext/_optim_cpu for the norm and one for the scaling when it is built.)"""
     grads = list(grads)
-    total = _optim_cpu.sum_squares(grads) if _optim_cpu is not None else None
+    threads = kernel_threads() if _optim_cpu is not None else 1
+    total = _optim_cpu.sum_squares(grads, threads) if _optim_cpu is not None else None
     if total is None:
         total = 0.0
         for g in grads:
@@ -96,7 +116,7 @@ def clip_grads(grads, max_norm):
             total += float(xp.dot(flat, flat))
     total = total ** 0.5
     rate = max_norm / (total + 1e-6)
-    if rate < 1 and not (_optim_cpu is not None and _optim_cpu.scale(grads, rate)):
+    if rate < 1 and not (_optim_cpu is not None and _optim_cpu.scale(grads, rate, threads)):
         for g in grads:
             g *= rate
     return total

@@ -1,24 +1,12 @@
 """Optimisers: update(params, grads) in place (textbook forms)."""
 from .backend import get_array_module
 
-import os
+from .functions import kernel_threads
 
 try:  # fused one-pass update (fastseq/_ext); the NumPy expressions below are the reference
     from ._ext import _optim_cpu
 except ImportError:
     _optim_cpu = None
-
-
-def _cpu_count():
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-# Threads for the fused kernels over large parameter lists (FASTSEQ_OPTIM_THREADS=1: none).
-if _optim_cpu is not None:
-    _optim_cpu.set_threads(int(os.environ.get("FASTSEQ_OPTIM_THREADS", "0") or 0) or _cpu_count())
 
 
 class SGD:
@@ -49,7 +37,8 @@ class Adam:
         self.iter += 1
         lr_t = self.lr * (1.0 - self.beta2 ** self.iter) ** 0.5 / (1.0 - self.beta1 ** self.iter)
         if self.fused and _optim_cpu.adam_update(list(params), list(grads), self.m, self.v, lr_t,
-                                                 1 - self.beta1, 1 - self.beta2, 1e-7):
+                                                 1 - self.beta1, 1 - self.beta2, 1e-7,
+                                                 kernel_threads()):
             return  # all host arrays, contiguous: done in one fused pass
         for p, g, m, v in zip(params, grads, self.m, self.v):
             xp = get_array_module(p)

@@ -77,12 +77,11 @@ def _big(dtype, seed, sizes=((129, 511), (7,), (40_001,), (3, 5, 7), (1,))):
 
 
 @pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
-def optim_threads(request):
+def optim_threads(request, monkeypatch):
     if optim._optim_cpu is None:
         pytest.skip("fused optimiser extension not built")
-    old = optim._optim_cpu.set_threads(request.param)
-    yield request.param
-    optim._optim_cpu.set_threads(old)
+    monkeypatch.setenv("FASTSEQ_OPTIM_THREADS", str(request.param))
+    return request.param
 
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float32, 2e-6), (np.float64, 1e-13)])
@@ -103,9 +102,9 @@ def test_sum_squares_and_scale_match_numpy(optim_threads, dtype):
     ops = optim._optim_cpu
     g = _big(dtype, 5)
     ref = sum(float((a.astype(np.float64) ** 2).sum()) for a in g)
-    assert ops.sum_squares(g) == pytest.approx(ref, rel=1e-12)
+    assert ops.sum_squares(g, optim_threads) == pytest.approx(ref, rel=1e-12)
     expect = [a * dtype(0.25) for a in g]
-    assert ops.scale(g, 0.25) is True
+    assert ops.scale(g, 0.25, optim_threads) is True
     for a, b in zip(g, expect):
         np.testing.assert_array_equal(a, b)
 
@@ -135,3 +134,16 @@ def test_clip_grads_fast_path_matches_numpy(monkeypatch, dtype):
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         assert a.dtype == dtype
+
+
+def test_kernel_threads_follow_the_lstm_engine(monkeypatch):
+    from fastseq import lstm
+    from fastseq.functions import kernel_threads
+    monkeypatch.delenv("FASTSEQ_OPTIM_THREADS", raising=False)
+    monkeypatch.setattr(lstm, "_override", "numpy")
+    assert kernel_threads() == 1  # OpenMP next to OpenBLAS's workers: slower
+    if lstm.cython_available():
+        monkeypatch.setattr(lstm, "_override", "cython")
+        assert kernel_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("FASTSEQ_OPTIM_THREADS", "3")
+    assert kernel_threads() == 3

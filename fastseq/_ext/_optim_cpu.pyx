@@ -10,8 +10,10 @@ NumPy equivalents:
     sum_squares:   sum(float((g.astype(float64) ** 2).sum()) for g in gs)
     scale:         for g in gs: g *= rate
 
-Every function returns None (touching nothing) unless all arrays are C-contiguous, writeable
-float32 or float64 NumPy arrays with matching sizes and dtypes; the caller then uses NumPy.
+Each takes nthreads (default 1): OpenMP threads for lists of at least 32768 elements. Each
+touches nothing and returns False (sum_squares: None) unless all arrays are C-contiguous,
+writeable float32 or float64 NumPy arrays with matching sizes and dtypes; the caller then uses
+NumPy.
 """
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
@@ -92,18 +94,9 @@ cdef extern from "fs_simd.h":
     void fs_scale_d(Py_ssize_t i0, Py_ssize_t i1, double *g, double r) noexcept nogil
 
 
-# Lists with at least PARALLEL_MIN elements in all are split over NUM_THREADS OpenMP threads
-# (set_threads); smaller ones run on the calling thread.
-cdef int NUM_THREADS = 1
+# Lists with fewer than PARALLEL_MIN elements in all run on the calling thread whatever nthreads
+# says (a parallel region costs more than it saves there).
 cdef Py_ssize_t PARALLEL_MIN = 1 << 15
-
-
-def set_threads(int n):
-    """Threads for large parameter lists (1: none). Returns the previous value."""
-    global NUM_THREADS
-    old = NUM_THREADS
-    NUM_THREADS = n if (n > 1 and FS_HAVE_OPENMP) else 1
-    return old
 
 
 cdef bint _ok(object a, int typenum, Py_ssize_t n):
@@ -176,8 +169,10 @@ cdef void _free(Lists *L) noexcept:
     L.start, L.ptr = NULL, NULL
 
 
-cdef int _threads(Py_ssize_t total) noexcept nogil:
-    return NUM_THREADS if total >= PARALLEL_MIN else 1
+cdef int _threads(Py_ssize_t total, int nthreads) noexcept nogil:
+    if total < PARALLEL_MIN or nthreads < 2 or not FS_HAVE_OPENMP:
+        return 1
+    return nthreads if nthreads < 64 else 64
 
 
 # Each kernel below runs over a share [e0, e1) of the concatenated elements: it walks the arrays
@@ -199,9 +194,10 @@ cdef void _adam_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1, double a
                       <double *>L.ptr[2 * K + k], <double *>L.ptr[3 * K + k], a, b, lr, eps)
 
 
-def adam_update(list ps, list gs, list ms, list vs, double lr_t, double a, double b, double eps):
-    """Update every parameter in place (a = 1 - beta1, b = 1 - beta2); returns True, or False
-    (touching nothing) when the arrays do not qualify."""
+def adam_update(list ps, list gs, list ms, list vs, double lr_t, double a, double b, double eps,
+                int nthreads=1):
+    """Update every parameter in place (a = 1 - beta1, b = 1 - beta2) on up to nthreads OpenMP
+    threads; returns True, or False (touching nothing) when the arrays do not qualify."""
     cdef Lists L
     cdef int typenum, nth, q
     if not ps or _lists(&L, [ps, gs, ms, vs], &typenum):
@@ -209,7 +205,7 @@ def adam_update(list ps, list gs, list ms, list vs, double lr_t, double a, doubl
     cdef bint f32 = typenum == cnp.NPY_FLOAT32
     try:
         with nogil:
-            nth = _threads(L.total)
+            nth = _threads(L.total, nthreads)
             if nth == 1:
                 _adam_share(&L, f32, 0, L.total, a, b, lr_t, eps)
             else:
@@ -233,7 +229,7 @@ cdef double _sumsq_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1) noexc
     return total
 
 
-def sum_squares(list gs):
+def sum_squares(list gs, int nthreads=1):
     """Sum of the squares of every element of every array (accumulated in float64), or None
     when the arrays do not qualify."""
     cdef Lists L
@@ -245,9 +241,7 @@ def sum_squares(list gs):
     cdef bint f32 = typenum == cnp.NPY_FLOAT32
     try:
         with nogil:
-            nth = _threads(L.total)
-            if nth > 64:
-                nth = 64
+            nth = _threads(L.total, nthreads)
             if nth == 1:
                 total = _sumsq_share(&L, f32, 0, L.total)
             else:
@@ -272,7 +266,7 @@ cdef void _scale_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1, double 
                 fs_scale_d(i0, i1, <double *>L.ptr[k], r)
 
 
-def scale(list gs, double rate):
+def scale(list gs, double rate, int nthreads=1):
     """Multiply every array in place by rate; True, or False when they do not qualify."""
     cdef Lists L
     cdef int typenum, nth, q
@@ -281,7 +275,7 @@ def scale(list gs, double rate):
     cdef bint f32 = typenum == cnp.NPY_FLOAT32
     try:
         with nogil:
-            nth = _threads(L.total)
+            nth = _threads(L.total, nthreads)
             if nth == 1:
                 _scale_share(&L, f32, 0, L.total, rate)
             else:
