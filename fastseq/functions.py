@@ -93,12 +93,13 @@ def kernel_threads():
     if forced.strip():
         return max(1, int(forced))
     from .lstm import kernel_name
-    if kernel_name() != "cython":
-        return 1
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return _CPUS if kernel_name() == "cython" else 1
+
+
+try:
+    _CPUS = len(os.sched_getaffinity(0))
+except (AttributeError, OSError):
+    _CPUS = os.cpu_count() or 1
 
 
 def clip_grads(grads, max_norm):

@@ -610,21 +610,20 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
 
 
 cdef void _sum_parts(const floating *part, int ways, Py_ssize_t PW, floating *dWx,
-                     Py_ssize_t nx, floating *dWh, Py_ssize_t nh) noexcept nogil:
-    """dWx, dWh = sums over the row groups of their shares part[p*PW : (p+1)*PW] (dWx then dWh)."""
+                     Py_ssize_t nx, floating *dWh, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """Element j of the concatenation [dWx (nx elements), dWh] = the sum over the row groups of
+    their shares part[p*PW + j], for j in [j0, j1)."""
     cdef Py_ssize_t j
     cdef int p
     cdef floating acc
-    for j in range(nx):
+    for j in range(j0, j1):
         acc = part[j]
         for p in range(1, ways):
             acc = acc + part[p * PW + j]
-        dWx[j] = acc
-    for j in range(nh):
-        acc = part[nx + j]
-        for p in range(1, ways):
-            acc = acc + part[p * PW + nx + j]
-        dWh[j] = acc
+        if j < nx:
+            dWx[j] = acc
+        else:
+            dWh[j - nx] = acc
 
 
 def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
@@ -695,8 +694,10 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
                              need_dh0)
                 if _set_local == NULL:
                     (<set_global_t>_set_global)(gold)
-                if part != NULL:  # dWx, dWh = the sums of the groups' shares
-                    _sum_parts(part, ways, PW, &dWx[0, 0], D * G, &dWh[0, 0], H * G)
+                if part != NULL:  # dWx, dWh = the sums of the groups' shares, split by columns
+                    for p in prange(ways, num_threads=ways, schedule='static'):
+                        _sum_parts(part, ways, PW, &dWx[0, 0], D * G, &dWh[0, 0],
+                                   p * PW // ways, (p + 1) * PW // ways)
             for t in range((0 if ways else T) - 1, -1, -1):  # the per-step path (not split)
                 r0 = 0
                 while r0 < N:
