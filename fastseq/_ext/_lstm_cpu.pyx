@@ -50,20 +50,8 @@ cdef extern from *:
     #include <stdint.h>
     #include <string.h>
 
-    /* Compile the elementwise kernels for several instruction sets and dispatch at load time
-       (GCC function multi-versioning through ifunc; x86-64 Linux only). */
-    /* Clones are chosen by instruction-set level (x86-64-v4: AVX-512, v3: AVX2+FMA); clones named
-       after a CPU model ("arch=haswell") would be chosen by model, so newer CPUs would get the
-       baseline one. */
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
-        && !defined(FS_NO_CLONES) && __GNUC__ >= 12
-    #  define FS_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-    #elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
-        && !defined(FS_NO_CLONES)
-    #  define FS_KERNEL __attribute__((target_clones("avx2", "default")))
-    #else
-    #  define FS_KERNEL
-    #endif
+    #include "fs_simd.h"   /* FS_KERNEL (instruction-set clones), FS_SIMD, FS_RESTRICT */
+
     /* The clamps in tanh/sigmoid only if-convert (and so vectorise) when FP operations may be
        speculated (FP exception flags are never looked at here), and the rounding trick
        (t + 1.5 2^23) - 1.5 2^23 must not be reassociated away. */
@@ -71,17 +59,10 @@ cdef extern from *:
     #  pragma GCC push_options
     #  pragma GCC optimize("no-trapping-math", "no-associative-math")
     #endif
-    #if defined(_OPENMP)
-    #  define FS_SIMD _Pragma("omp simd")
-    #else
-    #  define FS_SIMD
-    #endif
     #if defined(__GNUC__)
     #  define FS_INLINE static inline __attribute__((always_inline))
-    #  define FS_RESTRICT __restrict__
     #else
     #  define FS_INLINE static inline
-    #  define FS_RESTRICT
     #endif
 
     /* ---- float32 ------------------------------------------------------------------------ */
@@ -335,14 +316,7 @@ def set_blas_threads(size_t set_local_addr=0, size_t set_global_addr=0, size_t g
                                             <void *>get_global_addr)
 
 
-cdef extern from *:
-    """
-    #if defined(_OPENMP)
-    #  define FS_HAVE_OPENMP 1
-    #else
-    #  define FS_HAVE_OPENMP 0
-    #endif
-    """
+cdef extern from "fs_simd.h":
     int FS_HAVE_OPENMP
 
 
