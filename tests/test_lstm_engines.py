@@ -412,16 +412,18 @@ def test_package_import_finds_the_extension():
 
 # --- split path: row groups with their own time loop on OpenMP threads, single-threaded BLAS -----
 
-@pytest.fixture(params=[(True, True), (True, False), (False, True), (False, False)],
-                ids=["xw+grads", "xw", "grads", "plain"])
+@pytest.fixture(params=[(True, True, 2), (True, False, 2), (False, True, 2), (False, False, 2),
+                        (True, True, 3)],
+                ids=["xw+grads", "xw", "grads", "plain", "xw+grads-3groups"])
 def forced_split(request, monkeypatch):
-    """The split path for any batch of >= 4 rows, in each of its variants (x Wx per group or one
-    product; dX, dWx, dWh per group or after the loop); skipped where it cannot run."""
+    """The split path for any batch of >= 2 rows per group, in each of its variants (x Wx per
+    group or one product; dX, dWx, dWh per group or after the loop; two row groups, or three,
+    which sums the groups' shares the general way); skipped where it cannot run."""
     if not _cython._lstm_cpu.can_split():
         pytest.skip("split path unavailable (no OpenMP or no BLAS thread setter)")
+    xw, grads, ways = request.param
     monkeypatch.setattr(_cython, "SPLIT", "1")
-    monkeypatch.setattr(_cython, "SPLIT_WAYS", max(2, _cython.SPLIT_WAYS))
-    xw, grads = request.param
+    monkeypatch.setattr(_cython, "SPLIT_WAYS", ways)
     _cython._lstm_cpu.set_split_xw(xw)
     _cython._lstm_cpu.set_split_grads(grads)
     yield
@@ -433,8 +435,8 @@ def forced_split(request, monkeypatch):
 @pytest.mark.parametrize("zero_state", [False, True])
 def test_split_path_matches(dtype, zero_state, forced_split):
     rng = np.random.default_rng(11)
-    for shape in [(4, 1, 1, 1), (5, 3, 4, 6), (65, 7, 16, 32), (128, 7, 16, 128), (131, 2, 300, 9)]:
-        assert _cython._split_ways(shape[0]) >= 2
+    for shape in [(6, 1, 1, 1), (7, 3, 4, 6), (65, 7, 16, 32), (128, 7, 16, 128), (131, 2, 300, 9)]:
+        assert _cython._split_ways(shape[0]) == _cython.SPLIT_WAYS
         compare(make_case(rng, *shape, dtype, zero_state), dtype)
 
 

@@ -489,15 +489,17 @@ cdef void _bwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_
                    const floating *Wx, const floating *Hb, floating *dX, floating *pdWx,
                    floating *pdWh, bint h0_zero, bint need_dh0) noexcept nogil:
     """The whole time loop of backward for rows [r0, r1) (split path, see _fwd_seq). With pdWx
-    (zeroed, D x 4H) and pdWh (zeroed, H x 4H), also this group's dX rows and its share of dWx
+    (D x 4H) and pdWh (H x 4H; their contents are overwritten), also this group's dX rows and its share of dWx
     and dWh, per step. need_dh0=False: no dA_0 Wh^T at t = 0 (dhn then holds dh_1 at the end)."""
     cdef Py_ssize_t t, G = 4 * H, NH = N * H, rows = r1 - r0
     cdef floating *at
     cdef int old
     if r1 <= r0:
         return
-    if pdWx != NULL:  # the shares (contiguous: pdWh follows pdWx) start from zero
-        memset(pdWx, 0, (D + H) * G * sizeof(floating))
+    # the shares are overwritten at the first step (t = T-1, beta 0) and added to after; pdWh
+    # gets no step at all when T == 1 and h0 == 0
+    if pdWh != NULL and T == 1 and h0_zero:
+        memset(pdWh, 0, H * G * sizeof(floating))
     old = _blas_one_thread()
     for t in range(T - 1, -1, -1):
         at = A + t * N * G + r0 * G
@@ -515,10 +517,10 @@ cdef void _bwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_
             _gemm(c'T', c'N', <int>D, <int>rows, <int>G, <floating>1, Wx, <int>G,
                   at, <int>G, <floating>0, dX + t * N * D + r0 * D, <int>D)
             _gemm(c'N', c'T', <int>G, <int>D, <int>rows, <floating>1, at, <int>G,
-                  X + t * N * D + r0 * D, <int>D, <floating>1, pdWx, <int>G)
+                  X + t * N * D + r0 * D, <int>D, <floating>(t < T - 1), pdWx, <int>G)
             if t > 0 or not h0_zero:
                 _gemm(c'N', c'T', <int>G, <int>H, <int>rows, <floating>1, at, <int>G,
-                      Hb + t * NH + r0 * H, <int>H, <floating>1, pdWh, <int>G)
+                      Hb + t * NH + r0 * H, <int>H, <floating>(t < T - 1), pdWh, <int>G)
     _blas_restore(old)
 
 
@@ -583,21 +585,35 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
     return h0_zero
 
 
+cdef inline void _sum_range(const floating *part, int ways, Py_ssize_t PW, floating *dst,
+                            Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """dst[j - j0] = the sum over p of part[p*PW + j], for j in [j0, j1)."""
+    cdef Py_ssize_t j, n = j1 - j0
+    cdef int p
+    cdef const floating *a = part + j0
+    cdef const floating *b = part + PW + j0
+    if n <= 0:
+        return
+    if ways == 2:  # the common case, as one vectorisable loop
+        for j in range(n):
+            dst[j] = a[j] + b[j]
+        return
+    for j in range(n):
+        dst[j] = a[j]
+    for p in range(1, ways):
+        b = part + p * PW + j0
+        for j in range(n):
+            dst[j] = dst[j] + b[j]
+
+
 cdef void _sum_parts(const floating *part, int ways, Py_ssize_t PW, floating *dWx,
                      Py_ssize_t nx, floating *dWh, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
     """Element j of the concatenation [dWx (nx elements), dWh] = the sum over the row groups of
     their shares part[p*PW + j], for j in [j0, j1)."""
-    cdef Py_ssize_t j
-    cdef int p
-    cdef floating acc
-    for j in range(j0, j1):
-        acc = part[j]
-        for p in range(1, ways):
-            acc = acc + part[p * PW + j]
-        if j < nx:
-            dWx[j] = acc
-        else:
-            dWh[j - nx] = acc
+    cdef Py_ssize_t a0 = j0 if j0 < nx else nx, a1 = j1 if j1 < nx else nx
+    cdef Py_ssize_t b0 = j0 if j0 > nx else nx, b1 = j1 if j1 > nx else nx
+    _sum_range(part, ways, PW, dWx + a0, a0, a1)
+    _sum_range(part, ways, PW, dWh + (b0 - nx), b0, b1)
 
 
 def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
