@@ -189,7 +189,7 @@ def test_forward_step_kernel(kernel, dtype, N, H):
     b, c_prev = rng.standard_normal(4 * H).astype(dtype), rng.standard_normal((N, H)).astype(dtype)
     gates = xw.copy()
     c_next, tanh_c, h_next = (np.full((N, H), np.nan, dtype) for _ in range(3))
-    kernel("fastseq_lstm_fwd_step")(hw.reshape(-1), b, c_prev, H, gates.reshape(-1),
+    kernel("fastseq_lstm_fwd_step")(hw.reshape(-1), b, c_prev, H, 0, gates.reshape(-1),
                                     c_next, tanh_c, h_next)
     a = xw + b + hw
     exp = np.tanh(a * 0.5) * 0.5 + 0.5  # sigmoid
@@ -228,7 +228,7 @@ def test_harness_reports_out_of_bounds(kernel):
     N, H = 2, 3
     z = np.zeros
     with pytest.raises(AssertionError, match="index outside a raw array"):
-        kernel("fastseq_lstm_fwd_step")(z(N * 4 * H), z(4 * H), z((N, H)), H + 1,
+        kernel("fastseq_lstm_fwd_step")(z(N * 4 * H), z(4 * H), z((N, H)), H + 1, 0,
                                         z(N * 4 * H), z((N, H)), z((N, H)), z((N, H)))
 
 
@@ -369,3 +369,26 @@ def test_kernel_specs_are_cupy_syntax():
                 assert len(toks) in (2, 3) and (len(toks) == 2 or toks[0] == "raw"), item
                 assert toks[-1] != "i"
                 assert re.search(rf"\b{toks[-1]}\b", body), f"{name}: {toks[-1]} unused"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,T,D,H", [(1, 1, 1, 1), (3, 4, 2, 5)])
+def test_engine_row_bias_matches_numpy_reference(kernel, dtype, N, T, D, H):
+    """b of shape (N, 4H), one bias per row (PeekyDecoder's h Wx_h folded in); db per row."""
+    rng = np.random.default_rng(N + T + D + H)
+    xs, Wx, Wh, _, h0, c0 = _params(rng, N, T, D, H, dtype)
+    b = rng.standard_normal((N, 4 * H)).astype(dtype)
+    hs, hT, cT, cache = _cupy._forward(np, kernel, xs, Wx, Wh, b, h0, c0)
+    rhs, rhT, rcT, rcache = _numpy.forward(xs, Wx, Wh, b, h0, c0)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(hs, rhs, **tol)
+    dhs = rng.standard_normal((N, T, H)).astype(dtype)
+    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.full_like(b, np.nan)]
+    rgrads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+    dxs, dh0 = _cupy._backward(np, kernel, dhs, cache, grads)
+    rdxs, rdh0 = _numpy.backward(dhs, rcache, rgrads)
+    gtol = dict(rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+    np.testing.assert_allclose(dxs, rdxs, **gtol)
+    np.testing.assert_allclose(dh0, rdh0, **gtol)
+    for g, rg in zip(grads, rgrads):
+        np.testing.assert_allclose(g, rg, **gtol)

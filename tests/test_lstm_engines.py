@@ -560,3 +560,48 @@ def test_encoder_skips_dh():
     model.backward()
     assert model.encoder.lstm.dh is None
     assert model.decoder.lstm.dh is not None
+
+
+# --- one bias per row (b of shape (N, 4H)): PeekyDecoder folds h Wx_h into it -------------------
+
+def _row_bias_case(rng, shape, dtype, zero_state):
+    case = make_case(rng, *shape, dtype, zero_state)
+    N, H = shape[0], shape[3]
+    case[3] = (rng.standard_normal((N, 4 * H)) * 0.5).astype(dtype)
+    return case
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 3, 4, 6), (128, 4, 16, 128)])
+def test_row_bias_matches_numpy(shape, dtype, zero_state):
+    rng = np.random.default_rng(sum(shape))
+    out = compare(_row_bias_case(rng, shape, dtype, zero_state), dtype)
+    assert out["db"].shape == (shape[0], 4 * shape[3])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_bias_split_path_matches(dtype, forced_split):
+    rng = np.random.default_rng(5)
+    for shape in [(6, 1, 1, 1), (7, 3, 4, 6), (65, 4, 16, 32)]:
+        compare(_row_bias_case(rng, shape, dtype, False), dtype)
+
+
+def test_row_bias_numpy_engine_gradient_numerically():
+    """db per row from the reference engine against finite differences (float64)."""
+    rng = np.random.default_rng(8)
+    xs, Wx, Wh, b, h0, c0, dhs = _row_bias_case(rng, (3, 4, 2, 3), np.float64, False)
+
+    def loss(bb):
+        hs, _, _, _ = _numpy.forward(xs, Wx, Wh, bb, h0, c0)
+        return float((hs * dhs).sum())
+
+    _, _, _, cache = _numpy.forward(xs, Wx, Wh, b, h0, c0)
+    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+    _numpy.backward(dhs, cache, grads)
+    num = np.zeros_like(b)
+    for idx in np.ndindex(*b.shape):
+        e = np.zeros_like(b)
+        e[idx] = 1e-6
+        num[idx] = (loss(b + e) - loss(b - e)) / 2e-6
+    np.testing.assert_allclose(grads[2], num, rtol=1e-6, atol=1e-8)

@@ -170,15 +170,19 @@ cdef extern from *:
 
     /* ---- fused per-step kernels over rows [n0, n1) ----------------------------------------- */
 
-    /* forward: A holds x_t Wx + h_{t-1} Wh for one step (N, 4H); adds b, activates the gates in
+    /* forward: A holds x_t Wx + h_{t-1} Wh for one step (N, 4H); adds b (row n's bias at
+       b + n * b_rs: b_rs = 0 for one shared bias, 4H for one per row), activates the gates in
        place and writes c_t, tanh(c_t) and h_t. */
     #define FS_FWD(T, SFX) \
     FS_KERNEL static void fs_fwd_rows##SFX(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, \
-            T *FS_RESTRICT A, const T *FS_RESTRICT b, const T *FS_RESTRICT cprev, \
-            T *FS_RESTRICT c, T *FS_RESTRICT tc, T *FS_RESTRICT h) \
+            T *FS_RESTRICT A, const T *FS_RESTRICT b, Py_ssize_t b_rs, \
+            const T *FS_RESTRICT cprev, T *FS_RESTRICT c, T *FS_RESTRICT tc, T *FS_RESTRICT h) \
     { \
-        const T *bf = b, *bg = b + H, *bi = b + 2 * H, *bo = b + 3 * H; \
         for (Py_ssize_t n = n0; n < n1; ++n) { \
+            const T *FS_RESTRICT bf = b + n * b_rs; \
+            const T *FS_RESTRICT bg = bf + H; \
+            const T *FS_RESTRICT bi = bf + 2 * H; \
+            const T *FS_RESTRICT bo = bf + 3 * H; \
             T *FS_RESTRICT af = A + n * 4 * H; \
             T *FS_RESTRICT ag = af + H; \
             T *FS_RESTRICT ai = af + 2 * H; \
@@ -250,8 +254,10 @@ cdef extern from *:
     #endif
     """
     void fs_fwd_rowsf(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, float *A, const float *b,
+                      Py_ssize_t b_rs,
                       const float *cprev, float *c, float *tc, float *h) noexcept nogil
     void fs_fwd_rowsd(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, double *A, const double *b,
+                      Py_ssize_t b_rs,
                       const double *cprev, double *c, double *tc, double *h) noexcept nogil
     void fs_bwd_rowsf(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, float *A, const float *dy,
                       Py_ssize_t dy_rs, const float *dhn, float *dc, const float *cprev,
@@ -396,21 +402,23 @@ cdef inline Py_ssize_t _block_rows(Py_ssize_t N, Py_ssize_t H, Py_ssize_t isz) n
 
 
 cdef void _fwd_gates(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t H, floating *a, const floating *b,
-                     const floating *cprev, floating *c, floating *tc, floating *h,
-                     int nth) noexcept nogil:
+                     Py_ssize_t b_rs, const floating *cprev, floating *c, floating *tc,
+                     floating *h, int nth) noexcept nogil:
     """Gate pass of forward over rows [r0, r1) of one step, on nth OpenMP threads."""
     cdef Py_ssize_t p, n = r1 - r0
     if nth <= 1 or n < 2 * nth:
         if floating is float:
-            fs_fwd_rowsf(r0, r1, H, a, b, cprev, c, tc, h)
+            fs_fwd_rowsf(r0, r1, H, a, b, b_rs, cprev, c, tc, h)
         else:
-            fs_fwd_rowsd(r0, r1, H, a, b, cprev, c, tc, h)
+            fs_fwd_rowsd(r0, r1, H, a, b, b_rs, cprev, c, tc, h)
         return
     for p in prange(nth, num_threads=nth, schedule='static'):
         if floating is float:
-            fs_fwd_rowsf(r0 + p * n // nth, r0 + (p + 1) * n // nth, H, a, b, cprev, c, tc, h)
+            fs_fwd_rowsf(r0 + p * n // nth, r0 + (p + 1) * n // nth, H, a, b, b_rs, cprev, c,
+                         tc, h)
         else:
-            fs_fwd_rowsd(r0 + p * n // nth, r0 + (p + 1) * n // nth, H, a, b, cprev, c, tc, h)
+            fs_fwd_rowsd(r0 + p * n // nth, r0 + (p + 1) * n // nth, H, a, b, b_rs, cprev, c,
+                         tc, h)
 
 
 cdef void _bwd_gates(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t H, floating *a, const floating *dy,
@@ -446,8 +454,9 @@ def set_split_xw(bint on):
 
 cdef void _fwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_ssize_t H,
                    Py_ssize_t D, const floating *X, const floating *Wx,
-                   const floating *W, const floating *bias, floating *A, floating *Hb,
-                   floating *Cb, floating *TC, bint h0_zero, bint xw) noexcept nogil:
+                   const floating *W, const floating *bias, Py_ssize_t b_rs, floating *A,
+                   floating *Hb, floating *Cb, floating *TC, bint h0_zero,
+                   bint xw) noexcept nogil:
     """The whole time loop of forward for rows [r0, r1), single-threaded BLAS (split path): rows
     are independent in the recurrence, so the halves need no synchronisation."""
     cdef Py_ssize_t t, G = 4 * H, NH = N * H
@@ -463,10 +472,10 @@ cdef void _fwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_
             _gemm(c'N', c'N', <int>G, <int>(r1 - r0), <int>H, <floating>1, W, <int>G,
                   Hb + t * NH + r0 * H, <int>H, <floating>1, A + t * N * G + r0 * G, <int>G)
         if floating is float:
-            fs_fwd_rowsf(r0, r1, H, A + t * N * G, bias, Cb + t * NH, Cb + (t + 1) * NH,
+            fs_fwd_rowsf(r0, r1, H, A + t * N * G, bias, b_rs, Cb + t * NH, Cb + (t + 1) * NH,
                          TC + t * NH, Hb + (t + 1) * NH)
         else:
-            fs_fwd_rowsd(r0, r1, H, A + t * N * G, bias, Cb + t * NH, Cb + (t + 1) * NH,
+            fs_fwd_rowsd(r0, r1, H, A + t * N * G, bias, b_rs, Cb + t * NH, Cb + (t + 1) * NH,
                          TC + t * NH, Hb + (t + 1) * NH)
     _blas_restore(old)
 
@@ -482,15 +491,27 @@ def set_split_grads(bint on):
     _split_grads = on
 
 
+cdef inline void _add_into(floating *dst, const floating *src, Py_ssize_t n,
+                           bint assign) noexcept nogil:
+    """dst = src (assign) or dst += src, over n elements."""
+    cdef Py_ssize_t k
+    if assign:
+        memcpy(dst, src, n * sizeof(floating))
+    else:
+        for k in range(n):
+            dst[k] = dst[k] + src[k]
+
+
 cdef void _bwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_ssize_t H,
                    const floating *W, floating *A, const floating *dy0, Py_ssize_t dy_ts,
                    Py_ssize_t dy_rs, floating *dhn, floating *dc, const floating *Cb,
                    const floating *TC, double *dbacc, Py_ssize_t D, const floating *X,
                    const floating *Wx, const floating *Hb, floating *dX, floating *pdWx,
-                   floating *pdWh, bint h0_zero, bint need_dh0) noexcept nogil:
+                   floating *pdWh, bint h0_zero, bint need_dh0, floating *dbr) noexcept nogil:
     """The whole time loop of backward for rows [r0, r1) (split path, see _fwd_seq). With pdWx
     (D x 4H) and pdWh (H x 4H; their contents are overwritten), also this group's dX rows and its share of dWx
-    and dWh, per step. need_dh0=False: no dA_0 Wh^T at t = 0 (dhn then holds dh_1 at the end)."""
+    and dWh, per step. need_dh0=False: no dA_0 Wh^T at t = 0 (dhn then holds dh_1 at the end).
+    dbr (N x 4H, or NULL): per-row bias gradients, the sum over t of these rows of dA_t."""
     cdef Py_ssize_t t, G = 4 * H, NH = N * H, rows = r1 - r0
     cdef floating *at
     cdef int old
@@ -509,6 +530,8 @@ cdef void _bwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_
         else:
             fs_bwd_rowsd(r0, r1, H, A + t * N * G, dy0 + t * dy_ts, dy_rs, dhn, dc, Cb + t * NH,
                          TC + t * NH, dbacc)
+        if dbr != NULL:
+            _add_into(dbr + r0 * G, at, rows * G, t == T - 1)
         if t > 0 or need_dh0:
             _gemm(c'T', c'N', <int>H, <int>rows, <int>G, <floating>1, W, <int>G,
                   at, <int>G, <floating>0, dhn + r0 * H, <int>H)
@@ -536,8 +559,10 @@ cdef inline int _split_ways(int nsplit, Py_ssize_t N) noexcept nogil:
 def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
             const floating[::1] b, const floating[:, ::1] h0, const floating[:, ::1] c0,
             floating[:, :, ::1] X, floating[:, :, ::1] A, floating[:, :, ::1] Hb,
-            floating[:, :, ::1] Cb, floating[:, :, ::1] TC, int nthreads=1, int nsplit=0):
-    """Fill X, A, Hb, Cb, TC (see the module docstring); nthreads > 1 runs the gate math on
+            floating[:, :, ::1] Cb, floating[:, :, ::1] TC, int nthreads=1, int nsplit=0,
+            bint row_bias=False):
+    """Fill X, A, Hb, Cb, TC (see the module docstring). b is (4H,) or, with row_bias, the
+    (N, 4H) biases of every row, flattened. nthreads > 1 runs the gate math on
     OpenMP threads. nsplit >= 2 (when can_split()): the rows are cut into nsplit groups, each
     running the whole time loop (h Wh product and gate math) on its own OpenMP thread with
     single-threaded BLAS; the x Wx product stays one threaded product. Returns whether h0 was
@@ -548,6 +573,9 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
     cdef int ways = _split_ways(nsplit, N), gold = 0
     cdef const floating *W = &Wh[0, 0]
     cdef const floating *bias = &b[0]
+    cdef Py_ssize_t b_rs = 4 * H if row_bias else 0
+    if b.shape[0] != (N * 4 * H if row_bias else 4 * H):
+        raise ValueError(f"b has {b.shape[0]} elements, expected {N * 4 * H if row_bias else 4 * H}")
     with nogil:
         for n in range(N):
             for t in range(T):
@@ -566,7 +594,7 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
                 (<set_global_t>_set_global)(1)
             for p in prange(ways, num_threads=ways, schedule='static'):
                 _fwd_seq(p * N // ways, (p + 1) * N // ways, T, N, H, D, &X[0, 0, 0],
-                         &Wx[0, 0], W, bias, &A[0, 0, 0], &Hb[0, 0, 0], &Cb[0, 0, 0],
+                         &Wx[0, 0], W, bias, b_rs, &A[0, 0, 0], &Hb[0, 0, 0], &Cb[0, 0, 0],
                          &TC[0, 0, 0], h0_zero, _split_xw)
             if _set_local == NULL:
                 (<set_global_t>_set_global)(gold)
@@ -579,7 +607,7 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
                     # a += h_{t-1} Wh:  a^T (4H x rows) += Wh^T (4H x H) h^T (H x rows)
                     _gemm(c'N', c'N', <int>G, <int>(r1 - r0), <int>H, <floating>1, W, <int>G,
                           &Hb[t, r0, 0], <int>H, <floating>1, &A[t, r0, 0], <int>G)
-                _fwd_gates(r0, r1, H, &A[t, 0, 0], bias, &Cb[t, 0, 0], &Cb[t + 1, 0, 0],
+                _fwd_gates(r0, r1, H, &A[t, 0, 0], bias, b_rs, &Cb[t, 0, 0], &Cb[t + 1, 0, 0],
                            &TC[t, 0, 0], &Hb[t + 1, 0, 0], nthreads)
                 r0 = r1
     return h0_zero
@@ -622,12 +650,13 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
              const floating[:, :, ::1] TC, floating[:, ::1] dWx, floating[:, ::1] dWh,
              floating[::1] db, floating[:, :, ::1] dX, floating[:, ::1] dh0,
              bint h0_zero=False, int nthreads=1, int nsplit=0, floating[::1] scratch=None,
-             bint need_dh0=True):
+             bint need_dh0=True, floating[::1] dbrows=None):
     """Backward through the buffers filled by forward. A is overwritten by dA (so one backward
     per forward). dhs (N, T, H) may have any strides as long as its last axis is contiguous.
     Writes dWx, dWh, db (overwritten, not accumulated), dX (T, N, D) and dh0 (N, H).
     need_dh0=False skips the product dA_0 Wh^T at t = 0: dh0 is then only working memory (its
-    contents are not the gradient of h0).
+    contents are not the gradient of h0). dbrows (N*4H elements; for a forward with row_bias):
+    the gradients of the rows' biases, sum over t of dA_t, are written there too.
     scratch (optional, at least N*H + nsplit*(D + H)*4H elements): working memory for dc and the
     row groups' dWx, dWh shares instead of calloc'd memory (which, at ~0.6 MB, costs page faults
     on every call whenever malloc hands it back to the system in between)."""
@@ -650,6 +679,12 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     cdef bint own = True  # dc and part calloc'd here (else they live in scratch)
     cdef floating *dc = NULL
     cdef floating *part = NULL
+    cdef floating *dbr = NULL
+    if dbrows is not None:
+        if dbrows.shape[0] != N * G:
+            raise ValueError(f"dbrows has {dbrows.shape[0]} elements, expected {N * G}")
+        if N and G:
+            dbr = &dbrows[0]
     cdef double *dbacc = <double *>calloc(nth * G, sizeof(double))
     if scratch is not None and scratch.shape[0] >= N * H + (ways * PW if ways and _split_grads else 0):
         own = False
@@ -681,7 +716,7 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
                              D, &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], &dX[0, 0, 0],
                              part + p * PW if part != NULL else NULL,
                              part + p * PW + D * G if part != NULL else NULL, h0_zero,
-                             need_dh0)
+                             need_dh0, dbr)
                 if _set_local == NULL:
                     (<set_global_t>_set_global)(gold)
                 if part != NULL:  # dWx, dWh = the sums of the groups' shares, split by columns
@@ -700,6 +735,9 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
                         _gemm(c'T', c'N', <int>H, <int>(r1 - r0), <int>G, <floating>1, W,
                               <int>G, &A[t, r0, 0], <int>G, <floating>0, dhn + r0 * H, <int>H)
                     r0 = r1
+            if dbr != NULL and not ways:  # per-row bias gradients: sum of dA_t over t
+                for t in range(T - 1, -1, -1):
+                    _add_into(dbr, &A[t, 0, 0], N * G, t == T - 1)
             if part == NULL:  # (the split path has computed them)
                 # dWx = X^T dA:  dWx^T (4H x D) = dA^T (4H x TN) X (TN x D)
                 _gemm(c'N', c'T', <int>G, <int>D, <int>(T * N), <floating>1, &A[0, 0, 0], <int>G,

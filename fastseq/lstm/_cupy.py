@@ -70,18 +70,20 @@ def _check_dtype(dtype):
 # ----------------------------------------------------------------------------------------------
 # forward
 
-_LSTM_FWD_IN = "raw T hw, raw T b, T c_prev, int32 H"
+_LSTM_FWD_IN = "raw T hw, raw T b, T c_prev, int32 H, int32 b_rs"
 _LSTM_FWD_OUT = "raw T gates, T c_next, T tanh_c, T h_next"
 # One thread per (n, j) of the (N, H) state; i = n * H + j. ``gates`` is the flat (N * 4H) row
-# block of x_t Wx on entry and the activated gates on exit; ``hw`` is the flat h_{t-1} Wh.
+# block of x_t Wx on entry and the activated gates on exit; ``hw`` is the flat h_{t-1} Wh; row n's
+# bias starts at b[n * b_rs] (b_rs = 0: one shared bias; 4H: one bias per row).
 _LSTM_FWD_SRC = r"""
 const ptrdiff_t n = i / H;
 const ptrdiff_t j = i - n * H;
 const ptrdiff_t k = n * 4 * H + j;
-const T a_f = gates[k] + b[j] + hw[k];
-const T a_g = gates[k + H] + b[j + H] + hw[k + H];
-const T a_i = gates[k + 2 * H] + b[j + 2 * H] + hw[k + 2 * H];
-const T a_o = gates[k + 3 * H] + b[j + 3 * H] + hw[k + 3 * H];
+const ptrdiff_t kb = n * b_rs + j;
+const T a_f = gates[k] + b[kb] + hw[k];
+const T a_g = gates[k + H] + b[kb + H] + hw[k + H];
+const T a_i = gates[k + 2 * H] + b[kb + 2 * H] + hw[k + 2 * H];
+const T a_o = gates[k + 3 * H] + b[kb + 3 * H] + hw[k + 3 * H];
 const T f = tanh(a_f * T(0.5)) * T(0.5) + T(0.5);
 const T g = tanh(a_g);
 const T in_g = tanh(a_i * T(0.5)) * T(0.5) + T(0.5);
@@ -107,6 +109,7 @@ def forward(xs, Wx, Wh, b, h0, c0):
         f, g, i, o = sigmoid(a[:, :H]), tanh(a[:, H:2H]), sigmoid(a[:, 2H:3H]), sigmoid(a[:, 3H:])
         c_t = f * c_{t-1} + g * i;   h_t = o * tanh(c_t)
 
+    b is (4H,) or (N, 4H), one bias per row (then ``backward`` gives db as (N, 4H)).
     Returns hs (N, T, H) (a view of the cached time-major buffer), copies of h_T and c_T, and
     the cache for ``backward``. All arrays must be CuPy arrays of one float dtype.
     """
@@ -119,14 +122,16 @@ def _forward(xp, kernel, xs, Wx, Wh, b, h0, c0):
     dtype = _check_dtype(Wx.dtype)
     N, T, D = xs.shape
     H = Wh.shape[0]
-    if Wx.shape != (D, 4 * H) or Wh.shape != (H, 4 * H) or b.shape != (4 * H,):
+    row_bias = b.ndim == 2
+    b_shape = (N, 4 * H) if row_bias else (4 * H,)
+    if Wx.shape != (D, 4 * H) or Wh.shape != (H, 4 * H) or b.shape != b_shape:
         raise ValueError(f"LSTM weights have shapes Wx {Wx.shape}, Wh {Wh.shape}, b {b.shape}; "
-                         f"expected {(D, 4 * H)}, {(H, 4 * H)}, {(4 * H,)}")
+                         f"expected {(D, 4 * H)}, {(H, 4 * H)}, {b_shape}")
     if h0.shape != (N, H) or c0.shape != (N, H):
         raise ValueError(f"LSTM state has shapes {h0.shape}, {c0.shape}; expected {(N, H)}")
     Wx = xp.ascontiguousarray(Wx)
     Wh = xp.ascontiguousarray(Wh, dtype=dtype)
-    b = xp.ascontiguousarray(b, dtype=dtype)
+    b = xp.ascontiguousarray(b, dtype=dtype).reshape(-1)
     # time-major copy of the inputs; kept for dWx
     x2 = xp.ascontiguousarray(xs.transpose(1, 0, 2), dtype=dtype).reshape(T * N, D)
     A = xp.matmul(x2, Wx).reshape(T, N * 4 * H)  # row t: flat (N, 4H) x_t Wx, then the gates
@@ -140,8 +145,8 @@ def _forward(xp, kernel, xs, Wx, Wh, b, h0, c0):
     step = kernel("fastseq_lstm_fwd_step")
     for t in range(T):
         _matmul_into(xp, Hs[t], Wh, HW)
-        step(HW_flat, b, Cs[t], H, A[t], Cs[t + 1], TCs[t], Hs[t + 1])
-    cache = (x2, Wx, Wh, A, Hs, Cs, TCs)
+        step(HW_flat, b, Cs[t], H, 4 * H if row_bias else 0, A[t], Cs[t + 1], TCs[t], Hs[t + 1])
+    cache = (x2, Wx, Wh, A, Hs, Cs, TCs, row_bias)
     return Hs[1:].transpose(1, 0, 2), Hs[T].copy(), Cs[T].copy(), cache
 
 
@@ -182,7 +187,8 @@ def backward(dhs, cache, grads, need_dh0=True):
                 | dh * tanh(c_t) * o * (1 - o)]
         dc_next = ds * f;   dh_next = dA_t Wh^T
 
-    then dWx = X^T dA, dWh = H_prev^T dA, db = sum(dA), dxs = dA Wx^T over all steps at once.
+    then dWx = X^T dA, dWh = H_prev^T dA, db = sum(dA) (per row, over the steps, for per-row
+    biases), dxs = dA Wx^T over all steps at once.
     Returns dxs (N, T, D) and dh0 (N, H); need_dh0=False skips dA_0 Wh^T and returns dh0 None.
     """
     _require_gpu_arrays((dhs, cache[3]), "LSTM backward inputs")
@@ -192,7 +198,7 @@ def backward(dhs, cache, grads, need_dh0=True):
 
 
 def _backward(xp, kernel, dhs, cache, grads, need_dh0=True):
-    x2, Wx, Wh, A, Hs, Cs, TCs = cache
+    x2, Wx, Wh, A, Hs, Cs, TCs, row_bias = cache
     T, N, H = TCs.shape
     D = x2.shape[1]
     dtype = A.dtype
@@ -214,6 +220,6 @@ def _backward(xp, kernel, dhs, cache, grads, need_dh0=True):
     dA2 = dA.reshape(T * N, 4 * H)
     _matmul_into(xp, x2.T, dA2, dWx)
     _matmul_into(xp, Hs[:T].reshape(T * N, H).T, dA2, dWh)
-    db[...] = dA2.sum(axis=0)
+    db[...] = dA.reshape(T, N, 4 * H).sum(axis=0) if row_bias else dA2.sum(axis=0)
     dxs = xp.matmul(dA2, Wx.T).reshape(T, N, D).transpose(1, 0, 2)
     return dxs, (dh if need_dh0 else None)

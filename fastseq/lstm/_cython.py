@@ -4,6 +4,7 @@ Same interface as the NumPy reference engine (_numpy.py):
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
     backward(dhs, cache, grads, need_dh0=True) -> dxs, dh0     grads = [dWx, dWh, db], written in place
                                                                 (dh0 None when need_dh0=False)
+    b (4H,), or (N, 4H) for one bias per row (then db is (N, 4H) too; see _numpy)
 
 Importing this module raises ImportError when the extension is not built; fastseq.lstm then uses
 the NumPy engine. Buffers are time-major (hs and dxs come back as transposed views of them) and
@@ -220,7 +221,8 @@ def forward(xs, Wx, Wh, b, h0, c0):
     xs = _check("xs", xs, dtype, (N, T, D), cast=True)
     Wx = _check("Wx", Wx, dtype, (D, 4 * H))
     Wh = _check("Wh", Wh, dtype, (H, 4 * H))
-    b = _check("b", b, dtype, (4 * H,))
+    row_bias = getattr(b, "ndim", 1) == 2  # one bias per row (see _numpy)
+    b = _check("b", b, dtype, (N, 4 * H) if row_bias else (4 * H,))
     h0 = _check("h0", h0, dtype, (N, H), cast=True)
     c0 = _check("c0", c0, dtype, (N, H), cast=True)
     if N == 0 or T == 0 or D == 0 or H == 0:  # degenerate: BLAS needs non-empty leading dims
@@ -235,9 +237,9 @@ def forward(xs, Wx, Wh, b, h0, c0):
     X, A, Cb, TC, _ = work
     Hb = np.empty((T + 1, N, H), dtype)  # hs is a view of it: never pooled
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
-    h0_zero = _lstm_cpu.forward(xs, Wx, Wh, b, h0, c0, X, A, Hb, Cb, TC, threads,
-                                _split_ways(N))
-    cache = _Cache(key, work, Wx, Wh, Hb, h0_zero)
+    h0_zero = _lstm_cpu.forward(xs, Wx, Wh, b.reshape(-1), h0, c0, X, A, Hb, Cb, TC, threads,
+                                _split_ways(N), row_bias)
+    cache = _Cache(key, work, Wx, Wh, Hb, h0_zero, row_bias)
     return Hb[1:].transpose(1, 0, 2), Hb[T].copy(), Cb[T].copy(), cache
 
 
@@ -248,7 +250,7 @@ def backward(dhs, cache, grads, need_dh0=True):
         raise ValueError("backward() needs the cache of a forward() of the Cython engine, and "
                          "each cache serves one backward only")
     X, A, Cb, TC, scratch = cache.work
-    Wx, Wh, Hb, h0_zero = cache.Wx, cache.Wh, cache.Hb, cache.h0_zero
+    Wx, Wh, Hb, h0_zero, row_bias = cache.Wx, cache.Wh, cache.Hb, cache.h0_zero, cache.row_bias
     T, N, D = X.shape
     H = Wh.shape[0]
     dtype = A.dtype
@@ -262,7 +264,8 @@ def backward(dhs, cache, grads, need_dh0=True):
         dhs = np.ascontiguousarray(dhs)
     dWx, dWh, db = grads
     outs = []
-    for name, g, shape in (("dWx", dWx, (D, 4 * H)), ("dWh", dWh, (H, 4 * H)), ("db", db, (4 * H,))):
+    db_shape = (N, 4 * H) if row_bias else (4 * H,)
+    for name, g, shape in (("dWx", dWx, (D, 4 * H)), ("dWh", dWh, (H, 4 * H)), ("db", db, db_shape)):
         if g.shape != shape:
             raise ValueError(f"{name} has shape {g.shape}, expected {shape}")
         # write straight into the gradient when it is a C-contiguous array of our dtype
@@ -272,8 +275,11 @@ def backward(dhs, cache, grads, need_dh0=True):
     dh0 = np.empty((N, H), dtype)
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
     try:
-        _lstm_cpu.backward(dhs, X, Wx, Wh, A, Hb, Cb, TC, outs[0], outs[1], outs[2], dX, dh0,
-                           h0_zero, threads, _split_ways(N), scratch, bool(need_dh0))
+        # with per-row biases the kernel's shared db goes to a scratch vector
+        db_shared = np.empty(4 * H, dtype) if row_bias else outs[2]
+        _lstm_cpu.backward(dhs, X, Wx, Wh, A, Hb, Cb, TC, outs[0], outs[1], db_shared, dX, dh0,
+                           h0_zero, threads, _split_ways(N), scratch, bool(need_dh0),
+                           outs[2].reshape(-1) if row_bias else None)
     finally:
         cache.release()  # A now holds dA: the cache is used up either way
     for g, o in zip(grads, outs):
@@ -335,11 +341,12 @@ def clear_pool():
 class _Cache:
     """What backward needs; hands its internal buffers to the pool once used up or dropped."""
 
-    __slots__ = ("key", "work", "Wx", "Wh", "Hb", "h0_zero")
+    __slots__ = ("key", "work", "Wx", "Wh", "Hb", "h0_zero", "row_bias")
 
-    def __init__(self, key, work, Wx, Wh, Hb, h0_zero):
+    def __init__(self, key, work, Wx, Wh, Hb, h0_zero, row_bias=False):
         self.key, self.work = key, work
         self.Wx, self.Wh, self.Hb, self.h0_zero = Wx, Wh, Hb, h0_zero
+        self.row_bias = row_bias
 
     def release(self):
         work, self.work = self.work, None

@@ -16,6 +16,10 @@ Interface shared by every engine (numpy, cython, cupy):
 
 need_dh0=False skips the product dA_0 Wh^T at t = 0 (N x 4H x H) and returns dh0 = None: for a
 layer whose initial state is a constant (the Encoder's zero state) nobody needs that gradient.
+
+b is either (4H,), shared by every row, or (N, 4H), one bias per row (a per-sequence input term
+such as PeekyDecoder's h Wx_h folded in); grads' db then has b's shape: the sum of dA_t over the
+steps, per row.
 """
 from ..backend import get_array_module
 
@@ -58,12 +62,12 @@ def forward(xs, Wx, Wh, b, h0, c0):
         c += gi
         xp.tanh(c, out=tcs[t])
         h = xp.multiply(o, tcs[t], out=hs[t])
-    cache = (xs, Wx, Wh, h0, c0, A, hs, cs, tcs)
+    cache = (xs, Wx, Wh, h0, c0, A, hs, cs, tcs, b.ndim == 2)
     return hs.transpose(1, 0, 2), h.copy(), c.copy(), cache
 
 
 def backward(dhs, cache, grads, need_dh0=True):
-    xs, Wx, Wh, h0, c0, A, hs, cs, tcs = cache
+    xs, Wx, Wh, h0, c0, A, hs, cs, tcs, row_bias = cache
     xp = get_array_module(dhs)
     T, N, H = hs.shape
     D = xs.shape[2]
@@ -102,6 +106,6 @@ def backward(dhs, cache, grads, need_dh0=True):
     dWh[...] = h0.T @ dA[0]
     if T > 1:
         dWh += hs[:-1].reshape((T - 1) * N, H).T @ dA[1:].reshape((T - 1) * N, 4 * H)
-    db[...] = dA2.sum(axis=0)
+    db[...] = dA.sum(axis=0) if row_bias else dA2.sum(axis=0)
     dxs = (dA2 @ Wx.T).reshape(T, N, D).transpose(1, 0, 2)
     return dxs, (dh_next if need_dh0 else None)
