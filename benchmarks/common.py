@@ -21,21 +21,25 @@ def lstm_flops(N, T, D, H):
 
 
 def seq2seq_flops_per_iter(model="seq2seq", N=BATCH, Tq=7, Ta=4, D=D, H=H, V=V):
-    dec_in = D + H if model == "peeky" else D
+    """Matrix-product FLOPs of one training iteration. Peeky: the decoder LSTM's step input is
+    [h ; embedding], but h's share (h Wx[:H]; backward h^T dB and dB Wx[:H]^T) is one product
+    per sequence (TimeLSTM's context input), so it counts once, not once per step."""
     aff_in = 2 * H if model == "peeky" else H
-    return lstm_flops(N, Tq, D, H) + lstm_flops(N, Ta, dec_in, H) + 6 * N * Ta * aff_in * V
+    context = 6 * N * H * 4 * H if model == "peeky" else 0
+    return lstm_flops(N, Tq, D, H) + lstm_flops(N, Ta, D, H) + context + 6 * N * Ta * aff_in * V
 
 
 def gemm_shapes_per_iter(model="seq2seq", N=BATCH, Tq=7, Ta=4, D=D, H=H, V=V):
     """(m, k, n) of the products one training iteration does (row-major C[m,n] = A[m,k] B[k,n])."""
-    dec_in = D + H if model == "peeky" else D
     aff_in = 2 * H if model == "peeky" else H
     s = []
-    for T, Din in ((Tq, D), (Ta, dec_in)):
-        s += [(N * T, Din, 4 * H)]                 # x Wx
+    for T in (Tq, Ta):
+        s += [(N * T, D, 4 * H)]                   # x Wx
         s += [(N, H, 4 * H)] * T                   # h Wh per step
         s += [(N, 4 * H, H)] * T                   # dA Wh^T per step
-        s += [(Din, N * T, 4 * H), (H, N * T, 4 * H), (N * T, 4 * H, Din)]  # dWx, dWh, dx
+        s += [(D, N * T, 4 * H), (H, N * T, 4 * H), (N * T, 4 * H, D)]  # dWx, dWh, dx
+    if model == "peeky":  # the context: h Wx[:H], h^T dB, dB Wx[:H]^T, once per sequence
+        s += [(N, H, 4 * H), (H, N, 4 * H), (N, 4 * H, H)]
     s += [(N * Ta, aff_in, V), (aff_in, N * Ta, V), (N * Ta, V, aff_in)]
     return s
 

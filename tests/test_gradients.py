@@ -163,3 +163,50 @@ def test_softmax_loss_survives_rows_far_below_the_global_max():
     p /= p.sum(1, keepdims=True)
     assert np.isfinite(loss) and abs(loss - (-np.log(p[[0, 1], [2, 1]]).mean())) < 1e-6
     assert np.abs(d - (p - np.eye(3)[[2, 1]]) / 2).max() < 1e-6
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_time_lstm_context(numpy_kernel, stateful):
+    """A context c (N, K) held over the sequence: gradients of x, c, h0 and every parameter."""
+    rng = np.random.default_rng(4)
+    D, K, H = 3, 2, 4
+    layer = TimeLSTM(rng.standard_normal((K + D, 4 * H)), rng.standard_normal((H, 4 * H)) / 2,
+                     rng.standard_normal(4 * H), stateful=stateful)
+    h0 = rng.standard_normal((2, H))
+    x = rng.standard_normal((2, 5, D))
+    c = rng.standard_normal((2, K))
+    w = rng.standard_normal((2, 5, H))
+
+    def loss():
+        layer.set_state(h0.copy() if stateful else None)
+        return float((layer.forward(x, context=c) * w).sum())
+
+    loss()
+    dx = layer.backward(w.copy())
+    dc = layer.dcontext.copy()
+    assert rel_error(numerical_grad(loss, x), dx) < TOL
+    assert rel_error(numerical_grad(loss, c), dc) < TOL
+    for p, g in zip(layer.params, [g.copy() for g in layer.grads]):
+        assert rel_error(numerical_grad(loss, p), g) < TOL
+    if stateful:
+        assert rel_error(numerical_grad(loss, h0), layer.dh) < TOL
+
+
+def test_time_lstm_context_equals_concatenated_input(numpy_kernel):
+    rng = np.random.default_rng(5)
+    D, K, H = 3, 2, 4
+    params = (rng.standard_normal((K + D, 4 * H)), rng.standard_normal((H, 4 * H)) / 2,
+              rng.standard_normal(4 * H))
+    x, c = rng.standard_normal((2, 5, D)), rng.standard_normal((2, K))
+    w = rng.standard_normal((2, 5, H))
+    a, b = TimeLSTM(*[p.copy() for p in params]), TimeLSTM(*[p.copy() for p in params])
+    ya = a.forward(x, context=c)
+    yb = b.forward(np.concatenate([np.broadcast_to(c[:, None], (2, 5, K)), x], axis=2))
+    np.testing.assert_allclose(ya, yb, rtol=1e-12)
+    dxa, dxb = a.backward(w), b.backward(w)
+    np.testing.assert_allclose(dxa, dxb[:, :, K:], rtol=1e-10)
+    np.testing.assert_allclose(a.dcontext, dxb[:, :, :K].sum(axis=1), rtol=1e-10)
+    for ga, gb in zip(a.grads, b.grads):
+        np.testing.assert_allclose(ga, gb, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="context"):
+        a.forward(x, context=c[:1])

@@ -65,6 +65,13 @@ class TimeLSTM:
     starts from a given state; after backward, ``dh`` is the gradient of the initial h.
     need_dh = False (e.g. the Encoder, which starts from a zero state) skips computing it (one
     N x 4H x H product per backward): ``dh`` is then None after backward.
+
+    forward(xs, context=c) with c (N, K): an input held constant over the sequence (the
+    PeekyDecoder's encoder state). The step input is [c, x_t]: the first K rows of Wx multiply c,
+    the other rows multiply x_t. Since c Wx[:K] is the same at every step it is computed once,
+    and enters the engines as one bias per row, b + c Wx[:K]; after backward, ``dcontext`` is the
+    gradient of c. This is the same as concatenating [c, x_t] at every step, with T times fewer
+    products for that part.
     """
 
     param_names = ("Wx", "Wh", "b")
@@ -76,15 +83,28 @@ class TimeLSTM:
         self.stateful = stateful
         self.need_dh = True
         self.h = self.c = self.dh = None
+        self.dcontext = None
+        self._context = None
         self._cache = None
         self._kernel = None
 
-    def forward(self, xs):
+    def forward(self, xs, context=None):
         Wx, Wh, b = self.params
-        if xs.ndim != 3 or xs.shape[2] != Wx.shape[0]:
-            raise ValueError(f"TimeLSTM expects input of shape (N, T, {Wx.shape[0]}), got {xs.shape}")
+        K = 0 if context is None else context.shape[-1]
+        if xs.ndim != 3 or xs.shape[2] + K != Wx.shape[0]:
+            raise ValueError(f"TimeLSTM expects input of shape (N, T, {Wx.shape[0] - K}), "
+                             f"got {xs.shape}" + (f" (with a context of width {K})" if K else ""))
         backend.check_same_device(xs, Wx, what="TimeLSTM input and weights")
         N, H = xs.shape[0], Wh.shape[0]
+        if context is not None:
+            if context.shape != (N, K):
+                raise ValueError(f"TimeLSTM context must have shape ({N}, K), got {context.shape}")
+            backend.check_same_device(context, Wx, what="TimeLSTM context and weights")
+            context = context.astype(Wx.dtype, copy=False)
+            b = context @ Wx[:K]  # (N, 4H): this step input's share, the same at every step
+            b += self.params[2]
+            Wx = Wx[K:]
+        self._context = context
         xp = get_array_module(xs)
         if not self.stateful or self.h is None:
             self.h = xp.zeros((N, H), dtype=Wx.dtype)
@@ -98,9 +118,22 @@ class TimeLSTM:
         return hs
 
     def backward(self, dhs):
-        dxs, self.dh = self._kernel.backward(dhs.astype(self.params[0].dtype, copy=False),
-                                             self._cache, self.grads,
+        dtype = self.params[0].dtype
+        context = self._context
+        if context is None:
+            grads = self.grads
+        else:  # the engine fills dWx's rows for x and the per-row bias gradient dB (N, 4H)
+            xp = get_array_module(context)
+            K = context.shape[1]
+            dWx, dWh, db = self.grads
+            dB = xp.empty((context.shape[0], db.shape[0]), dtype=dtype)
+            grads = [dWx[K:], dWh, dB]
+        dxs, self.dh = self._kernel.backward(dhs.astype(dtype, copy=False), self._cache, grads,
                                              need_dh0=self.need_dh)
+        if context is not None:  # B = b + c Wx[:K]: db = sum of dB's rows, dWx[:K] = c^T dB
+            db[...] = xp.ones(dB.shape[0], dtype=dtype) @ dB
+            dWx[:K] = context.T @ dB
+            self.dcontext = dB @ self.params[0][:K].T
         self._cache = None
         return dxs
 

@@ -1,7 +1,8 @@
 """PeekyDecoder / PeekySeq2seq: the encoder state h is fed to every LSTM step and every affine step.
 
-LSTM input at each step: [h ; embedding] (rows 0..H-1 of Wx multiply h);
-affine input: [h ; LSTM output] (rows 0..H-1 of the affine W multiply h).
+LSTM input at each step: [h ; embedding] (rows 0..H-1 of Wx multiply h; TimeLSTM's context
+input computes h's share once per sequence); affine input: [h ; LSTM output] (rows 0..H-1 of the
+affine W multiply h).
 """
 import numpy as np
 
@@ -30,9 +31,9 @@ class PeekyDecoder(Decoder):
     def _step(self, xs, h):
         xp = get_array_module(h)
         N, T = xs.shape
+        # the LSTM's step input is [h ; embedding]; h's share is computed once per sequence
+        out = self.lstm.forward(self.embed.forward(xs), context=h)
         hs = xp.broadcast_to(h[:, None, :], (N, T, self.H))
-        out = xp.concatenate([hs, self.embed.forward(xs)], axis=2)
-        out = self.lstm.forward(out)
         out = xp.concatenate([hs, out], axis=2)
         return self.affine.forward(out)
 
@@ -40,10 +41,8 @@ class PeekyDecoder(Decoder):
         H = self.H
         dout = self.affine.backward(dscore)
         dhs_affine, dout = dout[:, :, :H], dout[:, :, H:]
-        dout = self.lstm.backward(dout)
-        dhs_lstm, dembed = dout[:, :, :H], dout[:, :, H:]
-        self.embed.backward(dembed)
-        return self.lstm.dh + dhs_affine.sum(axis=1) + dhs_lstm.sum(axis=1)
+        self.embed.backward(self.lstm.backward(dout))
+        return self.lstm.dh + dhs_affine.sum(axis=1) + self.lstm.dcontext
 
 
 class PeekySeq2seq(Seq2seq):
