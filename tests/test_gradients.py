@@ -210,3 +210,31 @@ def test_time_lstm_context_equals_concatenated_input(numpy_kernel):
         np.testing.assert_allclose(ga, gb, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="context"):
         a.forward(x, context=c[:1])
+
+
+@pytest.mark.parametrize("model_cls", [Seq2seq, PeekySeq2seq])
+@pytest.mark.parametrize("fused", [True, False])
+def test_seq2seq_models_embedding_fused_into_lstm(numpy_kernel, monkeypatch, model_cls, fused):
+    """The same checks with the embedding computed inside the LSTM (table E Wx, ids in) or not."""
+    calls = []
+
+    def decide(self, embed, ids):
+        calls.append(fused)
+        return fused
+
+    monkeypatch.setattr(TimeLSTM, "fuse_embedding", decide)
+    rng = np.random.default_rng(7)
+    V, D, H = 5, 3, 4
+    model = model_cls(V, D, H, seed=0, dtype=np.float64)
+    for p in model.params:
+        p[...] = rng.standard_normal(p.shape) * 0.5
+    xs = rng.integers(0, V, (3, 5))
+    ts = rng.integers(0, V, (3, 4))
+    ts[1, 3] = -1
+    model.forward(xs, ts)
+    model.backward()
+    assert calls and all(c == fused for c in calls)
+    grads = [g.copy() for g in model.grads]
+    for name, p, g in zip(model.param_names, model.params, grads):
+        num = numerical_grad(lambda: model.forward(xs, ts), p)
+        assert rel_error(num, g) < TOL, name

@@ -631,3 +631,69 @@ def test_time_lstm_context_same_on_both_engines(dtype, N):
         results.append([y, dx, layer.dh, layer.dcontext] + [g.copy() for g in layer.grads])
     for what, a, b in zip(["hs", "dx", "dh", "dcontext", "dWx", "dWh", "db"], *results):
         assert_close(a, b, TOL[dtype] * 10, what)
+
+
+# --- one-hot inputs given as ids (N, T): x_t Wx is a gather, dWx a scatter-add ----------------
+
+def _ids_case(rng, N, T, V, H, dtype, zero_state):
+    case = make_case(rng, N, T, V, H, dtype, zero_state)
+    case[0] = rng.integers(0, V, (N, T))
+    return case
+
+
+def _compare_ids(case, dtype):
+    """Ids against the same inputs as explicit one-hot float rows, on both engines."""
+    ids, Wx = case[0], case[1]
+    onehot = np.eye(Wx.shape[0], dtype=dtype)[ids]
+    ref = run_engine(_numpy, onehot, *case[1:])
+    for engine in (_numpy, _cython):
+        out = run_engine(engine, *case)
+        assert out["dxs"] is None
+        for k in ref:
+            if k != "dxs":
+                assert_close(out[k], ref[k], TOL[dtype], f"{engine.__name__} {k}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 3, 4, 6), (128, 7, 13, 128)])
+def test_ids_input_matches_one_hot_rows(shape, dtype, zero_state):
+    rng = np.random.default_rng(sum(shape) + 1)
+    _compare_ids(_ids_case(rng, *shape, dtype, zero_state), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ids_input_split_path(dtype, forced_split):
+    rng = np.random.default_rng(6)
+    for shape in [(6, 1, 2, 1), (7, 3, 4, 6), (65, 4, 13, 32)]:
+        _compare_ids(_ids_case(rng, *shape, dtype, False), dtype)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "cython"])
+def test_ids_out_of_range_rejected(engine):
+    eng = _numpy if engine == "numpy" else _cython
+    rng = np.random.default_rng(0)
+    case = _ids_case(rng, 3, 2, 4, 5, np.float32, True)
+    case[0][1, 1] = 4
+    with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+        eng.forward(*case[:6])
+
+
+@pytest.mark.parametrize("model_name", ["Seq2seq", "PeekySeq2seq"])
+def test_models_fused_embedding_same_results(model_name, monkeypatch):
+    """Seq2seq / PeekySeq2seq at the addition task's sizes (where the embedding is fused into the
+    LSTM) give the loss and gradients of the unfused computation, on the Cython engine."""
+    import fastseq
+    from fastseq.lstm import TimeLSTM
+    rng = np.random.default_rng(9)
+    xs, ts = rng.integers(0, 13, (128, 7)), rng.integers(0, 13, (128, 5))
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(TimeLSTM, "fuse_embedding", lambda self, e, i, f=fused: f)
+        lstm.set_kernel("cython")
+        model = getattr(fastseq, model_name)(13, 16, 128, seed=0)
+        loss = model.forward(xs, ts)
+        model.backward()
+        results.append([np.array(loss)] + [g.copy() for g in model.grads])
+    for what, a, b in zip(["loss"] + model.param_names, *results):
+        assert_close(a, b, 1e-4, what)

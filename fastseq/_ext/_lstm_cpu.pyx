@@ -452,11 +452,35 @@ def set_split_xw(bint on):
     _split_xw = on
 
 
+cdef inline void _gather_rows(floating *dst, const floating *table, const int64_t *ids,
+                             Py_ssize_t ids_rs, Py_ssize_t r0, Py_ssize_t r1,
+                             Py_ssize_t G) noexcept nogil:
+    """dst[n - r0] = table[ids[n * ids_rs]] for rows n in [r0, r1): x_t Wx for one-hot x_t."""
+    cdef Py_ssize_t n
+    for n in range(r0, r1):
+        memcpy(dst + (n - r0) * G, table + ids[n * ids_rs] * G, G * sizeof(floating))
+
+
+cdef inline void _scatter_rows(floating *table, const floating *src, const int64_t *ids,
+                              Py_ssize_t ids_rs, Py_ssize_t r0, Py_ssize_t r1,
+                              Py_ssize_t G) noexcept nogil:
+    """table[ids[n * ids_rs]] += src[n - r0] for rows n in [r0, r1): dWx += x_t^T dA_t for one-hot
+    x_t."""
+    cdef Py_ssize_t n, j
+    cdef floating *row
+    cdef const floating *d
+    for n in range(r0, r1):
+        row = table + ids[n * ids_rs] * G
+        d = src + (n - r0) * G
+        for j in range(G):
+            row[j] = row[j] + d[j]
+
+
 cdef void _fwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_ssize_t H,
                    Py_ssize_t D, const floating *X, const floating *Wx,
                    const floating *W, const floating *bias, Py_ssize_t b_rs, floating *A,
                    floating *Hb, floating *Cb, floating *TC, bint h0_zero,
-                   bint xw) noexcept nogil:
+                   bint xw, const int64_t *ids, Py_ssize_t T_ids) noexcept nogil:
     """The whole time loop of forward for rows [r0, r1), single-threaded BLAS (split path): rows
     are independent in the recurrence, so the halves need no synchronisation."""
     cdef Py_ssize_t t, G = 4 * H, NH = N * H
@@ -465,7 +489,9 @@ cdef void _fwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_
         return
     old = _blas_one_thread()
     for t in range(T):
-        if xw:  # a_t = x_t Wx for these rows
+        if ids != NULL:  # one-hot inputs: a_t = the rows of Wx at the ids (ids (N, T_ids))
+            _gather_rows(A + t * N * G + r0 * G, Wx, ids + t, T_ids, r0, r1, G)
+        elif xw:  # a_t = x_t Wx for these rows
             _gemm(c'N', c'N', <int>G, <int>(r1 - r0), <int>D, <floating>1, Wx, <int>G,
                   X + t * N * D + r0 * D, <int>D, <floating>0, A + t * N * G + r0 * G, <int>G)
         if t > 0 or not h0_zero:
@@ -507,11 +533,14 @@ cdef void _bwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_
                    Py_ssize_t dy_rs, floating *dhn, floating *dc, const floating *Cb,
                    const floating *TC, double *dbacc, Py_ssize_t D, const floating *X,
                    const floating *Wx, const floating *Hb, floating *dX, floating *pdWx,
-                   floating *pdWh, bint h0_zero, bint need_dh0, floating *dbr) noexcept nogil:
+                   floating *pdWh, bint h0_zero, bint need_dh0, floating *dbr,
+                   const int64_t *ids, Py_ssize_t T_ids) noexcept nogil:
     """The whole time loop of backward for rows [r0, r1) (split path, see _fwd_seq). With pdWx
-    (D x 4H) and pdWh (H x 4H; their contents are overwritten), also this group's dX rows and its share of dWx
-    and dWh, per step. need_dh0=False: no dA_0 Wh^T at t = 0 (dhn then holds dh_1 at the end).
-    dbr (N x 4H, or NULL): per-row bias gradients, the sum over t of these rows of dA_t."""
+    (D x 4H) and pdWh (H x 4H; their contents are overwritten), also this group's dX rows and
+    its share of dWx and dWh, per step. need_dh0=False: no dA_0 Wh^T at t = 0 (dhn then holds
+    dh_1 at the end). dbr (N x 4H, or NULL): per-row bias gradients, the sum over t of these
+    rows of dA_t. ids (N x T_ids, or NULL): one-hot inputs (see forward); no dX then, and the
+    dWx share is a scatter-add of dA_t's rows."""
     cdef Py_ssize_t t, G = 4 * H, NH = N * H, rows = r1 - r0
     cdef floating *at
     cdef int old
@@ -521,6 +550,8 @@ cdef void _bwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_
     # gets no step at all when T == 1 and h0 == 0
     if pdWh != NULL and T == 1 and h0_zero:
         memset(pdWh, 0, H * G * sizeof(floating))
+    if pdWx != NULL and ids != NULL:  # scatter-adds need a zeroed share
+        memset(pdWx, 0, D * G * sizeof(floating))
     old = _blas_one_thread()
     for t in range(T - 1, -1, -1):
         at = A + t * N * G + r0 * G
@@ -535,12 +566,15 @@ cdef void _bwd_seq(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_
         if t > 0 or need_dh0:
             _gemm(c'T', c'N', <int>H, <int>rows, <int>G, <floating>1, W, <int>G,
                   at, <int>G, <floating>0, dhn + r0 * H, <int>H)
-        if pdWx != NULL:
+        if pdWx != NULL and ids != NULL:  # one-hot x_t: dWx += x_t^T dA_t is a scatter-add
+            _scatter_rows(pdWx, at, ids + t, T_ids, r0, r1, G)
+        elif pdWx != NULL:
             # dX_t rows = dA_t Wx^T;  dWx += x_t^T dA_t;  dWh += h_{t-1}^T dA_t  (these rows)
             _gemm(c'T', c'N', <int>D, <int>rows, <int>G, <floating>1, Wx, <int>G,
                   at, <int>G, <floating>0, dX + t * N * D + r0 * D, <int>D)
             _gemm(c'N', c'T', <int>G, <int>D, <int>rows, <floating>1, at, <int>G,
                   X + t * N * D + r0 * D, <int>D, <floating>(t < T - 1), pdWx, <int>G)
+        if pdWx != NULL:
             if t > 0 or not h0_zero:
                 _gemm(c'N', c'T', <int>G, <int>H, <int>rows, <floating>1, at, <int>G,
                       Hb + t * NH + r0 * H, <int>H, <floating>(t < T - 1), pdWh, <int>G)
@@ -560,9 +594,11 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
             const floating[::1] b, const floating[:, ::1] h0, const floating[:, ::1] c0,
             floating[:, :, ::1] X, floating[:, :, ::1] A, floating[:, :, ::1] Hb,
             floating[:, :, ::1] Cb, floating[:, :, ::1] TC, int nthreads=1, int nsplit=0,
-            bint row_bias=False):
+            bint row_bias=False, const int64_t[:, ::1] ids=None):
     """Fill X, A, Hb, Cb, TC (see the module docstring). b is (4H,) or, with row_bias, the
-    (N, 4H) biases of every row, flattened. nthreads > 1 runs the gate math on
+    (N, 4H) biases of every row, flattened. ids (N, T): one-hot inputs, x_t = onehot(ids[:, t])
+    of width V = Wx.shape[0], so x_t Wx is a gather of Wx's rows; xs is then (N, T, 0) and X
+    unused. nthreads > 1 runs the gate math on
     OpenMP threads. nsplit >= 2 (when can_split()): the rows are cut into nsplit groups, each
     running the whole time loop (h Wh product and gate math) on its own OpenMP thread with
     single-threaded BLAS; the x Wx product stays one threaded product. Returns whether h0 was
@@ -574,18 +610,36 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
     cdef const floating *W = &Wh[0, 0]
     cdef const floating *bias = &b[0]
     cdef Py_ssize_t b_rs = 4 * H if row_bias else 0
+    cdef const int64_t *idp = NULL
+    cdef Py_ssize_t V = Wx.shape[0], bad = -1
     if b.shape[0] != (N * 4 * H if row_bias else 4 * H):
         raise ValueError(f"b has {b.shape[0]} elements, expected {N * 4 * H if row_bias else 4 * H}")
+    if ids is not None:
+        if ids.shape[0] != N or ids.shape[1] != T or D != 0:
+            raise ValueError(f"ids have shape {tuple(ids.shape)[:2]}, expected {(N, T)} "
+                             f"(with xs of shape (N, T, 0))")
+        if N and T:
+            idp = &ids[0, 0]
+            for n in range(N * T):
+                if idp[n] < 0 or idp[n] >= V:
+                    bad = n
+                    break
+        if bad >= 0:
+            raise ValueError(f"input id {idp[bad]} outside [0, {V})")
     with nogil:
-        for n in range(N):
-            for t in range(T):
-                memcpy(&X[t, n, 0], &xs[n, t, 0], D * sizeof(floating))
+        if idp == NULL:
+            for n in range(N):
+                for t in range(T):
+                    memcpy(&X[t, n, 0], &xs[n, t, 0], D * sizeof(floating))
         memcpy(&Hb[0, 0, 0], &h0[0, 0], N * H * sizeof(floating))
         memcpy(&Cb[0, 0, 0], &c0[0, 0], N * H * sizeof(floating))
         h0_zero = _all_zero(&h0[0, 0], N * H)
         # A = X Wx for all steps at once:  A^T (4H x TN) = Wx^T (4H x D) X^T (D x TN)
         # (the split path computes it per step in each row group: no threaded BLAS call here)
-        if not (ways and _split_xw):
+        if idp != NULL and not (ways and _split_xw):  # one-hot inputs: gather Wx's rows
+            for t in range(T):
+                _gather_rows(&A[t, 0, 0], &Wx[0, 0], idp + t, T, 0, N, G)
+        elif not (ways and _split_xw):
             _gemm(c'N', c'N', <int>G, <int>(T * N), <int>D, <floating>1, &Wx[0, 0], <int>G,
                   &X[0, 0, 0], <int>D, <floating>0, &A[0, 0, 0], <int>G)
         if ways:
@@ -595,7 +649,8 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
             for p in prange(ways, num_threads=ways, schedule='static'):
                 _fwd_seq(p * N // ways, (p + 1) * N // ways, T, N, H, D, &X[0, 0, 0],
                          &Wx[0, 0], W, bias, b_rs, &A[0, 0, 0], &Hb[0, 0, 0], &Cb[0, 0, 0],
-                         &TC[0, 0, 0], h0_zero, _split_xw)
+                         &TC[0, 0, 0], h0_zero, _split_xw and idp == NULL,
+                         idp if _split_xw else NULL, T)
             if _set_local == NULL:
                 (<set_global_t>_set_global)(gold)
         NB = _block_rows(N, H, sizeof(floating))
@@ -650,7 +705,7 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
              const floating[:, :, ::1] TC, floating[:, ::1] dWx, floating[:, ::1] dWh,
              floating[::1] db, floating[:, :, ::1] dX, floating[:, ::1] dh0,
              bint h0_zero=False, int nthreads=1, int nsplit=0, floating[::1] scratch=None,
-             bint need_dh0=True, floating[::1] dbrows=None):
+             bint need_dh0=True, floating[::1] dbrows=None, const int64_t[:, ::1] ids=None):
     """Backward through the buffers filled by forward. A is overwritten by dA (so one backward
     per forward). dhs (N, T, H) may have any strides as long as its last axis is contiguous.
     Writes dWx, dWh, db (overwritten, not accumulated), dX (T, N, D) and dh0 (N, H).
@@ -679,6 +734,12 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     cdef bint own = True  # dc and part calloc'd here (else they live in scratch)
     cdef floating *dc = NULL
     cdef floating *part = NULL
+    cdef const int64_t *idp = NULL
+    if ids is not None:
+        if ids.shape[0] != N or ids.shape[1] != T:
+            raise ValueError(f"ids have shape {tuple(ids.shape)[:2]}, expected {(N, T)}")
+        if N and T:
+            idp = &ids[0, 0]  # checked by forward
     cdef floating *dbr = NULL
     if dbrows is not None:
         if dbrows.shape[0] != N * G:
@@ -716,7 +777,7 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
                              D, &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], &dX[0, 0, 0],
                              part + p * PW if part != NULL else NULL,
                              part + p * PW + D * G if part != NULL else NULL, h0_zero,
-                             need_dh0, dbr)
+                             need_dh0, dbr, idp, T)
                 if _set_local == NULL:
                     (<set_global_t>_set_global)(gold)
                 if part != NULL:  # dWx, dWh = the sums of the groups' shares, split by columns
@@ -738,10 +799,15 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
             if dbr != NULL and not ways:  # per-row bias gradients: sum of dA_t over t
                 for t in range(T - 1, -1, -1):
                     _add_into(dbr, &A[t, 0, 0], N * G, t == T - 1)
-            if part == NULL:  # (the split path has computed them)
+            if part == NULL and idp != NULL:  # one-hot inputs: dWx is a scatter-add of dA's rows
+                memset(&dWx[0, 0], 0, D * G * isz)
+                for t in range(T):
+                    _scatter_rows(&dWx[0, 0], &A[t, 0, 0], idp + t, T, 0, N, G)
+            elif part == NULL:
                 # dWx = X^T dA:  dWx^T (4H x D) = dA^T (4H x TN) X (TN x D)
                 _gemm(c'N', c'T', <int>G, <int>D, <int>(T * N), <floating>1, &A[0, 0, 0], <int>G,
                       &X[0, 0, 0], <int>D, <floating>0, &dWx[0, 0], <int>G)
+            if part == NULL:  # (the split path has computed them)
                 # dWh = Hprev^T dA with Hprev = Hb[:-1]; the rows of step 0 add nothing when h0 == 0
                 K = (T - 1) * N if h0_zero else T * N
                 if K > 0:
@@ -751,8 +817,9 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
                 else:
                     memset(&dWh[0, 0], 0, H * G * isz)
                 # dX = dA Wx^T:  dX^T (D x TN) = Wx (D x 4H) dA^T (4H x TN)
-                _gemm(c'T', c'N', <int>D, <int>(T * N), <int>G, <floating>1, &Wx[0, 0], <int>G,
-                      &A[0, 0, 0], <int>G, <floating>0, &dX[0, 0, 0], <int>D)
+                if idp == NULL:
+                    _gemm(c'T', c'N', <int>D, <int>(T * N), <int>G, <floating>1, &Wx[0, 0],
+                          <int>G, &A[0, 0, 0], <int>G, <floating>0, &dX[0, 0, 0], <int>D)
             for p in range(1, nth):
                 for j in range(G):
                     dbacc[j] += dbacc[p * G + j]

@@ -72,6 +72,13 @@ class TimeLSTM:
     and enters the engines as one bias per row, b + c Wx[:K]; after backward, ``dcontext`` is the
     gradient of c. This is the same as concatenating [c, x_t] at every step, with T times fewer
     products for that part.
+
+    forward(ids, embed=layer) with a TimeEmbedding ``layer`` (table E, V x D) and its ids (N, T):
+    the same as forward(layer.forward(ids)), but x_t Wx = E[ids_t] Wx is read from the table
+    E Wx (V x 4H), computed once per call, so the per-step input products become row gathers and
+    backward's dx and dWx products a scatter-add (dWx = E^T dP, dE = dP Wx^T with P = E Wx).
+    Worth it when V is small next to N T (fuse_embedding says when). backward then writes the
+    embedding's gradient itself and returns None.
     """
 
     param_names = ("Wx", "Wh", "b")
@@ -85,13 +92,31 @@ class TimeLSTM:
         self.h = self.c = self.dh = None
         self.dcontext = None
         self._context = None
+        self._embed = None
         self._cache = None
         self._kernel = None
 
-    def forward(self, xs, context=None):
+    def fuse_embedding(self, embed, ids):
+        """Whether forward(ids, embed=embed) pays here: a small vocabulary next to the batch's
+        N T positions, and an engine that takes ids (the NumPy and Cython ones)."""
+        V = embed.params[0].shape[0]
+        return (ids.ndim == 2 and 4 * V <= ids.size
+                and getattr(get_kernel(self.params[0]), "TAKES_IDS", False))
+
+    def forward(self, xs, context=None, embed=None):
         Wx, Wh, b = self.params
         K = 0 if context is None else context.shape[-1]
-        if xs.ndim != 3 or xs.shape[2] + K != Wx.shape[0]:
+        self._embed = embed
+        if embed is not None:  # xs are ids into embed's table: the step input is E[ids_t]
+            E = embed.params[0]
+            if xs.ndim != 2 or xs.dtype.kind not in "iu":
+                raise ValueError(f"with embed=, TimeLSTM expects integer ids (N, T), got "
+                                 f"{xs.dtype} {xs.shape}")
+            if E.shape[1] + K != Wx.shape[0]:
+                raise ValueError(f"embedding width {E.shape[1]} does not match the LSTM input "
+                                 f"width {Wx.shape[0] - K}")
+            xs = embed.check_ids(xs)
+        elif xs.ndim != 3 or xs.shape[2] + K != Wx.shape[0]:
             raise ValueError(f"TimeLSTM expects input of shape (N, T, {Wx.shape[0] - K}), "
                              f"got {xs.shape}" + (f" (with a context of width {K})" if K else ""))
         backend.check_same_device(xs, Wx, what="TimeLSTM input and weights")
@@ -105,6 +130,8 @@ class TimeLSTM:
             b += self.params[2]
             Wx = Wx[K:]
         self._context = context
+        if embed is not None:
+            Wx = E @ Wx  # (V, 4H): row v is E[v] Wx (Wx: the rows for x, after a context's)
         xp = get_array_module(xs)
         if not self.stateful or self.h is None:
             self.h = xp.zeros((N, H), dtype=Wx.dtype)
@@ -112,28 +139,34 @@ class TimeLSTM:
             self.c = xp.zeros((N, H), dtype=Wx.dtype)
         if self.h.shape != (N, H):
             raise ValueError(f"TimeLSTM state has shape {self.h.shape} but the batch needs {(N, H)}")
-        self._kernel = get_kernel(xs)
-        hs, self.h, self.c, self._cache = self._kernel.forward(
-            xs.astype(Wx.dtype, copy=False), Wx, Wh, b, self.h, self.c)
+        self._kernel = get_kernel(Wx)
+        if embed is None:
+            xs = xs.astype(Wx.dtype, copy=False)
+        hs, self.h, self.c, self._cache = self._kernel.forward(xs, Wx, Wh, b, self.h, self.c)
         return hs
 
     def backward(self, dhs):
-        dtype = self.params[0].dtype
-        context = self._context
-        if context is None:
-            grads = self.grads
-        else:  # the engine fills dWx's rows for x and the per-row bias gradient dB (N, 4H)
-            xp = get_array_module(context)
-            K = context.shape[1]
-            dWx, dWh, db = self.grads
-            dB = xp.empty((context.shape[0], db.shape[0]), dtype=dtype)
-            grads = [dWx[K:], dWh, dB]
+        Wx = self.params[0]
+        dtype = Wx.dtype
+        context, embed = self._context, self._embed
+        xp = get_array_module(Wx)
+        K = 0 if context is None else context.shape[1]
+        dWx, dWh, db = self.grads
+        # what the engine fills: dWx's rows for x (or, with embed, dP for the table P = E Wx[K:])
+        # and db (or, with a context, the per-row bias gradient dB (N, 4H))
+        dP = None if embed is None else xp.empty((embed.params[0].shape[0], db.shape[0]), dtype)
+        dB = None if context is None else xp.empty((context.shape[0], db.shape[0]), dtype)
+        grads = [dWx[K:] if dP is None else dP, dWh, db if dB is None else dB]
         dxs, self.dh = self._kernel.backward(dhs.astype(dtype, copy=False), self._cache, grads,
                                              need_dh0=self.need_dh)
         if context is not None:  # B = b + c Wx[:K]: db = sum of dB's rows, dWx[:K] = c^T dB
             db[...] = xp.ones(dB.shape[0], dtype=dtype) @ dB
             dWx[:K] = context.T @ dB
-            self.dcontext = dB @ self.params[0][:K].T
+            self.dcontext = dB @ Wx[:K].T
+        if embed is not None:  # P = E Wx[K:]: dWx[K:] = E^T dP, dE = dP Wx[K:]^T
+            E = embed.params[0]
+            dWx[K:] = E.T @ dP
+            embed.grads[0][...] = dP @ Wx[K:].T
         self._cache = None
         return dxs
 

@@ -5,6 +5,7 @@ Same interface as the NumPy reference engine (_numpy.py):
     backward(dhs, cache, grads, need_dh0=True) -> dxs, dh0     grads = [dWx, dWh, db], written in place
                                                                 (dh0 None when need_dh0=False)
     b (4H,), or (N, 4H) for one bias per row (then db is (N, 4H) too; see _numpy)
+    xs may be integer ids (N, T) standing for one-hot rows of width Wx.shape[0] (dxs is then None)
 
 Importing this module raises ImportError when the extension is not built; fastseq.lstm then uses
 the NumPy engine. Buffers are time-major (hs and dxs come back as transposed views of them) and
@@ -28,6 +29,7 @@ from .._ext import _lstm_cpu
 from . import _numpy
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+TAKES_IDS = True  # xs may be integer ids standing for one-hot rows (see _numpy)
 
 
 # --- which BLAS ----------------------------------------------------------------------------------
@@ -211,14 +213,22 @@ def _check(name, a, dtype, shape, cast=False):
 
 
 def forward(xs, Wx, Wh, b, h0, c0):
-    if xs.ndim != 3:
-        raise ValueError(f"xs must be (N, T, D), got shape {xs.shape}")
-    N, T, D = xs.shape
+    one_hot = xs.ndim == 2 and np.dtype(xs.dtype).kind in "iu"  # ids (see _numpy)
+    if xs.ndim != 3 and not one_hot:
+        raise ValueError(f"xs must be (N, T, D) or integer ids (N, T), got shape {xs.shape}")
     dtype = np.dtype(Wx.dtype)
     if dtype not in DTYPES:
         raise TypeError(f"the Cython LSTM engine supports float32 and float64, not {dtype}")
     H = Wh.shape[0]
-    xs = _check("xs", xs, dtype, (N, T, D), cast=True)
+    if one_hot:
+        N, T = xs.shape
+        D = Wx.shape[0]  # the one-hot width V
+        ids = np.ascontiguousarray(xs, dtype=np.int64)
+        xs = np.empty((N, T, 0), dtype)
+    else:
+        N, T, D = xs.shape
+        ids = None
+        xs = _check("xs", xs, dtype, (N, T, D), cast=True)
     Wx = _check("Wx", Wx, dtype, (D, 4 * H))
     Wh = _check("Wh", Wh, dtype, (H, 4 * H))
     row_bias = getattr(b, "ndim", 1) == 2  # one bias per row (see _numpy)
@@ -226,20 +236,20 @@ def forward(xs, Wx, Wh, b, h0, c0):
     h0 = _check("h0", h0, dtype, (N, H), cast=True)
     c0 = _check("c0", c0, dtype, (N, H), cast=True)
     if N == 0 or T == 0 or D == 0 or H == 0:  # degenerate: BLAS needs non-empty leading dims
-        hs, hT, cT, cache = _numpy.forward(xs, Wx, Wh, b, h0, c0)
+        hs, hT, cT, cache = _numpy.forward(ids if one_hot else xs, Wx, Wh, b, h0, c0)
         return hs, hT, cT, ("numpy", cache)
-    key = (T, N, D, H, dtype.str)
+    key = (T, N, D, H, dtype.str, one_hot)
     work = _pool_take(key)
     if work is None:
-        work = (np.empty((T, N, D), dtype), np.empty((T, N, 4 * H), dtype),
+        work = (np.empty((T, N, 0 if one_hot else D), dtype), np.empty((T, N, 4 * H), dtype),
                 np.empty((T + 1, N, H), dtype), np.empty((T, N, H), dtype),
                 np.empty(N * H + _split_ways(N) * (D + H) * 4 * H, dtype))  # backward's scratch
     X, A, Cb, TC, _ = work
     Hb = np.empty((T + 1, N, H), dtype)  # hs is a view of it: never pooled
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
     h0_zero = _lstm_cpu.forward(xs, Wx, Wh, b.reshape(-1), h0, c0, X, A, Hb, Cb, TC, threads,
-                                _split_ways(N), row_bias)
-    cache = _Cache(key, work, Wx, Wh, Hb, h0_zero, row_bias)
+                                _split_ways(N), row_bias, ids)
+    cache = _Cache(key, work, Wx, Wh, Hb, h0_zero, row_bias, ids)
     return Hb[1:].transpose(1, 0, 2), Hb[T].copy(), Cb[T].copy(), cache
 
 
@@ -251,7 +261,9 @@ def backward(dhs, cache, grads, need_dh0=True):
                          "each cache serves one backward only")
     X, A, Cb, TC, scratch = cache.work
     Wx, Wh, Hb, h0_zero, row_bias = cache.Wx, cache.Wh, cache.Hb, cache.h0_zero, cache.row_bias
-    T, N, D = X.shape
+    ids = cache.ids
+    T, N, _ = X.shape
+    D = Wx.shape[0]
     H = Wh.shape[0]
     dtype = A.dtype
     dhs = np.asarray(dhs)
@@ -271,7 +283,7 @@ def backward(dhs, cache, grads, need_dh0=True):
         # write straight into the gradient when it is a C-contiguous array of our dtype
         outs.append(g if (g.dtype == dtype and g.flags.c_contiguous and g.flags.writeable)
                     else np.empty(shape, dtype))
-    dX = np.empty((T, N, D), dtype)
+    dX = np.empty((T, N, 0 if ids is not None else D), dtype)
     dh0 = np.empty((N, H), dtype)
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
     try:
@@ -279,13 +291,14 @@ def backward(dhs, cache, grads, need_dh0=True):
         db_shared = np.empty(4 * H, dtype) if row_bias else outs[2]
         _lstm_cpu.backward(dhs, X, Wx, Wh, A, Hb, Cb, TC, outs[0], outs[1], db_shared, dX, dh0,
                            h0_zero, threads, _split_ways(N), scratch, bool(need_dh0),
-                           outs[2].reshape(-1) if row_bias else None)
+                           outs[2].reshape(-1) if row_bias else None, ids)
     finally:
         cache.release()  # A now holds dA: the cache is used up either way
     for g, o in zip(grads, outs):
         if g is not o:
             g[...] = o
-    return dX.transpose(1, 0, 2), (dh0 if need_dh0 else None)
+    dxs = None if ids is not None else dX.transpose(1, 0, 2)
+    return dxs, (dh0 if need_dh0 else None)
 
 
 # --- cache and buffer pool -------------------------------------------------------------------
@@ -341,12 +354,12 @@ def clear_pool():
 class _Cache:
     """What backward needs; hands its internal buffers to the pool once used up or dropped."""
 
-    __slots__ = ("key", "work", "Wx", "Wh", "Hb", "h0_zero", "row_bias")
+    __slots__ = ("key", "work", "Wx", "Wh", "Hb", "h0_zero", "row_bias", "ids")
 
-    def __init__(self, key, work, Wx, Wh, Hb, h0_zero, row_bias=False):
+    def __init__(self, key, work, Wx, Wh, Hb, h0_zero, row_bias=False, ids=None):
         self.key, self.work = key, work
         self.Wx, self.Wh, self.Hb, self.h0_zero = Wx, Wh, Hb, h0_zero
-        self.row_bias = row_bias
+        self.row_bias, self.ids = row_bias, ids
 
     def release(self):
         work, self.work = self.work, None

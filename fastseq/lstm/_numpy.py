@@ -20,8 +20,14 @@ layer whose initial state is a constant (the Encoder's zero state) nobody needs 
 b is either (4H,), shared by every row, or (N, 4H), one bias per row (a per-sequence input term
 such as PeekyDecoder's h Wx_h folded in); grads' db then has b's shape: the sum of dA_t over the
 steps, per row.
+
+xs may also be integer ids (N, T): one-hot inputs x_t = onehot(ids[:, t]) of width V = Wx.shape[0],
+so x_t Wx is a gather of Wx's rows (an embedding followed by the LSTM, with Wx = E Wx_lstm
+precomputed: see TimeLSTM). backward then returns dxs = None, and dWx = onehot^T dA, a
+scatter-add of dA's rows.
 """
 from ..backend import get_array_module
+TAKES_IDS = True  # xs may be integer ids standing for one-hot rows (see forward)
 
 
 def _gate_scale(H, dtype, xp):
@@ -34,12 +40,18 @@ def _gate_scale(H, dtype, xp):
 
 def forward(xs, Wx, Wh, b, h0, c0):
     xp = get_array_module(xs)
-    N, T, D = xs.shape
     H = Wh.shape[0]
     scale = _gate_scale(H, Wx.dtype, xp)
     # pre-activations come out already scaled for the single tanh: a * scale = x (Wx scale) + ...
     Whs = Wh * scale
-    A = (xs.transpose(1, 0, 2).reshape(T * N, D) @ (Wx * scale)).reshape(T, N, 4 * H)  # (T, N, 4H)
+    if xs.ndim == 2 and xs.dtype.kind in "iu":  # one-hot inputs: gather rows of Wx
+        N, T = xs.shape
+        if xs.size and (int(xs.min()) < 0 or int(xs.max()) >= Wx.shape[0]):
+            raise ValueError(f"input id outside [0, {Wx.shape[0]})")
+        A = (Wx * scale)[xs.T]                                                           # (T, N, 4H)
+    else:
+        N, T, D = xs.shape
+        A = (xs.transpose(1, 0, 2).reshape(T * N, D) @ (Wx * scale)).reshape(T, N, 4 * H)
     A += b * scale
     hs = xp.empty((T, N, H), dtype=A.dtype)
     cs = xp.empty((T, N, H), dtype=A.dtype)
@@ -70,7 +82,6 @@ def backward(dhs, cache, grads, need_dh0=True):
     xs, Wx, Wh, h0, c0, A, hs, cs, tcs, row_bias = cache
     xp = get_array_module(dhs)
     T, N, H = hs.shape
-    D = xs.shape[2]
     # local derivatives for all steps at once: y(1-y) for sigmoid gates, 1-y^2 for tanh g
     dact = A * A
     dact *= -1
@@ -102,10 +113,15 @@ def backward(dhs, cache, grads, need_dh0=True):
             dh_next = da @ Wh.T
     dWx, dWh, db = grads
     dA2 = dA.reshape(T * N, 4 * H)
-    dWx[...] = xs.transpose(1, 0, 2).reshape(T * N, D).T @ dA2
+    one_hot = xs.ndim == 2
+    if one_hot:  # dWx = onehot^T dA, as one product with the (V, T N) indicator matrix
+        V = Wx.shape[0]
+        dWx[...] = (xp.arange(V)[:, None] == xs.T.reshape(1, T * N)).astype(dA.dtype) @ dA2
+    else:
+        dWx[...] = xs.transpose(1, 0, 2).reshape(T * N, xs.shape[2]).T @ dA2
     dWh[...] = h0.T @ dA[0]
     if T > 1:
         dWh += hs[:-1].reshape((T - 1) * N, H).T @ dA[1:].reshape((T - 1) * N, 4 * H)
     db[...] = dA.sum(axis=0) if row_bias else dA2.sum(axis=0)
-    dxs = (dA2 @ Wx.T).reshape(T, N, D).transpose(1, 0, 2)
+    dxs = None if one_hot else (dA2 @ Wx.T).reshape(T, N, Wx.shape[0]).transpose(1, 0, 2)
     return dxs, (dh_next if need_dh0 else None)

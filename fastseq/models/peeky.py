@@ -10,7 +10,7 @@ from ..backend import get_array_module
 from ..layers import TimeAffine, TimeEmbedding
 from ..lstm import TimeLSTM
 from .base import make_rng, randn, zeros
-from .seq2seq import Decoder, Seq2seq
+from .seq2seq import Decoder, Seq2seq, embed_lstm_backward, embed_lstm_forward
 
 
 class PeekyDecoder(Decoder):
@@ -32,7 +32,7 @@ class PeekyDecoder(Decoder):
         xp = get_array_module(h)
         N, T = xs.shape
         # the LSTM's step input is [h ; embedding]; h's share is computed once per sequence
-        out = self.lstm.forward(self.embed.forward(xs), context=h)
+        out = embed_lstm_forward(self.embed, self.lstm, xs, context=h)
         hs = xp.broadcast_to(h[:, None, :], (N, T, self.H))
         out = xp.concatenate([hs, out], axis=2)
         return self.affine.forward(out)
@@ -41,7 +41,7 @@ class PeekyDecoder(Decoder):
         H = self.H
         dout = self.affine.backward(dscore)
         dhs_affine, dout = dout[:, :, :H], dout[:, :, H:]
-        self.embed.backward(self.lstm.backward(dout))
+        embed_lstm_backward(self.embed, self.lstm, dout)
         return self.lstm.dh + dhs_affine.sum(axis=1) + self.lstm.dcontext
 
 

@@ -14,6 +14,21 @@ def _lstm_params(rng, D, H, dtype):
             zeros(4 * H, dtype=dtype))
 
 
+def embed_lstm_forward(embed, lstm, ids, context=None):
+    """lstm.forward(embed.forward(ids)); computed as one step (TimeLSTM's embed= input: row
+    gathers from the table E Wx instead of per-step products) where that pays."""
+    if lstm.fuse_embedding(embed, ids):
+        return lstm.forward(ids, context=context, embed=embed)
+    return lstm.forward(embed.forward(ids), context=context)
+
+
+def embed_lstm_backward(embed, lstm, dhs):
+    """Backward of embed_lstm_forward: fills both layers' grads."""
+    dxs = lstm.backward(dhs)
+    if dxs is not None:  # (the fused path has written the embedding's gradient)
+        embed.backward(dxs)
+
+
 class Encoder(Model):
     """ids (N, T) -> last hidden state h (N, H)."""
 
@@ -27,7 +42,7 @@ class Encoder(Model):
         self.hs = None
 
     def forward(self, xs):
-        hs = self.lstm.forward(self.embed.forward(xs))
+        hs = embed_lstm_forward(self.embed, self.lstm, xs)
         self.hs = hs
         return hs[:, -1, :]
 
@@ -35,7 +50,7 @@ class Encoder(Model):
         xp = get_array_module(dh)
         dhs = xp.zeros(self.hs.shape, dtype=self.hs.dtype)
         dhs[:, -1, :] = dh
-        self.embed.backward(self.lstm.backward(dhs))
+        embed_lstm_backward(self.embed, self.lstm, dhs)
 
 
 def _as_start_ids(start_id, N, xp):
@@ -58,14 +73,14 @@ class Decoder(Model):
         self.layers = [("embed", self.embed), ("lstm", self.lstm), ("affine", self.affine)]
 
     def _step(self, xs, h):
-        return self.affine.forward(self.lstm.forward(self.embed.forward(xs)))
+        return self.affine.forward(embed_lstm_forward(self.embed, self.lstm, xs))
 
     def forward(self, xs, h):
         self.lstm.set_state(h)
         return self._step(xs, h)
 
     def backward(self, dscore):
-        self.embed.backward(self.lstm.backward(self.affine.backward(dscore)))
+        embed_lstm_backward(self.embed, self.lstm, self.affine.backward(dscore))
         return self.lstm.dh
 
     def generate(self, h, start_id, sample_size):
