@@ -8,6 +8,12 @@ interleaved over the repeats and the fastest epoch of each is reported, with the
 and its fraction of this machine's measured GEMM rate for exactly the products of one iteration.
 Memory: "RSS MiB" is the rise of the process's peak resident set during the timed epoch (after a
 warm-up); "arrays MiB" is the peak of NumPy array memory (tracemalloc) over 20 further iterations.
+
+    python benchmarks/compare_cpu.py --interleaved 40 [--chunk 25]
+
+runs the engines in one process instead, taking turns of --chunk iterations for 40 rounds, and
+reports the median of the per-round time ratios: on a shared machine whose speed drifts by tens of
+percent within a minute, turns seconds apart compare the engines under the same conditions.
 """
 import argparse
 import json
@@ -51,7 +57,9 @@ def fastseq_epoch(engine, model_name, iters):
     return seconds, rss, trainer.epoch_losses[-2], traced
 
 
-def torch_epoch(model_name, iters):
+def make_torch_runner(model_name):
+    """run(n_iters) -> mean loss: PyTorch training of the same model on the same batches (None
+    without torch)."""
     try:
         import torch
     except ImportError:
@@ -89,10 +97,13 @@ def torch_epoch(model_name, iters):
     x = torch.from_numpy(data.x_train[:, ::-1].astype(np.int64).copy())
     t = torch.from_numpy(data.t_train.astype(np.int64))
     perm = torch.from_numpy(np.random.RandomState(0).permutation(len(x)))
+    state = {"i": 0}
 
     def run(n_iters):
         total = 0.0
-        for i in range(n_iters):
+        for _ in range(n_iters):
+            i = state["i"] % (len(x) // BATCH)
+            state["i"] += 1
             idx = perm[i * BATCH:(i + 1) * BATCH]
             xb, tb = x[idx], t[idx]
             score = model(xb, tb[:, :-1])
@@ -101,15 +112,89 @@ def torch_epoch(model_name, iters):
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
         return total / n_iters
 
+    return run
+
+
+def make_fastseq_runner(engine, model_name):
+    """run(n_iters) -> mean loss: fastseq training on the given engine (switched to before each
+    call, so runners of several engines can alternate in one process); None if unavailable."""
+    import fastseq
+    from fastseq.trainer import train_step
+    if not set_engine(engine):
+        return None
+    data = addition_data()
+    cls = fastseq.PeekySeq2seq if model_name == "peeky" else fastseq.Seq2seq
+    model = cls(len(data.vocab), D, H, seed=0)
+    opt = fastseq.Adam(1e-3)
+    params, grads = model.params, model.grads
+    x = data.x_train[:, ::-1].copy()
+    t = data.t_train
+    perm = np.random.RandomState(0).permutation(len(x))
+    state = {"i": 0}
+
+    def run(n_iters):
+        set_engine(engine)
+        total = 0.0
+        for _ in range(n_iters):
+            i = state["i"] % (len(x) // BATCH)
+            state["i"] += 1
+            idx = perm[i * BATCH:(i + 1) * BATCH]
+            total += train_step(model, opt, params, grads, x[idx], t[idx], 5.0)
+        return total / n_iters
+
+    return run
+
+
+def torch_epoch(model_name, iters):
+    run = make_torch_runner(model_name)
+    if run is None:
+        return None
     run(5)
     peak_rss_reset()
     base = rss_kib("VmRSS")
     t0 = time.perf_counter()
     loss = run(iters)
     return time.perf_counter() - t0, rss_kib("VmHWM") - base, loss, None
+
+
+def interleaved(model_name, engines, rounds, chunk):
+    """All engines in this one process, taking turns: each round runs `chunk` iterations on
+    every engine, in an order that rotates from round to round, so slow and fast spells of a
+    shared machine hit every engine alike. Returns {engine: [seconds per iteration, per round]}."""
+    runners = {}
+    for e in engines:
+        run = make_torch_runner(model_name) if e == "torch" else make_fastseq_runner(e, model_name)
+        if run is not None:
+            run(5)  # warm-up
+            runners[e] = run
+    names = list(runners)
+    times = {e: [] for e in names}
+    for r in range(rounds):
+        for e in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            runners[e](chunk)
+            times[e].append((time.perf_counter() - t0) / chunk)
+    return times
+
+
+def report_interleaved(model_name, times, iters):
+    print(f"{model_name}: interleaved in one process, {len(next(iter(times.values())))} rounds; "
+          f"ms per iteration and the epoch it implies ({iters} iterations)")
+    print(f"{'engine':8} {'median ms':>10} {'min ms':>8} {'epoch s':>8}")
+    for e, v in times.items():
+        v = np.array(v) * 1e3
+        print(f"{e:8} {np.median(v):10.2f} {v.min():8.2f} {np.median(v) * iters / 1e3:8.2f}")
+    if "cython" in times:
+        c = np.array(times["cython"])
+        for other in ("numpy", "torch"):
+            if other in times:
+                ratio = np.array(times[other]) / c  # per round: turns seconds apart
+                q1, med, q3 = np.percentile(ratio, [25, 50, 75])
+                print(f"cython vs {other}: median of per-round ratios {med:.2f}x "
+                      f"(quartiles {q1:.2f}-{q3:.2f}x, min {ratio.min():.2f}x, max {ratio.max():.2f}x)")
 
 
 def worker(engine, model_name, iters):
@@ -124,10 +209,23 @@ def main():
     ap.add_argument("--models", nargs="+", default=["seq2seq", "peeky"])
     ap.add_argument("--engines", nargs="+", default=["numpy", "cython", "torch"])
     ap.add_argument("--iters", type=int, default=45000 // BATCH, help="iterations (default: one epoch)")
+    ap.add_argument("--interleaved", type=int, metavar="ROUNDS", default=0,
+                    help="instead: all engines in one process taking turns, ROUNDS rounds of "
+                         "--chunk iterations each; reports the per-round ratios")
+    ap.add_argument("--chunk", type=int, default=25, help="iterations per turn (--interleaved)")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker, args.iters)
+    if args.interleaved:
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                    if l.startswith("model name")), "unknown CPU")
+        print(f"machine: {cpu}, {os.cpu_count()} cores; numpy {np.__version__}; "
+              f"batch {BATCH}, D={D}, H={H}; {args.chunk} iterations per turn")
+        for model_name in args.models:
+            report_interleaved(model_name, interleaved(model_name, args.engines, args.interleaved,
+                                                       args.chunk), args.iters)
+        return None
 
     results = {}
     for rep in range(args.repeats):
