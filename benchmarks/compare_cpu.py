@@ -160,6 +160,9 @@ def torch_epoch(model_name, iters):
     return time.perf_counter() - t0, rss_kib("VmHWM") - base, loss, None
 
 
+PAUSE = 0.1  # seconds between turns (GOMP's idle threads spin for a few ms, then sleep)
+
+
 def interleaved(model_name, engines, rounds, chunk):
     """All engines in this one process, taking turns: each round runs `chunk` iterations on
     every engine, in an order that rotates from round to round, so slow and fast spells of a
@@ -174,6 +177,7 @@ def interleaved(model_name, engines, rounds, chunk):
     times = {e: [] for e in names}
     for r in range(rounds):
         for e in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(PAUSE)  # let the previous engine's idle OpenMP/BLAS threads stop spinning
             t0 = time.perf_counter()
             runners[e](chunk)
             times[e].append((time.perf_counter() - t0) / chunk)
