@@ -10,6 +10,11 @@ Layout (all buffers are allocated by the caller, time-major so that per-step sli
     Cb (T+1, N, H)    Cb[0] = c0, Cb[t+1] = c_t
     TC (T, N, H)      tanh(c_t)
 
+Two input variants (see forward/backward): b may hold one bias per row (row_bias: (N, 4H)
+flattened, for a per-sequence input term such as PeekyDecoder's h Wx[:H]; backward then also
+sums dA_t per row), and the inputs may be one-hot rows given as ids (N, T), so that x_t Wx is a
+gather of Wx's rows and dWx a scatter-add of dA's rows (no dX).
+
 Products go through the BLAS that SciPy links (scipy.linalg.cython_blas), or through the Fortran
 sgemm_/dgemm_ that set_blas() points at (fastseq.lstm._cython points it at NumPy's own OpenBLAS,
 so that a process runs one BLAS thread pool, not two). BLAS is column-major: a

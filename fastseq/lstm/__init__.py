@@ -130,6 +130,7 @@ class TimeLSTM:
             b += self.params[2]
             Wx = Wx[K:]
         self._context = context
+        self.dcontext = None
         if embed is not None:
             Wx = E @ Wx  # (V, 4H): row v is E[v] Wx (Wx: the rows for x, after a context's)
         xp = get_array_module(xs)
