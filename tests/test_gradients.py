@@ -238,3 +238,38 @@ def test_seq2seq_models_embedding_fused_into_lstm(numpy_kernel, monkeypatch, mod
     for name, p, g in zip(model.param_names, model.params, grads):
         num = numerical_grad(lambda: model.forward(xs, ts), p)
         assert rel_error(num, g) < TOL, name
+
+
+def test_time_lstm_context_proj_is_the_same_computation(numpy_kernel):
+    rng = np.random.default_rng(8)
+    D, K, H = 3, 2, 4
+    params = (rng.standard_normal((K + D, 4 * H)), rng.standard_normal((H, 4 * H)),
+              rng.standard_normal(4 * H))
+    x, c = rng.standard_normal((2, 5, D)), rng.standard_normal((2, K))
+    a, b = TimeLSTM(*params), TimeLSTM(*params)
+    np.testing.assert_allclose(a.forward(x, context=c),
+                               b.forward(x, context=c, context_proj=c @ params[0][:K]), rtol=1e-12)
+    with pytest.raises(ValueError, match="context_proj"):
+        b.forward(x, context=c, context_proj=np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("engine", ["numpy", "cython"])
+def test_peeky_generate_caches_h_share_without_changing_answers(engine):
+    from fastseq import lstm
+    from fastseq.models.seq2seq import Decoder
+    if engine == "cython" and not lstm.cython_available():
+        pytest.skip("Cython kernel not built")
+    lstm.set_kernel(engine)
+    try:
+        rng = np.random.default_rng(9)
+        model = PeekySeq2seq(13, 16, 32, seed=3)
+        for p in model.params:
+            p[...] += rng.standard_normal(p.shape).astype(p.dtype) * 0.3
+        xs = rng.integers(0, 13, (300, 7))
+        got = model.generate(xs, 6, 4)
+        h = model.encoder.forward(xs)
+        plain = Decoder.generate(model.decoder, h, 6, 4)  # recomputes h's share at every step
+        np.testing.assert_array_equal(got, plain)
+        assert model.decoder._proj is None
+    finally:
+        lstm.set_kernel(None)

@@ -71,7 +71,8 @@ class TimeLSTM:
     the other rows multiply x_t. Since c Wx[:K] is the same at every step it is computed once,
     and enters the engines as one bias per row, b + c Wx[:K]; after backward, ``dcontext`` is the
     gradient of c. This is the same as concatenating [c, x_t] at every step, with T times fewer
-    products for that part.
+    products for that part. context_proj, if given, is c Wx[:K] already computed (decoding one
+    step at a time with the same c and weights), and saves that product.
 
     forward(ids, embed=layer) with a TimeEmbedding ``layer`` (table E, V x D) and its ids (N, T):
     the same as forward(layer.forward(ids)), but x_t Wx = E[ids_t] Wx is read from the table
@@ -103,7 +104,7 @@ class TimeLSTM:
         return (ids.ndim == 2 and 4 * V <= ids.size
                 and getattr(get_kernel(self.params[0]), "TAKES_IDS", False))
 
-    def forward(self, xs, context=None, embed=None):
+    def forward(self, xs, context=None, embed=None, context_proj=None):
         Wx, Wh, b = self.params
         K = 0 if context is None else context.shape[-1]
         self._embed = embed
@@ -126,8 +127,12 @@ class TimeLSTM:
                 raise ValueError(f"TimeLSTM context must have shape ({N}, K), got {context.shape}")
             backend.check_same_device(context, Wx, what="TimeLSTM context and weights")
             context = context.astype(Wx.dtype, copy=False)
-            b = context @ Wx[:K]  # (N, 4H): this step input's share, the same at every step
-            b += self.params[2]
+            if context_proj is None:
+                context_proj = context @ Wx[:K]  # (N, 4H): the same at every step
+            elif context_proj.shape != (N, Wx.shape[1]):
+                raise ValueError(f"context_proj must have shape {(N, Wx.shape[1])}, "
+                                 f"got {context_proj.shape}")
+            b = context_proj + self.params[2]
             Wx = Wx[K:]
         self._context = context
         self.dcontext = None

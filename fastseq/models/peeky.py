@@ -27,12 +27,15 @@ class PeekyDecoder(Decoder):
                                  zeros(V, dtype=dtype))
         self.layers = [("embed", self.embed), ("lstm", self.lstm), ("affine", self.affine)]
         self.H = H
+        self._proj = None  # (h, h Wx[:H]) during generate
 
     def _step(self, xs, h):
         xp = get_array_module(h)
         N, T = xs.shape
         # the LSTM's step input is [h ; embedding]; h's share is computed once per sequence
-        out = embed_lstm_forward(self.embed, self.lstm, xs, context=h)
+        # (once per generate call: _proj caches it while generate decodes step by step)
+        proj = self._proj[1] if self._proj is not None and self._proj[0] is h else None
+        out = embed_lstm_forward(self.embed, self.lstm, xs, context=h, context_proj=proj)
         hs = xp.broadcast_to(h[:, None, :], (N, T, self.H))
         out = xp.concatenate([hs, out], axis=2)
         return self.affine.forward(out)
@@ -43,6 +46,14 @@ class PeekyDecoder(Decoder):
         dhs_affine, dout = dout[:, :, :H], dout[:, :, H:]
         embed_lstm_backward(self.embed, self.lstm, dout)
         return self.lstm.dh + dhs_affine.sum(axis=1) + self.lstm.dcontext
+
+
+    def generate(self, h, start_id, sample_size):
+        self._proj = (h, h @ self.lstm.params[0][:self.H])  # weights are fixed while decoding
+        try:
+            return super().generate(h, start_id, sample_size)
+        finally:
+            self._proj = None
 
 
 class PeekySeq2seq(Seq2seq):

@@ -14,12 +14,12 @@ def _lstm_params(rng, D, H, dtype):
             zeros(4 * H, dtype=dtype))
 
 
-def embed_lstm_forward(embed, lstm, ids, context=None):
+def embed_lstm_forward(embed, lstm, ids, context=None, context_proj=None):
     """lstm.forward(embed.forward(ids)); computed as one step (TimeLSTM's embed= input: row
     gathers from the table E Wx instead of per-step products) where that pays."""
     if lstm.fuse_embedding(embed, ids):
-        return lstm.forward(ids, context=context, embed=embed)
-    return lstm.forward(embed.forward(ids), context=context)
+        return lstm.forward(ids, context=context, embed=embed, context_proj=context_proj)
+    return lstm.forward(embed.forward(ids), context=context, context_proj=context_proj)
 
 
 def embed_lstm_backward(embed, lstm, dhs):
