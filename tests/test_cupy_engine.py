@@ -175,3 +175,42 @@ def test_large_batch_runs_many_blocks():
     rdxs, _ = _numpy.backward(dhs, rcache, rgrads)
     _check(dxs, rdxs, np.float32, grad=True, what="dxs")
     _check(grads[0], rgrads[0], np.float32, grad=True, what="dWx")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_bias_matches_numpy(dtype):
+    """b of shape (N, 4H): one bias per row (PeekyDecoder's h Wx[:H] folded in); db per row."""
+    N, T, D, H = 8, 5, 6, 16
+    args, dhs = _problem(3, N, T, D, H, dtype)
+    args[3] = (np.random.default_rng(4).standard_normal((N, 4 * H)) * 0.1).astype(dtype)
+    hs, _, _, cache = _cupy.forward(*[backend.to_gpu(a) for a in args])
+    rhs, _, _, rcache = _numpy.forward(*args)
+    _check(hs, rhs, dtype, what="hs")
+    grads = [cupy.zeros_like(backend.to_gpu(a)) for a in args[1:4]]
+    rgrads = [np.zeros_like(a) for a in args[1:4]]
+    dxs, dh0 = _cupy.backward(backend.to_gpu(dhs), cache, grads)
+    rdxs, rdh0 = _numpy.backward(dhs, rcache, rgrads)
+    _check(dxs, rdxs, dtype, grad=True, what="dxs")
+    _check(dh0, rdh0, dtype, grad=True, what="dh0")
+    for what, g, rg in zip(("dWx", "dWh", "db"), grads, rgrads):
+        _check(g, rg, dtype, grad=True, what=what)
+
+
+def test_peeky_model_on_gpu_matches_cpu():
+    """PeekySeq2seq (context input, unfused embedding on the GPU) gives the CPU's loss and grads."""
+    import fastseq
+    rng = np.random.default_rng(5)
+    xs, ts = rng.integers(0, 13, (16, 7)), rng.integers(0, 13, (16, 5))
+    results = []
+    for gpu in (False, True):
+        backend.use("cupy" if gpu else "numpy")
+        try:
+            model = fastseq.PeekySeq2seq(13, 16, 32, seed=0, dtype=np.float64)
+            loss = model.forward(backend.asarray(xs), backend.asarray(ts))
+            model.backward()
+            results.append([loss] + [backend.to_cpu(g) for g in model.grads])
+        finally:
+            backend.use("numpy")
+    assert abs(results[0][0] - results[1][0]) < 1e-10
+    for a, b in zip(results[0][1:], results[1][1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
