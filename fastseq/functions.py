@@ -86,14 +86,18 @@ def _softmax_cross_entropy_fused(scores, labels, ignore_label):
 
 def kernel_threads():
     """OpenMP threads for the fused kernels over whole parameter lists (Adam, clip_grads): every
-    core while the Cython LSTM engine runs, whose own OpenMP threads are then already awake; one
-    otherwise. (With the NumPy engine, OpenMP threads next to OpenBLAS's still-spinning workers
-    made each Adam step ~15x slower on 2 cores.) FASTSEQ_OPTIM_THREADS=n overrides."""
+    core while the Cython LSTM engine runs its split path, whose own OpenMP threads are then
+    already awake; one otherwise. (Where OpenBLAS threads do the products, as with the NumPy
+    engine or small batches such as the Rnnlm's 20 rows, OpenMP threads next to OpenBLAS's
+    still-spinning workers made each Adam step ~15x slower on 2 cores.)
+    FASTSEQ_OPTIM_THREADS=n overrides."""
     forced = os.environ.get("FASTSEQ_OPTIM_THREADS", "")
     if forced.strip():
         return max(1, int(forced))
-    from .lstm import kernel_name
-    return _CPUS if kernel_name() == "cython" else 1
+    from .lstm import _cython, kernel_name
+    if kernel_name() != "cython" or _cython is None or not _cython.split_in_use():
+        return 1
+    return _CPUS
 
 
 try:

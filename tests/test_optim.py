@@ -144,6 +144,9 @@ def test_kernel_threads_follow_the_lstm_engine(monkeypatch):
     assert kernel_threads() == 1  # OpenMP next to OpenBLAS's workers: slower
     if lstm.cython_available():
         monkeypatch.setattr(lstm, "_override", "cython")
+        monkeypatch.setattr(lstm._cython, "_last_split", True)
         assert kernel_threads() == len(os.sched_getaffinity(0))
+        monkeypatch.setattr(lstm._cython, "_last_split", False)  # OpenBLAS threads the LSTM
+        assert kernel_threads() == 1
     monkeypatch.setenv("FASTSEQ_OPTIM_THREADS", "3")
     assert kernel_threads() == 3

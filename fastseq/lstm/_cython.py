@@ -190,6 +190,15 @@ except (AttributeError, OSError):
     SPLIT_WAYS = max(1, os.cpu_count() or 1)
 
 
+_last_split = False  # whether the latest forward ran the split path (see split_in_use)
+
+
+def split_in_use():
+    """Whether the latest forward ran the split path, i.e. the engine's work is on OpenMP threads
+    (not OpenBLAS's): then other kernels may use OpenMP threads too (fastseq.functions.kernel_threads)."""
+    return _last_split
+
+
 def _split_ways(N):
     """Row groups for a batch of N rows (0: the per-step path)."""
     if SPLIT in ("0", "off", "false", "no") or SPLIT_WAYS < 2 or not _lstm_cpu.can_split():
@@ -247,6 +256,8 @@ def forward(xs, Wx, Wh, b, h0, c0):
     X, A, Cb, TC, _ = work
     Hb = np.empty((T + 1, N, H), dtype)  # hs is a view of it: never pooled
     threads = NUM_THREADS if N * H >= PARALLEL_MIN_ELEMENTS else 1
+    global _last_split
+    _last_split = _split_ways(N) > 0
     h0_zero = _lstm_cpu.forward(xs, Wx, Wh, b.reshape(-1), h0, c0, X, A, Hb, Cb, TC, threads,
                                 _split_ways(N), row_bias, ids)
     cache = _Cache(key, work, Wx, Wh, Hb, h0_zero, row_bias, ids)
