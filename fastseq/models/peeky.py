@@ -47,7 +47,6 @@ class PeekyDecoder(Decoder):
         embed_lstm_backward(self.embed, self.lstm, dout)
         return self.lstm.dh + dhs_affine.sum(axis=1) + self.lstm.dcontext
 
-
     def generate(self, h, start_id, sample_size):
         self._proj = (h, h @ self.lstm.params[0][:self.H])  # weights are fixed while decoding
         try:
