@@ -27,61 +27,44 @@ cdef extern from "fs_simd.h":
     """
     #include <math.h>
 
-    /* elements [i0, i1) of one array: the loops are written for the vectoriser */
-    FS_KERNEL static void fs_adam_f(Py_ssize_t i0, Py_ssize_t i1, float *FS_RESTRICT p,
-            const float *FS_RESTRICT g, float *FS_RESTRICT m, float *FS_RESTRICT v,
-            float a, float b, float lr, float eps)
-    {
-        for (Py_ssize_t i = i0; i < i1; ++i) {
-            float x = g[i];
-            float mi = m[i] + a * (x - m[i]);
-            float vi = v[i] + b * (x * x - v[i]);
-            m[i] = mi;
-            v[i] = vi;
-            p[i] -= lr * mi / (sqrtf(vi) + eps);
-        }
-    }
-
-    FS_KERNEL static void fs_adam_d(Py_ssize_t i0, Py_ssize_t i1, double *FS_RESTRICT p,
-            const double *FS_RESTRICT g, double *FS_RESTRICT m, double *FS_RESTRICT v,
-            double a, double b, double lr, double eps)
-    {
-        for (Py_ssize_t i = i0; i < i1; ++i) {
-            double x = g[i];
-            double mi = m[i] + a * (x - m[i]);
-            double vi = v[i] + b * (x * x - v[i]);
-            m[i] = mi;
-            v[i] = vi;
-            p[i] -= lr * mi / (sqrt(vi) + eps);
-        }
+    /* elements [i0, i1) of one array, one function per precision (suffix f, d); the loops are
+       written for the vectoriser */
+    #define FS_ADAM(T, SFX, SQRT) \
+    FS_KERNEL static void fs_adam_##SFX(Py_ssize_t i0, Py_ssize_t i1, T *FS_RESTRICT p, \
+            const T *FS_RESTRICT g, T *FS_RESTRICT m, T *FS_RESTRICT v, T a, T b, T lr, T eps) \
+    { \
+        for (Py_ssize_t i = i0; i < i1; ++i) { \
+            T x = g[i]; \
+            T mi = m[i] + a * (x - m[i]); \
+            T vi = v[i] + b * (x * x - v[i]); \
+            m[i] = mi; \
+            v[i] = vi; \
+            p[i] -= lr * mi / (SQRT(vi) + eps); \
+        } \
     }
 
     /* sum of squares, accumulated in double (the reduction is vectorised through OpenMP simd) */
-    FS_KERNEL static double fs_sumsq_f(Py_ssize_t i0, Py_ssize_t i1, const float *FS_RESTRICT g)
-    {
-        double total = 0.0;
-        FS_SIMD_SUM(total)
-        for (Py_ssize_t i = i0; i < i1; ++i) total += (double)g[i] * (double)g[i];
-        return total;
+    #define FS_SUMSQ(T, SFX) \
+    FS_KERNEL static double fs_sumsq_##SFX(Py_ssize_t i0, Py_ssize_t i1, const T *FS_RESTRICT g) \
+    { \
+        double total = 0.0; \
+        FS_SIMD_SUM(total) \
+        for (Py_ssize_t i = i0; i < i1; ++i) total += (double)g[i] * (double)g[i]; \
+        return total; \
     }
 
-    FS_KERNEL static double fs_sumsq_d(Py_ssize_t i0, Py_ssize_t i1, const double *FS_RESTRICT g)
-    {
-        double total = 0.0;
-        FS_SIMD_SUM(total)
-        for (Py_ssize_t i = i0; i < i1; ++i) total += g[i] * g[i];
-        return total;
+    #define FS_SCALE(T, SFX) \
+    FS_KERNEL static void fs_scale_##SFX(Py_ssize_t i0, Py_ssize_t i1, T *FS_RESTRICT g, T r) \
+    { \
+        for (Py_ssize_t i = i0; i < i1; ++i) g[i] *= r; \
     }
 
-    FS_KERNEL static void fs_scale_f(Py_ssize_t i0, Py_ssize_t i1, float *FS_RESTRICT g, float r)
-    {
-        for (Py_ssize_t i = i0; i < i1; ++i) g[i] *= r;
-    }
-
-    FS_KERNEL static void fs_scale_d(Py_ssize_t i0, Py_ssize_t i1, double *FS_RESTRICT g, double r)
-    {
-        for (Py_ssize_t i = i0; i < i1; ++i) g[i] *= r;
-    }
+    FS_ADAM(float, f, sqrtf)
+    FS_ADAM(double, d, sqrt)
+    FS_SUMSQ(float, f)
+    FS_SUMSQ(double, d)
+    FS_SCALE(float, f)
+    FS_SCALE(double, d)
     """
     int FS_HAVE_OPENMP
     void fs_adam_f(Py_ssize_t i0, Py_ssize_t i1, float *p, const float *g, float *m, float *v,
@@ -178,13 +161,19 @@ cdef int _threads(Py_ssize_t total, int nthreads) noexcept nogil:
 # Each kernel below runs over a share [e0, e1) of the concatenated elements: it walks the arrays
 # that overlap the share and calls the per-array C loop on the overlapping part.
 
+cdef inline bint _overlap(Lists *L, Py_ssize_t k, Py_ssize_t e0, Py_ssize_t e1, Py_ssize_t *i0,
+                          Py_ssize_t *i1) noexcept nogil:
+    """[i0, i1): the part of array k inside the share [e0, e1), in the array's own indices;
+    False when empty."""
+    i0[0] = (e0 if e0 > L.start[k] else L.start[k]) - L.start[k]
+    i1[0] = (e1 if e1 < L.start[k + 1] else L.start[k + 1]) - L.start[k]
+    return i1[0] > i0[0]
+
 cdef void _adam_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1, double a, double b,
                       double lr, double eps) noexcept nogil:
     cdef Py_ssize_t k, i0, i1, K = L.K
     for k in range(K):
-        i0 = (e0 if e0 > L.start[k] else L.start[k]) - L.start[k]
-        i1 = (e1 if e1 < L.start[k + 1] else L.start[k + 1]) - L.start[k]
-        if i1 <= i0:
+        if not _overlap(L, k, e0, e1, &i0, &i1):
             continue
         if f32:
             fs_adam_f(i0, i1, <float *>L.ptr[k], <float *>L.ptr[K + k], <float *>L.ptr[2 * K + k],
@@ -221,9 +210,7 @@ cdef double _sumsq_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1) noexc
     cdef Py_ssize_t k, i0, i1
     cdef double total = 0
     for k in range(L.K):
-        i0 = (e0 if e0 > L.start[k] else L.start[k]) - L.start[k]
-        i1 = (e1 if e1 < L.start[k + 1] else L.start[k + 1]) - L.start[k]
-        if i1 > i0:
+        if _overlap(L, k, e0, e1, &i0, &i1):
             total += (fs_sumsq_f(i0, i1, <float *>L.ptr[k]) if f32
                       else fs_sumsq_d(i0, i1, <double *>L.ptr[k]))
     return total
@@ -257,9 +244,7 @@ def sum_squares(list gs, int nthreads=1):
 cdef void _scale_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1, double r) noexcept nogil:
     cdef Py_ssize_t k, i0, i1
     for k in range(L.K):
-        i0 = (e0 if e0 > L.start[k] else L.start[k]) - L.start[k]
-        i1 = (e1 if e1 < L.start[k + 1] else L.start[k + 1]) - L.start[k]
-        if i1 > i0:
+        if _overlap(L, k, e0, e1, &i0, &i1):
             if f32:
                 fs_scale_f(i0, i1, <float *>L.ptr[k], <float>r)
             else:
