@@ -47,18 +47,6 @@ class TimeEmbedding:
         self.idx = idx
         return W[idx]
 
-    def check_ids(self, idx):
-        """idx as integer ids on W's device, every one in [0, V) (else a ValueError naming the
-        range); int64 and contiguous on the CPU."""
-        W, = self.params
-        xp = get_array_module(W)
-        idx = xp.asarray(idx)
-        if idx.dtype.kind not in "iu":
-            raise TypeError(f"TimeEmbedding expects integer ids, got dtype {idx.dtype}")
-        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= W.shape[0]):
-            self._out_of_range(idx, W.shape[0])
-        return np.ascontiguousarray(idx, dtype=np.int64) if xp is np else idx
-
     @staticmethod
     def _out_of_range(idx, V):
         raise ValueError(f"token id out of range: ids must be in [0, {V}), "

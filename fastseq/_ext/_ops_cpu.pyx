@@ -14,6 +14,8 @@ which fall back to them):
     embed_scatter(dW, ids, d, accumulate):        dW[...] = 0 unless accumulate;
                                                   np.add.at(dW, ids.ravel(), d.reshape(-1, D))
 """
+import numpy as np
+
 from libc.math cimport log
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
@@ -33,7 +35,6 @@ def softmax_shift(floating[:, ::1] S, const int64_t[::1] labels, int64_t ignore,
     cdef Py_ssize_t n_valid = 0
     if labels.shape[0] != M:
         raise ValueError(f"{labels.shape[0]} labels for {M} rows")
-    import numpy as np
     picked_arr = np.zeros(M, dtype=np.float64)
     cdef double[::1] picked = picked_arr
     cdef Py_ssize_t bad = -1

@@ -116,7 +116,8 @@ class TimeLSTM:
             if E.shape[1] + K != Wx.shape[0]:
                 raise ValueError(f"embedding width {E.shape[1]} does not match the LSTM input "
                                  f"width {Wx.shape[0] - K}")
-            xs = embed.check_ids(xs)
+            # int64 and contiguous for the engines, which check the range as they gather
+            xs = get_array_module(E).ascontiguousarray(xs, dtype="int64")
         elif xs.ndim != 3 or xs.shape[2] + K != Wx.shape[0]:
             raise ValueError(f"TimeLSTM expects input of shape (N, T, {Wx.shape[0] - K}), "
                              f"got {xs.shape}" + (f" (with a context of width {K})" if K else ""))
