@@ -1,7 +1,8 @@
-"""Training loops and evaluation: Trainer (seq2seq), eval_seq2seq, RnnlmTrainer (language models,
-truncated BPTT), eval_perplexity."""
+"""Training and evaluation: one loop (TrainLoop) under Trainer (seq2seq, shuffled mini-batches)
+and RnnlmTrainer (language models, truncated BPTT); eval_seq2seq, eval_perplexity."""
+import math
+import numbers
 import os
-import time
 
 import numpy as np
 
@@ -9,7 +10,7 @@ from . import backend
 from .functions import clip_grads
 
 
-def progress(iterable, total=None, desc=None, enabled=True):
+def progress(iterable, total=None, desc=None, enabled=True, initial=0):
     """A tqdm progress bar when tqdm is installed and enabled, else the iterable itself."""
     if not enabled:
         return iterable
@@ -17,64 +18,172 @@ def progress(iterable, total=None, desc=None, enabled=True):
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, initial=initial)
 
 
-def train_step(model, optimizer, params, grads, x, t, max_grad=None):
-    """forward, backward, optional global-norm clipping, update; returns the loss."""
-    loss = model.forward(x, t)
-    model.backward()
-    if max_grad is not None:
-        clip_grads(grads, max_grad)
-    optimizer.update(params, grads)
-    return loss
+def check_count(name, value, minimum=1):
+    """value as an int >= minimum, else ValueError naming it (bools are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
-class Trainer:
-    """Mini-batch training: fit(x, t, max_epoch, batch_size, max_grad) with per-epoch shuffling.
+def check_max_grad(max_grad):
+    if max_grad is None:
+        return None
+    if isinstance(max_grad, bool) or not isinstance(max_grad, numbers.Real) \
+            or not math.isfinite(max_grad) or max_grad <= 0:
+        raise ValueError(f"max_grad must be a finite number > 0 or None, got {max_grad!r}")
+    return float(max_grad)
 
-    loss_list holds the mean loss every eval_interval iterations (textbook); epoch_losses the mean
-    loss of each epoch.
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss or gradient: training stopped before the update that would use it."""
+
+
+class TrainLoop:
+    """The loop Trainer and RnnlmTrainer share: batches, forward/backward, a finiteness guard,
+    gradient clipping, the update, a progress bar, the mean loss of every ``eval_interval``
+    iterations (``loss_list``) and of every epoch (``epoch_losses``), and hooks.
+
+    Position: ``current_epoch`` epochs are finished and ``iteration`` batches of the next one
+    are done; ``fit`` continues from there, so a loop stopped mid-epoch (``stop_reason`` set, e.g.
+    by a signal handler) or restored from a checkpoint picks up at the next batch.
+    ``hooks`` are called as ``hook(loop, event)`` with event 'iteration' (after each update) or
+    'epoch' (after each epoch's last update).
     """
 
-    def __init__(self, model, optimizer, seed=None, progress=True):
+    def __init__(self, model, optimizer, progress=True):
         self.model, self.optimizer = model, optimizer
+        self.show_progress = progress
         self.loss_list, self.epoch_losses = [], []
         self.eval_interval = None
         self.current_epoch = 0
+        self.iteration = 0
+        self.total_iters = 0
+        self.window = [0.0, 0]   # loss sum and count of the current eval_interval window
+        self.epoch_loss_sum = 0.0
+        self.hooks = []
+        self.stop_reason = None
+
+    # subclasses: the number of batches per epoch, the batch of iteration ``it``, new-epoch setup
+    def begin_epoch(self):
+        pass
+
+    def batch(self, it):
+        raise NotImplementedError
+
+    def report(self, mean_loss):
+        """The window's figure for loss_list (and the progress bar): the mean loss."""
+        self.loss_list.append(mean_loss)
+        return "loss", f"{mean_loss:.4f}"
+
+    def step(self, x, t, max_grad):
+        """forward, backward, guard, clip, update; returns the loss as a float."""
+        model = self.model
+        loss = float(model.forward(x, t))
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the loss is {loss} at epoch {self.current_epoch + 1}, "
+                                   f"iteration {self.iteration + 1}")
+        model.backward()
+        params, grads = model.params, model.grads
+        norm = clip_grads(grads, math.inf if max_grad is None else max_grad)
+        if not math.isfinite(norm):
+            raise TrainingDiverged(f"a non-finite gradient at epoch {self.current_epoch + 1}, "
+                                   f"iteration {self.iteration + 1}, in parameter "
+                                   f"{self._non_finite(grads)}")
+        self.optimizer.update(params, grads)
+        return loss
+
+    def _non_finite(self, grads):
+        names = getattr(self.model, "param_names", None)
+        for i, g in enumerate(grads):
+            xp = backend.get_array_module(g)
+            if not bool(xp.isfinite(g).all()):
+                return names[i] if names else f"#{i}"
+        return "(the norm overflowed)"
+
+    def run(self, max_epoch, n_iters, max_grad, eval_interval):
+        self.eval_interval = eval_interval
+        for _ in range(max_epoch):
+            if self.iteration == 0:
+                self.begin_epoch()
+            bar = progress(range(self.iteration, n_iters), total=n_iters, initial=self.iteration,
+                           desc=f"epoch {self.current_epoch + 1}", enabled=self.show_progress)
+            try:
+                for it in bar:
+                    loss = self.step(*self.batch(it), max_grad)
+                    self.iteration, self.total_iters = it + 1, self.total_iters + 1
+                    self.epoch_loss_sum += loss
+                    w = self.window
+                    w[0] += loss
+                    w[1] += 1
+                    if eval_interval and w[1] == eval_interval:
+                        key, text = self.report(w[0] / w[1])
+                        if hasattr(bar, "set_postfix"):
+                            bar.set_postfix({key: text})
+                        w[0], w[1] = 0.0, 0
+                    if self.iteration < n_iters:
+                        self._call_hooks("iteration")
+                        if self.stop_reason:
+                            return self
+            finally:
+                if hasattr(bar, "close"):
+                    bar.close()
+            self.epoch_losses.append(self.epoch_loss_sum / n_iters)
+            self.epoch_loss_sum = 0.0
+            self.current_epoch += 1
+            self.iteration = 0
+            self._call_hooks("epoch")
+            if self.stop_reason:
+                return self
+        return self
+
+    def _call_hooks(self, event):
+        for hook in self.hooks:
+            hook(self, event)
+
+    def _check_fit_args(self, max_epoch, batch_size, max_grad, eval_interval):
+        check_count("max_epoch", max_epoch)
+        check_count("batch_size", batch_size)
+        if eval_interval is not None:
+            check_count("eval_interval", eval_interval)
+        return check_max_grad(max_grad)
+
+
+class Trainer(TrainLoop):
+    """Mini-batch training of a seq2seq model: fit(x, t, max_epoch, batch_size, max_grad,
+    eval_interval), rows shuffled every epoch by ``rng`` (seeded with ``seed``; the global NumPy
+    generator when None, as in the textbook). ``order`` is the current epoch's row order."""
+
+    def __init__(self, model, optimizer, seed=None, progress=True):
+        super().__init__(model, optimizer, progress)
         self.rng = np.random.RandomState(seed) if seed is not None else np.random.mtrand._rand
-        self.show_progress = progress
+        self.order = None
+        self._data = None
 
     def fit(self, x, t, max_epoch=10, batch_size=32, max_grad=None, eval_interval=20):
+        max_grad = self._check_fit_args(max_epoch, batch_size, max_grad, eval_interval)
         if len(x) != len(t):
             raise ValueError(f"x has {len(x)} rows but t has {len(t)}")
         if len(x) < batch_size:
             raise ValueError(f"batch_size {batch_size} is larger than the data ({len(x)} rows)")
-        x, t = backend.asarray(x), backend.asarray(t)  # whole set on the device once
-        model, optimizer = self.model, self.optimizer
-        params, grads = model.params, model.grads
-        max_iters = len(x) // batch_size
-        self.eval_interval = eval_interval
-        for _ in range(max_epoch):
-            idx = backend.asarray(self.rng.permutation(len(x)))
-            xs_all, ts_all = x[idx], t[idx]
-            total, count, epoch_total = 0.0, 0, 0.0
-            bar = progress(range(max_iters), total=max_iters, desc=f"epoch {self.current_epoch + 1}",
-                           enabled=self.show_progress)
-            for it in bar:
-                sl = slice(it * batch_size, (it + 1) * batch_size)
-                loss = train_step(model, optimizer, params, grads, xs_all[sl], ts_all[sl], max_grad)
-                total += loss
-                epoch_total += loss
-                count += 1
-                if eval_interval and count == eval_interval:
-                    self.loss_list.append(total / count)
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{total / count:.4f}")
-                    total, count = 0.0, 0
-            self.epoch_losses.append(epoch_total / max_iters)
-            self.current_epoch += 1
-        return self
+        if self.iteration and (self.order is None or len(self.order) != len(x)):
+            raise ValueError(f"the epoch in progress shuffled {0 if self.order is None else len(self.order)} "
+                             f"rows but x has {len(x)}")
+        self._data = (backend.asarray(x), backend.asarray(t), batch_size)  # on the device once
+        try:
+            return self.run(max_epoch, len(x) // batch_size, max_grad, eval_interval)
+        finally:
+            self._data = None
+
+    def begin_epoch(self):
+        self.order = self.rng.permutation(len(self._data[0]))
+
+    def batch(self, it):
+        x, t, bs = self._data
+        idx = backend.asarray(self.order[it * bs:(it + 1) * bs])
+        return x[idx], t[idx]
 
     def plot(self, path=None, ylim=None):
         from .plot import plot_curve
@@ -101,9 +210,19 @@ def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_
     weights and uses single-threaded BLAS (default: see _default_workers).
     """
     questions, corrects = np.asarray(backend.to_cpu(questions)), np.asarray(backend.to_cpu(corrects))
-    if questions.ndim == 1:
+    if questions.ndim == 1 and corrects.ndim == 1:
         questions, corrects = questions[None], corrects[None]
+    if questions.ndim != 2 or corrects.ndim != 2:
+        raise ValueError(f"questions and corrects must be 2-D (N, T) arrays of ids, got shapes "
+                         f"{questions.shape} and {corrects.shape}")
     N = len(questions)
+    if N != len(corrects):
+        raise ValueError(f"{N} questions but {len(corrects)} correct answers")
+    if N == 0:
+        raise ValueError("no questions to evaluate (empty input)")
+    if corrects.shape[1] < 2:
+        raise ValueError(f"each correct answer needs the start symbol and at least one id, got "
+                         f"rows of {corrects.shape[1]}")
     start_ids = corrects[:, 0]
     answers = corrects[:, 1:]
     bs = batch_size or N
@@ -148,23 +267,22 @@ def _lm_batch(x, t, rows, time_idx, time_size):
     return x[pos], t[pos]
 
 
-class RnnlmTrainer:
+class RnnlmTrainer(TrainLoop):
     """Truncated-BPTT training of a stateful language model (textbook layout).
 
     The data is read as ``batch_size`` parallel streams: row i starts at offset ``i * jump``
     (``jump = len(xs) // batch_size``) and advances by ``time_size`` words per iteration. The
     running time index continues across iterations, epochs and ``fit`` calls, and the model's
     LSTM state carries from batch to batch. ``ppl_list`` holds the perplexity of every
-    ``eval_interval`` iterations; ``epoch_losses`` the mean loss of each epoch.
+    ``eval_interval`` iterations (``loss_list`` the mean loss); ``epoch_losses`` the mean loss
+    of each epoch.
     """
 
     def __init__(self, model, optimizer, progress=True):
-        self.model, self.optimizer = model, optimizer
+        super().__init__(model, optimizer, progress)
         self.time_idx = 0
-        self.ppl_list, self.epoch_losses = [], []
-        self.eval_interval = None
-        self.current_epoch = 0
-        self.show_progress = progress
+        self.ppl_list = []
+        self._data = None
 
     def get_batch(self, x, t, batch_size, time_size):
         """The next (batch_x, batch_t), advancing the running time index by time_size."""
@@ -180,44 +298,36 @@ class RnnlmTrainer:
         self.time_idx += time_size
         return bx, bt
 
+    def batch(self, it):
+        return self.get_batch(*self._data)
+
+    def report(self, mean_loss):
+        self.loss_list.append(mean_loss)
+        ppl = float(np.exp(mean_loss))
+        self.ppl_list.append(ppl)
+        return "ppl", f"{ppl:.2f}"
+
     def fit(self, xs, ts, max_epoch=10, batch_size=20, time_size=35, max_grad=None,
             eval_interval=20, max_iters=None):
         """``max_iters`` caps the iterations per epoch (default len(xs) // (batch_size * time_size))."""
+        max_grad = self._check_fit_args(max_epoch, batch_size, max_grad, eval_interval)
+        check_count("time_size", time_size)
         if len(xs) != len(ts):
             raise ValueError(f"xs has {len(xs)} words but ts has {len(ts)}")
-        for name, v in (("batch_size", batch_size), ("time_size", time_size)):
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         n_iters = len(xs) // (batch_size * time_size)
         if n_iters < 1:
             raise ValueError(f"the corpus ({len(xs)} words) is shorter than one batch "
                              f"({batch_size} x {time_size} words)")
         if max_iters is not None:
-            n_iters = min(n_iters, int(max_iters))
-        xs, ts = backend.asarray(xs), backend.asarray(ts)
-        model, optimizer = self.model, self.optimizer
-        params, grads = model.params, model.grads  # tied weights are held once: no dedup needed
-        self.eval_interval = eval_interval
-        total, count = 0.0, 0
-        for _ in range(max_epoch):
-            epoch_total = 0.0
-            bar = progress(range(n_iters), total=n_iters, desc=f"epoch {self.current_epoch + 1}",
-                           enabled=self.show_progress)
-            for _it in bar:
-                bx, bt = self.get_batch(xs, ts, batch_size, time_size)
-                loss = train_step(model, optimizer, params, grads, bx, bt, max_grad)
-                total += loss
-                epoch_total += loss
-                count += 1
-                if eval_interval and count == eval_interval:
-                    ppl = float(np.exp(total / count))
-                    self.ppl_list.append(ppl)
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(ppl=f"{ppl:.2f}")
-                    total, count = 0.0, 0
-            self.epoch_losses.append(epoch_total / n_iters)
-            self.current_epoch += 1
-        return self
+            n_iters = min(n_iters, check_count("max_iters", max_iters))
+        if self.iteration >= n_iters:
+            raise ValueError(f"the epoch in progress is at iteration {self.iteration} but an "
+                             f"epoch now has {n_iters}")
+        self._data = (backend.asarray(xs), backend.asarray(ts), batch_size, time_size)
+        try:
+            return self.run(max_epoch, n_iters, max_grad, eval_interval)
+        finally:
+            self._data = None
 
     def plot(self, path=None, ylim=None):
         from .plot import plot_curve

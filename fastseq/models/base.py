@@ -87,3 +87,35 @@ class Model:
         for p, a in zip(self.params, arrays):
             p[...] = backend.asarray(a.astype(p.dtype))
         return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: model name -> class, task family and CLI defaults. A model file registers itself
+# with one line; the training CLI reads everything it needs from here.
+
+FAMILIES = ("seq2seq", "lm")
+
+
+class ModelEntry:
+    """One registered model: ``cls``, ``task`` family ('seq2seq' or 'lm'), ``defaults`` (CLI
+    defaults: constructor keywords such as hidden_size, and training settings such as epochs,
+    which override the task's), ``help`` (one line for --help)."""
+
+    def __init__(self, name, cls, task, defaults, help):
+        self.name, self.cls, self.task, self.defaults, self.help = name, cls, task, defaults, help
+
+    def __repr__(self):
+        return f"ModelEntry({self.name!r}, {self.cls.__name__}, task={self.task!r})"
+
+
+REGISTRY = {}
+
+
+def register(name, cls, *, family, defaults=None, help=""):
+    """Add ``cls`` to REGISTRY under ``name``; ``family`` is 'seq2seq' or 'lm'."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if name in REGISTRY and REGISTRY[name].cls is not cls:
+        raise ValueError(f"model name {name!r} is already registered for {REGISTRY[name].cls}")
+    REGISTRY[name] = ModelEntry(name, cls, family, dict(defaults or {}), help)
+    return cls

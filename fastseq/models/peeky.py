@@ -9,7 +9,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..layers import TimeAffine, TimeEmbedding
 from ..lstm import TimeLSTM
-from .base import make_rng, randn, zeros
+from .base import make_rng, randn, register, zeros
 from .seq2seq import Decoder, Seq2seq, embed_lstm_backward, embed_lstm_forward
 
 
@@ -57,3 +57,7 @@ class PeekyDecoder(Decoder):
 
 class PeekySeq2seq(Seq2seq):
     decoder_class = PeekyDecoder
+
+
+register("peeky", PeekySeq2seq, family="seq2seq", defaults={"wordvec_size": 16, "hidden_size": 128},
+         help="decoder sees the encoder's state at every step (textbook 7.4)")

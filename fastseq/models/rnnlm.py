@@ -16,7 +16,7 @@ from ..functions import blas_threads
 from ..layers import (TimeAffine, TimeAffineSoftmaxWithLoss, TimeDropout, TimeEmbedding,
                       TimeSoftmaxWithLoss)
 from ..lstm import TimeLSTM
-from .base import Model, make_rng, randn, zeros
+from .base import Model, make_rng, randn, register, zeros
 
 
 def _check_size(name, value):
@@ -326,3 +326,11 @@ class BetterRnnlm(_LanguageModel):
         dx = self.lstm1.backward(d1.backward(dx))
         self.embed.backward(d0.backward(dx), accumulate=True)
         return None
+
+
+register("rnnlm", Rnnlm, family="lm", defaults={"wordvec_size": 100, "hidden_size": 100,
+                                                "epochs": 4},
+         help="Embedding + LSTM + Affine language model (textbook 6.4)")
+register("better", BetterRnnlm, family="lm",
+         defaults={"wordvec_size": 650, "hidden_size": 650, "dropout_ratio": 0.5, "epochs": 40},
+         help="two LSTM layers, dropout, tied weights (textbook 6.5)")

@@ -5,7 +5,7 @@ from .. import backend
 from ..backend import get_array_module
 from ..layers import TimeAffine, TimeEmbedding, TimeSoftmaxWithLoss
 from ..lstm import TimeLSTM
-from .base import Model, make_rng, randn, zeros
+from .base import Model, make_rng, randn, register, zeros
 
 
 def _lstm_params(rng, D, H, dtype):
@@ -142,3 +142,7 @@ class Seq2seq(Model):
         if xs.shape[0] == 1:
             return [int(i) for i in out[0]]
         return out
+
+
+register("seq2seq", Seq2seq, family="seq2seq", defaults={"wordvec_size": 16, "hidden_size": 128},
+         help="Encoder + Decoder (textbook 7.3)")
