@@ -35,6 +35,8 @@ _PRELUDE = r"""
 // CUDA declares float/double overloads of the math functions in the global namespace.
 using std::tanh;
 using std::exp;
+using std::pow;
+using std::sqrt;
 
 static int g_oob = 0;  // set when a kernel indexes outside a raw array
 
@@ -61,20 +63,31 @@ extern "C" int fastseq_take_oob(void) { int r = g_oob; g_oob = 0; return r; }
 
 
 def _parse_params(spec, is_input):
-    """cupy.ElementwiseKernel parameter list -> [(name, kind, ctype, is_input)]."""
+    """cupy.ElementwiseKernel parameter list -> [(name, kind, type, is_input)], kind one of
+    'raw' (indexed array), 'elem' (one element per thread) or 'scalar'; type 'T', 'int32' or
+    'float64'."""
     out = []
     for item in spec.split(","):
         toks = item.split()
         raw = toks[0] == "raw"
         typ, name = toks[-2], toks[-1]
-        if typ == "T":
-            kind = "raw" if raw else "elem"
-        elif typ == "int32":
-            kind = "int"
-        else:
+        if typ not in ("T", "int32", "float64"):
             raise AssertionError(f"harness does not know parameter type {typ!r}")
+        if raw:
+            kind = "raw"
+        elif typ == "T":
+            kind = "elem"
+        else:
+            kind = "scalar"
         out.append((name, kind, typ, is_input))
     return out
+
+
+_CTYPE_OF = {"int32": "int", "float64": "double"}
+
+
+def _elem_type(typ, ctype):
+    return ctype if typ == "T" else _CTYPE_OF[typ]
 
 
 def _harness_source():
@@ -83,10 +96,11 @@ def _harness_source():
         params = _parse_params(ins, True) + _parse_params(outs, False)
         decl, prologue = ["ptrdiff_t _size"], []
         for name, kind, typ, is_in in params:
+            t = "T" if typ == "T" else _CTYPE_OF[typ]
             if kind == "raw":
-                decl.append(f"{'RawIn' if is_in else 'RawOut'}<T> {name}")
-            elif kind == "int":
-                decl.append(f"int {name}")
+                decl.append(f"{'RawIn' if is_in else 'RawOut'}<{t}> {name}")
+            elif kind == "scalar":
+                decl.append(f"{t} {name}")
             else:
                 decl.append(f"{'const ' if is_in else ''}T* _raw_{name}")
                 prologue.append(f"{'const ' if is_in else ''}T &{name} = _raw_{name}[i];")
@@ -96,20 +110,36 @@ def _harness_source():
         for ctype in _CTYPES.values():
             cdecl, cargs = ["ptrdiff_t _size"], ["_size"]
             for idx, (name, kind, typ, is_in) in enumerate(params):
+                et = _elem_type(typ, ctype)
                 if kind == "raw":
                     cdecl += [f"void* p{idx}", f"ptrdiff_t n{idx}"]
                     q = "const " if is_in else ""
-                    init = f"{{({q}{ctype}*)p{idx}, n{idx}}}" if is_in \
-                        else f"{{({ctype}*)p{idx}, n{idx}, 0}}"
-                    cargs.append(f"{'RawIn' if is_in else 'RawOut'}<{ctype}>{init}")
-                elif kind == "int":
-                    cdecl.append(f"int p{idx}")
+                    init = f"{{({q}{et}*)p{idx}, n{idx}}}" if is_in \
+                        else f"{{({et}*)p{idx}, n{idx}, 0}}"
+                    cargs.append(f"{'RawIn' if is_in else 'RawOut'}<{et}>{init}")
+                elif kind == "scalar":
+                    cdecl.append(f"{et} p{idx}")
                     cargs.append(f"p{idx}")
                 else:
                     cdecl.append(f"void* p{idx}")
                     cargs.append(f"({'const ' if is_in else ''}{ctype}*)p{idx}")
             parts.append(f'extern "C" void {kname}_{ctype}({", ".join(cdecl)}) {{\n'
                          f"  {kname}_impl<{ctype}>({', '.join(cargs)});\n}}\n")
+    for kname, (ins, outs, map_expr, reduce_expr, post, identity) in \
+            _cupy._REDUCTION_KERNELS.items():
+        (xname, _, xt, _), = _parse_params(ins, True)
+        (yname, _, yt, _), = _parse_params(outs, False)
+        assert xt == "T" and yt == "float64", "harness: reductions T -> float64 only"
+        parts.append(
+            f"template <typename T>\nstatic void {kname}_impl(ptrdiff_t _size, const T* _raw_x, "
+            f"double* _out) {{\n  double _acc = {identity};\n"
+            f"  for (ptrdiff_t i = 0; i < _size; ++i) {{\n    const T &{xname} = _raw_x[i];\n"
+            f"    const double _mapped = ({map_expr});\n"
+            f"    {{ const double a = _acc, b = _mapped; _acc = ({reduce_expr}); }}\n  }}\n"
+            f"  {{ const double a = _acc; double &{yname} = *_out; {post}; }}\n}}\n")
+        for ctype in _CTYPES.values():
+            parts.append(f'extern "C" void {kname}_{ctype}(ptrdiff_t n, const void* x, void* y) '
+                         f"{{ {kname}_impl<{ctype}>(n, (const {ctype}*)x, (double*)y); }}\n")
     return "\n".join(parts)
 
 
@@ -122,22 +152,33 @@ class _EmulatedElementwise:
         self.params = _parse_params(ins, True) + _parse_params(outs, False)
         self.lib, self.name = lib, name
 
-    def __call__(self, *args):
+    def __call__(self, *args, size=None):
         assert len(args) == len(self.params), "raw outputs must be passed explicitly"
-        arrays = [a for a, p in zip(args, self.params) if p[1] != "int"]
-        dtypes = {a.dtype for a in arrays}
-        assert len(dtypes) == 1, f"{self.name}: type T is mismatched {dtypes} (CuPy: TypeError)"
-        ctype = _CTYPES[str(dtypes.pop())]
+        tarrays = [a for a, p in zip(args, self.params) if p[2] == "T"]
+        dtypes = {a.dtype for a in tarrays}
+        assert len(dtypes) <= 1, f"{self.name}: type T is mismatched {dtypes} (CuPy: TypeError)"
+        ctype = _CTYPES[str(dtypes.pop())] if dtypes else "double"
         shapes = {a.shape for a, p in zip(args, self.params) if p[1] == "elem"}
-        assert len(shapes) == 1, f"{self.name}: elementwise shapes differ {shapes}"
-        shape = shapes.pop()
-        cargs = [ctypes.c_ssize_t(int(np.prod(shape)))]
-        for a, (pname, kind, _, is_in) in zip(args, self.params):
-            if kind == "int":
-                assert isinstance(a, (int, np.integer)), f"{pname} must be an int"
-                cargs.append(ctypes.c_int(int(a)))
+        assert len(shapes) <= 1, f"{self.name}: elementwise shapes differ {shapes}"
+        if shapes:
+            assert size is None, f"{self.name}: size= with elementwise arrays"
+            n = int(np.prod(shapes.pop()))
+        else:
+            assert size is not None, f"{self.name}: only raw arrays: CuPy needs size="
+            n = int(size)
+        cargs = [ctypes.c_ssize_t(n)]
+        for a, (pname, kind, typ, is_in) in zip(args, self.params):
+            if kind == "scalar":
+                if typ == "int32":
+                    assert isinstance(a, (int, np.integer)), f"{pname} must be an int"
+                    cargs.append(ctypes.c_int(int(a)))
+                else:
+                    assert isinstance(a, (float, int, np.floating)), f"{pname} must be a number"
+                    cargs.append(ctypes.c_double(float(a)))
                 continue
             assert isinstance(a, np.ndarray) and a.flags.c_contiguous, f"{pname} not contiguous"
+            if typ == "float64":
+                assert a.dtype == np.float64, f"{pname} must be float64"
             if not is_in:
                 assert a.flags.writeable, f"{pname} is read-only"
             if kind == "raw":
@@ -147,6 +188,22 @@ class _EmulatedElementwise:
                 cargs.append(ctypes.c_void_p(a.ctypes.data))
         getattr(self.lib, f"{self.name}_{ctype}")(*cargs)
         assert self.lib.fastseq_take_oob() == 0, f"{self.name}: index outside a raw array"
+
+
+class _EmulatedReduction:
+    """Stands in for cupy.ReductionKernel over all axes, called as kernel(x, out=y0d)."""
+
+    def __init__(self, lib, name):
+        self.lib, self.name = lib, name
+
+    def __call__(self, x, out):
+        assert out.shape == () and out.dtype == np.float64
+        assert out.flags.writeable
+        x = np.ascontiguousarray(x)  # CuPy reduces strided arrays too
+        ctype = _CTYPES[str(x.dtype)]
+        getattr(self.lib, f"{self.name}_{ctype}")(ctypes.c_ssize_t(x.size),
+                                                 ctypes.c_void_p(x.ctypes.data),
+                                                 ctypes.c_void_p(out.ctypes.data))
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +224,11 @@ def lib(tmp_path_factory):
 @pytest.fixture
 def kernel(lib):
     return lambda name: _EmulatedElementwise(lib, name)
+
+
+@pytest.fixture
+def reduction(lib):
+    return lambda name: _EmulatedReduction(lib, name)
 
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
@@ -392,3 +454,134 @@ def test_engine_row_bias_matches_numpy_reference(kernel, dtype, N, T, D, H):
     np.testing.assert_allclose(dh0, rdh0, **gtol)
     for g, rg in zip(grads, rgrads):
         np.testing.assert_allclose(g, rg, **gtol)
+
+
+# ------------------------------------------------- optimiser and clipping kernels, products
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_kernels_match_numpy_adam(kernel, dtype):
+    """Three steps of the device Adam (counter kernel + fused update) equal fastseq.optim.Adam's
+    NumPy expressions, including a resumed optimiser (iter set on the host)."""
+    from fastseq.optim import Adam
+    rng = np.random.default_rng(1)
+    shapes = [(3, 4), (5,), (2, 3, 2)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    ref = [p.copy() for p in params]
+    dev_opt, ref_opt = Adam(lr=0.01), Adam(lr=0.01, fused=False)
+    for step in range(3):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        ref_opt.update(ref, grads)
+        if dev_opt.m is None:
+            dev_opt.m = [np.zeros_like(p) for p in params]
+            dev_opt.v = [np.zeros_like(p) for p in params]
+        dev_opt.iter += 1
+        _cupy._adam_update(np, kernel, dev_opt, params, grads)
+        assert dev_opt._device_state[0][0] == dev_opt.iter
+        for p, r in zip(params, ref):
+            np.testing.assert_allclose(p, r, **TOL[dtype])
+    dev_opt.iter = ref_opt.iter = 10  # resumed elsewhere: the device counter follows the host's
+    grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    ref_opt.update(ref, grads)
+    dev_opt.iter += 1
+    _cupy._adam_update(np, kernel, dev_opt, params, grads)
+    assert dev_opt._device_state[0][0] == 11
+    for p, r in zip(params, ref):
+        np.testing.assert_allclose(p, r, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_kernels_match_numpy(kernel, reduction, dtype, max_norm):
+    """Norm and rate on the device (sum-of-squares reductions, one rate kernel, one scaling
+    kernel per grad) equal fastseq.functions.clip_grads on the host, clipped or not."""
+    from fastseq import functions
+    rng = np.random.default_rng(2)
+    grads = [rng.standard_normal(s).astype(dtype) for s in [(4, 6), (7,), (3, 2, 5)]]
+    ref = [g.copy() for g in grads]
+    want = functions.clip_grads(ref, max_norm)
+    got = _cupy._clip_grads(np, kernel, reduction, grads, max_norm)
+    assert got.shape == ()
+    np.testing.assert_allclose(float(got), want, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(g, r, **TOL[dtype])
+
+
+def _colmajor(buf, rows, cols, ld):
+    """The column-major (rows, cols) matrix with leading dimension ld in flat memory buf."""
+    assert ld >= max(1, rows) and (cols - 1) * ld + rows <= buf.size, "gemm plan reads past"
+    return np.lib.stride_tricks.as_strided(buf, (rows, cols), (buf.itemsize, ld * buf.itemsize))
+
+
+def _emulated_gemm(plan, first, second, out):
+    """cublas<t>gemm's column-major semantics on the operands' memory (alpha 1, beta 0)."""
+    op1, op2, m, n, k, ld1, ld2, ldo = plan
+    mem = [a.ravel(order="K") for a in (first, second, out)]
+    assert all(np.shares_memory(v, a) for v, a in zip(mem, (first, second, out)))
+    A = _colmajor(mem[0], *((m, k) if op1 == 0 else (k, m)), ld1)
+    B = _colmajor(mem[1], *((k, n) if op2 == 0 else (n, k)), ld2)
+    C = _colmajor(mem[2], m, n, ldo)
+    C[...] = (A if op1 == 0 else A.T) @ (B if op2 == 0 else B.T)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,K,N", [(3, 4, 5), (1, 6, 2), (5, 1, 3), (4, 3, 1), (1, 1, 1),
+                                   (0, 3, 2), (2, 0, 3)])
+@pytest.mark.parametrize("a_order,b_order", [("C", "C"), ("F", "C"), ("C", "F"), ("F", "F")])
+def test_direct_matmul_plan(dtype, M, K, N, a_order, b_order):
+    """matmul's cuBLAS arguments, run through a column-major emulation of gemm, give a @ b for
+    C-ordered operands and transposed views; out= written in place or through a copy."""
+    rng = np.random.default_rng(M * 100 + K * 10 + N)
+    a = rng.standard_normal((M, K)).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    a_op = a if a_order == "C" else np.ascontiguousarray(a.T).T
+    b_op = b if b_order == "C" else np.ascontiguousarray(b.T).T
+    want = a @ b
+    got = _cupy._matmul(np, _emulated_gemm, a_op, b_op)
+    np.testing.assert_allclose(got, want, **TOL[dtype])
+    out = np.full((M, N), np.nan, dtype)
+    assert _cupy._matmul(np, _emulated_gemm, a_op, b_op, out=out) is out
+    np.testing.assert_allclose(out, want, **TOL[dtype])
+    outT = np.full((N, M), np.nan, dtype).T  # not C-ordered: computed, then copied in
+    _cupy._matmul(np, _emulated_gemm, a_op, b_op, out=outT)
+    np.testing.assert_allclose(outT, want, **TOL[dtype])
+
+
+def test_direct_matmul_vectors_and_strided():
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((6, 8))
+    v = rng.standard_normal(6)
+    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, v, A), v @ A)
+    w = rng.standard_normal(8)
+    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, A, w), A @ w)
+    S = A[::2, 1:5]  # neither C- nor F-ordered: copied first
+    B = rng.standard_normal((4, 3))
+    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, S, B), S @ B)
+    with pytest.raises(ValueError, match="do not match"):
+        _cupy._matmul(np, _emulated_gemm, A, B)
+    with pytest.raises(TypeError, match="float32/float64"):
+        _cupy._matmul(np, _emulated_gemm, A.astype(np.float32), A.T)
+
+
+def test_engine_with_direct_products(kernel, monkeypatch):
+    """The engine's products through the direct path (as while a graph is captured) give the
+    same results as through the array module."""
+    rng = np.random.default_rng(5)
+    xs, Wx, Wh, b, h0, c0 = _params(rng, 3, 4, 5, 6, np.float64)
+    want_hs, _, _, cache = _cupy._forward(np, kernel, xs, Wx, Wh, b, h0, c0)
+    dhs = rng.standard_normal(want_hs.shape)
+    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+    want_dxs, want_dh0 = _cupy._backward(np, kernel, dhs, cache, grads)
+    want_grads = [g.copy() for g in grads]
+
+    monkeypatch.setattr(_cupy, "matmul", lambda a, b, out=None: _cupy._matmul(
+        np, _emulated_gemm, a, b, out))
+    monkeypatch.setattr(_cupy, "_is_device", lambda xp: True)
+    monkeypatch.setattr(_cupy._direct, "on", True)
+    hs, _, _, cache = _cupy._forward(np, kernel, xs, Wx, Wh, b, h0, c0)
+    np.testing.assert_allclose(hs, want_hs, rtol=1e-13, atol=1e-14)
+    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+    dxs, dh0 = _cupy._backward(np, kernel, dhs, cache, grads)
+    np.testing.assert_allclose(dxs, want_dxs, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(dh0, want_dh0, rtol=1e-12, atol=1e-13)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-13)

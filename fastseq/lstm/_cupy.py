@@ -42,6 +42,8 @@ def _elementwise(name):
 
 def _matmul_into(xp, a, b, out):
     """``out[...] = a @ b`` without a temporary when the array module allows it."""
+    if _direct.on and _is_device(xp):  # a CUDA graph is being captured: see matmul
+        return matmul(a, b, out=out)
     if out.flags.c_contiguous and out.dtype == a.dtype == b.dtype:
         try:
             xp.matmul(a, b, out=out)
@@ -50,6 +52,17 @@ def _matmul_into(xp, a, b, out):
             pass
     out[...] = xp.matmul(a, b)
     return out
+
+
+def _product(xp, a, b):
+    """a @ b (a new array)."""
+    if _direct.on and _is_device(xp):
+        return matmul(a, b)
+    return xp.matmul(a, b)
+
+
+def _is_device(xp):
+    return xp is not numpy
 
 
 def _require_gpu_arrays(arrays, what):
@@ -134,7 +147,7 @@ def _forward(xp, kernel, xs, Wx, Wh, b, h0, c0):
     b = xp.ascontiguousarray(b, dtype=dtype).reshape(-1)
     # time-major copy of the inputs; kept for dWx
     x2 = xp.ascontiguousarray(xs.transpose(1, 0, 2), dtype=dtype).reshape(T * N, D)
-    A = xp.matmul(x2, Wx).reshape(T, N * 4 * H)  # row t: flat (N, 4H) x_t Wx, then the gates
+    A = _product(xp, x2, Wx).reshape(T, N * 4 * H)  # row t: flat (N, 4H) x_t Wx, then the gates
     Hs = xp.empty((T + 1, N, H), dtype=dtype)     # Hs[0] = h0, Hs[t + 1] = h_t
     Cs = xp.empty((T + 1, N, H), dtype=dtype)     # Cs[0] = c0, Cs[t + 1] = c_t
     TCs = xp.empty((T, N, H), dtype=dtype)        # tanh(c_t)
@@ -221,5 +234,282 @@ def _backward(xp, kernel, dhs, cache, grads, need_dh0=True):
     _matmul_into(xp, x2.T, dA2, dWx)
     _matmul_into(xp, Hs[:T].reshape(T * N, H).T, dA2, dWh)
     db[...] = dA.reshape(T, N, 4 * H).sum(axis=0) if row_bias else dA2.sum(axis=0)
-    dxs = xp.matmul(dA2, Wx.T).reshape(T, N, D).transpose(1, 0, 2)
+    dxs = _product(xp, dA2, Wx.T).reshape(T, N, D).transpose(1, 0, 2)
     return dxs, (dh if need_dh0 else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# products while a CUDA graph is captured
+#
+# CuPy refuses every cuBLAS call while its stream is capturing (its wrappers re-set the handle's
+# stream first, and raise there). cuBLAS itself can be captured, so during capture the products
+# go to cublas<t>gemm directly, through a handle of fastseq's own (ctypes, the libcublas CuPy
+# has loaded), with its stream and a workspace of its own set before the capture begins.
+
+
+class _Direct:
+    on = False  # True while fastseq.cuda_graph captures a step
+
+
+_direct = _Direct()
+_OP_N, _OP_T = 0, 1  # cublasOperation_t
+
+
+def gemm_plan(a_shape, a_c_order, b_shape, b_c_order):
+    """cublas<t>gemm's arguments for row-major ``out (M, N) = a (M, K) @ b (K, N)``.
+
+    a and b are C-ordered, or F-ordered (transposed views of C-ordered memory). A row-major
+    (r, c) block is the column-major (c, r) block of the same memory, so cuBLAS computes
+    out^T = b^T a^T: its first operand is b's memory, its second a's. Returns
+    (op_first, op_second, m, n, k, ld_first, ld_second, ld_out).
+    """
+    M, K = a_shape
+    N = b_shape[1]
+    op_b, ld_b = (_OP_N, N) if b_c_order else (_OP_T, K)
+    op_a, ld_a = (_OP_N, K) if a_c_order else (_OP_T, M)
+    return op_b, op_a, N, M, K, max(ld_b, 1), max(ld_a, 1), max(N, 1)
+
+
+def _as_operand(xp, a):
+    """(array, c_order): a as it is when C- or F-ordered, else a C-ordered copy."""
+    if a.flags.c_contiguous:
+        return a, True
+    if a.flags.f_contiguous:
+        return a, False
+    return xp.ascontiguousarray(a), True
+
+
+def _matmul(xp, gemm, a, b, out=None):
+    """out = a @ b for 1-D or 2-D operands through ``gemm(plan, first, second, out2d)`` (first:
+    b's memory, second: a's; see gemm_plan). ``out`` may be any writable array of the result's
+    shape; the product goes straight into it when it is C-ordered."""
+    if a.ndim not in (1, 2) or b.ndim not in (1, 2) or a.dtype != b.dtype \
+            or a.dtype not in DTYPES:
+        raise TypeError(f"matmul takes 1-D or 2-D float32/float64 operands of one dtype, got "
+                        f"{a.dtype} {a.shape} and {b.dtype} {b.shape}")
+    a2 = a.reshape(1, -1) if a.ndim == 1 else a
+    b2 = b.reshape(-1, 1) if b.ndim == 1 else b
+    if a2.shape[1] != b2.shape[0]:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not match")
+    shape = a.shape[:-1] + b.shape[1:]  # numpy.matmul's result shape
+    M, N = a2.shape[0], b2.shape[1]
+    if out is not None and (out.shape != shape or out.dtype != a.dtype):
+        raise ValueError(f"matmul: out has {out.dtype} {out.shape}, expected {a.dtype} {shape}")
+    direct = out is not None and out.flags.c_contiguous
+    res = out if direct else xp.empty(shape, dtype=a.dtype)
+    if M and N:
+        if a2.shape[1] == 0:
+            res[...] = 0
+        else:
+            a2, a_c = _as_operand(xp, a2)
+            b2, b_c = _as_operand(xp, b2)
+            gemm(gemm_plan(a2.shape, a_c, b2.shape, b_c), b2, a2, res.reshape(M, N))
+    if out is not None and not direct:
+        out[...] = res
+        return out
+    return res
+
+
+def matmul(a, b, out=None):
+    """``a @ b`` (1-D or 2-D CuPy arrays, float32 or float64) by cublas<t>gemm on fastseq's own
+    handle: what the engine and the layers use while a CUDA graph is captured.
+
+    NumPy equivalent: ``numpy.matmul(a, b, out=out)``.
+    """
+    import cupy
+    return _matmul(cupy, _cublas().gemm, a, b, out)
+
+
+class _Cublas:
+    """libcublas through ctypes: one handle, set to the current stream (and a workspace of its
+    own) whenever the stream changes."""
+
+    WORKSPACE = 32 << 20  # bytes; what cuBLAS asks for on recent GPUs
+
+    def __init__(self):
+        import ctypes
+
+        import cupy
+        cupy.cuda.device.get_cublas_handle()  # makes sure CuPy has loaded libcublas
+        path = None
+        with open("/proc/self/maps") as f:  # the very library CuPy uses (Linux)
+            for line in f:
+                name = line.split()[-1]
+                if "/libcublas.so" in name:
+                    path = name
+                    break
+        if path is None:
+            raise RuntimeError("could not find the libcublas that CuPy loaded")
+        self.ctypes = ctypes
+        self.lib = lib = ctypes.CDLL(path)
+        handle = ctypes.c_void_p()
+        self._check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+        self.handle = handle
+        self.workspace = cupy.empty(self.WORKSPACE, dtype=cupy.uint8)
+        self.stream = None
+        self.cupy = cupy
+        c = ctypes
+        for fn, real in (("cublasSgemm_v2", c.c_float), ("cublasDgemm_v2", c.c_double)):
+            getattr(lib, fn).argtypes = [c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int,
+                                         c.POINTER(real), c.c_void_p, c.c_int, c.c_void_p, c.c_int,
+                                         c.POINTER(real), c.c_void_p, c.c_int]
+        self.one = {4: c.c_float(1.0), 8: c.c_double(1.0)}
+        self.zero = {4: c.c_float(0.0), 8: c.c_double(0.0)}
+
+    @staticmethod
+    def _check(status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def set_stream(self, stream_ptr):
+        c = self.ctypes
+        self._check(self.lib.cublasSetStream_v2(self.handle, c.c_void_p(stream_ptr)),
+                    "cublasSetStream")
+        # setting the stream resets the workspace to cuBLAS's own pool: set ours again
+        self._check(self.lib.cublasSetWorkspace_v2(self.handle, c.c_void_p(self.workspace.data.ptr),
+                                                   c.c_size_t(self.WORKSPACE)), "cublasSetWorkspace")
+        self.stream = stream_ptr
+
+    def gemm(self, plan, first, second, out):
+        stream = self.cupy.cuda.get_current_stream().ptr
+        if stream != self.stream:
+            self.set_stream(stream)
+        op1, op2, m, n, k, ld1, ld2, ldo = plan
+        size = out.dtype.itemsize
+        fn = self.lib.cublasSgemm_v2 if size == 4 else self.lib.cublasDgemm_v2
+        c = self.ctypes
+        self._check(fn(self.handle, op1, op2, m, n, k, c.byref(self.one[size]), first.data.ptr,
+                       ld1, second.data.ptr, ld2, c.byref(self.zero[size]), out.data.ptr, ldo),
+                    "cublas gemm")
+
+
+_cublas_lib = None
+
+
+def _cublas():
+    global _cublas_lib
+    if _cublas_lib is None:
+        _cublas_lib = _Cublas()
+    return _cublas_lib
+
+
+def prepare_direct_products(stream_ptr):
+    """Load cuBLAS and set fastseq's handle to the stream a graph will be captured on (before the
+    capture begins: setting the stream and workspace is not captured)."""
+    _cublas().set_stream(stream_ptr)
+
+
+# ----------------------------------------------------------------------------------------------
+# optimiser and clipping kernels: no value comes back to the host, so they can be captured
+
+# Adam's step counter and step size live on the device, in state = [t, lr_t] (float64):
+# t += 1;  lr_t = lr sqrt(1 - beta2^t) / (1 - beta1^t).   One thread (size=1).
+_STEP_KERNELS["fastseq_adam_count"] = (
+    "float64 lr, float64 beta1, float64 beta2", "raw float64 state", r"""
+const double t = state[0] + 1.0;
+state[0] = t;
+state[1] = lr * sqrt(1.0 - pow(beta2, t)) / (1.0 - pow(beta1, t));
+""")
+
+# One fused pass per parameter (textbook Adam):
+# m += (1 - b1)(g - m);  v += (1 - b2)(g^2 - v);  p -= lr_t m / (sqrt(v) + eps)
+_STEP_KERNELS["fastseq_adam_update"] = (
+    "T g, raw float64 state, float64 one_minus_b1, float64 one_minus_b2, float64 eps",
+    "T p, T m, T v", r"""
+const T lr_t = T(state[1]);
+const T m_new = m + T(one_minus_b1) * (g - m);
+const T v_new = v + T(one_minus_b2) * (g * g - v);
+m = m_new;
+v = v_new;
+p = p - lr_t * m_new / (sqrt(v_new) + T(eps));
+""")
+
+# Global-norm clipping: res = [norm, rate] from the n squared norms; one thread (size=1).
+_STEP_KERNELS["fastseq_clip_rate"] = (
+    "raw float64 sq, int32 n, float64 max_norm", "raw float64 res", r"""
+double total = 0.0;
+for (int k = 0; k < n; ++k) total += sq[k];
+const double norm = sqrt(total);
+res[0] = norm;
+res[1] = max_norm / (norm + 1e-6);
+""")
+
+# g *= rate when rate < 1 (host: the same test on the host value)
+_STEP_KERNELS["fastseq_clip_scale"] = ("raw float64 res", "T g", r"""
+if (res[1] < 1.0) g = g * T(res[1]);
+""")
+
+# name -> (in_params, out_params, map_expr, reduce_expr, post_map_expr, identity)
+_REDUCTION_KERNELS = {
+    "fastseq_sum_squares": ("T x", "float64 y", "double(x) * double(x)", "a + b", "y = a", "0"),
+}
+
+
+def _reduction(name):
+    kern = _compiled.get(name)
+    if kern is None:
+        import cupy
+        in_params, out_params, map_expr, reduce_expr, post, identity = _REDUCTION_KERNELS[name]
+        kern = cupy.ReductionKernel(in_params, out_params, map_expr, reduce_expr, post, identity,
+                                    name)
+        _compiled[name] = kern
+    return kern
+
+
+def adam_update(opt, params, grads):
+    """Adam on CuPy arrays: one kernel for the step counter, one fused kernel per parameter.
+
+    NumPy equivalent (fastseq.optim.Adam), with lr_t from the device counter::
+
+        m += (1 - b1) (g - m);  v += (1 - b2) (g^2 - v);  p -= lr_t m / (sqrt(v) + 1e-7)
+
+    ``opt.iter`` (already advanced by the caller) stays the host's count; the device counter
+    is rebuilt from it whenever the two disagree (first use, a resumed checkpoint).
+    """
+    import cupy
+    _adam_update(cupy, _elementwise, opt, params, grads)
+
+
+def _adam_update(xp, kernel, opt, params, grads):
+    state = _adam_state(xp, opt)
+    kernel("fastseq_adam_count")(float(opt.lr), float(opt.beta1), float(opt.beta2), state, size=1)
+    update = kernel("fastseq_adam_update")
+    for p, g, m, v in zip(params, grads, opt.m, opt.v):
+        update(g, state, 1.0 - opt.beta1, 1.0 - opt.beta2, 1e-7, p, m, v)
+    opt._device_state = (state, opt.iter)
+
+
+def _adam_state(xp, opt):
+    """The device counter [t, lr_t] for opt, valid for the step opt.iter (t = opt.iter - 1
+    before the count kernel runs)."""
+    held = getattr(opt, "_device_state", None)
+    if held is not None and held[1] == opt.iter - 1 and backend.get_array_module(held[0]) is xp:
+        return held[0]
+    return xp.asarray(numpy.array([opt.iter - 1, 0.0]))
+
+
+def clip_grads(grads, max_norm):
+    """Scale all grads in place by max_norm / (norm + 1e-6) when that is below 1, all on the
+    device; returns the norm as a 0-d CuPy array (read it at a logging interval, not per step).
+
+    NumPy equivalent (fastseq.functions.clip_grads)::
+
+        norm = sqrt(sum((g ** 2).sum() for g in grads));  rate = max_norm / (norm + 1e-6)
+        if rate < 1: for g in grads: g *= rate
+    """
+    import cupy
+    return _clip_grads(cupy, _elementwise, _reduction, grads, max_norm)
+
+
+def _clip_grads(xp, kernel, reduction, grads, max_norm):
+    grads = list(grads)
+    sq = xp.empty(len(grads), dtype=numpy.float64)
+    sum_squares = reduction("fastseq_sum_squares")
+    for k, g in enumerate(grads):
+        sum_squares(g, out=sq[k:k + 1].reshape(()))  # a 0-d view into sq
+    res = xp.empty(2, dtype=numpy.float64)
+    kernel("fastseq_clip_rate")(sq, len(grads), float(max_norm), res, size=1)
+    scale = kernel("fastseq_clip_scale")
+    for g in grads:
+        scale(res, g)
+    return res[0]

@@ -1,0 +1,184 @@
+"""Training steps replayed from a CUDA graph (CuPy): one launch per step instead of hundreds.
+
+The addition models run hundreds of small kernels per training step, so on a GPU their time goes
+into launching kernels, not into running them. For fixed shapes a step (forward, backward,
+clipping, update) launches the same kernels with the same arguments every time; only the values
+in the buffers change. ``GraphStep`` runs the first step of each shape as usual (kernels compiled,
+memory pools warm), records the second into a CUDA graph by stream capture, launches it, and from
+then on copies each batch into the graph's two input buffers and launches the graph.
+
+What capture needs from the step, and how fastseq's CuPy path provides it:
+- no value read back by the host: the loss stays a 0-d device array (the trainer sums it on the
+  device and reads it once per logging interval), clipping computes the norm and the rate on the
+  device, Adam's step size comes from a device counter, and the trainer checks the ids of the
+  whole data set once instead of every batch (``backend.ids_checked``);
+- cuBLAS products: CuPy refuses cuBLAS while a stream captures, so during capture the products go
+  to cuBLAS directly through a handle of fastseq's own (``fastseq.lstm._cupy.matmul``);
+- memory: what the step allocates while it is captured comes from a memory pool of the graph's
+  own, kept with the graph, so no other array is ever given an address the graph writes to;
+- no random numbers (cuRAND cannot be captured) and no state carried from one step to the next:
+  models with active dropout or a stateful LSTM run their steps eagerly (``capture_problem``).
+
+Shapes: one graph per batch shape, at most ``MAX_GRAPHS``; others run eagerly. A changed learning
+rate is recaptured (it is a kernel argument in the graph). If capture fails, the reason is kept in
+``GraphStep.reason`` and every step runs eagerly from then on.
+"""
+import contextlib
+
+MAX_GRAPHS = 2
+
+
+def capture_problem(model, optimizer=None):
+    """Why the training steps of ``model`` cannot be captured (a sentence), or None."""
+    if any(getattr(d, "dropout_ratio", 0) > 0 for d in getattr(model, "dropout_layers", ())):
+        return (f"{type(model).__name__} uses dropout, which draws random numbers in every step "
+                "(cuRAND calls cannot be captured)")
+    if getattr(model, "lstm_layers", ()):
+        return (f"{type(model).__name__} carries its LSTM state from one step to the next "
+                "(truncated BPTT)")
+    if optimizer is not None and type(optimizer).__name__ not in ("Adam", "SGD"):
+        return f"the optimiser {type(optimizer).__name__} is not known to be capturable"
+    return None
+
+
+class GraphStep:
+    """``step(x, t) -> loss``: ``step_fn`` (one whole training step on device arrays, returning
+    the loss as a 0-d device array) replayed from a CUDA graph after its first call for a shape.
+
+    The returned loss is the graph's own buffer: use it (e.g. add it to a device sum) before the
+    next call. ``optimizer.iter`` advances on every step as it would eagerly. ``api`` supplies the
+    device operations (streams, capture, copies); tests pass a stand-in.
+    """
+
+    def __init__(self, step_fn, model, optimizer, api=None):
+        self.step_fn, self.model, self.optimizer = step_fn, model, optimizer
+        self.reason = capture_problem(model, optimizer)
+        self._api = api
+        self._graphs = {}   # (x shape, x dtype, t shape, t dtype) -> _Captured
+        self._warm = set()  # shapes whose eager warm-up step has run
+        self.counts = {"eager": 0, "captured": 0, "replayed": 0}
+
+    @property
+    def api(self):
+        if self._api is None:
+            self._api = CupyGraphApi()
+        return self._api
+
+    def __call__(self, x, t):
+        if self.reason is not None:
+            return self._eager(x, t)
+        key = (x.shape, str(x.dtype), t.shape, str(t.dtype))
+        entry = self._graphs.get(key)
+        if entry is not None and entry.lr != getattr(self.optimizer, "lr", None):
+            del self._graphs[key]  # the learning rate is baked into the graph: record it again
+            entry = None
+        if entry is None:
+            if key not in self._warm or len(self._graphs) >= MAX_GRAPHS:
+                self._warm.add(key)
+                return self._eager(x, t, direct=True)
+            entry = self._capture(key, x, t)
+            if entry is None:  # capture failed: self.reason says why
+                return self._eager(x, t)
+            return entry.loss
+        api = self.api
+        api.copy(entry.x, x)
+        api.copy(entry.t, t)
+        api.launch(entry.graph)
+        self._advance_optimizer()
+        self.counts["replayed"] += 1
+        return entry.loss
+
+    def _eager(self, x, t, direct=False):
+        self.counts["eager"] += 1
+        with self.api.direct_products() if direct else contextlib.nullcontext():
+            return self.step_fn(x, t)
+
+    def _capture(self, key, x, t):
+        api, opt = self.api, self.optimizer
+        xb, tb = api.empty_like(x), api.empty_like(t)
+        api.copy(xb, x)
+        api.copy(tb, t)
+        saved = _host_state(opt)
+        try:
+            with api.capture() as captured:
+                loss = self.step_fn(xb, tb)
+        except Exception as e:  # a host round trip or an uncapturable call inside the step
+            _restore_host_state(opt, saved)
+            self.reason = f"capture failed, steps run eagerly ({type(e).__name__}: {e})"
+            return None
+        entry = _Captured(captured["graph"], captured.get("pool"), xb, tb, loss,
+                          getattr(opt, "lr", None))
+        self._graphs[key] = entry
+        api.launch(entry.graph)  # capture recorded the step; this runs it, for this batch
+        self.counts["captured"] += 1
+        return entry
+
+    def _advance_optimizer(self):
+        """What the host part of the update did while the graph was recorded, for one replay."""
+        opt = self.optimizer
+        if hasattr(opt, "iter"):
+            opt.iter += 1
+            held = getattr(opt, "_device_state", None)
+            if held is not None:  # Adam's device counter advanced inside the graph
+                opt._device_state = (held[0], opt.iter)
+
+
+class _Captured:
+    def __init__(self, graph, pool, x, t, loss, lr):
+        self.graph, self.pool, self.x, self.t, self.loss, self.lr = graph, pool, x, t, loss, lr
+
+
+def _host_state(opt):
+    return {k: getattr(opt, k) for k in ("iter", "_device_state") if hasattr(opt, k)}
+
+
+def _restore_host_state(opt, saved):
+    for k, v in saved.items():
+        setattr(opt, k, v)
+
+
+class CupyGraphApi:
+    """The device side of GraphStep on CuPy: a non-blocking capture stream, a memory pool per
+    graph, products by direct cuBLAS calls while capturing, launches on the current stream."""
+
+    def __init__(self):
+        import cupy
+        from .lstm import _cupy
+        self.cupy, self._cupy_engine = cupy, _cupy
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    def empty_like(self, a):
+        return self.cupy.empty(a.shape, dtype=a.dtype)
+
+    def copy(self, dst, src):
+        dst[...] = src
+
+    def launch(self, graph):
+        graph.launch(stream=self.cupy.cuda.get_current_stream())
+
+    @contextlib.contextmanager
+    def direct_products(self):
+        engine = self._cupy_engine
+        old, engine._direct.on = engine._direct.on, True
+        try:
+            yield
+        finally:
+            engine._direct.on = old
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Record everything launched inside the block; yields a dict that holds the graph
+        ('graph') and its memory pool ('pool') afterwards."""
+        cupy, engine = self.cupy, self._cupy_engine
+        pool = cupy.cuda.MemoryPool()
+        out = {"pool": pool}
+        engine.prepare_direct_products(self.stream.ptr)
+        with cupy.cuda.using_allocator(pool.malloc), self.stream, self.direct_products():
+            self.stream.begin_capture()
+            try:
+                yield out
+            except BaseException:
+                with contextlib.suppress(Exception):  # leave capture mode; the graph is void
+                    self.stream.end_capture()
+                raise
+            out["graph"] = self.stream.end_capture()
