@@ -166,7 +166,7 @@ def load_language_model(path, data_dir=None):
     """(model, id_to_word list) from a model.npz written by ``python -m fastseq.train --task ptb``."""
     from . import models
     from .io import read_npz
-    _, _, meta = read_npz(path)
+    _, meta = read_npz(path)
     name = meta.get("model")
     cls = {"Rnnlm": models.Rnnlm, "BetterRnnlm": models.BetterRnnlm}.get(name)
     if cls is None:

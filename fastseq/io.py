@@ -1,94 +1,496 @@
-"""Files: model weights as .npz (names, shapes, metadata, checksum; written atomically, read
-without pickle) and the textbook's pickled weight files (restricted unpickler)."""
+"""Files: arrays + metadata as .npz (written atomically, read without pickle, bounded, checksummed)
+and the textbook's pickled weight files (restricted unpickler, in _textbook.py).
+
+    write_npz(path, {"W": W, "b": b}, {"model": "Rnnlm", ...})
+    arrays, meta = read_npz(path)                   # dict name -> ndarray, the meta dict
+
+File layout (a zip of stored ``.npy`` members, so ``np.load`` can still look inside):
+``__fastseq__.npy`` holds the JSON envelope ``{"format", "version", "arrays": [[name, dtype,
+shape], ...], "meta": {...}}`` as uint8 bytes, ``__fastseq_sha256__.npy`` the SHA-256 of that
+envelope followed by every array's bytes, and ``a000.npy``, ``a001.npy`` ... the arrays in order.
+The checksum catches corruption and edits of arrays *or* metadata; it is not a signature.
+
+Reading is all-or-nothing and bounded: the zip directory, every ``.npy`` header and the envelope are
+checked against ``Limits`` (and against the caller's expectations) before any array is allocated;
+only plain numeric dtypes are accepted; the result is returned only once every byte was read and
+the checksum matched. Every refusal is a ``FastseqFileError`` (a ValueError) naming the file.
+
+Writing touches regular files only: an existing target that is a directory, FIFO, device or socket
+is refused, and so is a symbolic link (policy: fastseq never writes through a link; give the
+target's own path). The data goes to a temporary file in the same folder, is fsync'ed and renamed
+over the target, so a reader sees the old file or the new one, never half of either.
+"""
+import ast
 import hashlib
 import json
 import os
+import re
+import stat
+import struct
 import tempfile
 import zipfile
+import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
-META_KEY = "__fastseq_meta__"
+FORMAT = "fastseq.npz"
+VERSION = 2
+ENVELOPE = "__fastseq__.npy"
+DIGEST = "__fastseq_sha256__.npy"
+_OLD_META = "__fastseq_meta__.npy"  # version 1: metadata outside the checksum, no longer read
+_ARRAY_NAME = re.compile(r"a(\d{3,6})\.npy")
+_DESCR = re.compile(r"[<>|=]?(b1|i1|i2|i4|i8|u1|u2|u4|u8|f2|f4|f8)")
 
 
-class CheckpointError(ValueError):
-    """A weight file that does not match the model, or is corrupt or tampered with."""
+class FastseqFileError(ValueError):
+    """A file that fastseq refuses: corrupt, truncated, tampered with, too large for its limits, or
+    not matching what the caller expects. The message names the file and the problem."""
+
+
+CheckpointError = FastseqFileError  # the earlier name
+
+
+class NotRegularFileError(FastseqFileError, OSError):
+    """The path is a directory, FIFO, device, socket or (for writes) a symbolic link."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds checked before anything a file declares is allocated."""
+    max_file_bytes: int = 4 << 30      # the whole .npz on disk
+    max_members: int = 4096            # zip members (arrays + 2)
+    max_envelope_bytes: int = 64 << 20  # the JSON metadata
+    max_depth: int = 32                # nesting of lists/dicts in the metadata
+    max_header_bytes: int = 4096       # one .npy header
+    max_ndim: int = 8
+    dtypes: tuple = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                     "uint64", "float16", "float32", "float64")
+
+
+DEFAULT_LIMITS = Limits()
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link"))
+
+
+def _kind(mode):
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _check_write_target(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise NotRegularFileError(f"{path}: is a symbolic link; fastseq does not write through links "
+                                  f"(save to the target's own path, {os.path.realpath(path)})")
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFileError(f"{path}: is a {_kind(st.st_mode)}, not a regular file; "
+                                  f"refusing to replace it")
 
 
 def atomic_write(path, write):
-    """Call write(fileobj) on a temporary file next to ``path``, then rename it over ``path``."""
+    """Call write(fileobj) on a temporary file next to ``path``, fsync it and rename it over
+    ``path`` (which must be absent or a regular file). Nothing is left behind on failure."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    _check_write_target(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        _check_write_target(path)  # again, just before the rename
         os.replace(tmp, path)
+        tmp = None
+        try:
+            dfd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass  # some filesystems cannot fsync a directory; the rename itself is done
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _npy_bytes_header(a):
+    return {"descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False,
+            "shape": a.shape}
+
+
+def _prepare(arrays, meta, path):
+    if not isinstance(arrays, dict):
+        raise TypeError(f"{path}: arrays must be a dict name -> array, got {type(arrays).__name__}")
+    if not isinstance(meta, dict):
+        raise TypeError(f"{path}: meta must be a dict, got {type(meta).__name__}")
+    if len(arrays) + 2 > DEFAULT_LIMITS.max_members:
+        raise ValueError(f"{path}: {len(arrays)} arrays is more than a fastseq file holds")
+    allowed = {np.dtype(d) for d in DEFAULT_LIMITS.dtypes}
+    names, prepared = [], []
+    for name, a in arrays.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{path}: array names must be non-empty strings, got {name!r}")
+        a = np.asarray(a, order="C")
+        if a.dtype not in allowed or a.ndim > DEFAULT_LIMITS.max_ndim:
+            raise TypeError(f"{path}: array {name!r} has dtype {a.dtype} and {a.ndim} dimensions; "
+                            f"only plain numeric arrays of up to {DEFAULT_LIMITS.max_ndim} "
+                            f"dimensions are stored")
+        names.append(name)
+        prepared.append(a)
+    envelope = {"format": FORMAT, "version": VERSION,
+                "arrays": [[n, a.dtype.str, list(a.shape)] for n, a in zip(names, prepared)],
+                "meta": meta}
+    try:
+        text = json.dumps(envelope, ensure_ascii=True, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{path}: meta is not JSON-serialisable: {e}") from None
+    env = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    h = hashlib.sha256(env)
+    for a in prepared:
+        h.update(a.reshape(-1).view(np.uint8) if a.size else b"")
+    digest = np.frombuffer(h.hexdigest().encode("ascii"), dtype=np.uint8)
+    return env, digest, prepared
+
+
+def write_npz(path, arrays, meta):
+    """Write ``arrays`` (dict name -> numeric ndarray) and ``meta`` (a JSON-serialisable dict)
+    to ``path`` atomically, with one checksum over both. Returns the path."""
+    path = os.fspath(path)
+    env, digest, prepared = _prepare(arrays, meta, path)
+    members = [(ENVELOPE, env), (DIGEST, digest)]
+    members += [(f"a{i:03d}.npy", a) for i, a in enumerate(prepared)]
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, a in members:
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_STORED
+                with zf.open(info, "w", force_zip64=a.nbytes > (1 << 30)) as out:
+                    np.lib.format.write_array(out, a, allow_pickle=False)
+
+    atomic_write(path, write)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What a member's .npy header declares (checked before its data is read)."""
+    dtype: np.dtype
+    shape: tuple
+
+    @property
+    def nbytes(self):
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def open_regular(path):
+    """(binary file object, size) for ``path``, refused at once unless it is a regular file (a FIFO
+    would block, a device never ends). Symbolic links are followed for reading."""
+    p = os.fspath(path)
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(f"{p}: is a {_kind(st.st_mode)}, not a regular file")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.close(fd)
         raise
+    return f, st.st_size
 
 
-def _digest(names, arrays):
-    h = hashlib.sha256()
-    for n, a in zip(names, arrays):
-        a = np.ascontiguousarray(a)
-        h.update(n.encode())
-        h.update(str(a.dtype).encode())
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+class _Reader:
+    def __init__(self, path, f, size, limits):
+        self.path, self.f, self.size, self.limits = path, f, size, limits
+
+    def fail(self, problem):
+        return FastseqFileError(f"{self.path}: {problem}")
+
+    def corrupt(self, e):
+        return self.fail(f"not a readable fastseq .npz file (corrupt or truncated?): "
+                         f"{type(e).__name__}: {e}")
+
+    # -- zip directory -------------------------------------------------------------------------
+    def members(self):
+        lim = self.limits
+        if self.size > lim.max_file_bytes:
+            raise self.fail(f"is {self.size} bytes, more than the limit of {lim.max_file_bytes}")
+        self.zf = zipfile.ZipFile(self.f)
+        infos = self.zf.infolist()
+        if len(infos) > lim.max_members:
+            raise self.fail(f"has {len(infos)} zip members, more than the limit of {lim.max_members}")
+        by_name, total = {}, 0
+        for info in infos:
+            if info.filename in by_name:
+                raise self.fail(f"has two zip members named {info.filename!r}")
+            if info.flag_bits & 0x1:
+                raise self.fail(f"member {info.filename!r} is encrypted")
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise self.fail(f"member {info.filename!r} is compressed (method "
+                                f"{info.compress_type}); fastseq files store members uncompressed")
+            total += info.file_size
+            by_name[info.filename] = info
+        if total > self.size:
+            raise self.fail(f"its zip members declare {total} bytes in a {self.size}-byte file")
+        if ENVELOPE not in by_name:
+            if _OLD_META in by_name:
+                raise self.fail("was written by an older fastseq whose checksum did not cover the "
+                                "metadata; it is no longer read (save the model again)")
+            raise self.fail(f"no fastseq metadata ({ENVELOPE}); not a file written by fastseq")
+        if DIGEST not in by_name:
+            raise self.fail(f"no checksum member ({DIGEST})")
+        arrays = {}
+        for name, info in by_name.items():
+            if name in (ENVELOPE, DIGEST):
+                continue
+            m = _ARRAY_NAME.fullmatch(name)
+            if m is None:
+                raise self.fail(f"has an unexpected member {name!r} (not written by fastseq)")
+            arrays[int(m.group(1))] = info
+        if sorted(arrays) != list(range(len(arrays))):
+            raise self.fail(f"array members are not numbered 0..{len(arrays) - 1}: "
+                            f"{sorted(arrays)[:10]}")
+        return by_name[ENVELOPE], by_name[DIGEST], [arrays[i] for i in range(len(arrays))]
+
+    # -- one .npy header -----------------------------------------------------------------------
+    def header(self, info, stream):
+        lim = self.limits
+        magic = stream.read(8)
+        if len(magic) != 8 or magic[:6] != b"\x93NUMPY":
+            raise self.fail(f"member {info.filename!r} is not a .npy array")
+        major = magic[6]
+        if major == 1:
+            raw = stream.read(2)
+            hlen = struct.unpack("<H", raw)[0] if len(raw) == 2 else -1
+        elif major in (2, 3):
+            raw = stream.read(4)
+            hlen = struct.unpack("<I", raw)[0] if len(raw) == 4 else -1
+        else:
+            raise self.fail(f"member {info.filename!r}: unknown .npy format version {major}")
+        if not 0 <= hlen <= lim.max_header_bytes:
+            raise self.fail(f"member {info.filename!r}: .npy header of {hlen} bytes (limit "
+                            f"{lim.max_header_bytes})")
+        text = stream.read(hlen)
+        if len(text) != hlen:
+            raise self.fail(f"member {info.filename!r} is truncated inside its .npy header")
+        try:
+            d = ast.literal_eval(text.decode("utf-8" if major == 3 else "latin1"))
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError,
+                UnicodeDecodeError) as e:
+            raise self.fail(f"member {info.filename!r}: unreadable .npy header "
+                            f"({type(e).__name__})") from None
+        if (not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}
+                or not isinstance(d["descr"], str) or d["fortran_order"] is not False
+                or not isinstance(d["shape"], tuple)):
+            raise self.fail(f"member {info.filename!r}: .npy header {text[:120]!r} is not a plain "
+                            f"C-ordered array header")
+        descr, shape = d["descr"], d["shape"]
+        if not _DESCR.fullmatch(descr) or np.dtype(descr).name not in lim.dtypes:
+            raise self.fail(f"member {info.filename!r} has dtype {descr!r}; allowed: "
+                            f"{', '.join(lim.dtypes)}")
+        if len(shape) > lim.max_ndim or not all(type(s) is int and s >= 0 for s in shape):
+            raise self.fail(f"member {info.filename!r} has an invalid shape {shape!r:.80}")
+        spec = ArraySpec(np.dtype(descr), shape)
+        data_start = (10 if major == 1 else 12) + hlen
+        if spec.nbytes != info.file_size - data_start:
+            raise self.fail(f"member {info.filename!r} declares shape {shape} of {spec.dtype} "
+                            f"({spec.nbytes} bytes) but holds {info.file_size - data_start} bytes")
+        return spec
+
+    def data(self, stream, spec, name):
+        n = spec.nbytes
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = stream.readinto(view[got:])
+            if not k:
+                raise self.fail(f"array {name!r} is truncated: {got} of {n} bytes")
+            got += k
+        return buf
+
+    # -- envelope ------------------------------------------------------------------------------
+    def envelope(self, info, n_arrays):
+        stream = self.zf.open(info)
+        spec = self.header(info, stream)
+        if spec.dtype != np.uint8 or len(spec.shape) != 1:
+            raise self.fail("metadata member is not a 1-D uint8 array")
+        if spec.nbytes > self.limits.max_envelope_bytes:
+            raise self.fail(f"metadata of {spec.nbytes} bytes is over the limit of "
+                            f"{self.limits.max_envelope_bytes}")
+        raw = bytes(self.data(stream, spec, "metadata"))
+        depth = _json_depth(raw)
+        if depth > self.limits.max_depth:
+            raise self.fail(f"metadata nests {depth} levels deep (limit {self.limits.max_depth})")
+        try:
+            env = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise self.fail(f"metadata is not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None
+        if not isinstance(env, dict) or env.get("format") != FORMAT:
+            raise self.fail("metadata does not describe a fastseq .npz file")
+        if env.get("version") != VERSION:
+            raise self.fail(f"format version {env.get('version')!r:.40} is not supported "
+                            f"(this fastseq reads version {VERSION})")
+        listed, meta = env.get("arrays"), env.get("meta")
+        if not isinstance(meta, dict):
+            raise self.fail("metadata: 'meta' is not a JSON object")
+        if not isinstance(listed, list) or len(listed) != n_arrays:
+            raise self.fail(f"metadata lists {len(listed) if isinstance(listed, list) else 'no'} "
+                            f"arrays but the file holds {n_arrays}")
+        names = []
+        for i, entry in enumerate(listed):
+            if (not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str)
+                    or not entry[0] or not isinstance(entry[1], str)
+                    or not isinstance(entry[2], list)):
+                raise self.fail(f"metadata: array entry {i} is malformed: {str(entry)[:80]}")
+            names.append(entry[0])
+        if len(set(names)) != len(names):
+            raise self.fail("metadata names an array twice")
+        return raw, listed, meta
 
 
-def save_npz_params(path, names, arrays, meta=None):
-    meta = dict(meta or {})
-    meta["names"] = list(names)
-    meta["sha256"] = _digest(names, arrays)
-    payload = {f"p{i:03d}": np.asarray(a) for i, a in enumerate(arrays)}
-    payload[META_KEY] = np.array(json.dumps(meta))
-    atomic_write(path, lambda f: np.savez(f, **payload))
+def _json_depth(raw):
+    """Deepest nesting of [ and { in JSON text (strings skipped), without recursion."""
+    stripped = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", raw)
+    b = np.frombuffer(stripped, dtype=np.uint8)
+    if not b.size:
+        return 0
+    step = np.isin(b, (ord("["), ord("{"))).astype(np.int64) - np.isin(b, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
 
 
-def read_npz(path):
-    """(names, arrays, meta) from a fastseq .npz, verifying its checksum."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            files = dict((k, z[k]) for k in z.files)
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a readable .npz weight file (corrupt or truncated?): {e}")
-    if META_KEY not in files:
-        raise CheckpointError(f"{path}: no fastseq metadata; not a file written by save_params")
-    try:
-        meta = json.loads(str(files.pop(META_KEY)))
-        names = meta["names"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: metadata is corrupt: {e}")
-    arrays = [files.get(f"p{i:03d}") for i in range(len(names))]
-    if any(a is None for a in arrays) or len(files) != len(names):
-        raise CheckpointError(f"{path}: holds {len(files)} arrays but its metadata names {len(names)}")
-    if _digest(names, arrays) != meta.get("sha256"):
-        raise CheckpointError(f"{path}: checksum mismatch: the weights were modified or corrupted")
-    return names, arrays, meta
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error, zlib.error,
+               NotImplementedError, OverflowError, IndexError, KeyError, TypeError, RuntimeError,
+               UnicodeDecodeError, ValueError)
 
 
-def load_npz_params(path, expected_names, expected_shapes):
-    names, arrays, meta = read_npz(path)
-    if len(names) != len(expected_names):
-        raise CheckpointError(f"{path}: holds {len(names)} parameters ({meta.get('model')}) but the "
-                              f"model has {len(expected_names)}")
-    for i, (n, a, en, es) in enumerate(zip(names, arrays, expected_names, expected_shapes)):
-        if n != en:
-            raise CheckpointError(f"{path}: parameter {i} is named {n!r} but the model expects {en!r}")
-        if tuple(a.shape) != tuple(es):
-            raise CheckpointError(f"{path}: parameter {n!r} has shape {tuple(a.shape)} but the model "
-                                  f"expects {tuple(es)} (trained with another vocabulary or size?)")
+def read_npz(path, limits=None, expected=None, check=None):
+    """``(arrays, meta)`` from a file written by write_npz: all-or-nothing, no pickle, bounded.
+
+    limits    a Limits (default DEFAULT_LIMITS)
+    expected  optional dict name -> shape: the file must hold exactly these arrays, in this order
+    check     optional callable(meta, specs) run after the metadata and every .npy header were
+              read and before any array data is: specs is a dict name -> ArraySpec; it raises
+              ValueError to refuse the file (the message gets the path in front)
+    Refusals are FastseqFileError; trouble opening or reading the file is an OSError.
+    """
+    limits = limits or DEFAULT_LIMITS
+    path = os.fspath(path)
+    f, size = open_regular(path)
+    with f:
+        r = _Reader(path, f, size, limits)
+        try:
+            return _read(r, expected, check)
+        except FastseqFileError:
+            raise
+        except OSError as e:
+            if e.errno is None or e.errno == 22:  # zipfile's bad seeks on a corrupt directory
+                raise r.corrupt(e) from None
+            raise
+        except MemoryError:
+            raise r.fail("needs more memory than is available to read") from None
+        except _ZIP_ERRORS as e:
+            raise r.corrupt(e) from None
+
+
+def _read(r, expected, check):
+    env_info, digest_info, infos = r.members()
+    raw_env, listed, meta = r.envelope(env_info, len(infos))
+    names = [e[0] for e in listed]
+    streams, specs = [], {}
+    for name, entry, info in zip(names, listed, infos):
+        stream = r.zf.open(info)
+        spec = r.header(info, stream)
+        if entry[1] != spec.dtype.str or entry[2] != list(spec.shape):
+            raise r.fail(f"array {name!r}: metadata says {entry[1]} {entry[2]} but the array is "
+                         f"{spec.dtype.str} {list(spec.shape)}")
+        streams.append(stream)
+        specs[name] = spec
+    if expected is not None:
+        _check_expected(r, names, specs, expected, meta)
+    if check is not None:
+        try:
+            check(meta, specs)
+        except FastseqFileError:
+            raise
+        except (ValueError, TypeError, KeyError) as e:
+            raise r.fail(str(e)) from None
+    dstream = r.zf.open(digest_info)
+    dspec = r.header(digest_info, dstream)
+    if dspec.dtype != np.uint8 or dspec.shape != (64,):
+        raise r.fail("checksum member is malformed")
+    stored = bytes(r.data(dstream, dspec, "checksum")).decode("latin1")
+    h = hashlib.sha256(raw_env)
+    arrays = {}
+    for name, stream in zip(names, streams):
+        spec = specs[name]
+        buf = r.data(stream, spec, name)
+        h.update(buf)
+        a = np.frombuffer(buf, dtype=spec.dtype).reshape(spec.shape)
+        arrays[name] = a if spec.dtype.isnative else a.astype(spec.dtype.newbyteorder("="))
+    if h.hexdigest() != stored:
+        raise r.fail("checksum mismatch: the arrays or the metadata were modified or corrupted")
     return arrays, meta
+
+
+def _check_expected(r, names, specs, expected, meta):
+    what = meta.get("model") if isinstance(meta.get("model"), str) else "arrays"
+    want = list(expected)
+    if len(names) != len(want):
+        raise r.fail(f"holds {len(names)} parameters ({what}) but the model has {len(want)}")
+    for i, (n, en) in enumerate(zip(names, want)):
+        if n != en:
+            raise r.fail(f"parameter {i} is named {n!r} but the model expects {en!r}")
+        shape, es = specs[n].shape, tuple(expected[en])
+        if shape != es:
+            raise r.fail(f"parameter {n!r} has shape {shape} but the model expects {es} "
+                         f"(trained with another vocabulary or size?)")
+
+
+def check_params(path, names, arrays, targets):
+    """Arrays ready to copy into ``targets`` (same order as names): float32/float64 only (no
+    casting of integer, bool or other kinds), converted to each target's dtype, finite after
+    conversion. Raises FastseqFileError naming the file and parameter."""
+    out = []
+    for n, a, p in zip(names, arrays, targets):
+        if a.dtype not in (np.float32, np.float64):
+            raise FastseqFileError(f"{path}: parameter {n!r} has dtype {a.dtype}; weights must be "
+                                   f"float32 or float64")
+        with np.errstate(over="ignore"):
+            b = a.astype(p.dtype, copy=False)
+        if not np.isfinite(b).all():
+            bad = int(b.size - np.isfinite(b).sum())
+            raise FastseqFileError(f"{path}: parameter {n!r} holds {bad} non-finite value(s) "
+                                   f"(NaN or inf: a diverged run?)")
+        out.append(b)
+    return out
 
 
 def load_textbook_params(model, path):

@@ -136,7 +136,7 @@ def test_load_corrupt_or_tampered(tmp_path):
     # tamper: rewrite one array with other values, keep the metadata
     with np.load(path) as z:
         files = {k: z[k] for k in z.files}
-    files["p000"] = files["p000"] + 1
+    files["a000"] = files["a000"] + 1
     np.savez(path, **files)
     with pytest.raises(CheckpointError, match="checksum"):
         Seq2seq(13, 8, 16).load_params(path)

@@ -5,7 +5,7 @@ import types
 import numpy as np
 
 from .. import backend
-from ..io import load_npz_params, save_npz_params
+from ..io import check_params, read_npz, write_npz
 
 
 def make_rng(seed):
@@ -75,17 +75,21 @@ class Model:
         return a
 
     def save_params(self, path, meta=None):
-        """Write the weights to ``path`` (.npz, atomically) with names, shapes and a checksum."""
+        """Write the weights to ``path`` (.npz, atomically) with names, shapes, the model's class
+        and config, ``meta``, and one checksum over all of it (fastseq.io.write_npz)."""
         m = {"model": type(self).__name__, "config": self.config()}
         if meta:
             m.update(meta)
-        save_npz_params(path, self.param_names, [backend.to_cpu(p) for p in self.params], m)
+        write_npz(path, {n: backend.to_cpu(p) for n, p in zip(self.param_names, self.params)}, m)
 
     def load_params(self, path):
-        """Read weights saved by save_params; count, names and shapes must match. Returns meta."""
-        arrays, meta = load_npz_params(path, self.param_names, [p.shape for p in self.params])
-        for p, a in zip(self.params, arrays):
-            p[...] = backend.asarray(a.astype(p.dtype))
+        """Read weights saved by save_params. Everything is checked (names, shapes, float32/64,
+        finite values, checksum) before the first parameter changes. Returns the metadata."""
+        names, params = self.param_names, self.params
+        arrays, meta = read_npz(path, expected={n: p.shape for n, p in zip(names, params)})
+        ready = [backend.asarray(a) for a in check_params(path, names, arrays.values(), params)]
+        for p, a in zip(params, ready):
+            p[...] = a
         return meta
 
 
