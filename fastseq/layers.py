@@ -309,3 +309,52 @@ class TimeAffineSoftmaxWithLoss:
         G[H + 1] = 0
         self._saved = None
         return dx.reshape(N, T, H)
+
+
+class TimeAttention:
+    """Dot-product attention of decoder states over encoder states (no parameters).
+
+    forward(hs_enc (N, Te, H), hs_dec (N, Td, H), mask=None) -> context (N, Td, H):
+        s = hs_dec hs_enc^T                      (N, Td, Te) one score per (query, key)
+        a = softmax(s) over the keys             masked keys (mask False) get weight 0
+        c = a hs_enc
+    backward(dc) -> (dhs_enc, dhs_dec):
+        da = dc hs_enc^T;   ds = a * (da - sum_j a_j da_j)
+        dhs_enc = a^T dc + ds^T hs_dec;   dhs_dec = ds hs_enc
+    ``mask`` (N, Te) bool: True for real keys, at least one per row. ``attention_weights`` holds
+    the last forward's a, for attention maps.
+    """
+
+    def __init__(self):
+        self.params, self.grads = [], []
+        self.attention_weights = None
+        self._cache = None
+
+    def forward(self, hs_enc, hs_dec, mask=None):
+        xp = get_array_module(hs_enc)
+        N, Te, H = hs_enc.shape
+        if hs_dec.ndim != 3 or hs_dec.shape[0] != N or hs_dec.shape[2] != H:
+            raise ValueError(f"TimeAttention: decoder states {hs_dec.shape} do not match encoder "
+                             f"states {hs_enc.shape} (expected (N, Td, H) with N={N}, H={H})")
+        if mask is not None and mask.shape != (N, Te):
+            raise ValueError(f"TimeAttention: mask has shape {mask.shape}, expected {(N, Te)}")
+        a = xp.matmul(hs_dec, hs_enc.transpose(0, 2, 1))          # (N, Td, Te)
+        if mask is not None:  # -inf scores: exp gives those keys exactly 0
+            a += xp.where(mask, 0, -xp.inf).astype(a.dtype)[:, None, :]
+        a -= a.max(axis=2, keepdims=True)
+        xp.exp(a, out=a)
+        a /= a.sum(axis=2, keepdims=True)
+        self._cache = (hs_enc, hs_dec, a)
+        self.attention_weights = a
+        return xp.matmul(a, hs_enc)                                 # (N, Td, H)
+
+    def backward(self, dc):
+        hs_enc, hs_dec, a = self._cache
+        xp = get_array_module(dc)
+        da = xp.matmul(dc, hs_enc.transpose(0, 2, 1))               # (N, Td, Te)
+        ds = da - (a * da).sum(axis=2, keepdims=True)
+        ds *= a
+        dhs_enc = xp.matmul(a.transpose(0, 2, 1), dc)
+        dhs_enc += xp.matmul(ds.transpose(0, 2, 1), hs_dec)
+        dhs_dec = xp.matmul(ds, hs_enc)
+        return dhs_enc, dhs_dec

@@ -72,7 +72,64 @@ def generate_addition(n=50000, seed=0):
     return [f"{x}+{y}".ljust(7) + f"_{x + y}".ljust(5) for x, y in zip(a, b)]
 
 
-GENERATORS = {"addition.txt": generate_addition}
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august",
+           "september", "october", "november", "december")
+_WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+def generate_date(n=50000, seed=0):
+    """Lines like the textbook's date.txt: a date written one of several ways (``9/27/94``,
+    ``Sep 27, 1994``, ``september 27, 1994``, ``TUESDAY, SEPTEMBER 27, 1994``, in lower, title
+    or upper case) padded to 29 characters, then ``_1994-09-27``. Dates uniform in 1970-2016."""
+    import datetime
+    rng = np.random.RandomState(seed)
+    first = datetime.date(1970, 1, 1).toordinal()
+    days = rng.randint(0, datetime.date(2017, 1, 1).toordinal() - first, size=n)
+    forms = rng.randint(0, 4, size=n)
+    cases = rng.randint(0, 3, size=n)
+    lines = []
+    for d, form, case in zip(days, forms, cases):
+        day = datetime.date.fromordinal(first + int(d))
+        month = _MONTHS[day.month - 1]
+        if form == 0:
+            q = f"{day.month}/{day.day}/{day.year % 100:02d}"
+        else:
+            q = f"{month if form > 1 else month[:3]} {day.day}, {day.year}"
+            if form == 3:
+                q = f"{_WEEKDAYS[day.weekday()]}, {q}"
+            q = (str.lower, str.title, str.upper)[case](q)
+        lines.append(q.ljust(29) + "_" + day.isoformat())
+    return lines
+
+
+GENERATORS = {"addition.txt": generate_addition, "date.txt": generate_date}
+
+
+def pad_id(vocab, pad_char=" "):
+    """The id that pads questions and answers at their end in this data (the textbook's sets pad
+    with spaces), or None when the vocabulary has no such character."""
+    return vocab.char_to_id.get(pad_char)
+
+
+def true_lengths(ids, pad):
+    """(N,) lengths of the rows of ids (N, T) without their trailing pads (at least 1)."""
+    ids = np.asarray(ids)
+    real = ids != pad
+    last = ids.shape[1] - np.argmax(real[:, ::-1], axis=1)
+    return np.where(real.any(axis=1), last, 1)
+
+
+def reverse_padded(ids, pad):
+    """Each row's true characters reversed, its trailing pads left at the end
+    ("71+118 " -> "811+17 "); with pad None the whole row is reversed (the textbook's way)."""
+    ids = np.asarray(ids)
+    if pad is None:
+        return ids[:, ::-1].copy()
+    T = ids.shape[1]
+    n = true_lengths(ids, pad)[:, None]
+    t = np.arange(T)[None, :]
+    cols = np.where(t < n, n - 1 - t, t)
+    return np.take_along_axis(ids, cols, axis=1)
 
 
 def parse_lines(lines, source="<lines>"):

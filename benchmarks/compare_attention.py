@@ -1,0 +1,219 @@
+"""AttentionSeq2seq on the date task, side by side in one process: fastseq engines and PyTorch CPU.
+
+    python benchmarks/compare_attention.py [--rounds 12] [--chunk 10] [--eval-rounds 5]
+        [--engines numpy cython torch]
+
+Training: the engines take turns of --chunk iterations (batch 128, wordvec 16, hidden 256,
+Adam 0.001, clip 5.0, reversed questions, padding masked) for --rounds rounds, in an order that
+rotates from round to round; reported is the median of the per-round time ratios (turns seconds
+apart see the same machine) and the epoch (351 iterations) each median implies.
+Evaluation: batched greedy decoding of the 5,000 test questions (10 answer symbols each),
+interleaved the same way for --eval-rounds rounds.
+
+The PyTorch model is the same network: nn.Embedding + nn.LSTM encoder, the decoder LSTM
+started from the state at each question's true end (c = 0), dot-product attention with padded
+keys masked, nn.Linear on [context ; h].
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import set_engine  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "date.txt"
+BATCH, D, H = 128, 16, 256
+PAUSE = 0.1  # seconds between turns (idle OpenMP/BLAS threads stop spinning)
+
+
+def date_data():
+    from fastseq.datasets.sequence import load_dataset, pad_id, reverse_padded
+    data = load_dataset(str(DATA) if DATA.exists() else "date.txt")
+    pad = pad_id(data.vocab)
+    return data, pad, reverse_padded(data.x_train, pad), reverse_padded(data.x_test, pad)
+
+
+def fastseq_runners(engine, data):
+    """(train(n_iters) -> mean loss, evaluate() -> greedy answers) on one engine, or None."""
+    from fastseq.decoding import greedy_search
+    from fastseq.models.attention import AttentionSeq2seq
+    from fastseq.optim import Adam
+    from fastseq.trainer import train_step
+    if not set_engine(engine):
+        return None
+    d, pad, x, x_test = data
+    model = AttentionSeq2seq(len(d.vocab), D, H, seed=0, pad_id=pad)
+    opt = Adam(1e-3)
+    params, grads = model.params, model.grads
+    perm = np.random.RandomState(0).permutation(len(x))
+    state = {"i": 0}
+
+    def train(n_iters):
+        set_engine(engine)
+        total = 0.0
+        for _ in range(n_iters):
+            i = state["i"] % (len(x) // BATCH)
+            state["i"] += 1
+            idx = perm[i * BATCH:(i + 1) * BATCH]
+            total += train_step(model, opt, params, grads, x[idx], d.t_train[idx], 5.0)
+        return total / n_iters
+
+    def evaluate():
+        set_engine(engine)
+        return greedy_search(model, x_test, d.t_test[:, 0], d.t_test.shape[1] - 1)
+
+    return train, evaluate
+
+
+def torch_runners(data, eval_batch):
+    try:
+        import torch
+    except ImportError:
+        return None
+    from torch import nn
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    d, pad, x_np, x_test_np = data
+    Vs = len(d.vocab)
+
+    class TorchAttentionSeq2seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc_embed = nn.Embedding(Vs, D)
+            self.enc = nn.LSTM(D, H, batch_first=True)
+            self.dec_embed = nn.Embedding(Vs, D)
+            self.dec = nn.LSTM(D, H, batch_first=True)
+            self.out = nn.Linear(2 * H, Vs)
+
+        def encode(self, xs):
+            hs, _ = self.enc(self.enc_embed(xs))
+            lengths = (xs != pad).int().cumsum(1).argmax(1) + 1  # one past the last real id
+            h = hs[torch.arange(len(xs)), lengths - 1]
+            keys = torch.arange(xs.shape[1])[None, :] < lengths[:, None]
+            return hs, keys, h
+
+        def step(self, ids, hs, keys, state):
+            dec, state = self.dec(self.dec_embed(ids), state)
+            s = torch.bmm(dec, hs.transpose(1, 2)).masked_fill(~keys[:, None, :], float("-inf"))
+            c = torch.bmm(torch.softmax(s, dim=2), hs)
+            return self.out(torch.cat([c, dec], dim=2)), state
+
+        def forward(self, xs, ts_in):
+            hs, keys, h = self.encode(xs)
+            state = (h[None].contiguous(), torch.zeros_like(h)[None])
+            return self.step(ts_in, hs, keys, state)[0]
+
+    model = TorchAttentionSeq2seq()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    lossf = nn.CrossEntropyLoss()
+    x = torch.from_numpy(x_np.astype(np.int64))
+    t = torch.from_numpy(d.t_train.astype(np.int64))
+    x_test = torch.from_numpy(x_test_np.astype(np.int64))
+    t_test = torch.from_numpy(d.t_test.astype(np.int64))
+    perm = torch.from_numpy(np.random.RandomState(0).permutation(len(x)))
+    state = {"i": 0}
+
+    def train(n_iters):
+        total = 0.0
+        for _ in range(n_iters):
+            i = state["i"] % (len(x) // BATCH)
+            state["i"] += 1
+            idx = perm[i * BATCH:(i + 1) * BATCH]
+            xb, tb = x[idx], t[idx]
+            score = model(xb, tb[:, :-1])
+            loss = lossf(score.reshape(-1, Vs), tb[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            total += float(loss.detach())
+        return total / n_iters
+
+    @torch.no_grad()
+    def evaluate():
+        outs = []
+        for s in range(0, len(x_test), eval_batch):
+            xs = x_test[s:s + eval_batch]
+            hs, keys, h = model.encode(xs)
+            st = (h[None].contiguous(), torch.zeros_like(h)[None])
+            ids = t_test[s:s + eval_batch, :1]
+            cols = []
+            for _ in range(t_test.shape[1] - 1):
+                score, st = model.step(ids, hs, keys, st)
+                ids = score.argmax(dim=2)
+                cols.append(ids)
+            outs.append(torch.cat(cols, dim=1))
+        return torch.cat(outs).numpy()
+
+    return train, evaluate
+
+
+def take_turns(runners, rounds, call):
+    names = list(runners)
+    times = {e: [] for e in names}
+    for r in range(rounds):
+        for e in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(PAUSE)
+            t0 = time.perf_counter()
+            call(runners[e])
+            times[e].append(time.perf_counter() - t0)
+    return {e: np.array(v) for e, v in times.items()}
+
+
+def report(title, times, scale, unit):
+    print(title)
+    print(f"{'engine':8} {'median ' + unit:>12} {'min ' + unit:>10}")
+    for e, v in times.items():
+        print(f"{e:8} {np.median(v) * scale:12.2f} {v.min() * scale:10.2f}")
+    for fast in ("cython", "numpy"):
+        if fast in times and "torch" in times:
+            ratio = times["torch"] / times[fast]
+            q1, med, q3 = np.percentile(ratio, [25, 50, 75])
+            print(f"{fast} vs torch: median of per-round ratios {med:.2f}x "
+                  f"(quartiles {q1:.2f}-{q3:.2f}x, min {ratio.min():.2f}x, max {ratio.max():.2f}x)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines", nargs="+", default=["cython", "torch"])
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--chunk", type=int, default=10, help="training iterations per turn")
+    ap.add_argument("--eval-rounds", type=int, default=5)
+    ap.add_argument("--torch-eval-batch", type=int, default=500)
+    args = ap.parse_args()
+    data = date_data()
+    runners = {}
+    for e in args.engines:
+        r = torch_runners(data, args.torch_eval_batch) if e == "torch" else fastseq_runners(e, data)
+        if r is None:
+            print(f"{e}: not available here, skipped")
+            continue
+        runners[e] = r
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "unknown CPU")
+    iters = len(data[2]) // BATCH
+    print(f"machine: {cpu}, {os.cpu_count()} cores; numpy {np.__version__}; date task, batch "
+          f"{BATCH}, D={D}, H={H}; {args.chunk} iterations per turn")
+    if args.rounds:
+        for train, _ in runners.values():
+            train(3)  # warm-up
+        times = take_turns(runners, args.rounds, lambda r: r[0](args.chunk))
+        report(f"training, {args.rounds} rounds: seconds per epoch ({iters} iterations) implied",
+               {e: v / args.chunk for e, v in times.items()}, iters, "s")
+    if args.eval_rounds:
+        answers = data[0].t_test[:, 1:]
+        for e, (_, evaluate) in runners.items():
+            acc = float((evaluate() == answers).all(axis=1).mean())  # warm-up
+            print(f"{e}: greedy test accuracy {acc * 100:.2f}% after the training above")
+        times = take_turns(runners, args.eval_rounds, lambda r: r[1]())
+        report(f"greedy evaluation of {len(answers)} test questions, {args.eval_rounds} rounds",
+               times, 1.0, "s")
+
+
+if __name__ == "__main__":
+    main()

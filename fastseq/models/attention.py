@@ -1,0 +1,201 @@
+"""AttentionEncoder, AttentionDecoder, AttentionSeq2seq: dot-product attention over every encoder
+state (the textbook's chapter 8 model), padding-aware.
+
+The decoder starts its LSTM from the encoder's last state (c = 0); for each decoder state h_t it
+takes weights a_t = softmax(hs h_t) over the encoder states hs, the context c_t = sum_j a_tj hs_j,
+and scores Affine([c_t ; h_t]) (context first).
+
+Padding (``pad_id`` given): a question's true length ends at its last non-pad id; pads sit after
+it (trailing). The encoder's outputs are those of an LSTM whose padded steps leave h unchanged
+(hs[n, t] = hs[n, len_n - 1] for t >= len_n, so its final state is taken at each row's true end),
+padded keys get zero attention weight, and in each answer the first trailing pad is the end
+symbol while the pads after it are ignored by the loss. Where nothing is padded, all of this is
+the identity.
+"""
+import numpy as np
+
+from .. import backend
+from ..backend import get_array_module
+from ..layers import TimeAffine, TimeAttention, TimeEmbedding, TimeSoftmaxWithLoss
+from ..lstm import TimeLSTM
+from .base import Model, make_rng, randn, register, zeros
+from .seq2seq import _as_start_ids, _lstm_params, embed_lstm_backward, embed_lstm_forward
+
+
+def true_lengths(ids, pad_id):
+    """(N,) lengths of the rows of ids (N, T) without their trailing pads (at least 1)."""
+    xp = get_array_module(ids)
+    real = ids != pad_id
+    T = ids.shape[1]
+    last = T - xp.argmax(real[:, ::-1], axis=1)  # one past the last real id
+    return xp.where(real.any(axis=1), last, 1).astype(np.int64)
+
+
+class AttentionEncoder(Model):
+    """ids (N, T) -> every hidden state hs (N, T, H); with ``lengths``, padded steps repeat the
+    state at each row's true end."""
+
+    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32):
+        rng = rng if rng is not None else make_rng(None)
+        V, D, H = vocab_size, wordvec_size, hidden_size
+        self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
+        self.lstm = TimeLSTM(*_lstm_params(rng, D, H, dtype), stateful=False)
+        self.lstm.need_dh = False  # starts from a zero state
+        self.layers = [("embed", self.embed), ("lstm", self.lstm)]
+        self._fill = None
+
+    def forward(self, xs, lengths=None):
+        hs = embed_lstm_forward(self.embed, self.lstm, xs)
+        N, T, _ = hs.shape
+        self._fill = None
+        if lengths is not None and bool((lengths < T).any()):
+            xp = get_array_module(hs)
+            real = xp.arange(T)[None, :] < lengths[:, None]                     # (N, T)
+            end = hs[xp.arange(N), lengths - 1]                                  # (N, H)
+            hs = xp.where(real[:, :, None], hs, end[:, None, :])
+            self._fill = (real, lengths)
+        return hs
+
+    def backward(self, dhs):
+        if self._fill is not None:  # padded positions copy the end state: their grads go there
+            real, lengths = self._fill
+            xp = get_array_module(dhs)
+            pad = ~real[:, :, None]
+            to_end = (dhs * pad).sum(axis=1)
+            dhs = xp.where(pad, 0, dhs)
+            dhs[xp.arange(dhs.shape[0]), lengths - 1] += to_end
+        embed_lstm_backward(self.embed, self.lstm, dhs)
+
+
+class AttentionDecoder(Model):
+    """Teacher-forced scores (N, T, V) from ids (N, T), attending over the encoder states."""
+
+    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32):
+        rng = rng if rng is not None else make_rng(None)
+        V, D, H = vocab_size, wordvec_size, hidden_size
+        self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
+        self.lstm = TimeLSTM(*_lstm_params(rng, D, H, dtype), stateful=True)
+        self.attention = TimeAttention()
+        self.affine = TimeAffine(randn(rng, 2 * H, V, scale=1 / np.sqrt(2 * H), dtype=dtype),
+                                 zeros(V, dtype=dtype))
+        self.layers = [("embed", self.embed), ("lstm", self.lstm), ("attention", self.attention),
+                       ("affine", self.affine)]
+        self.H = H
+
+    def _step(self, xs, enc_hs, mask=None):
+        """Scores for ids xs (B, T). B may be k * N for N encoder rows (k beams per question,
+        rows n * k .. n * k + k - 1): the k rows' states then attend to one copy of enc_hs."""
+        dec_hs = embed_lstm_forward(self.embed, self.lstm, xs)                   # (B, T, H)
+        B, T, H = dec_hs.shape
+        N = enc_hs.shape[0]
+        if B != N:  # beams: the k rows of one question act as k more queries of that question
+            q = dec_hs.reshape(N, (B // N) * T, H)
+            c = self.attention.forward(enc_hs, q, mask).reshape(B, T, H)
+        else:
+            c = self.attention.forward(enc_hs, dec_hs, mask)                     # (N, T, H)
+        return self.affine.forward(get_array_module(c).concatenate([c, dec_hs], axis=2))
+
+    def forward(self, xs, enc_hs, mask=None):
+        self.lstm.set_state(enc_hs[:, -1])
+        return self._step(xs, enc_hs, mask)
+
+    def backward(self, dscore):
+        H = self.H
+        dout = self.affine.backward(dscore)
+        denc_hs, ddec_hs = self.attention.backward(dout[:, :, :H])
+        ddec_hs += dout[:, :, H:]
+        embed_lstm_backward(self.embed, self.lstm, ddec_hs)
+        denc_hs[:, -1] += self.lstm.dh
+        return denc_hs
+
+    def generate(self, enc_hs, start_id, sample_size, mask=None):
+        """Greedy decoding of sample_size ids for every row at once -> (N, sample_size)."""
+        xp = get_array_module(enc_hs)
+        N = enc_hs.shape[0]
+        self.lstm.set_state(enc_hs[:, -1])
+        x = _as_start_ids(start_id, N, xp)
+        out = xp.empty((N, sample_size), dtype=np.int64)
+        for t in range(sample_size):
+            x = self._step(x, enc_hs, mask).argmax(axis=2)
+            out[:, t] = x[:, 0]
+        return out
+
+
+class AttentionSeq2seq(Model):
+    """AttentionEncoder + AttentionDecoder. forward(xs, ts) -> loss: decoder input ts[:, :-1],
+    targets ts[:, 1:]. ``pad_id``: the id that pads questions and answers at their end (None: no
+    padding, every position is data)."""
+
+    def __init__(self, vocab_size, wordvec_size=16, hidden_size=256, *, seed=None,
+                 dtype=np.float32, ignore_label=-1, pad_id=None):
+        rng = make_rng(seed)
+        self.vocab_size, self.wordvec_size, self.hidden_size = vocab_size, wordvec_size, hidden_size
+        if pad_id is not None and not 0 <= int(pad_id) < vocab_size:
+            raise ValueError(f"pad_id {pad_id} is outside the vocabulary [0, {vocab_size})")
+        self.pad_id = None if pad_id is None else int(pad_id)
+        self.encoder = AttentionEncoder(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype)
+        self.decoder = AttentionDecoder(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype)
+        self.softmax = TimeSoftmaxWithLoss(ignore_label=ignore_label)
+        self.layers = [("encoder." + n, l) for n, l in self.encoder.layers] + \
+                      [("decoder." + n, l) for n, l in self.decoder.layers]
+
+    def config(self):
+        return {"vocab_size": self.vocab_size, "wordvec_size": self.wordvec_size,
+                "hidden_size": self.hidden_size, "pad_id": self.pad_id}
+
+    def encode(self, xs, trim=False):
+        """Encoder states (N, T, H) and the key mask (N, T) (None when nothing is padded).
+        trim=True (inference) drops the columns past the longest true length first: those steps
+        influence nothing."""
+        if self.pad_id is None:
+            return self.encoder.forward(xs), None
+        lengths = true_lengths(xs, self.pad_id)
+        if trim:
+            xs = xs[:, :int(lengths.max())]
+        T = xs.shape[1]
+        if not bool((lengths < T).any()):
+            return self.encoder.forward(xs), None
+        xp = get_array_module(xs)
+        return self.encoder.forward(xs, lengths), xp.arange(T)[None, :] < lengths[:, None]
+
+    def forward(self, xs, ts):
+        ignore = self.softmax.ignore_label
+        xs = self._check_ids(xs, "questions xs")
+        ts = self._check_ids(ts, "answers ts", ignore=ignore)
+        if xs.shape[0] != ts.shape[0]:
+            raise ValueError(f"xs has {xs.shape[0]} rows but ts has {ts.shape[0]}")
+        xp = backend.xp
+        enc_hs, mask = self.encode(xs)
+        dec_in, targets = ts[:, :-1], ts[:, 1:]
+        if ignore is not None and ignore < 0:
+            dec_in = xp.where(dec_in == ignore, 0, dec_in)
+        if self.pad_id is not None and ignore is not None:
+            # the first trailing pad ends the answer; the pads after it are not data
+            ends = true_lengths(ts, self.pad_id)                      # index of the end symbol
+            after = xp.arange(1, ts.shape[1])[None, :] > ends[:, None]
+            if bool(after.any()):
+                targets = xp.where(after, ignore, targets)
+        score = self.decoder.forward(dec_in, enc_hs, mask)
+        return self.softmax.forward(score, targets)
+
+    def backward(self, dout=1):
+        self.encoder.backward(self.decoder.backward(self.softmax.backward(dout)))
+
+    def generate(self, xs, start_id, sample_size):
+        """Greedy answers: a list of ids for one (1, T) question (as the textbook), else an
+        (N, sample_size) NumPy array. With a pad id, everything after the first pad is pad."""
+        xs = self._check_ids(xs, "questions xs")
+        enc_hs, mask = self.encode(xs, trim=True)
+        out = self.decoder.generate(enc_hs, start_id, sample_size, mask)
+        out = backend.to_cpu(out)
+        if self.pad_id is not None:
+            ended = np.cumsum(out == self.pad_id, axis=1) > 0
+            out[ended] = self.pad_id
+        if xs.shape[0] == 1:
+            return [int(i) for i in out[0]]
+        return out
+
+
+register("attention", AttentionSeq2seq, family="seq2seq",
+         defaults={"wordvec_size": 16, "hidden_size": 256},
+         help="dot-product attention over every encoder state (textbook 8), padding-aware")

@@ -1,0 +1,256 @@
+"""TimeAttention and AttentionSeq2seq: float64 finite-difference gradients, padding masks, engines."""
+import numpy as np
+import pytest
+
+from fastseq import backend, lstm
+from fastseq.layers import TimeAttention
+from fastseq.models.attention import AttentionSeq2seq, true_lengths
+
+from conftest import numerical_grad, rel_error
+
+TOL = 1e-6
+PAD = 0
+
+
+@pytest.fixture(autouse=True)
+def restore_kernel():
+    yield
+    lstm.set_kernel(None)
+
+
+def use_kernel(name):
+    if name == "cython" and not lstm.cython_available():
+        pytest.skip("Cython LSTM kernel not built")
+    lstm.set_kernel(name)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_layer_gradients(masked):
+    rng = np.random.default_rng(0)
+    N, Te, Td, H = 3, 5, 4, 6
+    hs_enc = rng.standard_normal((N, Te, H))
+    hs_dec = rng.standard_normal((N, Td, H))
+    w = rng.standard_normal((N, Td, H))
+    mask = None
+    if masked:
+        mask = np.arange(Te)[None, :] < np.array([5, 2, 1])[:, None]
+    layer = TimeAttention()
+
+    def loss():
+        return float((layer.forward(hs_enc, hs_dec, mask) * w).sum())
+
+    loss()
+    denc, ddec = layer.backward(w.copy())
+    assert rel_error(numerical_grad(loss, hs_enc), denc) < TOL
+    assert rel_error(numerical_grad(loss, hs_dec), ddec) < TOL
+    a = layer.attention_weights
+    np.testing.assert_allclose(a.sum(axis=2), 1.0)
+    if masked:  # padded keys: zero weight, and no gradient flows into them
+        assert np.all(a[~np.broadcast_to(mask[:, None, :], a.shape)] == 0)
+        assert np.all(denc[~mask] == 0)
+
+
+def test_attention_layer_matches_the_definition():
+    rng = np.random.default_rng(1)
+    hs_enc, hs_dec = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4))
+    c = TimeAttention().forward(hs_enc, hs_dec)
+    for n in range(2):
+        for t in range(5):
+            s = hs_enc[n] @ hs_dec[n, t]
+            a = np.exp(s - s.max())
+            a /= a.sum()
+            np.testing.assert_allclose(c[n, t], a @ hs_enc[n], rtol=1e-12)
+
+
+def test_attention_layer_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="decoder states"):
+        TimeAttention().forward(np.zeros((2, 3, 4)), np.zeros((2, 3, 5)))
+    with pytest.raises(ValueError, match="mask"):
+        TimeAttention().forward(np.zeros((2, 3, 4)), np.zeros((2, 1, 4)), np.ones((2, 4), bool))
+
+
+def small_model(pad_id=None, V=7, D=3, H=4, dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed + 100)
+    model = AttentionSeq2seq(V, D, H, seed=seed, dtype=dtype, pad_id=pad_id)
+    for p in model.params:  # non-zero biases and larger embeddings exercise every path
+        p[...] = rng.standard_normal(p.shape) * 0.5
+    return model
+
+
+def padded_batch(rng, V=7, N=4, Tq=6, Ta=5):
+    """Questions and answers of varying true lengths, padded at the end with PAD."""
+    xs = rng.integers(1, V, (N, Tq))
+    ts = rng.integers(1, V, (N, Ta))
+    for n, (lq, la) in enumerate([(6, 4), (3, 2), (1, 5), (4, 1)][:N]):
+        xs[n, lq:] = PAD
+        ts[n, la:] = PAD
+    return xs, ts
+
+
+def test_params_order_follows_the_textbook():
+    model = AttentionSeq2seq(9, 16, 32, seed=0)
+    assert model.param_names == [
+        "encoder.embed.W", "encoder.lstm.Wx", "encoder.lstm.Wh", "encoder.lstm.b",
+        "decoder.embed.W", "decoder.lstm.Wx", "decoder.lstm.Wh", "decoder.lstm.b",
+        "decoder.affine.W", "decoder.affine.b"]
+    assert model.params[-2].shape == (64, 9)  # Affine([c ; h])
+    assert AttentionSeq2seq(**model.config()).config() == model.config()
+
+
+@pytest.mark.parametrize("kernel", ["numpy", "cython"])
+@pytest.mark.parametrize("pad_id", [None, PAD])
+def test_model_gradients(kernel, pad_id):
+    use_kernel(kernel)
+    rng = np.random.default_rng(2)
+    model = small_model(pad_id)
+    xs, ts = padded_batch(rng)
+    model.forward(xs, ts)
+    model.backward()
+    grads = [g.copy() for g in model.grads]
+    for name, p, g in zip(model.param_names, model.params, grads):
+        num = numerical_grad(lambda: model.forward(xs, ts), p)
+        assert rel_error(num, g) < TOL, name
+
+
+def test_model_gradients_with_fused_embedding(monkeypatch):
+    """Batches big enough for TimeLSTM's embedding fusion take that path; same gradients."""
+    lstm.set_kernel("numpy")
+    rng = np.random.default_rng(3)
+    model = small_model(PAD, V=5)
+    xs = rng.integers(1, 5, (6, 4))
+    ts = rng.integers(1, 5, (6, 4))
+    xs[1, 2:] = PAD
+    ts[2, 1:] = PAD
+    assert model.encoder.lstm.fuse_embedding(model.encoder.embed, xs)
+    model.forward(xs, ts)
+    model.backward()
+    grads = [g.copy() for g in model.grads]
+    for name, p, g in zip(model.param_names, model.params, grads):
+        assert rel_error(numerical_grad(lambda: model.forward(xs, ts), p), g) < TOL, name
+
+
+def loss_and_grads(model, xs, ts):
+    loss = model.forward(xs, ts)
+    model.backward()
+    return loss, [g.copy() for g in model.grads]
+
+
+def test_masking_changes_nothing_where_nothing_is_padded():
+    rng = np.random.default_rng(4)
+    xs = rng.integers(1, 7, (5, 6))
+    ts = rng.integers(1, 7, (5, 4))
+    plain = loss_and_grads(small_model(None), xs, ts)
+    masked = loss_and_grads(small_model(PAD), xs, ts)
+    assert plain[0] == masked[0]
+    for a, b in zip(plain[1], masked[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_padded_steps_influence_nothing():
+    """Extra trailing pads (in questions, and in answers that already end in a pad) change
+    neither the loss nor any gradient, and the pad-aware loss equals the loss of each row on its
+    own, unpadded."""
+    rng = np.random.default_rng(5)
+    model = small_model(PAD)
+    xs, ts = padded_batch(rng)
+    ts = ts[[0, 1, 3]]
+    xs = xs[[0, 1, 3]]
+    base = loss_and_grads(model, xs, ts)
+    more = loss_and_grads(model, np.pad(xs, ((0, 0), (0, 3)), constant_values=PAD),
+                          np.pad(ts, ((0, 0), (0, 2)), constant_values=PAD))
+    assert abs(base[0] - more[0]) < 1e-12
+    for a, b in zip(base[1], more[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    # row by row without padding: the answer keeps one pad as its end symbol
+    total, count = 0.0, 0
+    for x, t in zip(xs, ts):
+        lq, la = int(true_lengths(x[None], PAD)[0]), int(true_lengths(t[None], PAD)[0])
+        tt = t[:min(la + 1, len(t))][None]
+        total += model.forward(x[None, :lq], tt) * (tt.shape[1] - 1)
+        count += tt.shape[1] - 1
+    assert abs(base[0] - total / count) < 1e-12
+
+
+def test_encoder_state_taken_at_the_true_end():
+    rng = np.random.default_rng(6)
+    model = small_model(PAD)
+    xs, _ = padded_batch(rng)
+    enc_hs, mask = model.encode(xs)
+    for n, L in enumerate(true_lengths(xs, PAD)):
+        alone = model.encoder.forward(xs[n:n + 1, :L])
+        np.testing.assert_allclose(enc_hs[n, -1], alone[0, -1], rtol=1e-12)
+        np.testing.assert_allclose(enc_hs[n, L:], np.broadcast_to(alone[0, -1], enc_hs[n, L:].shape))
+        assert mask[n].sum() == L
+
+
+def test_true_lengths():
+    ids = np.array([[3, 0, 2, 0, 0], [0, 0, 0, 0, 0], [1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(true_lengths(ids, 0), [3, 1, 5])
+
+
+def test_pad_id_outside_vocabulary():
+    with pytest.raises(ValueError, match="pad_id"):
+        AttentionSeq2seq(5, 3, 4, pad_id=5)
+
+
+def test_generate_fills_after_the_end_symbol():
+    rng = np.random.default_rng(7)
+    model = small_model(PAD, dtype=np.float32)
+    for p in model.params:  # make the pad likely, so that some rows end early
+        p[...] = rng.standard_normal(p.shape) * 2
+    xs, _ = padded_batch(rng, N=4)
+    out = model.generate(np.repeat(xs, 10, axis=0), 1, 6)
+    ended = np.cumsum(out == PAD, axis=1) > 0
+    assert np.all(out[ended] == PAD)
+    assert model.generate(xs[:1], 1, 6) == [int(i) for i in out[0]]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cython_engine_matches_numpy(dtype):
+    if not lstm.cython_available():
+        pytest.skip("Cython LSTM kernel not built")
+    rng = np.random.default_rng(8)
+    results = {}
+    for kernel in ("numpy", "cython"):
+        lstm.set_kernel(kernel)
+        model = AttentionSeq2seq(13, 16, 32, seed=1, dtype=dtype, pad_id=PAD)
+        xs = rng.integers(1, 13, (64, 9)) if kernel == "numpy" else results["numpy"][3]
+        ts = rng.integers(1, 13, (64, 5)) if kernel == "numpy" else results["numpy"][4]
+        if kernel == "numpy":
+            xs[::3, 5:] = PAD
+            ts[::4, 3:] = PAD
+        loss, grads = loss_and_grads(model, xs, ts)
+        results[kernel] = (loss, grads, model.generate(xs, 1, 4), xs, ts)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    assert abs(results["numpy"][0] - results["cython"][0]) < tol * abs(results["numpy"][0])
+    for a, b in zip(results["numpy"][1], results["cython"][1]):
+        assert rel_error(a, b) < tol * 10
+    np.testing.assert_array_equal(results["numpy"][2], results["cython"][2])
+
+
+@pytest.mark.gpu
+def test_cupy_engine_matches_numpy():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU test)")
+    if not backend.gpu_available():
+        pytest.skip(f"no usable GPU: {backend._cupy_error}")
+    rng = np.random.default_rng(9)
+    xs = rng.integers(1, 13, (32, 9))
+    ts = rng.integers(1, 13, (32, 5))
+    xs[::3, 5:] = PAD
+    ts[::4, 3:] = PAD
+    lstm.set_kernel("numpy")
+    ref = AttentionSeq2seq(13, 16, 32, seed=1, dtype=np.float64, pad_id=PAD)
+    want = loss_and_grads(ref, xs, ts)
+    want_gen = ref.generate(xs, 1, 4)
+    backend.use("cupy")
+    try:
+        lstm.set_kernel(None)
+        model = AttentionSeq2seq(13, 16, 32, seed=1, dtype=np.float64, pad_id=PAD)
+        got = loss_and_grads(model, xs, ts)
+        assert isinstance(model.params[0], cupy.ndarray)
+        assert abs(got[0] - want[0]) < 1e-9 * abs(want[0])
+        for a, b in zip(got[1], want[1]):
+            assert rel_error(backend.to_cpu(a), b) < 1e-9
+        np.testing.assert_array_equal(model.generate(xs, 1, 4), want_gen)
+    finally:
+        backend.use("numpy")

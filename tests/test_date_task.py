@@ -1,0 +1,55 @@
+"""The date-format task: the seeded generator, the textbook's date.txt, pad-aware reversal."""
+import datetime
+
+import numpy as np
+
+from fastseq.datasets.sequence import (generate_date, load_dataset, pad_id, parse_lines,
+                                       reverse_padded, true_lengths)
+
+FORMATS = ["%m/%d/%y", "%b %d, %Y", "%B %d, %Y", "%A, %B %d, %Y"]
+
+
+def parse_question(q):
+    for fmt in FORMATS:
+        try:
+            return datetime.datetime.strptime(q.strip(), fmt).date()
+        except ValueError:
+            pass
+    raise AssertionError(f"unparsable question {q!r}")
+
+
+def test_generator_is_seeded_and_correct():
+    lines = generate_date(400, seed=3)
+    assert lines == generate_date(400, seed=3)
+    assert lines != generate_date(400, seed=4)
+    questions, answers = parse_lines(lines)
+    assert {len(q) for q in questions} == {29} and {len(a) for a in answers} == {11}
+    shapes = set()
+    for q, a in zip(questions, answers):
+        assert parse_question(q).isoformat() == a[1:]
+        shapes.add("/" if "/" in q else ("day" if q.count(",") == 2 else "month"))
+        assert q.islower() or q.isupper() or "/" in q or q.strip() == q.strip().title()
+    assert shapes == {"/", "day", "month"}
+
+
+def test_generated_default_data_when_no_file():
+    d = load_dataset("date.txt")
+    assert d.source == "generated date.txt"
+    assert d.x_train.shape == (45000, 29) and d.t_train.shape == (45000, 11)
+    assert d.x_test.shape == (5000, 29)
+    assert pad_id(d.vocab) == d.vocab.char_to_id[" "]
+
+
+def test_textbook_date_file(shared_data):
+    d = load_dataset(str(shared_data / "date.txt"))
+    assert d.x_train.shape == (45000, 29) and d.t_test.shape == (5000, 11)
+    assert len(d.vocab) == 59
+    assert d.vocab.decode(d.t_train[0])[0] == "_"
+
+
+def test_reverse_padded():
+    ids = np.array([[1, 2, 3, 0, 0], [4, 0, 5, 0, 0], [1, 2, 3, 4, 5], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(reverse_padded(ids, 0),
+                                  [[3, 2, 1, 0, 0], [5, 0, 4, 0, 0], [5, 4, 3, 2, 1], [0] * 5])
+    np.testing.assert_array_equal(reverse_padded(ids, None), ids[:, ::-1])
+    np.testing.assert_array_equal(true_lengths(ids, 0), [3, 3, 5, 1])
