@@ -34,6 +34,18 @@ def exact_match(guesses, answers):
     return float((np.asarray(guesses) == answers).all(axis=1).mean())
 
 
+def load_weights(model, path):
+    """model.load_params, or (a file this script wrote with an earlier fastseq, whose format
+    load_params no longer reads) the arrays by name from our own trusted file."""
+    from fastseq.io import FastseqFileError
+    try:
+        model.load_params(path)
+    except FastseqFileError:
+        with np.load(path, allow_pickle=False) as f:
+            for i, p in enumerate(model.params):
+                p[...] = f[f"p{i:03d}"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
@@ -57,7 +69,7 @@ def main():
     metrics_path = os.path.join(args.out, "metrics.json")
     metrics = {"config": vars(args), "engine": backend.info(), "epochs": []}
     if args.eval_only:
-        model.load_params(os.path.join(args.out, "model.npz"))
+        load_weights(model, os.path.join(args.out, "model.npz"))
         with open(metrics_path) as f:
             metrics = json.load(f)
     else:

@@ -76,9 +76,15 @@ def _prepare(model, xs, start_id):
     return xs, starts, xp
 
 
-def _chunks(N, batch_size):
+def _chunks(model, xs, batch_size):
+    """Row sets of at most batch_size questions; with a pad id, in order of question length (so
+    that each batch is trimmed to its longest question)."""
+    N = xs.shape[0]
     bs = batch_size or N
-    return [slice(s, min(s + bs, N)) for s in range(0, N, bs)]
+    order = model.length_order(xs) if hasattr(model, "length_order") else None
+    if order is None or N <= bs:
+        return [slice(s, min(s + bs, N)) for s in range(0, N, bs)]
+    return [order[s:s + bs] for s in range(0, N, bs)]
 
 
 def greedy_search(model, xs, start_id, sample_size, end_id=_AUTO, batch_size=500):
@@ -87,10 +93,11 @@ def greedy_search(model, xs, start_id, sample_size, end_id=_AUTO, batch_size=500
     xs, starts, xp = _prepare(model, xs, start_id)
     end = _end_id(model, end_id)
     out = np.full((xs.shape[0], sample_size), -1 if end is None else end, dtype=np.int64)
-    for sl in _chunks(xs.shape[0], batch_size):
-        st = _Stepper(model, xs[sl], 1)
+    for sl in _chunks(model, xs, batch_size):
+        r = sl if isinstance(sl, slice) else backend.asarray(sl)
+        st = _Stepper(model, xs[r], 1)
         try:
-            ids = starts[sl]
+            ids = starts[r]
             done = xp.zeros(ids.shape[0], dtype=bool)
             cols = []
             for _ in range(sample_size):
@@ -128,8 +135,9 @@ def beam_search(model, xs, start_id, sample_size, k=5, length_penalty=0.0, end_i
     N = xs.shape[0]
     out = np.full((N, sample_size), -1 if end is None else end, dtype=np.int64)
     best_scores = np.empty(N)
-    for sl in _chunks(N, batch_size):
-        seqs, scores = _beam_batch(model, xs[sl], starts[sl], sample_size, int(k),
+    for sl in _chunks(model, xs, batch_size):
+        r = sl if isinstance(sl, slice) else backend.asarray(sl)
+        seqs, scores = _beam_batch(model, xs[r], starts[r], sample_size, int(k),
                                    float(length_penalty), end, xp)
         out[sl, :seqs.shape[1]] = seqs
         best_scores[sl] = scores

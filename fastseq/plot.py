@@ -41,3 +41,32 @@ def plot_curves(curves, xlabel, ylabel, path, title=None, ylim=None, xs=None):
 
 def plot_curve(ys, xlabel, ylabel, path=None, ylim=None):
     return plot_curves({ylabel: ys}, xlabel, ylabel, path or f"{ylabel}.png", ylim=ylim)
+
+
+def plot_attention_maps(maps, path, ncols=2):
+    """maps: [(weights (S, T), question characters (T,), answer characters (S,)), ...]; one
+    heat map per question (rows: answer symbols, columns: question characters), saved as one
+    PNG at path atomically. Returns path, or None without matplotlib."""
+    if not have_matplotlib() or not maps:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrows = (len(maps) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.2 * nrows), dpi=100,
+                             squeeze=False)
+    for ax, (w, q, a) in zip(axes.flat, maps):
+        ax.imshow(w, cmap="gray", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(q)))
+        ax.set_xticklabels([c if c != " " else "\u2423" for c in q], fontsize=7)
+        ax.set_yticks(range(len(a)))
+        ax.set_yticklabels([c if c != " " else "\u2423" for c in a], fontsize=7)
+    for ax in list(axes.flat)[len(maps):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

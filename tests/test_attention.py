@@ -254,3 +254,24 @@ def test_cupy_engine_matches_numpy():
         np.testing.assert_array_equal(model.generate(xs, 1, 4), want_gen)
     finally:
         backend.use("numpy")
+
+
+def test_attention_map_matches_step_by_step_decoding(tmp_path):
+    rng = np.random.default_rng(10)
+    model = small_model(PAD, dtype=np.float64)
+    xs, _ = padded_batch(rng)
+    out, w = model.attention_map(xs, 1, 5)
+    np.testing.assert_array_equal(out, model.generate(xs, 1, 5))
+    enc_hs, mask = model.encode(xs)
+    model.decoder.lstm.set_state(enc_hs[:, -1])
+    ids = np.ones((len(xs), 1), dtype=np.int64)
+    for t in range(5):  # the weights each step used while decoding greedily
+        ids = model.decoder._step(ids, enc_hs, mask).argmax(axis=2)
+        np.testing.assert_allclose(w[:, t], model.decoder.attention.attention_weights[:, 0],
+                                   rtol=1e-10, atol=1e-14)
+        ids = out[:, t:t + 1]
+    assert np.all(w[~np.broadcast_to(mask[:, None, :], w.shape)] == 0)
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (attention-map PNG)")
+    from fastseq.plot import plot_attention_maps
+    path = plot_attention_maps([(w[0], "abcdef", "vwxyz")], str(tmp_path / "map.png"))
+    assert (tmp_path / "map.png").stat().st_size > 1000 and path.endswith("map.png")

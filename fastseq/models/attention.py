@@ -126,6 +126,8 @@ class AttentionSeq2seq(Model):
     targets ts[:, 1:]. ``pad_id``: the id that pads questions and answers at their end (None: no
     padding, every position is data)."""
 
+    GENERATE_CHUNK = 256  # rows per length-sorted batch in generate
+
     def __init__(self, vocab_size, wordvec_size=16, hidden_size=256, *, seed=None,
                  dtype=np.float32, ignore_label=-1, pad_id=None):
         rng = make_rng(seed)
@@ -181,19 +183,50 @@ class AttentionSeq2seq(Model):
     def backward(self, dout=1):
         self.encoder.backward(self.decoder.backward(self.softmax.backward(dout)))
 
+    def length_order(self, xs):
+        """Row order by true question length (None without a pad id): decoding rows of similar
+        length together lets each batch drop the columns past its longest question."""
+        if self.pad_id is None:
+            return None
+        return backend.to_cpu(true_lengths(xs, self.pad_id)).argsort(kind="stable")
+
     def generate(self, xs, start_id, sample_size):
         """Greedy answers: a list of ids for one (1, T) question (as the textbook), else an
         (N, sample_size) NumPy array. With a pad id, everything after the first pad is pad."""
         xs = self._check_ids(xs, "questions xs")
-        enc_hs, mask = self.encode(xs, trim=True)
-        out = self.decoder.generate(enc_hs, start_id, sample_size, mask)
-        out = backend.to_cpu(out)
-        if self.pad_id is not None:
-            ended = np.cumsum(out == self.pad_id, axis=1) > 0
-            out[ended] = self.pad_id
+        xp = get_array_module(xs)
+        starts = _as_start_ids(backend.asarray(start_id), xs.shape[0], xp)
+        order = self.length_order(xs)
+        parts = [slice(None)]
+        if order is not None and xs.shape[0] >= 2 * self.GENERATE_CHUNK:
+            parts = np.array_split(order, xs.shape[0] // self.GENERATE_CHUNK)
+        out = np.empty((xs.shape[0], sample_size), dtype=np.int64)
+        for rows in parts:
+            r = rows if isinstance(rows, slice) else backend.asarray(rows)
+            enc_hs, mask = self.encode(xs[r], trim=True)
+            out[rows] = backend.to_cpu(self.decoder.generate(enc_hs, starts[r], sample_size, mask))
+        self._fill_after_end(out)
         if xs.shape[0] == 1:
             return [int(i) for i in out[0]]
         return out
+
+    def _fill_after_end(self, out):
+        if self.pad_id is not None:
+            ended = np.cumsum(out == self.pad_id, axis=1) > 0
+            out[ended] = self.pad_id
+
+    def attention_map(self, xs, start_id, sample_size):
+        """Greedy answers (N, sample_size) and the attention weights (N, sample_size, T) each
+        answer symbol gave the question positions as fed (0 on padding)."""
+        xs = self._check_ids(xs, "questions xs")
+        out = self.generate(xs, start_id, sample_size)
+        out = np.asarray(out).reshape(xs.shape[0], sample_size)
+        xp = get_array_module(xs)
+        dec_in = xp.concatenate([_as_start_ids(backend.asarray(start_id), xs.shape[0], xp),
+                                 backend.asarray(out[:, :-1])], axis=1)
+        enc_hs, mask = self.encode(xs)
+        self.decoder.forward(dec_in, enc_hs, mask)  # teacher-forced on its own answers: same weights
+        return out, backend.to_cpu(self.decoder.attention.attention_weights)
 
 
 register("attention", AttentionSeq2seq, family="seq2seq",
