@@ -1,25 +1,136 @@
-"""The one place that decides which array module (NumPy or CuPy) fastseq computes with.
+"""The engine configuration: which array module, which kernels, how many threads.
 
-Every other module asks here: ``backend.xp`` for creating new arrays, ``get_array_module(x)`` for
-math on arrays it was given. CuPy is optional; when it cannot be used the reason is recorded and
-raised, in one line, the moment a GPU is asked for.
+This is the only module that reads fastseq's environment variables (once, at import):
 
-    GPU=1 python -m fastseq.train          # choose CuPy at import
-    fastseq.backend.use("cupy")            # or at run time
+    GPU=1                    the cupy engine (CuPy arrays and kernels on an NVIDIA GPU)
+    FASTSEQ_KERNEL=name      numpy | cython | cupy (default: cupy with GPU=1, else cython when
+                             built, else numpy)
+    FASTSEQ_THREADS=n        most threads fastseq's own kernels and the BLAS may use
+                             (default: the CPUs this process may use)
+    FASTSEQ_DATA=dir         download cache (default ~/.cache/fastseq)
+    FASTSEQ_PTB_URL=url      base URL to download PTB from (default: the built-in mirrors)
+
+An engine is an array module plus the kernels that go with it: ``numpy`` is NumPy alone (no
+compiled extension is ever imported), ``cython`` adds every compiled CPU kernel of fastseq/_ext,
+``cupy`` runs everything on the GPU. ``use(name)`` switches at run time; ``config`` holds the
+resolved choice, ``info()``/``describe()`` report it. Other modules ask ``get_array_module(x)``
+for math on arrays they were given, ``xp`` for new arrays, and ``ext(name)`` for a compiled
+kernel module (None where the engine is not cython).
 """
+import contextlib
+import dataclasses
+import importlib
+import math
 import os
 import sys
+import warnings
 
 import numpy as np
 
-xp = np  # the array module new arrays are created with
+ENGINES = ("numpy", "cython", "cupy")
 
-_cupy = None
-_cupy_error = None
+xp = np  # the array module new arrays are created with (follows config.array)
 
 
 class BackendError(RuntimeError):
     """The requested engine cannot run here (message says what is missing)."""
+
+
+@dataclasses.dataclass
+class Config:
+    array: str = "numpy"          # array module: 'numpy' or 'cupy'
+    kernel: str = "numpy"         # engine whose kernels run: 'numpy', 'cython' or 'cupy'
+    cpus: int = 1                 # CPUs this process may use (affinity and cgroup quota)
+    threads: int = 1              # most threads fastseq's kernels may use (FASTSEQ_THREADS)
+    # thread policy of the CPU kernels, derived from threads (see _thread_policy)
+    lstm_split: bool = False      # Cython LSTM may run row groups on their own threads
+    lstm_threads: int = 1         # OpenMP threads for the Cython LSTM's per-step gate math
+    optim_threads: int = 1        # OpenMP threads for the fused optimiser / clipping kernels
+    blas_threads: int = 1         # threads the BLAS may use for fastseq's products
+    blas: str = "auto"            # BLAS the Cython LSTM calls: 'auto', 'numpy' or 'scipy'
+    data_dir: str = ""            # download cache (FASTSEQ_DATA)
+    ptb_url: str = ""             # PTB base URL override (FASTSEQ_PTB_URL)
+    gpu_requested: bool = False   # GPU=1 (or FASTSEQ_KERNEL=cupy) was set
+
+
+# --- CPUs ------------------------------------------------------------------------------------
+
+def _cgroup_cpus():
+    """CPUs allowed by the cgroup quota (v2 cpu.max, else v1 cfs_quota), or None for no limit."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period = int(f.read())
+        if quota > 0 and period > 0:
+            return max(1, math.ceil(quota / period))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def available_cpus():
+    """CPUs this process may use: its affinity mask, capped by the container's CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    return max(1, min(n, quota) if quota else n)
+
+
+# --- environment (read once) -------------------------------------------------------------------
+
+_problems = []  # invalid environment settings: warned at import, raised by require_requested_engine
+
+
+def _flag(value):
+    return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _read_env(env):
+    kernel = env.get("FASTSEQ_KERNEL", "").strip().lower() or None
+    if kernel is not None and kernel not in ENGINES:
+        _problems.append(f"FASTSEQ_KERNEL={env['FASTSEQ_KERNEL']!r}: expected numpy, cython or cupy")
+        kernel = None
+    threads = None
+    raw = env.get("FASTSEQ_THREADS", "").strip()
+    if raw:
+        try:
+            threads = int(raw)
+            if threads < 1:
+                raise ValueError
+        except ValueError:
+            _problems.append(f"FASTSEQ_THREADS={raw!r}: expected an integer >= 1")
+            threads = None
+    return dict(kernel=kernel, threads=threads, gpu=_flag(env.get("GPU", "")),
+                data_dir=env.get("FASTSEQ_DATA", "").strip(),
+                ptb_url=env.get("FASTSEQ_PTB_URL", "").strip())
+
+
+_ENV = _read_env(os.environ)
+
+
+def _thread_policy(cfg):
+    """Fill the per-kernel thread fields from cfg.threads."""
+    cfg.lstm_split = cfg.threads >= 2
+    cfg.lstm_threads = 1  # the products dominate; OpenMP gate math next to them rarely pays
+    cfg.optim_threads = 1  # per-step updates are small: a thread hand-off costs more than it saves
+    cfg.blas_threads = cfg.threads
+
+
+# --- CuPy (optional) ----------------------------------------------------------------------------
+
+_cupy = None
+_cupy_error = None
 
 
 def _load_cupy():
@@ -33,8 +144,7 @@ def _load_cupy():
                       f"install it with `pip install fastseq[gpu]`"
         return None
     try:
-        n = cupy.cuda.runtime.getDeviceCount()
-        if n < 1:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("no CUDA device found")
         # compile and run one tiny kernel: catches missing NVRTC / CUDA headers up front
         float((cupy.arange(2, dtype=cupy.float32) * 2).sum())
@@ -45,28 +155,121 @@ def _load_cupy():
     return _cupy
 
 
-def use(name):
-    """Select the engine for new arrays: "numpy" or "cupy". Raises BackendError if unusable."""
+def gpu_available():
+    return _load_cupy() is not None
+
+
+# --- compiled kernels ---------------------------------------------------------------------------
+
+_compiled = {}  # name -> module or None (not importable)
+_compiled_errors = {}
+
+
+def compiled(name):
+    """The built extension module fastseq._ext.<name>, or None when it cannot be imported,
+    whatever the engine (the engine tests compare it with the NumPy path)."""
+    if name not in _compiled:
+        try:
+            _compiled[name] = importlib.import_module(f"fastseq._ext.{name}")
+        except ImportError as e:
+            _compiled[name] = None
+            _compiled_errors[name] = f"{type(e).__name__}: {e}"
+    return _compiled[name]
+
+
+def ext(name):
+    """fastseq._ext.<name> when the engine is cython and it is built, else None (then the caller
+    runs its NumPy code)."""
+    if config.kernel != "cython":
+        return None
+    return compiled(name)
+
+
+def cython_available():
+    return compiled("_lstm_cpu") is not None
+
+
+# --- choosing the engine ------------------------------------------------------------------------
+
+def _default_engine():
+    if _ENV["kernel"] is not None:
+        return _ENV["kernel"]
+    if _ENV["gpu"]:
+        return "cupy"
+    return "cython" if cython_available() else "numpy"
+
+
+def use(name="auto"):
+    """Select the engine: 'numpy', 'cython', 'cupy', or 'auto' (the environment's choice).
+    Raises BackendError when it cannot run here. Returns the array module."""
     global xp
-    if name == "numpy":
-        xp = np
-    elif name == "cupy":
+    if name in (None, "auto"):
+        name = _default_engine()
+        if name == "cupy" and not gpu_available():  # recorded; require_requested_engine raises
+            name = "cython" if cython_available() else "numpy"
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; expected numpy, cython, cupy or auto")
+    if name == "cupy":
         cp = _load_cupy()
         if cp is None:
             raise BackendError(f"GPU requested but unavailable: {_cupy_error}")
         xp = cp
     else:
-        raise ValueError(f"unknown engine {name!r}; expected 'numpy' or 'cupy'")
+        if name == "cython" and not cython_available():
+            raise BackendError(f"the cython engine is not built here "
+                               f"({_compiled_errors.get('_lstm_cpu', 'not importable')}); "
+                               f"reinstall with a C compiler, or use the numpy engine")
+        xp = np
+    config.array = "cupy" if name == "cupy" else "numpy"
+    config.kernel = name
     return xp
 
 
-def gpu_available():
-    return _load_cupy() is not None
+@contextlib.contextmanager
+def using(name):
+    """Run a block on another engine, then restore the previous configuration."""
+    global xp
+    saved, saved_xp = dataclasses.replace(config), xp
+    try:
+        use(name)
+        yield config
+    finally:
+        for f in dataclasses.fields(Config):
+            setattr(config, f.name, getattr(saved, f.name))
+        xp = saved_xp
+
+
+def set_threads(n=None):
+    """Change config.threads (None: back to FASTSEQ_THREADS or the CPU count) and the per-kernel
+    thread fields derived from it."""
+    if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
+        raise ValueError(f"threads must be an integer >= 1, got {n!r}")
+    config.threads = int(n) if n is not None else (_ENV["threads"] or config.cpus)
+    _thread_policy(config)
 
 
 def is_gpu():
     return xp is not np
 
+
+def requested_gpu():
+    return config.gpu_requested
+
+
+def require_requested_engine():
+    """Raise BackendError for an invalid setting in the environment or GPU=1 / FASTSEQ_KERNEL
+    naming an engine that cannot run here (the CLI turns it into exit 2)."""
+    if _problems:
+        raise BackendError("; ".join(_problems))
+    wanted = _default_engine()
+    if wanted == "cupy" and not is_gpu():
+        raise BackendError(f"GPU=1 was set but the GPU engine is unavailable: {_cupy_error}")
+    if wanted == "cython" and not cython_available():
+        raise BackendError(f"FASTSEQ_KERNEL=cython but the cython engine is not built here "
+                           f"({_compiled_errors.get('_lstm_cpu', 'not importable')})")
+
+
+# --- arrays ---------------------------------------------------------------------------------------
 
 def _imported_cupy():
     """cupy if anything has imported it (arrays may come from user code), else None."""
@@ -116,10 +319,24 @@ def check_same_device(*arrays, what="arrays"):
                         "move them with fastseq.backend.to_gpu / to_cpu")
 
 
+# --- report ----------------------------------------------------------------------------------------
+
+def _blas_pools():
+    """[(library, threads), ...] for the BLAS / OpenMP pools loaded in this process."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    return [(d.get("internal_api", "?"), d.get("num_threads")) for d in threadpool_info()]
+
+
 def info():
-    """Which engines are in use: {'array': 'numpy'|'cupy', 'lstm': 'numpy'|'cython'|'cupy', ...}."""
-    from .lstm import kernel_name
-    d = {"array": "cupy" if is_gpu() else "numpy", "lstm": kernel_name()}
+    """The resolved configuration as a dict (engine, kernel, cpus, threads, BLAS pools...)."""
+    d = dataclasses.asdict(config)
+    d["engine"] = config.kernel
+    d["lstm"] = config.kernel  # the LSTM engine (kept for older readers of metrics.json)
+    d["cython_built"] = cython_available() if config.kernel != "numpy" else None
+    d["blas_pools"] = _blas_pools()
     if is_gpu():
         dev = xp.cuda.Device()
         d["device"] = xp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
@@ -127,26 +344,24 @@ def info():
 
 
 def describe():
+    """One line for logs: engine, CPUs, threads and BLAS pools."""
     d = info()
-    s = f"engine: {d['array']} arrays, {d['lstm']} LSTM kernel"
+    s = f"engine: {d['engine']} ({d['array']} arrays)"
     if "device" in d:
         s += f" on {d['device']}"
+    s += f"; {d['cpus']} CPUs, {d['threads']} threads"
+    if d["blas_pools"]:
+        s += "; " + ", ".join(f"{api} {n} threads" for api, n in d["blas_pools"])
     return s
 
 
-if os.environ.get("GPU", "0") not in ("", "0", "false", "False", "no"):
-    try:
-        use("cupy")
-    except BackendError:
-        # Recorded; re-raised by require_requested_engine() / use("cupy") with the reason.
-        pass
-
-
-def requested_gpu():
-    return os.environ.get("GPU", "0") not in ("", "0", "false", "False", "no")
-
-
-def require_requested_engine():
-    """Raise BackendError if GPU=1 was set but CuPy cannot run (the CLI turns it into exit 2)."""
-    if requested_gpu() and not is_gpu():
-        raise BackendError(f"GPU=1 was set but the GPU engine is unavailable: {_cupy_error}")
+config = Config(cpus=available_cpus(), data_dir=_ENV["data_dir"], ptb_url=_ENV["ptb_url"],
+                gpu_requested=_ENV["gpu"] or _ENV["kernel"] == "cupy")
+set_threads()
+try:
+    use("auto")
+except BackendError as e:  # FASTSEQ_KERNEL=cython without the build: NumPy runs meanwhile
+    _problems.append(str(e))
+    use("numpy")
+for _p in _problems:
+    warnings.warn(f"fastseq: {_p}", RuntimeWarning, stacklevel=2)

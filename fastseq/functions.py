@@ -1,21 +1,10 @@
 """Stateless math shared by the layers (works on NumPy and CuPy arrays alike)."""
-import os
-
 import numpy as np
 
+from . import backend
 from .backend import get_array_module
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-try:
-    from ._ext import _ops_cpu, _optim_cpu
-except ImportError:  # not built: NumPy does it
-    _ops_cpu = _optim_cpu = None
-
-
-def sigmoid(x):
-    xp = get_array_module(x)
-    return 0.5 * (xp.tanh(0.5 * x) + 1.0)
 
 
 def softmax(x):
@@ -36,10 +25,16 @@ def softmax_cross_entropy(scores, labels, ignore_label=-1):
     """
     xp = get_array_module(scores)
     M, V = scores.shape
-    if (_ops_cpu is not None and xp is np and scores.dtype in _FLOATS and scores.flags.c_contiguous
+    ops = backend.ext("_ops_cpu")
+    if (ops is not None and xp is np and scores.dtype in _FLOATS and scores.flags.c_contiguous
             and scores.flags.writeable and M and V):
-        return _softmax_cross_entropy_fused(scores, labels, ignore_label)
+        return _softmax_cross_entropy_fused(ops, scores, labels, ignore_label)
     mask = labels != ignore_label
+    wrong = mask & ((labels < 0) | (labels >= V))
+    if bool(wrong.any()):  # a wrong label would silently pick another row's score
+        bad = int(xp.flatnonzero(wrong)[0])
+        raise ValueError(f"label {int(labels[bad])} at position {bad} is outside [0, {V}) "
+                         f"(and is not the ignore label {ignore_label})")
     n_valid = int(mask.sum())
     all_valid = n_valid == M  # the common case: no masking arithmetic at all
     safe = labels if all_valid else xp.where(mask, labels, 0)
@@ -72,47 +67,26 @@ def softmax_cross_entropy(scores, labels, ignore_label=-1):
     return float(loss), scores
 
 
-def _softmax_cross_entropy_fused(scores, labels, ignore_label):
+def _softmax_cross_entropy_fused(ops, scores, labels, ignore_label):
     """The same on host arrays in three passes: row max and shift, exp (NumPy's SIMD), then sums,
     loss and gradient (fastseq/_ext/_ops_cpu)."""
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     has_ignore = ignore_label is not None
     ignore = int(ignore_label) if has_ignore else 0
-    picked, n_valid = _ops_cpu.softmax_shift(scores, labels, ignore, has_ignore)
+    picked, n_valid = ops.softmax_shift(scores, labels, ignore, has_ignore)
     np.exp(scores, out=scores)
-    loss = _ops_cpu.softmax_finish(scores, labels, picked, ignore, n_valid, has_ignore)
+    loss = ops.softmax_finish(scores, labels, picked, ignore, n_valid, has_ignore)
     return float(loss), scores
-
-
-def kernel_threads():
-    """OpenMP threads for the fused kernels over whole parameter lists (Adam, clip_grads): every
-    core while the Cython LSTM engine runs its split path, whose own OpenMP threads are then
-    already awake; one otherwise. (Where OpenBLAS threads do the products, as with the NumPy
-    engine or small batches such as the Rnnlm's 20 rows, OpenMP threads next to OpenBLAS's
-    still-spinning workers made each Adam step ~15x slower on 2 cores.)
-    FASTSEQ_OPTIM_THREADS=n overrides."""
-    forced = os.environ.get("FASTSEQ_OPTIM_THREADS", "")
-    if forced.strip():
-        return max(1, int(forced))
-    from .lstm import _cython, kernel_name
-    if kernel_name() != "cython" or _cython is None or not _cython.split_in_use():
-        return 1
-    return _CPUS
-
-
-try:
-    _CPUS = len(os.sched_getaffinity(0))
-except (AttributeError, OSError):
-    _CPUS = os.cpu_count() or 1
 
 
 def clip_grads(grads, max_norm):
     """Scale all grads in place by max_norm / (total_norm + 1e-6) when that is below 1.
-    Returns the norm before clipping. (Host arrays go through one fused, threaded pass of
-    fastseq/_ext/_optim_cpu for the norm and one for the scaling when it is built.)"""
+    Returns the norm before clipping. (On the cython engine host arrays go through one fused pass
+    of fastseq/_ext/_optim_cpu for the norm and one for the scaling.)"""
     grads = list(grads)
-    threads = kernel_threads() if _optim_cpu is not None else 1
-    total = _optim_cpu.sum_squares(grads, threads) if _optim_cpu is not None else None
+    optim = backend.ext("_optim_cpu")
+    threads = backend.config.optim_threads
+    total = optim.sum_squares(grads, threads) if optim is not None else None
     if total is None:
         total = 0.0
         for g in grads:
@@ -121,62 +95,7 @@ def clip_grads(grads, max_norm):
             total += float(xp.dot(flat, flat))
     total = total ** 0.5
     rate = max_norm / (total + 1e-6)
-    if rate < 1 and not (_optim_cpu is not None and _optim_cpu.scale(grads, rate, threads)):
+    if rate < 1 and not (optim is not None and optim.scale(grads, rate, threads)):
         for g in grads:
             g *= rate
     return total
-
-
-# ---------------------------------------------------------------------------------------------
-# BLAS threads for small products
-
-_blas_local = None  # ctypes function openblas_set_num_threads_local, False when unavailable
-
-
-def _find_blas_local():
-    global _blas_local
-    if _blas_local is not None:
-        return _blas_local
-    _blas_local = False
-    try:
-        import ctypes
-        import numpy as np  # noqa: F401  (loads its BLAS)
-        with open("/proc/self/maps") as f:  # Linux: the shared libraries loaded in this process
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
-        # NumPy's own copy first (SciPy may load another one)
-        for path in sorted(paths, key=lambda p: "numpy" not in p):
-            lib = ctypes.CDLL(path)
-            fn = getattr(lib, "openblas_set_num_threads_local", None)
-            if fn is not None:
-                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-                _blas_local = fn
-                break
-    except (OSError, AttributeError, ImportError):
-        _blas_local = False
-    return _blas_local
-
-
-class blas_threads:
-    """Context manager: limit NumPy's OpenBLAS to n threads in the calling thread only.
-
-    Tiny products (one row times a matrix, as in word-by-word generation) run faster on one thread
-    and, on a busy machine, avoid OpenBLAS's multi-thread hand-off costing milliseconds per call.
-    A no-op where NumPy's BLAS is not an OpenBLAS with ``openblas_set_num_threads_local``.
-    """
-
-    def __init__(self, n=1):
-        self.n = int(n)
-        self._old = None
-
-    def __enter__(self):
-        fn = _find_blas_local()
-        if fn:
-            self._old = fn(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        fn = _find_blas_local()
-        if fn and self._old is not None and self._old > 0:
-            fn(self._old)
-        self._old = None
-        return False

@@ -1,19 +1,28 @@
 """Optimisers: update(params, grads) in place (textbook forms)."""
+import math
+import numbers
+
+from . import backend
 from .backend import get_array_module
 
-from .functions import kernel_threads
 
-try:  # fused one-pass update (fastseq/_ext); the NumPy expressions below are the reference
-    from ._ext import _optim_cpu
-except ImportError:
-    _optim_cpu = None
+def _check_lr(lr):
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    return float(lr)
+
+
+def _check_beta(name, beta):
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {beta!r}")
+    return float(beta)
 
 
 class SGD:
     """p -= lr * g"""
 
     def __init__(self, lr=0.01):
-        self.lr = lr
+        self.lr = _check_lr(lr)
 
     def update(self, params, grads):
         for p, g in zip(params, grads):
@@ -25,8 +34,9 @@ class Adam:
     p -= lr_t m / (sqrt(v) + 1e-7)"""
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, fused=True):
-        self.lr, self.beta1, self.beta2 = lr, beta1, beta2
-        self.fused = fused and _optim_cpu is not None
+        self.lr = _check_lr(lr)
+        self.beta1, self.beta2 = _check_beta("beta1", beta1), _check_beta("beta2", beta2)
+        self.fused = fused  # one pass of fastseq/_ext/_optim_cpu on the cython engine
         self.iter = 0
         self.m = self.v = None
 
@@ -36,9 +46,10 @@ class Adam:
             self.v = [get_array_module(p).zeros_like(p) for p in params]
         self.iter += 1
         lr_t = self.lr * (1.0 - self.beta2 ** self.iter) ** 0.5 / (1.0 - self.beta1 ** self.iter)
-        if self.fused and _optim_cpu.adam_update(list(params), list(grads), self.m, self.v, lr_t,
-                                                 1 - self.beta1, 1 - self.beta2, 1e-7,
-                                                 kernel_threads()):
+        kernel = backend.ext("_optim_cpu") if self.fused else None
+        if kernel is not None and kernel.adam_update(list(params), list(grads), self.m, self.v,
+                                                     lr_t, 1 - self.beta1, 1 - self.beta2, 1e-7,
+                                                     backend.config.optim_threads):
             return  # all host arrays, contiguous: done in one fused pass
         for p, g, m, v in zip(params, grads, self.m, self.v):
             xp = get_array_module(p)

@@ -2,7 +2,6 @@
 and RnnlmTrainer (language models, truncated BPTT); eval_seq2seq, eval_perplexity."""
 import math
 import numbers
-import os
 
 import numpy as np
 
@@ -193,8 +192,7 @@ class Trainer(TrainLoop):
 def _default_workers(N, batch_size):
     """Two decoding threads on a multi-core CPU running the NumPy LSTM engine (NumPy releases
     the GIL in its products and ufuncs); one elsewhere (the Cython engine threads by itself)."""
-    from .lstm import kernel_name
-    if backend.is_gpu() or kernel_name() != "numpy" or (os.cpu_count() or 1) < 2:
+    if backend.config.kernel != "numpy" or backend.config.threads < 2:
         return 1
     return 2 if N >= 2 * batch_size else 1
 
@@ -240,16 +238,12 @@ def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_
     else:
         from concurrent.futures import ThreadPoolExecutor
 
-        from .functions import blas_threads
+        from .models.base import one_blas_thread
         parts = np.array_split(np.arange(N), workers)
         models = [model] + [model.inference_copy() for _ in range(workers - 1)]
-
-        def work(k):
-            with blas_threads(1):
-                decode(models[k], parts[k])
-
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(work, range(workers)))  # list(): re-raise any worker's error
+        # one BLAS thread per decoding thread (the limit is process-wide: set once, around the pool)
+        with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda k: decode(models[k], parts[k]), range(workers)))  # re-raises
     ok = (guesses == answers).all(axis=1)
     if verbose and id_to_char is not None:
         for q, c, g, k in zip(questions[:3], answers[:3], guesses[:3], ok[:3]):

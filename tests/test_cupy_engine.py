@@ -9,7 +9,8 @@ import pytest
 cupy = pytest.importorskip("cupy")
 
 from fastseq import backend  # noqa: E402
-from fastseq.lstm import TimeLSTM, _cupy, _numpy, get_kernel  # noqa: E402
+from fastseq.layers import TimeLSTM  # noqa: E402
+from fastseq.lstm import _cupy, _numpy, get_kernel  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

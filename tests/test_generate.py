@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from fastseq import BetterRnnlm, Rnnlm
-from fastseq.generate import (ids_to_text, main, make_sampler, sample_from_logits,
-                              softmax_temperature, top_k_filter, top_p_filter)
+from fastseq.generate import ids_to_text, main
+from fastseq.sampling import (make_sampler, sample_from_logits, softmax_temperature, top_k_filter,
+                              top_p_filter)
 
 
 def test_softmax_temperature():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from fastseq.layers import TimeAffine, TimeDropout, TimeEmbedding, TimeSoftmaxWithLoss
-from fastseq.lstm import TimeLSTM
+from fastseq.layers import TimeLSTM
 from fastseq.models import PeekySeq2seq, Seq2seq
 
 from conftest import numerical_grad, rel_error

@@ -343,7 +343,7 @@ def make_layer(rng, D, H, dtype, stateful):
     Wx = (rng.standard_normal((D, 4 * H)) / np.sqrt(D)).astype(dtype)
     Wh = (rng.standard_normal((H, 4 * H)) / np.sqrt(H)).astype(dtype)
     b = (rng.standard_normal(4 * H) * 0.1).astype(dtype)
-    return lambda: lstm.TimeLSTM(Wx.copy(), Wh.copy(), b.copy(), stateful=stateful)
+    return lambda: __import__("fastseq.layers").layers.TimeLSTM(Wx.copy(), Wh.copy(), b.copy(), stateful=stateful)
 
 
 def drive(layer, kernel, chunks, dchunks, h=None):
@@ -612,7 +612,7 @@ def test_row_bias_numpy_engine_gradient_numerically():
 def test_time_lstm_context_same_on_both_engines(dtype, N):
     """TimeLSTM with a context (PeekyDecoder's shapes at N=128) gives the same outputs and
     gradients on the Cython engine as on the NumPy engine."""
-    from fastseq.lstm import TimeLSTM
+    from fastseq.layers import TimeLSTM
     rng = np.random.default_rng(N)
     D, K, H, T = 16, 32, 24, 4
     params = [(rng.standard_normal(s) * 0.3).astype(dtype)
@@ -684,7 +684,7 @@ def test_models_fused_embedding_same_results(model_name, monkeypatch):
     """Seq2seq / PeekySeq2seq at the addition task's sizes (where the embedding is fused into the
     LSTM) give the loss and gradients of the unfused computation, on the Cython engine."""
     import fastseq
-    from fastseq.lstm import TimeLSTM
+    from fastseq.layers import TimeLSTM
     rng = np.random.default_rng(9)
     xs, ts = rng.integers(0, 13, (128, 7)), rng.integers(0, 13, (128, 5))
     results = []

@@ -1,11 +1,10 @@
 """Optimisers follow the textbook's formulas; the fused Adam matches the NumPy expressions."""
-import os
-
 import numpy as np
 import pytest
 
-from fastseq import SGD, Adam, clip_grads
-from fastseq import optim
+from fastseq import SGD, Adam, backend, clip_grads
+
+OPTIM_EXT = backend.compiled("_optim_cpu")
 
 
 def _params(dtype, seed=0):
@@ -31,15 +30,8 @@ def test_adam_matches_textbook_formula():
         np.testing.assert_allclose(a, b, rtol=1e-13)
 
 
-def test_fused_extension_built_when_required():
-    if os.environ.get("FASTSEQ_REQUIRE_EXT") == "1":
-        assert optim._optim_cpu is not None
-
-
 @pytest.mark.parametrize("dtype,rtol", [(np.float32, 2e-6), (np.float64, 1e-13)])
-def test_fused_adam_matches_numpy(dtype, rtol):
-    if optim._optim_cpu is None:
-        pytest.skip("fused optimiser extension not built")
+def test_fused_adam_matches_numpy(cython_engine, dtype, rtol):
     p1, p2 = _params(dtype), _params(dtype)
     fused, plain = Adam(0.01), Adam(0.01, fused=False)
     assert fused.fused and not plain.fused
@@ -77,10 +69,8 @@ def _big(dtype, seed, sizes=((129, 511), (7,), (40_001,), (3, 5, 7), (1,))):
 
 
 @pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
-def optim_threads(request, monkeypatch):
-    if optim._optim_cpu is None:
-        pytest.skip("fused optimiser extension not built")
-    monkeypatch.setenv("FASTSEQ_OPTIM_THREADS", str(request.param))
+def optim_threads(request, monkeypatch, cython_engine):
+    monkeypatch.setattr(backend.config, "optim_threads", request.param)
     return request.param
 
 
@@ -99,7 +89,7 @@ def test_fused_adam_large_lists_any_thread_count(optim_threads, dtype, rtol):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sum_squares_and_scale_match_numpy(optim_threads, dtype):
-    ops = optim._optim_cpu
+    ops = OPTIM_EXT
     g = _big(dtype, 5)
     ref = sum(float((a.astype(np.float64) ** 2).sum()) for a in g)
     assert ops.sum_squares(g, optim_threads) == pytest.approx(ref, rel=1e-12)
@@ -109,10 +99,8 @@ def test_sum_squares_and_scale_match_numpy(optim_threads, dtype):
         np.testing.assert_array_equal(a, b)
 
 
-def test_fused_kernels_refuse_what_they_cannot_do():
-    if optim._optim_cpu is None:
-        pytest.skip("fused optimiser extension not built")
-    ops = optim._optim_cpu
+def test_fused_kernels_refuse_what_they_cannot_do(cython_engine):
+    ops = OPTIM_EXT
     mixed = [np.ones(3, np.float32), np.ones(3, np.float64)]
     strided = [np.ones((4, 4))[:, ::2]]
     ints = [np.ones(3, np.int64)]
@@ -124,29 +112,63 @@ def test_fused_kernels_refuse_what_they_cannot_do():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_clip_grads_fast_path_matches_numpy(monkeypatch, dtype):
-    import fastseq.functions as F
+def test_clip_grads_fast_path_matches_numpy(cython_engine, dtype):
     g1, g2 = _big(dtype, 9), _big(dtype, 9)
     n1 = clip_grads(g1, 5.0)
-    monkeypatch.setattr(F, "_optim_cpu", None)
-    n2 = clip_grads(g2, 5.0)
+    with backend.using("numpy"):
+        n2 = clip_grads(g2, 5.0)
     assert n1 == pytest.approx(n2, rel=1e-5) and n1 > 5.0
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         assert a.dtype == dtype
 
 
-def test_kernel_threads_follow_the_lstm_engine(monkeypatch):
-    from fastseq import lstm
-    from fastseq.functions import kernel_threads
-    monkeypatch.delenv("FASTSEQ_OPTIM_THREADS", raising=False)
-    monkeypatch.setattr(lstm, "_override", "numpy")
-    assert kernel_threads() == 1  # OpenMP next to OpenBLAS's workers: slower
-    if lstm.cython_available():
-        monkeypatch.setattr(lstm, "_override", "cython")
-        monkeypatch.setattr(lstm._cython, "_last_split", True)
-        assert kernel_threads() == len(os.sched_getaffinity(0))
-        monkeypatch.setattr(lstm._cython, "_last_split", False)  # OpenBLAS threads the LSTM
-        assert kernel_threads() == 1
-    monkeypatch.setenv("FASTSEQ_OPTIM_THREADS", "3")
-    assert kernel_threads() == 3
+def test_optimiser_threads_come_from_the_configuration(monkeypatch):
+    """Whatever ran before (an LSTM on any engine, split or not), Adam and clip_grads use
+    backend.config.optim_threads."""
+    from fastseq import Seq2seq
+    seen = []
+
+    class Spy:
+        def adam_update(self, *args):
+            seen.append(args[-1])
+            return False
+
+        def sum_squares(self, grads, threads):
+            seen.append(threads)
+            return None
+
+        def scale(self, grads, rate, threads):
+            seen.append(threads)
+            return False
+
+    monkeypatch.setattr(backend.config, "optim_threads", 3)
+    rng = np.random.default_rng(0)
+    for engine in ["numpy"] + (["cython"] if backend.cython_available() else []):
+        for N in (4, 256):  # below and above the Cython engine's split threshold
+            with backend.using(engine):
+                m = Seq2seq(13, 8, 16, seed=0)
+                m.forward(rng.integers(0, 13, (N, 5)), rng.integers(0, 13, (N, 4)))
+                m.backward()
+                monkeypatch.setattr(backend, "ext", lambda name: Spy())
+                Adam(0.01).update(m.params, m.grads)
+                clip_grads(m.grads, 1e-9)
+                monkeypatch.undo()
+                monkeypatch.setattr(backend.config, "optim_threads", 3)
+    assert seen and set(seen) == {3}
+
+
+@pytest.mark.parametrize("make,arg", [
+    (lambda: Adam(float("nan")), "lr"), (lambda: Adam(-1), "lr"), (lambda: Adam(0), "lr"),
+    (lambda: Adam(float("inf")), "lr"), (lambda: Adam("0.1"), "lr"), (lambda: Adam(True), "lr"),
+    (lambda: Adam(0.1, beta1=1.0), "beta1"), (lambda: Adam(0.1, beta1=-0.1), "beta1"),
+    (lambda: Adam(0.1, beta2=float("nan")), "beta2"), (lambda: SGD(0), "lr"),
+    (lambda: SGD(-0.5), "lr"), (lambda: SGD(float("nan")), "lr")])
+def test_optimisers_refuse_bad_arguments(make, arg):
+    with pytest.raises(ValueError, match=f"^{arg} must be"):
+        make()
+
+
+def test_optimisers_accept_numpy_scalars():
+    assert Adam(np.float32(0.01), beta1=np.float64(0.5)).lr == pytest.approx(0.01)
+    assert SGD(np.int64(20)).lr == 20.0

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastseq import backend
 from fastseq.datasets import ptb
 
 PTB_DIR = Path(__file__).resolve().parents[2] / "shared/data/ptb"
@@ -60,8 +61,8 @@ def sha256(path):
 def cache(tmp_path, monkeypatch):
     """A fresh, empty cache root; returns the ptb/ folder inside it."""
     root = tmp_path / "cache"
-    monkeypatch.setenv("FASTSEQ_DATA", str(root))
-    monkeypatch.delenv("FASTSEQ_PTB_URL", raising=False)
+    monkeypatch.setattr(backend.config, "data_dir", str(root))
+    monkeypatch.setattr(backend.config, "ptb_url", "")
     return root / "ptb"
 
 
@@ -171,7 +172,7 @@ def test_offline_data_dir_checksum_mismatch(tmp_path, bad_mirror):
 @needs_ptb
 def test_download_into_fresh_cache(cache, monkeypatch):
     with serve(PTB_DIR) as url:
-        monkeypatch.setenv("FASTSEQ_PTB_URL", url)
+        monkeypatch.setattr(backend.config, "ptb_url", url)
         test, w2i, _ = ptb.load_data("test")
         assert len(test) == 82_430 and len(w2i) == 10_000
         assert cache_listing(cache) == ["ptb.test.txt", "ptb.train.txt"]  # only what was needed
@@ -180,13 +181,13 @@ def test_download_into_fresh_cache(cache, monkeypatch):
     for name in NAMES:
         assert sha256(cache / name) == ptb.SHA256[name]
     # the server is gone: the cache alone serves every split now
-    monkeypatch.setenv("FASTSEQ_PTB_URL", UNREACHABLE)
+    monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)
     assert len(ptb.load_data("val")[0]) == 73_760
 
 
 @needs_ptb
 def test_download_helper_arguments(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTSEQ_PTB_URL", UNREACHABLE)  # the argument wins over the environment
+    monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)  # the argument wins over the environment
     with serve(PTB_DIR) as url:
         assert ptb.download(data_dir=tmp_path / "d", base_url=url) == tmp_path / "d"
     assert cache_listing(tmp_path / "d") == sorted(NAMES)
@@ -196,7 +197,7 @@ def test_download_helper_arguments(tmp_path, monkeypatch):
 @needs_ptb
 def test_corrupt_download_is_refused(cache, bad_mirror, monkeypatch):
     with serve(bad_mirror) as url:
-        monkeypatch.setenv("FASTSEQ_PTB_URL", url)
+        monkeypatch.setattr(backend.config, "ptb_url", url)
         with pytest.raises(ptb.DownloadError) as e:
             ptb.load_data("val")
     msg = str(e.value)
@@ -208,7 +209,7 @@ def test_corrupt_download_is_refused(cache, bad_mirror, monkeypatch):
 @needs_ptb
 def test_truncated_download_is_refused(cache, bad_mirror, monkeypatch):
     with serve(bad_mirror) as url:
-        monkeypatch.setenv("FASTSEQ_PTB_URL", url)
+        monkeypatch.setattr(backend.config, "ptb_url", url)
         with pytest.raises(ptb.DownloadError) as e:
             ptb.load_data("test")
     msg = str(e.value)
@@ -233,14 +234,14 @@ def test_http_error_is_reported(cache, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     with serve(empty) as url:
-        monkeypatch.setenv("FASTSEQ_PTB_URL", url)
+        monkeypatch.setattr(backend.config, "ptb_url", url)
         with pytest.raises(ptb.DownloadError, match=r"ptb\.train\.txt.*404"):
             ptb.load_data("train")
     assert cache_listing(cache) == []
 
 
 def test_unreachable_mirror_is_reported(cache, monkeypatch):
-    monkeypatch.setenv("FASTSEQ_PTB_URL", UNREACHABLE)
+    monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)
     with pytest.raises(ptb.DownloadError, match=r"ptb\.train\.txt"):
         ptb.load_data("train")
     assert cache_listing(cache) == []
@@ -254,14 +255,14 @@ def test_corrupt_cached_file_is_downloaded_again(cache, monkeypatch):
     (cache / "ptb.test.txt").write_bytes(bytes(data))
     shutil.copy(PTB_DIR / "ptb.train.txt", cache)
 
-    monkeypatch.setenv("FASTSEQ_PTB_URL", UNREACHABLE)  # offline: a clear error naming the cache
+    monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)  # offline: a clear error naming the cache
     with pytest.raises(ptb.DownloadError) as e:
         ptb.load_data("test")
     assert "ptb.test.txt" in str(e.value) and str(cache) in str(e.value)
     assert ptb.SHA256["ptb.test.txt"] in str(e.value)
 
     with serve(PTB_DIR) as url:  # online: replaced by an intact copy
-        monkeypatch.setenv("FASTSEQ_PTB_URL", url)
+        monkeypatch.setattr(backend.config, "ptb_url", url)
         assert len(ptb.load_data("test")[0]) == 82_430
     assert sha256(cache / "ptb.test.txt") == ptb.SHA256["ptb.test.txt"]
     assert cache_listing(cache) == ["ptb.test.txt", "ptb.train.txt"]

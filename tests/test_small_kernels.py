@@ -1,38 +1,32 @@
-"""The fused CPU kernels around the LSTM (fastseq/_ext/_ops_cpu) against the NumPy code they
-replace: softmax + cross-entropy, the embedding's gather and scatter-add. Also TimeAffine on
-the LSTM's time-major output against a contiguous copy."""
-import os
-
+"""The fused CPU kernels around the LSTM (fastseq/_ext/_ops_cpu, the cython engine) against the
+NumPy code they replace (the numpy engine): softmax + cross-entropy, the embedding's gather and
+scatter-add. Also TimeAffine on a strided view against a contiguous copy."""
 import numpy as np
 import pytest
 
-import fastseq.functions as F
-import fastseq.layers as L
+from fastseq import backend
 from fastseq.functions import softmax_cross_entropy
 from fastseq.layers import TimeEmbedding
 
-REQUIRE_EXT = os.environ.get("FASTSEQ_REQUIRE_EXT", "0") == "1"  # CI: a missing build fails
-pytestmark = pytest.mark.skipif(F._ops_cpu is None and not REQUIRE_EXT,
-                                reason="fastseq/_ext/_ops_cpu not built")
-
-
-def test_extension_built():
-    from fastseq._ext import _ops_cpu  # noqa: F401
-
 
 @pytest.fixture
-def numpy_only(monkeypatch):
-    """Run the plain NumPy code paths inside the block."""
+def numpy_only(cython_engine):
+    """Starts on the cython engine; calling it switches the rest of the test to the numpy one."""
+    stack = []
+
     def off():
-        monkeypatch.setattr(F, "_ops_cpu", None)
-        monkeypatch.setattr(L, "_ops_cpu", None)
-    return off
+        cm = backend.using("numpy")
+        cm.__enter__()
+        stack.append(cm)
+    yield off
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
 @pytest.mark.parametrize("ignore", [-1, None, 3])
 @pytest.mark.parametrize("M,V", [(1, 1), (7, 13), (512, 13), (40, 1000)])
-def test_softmax_cross_entropy_matches_numpy(monkeypatch, dtype, tol, ignore, M, V):
+def test_softmax_cross_entropy_matches_numpy(cython_engine, dtype, tol, ignore, M, V):
     rng = np.random.default_rng(M * V)
     scores = (rng.standard_normal((M, V)) * 5).astype(dtype)
     scores[0, 0] = 80  # a large score: the shift must keep exp finite
@@ -40,8 +34,8 @@ def test_softmax_cross_entropy_matches_numpy(monkeypatch, dtype, tol, ignore, M,
     if ignore is not None and M > 2:
         labels[::3] = ignore
     fast_loss, fast_d = softmax_cross_entropy(scores.copy(), labels, ignore)
-    monkeypatch.setattr(F, "_ops_cpu", None)
-    ref_loss, ref_d = softmax_cross_entropy(scores.copy(), labels, ignore)
+    with backend.using("numpy"):
+        ref_loss, ref_d = softmax_cross_entropy(scores.copy(), labels, ignore)
     assert fast_d.dtype == dtype
     assert fast_loss == pytest.approx(ref_loss, rel=tol, abs=tol)
     np.testing.assert_allclose(fast_d, ref_d, rtol=tol, atol=tol)
@@ -52,9 +46,14 @@ def test_softmax_all_rows_ignored_gives_zero():
     assert loss == 0 and not d.any()
 
 
-def test_softmax_label_out_of_range_is_named():
-    with pytest.raises(ValueError, match="label 9 at position 1 is outside"):
-        softmax_cross_entropy(np.zeros((3, 5), np.float32), np.array([0, 9, 2]), -1)
+@pytest.mark.parametrize("engine", ["cython", "numpy"])
+def test_softmax_label_out_of_range_is_named(engine):
+    if engine == "cython" and not backend.compiled("_ops_cpu"):
+        pytest.skip("the cython engine (fastseq._ext) is not importable here")
+    with backend.using(engine):
+        for labels, bad in (([0, 9, 2], "label 9 at position 1"), ([0, 1, -2], "label -2 at position 2")):
+            with pytest.raises(ValueError, match=f"{bad} is outside"):
+                softmax_cross_entropy(np.zeros((3, 5), np.float32), np.array(labels), -1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -91,7 +90,7 @@ def test_embedding_rejects_out_of_range_ids_on_both_paths(numpy_only):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_affine_on_time_major_view_matches_contiguous_input(dtype):
+def test_affine_on_strided_view_matches_contiguous_input(dtype):
     from fastseq.layers import TimeAffine
     rng = np.random.default_rng(3)
     W, b = rng.standard_normal((6, 5)).astype(dtype), rng.standard_normal(5).astype(dtype)
@@ -101,7 +100,6 @@ def test_affine_on_time_major_view_matches_contiguous_input(dtype):
     for x in (tm.transpose(1, 0, 2), np.ascontiguousarray(tm.transpose(1, 0, 2))):
         layer = TimeAffine(W, b)
         y = layer.forward(x)
-        assert layer.time_major == (not x.flags.c_contiguous)
         outs.append((y, layer.backward(dout), *layer.grads))
     for a, c in zip(*outs):
         assert a.shape == c.shape

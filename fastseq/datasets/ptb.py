@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import backend
+
 FILES = {"train": "ptb.train.txt", "val": "ptb.valid.txt", "test": "ptb.test.txt"}
 
 SHA256 = {
@@ -58,7 +60,7 @@ class DownloadError(OSError):
 
 def cache_dir():
     """The folder the downloader fills: ``$FASTSEQ_DATA/ptb`` or ``~/.cache/fastseq/ptb``."""
-    root = os.environ.get("FASTSEQ_DATA")
+    root = backend.config.data_dir
     root = Path(root).expanduser() if root else Path.home() / ".cache" / "fastseq"
     return root / "ptb"
 
@@ -66,9 +68,8 @@ def cache_dir():
 def _base_urls(base_url=None):
     if base_url:
         return [base_url]
-    env = os.environ.get("FASTSEQ_PTB_URL")
-    if env:
-        return [env]
+    if backend.config.ptb_url:
+        return [backend.config.ptb_url]
     return list(MIRRORS)
 
 

@@ -25,8 +25,12 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .._ext import _lstm_cpu
+from .. import backend
 from . import _numpy
+
+_lstm_cpu = backend.compiled("_lstm_cpu")
+if _lstm_cpu is None:
+    raise ImportError("fastseq._ext._lstm_cpu is not built")
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 TAKES_IDS = True  # xs may be integer ids standing for one-hot rows (see _numpy)
@@ -38,7 +42,7 @@ TAKES_IDS = True  # xs may be integer ids standing for one-hot rows (see _numpy)
 # every call; a training step alternating between NumPy products (affine layers) and SciPy products
 # (the LSTM) keeps both pools' workers busy on the same cores and slows both down. So when NumPy's
 # own OpenBLAS can be found among the loaded libraries, the kernel calls that one instead.
-# FASTSEQ_LSTM_BLAS=scipy keeps SciPy's; =numpy requires NumPy's.
+# backend.config.blas = 'scipy' keeps SciPy's; 'numpy' requires NumPy's.
 
 _BLAS_NAMES = (("scipy_sgemm_64_", "scipy_dgemm_64_", True),  # NumPy >= 2 wheels (ILP64)
                ("sgemm_64_", "dgemm_64_", True),              # NumPy 1.2x wheels (openblas64_)
@@ -163,8 +167,8 @@ BLAS = "scipy"
 # PARALLEL_MIN_ELEMENTS = N*H elements. Default 1: the products (most of the time) already run on
 # every core in OpenBLAS, and on a 2-core machine shared with other work, OpenMP threads next to
 # OpenBLAS's spinning workers made batched inference slower (5000 questions: 151 ms vs 125 ms).
-# FASTSEQ_LSTM_THREADS=n (or setting NUM_THREADS) turns it on.
-NUM_THREADS = max(1, int(os.environ.get("FASTSEQ_LSTM_THREADS", "1") or 1))
+# backend.config.lstm_threads (or setting NUM_THREADS) turns it on.
+NUM_THREADS = max(1, backend.config.lstm_threads)
 PARALLEL_MIN_ELEMENTS = 1 << 17
 
 
@@ -179,15 +183,13 @@ PARALLEL_MIN_ELEMENTS = 1 << 17
 # cost OpenBLAS a hand-off each; on 2 shared cores, (128, 7, 16) H=128 forward+backward went from
 # ~3.9-4.6 ms to ~2.6-3.0 ms (best of 400), the addition Seq2seq epoch from ~2.8 s to ~2.0-2.5 s,
 # and a (5000, 7) forward from ~44 ms to ~29-33 ms.
-# FASTSEQ_LSTM_SPLIT=0 turns it off, =1 uses it for any N that gives each group SPLIT_MIN_GROUP
-# rows (default: N >= SPLIT_MIN_ROWS). Needs NumPy's OpenBLAS (use_blas) and an OpenMP build.
-SPLIT = (os.environ.get("FASTSEQ_LSTM_SPLIT", "") or "auto").strip().lower()
+# SPLIT = "0" turns it off (backend.config.lstm_split False, e.g. FASTSEQ_THREADS=1), "1" uses it
+# for any N that gives each group SPLIT_MIN_GROUP rows (default: N >= SPLIT_MIN_ROWS). Needs
+# NumPy's OpenBLAS (use_blas) and an OpenMP build.
+SPLIT = "auto" if backend.config.lstm_split else "0"
 SPLIT_MIN_ROWS = 64
 SPLIT_MIN_GROUP = 2
-try:
-    SPLIT_WAYS = max(1, len(os.sched_getaffinity(0)))
-except (AttributeError, OSError):
-    SPLIT_WAYS = max(1, os.cpu_count() or 1)
+SPLIT_WAYS = max(1, backend.config.threads)
 
 
 _last_split = False  # whether the latest forward ran the split path (see split_in_use)
@@ -384,4 +386,4 @@ class _Cache:
             pass
 
 
-use_blas(os.environ.get("FASTSEQ_LSTM_BLAS", "auto") or "auto")
+use_blas(backend.config.blas)

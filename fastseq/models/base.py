@@ -1,4 +1,5 @@
 """What every model shares: params/grads lists, initialisation, save/load as .npz."""
+import contextlib
 import copy
 import types
 
@@ -20,6 +21,16 @@ def randn(rng, *shape, scale=1.0, dtype=np.float32):
 
 def zeros(*shape, dtype=np.float32):
     return backend.xp.zeros(shape, dtype=dtype)
+
+
+def one_blas_thread():
+    """Context: the BLAS runs single-threaded inside (one-row products, where threads only cost
+    hand-off time; or decoding threads that each run their own products)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: then the BLAS keeps its own thread count
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 class Model:

@@ -7,8 +7,7 @@ affine W multiply h).
 import numpy as np
 
 from ..backend import get_array_module
-from ..layers import TimeAffine, TimeEmbedding
-from ..lstm import TimeLSTM
+from ..layers import TimeAffine, TimeEmbedding, TimeLSTM
 from .base import make_rng, randn, register, zeros
 from .seq2seq import Decoder, Seq2seq, embed_lstm_backward, embed_lstm_forward
 

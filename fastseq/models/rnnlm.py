@@ -12,11 +12,10 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
-from ..functions import blas_threads
 from ..layers import (TimeAffine, TimeAffineSoftmaxWithLoss, TimeDropout, TimeEmbedding,
-                      TimeSoftmaxWithLoss)
-from ..lstm import TimeLSTM
-from .base import Model, make_rng, randn, register, zeros
+                      TimeLSTM, TimeSoftmaxWithLoss)
+from ..sampling import make_sampler
+from .base import Model, make_rng, one_blas_thread, randn, register, zeros
 
 
 def _check_size(name, value):
@@ -186,7 +185,6 @@ class _LanguageModel(Model):
         ``np.random.seed`` works as in the textbook). The LSTM state carries on from where it was
         (call ``reset_state()`` first for a fresh start).
         """
-        from ..generate import make_sampler
         ids = [int(i) for i in (start_id if np.ndim(start_id) else [start_id])]
         if not ids:
             raise ValueError("start_id is an empty phrase")
@@ -204,7 +202,7 @@ class _LanguageModel(Model):
             d.train_flg = False
         xp = backend.xp
         out = list(ids)
-        with blas_threads(1):  # one-row products: threads only cost hand-off time
+        with one_blas_thread():  # one-row products: threads only cost hand-off time
             if len(ids) > 1:
                 self._scores(xp.asarray(np.array(ids[:-1], dtype=np.int64).reshape(1, -1)), False)
             step = self._stepper()

@@ -3,8 +3,7 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
-from ..layers import TimeAffine, TimeEmbedding, TimeSoftmaxWithLoss
-from ..lstm import TimeLSTM
+from ..layers import TimeAffine, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
 from .base import Model, make_rng, randn, register, zeros
 
 

@@ -1,0 +1,149 @@
+"""Sampling one id from a score vector (NumPy, length V): temperature, top-k, top-p, greedy.
+
+    softmax_temperature(logits, temperature)  probabilities of logits / temperature
+    top_k_filter(logits, k)                   keep the k largest logits, the rest -> -inf
+    top_p_filter(logits, p)                   keep the smallest set of most likely words whose
+                                              probability sums to >= p (nucleus), the rest -> -inf
+    sample_from_logits(logits, ...)           one id (temperature / top-k / top-p / greedy)
+    make_sampler(V, ...)                      the same as a fast closure (checks done once)
+"""
+import numpy as np
+
+
+def make_rng(seed=None, rng=None):
+    """A NumPy random generator: ``rng`` as given, else one seeded with ``seed``, else NumPy's
+    global RandomState (so np.random.seed works as in the textbook)."""
+    if rng is not None:
+        if seed is not None:
+            raise ValueError("give seed or rng, not both")
+        return rng
+    if seed is not None:
+        return np.random.default_rng(seed)
+    return np.random.mtrand._rand
+
+
+def _check_temperature(temperature):
+    t = float(temperature)
+    if not t >= 0 or t == float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    return t
+
+
+def _check_top_k(top_k, V):
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    return min(int(top_k), V)
+
+
+def _check_top_p(top_p):
+    if top_p is None:
+        return None
+    p = float(top_p)
+    if not 0 < p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    return p
+
+
+def softmax_temperature(logits, temperature=1.0):
+    """Probabilities (float64) of logits / temperature; temperature 0 puts all mass on the argmax
+    (the first one on ties). -inf logits get probability 0."""
+    z = np.asarray(logits, dtype=np.float64)
+    t = _check_temperature(temperature)
+    if t == 0:
+        p = np.zeros(z.shape)
+        p[int(np.argmax(z))] = 1.0
+        return p
+    z = z / t
+    z -= z.max()
+    np.exp(z, out=z)
+    z /= z.sum()
+    return z
+
+
+def top_k_filter(logits, k):
+    """A copy of logits with all but the k largest set to -inf (exactly k kept, ties broken by
+    position)."""
+    z = np.array(logits, dtype=np.float64)
+    k = _check_top_k(k, z.size)
+    if k < z.size:
+        drop = np.argpartition(z, z.size - k)[:z.size - k]
+        z[drop] = -np.inf
+    return z
+
+
+def top_p_filter(logits, p, temperature=1.0):
+    """A copy of logits keeping only the nucleus: the most likely words (at ``temperature``) in
+    order of probability until their total reaches p (at least one word); the rest -> -inf."""
+    z = np.array(logits, dtype=np.float64)
+    p = _check_top_p(p)
+    probs = softmax_temperature(z, temperature if _check_temperature(temperature) > 0 else 1.0)
+    order = np.argsort(-probs, kind="stable")
+    cum = np.cumsum(probs[order])
+    n_keep = min(int(np.searchsorted(cum, p * cum[-1] * (1 - 1e-12))) + 1, z.size)
+    z[order[n_keep:]] = -np.inf
+    return z
+
+
+def _draw(probs_unnorm, rng):
+    """Index drawn with probability proportional to the non-negative weights."""
+    cdf = np.cumsum(probs_unnorm)
+    u = rng.random() * cdf[-1]
+    i = int(np.searchsorted(cdf, u, side="right"))
+    if i >= cdf.size:  # u rounded up to the total
+        i = int(np.flatnonzero(probs_unnorm)[-1])
+    return i
+
+
+def make_sampler(vocab_size, skip_ids=None, temperature=1.0, top_k=None, top_p=None, greedy=False,
+                 seed=None, rng=None):
+    """A function logits (V,) -> sampled id, with every option checked once here."""
+    V = int(vocab_size)
+    t = _check_temperature(temperature)
+    k = _check_top_k(top_k, V)
+    p = _check_top_p(top_p)
+    greedy = bool(greedy) or t == 0
+    gen = make_rng(seed, rng)
+    skip = None
+    if skip_ids is not None:
+        skip = np.unique(np.asarray(list(skip_ids), dtype=np.int64))
+        if skip.size and (skip[0] < 0 or skip[-1] >= V):
+            raise ValueError(f"skip_ids must be in [0, {V}), got {skip.tolist()}")
+        if skip.size >= V:
+            raise ValueError("skip_ids exclude the whole vocabulary")
+        if not skip.size:
+            skip = None
+
+    def sample(logits):
+        z = np.array(logits, dtype=np.float64).reshape(-1)  # a fresh float64 copy
+        if z.size != V:
+            raise ValueError(f"expected {V} scores, got {z.size}")
+        if skip is not None:
+            z[skip] = -np.inf
+        if greedy:
+            return int(np.argmax(z))
+        if t != 1.0:
+            z *= 1.0 / t
+        if k is not None and k < V:
+            drop = np.argpartition(z, V - k)[:V - k]
+            z[drop] = -np.inf
+        z -= z.max()
+        np.exp(z, out=z)
+        if p is not None and p < 1:
+            order = np.argsort(-z, kind="stable")
+            cum = np.cumsum(z[order])
+            n_keep = min(int(np.searchsorted(cum, p * cum[-1] * (1 - 1e-12))) + 1, V)
+            z[order[n_keep:]] = 0.0
+        return _draw(z, gen)
+
+    return sample
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, rng=None,
+                       seed=None, skip_ids=None):
+    """One id sampled from softmax(logits / temperature) after top-k / top-p filtering and removing
+    skip_ids; greedy (or temperature 0) returns the argmax."""
+    logits = np.asarray(logits)
+    return make_sampler(logits.size, skip_ids=skip_ids, temperature=temperature, top_k=top_k,
+                        top_p=top_p, greedy=greedy, seed=seed, rng=rng)(logits)
