@@ -1,7 +1,6 @@
 """Sampling functions, Rnnlm.generate (priming, skip_ids, reproducibility) and the generate CLI."""
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -148,17 +147,14 @@ def test_generate_rejects_batched_state_and_bad_ids():
         m.generate(1, top_p=0)
 
 
-def test_sampling_100_words_is_fast():
+def test_sampling_100_words_keeps_state_and_skips():
+    """100 words in one call (its speed is measured in benchmarks/test_bench_generate.py)."""
     m = Rnnlm(10000, 100, 100, seed=0)
     m.reset_state()
-    m.generate(1, sample_size=5, seed=0)  # warm up
-    best = float("inf")
-    for _ in range(3):
-        m.reset_state()
-        t0 = time.perf_counter()
-        m.generate(1, skip_ids=[2, 3], sample_size=100, seed=0)
-        best = min(best, time.perf_counter() - t0)
-    assert best < 0.15  # the target is < 50 ms on an idle CPU; generous here for busy CI hosts
+    out = m.generate(1, skip_ids=[2, 3], sample_size=100, seed=0)
+    assert len(out) == 100 and not {2, 3} & set(out[1:])
+    m.reset_state()
+    assert m.generate(1, skip_ids=[2, 3], sample_size=100, seed=0) == out
 
 
 def test_ids_to_text():
