@@ -16,8 +16,7 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
-from ..layers import TimeAffine, TimeAttention, TimeEmbedding, TimeSoftmaxWithLoss
-from ..lstm import TimeLSTM
+from ..layers import TimeAffine, TimeAttention, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
 from .base import Model, make_rng, randn, register, zeros
 from .seq2seq import _as_start_ids, _lstm_params, embed_lstm_backward, embed_lstm_forward
 
