@@ -50,10 +50,17 @@ class TrainLoop:
     by a signal handler) or restored from a checkpoint picks up at the next batch.
     ``hooks`` are called as ``hook(loop, event)`` with event 'iteration' (after each update) or
     'epoch' (after each epoch's last update).
+
+    On the GPU a step reads nothing back to the host: the loss stays on the device, is summed
+    there and read once per logging interval (``eval_interval``, else once per epoch), which is
+    where the finiteness guard runs. ``cuda_graphs`` (None or True: where the model allows; False:
+    never) replays the steps from a CUDA graph (fastseq.cuda_graph).
     """
 
-    def __init__(self, model, optimizer, progress=True):
+    def __init__(self, model, optimizer, progress=True, cuda_graphs=None):
         self.model, self.optimizer = model, optimizer
+        self.cuda_graphs = cuda_graphs
+        self._device_step = None  # (max_grad, step function) on the GPU
         self.show_progress = progress
         self.loss_list, self.epoch_losses = [], []
         self.eval_interval = None
@@ -78,7 +85,10 @@ class TrainLoop:
         return "loss", f"{mean_loss:.4f}"
 
     def step(self, x, t, max_grad):
-        """forward, backward, guard, clip, update; returns the loss as a float."""
+        """forward, backward, guard, clip, update; returns the loss as a float (on the GPU, a 0-d
+        device array, and the guard waits for the logging interval)."""
+        if backend.get_array_module(x) is not np:
+            return self.device_step(max_grad)(x, t)
         model = self.model
         loss = float(model.forward(x, t))
         if not math.isfinite(loss):
@@ -93,6 +103,33 @@ class TrainLoop:
                                    f"{self._non_finite(grads)}")
         self.optimizer.update(params, grads)
         return loss
+
+    def device_step(self, max_grad):
+        """The step function for device arrays (replayed from a CUDA graph where it can be)."""
+        if self._device_step is not None and self._device_step[0] == max_grad:
+            return self._device_step[1]
+        model, optimizer = self.model, self.optimizer
+        params, grads = model.params, model.grads
+
+        def step(x, t):
+            loss = model.forward(x, t)
+            model.backward()
+            if max_grad is not None:
+                clip_grads(grads, max_grad)
+            optimizer.update(params, grads)
+            return loss
+
+        if self.cuda_graphs is not False:
+            from .cuda_graph import GraphStep
+            step = GraphStep(step, model, optimizer)
+        self._device_step = (max_grad, step)
+        return step
+
+    def _check_mean(self, mean, what):
+        if not math.isfinite(mean):
+            raise TrainingDiverged(f"the mean loss of {what} is {mean} (epoch "
+                                   f"{self.current_epoch + 1}, iteration {self.iteration})")
+        return mean
 
     def _non_finite(self, grads):
         names = getattr(self.model, "param_names", None)
@@ -118,7 +155,9 @@ class TrainLoop:
                     w[0] += loss
                     w[1] += 1
                     if eval_interval and w[1] == eval_interval:
-                        key, text = self.report(w[0] / w[1])
+                        # float(): on the GPU the one value read back per interval
+                        mean = self._check_mean(float(w[0]) / w[1], "the last interval")
+                        key, text = self.report(mean)
                         if hasattr(bar, "set_postfix"):
                             bar.set_postfix({key: text})
                         w[0], w[1] = 0.0, 0
@@ -129,7 +168,8 @@ class TrainLoop:
             finally:
                 if hasattr(bar, "close"):
                     bar.close()
-            self.epoch_losses.append(self.epoch_loss_sum / n_iters)
+            self.epoch_losses.append(self._check_mean(float(self.epoch_loss_sum) / n_iters,
+                                                      "the epoch"))
             self.epoch_loss_sum = 0.0
             self.current_epoch += 1
             self.iteration = 0
@@ -155,10 +195,11 @@ class Trainer(TrainLoop):
     eval_interval), rows shuffled every epoch by ``rng`` (seeded with ``seed``; the global NumPy
     generator when None, as in the textbook). ``order`` is the current epoch's row order."""
 
-    def __init__(self, model, optimizer, seed=None, progress=True):
-        super().__init__(model, optimizer, progress)
+    def __init__(self, model, optimizer, seed=None, progress=True, cuda_graphs=None):
+        super().__init__(model, optimizer, progress, cuda_graphs)
         self.rng = np.random.RandomState(seed) if seed is not None else np.random.mtrand._rand
         self.order = None
+        self._order_on_device = None
         self._data = None
 
     def fit(self, x, t, max_epoch=10, batch_size=32, max_grad=None, eval_interval=20):
@@ -181,7 +222,10 @@ class Trainer(TrainLoop):
 
     def batch(self, it):
         x, t, bs = self._data
-        idx = backend.asarray(self.order[it * bs:(it + 1) * bs])
+        if self._order_on_device is None or self._order_on_device[0] is not self.order:
+            # the epoch's order goes to the device once, not a slice per batch
+            self._order_on_device = (self.order, backend.asarray(self.order))
+        idx = self._order_on_device[1][it * bs:(it + 1) * bs]
         return x[idx], t[idx]
 
     def plot(self, path=None, ylim=None):
@@ -275,6 +319,7 @@ class RnnlmTrainer(TrainLoop):
     def __init__(self, model, optimizer, progress=True):
         super().__init__(model, optimizer, progress)
         self.time_idx = 0
+        self._rows_on_device = None
         self.ppl_list = []
         self._data = None
 
@@ -283,7 +328,10 @@ class RnnlmTrainer(TrainLoop):
         jump = len(x) // batch_size
         rows = np.arange(batch_size) * jump
         if backend.get_array_module(x) is not np:
-            rows = backend.xp.asarray(rows)
+            key = (len(x), batch_size)
+            if self._rows_on_device is None or self._rows_on_device[0] != key:
+                self._rows_on_device = (key, backend.xp.asarray(rows))  # once, not per batch
+            rows = self._rows_on_device[1]
             pos = rows[:, None] + backend.xp.arange(self.time_idx, self.time_idx + time_size)[None, :]
             pos %= len(x)
             bx, bt = x[pos], t[pos]
