@@ -275,3 +275,22 @@ def test_attention_map_matches_step_by_step_decoding(tmp_path):
     from fastseq.plot import plot_attention_maps
     path = plot_attention_maps([(w[0], "abcdef", "vwxyz")], str(tmp_path / "map.png"))
     assert (tmp_path / "map.png").stat().st_size > 1000 and path.endswith("map.png")
+
+
+def test_variable_length_task_trains_without_pad_leaking_into_answers():
+    """Reverse strings of 1-5 letters: questions and answers padded with spaces at the end. The
+    answers come out as the letters followed by pads only (the first pad ends the answer)."""
+    from fastseq.datasets.sequence import build, pad_id, parse_lines
+    from fastseq.optim import Adam
+    from fastseq.trainer import Trainer, eval_seq2seq
+    rng = np.random.RandomState(0)
+    words = ["".join(rng.choice(list("abcde"), rng.randint(1, 6))) for _ in range(1200)]
+    d = build(*parse_lines([w.ljust(5) + ("_" + w[::-1]).ljust(7) for w in words]), seed=1984)
+    pad = pad_id(d.vocab)
+    model = AttentionSeq2seq(len(d.vocab), 8, 24, seed=0, pad_id=pad)
+    Trainer(model, Adam(0.01), seed=0, progress=False).fit(d.x_train, d.t_train, max_epoch=6,
+                                                           batch_size=32, max_grad=5.0)
+    assert eval_seq2seq(model, d.x_test, d.t_test) >= 0.95
+    for q, a in zip(d.x_test, model.generate(d.x_test, d.t_test[:, 0], 6)):
+        answer = d.vocab.decode(a).rstrip(" ")
+        assert answer and " " not in answer  # letters, then pads only
