@@ -27,7 +27,7 @@ class _Stepper:
         self.k = k
         self.attention = hasattr(model, "encode")
         if self.attention:  # k rows attend to one copy of their question's states
-            self.enc_hs, self.mask = model.encode(xs, trim=True)
+            self.enc_hs, self.mask = model.encode(xs)
             h = self.enc_hs[:, -1]
         else:
             h = model.encoder.forward(xs)

@@ -146,12 +146,15 @@ def test_masking_changes_nothing_where_nothing_is_padded():
         np.testing.assert_array_equal(a, b)
 
 
-def test_padded_steps_influence_nothing():
+@pytest.mark.parametrize("trim", [False, True])
+def test_padded_steps_influence_nothing(trim):
     """Extra trailing pads (in questions, and in answers that already end in a pad) change
     neither the loss nor any gradient, and the pad-aware loss equals the loss of each row on its
     own, unpadded."""
     rng = np.random.default_rng(5)
     model = small_model(PAD)
+    # trim=False: the encoder really runs the padded steps (forward trims them away by default)
+    model.encode = lambda xs, trim=trim: AttentionSeq2seq.encode(model, xs, trim)
     xs, ts = padded_batch(rng)
     ts = ts[[0, 1, 3]]
     xs = xs[[0, 1, 3]]

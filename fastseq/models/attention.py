@@ -144,10 +144,10 @@ class AttentionSeq2seq(Model):
         return {"vocab_size": self.vocab_size, "wordvec_size": self.wordvec_size,
                 "hidden_size": self.hidden_size, "pad_id": self.pad_id}
 
-    def encode(self, xs, trim=False):
-        """Encoder states (N, T, H) and the key mask (N, T) (None when nothing is padded).
-        trim=True (inference) drops the columns past the longest true length first: those steps
-        influence nothing."""
+    def encode(self, xs, trim=True):
+        """Encoder states (N, T', H) and the key mask (N, T') (None when nothing is padded).
+        With a pad id, T' is the longest true length in xs (trim=True): the columns after it are
+        padding in every row, and padded steps after a row's end influence nothing."""
         if self.pad_id is None:
             return self.encoder.forward(xs), None
         lengths = true_lengths(xs, self.pad_id)
@@ -202,7 +202,7 @@ class AttentionSeq2seq(Model):
         out = np.empty((xs.shape[0], sample_size), dtype=np.int64)
         for rows in parts:
             r = rows if isinstance(rows, slice) else backend.asarray(rows)
-            enc_hs, mask = self.encode(xs[r], trim=True)
+            enc_hs, mask = self.encode(xs[r])
             out[rows] = backend.to_cpu(self.decoder.generate(enc_hs, starts[r], sample_size, mask))
         self._fill_after_end(out)
         if xs.shape[0] == 1:
@@ -225,7 +225,8 @@ class AttentionSeq2seq(Model):
                                  backend.asarray(out[:, :-1])], axis=1)
         enc_hs, mask = self.encode(xs)
         self.decoder.forward(dec_in, enc_hs, mask)  # teacher-forced on its own answers: same weights
-        return out, backend.to_cpu(self.decoder.attention.attention_weights)
+        w = backend.to_cpu(self.decoder.attention.attention_weights)
+        return out, np.pad(w, ((0, 0), (0, 0), (0, xs.shape[1] - w.shape[2])))
 
 
 register("attention", AttentionSeq2seq, family="seq2seq",
