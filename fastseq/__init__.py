@@ -4,6 +4,7 @@ from .functions import clip_grads, softmax
 from .layers import TimeAffine, TimeDropout, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
 from .models import BetterRnnlm, Decoder, Encoder, PeekyDecoder, PeekySeq2seq, Rnnlm, Seq2seq
 from .optim import SGD, Adam
+from .saved import load
 from .trainer import RnnlmTrainer, Trainer, eval_perplexity, eval_seq2seq
 
 __version__ = "0.1.0"
@@ -11,4 +12,4 @@ __version__ = "0.1.0"
 __all__ = ["backend", "clip_grads", "softmax", "TimeAffine", "TimeDropout", "TimeEmbedding",
            "TimeLSTM", "TimeSoftmaxWithLoss", "Encoder", "Decoder", "PeekyDecoder", "Seq2seq",
            "PeekySeq2seq", "Rnnlm", "BetterRnnlm", "SGD", "Adam", "Trainer", "eval_seq2seq",
-           "RnnlmTrainer", "eval_perplexity", "__version__"]
+           "RnnlmTrainer", "eval_perplexity", "load", "__version__"]

@@ -33,6 +33,9 @@ class Vocabulary:
         """Question strings -> (N, question_width) ids, padded with spaces as in the data."""
         if isinstance(questions, str):
             questions = [questions]
+        questions = list(questions)
+        if not all(isinstance(q, str) for q in questions):
+            raise TypeError("encode takes a question string or a list of them")
         out = np.empty((len(questions), self.question_width), dtype=np.int32)
         for n, q in enumerate(questions):
             if len(q) > self.question_width:
@@ -47,8 +50,26 @@ class Vocabulary:
         return out[:, ::-1].copy() if reverse else out
 
     def decode(self, ids):
-        """One row of ids -> string."""
-        return "".join(self.id_to_char[int(i)] for i in ids)
+        """A row of integer ids -> string; a 2-D (N, T) batch -> a list of N strings."""
+        try:
+            a = np.asarray(ids)
+        except (ValueError, OverflowError) as e:
+            raise ValueError(f"decode takes a row or a 2-D batch of integer ids: {e}") from None
+        if a.size == 0 and a.ndim in (1, 2):
+            return "" if a.ndim == 1 else [""] * a.shape[0]
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"decode takes integer ids, got dtype {a.dtype} "
+                            f"({str(ids)[:40]!r})")
+        if a.ndim not in (1, 2):
+            raise ValueError(f"decode takes a row (1-D) or a batch (2-D) of ids, got shape {a.shape}")
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= len(self):
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"id {bad} is outside the vocabulary [0, {len(self)})")
+        table = np.array([self.id_to_char[i] for i in range(len(self))], dtype=object)
+        if a.ndim == 1:
+            return "".join(table[a])
+        return ["".join(row) for row in table[a]]
 
 
 @dataclass(frozen=True)
@@ -155,6 +176,9 @@ def parse_lines(lines, source="<lines>"):
     return questions, answers
 
 
+MIN_LINES = 10
+
+
 def build(questions, answers, seed=1984, source="<lines>"):
     char_to_id = {}
     for q, a in zip(questions, answers):
@@ -162,6 +186,9 @@ def build(questions, answers, seed=1984, source="<lines>"):
             if ch not in char_to_id:
                 char_to_id[ch] = len(char_to_id)
     id_to_char = {i: ch for ch, i in char_to_id.items()}
+    if len(questions) < MIN_LINES:
+        raise DataFormatError(f"{source}: {len(questions)} data lines; at least {MIN_LINES} are needed "
+                              f"(the last 10% is the test split)")
     x = np.array([[char_to_id[c] for c in q] for q in questions], dtype=np.int32)
     t = np.array([[char_to_id[c] for c in a] for a in answers], dtype=np.int32)
     idx = np.arange(len(x))
@@ -173,13 +200,40 @@ def build(questions, answers, seed=1984, source="<lines>"):
     return SequenceData(x[:split], t[:split], x[split:], t[split:], vocab, source)
 
 
+MAX_DATA_BYTES = 64 << 20  # the textbook's sets are ~1-2 MB
+
+
+def read_text_lines(path, max_bytes=MAX_DATA_BYTES):
+    """The lines of a UTF-8 text file (a leading byte-order mark dropped), with errors that name
+    the file: not a regular file, too large, not UTF-8 (UTF-16 recognised), binary (NUL bytes)."""
+    from ..io import open_regular
+    f, size = open_regular(path)
+    with f:
+        if size > max_bytes:
+            raise DataFormatError(f"{path}: {size} bytes is more than the {max_bytes}-byte limit "
+                                  f"for a text data set")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DataFormatError(f"{path}: more than the {max_bytes}-byte limit for a text data set")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataFormatError(f"{path}: is UTF-16 text; save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                              f"{e.start}); a binary file?") from None
+    if "\0" in text:
+        raise DataFormatError(f"{path}: contains NUL characters at offset {text.index(chr(0))}; "
+                              f"a binary file?")
+    return text.split("\n")
+
+
 def load_dataset(file_name_or_path="addition.txt", seed=1984):
     """A SequenceData (arrays + its own Vocabulary) from a file, or generated when absent."""
     global _last
     path = os.fspath(file_name_or_path)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            q, a = parse_lines(f, path)
+    if os.path.lexists(path):
+        q, a = parse_lines(read_text_lines(path), path)
         data = build(q, a, seed, path)
     elif os.path.basename(path) in GENERATORS and os.path.dirname(path) == "":
         lines = GENERATORS[path](seed=0)
