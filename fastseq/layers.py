@@ -210,6 +210,29 @@ class TimeLSTM:
         self._cache = None
         return dxs
 
+    def step(self, x, context=None, context_proj=None):
+        """One time step for generation and decoding: x (N, D) -> h (N, H), carrying (h, c) in
+        the layer (zeros when unset) as a stateful forward would. No backward follows. context
+        and context_proj as in forward."""
+        Wx, Wh, b = self.params
+        N, H = x.shape[0], Wh.shape[0]
+        if context is not None:
+            K = context.shape[1]
+            if context_proj is None:
+                context_proj = context.astype(Wx.dtype, copy=False) @ Wx[:K]
+            b = context_proj + b
+            Wx = Wx[K:]
+        if x.ndim != 2 or x.shape[1] != Wx.shape[0]:
+            raise ValueError(f"TimeLSTM.step expects input of shape (N, {Wx.shape[0]}), got {x.shape}")
+        xp = get_array_module(Wx)
+        if self.h is None:
+            self.h = xp.zeros((N, H), dtype=Wx.dtype)
+        if self.c is None:
+            self.c = xp.zeros((N, H), dtype=Wx.dtype)
+        self.h, self.c = get_kernel(Wx).step(x.astype(Wx.dtype, copy=False), Wx, Wh, b,
+                                             self.h, self.c)
+        return self.h
+
     def set_state(self, h, c=None):
         self.h, self.c = h, c
 

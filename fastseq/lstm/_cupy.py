@@ -2,6 +2,7 @@
 
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
     backward(dhs, cache, grads)    -> dxs, dh0                 grads = [dWx, dWh, db] (in place)
+    step(x, Wx, Wh, b, h, c)       -> h, c                     one step, no cache
 
 Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g | i | o].
 
@@ -188,6 +189,12 @@ dgates[k + 3 * H] = dh * tc * o * (T(1) - o);
 dc_prev = ds * f;
 """
 _STEP_KERNELS["fastseq_lstm_bwd_step"] = (_LSTM_BWD_IN, _LSTM_BWD_OUT, _LSTM_BWD_SRC)
+
+
+def step(x, Wx, Wh, b, h, c):
+    """One step (see _numpy.step): forward over a sequence of length 1, its cache dropped."""
+    _, h, c, _ = forward(x[:, None, :], Wx, Wh, b, h, c)
+    return h, c
 
 
 def backward(dhs, cache, grads, need_dh0=True):

@@ -314,6 +314,12 @@ def backward(dhs, cache, grads, need_dh0=True):
     return dxs, (dh0 if need_dh0 else None)
 
 
+def step(x, Wx, Wh, b, h, c):
+    """One step (see _numpy.step): forward over a sequence of length 1, its cache dropped."""
+    _, h, c, _ = forward(x[:, None, :], Wx, Wh, b, h, c)
+    return h, c
+
+
 # --- cache and buffer pool -------------------------------------------------------------------
 
 POOL_MAX_BYTES = 256 << 20

@@ -13,6 +13,8 @@ step's slice is contiguous.
 Interface shared by every engine (numpy, cython, cupy):
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
     backward(dhs, cache, grads, need_dh0=True) -> dxs, dh0     grads = [dWx, dWh, db], written in place
+    step(x, Wx, Wh, b, h, c) -> h, c                           one step, x (N, D), no cache
+                                                               (generation and decoding)
 
 need_dh0=False skips the product dA_0 Wh^T at t = 0 (N x 4H x H) and returns dh0 = None: for a
 layer whose initial state is a constant (the Encoder's zero state) nobody needs that gradient.
@@ -125,3 +127,23 @@ def backward(dhs, cache, grads, need_dh0=True):
     db[...] = dA.sum(axis=0) if row_bias else dA2.sum(axis=0)
     dxs = None if one_hot else (dA2 @ Wx.T).reshape(T, N, Wx.shape[0]).transpose(1, 0, 2)
     return dxs, (dh_next if need_dh0 else None)
+
+
+def step(x, Wx, Wh, b, h, c):
+    """One time step from state (h, c) (N, H) on input x (N, D): the new (h, c). Nothing is kept
+    for a backward pass. The same operations, in the same order, as one step of forward."""
+    xp = get_array_module(x)
+    H = Wh.shape[0]
+    scale = _gate_scale(H, Wx.dtype, xp)
+    a = x @ (Wx * scale)
+    a += b * scale
+    a += h @ (Wh * scale)
+    xp.tanh(a, out=a)
+    for sig in (a[:, :H], a[:, 2 * H:]):
+        sig *= 0.5
+        sig += 0.5
+    c = a[:, :H] * c
+    c += a[:, H:2 * H] * a[:, 2 * H:3 * H]
+    h = xp.tanh(c)
+    h *= a[:, 3 * H:]
+    return h, c

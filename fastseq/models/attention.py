@@ -17,8 +17,8 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 from ..layers import TimeAffine, TimeAttention, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
-from .base import Model, make_rng, randn, register, zeros
-from .seq2seq import _as_start_ids, _lstm_params, embed_lstm_backward, embed_lstm_forward
+from .base import Model, check_size, lstm_params, make_rng, randn, register, zeros
+from .seq2seq import _as_start_ids, embed_lstm_backward, embed_lstm_forward
 
 
 def true_lengths(ids, pad_id):
@@ -38,7 +38,7 @@ class AttentionEncoder(Model):
         rng = rng if rng is not None else make_rng(None)
         V, D, H = vocab_size, wordvec_size, hidden_size
         self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
-        self.lstm = TimeLSTM(*_lstm_params(rng, D, H, dtype), stateful=False)
+        self.lstm = TimeLSTM(*lstm_params(rng, D, H, dtype), stateful=False)
         self.lstm.need_dh = False  # starts from a zero state
         self.layers = [("embed", self.embed), ("lstm", self.lstm)]
         self._fill = None
@@ -73,7 +73,7 @@ class AttentionDecoder(Model):
         rng = rng if rng is not None else make_rng(None)
         V, D, H = vocab_size, wordvec_size, hidden_size
         self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
-        self.lstm = TimeLSTM(*_lstm_params(rng, D, H, dtype), stateful=True)
+        self.lstm = TimeLSTM(*lstm_params(rng, D, H, dtype), stateful=True)
         self.attention = TimeAttention()
         self.affine = TimeAffine(randn(rng, 2 * H, V, scale=1 / np.sqrt(2 * H), dtype=dtype),
                                  zeros(V, dtype=dtype))
@@ -109,6 +109,7 @@ class AttentionDecoder(Model):
 
     def generate(self, enc_hs, start_id, sample_size, mask=None):
         """Greedy decoding of sample_size ids for every row at once -> (N, sample_size)."""
+        sample_size = check_size("sample_size", sample_size)
         xp = get_array_module(enc_hs)
         N = enc_hs.shape[0]
         self.lstm.set_state(enc_hs[:, -1])
@@ -130,7 +131,9 @@ class AttentionSeq2seq(Model):
     def __init__(self, vocab_size, wordvec_size=16, hidden_size=256, *, seed=None,
                  dtype=np.float32, ignore_label=-1, pad_id=None):
         rng = make_rng(seed)
-        self.vocab_size, self.wordvec_size, self.hidden_size = vocab_size, wordvec_size, hidden_size
+        vocab_size = self.vocab_size = check_size("vocab_size", vocab_size)
+        wordvec_size = self.wordvec_size = check_size("wordvec_size", wordvec_size)
+        hidden_size = self.hidden_size = check_size("hidden_size", hidden_size)
         if pad_id is not None and not 0 <= int(pad_id) < vocab_size:
             raise ValueError(f"pad_id {pad_id} is outside the vocabulary [0, {vocab_size})")
         self.pad_id = None if pad_id is None else int(pad_id)
@@ -192,6 +195,7 @@ class AttentionSeq2seq(Model):
     def generate(self, xs, start_id, sample_size):
         """Greedy answers: a list of ids for one (1, T) question (as the textbook), else an
         (N, sample_size) NumPy array. With a pad id, everything after the first pad is pad."""
+        sample_size = check_size("sample_size", sample_size)
         xs = self._check_ids(xs, "questions xs")
         xp = get_array_module(xs)
         starts = _as_start_ids(backend.asarray(start_id), xs.shape[0], xp)

@@ -23,6 +23,31 @@ def zeros(*shape, dtype=np.float32):
     return backend.xp.zeros(shape, dtype=dtype)
 
 
+def check_size(name, value):
+    """value as an int >= 1, else a ValueError naming it (every model checks its sizes here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_dtype(dtype):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return dt
+
+
+def lstm_params(rng, D, H, dtype=np.float32):
+    """[Wx (D, 4H), Wh (H, 4H), b (4H,)] for an LSTM with input width D: Gaussian weights scaled
+    by 1/sqrt(fan-in) (the textbook's Xavier initialisation), zero bias."""
+    return [randn(rng, D, 4 * H, scale=1 / np.sqrt(D), dtype=dtype),
+            randn(rng, H, 4 * H, scale=1 / np.sqrt(H), dtype=dtype),
+            zeros(4 * H, dtype=dtype)]
+
+
 def one_blas_thread():
     """Context: the BLAS runs single-threaded inside (one-row products, where threads only cost
     hand-off time; or decoding threads that each run their own products)."""

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..layers import TimeAffine, TimeEmbedding, TimeLSTM
-from .base import make_rng, randn, register, zeros
+from .base import lstm_params, make_rng, randn, register, zeros
 from .seq2seq import Decoder, Seq2seq, embed_lstm_backward, embed_lstm_forward
 
 
@@ -19,9 +19,7 @@ class PeekyDecoder(Decoder):
         rng = rng if rng is not None else make_rng(None)
         V, D, H = vocab_size, wordvec_size, hidden_size
         self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
-        self.lstm = TimeLSTM(randn(rng, H + D, 4 * H, scale=1 / np.sqrt(H + D), dtype=dtype),
-                             randn(rng, H, 4 * H, scale=1 / np.sqrt(H), dtype=dtype),
-                             zeros(4 * H, dtype=dtype), stateful=True)
+        self.lstm = TimeLSTM(*lstm_params(rng, H + D, H, dtype), stateful=True)  # input [h ; x]
         self.affine = TimeAffine(randn(rng, H + H, V, scale=1 / np.sqrt(H + H), dtype=dtype),
                                  zeros(V, dtype=dtype))
         self.layers = [("embed", self.embed), ("lstm", self.lstm), ("affine", self.affine)]
@@ -45,6 +43,15 @@ class PeekyDecoder(Decoder):
         dhs_affine, dout = dout[:, :, :H], dout[:, :, H:]
         embed_lstm_backward(self.embed, self.lstm, dout)
         return self.lstm.dh + dhs_affine.sum(axis=1) + self.lstm.dcontext
+
+    def _next_scores(self, ids, h):
+        H = self.H
+        W, b = self.affine.params
+        proj = self._proj[1] if self._proj is not None and self._proj[0] is h else None
+        out = self.lstm.step(self.embed.params[0][ids], context=h, context_proj=proj) @ W[H:]
+        out += h @ W[:H]
+        out += b
+        return out
 
     def generate(self, h, start_id, sample_size):
         self._proj = (h, h @ self.lstm.params[0][:self.H])  # weights are fixed while decoding

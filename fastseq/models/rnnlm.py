@@ -15,26 +15,8 @@ from ..backend import get_array_module
 from ..layers import (TimeAffine, TimeAffineSoftmaxWithLoss, TimeDropout, TimeEmbedding,
                       TimeLSTM, TimeSoftmaxWithLoss)
 from ..sampling import make_sampler
-from .base import Model, make_rng, one_blas_thread, randn, register, zeros
-
-
-def _check_size(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_dtype(dtype):
-    dt = np.dtype(dtype)
-    if dt not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dt}")
-    return dt
-
-
-def _lstm(rng, D, H, dtype):
-    return TimeLSTM(randn(rng, D, 4 * H, scale=1 / np.sqrt(D), dtype=dtype),
-                    randn(rng, H, 4 * H, scale=1 / np.sqrt(H), dtype=dtype),
-                    zeros(4 * H, dtype=dtype), stateful=True)
+from .base import (Model, check_dtype, check_size, lstm_params, make_rng, one_blas_thread, randn,
+                   register, zeros)
 
 
 class TiedAffine:
@@ -130,44 +112,18 @@ class _LanguageModel(Model):
 
     def _stepper(self):
         """A function id (1, 1) -> scores (V,) for word-by-word generation: the cheap inference
-        path (no id checks, no dropout). Each LSTM layer's step is computed here with its weights
-        pre-scaled once (gates [f|g|i|o] from one tanh: sigmoid(a) = (tanh(a/2) + 1) / 2) and its
-        (h, c) state is read from and written back to the layer, so generation and predict() share
-        the stateful layers. The output weight is laid out (V, H): one contiguous matrix-vector
-        product per step."""
-        xp = get_array_module(self.embed.params[0])
+        path (no id checks, no dropout). Each LSTM layer takes one engine step (TimeLSTM.step),
+        reading and writing the layer's (h, c), so generation and predict() share the stateful
+        layers. The output weight is laid out (V, H): one contiguous matrix-vector product."""
         E = self.embed.params[0]
         Wout = self._output_weight_vh()
         b_out = self.affine.params[-1]
-        cells = []
-        for lstm in self.lstm_layers:
-            Wx, Wh, b = lstm.params
-            H = Wh.shape[0]
-            scale = xp.full(4 * H, 0.5, dtype=Wx.dtype)
-            scale[H:2 * H] = 1.0
-            shift = xp.full(4 * H, 0.5, dtype=Wx.dtype)
-            shift[H:2 * H] = 0.0
-            cells.append((lstm, H, Wx * scale, Wh * scale, b * scale, scale, shift))
 
         def step(x):
-            h_in = E[x[0]]  # (1, D)
-            for lstm, H, Wx, Wh, b, scale, shift in cells:
-                if lstm.h is None:
-                    lstm.h = xp.zeros((1, H), dtype=Wx.dtype)
-                if lstm.c is None:
-                    lstm.c = xp.zeros((1, H), dtype=Wx.dtype)
-                a = h_in @ Wx
-                a += lstm.h @ Wh
-                a += b
-                xp.tanh(a, out=a)
-                a *= scale
-                a += shift
-                c = a[:, :H] * lstm.c
-                c += a[:, H:2 * H] * a[:, 2 * H:3 * H]
-                h_in = xp.tanh(c)
-                h_in *= a[:, 3 * H:]
-                lstm.h, lstm.c = h_in, c
-            s = Wout @ h_in[0]
+            h = E[x[0]]  # (1, D)
+            for lstm in self.lstm_layers:
+                h = lstm.step(h)
+            s = Wout @ h[0]
             s += b_out
             return s
         return step
@@ -191,7 +147,7 @@ class _LanguageModel(Model):
         for i in ids:
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"start id {i} is outside the vocabulary [0, {self.vocab_size})")
-        sample_size = int(sample_size)
+        sample_size = check_size("sample_size", sample_size)
         for lstm in self.lstm_layers:
             if lstm.h is not None and lstm.h.shape[0] != 1:
                 raise ValueError(f"the LSTM state holds a batch of {lstm.h.shape[0]} rows; "
@@ -224,13 +180,13 @@ class Rnnlm(_LanguageModel):
 
     def __init__(self, vocab_size=10000, wordvec_size=100, hidden_size=100, *, seed=None,
                  dtype=np.float32):
-        V = self.vocab_size = _check_size("vocab_size", vocab_size)
-        D = self.wordvec_size = _check_size("wordvec_size", wordvec_size)
-        H = self.hidden_size = _check_size("hidden_size", hidden_size)
-        dtype = self.dtype = _check_dtype(dtype)
+        V = self.vocab_size = check_size("vocab_size", vocab_size)
+        D = self.wordvec_size = check_size("wordvec_size", wordvec_size)
+        H = self.hidden_size = check_size("hidden_size", hidden_size)
+        dtype = self.dtype = check_dtype(dtype)
         rng = make_rng(seed)
         self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
-        self.lstm = _lstm(rng, D, H, dtype)
+        self.lstm = TimeLSTM(*lstm_params(rng, D, H, dtype), stateful=True)
         self.affine = TimeAffine(randn(rng, H, V, scale=1 / np.sqrt(H), dtype=dtype),
                                  zeros(V, dtype=dtype))
         # training computes affine + softmax + loss together (the affine's W and b become views
@@ -276,9 +232,9 @@ class BetterRnnlm(_LanguageModel):
 
     def __init__(self, vocab_size=10000, wordvec_size=650, hidden_size=650, dropout_ratio=0.5, *,
                  seed=None, dtype=np.float32):
-        V = self.vocab_size = _check_size("vocab_size", vocab_size)
-        D = self.wordvec_size = _check_size("wordvec_size", wordvec_size)
-        H = self.hidden_size = _check_size("hidden_size", hidden_size)
+        V = self.vocab_size = check_size("vocab_size", vocab_size)
+        D = self.wordvec_size = check_size("wordvec_size", wordvec_size)
+        H = self.hidden_size = check_size("hidden_size", hidden_size)
         if D != H:
             raise ValueError(f"BetterRnnlm ties the affine weight to the embedding, so wordvec_size "
                              f"({D}) must equal hidden_size ({H})")
@@ -286,11 +242,11 @@ class BetterRnnlm(_LanguageModel):
                 or not 0 <= dropout_ratio < 1:
             raise ValueError(f"dropout_ratio must be a number in [0, 1), got {dropout_ratio!r}")
         self.dropout_ratio = float(dropout_ratio)
-        dtype = self.dtype = _check_dtype(dtype)
+        dtype = self.dtype = check_dtype(dtype)
         rng = make_rng(seed)
         self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
-        self.lstm1 = _lstm(rng, D, H, dtype)
-        self.lstm2 = _lstm(rng, H, H, dtype)
+        self.lstm1 = TimeLSTM(*lstm_params(rng, D, H, dtype), stateful=True)
+        self.lstm2 = TimeLSTM(*lstm_params(rng, H, H, dtype), stateful=True)
         self.affine = TiedAffine(self.embed, zeros(V, dtype=dtype))
         # dropout masks come from a generator derived from the seed (reproducible runs)
         dseeds = [None] * 3 if seed is None else [int(s) for s in rng.randint(0, 2 ** 31 - 1, 3)]

@@ -4,13 +4,7 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 from ..layers import TimeAffine, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
-from .base import Model, make_rng, randn, register, zeros
-
-
-def _lstm_params(rng, D, H, dtype):
-    return (randn(rng, D, 4 * H, scale=1 / np.sqrt(D), dtype=dtype),
-            randn(rng, H, 4 * H, scale=1 / np.sqrt(H), dtype=dtype),
-            zeros(4 * H, dtype=dtype))
+from .base import Model, check_dtype, check_size, lstm_params, make_rng, randn, register, zeros
 
 
 def embed_lstm_forward(embed, lstm, ids, context=None, context_proj=None):
@@ -35,7 +29,7 @@ class Encoder(Model):
         rng = rng if rng is not None else make_rng(None)
         V, D, H = vocab_size, wordvec_size, hidden_size
         self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
-        self.lstm = TimeLSTM(*_lstm_params(rng, D, H, dtype), stateful=False)
+        self.lstm = TimeLSTM(*lstm_params(rng, D, H, dtype), stateful=False)
         self.lstm.need_dh = False  # starts from a zero state: nobody uses the gradient of h0
         self.layers = [("embed", self.embed), ("lstm", self.lstm)]
         self.hs = None
@@ -66,7 +60,7 @@ class Decoder(Model):
         rng = rng if rng is not None else make_rng(None)
         V, D, H = vocab_size, wordvec_size, hidden_size
         self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
-        self.lstm = TimeLSTM(*_lstm_params(rng, D, H, dtype), stateful=True)
+        self.lstm = TimeLSTM(*lstm_params(rng, D, H, dtype), stateful=True)
         self.affine = TimeAffine(randn(rng, H, V, scale=1 / np.sqrt(H), dtype=dtype),
                                  zeros(V, dtype=dtype))
         self.layers = [("embed", self.embed), ("lstm", self.lstm), ("affine", self.affine)]
@@ -82,16 +76,24 @@ class Decoder(Model):
         embed_lstm_backward(self.embed, self.lstm, self.affine.backward(dscore))
         return self.lstm.dh
 
+    def _next_scores(self, ids, h):
+        """Decoding: scores (N, V) after feeding ids (N,), one LSTM engine step."""
+        W, b = self.affine.params
+        out = self.lstm.step(self.embed.params[0][ids]) @ W
+        out += b
+        return out
+
     def generate(self, h, start_id, sample_size):
         """Greedy decoding of sample_size ids for every row of h at once -> (N, sample_size)."""
+        sample_size = check_size("sample_size", sample_size)
         xp = get_array_module(h)
         N = h.shape[0]
-        self.lstm.set_state(h)
-        x = _as_start_ids(start_id, N, xp)
+        self.lstm.set_state(h, xp.zeros_like(h))
+        ids = _as_start_ids(start_id, N, xp)[:, 0]
         out = xp.empty((N, sample_size), dtype=np.int64)
         for t in range(sample_size):
-            x = self._step(x, h).argmax(axis=2)
-            out[:, t] = x[:, 0]
+            ids = self._next_scores(ids, h).argmax(axis=1)
+            out[:, t] = ids
         return out
 
 
@@ -102,8 +104,11 @@ class Seq2seq(Model):
 
     def __init__(self, vocab_size, wordvec_size, hidden_size, *, seed=None, dtype=np.float32,
                  ignore_label=-1):
+        vocab_size = self.vocab_size = check_size("vocab_size", vocab_size)
+        wordvec_size = self.wordvec_size = check_size("wordvec_size", wordvec_size)
+        hidden_size = self.hidden_size = check_size("hidden_size", hidden_size)
+        dtype = check_dtype(dtype)
         rng = make_rng(seed)
-        self.vocab_size, self.wordvec_size, self.hidden_size = vocab_size, wordvec_size, hidden_size
         self.encoder = Encoder(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype)
         self.decoder = self.decoder_class(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype)
         self.softmax = TimeSoftmaxWithLoss(ignore_label=ignore_label)
@@ -135,6 +140,7 @@ class Seq2seq(Model):
     def generate(self, xs, start_id, sample_size):
         """Greedy answers: a list of ids for one (1, T) question (as the textbook), else an
         (N, sample_size) NumPy array for N questions decoded together."""
+        sample_size = check_size("sample_size", sample_size)
         xs = self._check_ids(xs, "questions xs")
         h = self.encoder.forward(xs)
         out = backend.to_cpu(self.decoder.generate(h, start_id, sample_size))
