@@ -307,6 +307,26 @@ def asarray(a, dtype=None):
     return xp.asarray(a, dtype=dtype)
 
 
+_ids_checked = 0  # > 0 inside ids_checked()
+
+
+@contextlib.contextmanager
+def ids_checked():
+    """Inside, id range checks on device arrays are skipped: each one reads a value back to the
+    host, a stall per batch. For a trainer that has checked its whole data set once."""
+    global _ids_checked
+    _ids_checked += 1
+    try:
+        yield
+    finally:
+        _ids_checked -= 1
+
+
+def skip_id_check(a):
+    """Whether a range check of the ids in ``a`` is skipped (a device array inside ids_checked)."""
+    return _ids_checked > 0 and get_array_module(a) is not np
+
+
 def check_same_device(*arrays, what="arrays"):
     """Raise a clear TypeError when NumPy and CuPy arrays are mixed."""
     cp = _imported_cupy()

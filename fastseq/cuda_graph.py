@@ -33,6 +33,9 @@ def capture_problem(model, optimizer=None):
     if any(getattr(d, "dropout_ratio", 0) > 0 for d in getattr(model, "dropout_layers", ())):
         return (f"{type(model).__name__} uses dropout, which draws random numbers in every step "
                 "(cuRAND calls cannot be captured)")
+    if type(model).__name__ == "AttentionSeq2seq":
+        return ("AttentionSeq2seq's batched attention products and padding lengths are not "
+                "captured yet")
     if getattr(model, "lstm_layers", ()):
         return (f"{type(model).__name__} carries its LSTM state from one step to the next "
                 "(truncated BPTT)")

@@ -7,6 +7,22 @@ from .backend import get_array_module
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def matmul(a, b, out=None):
+    """a @ b, written into ``out`` when given. While a CUDA graph is captured the product goes to
+    cuBLAS directly (fastseq.lstm._cupy.matmul): CuPy's own products cannot be captured."""
+    if out is not None and out.ndim == 0:
+        raise ValueError("matmul: out must be an array")
+    xp = get_array_module(a)
+    if xp is not np:
+        from .lstm import _cupy
+        if _cupy._direct.on:
+            return _cupy.matmul(a, b, out=out)
+    if out is None:
+        return a @ b
+    out[...] = a @ b
+    return out
+
+
 def softmax(x):
     """Row-wise softmax over the last axis."""
     xp = get_array_module(x)
@@ -25,6 +41,8 @@ def softmax_cross_entropy(scores, labels, ignore_label=-1):
     """
     xp = get_array_module(scores)
     M, V = scores.shape
+    if xp is not np:
+        return _softmax_cross_entropy_device(xp, scores, labels, ignore_label)
     ops = backend.ext("_ops_cpu")
     if (ops is not None and xp is np and scores.dtype in _FLOATS and scores.flags.c_contiguous
             and scores.flags.writeable and M and V):
@@ -67,6 +85,33 @@ def softmax_cross_entropy(scores, labels, ignore_label=-1):
     return float(loss), scores
 
 
+def _softmax_cross_entropy_device(xp, scores, labels, ignore_label):
+    """The same on device arrays without reading anything back to the host: the loss is a 0-d
+    device array; per-row maxima always (the global shift's underflow test would be a host
+    read); the masked formula always. Labels are range-checked unless the ids were checked
+    already (backend.ids_checked)."""
+    M, V = scores.shape
+    mask = labels != ignore_label if ignore_label is not None else xp.ones(M, dtype=bool)
+    if M and not backend.skip_id_check(labels):
+        wrong = mask & ((labels < 0) | (labels >= V))
+        if bool(wrong.any()):
+            bad = int(xp.flatnonzero(wrong)[0])
+            raise ValueError(f"label {int(labels[bad])} at position {bad} is outside [0, {V}) "
+                             f"(and is not the ignore label {ignore_label})")
+    safe = xp.where(mask, labels, 0)
+    scores -= scores.max(axis=1, keepdims=True)
+    flat = scores.reshape(-1)
+    at_label = xp.arange(M) * V + safe
+    picked = flat[at_label]                  # log-softmax numerator
+    xp.exp(scores, out=scores)
+    z = scores.sum(axis=1)
+    w = mask.astype(scores.dtype) / xp.maximum(mask.sum(), 1).astype(scores.dtype)
+    loss = ((xp.log(z) - picked) * w).sum()
+    scores *= (w / z)[:, None]
+    flat[at_label] -= w
+    return loss, scores
+
+
 def _softmax_cross_entropy_fused(ops, scores, labels, ignore_label):
     """The same on host arrays in three passes: row max and shift, exp (NumPy's SIMD), then sums,
     loss and gradient (fastseq/_ext/_ops_cpu)."""
@@ -81,9 +126,13 @@ def _softmax_cross_entropy_fused(ops, scores, labels, ignore_label):
 
 def clip_grads(grads, max_norm):
     """Scale all grads in place by max_norm / (total_norm + 1e-6) when that is below 1.
-    Returns the norm before clipping. (On the cython engine host arrays go through one fused pass
+    Returns the norm before clipping (a 0-d array for CuPy grads). (On the cython engine host arrays go through one fused pass
     of fastseq/_ext/_optim_cpu for the norm and one for the scaling.)"""
     grads = list(grads)
+    if grads and get_array_module(grads[0]) is not np:
+        # on the device: norm and rate never come back to the host; the norm is a 0-d array
+        from .lstm import _cupy
+        return _cupy.clip_grads(grads, max_norm)
     optim = backend.ext("_optim_cpu")
     threads = backend.config.optim_threads
     total = optim.sum_squares(grads, threads) if optim is not None else None

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .functions import softmax_cross_entropy
+from .functions import matmul, softmax_cross_entropy
 from .lstm import get_kernel
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -38,7 +38,8 @@ class TimeEmbedding:
                 self._out_of_range(ids, W.shape[0])
             self.idx = ids
             return out
-        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= W.shape[0]):
+        if idx.size and not backend.skip_id_check(idx) and \
+                (int(idx.min()) < 0 or int(idx.max()) >= W.shape[0]):
             self._out_of_range(idx, W.shape[0])
         self.idx = idx
         return W[idx]
@@ -162,7 +163,7 @@ class TimeLSTM:
             backend.check_same_device(context, Wx, what="TimeLSTM context and weights")
             context = context.astype(Wx.dtype, copy=False)
             if context_proj is None:
-                context_proj = context @ Wx[:K]  # (N, 4H): the same at every step
+                context_proj = matmul(context, Wx[:K])  # (N, 4H): the same at every step
             elif context_proj.shape != (N, Wx.shape[1]):
                 raise ValueError(f"context_proj must have shape {(N, Wx.shape[1])}, "
                                  f"got {context_proj.shape}")
@@ -200,9 +201,9 @@ class TimeLSTM:
         dxs, self.dh = self._kernel.backward(dhs.astype(dtype, copy=False), self._cache, grads,
                                              need_dh0=self.need_dh)
         if context is not None:  # B = b + c Wx[:K]: db = sum of dB's rows, dWx[:K] = c^T dB
-            db[...] = xp.ones(dB.shape[0], dtype=dtype) @ dB
-            dWx[:K] = context.T @ dB
-            self.dcontext = dB @ Wx[:K].T
+            matmul(xp.ones(dB.shape[0], dtype=dtype), dB, out=db)
+            matmul(context.T, dB, out=dWx[:K])
+            self.dcontext = matmul(dB, Wx[:K].T)
         if embed is not None:  # P = E Wx[K:]: dWx[K:] = E^T dP, dE = dP Wx[K:]^T
             E = embed.params[0]
             dWx[K:] = E.T @ dP
@@ -257,7 +258,7 @@ class TimeAffine:
         if H != W.shape[0]:
             raise ValueError(f"TimeAffine expects input width {W.shape[0]}, got {x.shape}")
         self.x = x.reshape(N * T, H)
-        out = self.x @ W
+        out = matmul(self.x, W)
         out += b
         return out.reshape(N, T, -1)
 
@@ -266,10 +267,10 @@ class TimeAffine:
         xp = get_array_module(dout)
         N, T, V = dout.shape
         d = dout.reshape(N * T, V)
-        self.grads[0][...] = self.x.T @ d
+        matmul(self.x.T, d, out=self.grads[0])
         # column sums as a vector-matrix product: NumPy's axis-0 sum over short rows is slower
-        self.grads[1][...] = xp.ones(d.shape[0], dtype=d.dtype) @ d
-        return (d @ W.T).reshape(N, T, -1)
+        matmul(xp.ones(d.shape[0], dtype=d.dtype), d, out=self.grads[1])
+        return matmul(d, W.T).reshape(N, T, -1)
 
 
 class TimeSoftmaxWithLoss:
@@ -396,15 +397,19 @@ class TimeAffineSoftmaxWithLoss:
         S, Xb = self._S, self._Xb
         Xb[:, :H] = x.reshape(M, H)
         Xb[:, H] = 1
-        # row bound c_i = ||[x_i, 1]|| * max_j ||[W_j; b_j]||
-        Wt = Wb[:H + 1]
-        wn = float(xp.sqrt(xp.einsum("ij,ij->j", Wt, Wt).max()))
-        Xt = Xb[:, :H + 1]
-        c = xp.sqrt(xp.einsum("ij,ij->i", Xt, Xt)) * wn
-        limit = self.SHIFT_BOUND.get(np.dtype(dtype).name, 40.0)
-        self.used_bound = bool(float(c.max()) < limit)
+        device = xp is not np  # there: nothing read back, so always the exact row maximum
+        if device:
+            self.used_bound = False
+        else:
+            # row bound c_i = ||[x_i, 1]|| * max_j ||[W_j; b_j]||
+            Wt = Wb[:H + 1]
+            wn = float(xp.sqrt(xp.einsum("ij,ij->j", Wt, Wt).max()))
+            Xt = Xb[:, :H + 1]
+            c = xp.sqrt(xp.einsum("ij,ij->i", Xt, Xt)) * wn
+            limit = self.SHIFT_BOUND.get(np.dtype(dtype).name, 40.0)
+            self.used_bound = bool(float(c.max()) < limit)
         Xb[:, H + 1] = -c if self.used_bound else 0
-        xp.matmul(Xb, Wb, out=S)
+        matmul(Xb, Wb, out=S)
         if not self.used_bound:
             S -= S.max(axis=1, keepdims=True)
         labels = ts.reshape(M)
@@ -413,8 +418,12 @@ class TimeAffineSoftmaxWithLoss:
         picked = S[xp.arange(M), safe]
         xp.exp(S, out=S)
         z = S.sum(axis=1)
-        n = max(int(mask.sum()), 1)
-        loss = float(((xp.log(z) - picked) * mask).sum()) / n
+        if device:  # count and loss stay on the device (0-d arrays)
+            n = xp.maximum(mask.sum(), 1).astype(dtype)
+            loss = ((xp.log(z) - picked) * mask).sum() / n
+        else:
+            n = max(int(mask.sum()), 1)
+            loss = float(((xp.log(z) - picked) * mask).sum()) / n
         self._saved = (z, mask, safe, n, N, T)
         return loss
 
@@ -428,13 +437,14 @@ class TimeAffineSoftmaxWithLoss:
         W = Wb[:H]
         dtype = Wb.dtype
         r = (mask * (float(dout) / n) / z).astype(dtype)          # (M,), 0 on ignored rows
+        # (on the device n is a 0-d array: the division stays there)
         # e - z onehot(t): scaled by r this is the softmax gradient (p - onehot) dout / n
         S[xp.arange(S.shape[0]), safe] -= z
-        dx = S @ W.T
+        dx = matmul(S, W.T)
         dx *= r[:, None]
         # [x, 1] scaled by r: one product gives dW and db together (row H + 1 is unused)
         Xb *= r[:, None]
-        xp.matmul(Xb.T, S, out=G)
+        matmul(Xb.T, S, out=G)
         G[H + 1] = 0
         self._saved = None
         return dx.reshape(N, T, H)

@@ -2,6 +2,8 @@
 import math
 import numbers
 
+import numpy as np
+
 from . import backend
 from .backend import get_array_module
 
@@ -45,6 +47,11 @@ class Adam:
             self.m = [get_array_module(p).zeros_like(p) for p in params]
             self.v = [get_array_module(p).zeros_like(p) for p in params]
         self.iter += 1
+        if params and get_array_module(params[0]) is not np:
+            # CuPy: one fused kernel per parameter; lr_t comes from a step counter on the device,
+            # so nothing is sent per step (and the update can be captured in a CUDA graph)
+            from .lstm import _cupy
+            return _cupy.adam_update(self, params, grads)
         lr_t = self.lr * (1.0 - self.beta2 ** self.iter) ** 0.5 / (1.0 - self.beta1 ** self.iter)
         kernel = backend.ext("_optim_cpu") if self.fused else None
         if kernel is not None and kernel.adam_update(list(params), list(grads), self.m, self.v,

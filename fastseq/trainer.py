@@ -1,5 +1,6 @@
 """Training and evaluation: one loop (TrainLoop) under Trainer (seq2seq, shuffled mini-batches)
 and RnnlmTrainer (language models, truncated BPTT); eval_seq2seq, eval_perplexity."""
+import contextlib
 import math
 import numbers
 
@@ -125,6 +126,14 @@ class TrainLoop:
         self._device_step = (max_grad, step)
         return step
 
+    def checked_once(self, x, t):
+        """On the GPU the whole data set's ids are checked here, once; the batches then skip the
+        check (each one would read a value back to the host). A context for the loop."""
+        if backend.get_array_module(x) is np or not hasattr(self.model, "check_data"):
+            return contextlib.nullcontext()
+        self.model.check_data(x, t)
+        return backend.ids_checked()
+
     def _check_mean(self, mean, what):
         if not math.isfinite(mean):
             raise TrainingDiverged(f"the mean loss of {what} is {mean} (epoch "
@@ -213,7 +222,8 @@ class Trainer(TrainLoop):
                              f"rows but x has {len(x)}")
         self._data = (backend.asarray(x), backend.asarray(t), batch_size)  # on the device once
         try:
-            return self.run(max_epoch, len(x) // batch_size, max_grad, eval_interval)
+            with self.checked_once(*self._data[:2]):
+                return self.run(max_epoch, len(x) // batch_size, max_grad, eval_interval)
         finally:
             self._data = None
 
@@ -367,7 +377,8 @@ class RnnlmTrainer(TrainLoop):
                              f"epoch now has {n_iters}")
         self._data = (backend.asarray(xs), backend.asarray(ts), batch_size, time_size)
         try:
-            return self.run(max_epoch, n_iters, max_grad, eval_interval)
+            with self.checked_once(*self._data[:2]):
+                return self.run(max_epoch, n_iters, max_grad, eval_interval)
         finally:
             self._data = None
 
@@ -398,6 +409,15 @@ def eval_perplexity(model, corpus, batch_size=10, time_size=35, max_iters=None, 
     model.reset_state()
     rows = np.arange(batch_size) * jump
     steps = np.arange(time_size)
+    checked = contextlib.nullcontext()
+    params = getattr(model, "params", None)
+    if params and backend.get_array_module(params[0]) is not np:
+        # on the GPU: the corpus goes over once and the batches are gathered there
+        xp = backend.get_array_module(params[0])
+        corpus, rows, steps = xp.asarray(corpus), xp.asarray(rows), xp.asarray(steps)
+        if hasattr(model, "check_data"):
+            model.check_data(corpus, corpus)
+            checked = backend.ids_checked()
     import inspect
     try:
         has_flag = "train_flg" in inspect.signature(model.forward).parameters
@@ -405,15 +425,17 @@ def eval_perplexity(model, corpus, batch_size=10, time_size=35, max_iters=None, 
         has_flag = False
     total = 0.0
     try:
-        for k in progress(range(iters), total=iters, desc="perplexity", enabled=progress_bar):
-            pos = rows[:, None] + (k * time_size + steps)[None, :]
-            xs = corpus[pos % n]
-            ts = corpus[(pos + 1) % n]
-            loss = model.forward(xs, ts, train_flg=False) if has_flag else model.forward(xs, ts)
-            total += loss
+        with checked:
+            for k in progress(range(iters), total=iters, desc="perplexity", enabled=progress_bar):
+                pos = rows[:, None] + (k * time_size + steps)[None, :]
+                xs = corpus[pos % n]
+                ts = corpus[(pos + 1) % n]
+                loss = model.forward(xs, ts, train_flg=False) if has_flag \
+                    else model.forward(xs, ts)
+                total += loss  # on the GPU a 0-d array: read once, at the end
     finally:
         if saved is not None:
             model.set_state(saved)
         else:
             model.reset_state()
-    return float(np.exp(total / iters))
+    return float(np.exp(float(total) / iters))

@@ -101,7 +101,7 @@ class Model:
             raise ValueError(f"{what} must be a 2-D (N, T) array of ids, got shape {a.shape}")
         if a.dtype.kind not in "iu":
             raise TypeError(f"{what} must hold integer ids, got dtype {a.dtype}")
-        if a.size:
+        if a.size and not backend.skip_id_check(a):
             lo, hi = int(a.min()), int(a.max())
             if hi >= self.vocab_size:
                 raise ValueError(f"{what} holds id {hi} outside the model's vocabulary "
@@ -109,6 +109,16 @@ class Model:
             if lo < 0 and not (ignore is not None and bool(((a >= 0) | (a == ignore)).all())):
                 raise ValueError(f"{what} holds negative id {lo}")
         return a
+
+    def check_data(self, x, t):
+        """Check a whole data set's ids once, as forward() checks each batch's (a trainer on the
+        GPU does this, then skips the per-batch checks: see backend.ids_checked)."""
+        x, t = backend.asarray(x), backend.asarray(t)
+        if x.ndim == 1:  # a language model's corpus
+            x, t = x.reshape(1, -1), t.reshape(1, -1)
+        self._check_ids(x, "x")
+        self._check_ids(t, "t", ignore=getattr(getattr(self, "softmax", None), "ignore_label",
+                                                None))
 
     def save_params(self, path, meta=None):
         """Write the weights to ``path`` (.npz, atomically) with names, shapes, the model's class
@@ -123,7 +133,9 @@ class Model:
         finite values, checksum) before the first parameter changes. Returns the metadata."""
         names, params = self.param_names, self.params
         arrays, meta = read_npz(path, expected={n: p.shape for n, p in zip(names, params)})
-        ready = [backend.asarray(a) for a in check_params(path, names, arrays.values(), params)]
+        # onto each parameter's own device (weights saved on either engine load on the other)
+        ready = [backend.get_array_module(p).asarray(a)
+                 for p, a in zip(params, check_params(path, names, arrays.values(), params))]
         for p, a in zip(params, ready):
             p[...] = a
         return meta

@@ -1,0 +1,178 @@
+"""Models, optimisers, trainers, decoders and metrics on every engine present, against the NumPy
+engine. The CuPy cases need CuPy and an NVIDIA GPU (``GPU=1 python -m pytest tests -m gpu``);
+elsewhere they are skipped with the reason."""
+import numpy as np
+import pytest
+
+import fastseq
+from fastseq import backend, cuda_graph
+from fastseq.functions import clip_grads
+
+
+def _engine(name):
+    if name == "cupy":
+        reason = None if backend.gpu_available() else f"no usable GPU: {backend._cupy_error}"
+        return pytest.param("cupy", marks=[pytest.mark.gpu,
+                                           pytest.mark.skipif(reason is not None,
+                                                              reason=str(reason))])
+    if name == "cython":
+        return pytest.param("cython", marks=pytest.mark.skipif(
+            not backend.cython_available(), reason="the Cython engine is not built here"))
+    return name
+
+
+ENGINES = [_engine(n) for n in ("numpy", "cython", "cupy")]
+GPU = [_engine("cupy")]
+
+
+def _models():
+    return {
+        "seq2seq": lambda: fastseq.Seq2seq(13, 8, 16, seed=1, dtype=np.float64),
+        "peeky": lambda: fastseq.PeekySeq2seq(13, 8, 16, seed=1, dtype=np.float64),
+        "rnnlm": lambda: fastseq.Rnnlm(40, 8, 16, seed=1, dtype=np.float64),
+        "better": lambda: fastseq.BetterRnnlm(40, 16, 16, 0.0, seed=1, dtype=np.float64),
+    }
+
+
+def _data(name, seed=0, n=24):
+    rng = np.random.default_rng(seed)
+    if name in ("rnnlm", "better"):
+        return rng.integers(0, 40, (n, 6)), rng.integers(0, 40, (n, 6))
+    return rng.integers(0, 13, (n, 7)), rng.integers(0, 13, (n, 5))
+
+
+def _steps(engine, name, n_steps=2, max_grad=0.5):
+    """Loss, grads and weights (host copies) after n_steps of Adam with clipping on engine."""
+    with backend.using(engine):
+        model = _models()[name]()
+        opt = fastseq.Adam(0.01)
+        x, t = _data(name)
+        losses = []
+        for k in range(n_steps):
+            xb, tb = backend.asarray(x[k * 8:(k + 1) * 8]), backend.asarray(t[k * 8:(k + 1) * 8])
+            losses.append(float(model.forward(xb, tb)))
+            model.backward()
+            grads = [backend.to_cpu(g).copy() for g in model.grads]
+            clip_grads(model.grads, max_grad)
+            opt.update(model.params, model.grads)
+        return losses, grads, [backend.to_cpu(p) for p in model.params]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["seq2seq", "peeky", "rnnlm", "better"])
+def test_training_steps_match_numpy_engine(engine, name):
+    want = _steps("numpy", name)
+    got = _steps(engine, name)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
+    for g, w in zip(got[1] + got[2], want[1] + want[2]):
+        np.testing.assert_allclose(g, w, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("engine", GPU)
+@pytest.mark.parametrize("name", ["seq2seq", "peeky", "rnnlm"])
+def test_a_gpu_step_reads_nothing_back(engine, name):
+    """A whole step (forward, backward, clipping, Adam) records into a CUDA graph: any host
+    read inside it would make the capture fail."""
+    with backend.using(engine):
+        model = _models()[name]()
+        opt = fastseq.Adam(0.01)
+        x, t = (backend.asarray(a[:8]) for a in _data(name))
+
+        def step():
+            loss = model.forward(x, t)
+            model.backward()
+            clip_grads(model.grads, 0.5)
+            opt.update(model.params, model.grads)
+            return loss
+
+        with backend.ids_checked():
+            step()  # eager first (kernels compiled, device counter made)
+            api = cuda_graph.CupyGraphApi()
+            with api.capture() as captured:
+                step()
+        assert captured["graph"] is not None
+
+
+@pytest.mark.parametrize("engine", GPU)
+@pytest.mark.parametrize("cls", [fastseq.Seq2seq, fastseq.PeekySeq2seq])
+def test_graph_steps_equal_eager_steps(engine, cls):
+    rng = np.random.default_rng(4)
+    x, t = rng.integers(0, 13, (64, 7)), rng.integers(0, 13, (64, 5))
+    out = {}
+    for graphs in (False, True):
+        with backend.using(engine):
+            model = cls(13, 8, 16, seed=2, dtype=np.float64)
+            trainer = fastseq.Trainer(model, fastseq.Adam(0.01), seed=0, progress=False,
+                                      cuda_graphs=graphs)
+            trainer.fit(x, t, max_epoch=2, batch_size=16, max_grad=1.0, eval_interval=2)
+            out[graphs] = (trainer.loss_list, [backend.to_cpu(p) for p in model.params],
+                           trainer.optimizer.iter)
+            step = trainer.device_step(1.0)
+            if graphs:
+                assert step.reason is None, step.reason
+                assert step.counts["replayed"] >= 5, step.counts
+    assert out[True][2] == out[False][2] == 8
+    assert all(isinstance(v, float) for v in out[True][0])
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-9)
+    for a, b in zip(out[True][1], out[False][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_trainers_and_metrics_match_numpy_engine(engine):
+    rng = np.random.default_rng(5)
+    x, t = rng.integers(0, 13, (48, 7)), rng.integers(0, 13, (48, 5))
+    corpus = rng.integers(0, 40, 600)
+    res = {}
+    for eng in ("numpy", engine):
+        with backend.using(eng):
+            model = fastseq.PeekySeq2seq(13, 8, 16, seed=3, dtype=np.float64)
+            tr = fastseq.Trainer(model, fastseq.Adam(0.01), seed=0, progress=False)
+            tr.fit(x, t, max_epoch=2, batch_size=16, max_grad=1.0, eval_interval=3)
+            acc = fastseq.trainer.eval_seq2seq(model, x, t)
+            guesses = model.generate(x[:5], t[:5, 0], 4)
+            lm = fastseq.Rnnlm(40, 8, 16, seed=3, dtype=np.float64)
+            lt = fastseq.RnnlmTrainer(lm, fastseq.SGD(1.0), progress=False)
+            lt.fit(corpus[:-1], corpus[1:], max_epoch=1, batch_size=4, time_size=5,
+                   max_grad=0.25, eval_interval=5)
+            ppl = fastseq.trainer.eval_perplexity(lm, corpus, batch_size=4, time_size=5)
+            res[eng] = (tr.epoch_losses, tr.loss_list, acc, np.asarray(guesses),
+                        lt.ppl_list, ppl)
+    a, b = res["numpy"], res[engine]
+    for i in (0, 1, 4):
+        assert all(isinstance(v, float) for v in b[i])
+        np.testing.assert_allclose(b[i], a[i], rtol=1e-9)
+    assert b[2] == a[2]
+    np.testing.assert_array_equal(b[3], a[3])
+    assert isinstance(b[5], float)
+    np.testing.assert_allclose(b[5], a[5], rtol=1e-9)
+
+
+@pytest.mark.parametrize("engine", GPU)
+def test_weights_saved_on_either_engine_load_on_the_other(engine, tmp_path):
+    for src, dst in (("numpy", engine), (engine, "numpy")):
+        with backend.using(src):
+            a = fastseq.PeekySeq2seq(13, 8, 16, seed=5)
+            a.save_params(tmp_path / f"{src}.npz")
+        with backend.using(dst):
+            b = fastseq.PeekySeq2seq(13, 8, 16, seed=6)
+            b.load_params(tmp_path / f"{src}.npz")
+            assert all(backend.get_array_module(p) is backend.get_array_module(b.params[0])
+                       for p in b.params)
+            for p, q in zip(a.params, b.params):
+                np.testing.assert_array_equal(backend.to_cpu(p), backend.to_cpu(q))
+
+
+@pytest.mark.parametrize("engine", GPU)
+def test_decoding_on_gpu_matches_cpu(engine):
+    from fastseq import decoding
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 13, (6, 7))
+    out = {}
+    for eng in ("numpy", engine):
+        with backend.using(eng):
+            model = fastseq.PeekySeq2seq(13, 8, 16, seed=7, dtype=np.float64)
+            out[eng] = (np.asarray(backend.to_cpu(decoding.greedy_search(model, x, 1, 4))),
+                        np.asarray(backend.to_cpu(decoding.beam_search(model, x, 1, 4, k=3))))
+    for a, b in zip(out["numpy"], out[engine]):
+        np.testing.assert_array_equal(a, b)
