@@ -43,13 +43,12 @@ def fastseq_runners(engine, data):
     from fastseq.decoding import greedy_search
     from fastseq.models.attention import AttentionSeq2seq
     from fastseq.optim import Adam
-    from fastseq.trainer import train_step
+    from fastseq.trainer import Trainer
     if not set_engine(engine):
         return None
     d, pad, x, x_test = data
     model = AttentionSeq2seq(len(d.vocab), D, H, seed=0, pad_id=pad)
-    opt = Adam(1e-3)
-    params, grads = model.params, model.grads
+    trainer = Trainer(model, Adam(1e-3), seed=0, progress=False)  # its step: the epoch's work
     perm = np.random.RandomState(0).permutation(len(x))
     state = {"i": 0}
 
@@ -60,7 +59,7 @@ def fastseq_runners(engine, data):
             i = state["i"] % (len(x) // BATCH)
             state["i"] += 1
             idx = perm[i * BATCH:(i + 1) * BATCH]
-            total += train_step(model, opt, params, grads, x[idx], d.t_train[idx], 5.0)
+            total += trainer.step(x[idx], d.t_train[idx], 5.0)
         return total / n_iters
 
     def evaluate():
