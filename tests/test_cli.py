@@ -8,13 +8,22 @@ import numpy as np
 import pytest
 
 from fastseq import PeekySeq2seq
+from fastseq.datasets.sequence import generate_addition
 from fastseq.train import main
 
 
-def test_train_cli_writes_outputs(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """2,000 generated addition lines: the CLI end to end in seconds."""
+    path = tmp_path_factory.mktemp("data") / "addition-small.txt"
+    path.write_text("\n".join(generate_addition(2000, seed=3)) + "\n")
+    return str(path)
+
+
+def test_train_cli_writes_outputs(tmp_path, capsys, small_data):
     out = tmp_path / "run"
-    rc = main(["--epochs", "2", "--hidden-size", "16", "--wordvec-size", "8", "--batch-size", "512",
-               "--out", str(out), "--no-progress", "--seed", "3"])
+    rc = main(["--data", small_data, "--epochs", "2", "--hidden-size", "16", "--wordvec-size", "8",
+               "--batch-size", "64", "--out", str(out), "--no-progress", "--seed", "3"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "engine:" in text and "test accuracy" in text and "truth" in text
@@ -22,7 +31,8 @@ def test_train_cli_writes_outputs(tmp_path, capsys):
     assert m["config"]["model"] == "peeky" and m["config"]["reverse"] is True
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     for e in m["epochs"]:
-        assert set(e) == {"epoch", "train_seconds", "eval_seconds", "loss", "test_accuracy"}
+        assert set(e) == {"epoch", "train_seconds", "checkpoint_seconds", "eval_seconds", "loss",
+                          "test_accuracy"}
         assert 0.0 <= e["test_accuracy"] <= 1.0
     assert m["epochs"][1]["loss"] < m["epochs"][0]["loss"]
     assert "lstm" in m["engine"]
@@ -33,8 +43,9 @@ def test_train_cli_writes_outputs(tmp_path, capsys):
     assert (out / "accuracy.png").stat().st_size > 1000
 
 
-def test_train_cli_same_seed_same_run(tmp_path):
-    args = ["--epochs", "1", "--hidden-size", "8", "--wordvec-size", "4", "--batch-size", "1024",
+def test_train_cli_same_seed_same_run(tmp_path, small_data):
+    args = ["--data", small_data, "--epochs", "1", "--hidden-size", "8", "--wordvec-size", "4",
+            "--batch-size", "64",
             "--no-progress", "--model", "seq2seq", "--no-reverse"]
     main(args + ["--out", str(tmp_path / "a")])
     main(args + ["--out", str(tmp_path / "b")])

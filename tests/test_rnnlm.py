@@ -350,8 +350,8 @@ def test_train_cli_ptb_lr_decay_and_outputs(shared_data, tmp_path, monkeypatch, 
     assert m["test_perplexity"] == 420.0
     assert m["config"]["model"] == "rnnlm" and m["config"]["max_grad"] == 0.25
     for e in m["epochs"]:
-        assert set(e) == {"epoch", "train_seconds", "eval_seconds", "loss", "train_perplexity",
-                          "val_perplexity", "lr"}
+        assert set(e) == {"epoch", "train_seconds", "checkpoint_seconds", "eval_seconds", "loss",
+                          "train_perplexity", "val_perplexity", "lr"}
         assert e["train_perplexity"] == pytest.approx(math.exp(e["loss"]), rel=1e-4)
     meta = Rnnlm(10000, 8, 8).load_params(out / "model.npz")
     assert meta["epoch"] == 3 and len(meta["vocab"]) == 10000  # the best epoch's weights
@@ -368,7 +368,7 @@ def test_train_cli_ptb_real_eval_better(shared_data, tmp_path):
                "--no-progress"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["config"]["dropout"] == 0.5 and m["config"]["epochs"] == 1
+    assert m["config"]["dropout_ratio"] == 0.5 and m["config"]["epochs"] == 1
     assert 1000 < m["test_perplexity"] < 20000
     b = BetterRnnlm(10000, 8, 8, dropout_ratio=0.5)
     b.load_params(out / "model.npz")

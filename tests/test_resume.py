@@ -1,0 +1,271 @@
+"""Checkpoints, resume, interrupts and numerical guards of python -m fastseq.train.
+
+A run killed (SIGKILL) or stopped (SIGINT, SIGTERM) mid-epoch and continued with --resume ends with
+the same parameters, optimiser state and random-generator states, bit for bit, as the uninterrupted
+run: for the NumPy and Cython engines, a seq2seq model and a language model (BetterRnnlm, whose
+dropout draws random numbers). The signal is sent by the training process to itself after a given
+iteration (a wrapper around TrainLoop.step), so the point of interruption is exact.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastseq import checkpoint, lstm
+from fastseq.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import os, sys
+from fastseq import trainer
+from fastseq.train import main
+at, sig = int(os.environ["SIGNAL_AT"]), int(os.environ["SIGNAL"])
+times = int(os.environ.get("SIGNAL_TIMES", "1"))
+step = trainer.TrainLoop.step
+
+def step_then_signal(self, *args):
+    loss = step(self, *args)
+    if self.total_iters + 1 == at:
+        for _ in range(times):
+            os.kill(os.getpid(), sig)
+    return loss
+
+trainer.TrainLoop.step = step_then_signal
+sys.exit(main(sys.argv[1:]))
+"""
+
+ENGINES = ["numpy", pytest.param("cython", marks=pytest.mark.skipif(
+    not lstm.cython_available(), reason="the Cython engine is not built"))]
+
+
+def env():
+    # one thread: bit-identical results across processes must not depend on thread scheduling
+    pinned = {"FASTSEQ_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+              "FASTSEQ_LSTM_SPLIT": "0", "FASTSEQ_OPTIM_THREADS": "1"}
+    return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                **pinned)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from fastseq.datasets.sequence import generate_addition
+    d = tmp_path_factory.mktemp("data")
+    (d / "add.txt").write_text("\n".join(generate_addition(600, seed=5)) + "\n")
+    rng = np.random.RandomState(0)
+    words = [f"w{i}" for i in range(30)]
+    (d / "text.txt").write_text("\n".join(" ".join(rng.choice(words, rng.randint(3, 12)))
+                                          for _ in range(240)) + "\n")
+    return d
+
+
+def task_args(task, data):
+    if task == "seq2seq":  # 540 training rows / 32 = 16 iterations per epoch
+        return ["--data", str(data / "add.txt"), "--model", "peeky", "--epochs", "2",
+                "--batch-size", "32", "--hidden-size", "8", "--wordvec-size", "4",
+                "--checkpoint-every", "4", "--seed", "7"]
+    return ["--task", "text", "--data", str(data / "text.txt"), "--model", "better",
+            "--epochs", "3", "--max-iters", "12", "--batch-size", "4", "--time-size", "5",
+            "--hidden-size", "8", "--wordvec-size", "8", "--eval-max-iters", "2",
+            "--checkpoint-every", "3", "--seed", "7"]
+
+
+def train(argv, signal_at=None, sig=signal.SIGKILL, times=1):
+    if signal_at is None:
+        cmd = [sys.executable, "-m", "fastseq.train"] + argv
+        e = env()
+    else:
+        cmd = [sys.executable, "-c", CHILD] + argv
+        e = dict(env(), SIGNAL_AT=str(signal_at), SIGNAL=str(int(sig)), SIGNAL_TIMES=str(times))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=e)
+
+
+def arrays_of(path):
+    arrays, meta = checkpoint.load(path) if path.name == "checkpoint.npz" else (None, None)
+    if arrays is None:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files if not k.startswith("__")}
+    return arrays
+
+
+def assert_same_run(a, b):
+    for name in ("checkpoint.npz", "model.npz"):
+        x, y = arrays_of(a / name), arrays_of(b / name)
+        assert sorted(x) == sorted(y)
+        for k in x:
+            assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), f"{name}: {k} differs"
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert [e["loss"] for e in ma["epochs"]] == [e["loss"] for e in mb["epochs"]]
+    assert "stopped" not in mb
+
+
+_baselines = {}
+
+
+def baseline(engine, task, data, tmp_path_factory):
+    key = (engine, task)
+    if key not in _baselines:
+        out = tmp_path_factory.mktemp(f"base-{engine}-{task}")
+        os.rmdir(out)
+        r = train(task_args(task, data) + ["--engine", engine, "--out", str(out),
+                                           "--no-progress"])
+        assert r.returncode == 0, r.stderr
+        _baselines[key] = out
+    return _baselines[key]
+
+
+@pytest.mark.parametrize("task,signal_at,ckpt_at", [("seq2seq", 22, 20), ("lm", 17, 15)])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(engine, task, signal_at, ckpt_at, data,
+                                                        tmp_path, tmp_path_factory):
+    out = tmp_path / "run"
+    r = train(task_args(task, data) + ["--engine", engine, "--out", str(out), "--no-progress"],
+              signal_at=signal_at)
+    assert r.returncode == -signal.SIGKILL
+    _, meta = checkpoint.load(out / "checkpoint.npz")
+    assert meta["position"]["total_iters"] == ckpt_at and meta["position"]["iteration"] > 0
+    assert meta["config"]["engine"] == engine and meta["fastseq_version"]
+    r = train(["--resume", str(out), "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {out}" in r.stdout
+    assert_same_run(baseline(engine, task, data, tmp_path_factory), out)
+
+
+@pytest.mark.parametrize("task,signal_at", [("seq2seq", 22), ("lm", 17)])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigint_saves_state_reached_then_resume_is_bit_identical(engine, task, signal_at, data,
+                                                                 tmp_path, tmp_path_factory):
+    out = tmp_path / "run"
+    r = train(task_args(task, data) + ["--engine", engine, "--out", str(out), "--no-progress"],
+              signal_at=signal_at, sig=signal.SIGINT)
+    assert r.returncode == 130 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and "SIGINT received" in lines[0] and "stopped at" in lines[1]
+    _, meta = checkpoint.load(out / "checkpoint.npz")
+    assert meta["position"]["total_iters"] == signal_at  # the state reached, not the last periodic
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["stopped"]["signal"] == "SIGINT" and m["stopped"]["total_iterations"] == signal_at
+    assert (out / "model.npz").exists()
+    r = train(["--resume", str(out), "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    assert_same_run(baseline(engine, task, data, tmp_path_factory), out)
+
+
+def test_sigterm_exits_143_and_resumes(data, tmp_path, tmp_path_factory):
+    out = tmp_path / "run"
+    r = train(task_args("seq2seq", data) + ["--engine", "numpy", "--out", str(out),
+                                            "--no-progress"], signal_at=5, sig=signal.SIGTERM)
+    assert r.returncode == 143 and "Traceback" not in r.stderr and "SIGTERM" in r.stderr
+    assert train(["--resume", str(out), "--no-progress"]).returncode == 0
+    assert_same_run(baseline("numpy", "seq2seq", data, tmp_path_factory), out)
+
+
+def test_second_sigint_stops_at_once(data, tmp_path):
+    out = tmp_path / "run"
+    r = train(task_args("seq2seq", data) + ["--engine", "numpy", "--out", str(out),
+                                            "--no-progress"], signal_at=7, sig=signal.SIGINT,
+              times=2)
+    assert r.returncode == 130 and "Traceback" not in r.stderr
+    assert "stopped at once" in r.stderr.strip().splitlines()[-1]
+    _, meta = checkpoint.load(out / "checkpoint.npz")
+    assert meta["position"]["total_iters"] == 4  # the last periodic checkpoint, untouched
+
+
+def test_sigint_from_outside(data, tmp_path):
+    out = tmp_path / "run"
+    args = task_args("seq2seq", data)
+    args[args.index("--epochs") + 1] = "1000"
+    p = subprocess.Popen([sys.executable, "-m", "fastseq.train"] + args +
+                         ["--out", str(out), "--no-progress"], env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.npz").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in err
+    m = json.loads((out / "metrics.json").read_text())
+    _, meta = checkpoint.load(out / "checkpoint.npz")
+    assert m["stopped"]["total_iterations"] == meta["position"]["total_iters"] > 0
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys, monkeypatch):
+    from fastseq import PeekySeq2seq
+    forward, calls = PeekySeq2seq.forward, []
+
+    def diverging_forward(self, xs, ts):
+        calls.append(1)
+        loss = forward(self, xs, ts)
+        return float("nan") if len(calls) == 7 else loss
+
+    monkeypatch.setattr(PeekySeq2seq, "forward", diverging_forward)
+    out = tmp_path / "run"
+    rc = main(task_args("seq2seq", data) + ["--engine", "numpy", "--out", str(out),
+                                            "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1
+    assert err[0].startswith("fastseq: training stopped: the loss is nan at epoch 1, iteration 7")
+    _, meta = checkpoint.load(out / "checkpoint.npz")
+    assert meta["position"]["total_iters"] == 4  # the last good checkpoint, intact
+    assert not (out / "model.npz").exists()
+
+
+def test_non_finite_gradient_names_the_parameter():
+    from fastseq import SGD, Trainer
+    from fastseq.trainer import TrainingDiverged
+
+    class Model:
+        param_names = ["layer.W", "layer.b"]
+
+        def __init__(self):
+            self.params = [np.ones((2, 2)), np.ones(2)]
+            self.grads = [np.zeros((2, 2)), np.zeros(2)]
+            self.calls = 0
+
+        def forward(self, x, t):
+            return 1.0
+
+        def backward(self):
+            self.calls += 1
+            self.grads[1][...] = np.nan if self.calls == 3 else 0.5
+
+    m = Model()
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, iteration 3, in parameter layer\.b"):
+        Trainer(m, SGD(0.1), seed=0, progress=False).fit(np.zeros((8, 2)), np.zeros((8, 2)),
+                                                         max_epoch=1, batch_size=2)
+    assert np.allclose(m.params[1], 0.9) and np.all(m.params[0] == 1)  # no bad update
+
+
+def test_resume_of_a_finished_run_rewrites_nothing_but_the_final_files(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = task_args("seq2seq", data)
+    args[args.index("--epochs") + 1] = "1"
+    assert main(args + ["--engine", "numpy", "--out", str(out), "--no-progress"]) == 0
+    before = arrays_of(out / "checkpoint.npz")
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    after = arrays_of(out / "checkpoint.npz")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_resume_refuses_a_changed_data_file(data, tmp_path, capsys):
+    from fastseq.datasets.sequence import generate_addition
+    src = tmp_path / "add.txt"
+    src.write_text((data / "add.txt").read_text())
+    out = tmp_path / "run"
+    args = task_args("seq2seq", data)
+    args[args.index("--data") + 1] = str(src)
+    args[args.index("--epochs") + 1] = "1"
+    assert main(args + ["--engine", "numpy", "--out", str(out), "--no-progress"]) == 0
+    src.write_text("\n".join(x.replace("+", "-") for x in generate_addition(600, seed=5)))
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--no-progress"]) == 2
+    assert "vocabulary differs" in capsys.readouterr().err
