@@ -128,8 +128,9 @@ def save(path, loop, meta=None):
         "position": {"epoch": loop.current_epoch, "iteration": loop.iteration,
                      "total_iters": loop.total_iters, "time_idx": getattr(loop, "time_idx", None)},
         "losses": {"loss_list": loop.loss_list, "epoch_losses": loop.epoch_losses,
-                   "ppl_list": getattr(loop, "ppl_list", None), "window": list(loop.window),
-                   "epoch_loss_sum": loop.epoch_loss_sum},
+                   "ppl_list": getattr(loop, "ppl_list", None),
+                   "window": [float(loop.window[0]), loop.window[1]],  # float(): a device sum
+                   "epoch_loss_sum": float(loop.epoch_loss_sum)},
         "optimizer": _optimizer_state(loop.optimizer, arrays),
         "rngs": rng_meta,
         "dropout_born": [d._rng is not None for d in dropouts],

@@ -194,16 +194,13 @@ def resolve(args):
 # engine, output folder
 
 def select_engine(name):
-    from . import lstm
-    if name == "cupy":
-        backend.use("cupy")
-    elif name in ("numpy", "cython"):
-        if backend.requested_gpu():
-            raise backend.BackendError(f"--engine {name} contradicts GPU=1 in the environment")
-        lstm.set_kernel(name)
-    else:
+    """Use engine ``name`` ('auto': the environment's choice); returns the engine in use."""
+    if name in ("numpy", "cython") and backend.requested_gpu():
+        raise backend.BackendError(f"--engine {name} contradicts GPU=1 in the environment")
+    if name == "auto":
         backend.require_requested_engine()
-    return backend.info()["lstm"]  # raises BackendError if FASTSEQ_KERNEL names an unbuilt kernel
+    backend.use(name)
+    return backend.config.kernel
 
 
 def check_out(out):

@@ -47,8 +47,7 @@ ENGINES = ["numpy", pytest.param("cython", marks=pytest.mark.skipif(
 
 def env():
     # one thread: bit-identical results across processes must not depend on thread scheduling
-    pinned = {"FASTSEQ_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-              "FASTSEQ_LSTM_SPLIT": "0", "FASTSEQ_OPTIM_THREADS": "1"}
+    pinned = {"FASTSEQ_THREADS": "1"}
     return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                 **pinned)
 
