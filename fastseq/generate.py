@@ -43,6 +43,8 @@ def build_parser():
                    help="model.npz or checkpoint.npz written by fastseq.train")
     p.add_argument("--question", action="append", default=None, metavar="TEXT",
                    help="seq2seq models: a question such as '71+118' (repeat for more)")
+    p.add_argument("--beam", type=int, default=None, metavar="K",
+                   help="seq2seq models: beam search of width K (default: greedy)")
     p.add_argument("--start", default=None,
                    help="language models: start word or phrase (default 'you')")
     p.add_argument("--length", type=int, default=None,
@@ -71,10 +73,14 @@ def _answers(saved, args):
     for q in args.question:
         if not q.strip():
             raise ValueError("--question is empty")
-    return "\n".join(saved.answer([q.strip() for q in args.question]))
+    if args.beam is not None and args.beam < 1:
+        raise ValueError(f"--beam must be >= 1, got {args.beam}")
+    return "\n".join(saved.answer([q.strip() for q in args.question], beam=args.beam))
 
 
 def _text(saved, args):
+    if args.beam is not None:
+        raise ValueError(f"--beam: for seq2seq models only; {args.model} holds a language model")
     if args.question is not None:
         raise ValueError(f"--question needs a seq2seq model; {args.model} holds a language model "
                          f"({type(saved.model).__name__}): give --start")

@@ -37,8 +37,9 @@ class LoadedModel:
     meta: dict
     path: str
 
-    def answer(self, questions):
-        """Greedy answers (strings, padding stripped) to question strings (seq2seq models)."""
+    def answer(self, questions, beam=None):
+        """Greedy answers (strings, padding stripped) to question strings (seq2seq models);
+        beam=k: beam search of width k instead."""
         if self.task != "seq2seq":
             raise ValueError(f"{self.path}: holds a language model; answer() needs a seq2seq model")
         if isinstance(questions, str):
@@ -48,8 +49,16 @@ class LoadedModel:
         start = self.vocab.char_to_id.get(START)
         if start is None:
             raise ValueError(f"{self.path}: the vocabulary has no {START!r} start symbol")
-        xs = self.vocab.encode(list(questions), reverse=self.reverse)
-        out = np.atleast_2d(np.asarray(self.model.generate(xs, start, self.vocab.answer_width - 1)))
+        xs = self.vocab.encode(list(questions))
+        if self.reverse:  # a padding-aware model reverses each question's characters only
+            from .datasets.sequence import reverse_padded
+            xs = reverse_padded(xs, getattr(self.model, "pad_id", None))
+        if beam is not None:
+            from .decoding import beam_search
+            out = beam_search(self.model, xs, start, self.vocab.answer_width - 1, k=beam)
+        else:
+            out = np.atleast_2d(np.asarray(self.model.generate(xs, start,
+                                                               self.vocab.answer_width - 1)))
         return [s.strip() for s in self.vocab.decode(out)]
 
 

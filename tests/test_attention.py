@@ -280,20 +280,42 @@ def test_attention_map_matches_step_by_step_decoding(tmp_path):
     assert (tmp_path / "map.png").stat().st_size > 1000 and path.endswith("map.png")
 
 
-def test_variable_length_task_trains_without_pad_leaking_into_answers():
-    """Reverse strings of 1-5 letters: questions and answers padded with spaces at the end. The
-    answers come out as the letters followed by pads only (the first pad ends the answer)."""
-    from fastseq.datasets.sequence import build, pad_id, parse_lines
+@pytest.fixture(scope="module")
+def reversal_task():
+    """Reverse strings of 1-5 letters: questions and answers padded with spaces at the end; an
+    AttentionSeq2seq (pad-aware, reversed input) trained on it."""
+    from fastseq.datasets.sequence import build, pad_id, parse_lines, reverse_padded
     from fastseq.optim import Adam
-    from fastseq.trainer import Trainer, eval_seq2seq
+    from fastseq.trainer import Trainer
     rng = np.random.RandomState(0)
     words = ["".join(rng.choice(list("abcde"), rng.randint(1, 6))) for _ in range(1200)]
     d = build(*parse_lines([w.ljust(5) + ("_" + w[::-1]).ljust(7) for w in words]), seed=1984)
     pad = pad_id(d.vocab)
     model = AttentionSeq2seq(len(d.vocab), 8, 24, seed=0, pad_id=pad)
-    Trainer(model, Adam(0.01), seed=0, progress=False).fit(d.x_train, d.t_train, max_epoch=6,
-                                                           batch_size=32, max_grad=5.0)
-    assert eval_seq2seq(model, d.x_test, d.t_test) >= 0.95
-    for q, a in zip(d.x_test, model.generate(d.x_test, d.t_test[:, 0], 6)):
+    Trainer(model, Adam(0.01), seed=0, progress=False).fit(
+        reverse_padded(d.x_train, pad), d.t_train, max_epoch=6, batch_size=32, max_grad=5.0)
+    return d, model, reverse_padded(d.x_test, pad)
+
+
+def test_variable_length_task_trains_without_pad_leaking_into_answers(reversal_task):
+    from fastseq.trainer import eval_seq2seq
+    d, model, x_test = reversal_task
+    assert eval_seq2seq(model, x_test, d.t_test) >= 0.95
+    for a in model.generate(x_test, d.t_test[:, 0], 6):
         answer = d.vocab.decode(a).rstrip(" ")
         assert answer and " " not in answer  # letters, then pads only
+
+
+@pytest.mark.parametrize("beam", [None, "3"])
+def test_generate_cli_answers_with_a_padding_aware_model(reversal_task, tmp_path, capsys, beam):
+    from fastseq.generate import main
+    d, model, _ = reversal_task
+    v = d.vocab
+    model.save_params(tmp_path / "model.npz", meta={
+        "chars": [v.id_to_char[i] for i in range(len(v))], "question_width": v.question_width,
+        "answer_width": v.answer_width, "reverse": True})
+    argv = ["--model", str(tmp_path / "model.npz"), "--question", "abcde", "--question", "ec"]
+    assert main(argv + (["--beam", beam] if beam else [])) == 0
+    assert capsys.readouterr().out.split() == ["edcba", "ce"]
+    assert main(argv + ["--beam", "0"]) == 2
+    assert "--beam must be >= 1" in capsys.readouterr().err
