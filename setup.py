@@ -25,6 +25,7 @@ def extensions():
         "fastseq._ext._lstm_cpu",
         ["fastseq/_ext/_lstm_cpu.pyx"],
         include_dirs=[numpy.get_include(), "fastseq/_ext"],
+        depends=["fastseq/_ext/fs_lstm.h", "fastseq/_ext/fs_simd.h"],
         # no -ffast-math: the kernel's exp/tanh rely on IEEE evaluation order (reassociating
         # 2^k*p + (2^k - 1) would destroy the accuracy of tanh and sigmoid near 0);
         # -fno-trapping-math lets the branch-free clamps of the gate math vectorise
@@ -36,6 +37,7 @@ def extensions():
         "fastseq._ext._optim_cpu",
         ["fastseq/_ext/_optim_cpu.pyx"],
         include_dirs=[numpy.get_include(), "fastseq/_ext"],
+        depends=["fastseq/_ext/fs_simd.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"] + openmp,
         extra_link_args=openmp,

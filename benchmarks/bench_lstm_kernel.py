@@ -49,9 +49,8 @@ def main():
     a = p.parse_args()
     engines = [("numpy", _numpy)] + ([("cython", _cython)] if _cython else [])
     if _cython:
-        split = getattr(_cython, "_split_ways", None)
-        print(f"cython engine BLAS: {_cython.BLAS}; gate-math threads: {_cython.NUM_THREADS}; "
-              f"split row groups at N={a.n}: {split(a.n) if split else 'n/a'}")
+        print(f"cython engine BLAS: {_cython.BLAS}; threads: {_cython._threads()}; "
+              f"row chunks at N={a.n}: {_cython._lstm_cpu.chunks(a.n)}")
     for name, eng in engines:
         f, fb = bench(eng, a.n, a.t, a.d, a.h, np.dtype(a.dtype), a.reps)
         print(f"{name:7s} N={a.n} T={a.t} D={a.d} H={a.h} {a.dtype}: "

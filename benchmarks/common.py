@@ -97,3 +97,114 @@ def rss_kib(field="VmHWM"):
 
 def threads():
     return os.environ.get("OPENBLAS_NUM_THREADS", "default")
+
+
+# --- side-by-side runs: one worker process per setup, taking turns, optionally under load -------
+
+# setup name -> (environment for its worker, what it measures)
+SETUPS = {
+    "default": ({}, "fastseq, default engine and threads"),
+    "one": ({"FASTSEQ_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+            "fastseq pinned to one thread"),
+    "numpy": ({"FASTSEQ_KERNEL": "numpy", "FASTSEQ_BLOCK_EXT": "1"},
+              "fastseq NumPy engine, no compiled extension importable"),
+    "torch": ({}, "PyTorch CPU, default threads"),
+}
+
+
+class _NoExtension:
+    """Import hook making fastseq._ext unimportable: the pure NumPy engine, as users without a
+    compiler get it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastseq._ext" or name.startswith("fastseq._ext."):
+            raise ImportError(f"{name} blocked: measuring the pure NumPy engine")
+        return None
+
+
+def worker_setup():
+    """Call first thing in a worker process, before importing fastseq."""
+    import sys
+    if os.environ.get("FASTSEQ_BLOCK_EXT") == "1":
+        sys.meta_path.insert(0, _NoExtension())
+
+
+def worker_loop(run):
+    """Serve turns: read `run K` lines on stdin, answer with the seconds K iterations took."""
+    import sys
+    run(5)  # warm-up
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        t0 = time.perf_counter()
+        run(int(cmd[1]))
+        print(f"{time.perf_counter() - t0:.9f}", flush=True)
+
+
+def start_load(n):
+    """n CPU-bound competing processes (kill them with stop_load)."""
+    import subprocess
+    import sys
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def stop_load(procs):
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def interleaved(argv_for, setups, rounds, chunk, pause=0.1):
+    """Start one worker per setup (argv_for(setup) -> command line), then `rounds` rounds in which
+    every worker runs `chunk` iterations in turn, in an order rotating from round to round.
+    Returns {setup: [seconds per iteration, per round]}; setups whose worker fails are left out."""
+    import subprocess
+    import sys
+    procs = {}
+    for s in setups:
+        env = {**os.environ, **SETUPS[s][0]}
+        p = subprocess.Popen(argv_for(s), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=env, text=True)
+        if p.stdout.readline().strip() == "ready":
+            procs[s] = p
+        else:
+            p.kill()
+            p.wait()
+            print(f"note: setup {s!r} unavailable here", file=sys.stderr)
+    names = list(procs)
+    times = {s: [] for s in names}
+    try:
+        for r in range(rounds):
+            for s in names[r % len(names):] + names[:r % len(names)]:
+                time.sleep(pause)  # the previous worker's threads go idle
+                procs[s].stdin.write(f"run {chunk}\n")
+                procs[s].stdin.flush()
+                times[s].append(float(procs[s].stdout.readline()) / chunk)
+    finally:
+        for p in procs.values():
+            try:
+                p.stdin.write("quit\n")
+                p.stdin.close()
+            except OSError:
+                pass
+            p.wait()
+    return times
+
+
+def ratio_line(times, slow, fast, label):
+    """Median and quartiles of the per-round ratios times[slow] / times[fast]."""
+    r = np.array(times[slow]) / np.array(times[fast])
+    q1, med, q3 = np.percentile(r, [25, 50, 75])
+    return f"{label}: {med:.2f}x (quartiles {q1:.2f}-{q3:.2f}x)", med
+
+
+def machine_line():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "unknown CPU")
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        ncpu = os.cpu_count()
+    return f"machine: {cpu}, {ncpu} CPUs; numpy {np.__version__}"

@@ -29,6 +29,12 @@ import numpy as np
 
 ENGINES = ("numpy", "cython", "cupy")
 
+# Idle GNU OpenMP threads spin before they sleep; on a shared machine that burns the core another
+# process, or our own next thread, needs. Unless the user chose a policy, they sleep at once.
+# (libgomp reads this when it loads, with the first compiled kernel, always after this module.)
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 xp = np  # the array module new arrays are created with (follows config.array)
 
 
@@ -43,8 +49,7 @@ class Config:
     cpus: int = 1                 # CPUs this process may use (affinity and cgroup quota)
     threads: int = 1              # most threads fastseq's kernels may use (FASTSEQ_THREADS)
     # thread policy of the CPU kernels, derived from threads (see _thread_policy)
-    lstm_split: bool = False      # Cython LSTM may run row groups on their own threads
-    lstm_threads: int = 1         # OpenMP threads for the Cython LSTM's per-step gate math
+    lstm_threads: int = 1         # threads taking the Cython LSTM's row chunks
     optim_threads: int = 1        # OpenMP threads for the fused optimiser / clipping kernels
     blas_threads: int = 1         # threads the BLAS may use for fastseq's products
     blas: str = "auto"            # BLAS the Cython LSTM calls: 'auto', 'numpy' or 'scipy'
@@ -121,9 +126,8 @@ _ENV = _read_env(os.environ)
 
 def _thread_policy(cfg):
     """Fill the per-kernel thread fields from cfg.threads."""
-    cfg.lstm_split = cfg.threads >= 2
-    cfg.lstm_threads = 1  # the products dominate; OpenMP gate math next to them rarely pays
-    cfg.optim_threads = 1  # per-step updates are small: a thread hand-off costs more than it saves
+    cfg.lstm_threads = cfg.threads
+    cfg.optim_threads = cfg.threads  # the kernels use them only for lists large enough to pay
     cfg.blas_threads = cfg.threads
 
 

@@ -181,10 +181,10 @@ def test_single_thread_setting():
     r = _run("""
         from fastseq import backend
         c = backend.config
-        print(c.threads, c.lstm_split, c.blas_threads)
+        print(c.threads, c.lstm_threads, c.blas_threads)
         """, FASTSEQ_THREADS="1")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["1", "False", "1"]
+    assert r.stdout.split() == ["1", "1", "1"]
 
 
 @pytest.mark.parametrize("var,value", [("FASTSEQ_THREADS", "0"), ("FASTSEQ_THREADS", "two"),
@@ -202,7 +202,7 @@ def test_set_threads_validates():
     old = backend.config.threads
     try:
         backend.set_threads(1)
-        assert backend.config.threads == 1 and not backend.config.lstm_split
+        assert backend.config.threads == 1 and backend.config.lstm_threads == 1
         with pytest.raises(ValueError, match="threads"):
             backend.set_threads(0)
     finally:

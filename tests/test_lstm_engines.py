@@ -26,7 +26,7 @@ except ImportError as e:
     pytest.skip(f"Cython LSTM kernel not built ({e})", allow_module_level=True)
 
 from fastseq import lstm  # noqa: E402
-from fastseq.lstm import _numpy  # noqa: E402
+from fastseq.lstm import _blas, _numpy, _pool  # noqa: E402
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
@@ -35,13 +35,6 @@ TOL = {np.float32: 1e-5, np.float64: 1e-10}
 def restore_kernel():
     yield
     lstm.set_kernel(None)
-
-
-@pytest.fixture
-def parallel_gates(monkeypatch):
-    """Run the per-step gate math on OpenMP threads even for small batches."""
-    monkeypatch.setattr(_cython, "NUM_THREADS", max(2, _cython.NUM_THREADS))
-    monkeypatch.setattr(_cython, "PARALLEL_MIN_ELEMENTS", 0)
 
 
 def assert_close(actual, expected, rtol, what=""):
@@ -130,13 +123,6 @@ def test_use_blas_rejects_unknown():
     with pytest.raises(ValueError):
         _cython.use_blas("mkl")
     assert _cython.BLAS == _cython.use_blas("auto")
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_parallel_gate_math_matches(dtype, parallel_gates):
-    rng = np.random.default_rng(3)
-    for shape in [(2, 3, 4, 5), (9, 4, 6, 10), (64, 5, 16, 32)]:
-        compare(make_case(rng, *shape, dtype), dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -300,18 +286,18 @@ def test_pool_is_bounded(monkeypatch):
     rng = np.random.default_rng(16)
     case = make_case(rng, 3, 2, 4, 5, np.float64)
     _cython.clear_pool()
-    monkeypatch.setattr(_cython, "POOL_MAX_BYTES", 0)
+    monkeypatch.setattr(_pool, "MAX_BYTES", 0)
     *_, cache = _cython.forward(*case[:6])
     del cache
-    assert _cython._pool_bytes == 0 and not _cython._pool
-    monkeypatch.setattr(_cython, "POOL_MAX_BYTES", 1 << 20)
+    assert _pool._bytes == 0 and not _pool._sets
+    monkeypatch.setattr(_pool, "MAX_BYTES", 1 << 20)
     for _ in range(3):
         *_, cache = _cython.forward(*case[:6])
         cache2 = _cython.forward(*case[:6])[3]
         del cache, cache2
-    assert 0 < _cython._pool_bytes <= 1 << 20
+    assert 0 < _pool._bytes <= 1 << 20
     _cython.clear_pool()
-    assert _cython._pool_bytes == 0 and not _cython._pool
+    assert _pool._bytes == 0 and not _pool._sets
 
 
 # --- central differences (float64) ------------------------------------------------------------
@@ -410,25 +396,15 @@ def test_package_import_finds_the_extension():
     assert r.returncode == 0, r.stderr or r.stdout
 
 
-# --- split path: row groups with their own time loop on OpenMP threads, single-threaded BLAS -----
+# --- chunks: row chunks fixed by N, each with its own time loop, taken by up to n threads -------
 
-@pytest.fixture(params=[(True, True, 2), (True, False, 2), (False, True, 2), (False, False, 2),
-                        (True, True, 3)],
-                ids=["xw+grads", "xw", "grads", "plain", "xw+grads-3groups"])
+@pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
 def forced_split(request, monkeypatch):
-    """The split path for any batch of >= 2 rows per group, in each of its variants (x Wx per
-    group or one product; dX, dWx, dWh per group or after the loop; two row groups, or three,
-    which sums the groups' shares the general way); skipped where it cannot run."""
-    if not _cython._lstm_cpu.can_split():
-        pytest.skip("split path unavailable (no OpenMP or no BLAS thread setter)")
-    xw, grads, ways = request.param
-    monkeypatch.setattr(_cython, "SPLIT", "1")
-    monkeypatch.setattr(_cython, "SPLIT_WAYS", ways)
-    _cython._lstm_cpu.set_split_xw(xw)
-    _cython._lstm_cpu.set_split_grads(grads)
-    yield
-    _cython._lstm_cpu.set_split_xw(True)
-    _cython._lstm_cpu.set_split_grads(True)
+    """Chunks of 2 rows or more (so small batches run chunked too), on 1, 2 or 3 threads."""
+    _cython._lstm_cpu.set_min_chunk_rows(2)
+    monkeypatch.setattr(_cython, "_threads", lambda: request.param)
+    yield request.param
+    _cython._lstm_cpu.set_min_chunk_rows(32)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -436,7 +412,7 @@ def forced_split(request, monkeypatch):
 def test_split_path_matches(dtype, zero_state, forced_split):
     rng = np.random.default_rng(11)
     for shape in [(6, 1, 1, 1), (7, 3, 4, 6), (65, 7, 16, 32), (128, 7, 16, 128), (131, 2, 300, 9)]:
-        assert _cython._split_ways(shape[0]) == _cython.SPLIT_WAYS
+        assert _cython._lstm_cpu.chunks(shape[0]) >= 2
         compare(make_case(rng, *shape, dtype, zero_state), dtype)
 
 
@@ -445,40 +421,43 @@ def test_split_path_noncontiguous_dhs(dtype, forced_split):
     _check_noncontiguous_dhs(12, 9, dtype)
 
 
-def test_split_env_override_and_threshold(monkeypatch):
-    if not _cython._lstm_cpu.can_split():
-        pytest.skip("split path unavailable")
-    monkeypatch.setattr(_cython, "SPLIT_WAYS", 2)
-    monkeypatch.setattr(_cython, "SPLIT", "auto")
-    assert _cython._split_ways(_cython.SPLIT_MIN_ROWS) == 2
-    assert _cython._split_ways(_cython.SPLIT_MIN_ROWS - 1) == 0
-    monkeypatch.setattr(_cython, "SPLIT", "0")
-    assert _cython._split_ways(5000) == 0
-    monkeypatch.setattr(_cython, "SPLIT", "1")
-    assert _cython._split_ways(4) == 2
-    assert _cython._split_ways(3) == 0
+def test_chunks_depend_on_the_batch_only():
+    chunks = _cython._lstm_cpu.chunks
+    assert chunks(63) == 1 and chunks(20) == 1
+    assert chunks(64) == 2 and chunks(128) == 4
+    assert chunks(5000) == 8  # bounded: each chunk keeps its own dWx, dWh shares
+
+
+def test_chunks_bit_identical_for_any_thread_count(monkeypatch):
+    """The chunks' shares are summed in chunk order: 1, 2 or 3 threads give the same bits."""
+    rng = np.random.default_rng(12)
+    case = make_case(rng, 131, 5, 8, 24, np.float32)
+    runs = []
+    for n in (1, 2, 3):
+        monkeypatch.setattr(_cython, "_threads", lambda n=n: n)
+        runs.append(run_engine(_cython, *case))
+    for other in runs[1:]:
+        for k in runs[0]:
+            np.testing.assert_array_equal(other[k], runs[0][k], err_msg=k)
 
 
 def test_split_path_with_global_thread_setter(monkeypatch):
     """Only a global BLAS thread setter known: set to 1 around the loop, restored after."""
-    found = _cython._numpy_blas()
-    if found is None or not _cython._lstm_cpu.can_split():
-        pytest.skip("NumPy's OpenBLAS not in use")
-    local, gset, gget = _cython._thread_setters(found[3])
-    if not gset:
-        pytest.skip("no global thread setter")
+    found = _blas.numpy_blas()
+    if found is None or not found.set_global or not _cython._lstm_cpu.can_thread():
+        pytest.skip("NumPy's OpenBLAS (with a global thread setter) not in use")
     import ctypes
-    getter = ctypes.CFUNCTYPE(ctypes.c_int)(gget)
+    getter = ctypes.CFUNCTYPE(ctypes.c_int)(found.get_global)
     before = getter()
-    monkeypatch.setattr(_cython, "SPLIT", "1")
-    _cython._lstm_cpu.set_blas_threads(0, gset, gget)
+    monkeypatch.setattr(_cython, "_threads", lambda: 2)
+    _cython._lstm_cpu.set_blas_threads(0, found.set_global, found.get_global)
     try:
         rng = np.random.default_rng(13)
         for dtype in (np.float32, np.float64):
             compare(make_case(rng, 70, 5, 8, 16, dtype), dtype)
         assert getter() == before
     finally:
-        _cython._lstm_cpu.set_blas_threads(local, gset, gget)
+        _cython._lstm_cpu.set_blas_threads(found.set_local, found.set_global, found.get_global)
 
 
 # --- need_dh0=False: the product for dh0 is skipped, everything else unchanged ------------------
@@ -519,7 +498,7 @@ def test_no_dh0_matches(dtype, zero_state):
 def test_no_dh0_split_path_matches(dtype, zero_state, forced_split):
     rng = np.random.default_rng(22)
     for shape in [(4, 1, 1, 1), (5, 3, 4, 6), (128, 7, 16, 128)]:
-        assert _cython._split_ways(shape[0]) >= 2
+        assert _cython._lstm_cpu.chunks(shape[0]) >= 2
         compare_no_dh0(make_case(rng, *shape, dtype, zero_state), dtype)
 
 

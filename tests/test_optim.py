@@ -172,3 +172,25 @@ def test_optimisers_refuse_bad_arguments(make, arg):
 def test_optimisers_accept_numpy_scalars():
     assert Adam(np.float32(0.01), beta1=np.float64(0.5)).lr == pytest.approx(0.01)
     assert SGD(np.int64(20)).lr == 20.0
+
+
+def test_fused_kernels_same_bits_for_any_thread_count(cython_engine):
+    """Lists are cut into fixed chunks whose sums are added in chunk order: 1, 2 or 3 threads
+    give the same norm and the same updated parameters."""
+    rng = np.random.default_rng(5)
+    shapes = [(700, 500), (333,), (10000, 31)]  # above the kernels' threshold for threads
+    gs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    sums = [OPTIM_EXT.sum_squares(gs, n) for n in (1, 2, 3)]
+    assert sums[0] == sums[1] == sums[2]
+    assert sums[0] == pytest.approx(sum(float((g.astype(np.float64) ** 2).sum()) for g in gs))
+    results = []
+    for n in (1, 2, 3):
+        ps = [np.ones(s, np.float32) for s in shapes]
+        ms = [np.zeros(s, np.float32) for s in shapes]
+        vs = [np.zeros(s, np.float32) for s in shapes]
+        assert OPTIM_EXT.adam_update(ps, gs, ms, vs, 1e-3, 0.1, 0.001, 1e-7, n)
+        assert OPTIM_EXT.scale(ps, 0.5, n)
+        results.append(ps)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)

@@ -10,10 +10,12 @@ NumPy equivalents:
     sum_squares:   sum(float((g.astype(float64) ** 2).sum()) for g in gs)
     scale:         for g in gs: g *= rate
 
-Each takes nthreads (default 1): OpenMP threads for lists of at least 32768 elements. Each
-touches nothing and returns False (sum_squares: None) unless all arrays are C-contiguous,
-writeable float32 or float64 NumPy arrays with matching sizes and dtypes; the caller then uses
-NumPy.
+The elements of a list, concatenated, are cut into chunks of CHUNK elements. Each function takes
+nthreads (default 1): OpenMP threads, used for lists of at least PARALLEL_MIN elements, take the
+chunks one at a time (a descheduled thread just takes fewer), and sum_squares adds the chunks'
+sums in chunk order, so every result is the same whatever the thread count. Each touches nothing
+and returns False (sum_squares: None) unless all arrays are C-contiguous, writeable float32 or
+float64 NumPy arrays with matching sizes and dtypes; the caller then uses NumPy.
 """
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
@@ -77,9 +79,10 @@ cdef extern from "fs_simd.h":
     void fs_scale_d(Py_ssize_t i0, Py_ssize_t i1, double *g, double r) noexcept nogil
 
 
-# Lists with fewer than PARALLEL_MIN elements in all run on the calling thread whatever nthreads
-# says (a parallel region costs more than it saves there).
-cdef Py_ssize_t PARALLEL_MIN = 1 << 15
+cdef enum:
+    CHUNK = 1 << 15
+    # below this, waking a sleeping thread costs more than it saves
+    PARALLEL_MIN = 1 << 18
 
 
 cdef bint _ok(object a, int typenum, Py_ssize_t n):
@@ -155,7 +158,16 @@ cdef void _free(Lists *L) noexcept:
 cdef int _threads(Py_ssize_t total, int nthreads) noexcept nogil:
     if total < PARALLEL_MIN or nthreads < 2 or not FS_HAVE_OPENMP:
         return 1
-    return nthreads if nthreads < 64 else 64
+    return nthreads
+
+
+cdef inline Py_ssize_t _nchunks(Lists *L) noexcept nogil:
+    return (L.total + CHUNK - 1) // CHUNK
+
+
+cdef inline Py_ssize_t _end(Lists *L, Py_ssize_t q) noexcept nogil:
+    """End of chunk q."""
+    return (q + 1) * CHUNK if (q + 1) * CHUNK < L.total else L.total
 
 
 # Each kernel below runs over a share [e0, e1) of the concatenated elements: it walks the arrays
@@ -188,19 +200,16 @@ def adam_update(list ps, list gs, list ms, list vs, double lr_t, double a, doubl
     """Update every parameter in place (a = 1 - beta1, b = 1 - beta2) on up to nthreads OpenMP
     threads; returns True, or False (touching nothing) when the arrays do not qualify."""
     cdef Lists L
-    cdef int typenum, nth, q
+    cdef int typenum
+    cdef Py_ssize_t q
     if not ps or _lists(&L, [ps, gs, ms, vs], &typenum):
         return False
     cdef bint f32 = typenum == cnp.NPY_FLOAT32
     try:
         with nogil:
-            nth = _threads(L.total, nthreads)
-            if nth == 1:
-                _adam_share(&L, f32, 0, L.total, a, b, lr_t, eps)
-            else:
-                for q in prange(nth, num_threads=nth, schedule='static'):
-                    _adam_share(&L, f32, q * L.total // nth, (q + 1) * L.total // nth,
-                                a, b, lr_t, eps)
+            for q in prange(_nchunks(&L), num_threads=_threads(L.total, nthreads),
+                            schedule='dynamic', chunksize=1):
+                _adam_share(&L, f32, q * CHUNK, _end(&L, q), a, b, lr_t, eps)
     finally:
         _free(&L)
     return True
@@ -220,23 +229,25 @@ def sum_squares(list gs, int nthreads=1):
     """Sum of the squares of every element of every array (accumulated in float64), or None
     when the arrays do not qualify."""
     cdef Lists L
-    cdef int typenum, nth, q
-    cdef double parts[64]
+    cdef int typenum
+    cdef Py_ssize_t q
     cdef double total = 0
+    cdef double *parts
     if not gs or _lists(&L, [gs], &typenum):
         return None
     cdef bint f32 = typenum == cnp.NPY_FLOAT32
+    parts = <double *>malloc(_nchunks(&L) * sizeof(double))
     try:
+        if parts == NULL:
+            raise MemoryError()
         with nogil:
-            nth = _threads(L.total, nthreads)
-            if nth == 1:
-                total = _sumsq_share(&L, f32, 0, L.total)
-            else:
-                for q in prange(nth, num_threads=nth, schedule='static'):
-                    parts[q] = _sumsq_share(&L, f32, q * L.total // nth, (q + 1) * L.total // nth)
-                for q in range(nth):
-                    total += parts[q]
+            for q in prange(_nchunks(&L), num_threads=_threads(L.total, nthreads),
+                            schedule='dynamic', chunksize=1):
+                parts[q] = _sumsq_share(&L, f32, q * CHUNK, _end(&L, q))
+            for q in range(_nchunks(&L)):  # in chunk order
+                total += parts[q]
     finally:
+        free(parts)
         _free(&L)
     return total
 
@@ -254,18 +265,16 @@ cdef void _scale_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1, double 
 def scale(list gs, double rate, int nthreads=1):
     """Multiply every array in place by rate; True, or False when they do not qualify."""
     cdef Lists L
-    cdef int typenum, nth, q
+    cdef int typenum
+    cdef Py_ssize_t q
     if not gs or _lists(&L, [gs], &typenum):
         return False
     cdef bint f32 = typenum == cnp.NPY_FLOAT32
     try:
         with nogil:
-            nth = _threads(L.total, nthreads)
-            if nth == 1:
-                _scale_share(&L, f32, 0, L.total, rate)
-            else:
-                for q in prange(nth, num_threads=nth, schedule='static'):
-                    _scale_share(&L, f32, q * L.total // nth, (q + 1) * L.total // nth, rate)
+            for q in prange(_nchunks(&L), num_threads=_threads(L.total, nthreads),
+                            schedule='dynamic', chunksize=1):
+                _scale_share(&L, f32, q * CHUNK, _end(&L, q), rate)
     finally:
         _free(&L)
     return True
