@@ -4,6 +4,7 @@ every epoch (and every --checkpoint-every iterations), checkpoint.npz.
     python -m fastseq.train                      # PeekySeq2seq + reversed input on generated addition
     python -m fastseq.train --model seq2seq --no-reverse --data ../shared/data/addition.txt
     GPU=1 python -m fastseq.train                # same run on CuPy
+    python -m fastseq.train --task date --data ../shared/data/date.txt --beam 5   # AttentionSeq2seq
     python -m fastseq.train --task ptb --model rnnlm --data-dir ../shared/data/ptb
     python -m fastseq.train --task ptb --model better          # BetterRnnlm, 40 epochs
     python -m fastseq.train --task text --data my.txt          # a language model on any text
@@ -31,7 +32,10 @@ from . import backend
 TASKS = {
     "addition": {"family": "seq2seq", "model": "peeky", "data": "addition.txt", "reverse": True,
                  "epochs": 25, "batch_size": 128, "optimizer": "adam", "lr": 1e-3,
-                 "max_grad": 5.0},
+                 "max_grad": 5.0, "beam": None},
+    "date": {"family": "seq2seq", "model": "attention", "data": "date.txt", "reverse": True,
+             "epochs": 10, "batch_size": 128, "optimizer": "adam", "lr": 1e-3, "max_grad": 5.0,
+             "beam": None},
     "ptb": {"family": "lm", "model": "rnnlm", "data_dir": None, "epochs": 4, "batch_size": 20,
             "time_size": 35, "optimizer": "sgd", "lr": 20.0, "max_grad": 0.25, "max_iters": None,
             "eval_max_iters": None},
@@ -40,6 +44,8 @@ TASKS = {
              "eval_max_iters": None},
 }
 TASK_HELP = {"addition": "seq2seq on 'a+b' -> sum (default; data generated, no download)",
+             "date": "seq2seq on dates written many ways -> YYYY-MM-DD (data generated, no "
+                     "download; the textbook's date.txt with --data)",
              "ptb": "language model on the Penn Treebank (downloaded, checksummed, cached)",
              "text": "language model on any text file given with --data (last 10%% of the lines: "
                      "5%% validation, 5%% test)"}
@@ -94,6 +100,8 @@ SETTINGS = {
     "--lr": ("lr", positive_float, "learning rate (ptb/text: SGD, divided by 4 whenever the "
                                     "validation perplexity gets worse; seq2seq: Adam)"),
     "--max-grad": ("max_grad", positive_float, "clip gradients to this global norm"),
+    "--beam": ("beam", positive_int, "seq2seq: also evaluate with beam search of width K "
+                                     "(greedy decoding is always reported)"),
     "--time-size": ("time_size", positive_int, "truncated-BPTT length T"),
     "--dropout": ("dropout_ratio", probability_lt1, "dropout ratio in [0, 1)"),
     "--max-iters": ("max_iters", positive_int, "cap the iterations per epoch (quick runs)"),
@@ -238,14 +246,18 @@ def write_json(path, obj):
 # data
 
 def load_seq2seq_data(cfg):
-    from .datasets.sequence import load_dataset
+    from .datasets.sequence import load_dataset, pad_id, reverse_padded
+    from .models import REGISTRY
     data = load_dataset(cfg["data"])
     vocab = data.vocab
+    # a padding-aware model gets the data set's pad id; its questions reverse only their characters
+    pad = pad_id(vocab) if "pad_id" in inspect.signature(REGISTRY[cfg["model"]].cls).parameters \
+        else None
     x_train, x_test = data.x_train, data.x_test
     if cfg["reverse"]:
-        x_train, x_test = x_train[:, ::-1].copy(), x_test[:, ::-1].copy()
+        x_train, x_test = reverse_padded(x_train, pad), reverse_padded(x_test, pad)
     return {"x_train": x_train, "t_train": data.t_train, "x_test": x_test, "t_test": data.t_test,
-            "source": data.source, "vocab": vocab,
+            "source": data.source, "vocab": vocab, "pad_id": pad,
             "vocab_meta": {"chars": [vocab.id_to_char[i] for i in range(len(vocab))],
                            "question_width": vocab.question_width,
                            "answer_width": vocab.answer_width}}
@@ -306,15 +318,17 @@ def load_lm_data(cfg):
 # ---------------------------------------------------------------------------------------------
 # the run
 
-def build(cfg, vocab_size):
+def build(cfg, vocab_size, pad_id=None):
     """Model, optimiser and trainer for cfg (model keywords: the registry defaults that the
-    class's constructor takes)."""
+    class's constructor takes, and the data's pad id for a padding-aware model)."""
     from .models import REGISTRY
     from .optim import SGD, Adam
     from .trainer import RnnlmTrainer, Trainer
     entry = REGISTRY[cfg["model"]]
     takes = inspect.signature(entry.cls).parameters
     kwargs = {k: cfg[k] for k in entry.defaults if k in takes}
+    if pad_id is not None and "pad_id" in takes:
+        kwargs["pad_id"] = pad_id
     model = entry.cls(vocab_size, seed=cfg["seed"], **kwargs)
     optimizer = {"adam": Adam, "sgd": SGD}[cfg["optimizer"]](cfg["lr"])
     if cfg["family"] == "seq2seq":
@@ -363,7 +377,7 @@ class Run:
         self.lm = cfg["family"] == "lm"
         V = len(data["words"]) if self.lm else len(data["vocab"])
         np.random.seed(cfg["seed"])  # whatever draws from the global generator draws the same
-        self.model, self.trainer = build(cfg, V)
+        self.model, self.trainer = build(cfg, V, None if self.lm else data["pad_id"])
         self.metrics = {"config": cfg, "engine": backend.info(), "epochs": []}
         self.best = None
         self.ckpt_seconds = 0.0
@@ -424,19 +438,49 @@ class Run:
         acc = eval_seq2seq(model, d["x_test"], d["t_test"])
         t2 = time.perf_counter()
         entry.update(eval_seconds=round(t2 - t1, 4), test_accuracy=acc)
+        beam = ""
+        if self.cfg.get("beam"):
+            from .decoding import beam_search
+            k = self.cfg["beam"]
+            out = beam_search(model, d["x_test"], d["t_test"][:, 0], d["t_test"].shape[1] - 1, k)
+            entry[f"beam{k}_accuracy"] = float((out == d["t_test"][:, 1:]).all(axis=1).mean())
+            entry["beam_eval_seconds"] = round(time.perf_counter() - t2, 4)
+            beam = f" | beam {k} {entry[f'beam{k}_accuracy'] * 100:6.2f}%"
         print(f"epoch {entry['epoch']:3d} | loss {entry['loss']:.4f} | test accuracy "
-              f"{acc * 100:6.2f}% | train {entry['train_seconds']:.2f}s eval {t2 - t1:.2f}s",
-              flush=True)
+              f"{acc * 100:6.2f}%{beam} | train {entry['train_seconds']:.2f}s eval "
+              f"{t2 - t1:.2f}s", flush=True)
         show = np.random.RandomState(self.cfg["seed"]).choice(len(d["x_test"]), 3, replace=False)
         guesses = model.generate(d["x_test"][show], d["t_test"][show, 0],
                                  d["t_test"].shape[1] - 1)
         vocab = d["vocab"]
         for q, t, g in zip(d["x_test"][show], d["t_test"][show], guesses):
-            q = q[::-1] if self.cfg["reverse"] else q
+            q = self.written(q)
             ok = "ok " if (np.asarray(g) == t[1:]).all() else "bad"
             print(f"    {ok} {vocab.decode(q)!r:12} truth {vocab.decode(t[1:])!r:8} "
                   f"guess {vocab.decode(g)!r}")
         self.save_model()
+
+    def written(self, q):
+        """A fed question's ids in their written order."""
+        from .datasets.sequence import reverse_padded
+        return reverse_padded(q[None], self.data["pad_id"])[0] if self.cfg["reverse"] else q
+
+    def attention_png(self, n=4):
+        """attention.png: attention maps of the first n test questions (attention models)."""
+        from .datasets.sequence import true_lengths
+        from .plot import plot_attention_maps
+        d = self.data
+        xs, vocab = d["x_test"][:n], d["vocab"]
+        out, w = self.model.attention_map(xs, d["t_test"][:n, 0], d["t_test"].shape[1] - 1)
+        maps = []
+        for q, a, wq in zip(xs, out, w):
+            T = len(q)
+            cols = np.arange(T)
+            if self.cfg["reverse"]:  # fed position of each written character
+                L = T if d["pad_id"] is None else int(true_lengths(q[None], d["pad_id"])[0])
+                cols = np.where(cols < L, L - 1 - cols, cols)
+            maps.append((wq[:, cols], vocab.decode(self.written(q)), vocab.decode(a)))
+        return plot_attention_maps(maps, os.path.join(self.out, "attention.png"))
 
     def perplexity(self, corpus):
         from . import trainer as trainer_mod
@@ -523,6 +567,8 @@ class Run:
             png = plot_curves({label: [e["test_accuracy"] * 100 for e in self.metrics["epochs"]]},
                               "epoch", "test accuracy (%)", os.path.join(self.out, "accuracy.png"),
                               ylim=(0, 100))
+            if hasattr(self.model, "attention_map") and self.attention_png():
+                png += ", attention.png"
         write_json(os.path.join(self.out, "metrics.json"), self.metrics)
         if png is None and not have_matplotlib():
             print(f"note: matplotlib is not installed, so no curve was drawn "

@@ -53,3 +53,34 @@ def test_reverse_padded():
                                   [[3, 2, 1, 0, 0], [5, 0, 4, 0, 0], [5, 4, 3, 2, 1], [0] * 5])
     np.testing.assert_array_equal(reverse_padded(ids, None), ids[:, ::-1])
     np.testing.assert_array_equal(true_lengths(ids, 0), [3, 3, 5, 1])
+
+
+def test_train_cli_date_task_with_attention_and_beam(tmp_path, capsys):
+    """--task date: AttentionSeq2seq by default, padding-aware (pad id from the data), greedy and
+    beam accuracy per epoch, attention.png; the saved model answers through fastseq.generate."""
+    import json
+
+    import pytest
+
+    import fastseq
+    from fastseq.generate import main as generate
+    from fastseq.train import main
+    data = tmp_path / "date-small.txt"
+    data.write_text("\n".join(generate_date(1500, seed=7)) + "\n")
+    out = tmp_path / "run"
+    assert main(["--task", "date", "--data", str(data), "--epochs", "1", "--hidden-size", "16",
+                 "--wordvec-size", "8", "--batch-size", "100", "--beam", "3", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "beam 3" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["model"] == "attention" and m["config"]["beam"] == 3
+    e = m["epochs"][0]
+    assert 0 <= e["test_accuracy"] <= 1 and 0 <= e["beam3_accuracy"] <= 1
+    saved = fastseq.load(out / "model.npz")
+    assert type(saved.model).__name__ == "AttentionSeq2seq"
+    assert saved.model.pad_id == saved.vocab.char_to_id[" "] and saved.reverse is True
+    assert generate(["--model", str(out / "model.npz"), "--question", "June 3, 1999",
+                     "--beam", "2"]) == 0
+    assert len(capsys.readouterr().out.strip()) <= 10
+    pytest.importorskip("matplotlib")
+    assert (out / "attention.png").stat().st_size > 1000
