@@ -16,8 +16,11 @@ What capture needs from the step, and how fastseq's CuPy path provides it:
   to cuBLAS directly through a handle of fastseq's own (``fastseq.lstm._cupy.matmul``);
 - memory: what the step allocates while it is captured comes from a memory pool of the graph's
   own, kept with the graph, so no other array is ever given an address the graph writes to;
-- no random numbers (cuRAND cannot be captured) and no state carried from one step to the next:
-  models with active dropout or a stateful LSTM run their steps eagerly (``capture_problem``).
+- random numbers: cuRAND calls cannot be captured, so dropout masks on the device are hashed
+  from a seed and a draw counter kept on the device (``fastseq.lstm._cupy.dropout_mask``);
+- state carried from step to step (the language models' LSTM h and c, truncated BPTT): the
+  graph reads the state from buffers of its own and writes the new state back into them at the
+  end; a state set or reset between steps is copied into them before the next launch.
 
 Shapes: one graph per batch shape, at most ``MAX_GRAPHS``; others run eagerly. A changed learning
 rate is recaptured (it is a kernel argument in the graph). If capture fails, the reason is kept in
@@ -30,15 +33,9 @@ MAX_GRAPHS = 2
 
 def capture_problem(model, optimizer=None):
     """Why the training steps of ``model`` cannot be captured (a sentence), or None."""
-    if any(getattr(d, "dropout_ratio", 0) > 0 for d in getattr(model, "dropout_layers", ())):
-        return (f"{type(model).__name__} uses dropout, which draws random numbers in every step "
-                "(cuRAND calls cannot be captured)")
     if type(model).__name__ == "AttentionSeq2seq":
         return ("AttentionSeq2seq's batched attention products and padding lengths are not "
                 "captured yet")
-    if getattr(model, "lstm_layers", ()):
-        return (f"{type(model).__name__} carries its LSTM state from one step to the next "
-                "(truncated BPTT)")
     if optimizer is not None and type(optimizer).__name__ not in ("Adam", "SGD"):
         return f"the optimiser {type(optimizer).__name__} is not known to be capturable"
     return None
@@ -76,7 +73,8 @@ class GraphStep:
             del self._graphs[key]  # the learning rate is baked into the graph: record it again
             entry = None
         if entry is None:
-            if key not in self._warm or len(self._graphs) >= MAX_GRAPHS:
+            if key not in self._warm or len(self._graphs) >= MAX_GRAPHS or \
+                    not _states_ready(self.model, x.shape[0]):
                 self._warm.add(key)
                 return self._eager(x, t, direct=True)
             entry = self._capture(key, x, t)
@@ -86,6 +84,15 @@ class GraphStep:
         api = self.api
         api.copy(entry.x, x)
         api.copy(entry.t, t)
+        for lstm, h, c in entry.states:  # a state set or reset since the last step
+            for name, buf in (("h", h), ("c", c)):
+                now = getattr(lstm, name)
+                if now is not buf:
+                    if now is None:
+                        api.copy(buf, 0)
+                    else:
+                        api.copy(buf, now)
+                    setattr(lstm, name, buf)
         api.launch(entry.graph)
         self._advance_optimizer()
         self.counts["replayed"] += 1
@@ -102,15 +109,30 @@ class GraphStep:
         api.copy(xb, x)
         api.copy(tb, t)
         saved = _host_state(opt)
+        # the carried LSTM states: the graph reads them from buffers of its own
+        states = []
+        for lstm in _stateful(self.model):
+            h, c = api.empty_like(lstm.h), api.empty_like(lstm.c)
+            api.copy(h, lstm.h)
+            api.copy(c, lstm.c)
+            lstm.h, lstm.c = h, c
+            states.append((lstm, h, c))
         try:
             with api.capture() as captured:
                 loss = self.step_fn(xb, tb)
+                for lstm, h, c in states:  # the new state back into the buffers, in the graph
+                    api.copy(h, lstm.h)
+                    api.copy(c, lstm.c)
         except Exception as e:  # a host round trip or an uncapturable call inside the step
             _restore_host_state(opt, saved)
+            for lstm, h, c in states:
+                lstm.h, lstm.c = h, c  # what they held before the attempt
             self.reason = f"capture failed, steps run eagerly ({type(e).__name__}: {e})"
             return None
+        for lstm, h, c in states:
+            lstm.h, lstm.c = h, c
         entry = _Captured(captured["graph"], captured.get("pool"), xb, tb, loss,
-                          getattr(opt, "lr", None))
+                          getattr(opt, "lr", None), states)
         self._graphs[key] = entry
         api.launch(entry.graph)  # capture recorded the step; this runs it, for this batch
         self.counts["captured"] += 1
@@ -127,8 +149,20 @@ class GraphStep:
 
 
 class _Captured:
-    def __init__(self, graph, pool, x, t, loss, lr):
+    def __init__(self, graph, pool, x, t, loss, lr, states):
         self.graph, self.pool, self.x, self.t, self.loss, self.lr = graph, pool, x, t, loss, lr
+        self.states = states  # [(lstm, h buffer, c buffer)] for the carried LSTM states
+
+
+def _stateful(model):
+    """The LSTM layers whose state carries from one step to the next."""
+    return [m for m in getattr(model, "lstm_layers", ()) if getattr(m, "stateful", False)]
+
+
+def _states_ready(model, N):
+    """Whether every carried state exists with N rows (else: one more eager step first)."""
+    return all(m.h is not None and m.c is not None and m.h.shape[0] == N and m.c.shape[0] == N
+               for m in _stateful(model))
 
 
 def _host_state(opt):

@@ -313,11 +313,13 @@ class TimeDropout:
         self.mask = None
         self._seed = seed
         self._rng = None
+        self._device_state = None  # CuPy: [seed, draws] on the device (lstm._cupy.dropout_mask)
 
     def reseed(self, seed=None):
         """Restart the mask generator (same seed -> same masks again)."""
         self._seed = seed
         self._rng = None
+        self._device_state = None
 
     def _random(self, shape, xp):
         if self._rng is None or self._rng[0] is not xp:
@@ -331,6 +333,13 @@ class TimeDropout:
             return xs
         xp = get_array_module(xs)
         keep = 1.0 - self.dropout_ratio
+        if xp is not np:  # masks hashed on the device: nothing from the host, capturable
+            from .lstm import _cupy
+            if self._device_state is None:
+                seed = self._seed if self._seed is not None else np.random.randint(2 ** 31 - 1)
+                self._device_state = xp.asarray(np.array([seed, 0.0]))
+            self.mask = _cupy.dropout_mask(xs.shape, xs.dtype, keep, self._device_state)
+            return xs * self.mask
         self.mask = (self._random(xs.shape, xp) < keep).astype(xs.dtype) / xs.dtype.type(keep)
         return xs * self.mask
 

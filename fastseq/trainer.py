@@ -326,8 +326,8 @@ class RnnlmTrainer(TrainLoop):
     of each epoch.
     """
 
-    def __init__(self, model, optimizer, progress=True):
-        super().__init__(model, optimizer, progress)
+    def __init__(self, model, optimizer, progress=True, cuda_graphs=None):
+        super().__init__(model, optimizer, progress, cuda_graphs)
         self.time_idx = 0
         self._rows_on_device = None
         self.ppl_list = []

@@ -22,12 +22,16 @@ class FakeGraph:
 
     def launch(self):
         api, opt = self.api, self.api.optimizer
-        saved = opt.iter
+        saved = getattr(opt, "iter", 0)
         if api.device_iter is not None:  # the launch right after capture: the device counter
             opt.iter = api.device_iter   # has not seen the captured step's increment yet
             api.device_iter = None
         api.launches += 1
+        states = [(m, m.h, m.c) for m in getattr(api.model, "lstm_layers", ())]
         api.loss_buffer[...] = api.step_fn(self.x, self.t)
+        for m, h, c in states:  # what the graph does: the new state into its buffers
+            h[...], c[...] = m.h, m.c
+            m.h, m.c = h, c
         opt.iter = saved  # a replay runs no Python: the host counter stays as it was
 
 
@@ -36,6 +40,7 @@ class FakeApi:
         self.step_fn, self.model, self.optimizer = step_fn, model, optimizer
         self.fail_capture = fail_capture
         self.buffers = []
+        self.mark = 0
         self.launches = 0
         self.captures = 0
         self.direct = 0
@@ -61,30 +66,44 @@ class FakeApi:
 
     def _arrays(self):
         opt = self.optimizer
+        states = [a for m in getattr(self.model, "lstm_layers", ()) for a in (m.h, m.c)
+                  if a is not None]
         return self.model.params + self.model.grads + list(getattr(opt, "m", None) or []) \
-            + list(getattr(opt, "v", None) or [])
+            + list(getattr(opt, "v", None) or []) + states
 
     @contextlib.contextmanager
     def capture(self):
         self.captures += 1
-        self.device_iter = self.optimizer.iter
-        before = [a.copy() for a in self._arrays()]
+        self.device_iter = getattr(self.optimizer, "iter", 0)
+        arrays = self._arrays()
+        before = [a.copy() for a in arrays]
         out = {}
         self.capturing = True
         try:
             yield out
         finally:
             self.capturing = False
-            for a, b in zip(self._arrays(), before):  # a captured stream executed nothing
+            for a, b in zip(arrays, before):  # a captured stream executed nothing
                 a[...] = b
         if self.fail_capture:
             raise RuntimeError("pretend the step read a value back while capturing")
-        x, t = self.buffers[-2:]
+        x, t = self.buffers[self.mark:self.mark + 2]  # GraphStep's input buffers come first
+        self.mark = len(self.buffers)
         out["graph"] = FakeGraph(self, x, t)
 
 
-def _data(seed=0, n=64):
+def _lm(cls):
+    def make(V, D, H, seed, dtype):
+        return cls(50, 16, 16, 0.0, seed=seed, dtype=dtype) if cls is fastseq.BetterRnnlm \
+            else cls(50, 8, 16, seed=seed, dtype=dtype)
+    make.lm = True
+    return make
+
+
+def _data(seed=0, n=64, lm=False):
     rng = np.random.default_rng(seed)
+    if lm:
+        return rng.integers(0, 50, (n, 6)), rng.integers(0, 50, (n, 6))
     return rng.integers(0, 13, (n, 7)), rng.integers(0, 13, (n, 5))
 
 
@@ -107,23 +126,36 @@ def _make(model_cls=fastseq.PeekySeq2seq, opt=None, max_grad=1.0):
     return model, opt, step, buffered
 
 
-def _batches(n_steps, bs=16, seed=0):
-    x, t = _data(seed)
+def _batches(n_steps, bs=16, seed=0, lm=False):
+    x, t = _data(seed, lm=lm)
     return [(x[(k * bs) % 64:(k * bs) % 64 + bs], t[(k * bs) % 64:(k * bs) % 64 + bs])
             for k in range(n_steps)]
 
 
-@pytest.mark.parametrize("model_cls", [fastseq.Seq2seq, fastseq.PeekySeq2seq])
+@pytest.mark.parametrize("model_cls", [fastseq.Seq2seq, fastseq.PeekySeq2seq,
+                                       _lm(fastseq.Rnnlm), _lm(fastseq.BetterRnnlm)],
+                         ids=["Seq2seq", "PeekySeq2seq", "Rnnlm", "BetterRnnlm"])
 def test_captured_steps_equal_plain_steps(model_cls):
-    batches = _batches(7)
+    """Language models carry their LSTM state from step to step (through the graph's buffers,
+    and a reset between steps is honoured)."""
+    lm = getattr(model_cls, "lm", False)
+    batches = _batches(7, lm=lm)
     plain_model, plain_opt, plain_step, _ = _make(model_cls)
-    plain_losses = [float(plain_step(x, t)) for x, t in batches]
+    plain_losses = []
+    for k, (x, t) in enumerate(batches):
+        if lm and k == 5:
+            plain_model.reset_state()
+        plain_losses.append(float(plain_step(x, t)))
 
     model, opt, _, buffered = _make(model_cls)
     api = FakeApi(buffered, model, opt)
     api.loss_buffer = np.zeros(())
     gstep = cuda_graph.GraphStep(buffered, model, opt, api=api)
-    losses = [float(gstep(x, t)) for x, t in batches]
+    losses = []
+    for k, (x, t) in enumerate(batches):
+        if lm and k == 5:
+            model.reset_state()
+        losses.append(float(gstep(x, t)))
     assert gstep.reason is None
     # first step eager (with the products as they will be captured), second captured and
     # launched, the rest replayed
@@ -176,19 +208,16 @@ def test_new_learning_rate_is_recaptured_and_shapes_are_bounded():
 
 
 def test_capture_problem_names_the_reason():
-    assert cuda_graph.capture_problem(fastseq.Seq2seq(13, 8, 16, seed=0)) is None
-    assert cuda_graph.capture_problem(fastseq.PeekySeq2seq(13, 8, 16, seed=0),
-                                      fastseq.Adam()) is None
-    better = fastseq.BetterRnnlm(50, 8, 8, seed=0)
-    assert "dropout" in cuda_graph.capture_problem(better)
-    assert "LSTM state" in cuda_graph.capture_problem(fastseq.BetterRnnlm(50, 8, 8, 0.0, seed=0))
-    assert "LSTM state" in cuda_graph.capture_problem(fastseq.Rnnlm(50, 8, 8, seed=0))
+    for model in (fastseq.Seq2seq(13, 8, 16, seed=0), fastseq.PeekySeq2seq(13, 8, 16, seed=0),
+                  fastseq.Rnnlm(50, 8, 8, seed=0), fastseq.BetterRnnlm(50, 8, 8, seed=0)):
+        assert cuda_graph.capture_problem(model, fastseq.Adam()) is None
+    assert "not known" in cuda_graph.capture_problem(fastseq.Rnnlm(50, 8, 8, seed=0), object())
 
 
 def test_uncapturable_model_runs_eagerly():
     model = fastseq.Rnnlm(50, 8, 8, seed=0)
     calls = []
-    gstep = cuda_graph.GraphStep(lambda x, t: calls.append(1) or 1.0, model, fastseq.SGD(),
+    gstep = cuda_graph.GraphStep(lambda x, t: calls.append(1) or 1.0, model, object(),
                                  api=object())
     for _ in range(3):
         assert gstep(np.zeros((2, 3), int), np.zeros((2, 3), int)) == 1.0

@@ -31,12 +31,13 @@ def _models():
         "peeky": lambda: fastseq.PeekySeq2seq(13, 8, 16, seed=1, dtype=np.float64),
         "rnnlm": lambda: fastseq.Rnnlm(40, 8, 16, seed=1, dtype=np.float64),
         "better": lambda: fastseq.BetterRnnlm(40, 16, 16, 0.0, seed=1, dtype=np.float64),
+        "better-dropout": lambda: fastseq.BetterRnnlm(40, 16, 16, 0.5, seed=1, dtype=np.float64),
     }
 
 
 def _data(name, seed=0, n=24):
     rng = np.random.default_rng(seed)
-    if name in ("rnnlm", "better"):
+    if name.startswith(("rnnlm", "better")):
         return rng.integers(0, 40, (n, 6)), rng.integers(0, 40, (n, 6))
     return rng.integers(0, 13, (n, 7)), rng.integers(0, 13, (n, 5))
 
@@ -69,7 +70,7 @@ def test_training_steps_match_numpy_engine(engine, name):
 
 
 @pytest.mark.parametrize("engine", GPU)
-@pytest.mark.parametrize("name", ["seq2seq", "peeky", "rnnlm"])
+@pytest.mark.parametrize("name", ["seq2seq", "peeky", "rnnlm", "better-dropout"])
 def test_a_gpu_step_reads_nothing_back(engine, name):
     """A whole step (forward, backward, clipping, Adam) records into a CUDA graph: any host
     read inside it would make the capture fail."""
@@ -115,6 +116,35 @@ def test_graph_steps_equal_eager_steps(engine, cls):
     assert all(isinstance(v, float) for v in out[True][0])
     np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-9)
     for a, b in zip(out[True][1], out[False][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("engine", GPU)
+@pytest.mark.parametrize("name", ["rnnlm", "better-dropout"])
+def test_language_model_graph_steps_equal_eager_steps(engine, name):
+    """Truncated BPTT replayed from a graph (state carried through the graph's buffers, dropout
+    masks drawn on the device) gives the eager steps' results, also across an evaluation that
+    resets and restores the state between epochs."""
+    rng = np.random.default_rng(8)
+    corpus = rng.integers(0, 40, 2000)
+    out = {}
+    for graphs in (False, True):
+        with backend.using(engine):
+            model = _models()[name]()
+            tr = fastseq.RnnlmTrainer(model, fastseq.SGD(0.5), progress=False, cuda_graphs=graphs)
+            ppl = []
+            for _ in range(2):
+                tr.fit(corpus[:-1], corpus[1:], max_epoch=1, batch_size=4, time_size=5,
+                       max_grad=0.25, eval_interval=10, max_iters=40)
+                ppl.append(fastseq.trainer.eval_perplexity(model, corpus[:400], 4, 5))
+            out[graphs] = (tr.ppl_list, ppl, [backend.to_cpu(p) for p in model.params])
+            if graphs:
+                step = tr.device_step(0.25)
+                assert step.reason is None, step.reason
+                assert step.counts["replayed"] >= 70, step.counts
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-9)
+    np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-9)
+    for a, b in zip(out[True][2], out[False][2]):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-11)
 
 

@@ -585,3 +585,25 @@ def test_engine_with_direct_products(kernel, monkeypatch):
     np.testing.assert_allclose(dh0, want_dh0, rtol=1e-12, atol=1e-13)
     for g, w in zip(grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_mask_kernel(kernel, dtype):
+    """Masks hashed from [seed, draws]: values 0 or 1/keep, the kept fraction close to keep, a
+    new mask at every draw (the counter advances on the device), the same masks again from the
+    same seed, other masks from another seed."""
+    keep = 0.6
+    state = np.array([7.0, 0.0])
+    m1 = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, state)
+    m2 = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, state)
+    assert state[1] == 2 and m1.dtype == dtype
+    assert set(np.unique(m1)) <= {0, dtype(1) / dtype(keep)}
+    for m in (m1, m2):
+        assert abs((m > 0).mean() - keep) < 0.035  # 2000 draws: 3.2 standard deviations
+    assert abs(((m1 > 0) & (m2 > 0)).mean() - keep * keep) < 0.04  # independent draws
+    again = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, np.array([7.0, 0.0]))
+    np.testing.assert_array_equal(again, m1)
+    other = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, np.array([8.0, 0.0]))
+    assert not np.array_equal(other, m1)
+    rows = (m1 > 0).mean(axis=1)  # no stripes along the index
+    assert rows.min() > 0.2 and rows.max() < 0.95

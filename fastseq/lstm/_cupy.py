@@ -520,3 +520,45 @@ def _clip_grads(xp, kernel, reduction, grads, max_norm):
     for g in grads:
         scale(res, g)
     return res[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout masks without a host-side generator
+#
+# cuRAND calls cannot be captured, and a generator stepped on the host would give a captured step
+# the same mask at every replay. So a mask element is a hash (splitmix64's finaliser) of the
+# layer's seed, a draw counter kept on the device, and the element's index: state = [seed, draws].
+
+_STEP_KERNELS["fastseq_dropout_mask"] = ("raw float64 state, float64 keep", "T mask", r"""
+unsigned long long z = (unsigned long long)state[0] * 0x9E3779B97F4A7C15ULL
+    + (unsigned long long)state[1] * 0xD1B54A32D192ED03ULL
+    + (unsigned long long)i * 0xBF58476D1CE4E5B9ULL + 0x632BE59BD9B4E019ULL;
+z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+z = z ^ (z >> 31);
+const double u = (double)(z >> 11) * (1.0 / 9007199254740992.0);  // uniform in [0, 1)
+mask = u < keep ? T(1) / T(keep) : T(0);
+""")
+
+_STEP_KERNELS["fastseq_dropout_next"] = ("float64 step", "raw float64 state", r"""
+state[1] = state[1] + step;
+""")
+
+
+def dropout_mask(shape, dtype, keep, state):
+    """An inverted-dropout mask on the device: 1/keep where kept (probability keep), else 0;
+    state = [seed, draws] (float64 CuPy array) is advanced by one draw.
+
+    NumPy equivalent (other random numbers)::
+
+        (rng.random_sample(shape) < keep).astype(dtype) / dtype(keep)
+    """
+    import cupy
+    return _dropout_mask(cupy, _elementwise, shape, dtype, keep, state)
+
+
+def _dropout_mask(xp, kernel, shape, dtype, keep, state):
+    mask = xp.empty(shape, dtype=dtype)
+    kernel("fastseq_dropout_mask")(state, float(keep), mask)
+    kernel("fastseq_dropout_next")(1.0, state, size=1)
+    return mask

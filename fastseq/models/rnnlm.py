@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
+from ..functions import matmul
 from ..layers import (TimeAffine, TimeAffineSoftmaxWithLoss, TimeDropout, TimeEmbedding,
                       TimeLSTM, TimeSoftmaxWithLoss)
 from ..sampling import make_sampler
@@ -47,7 +48,7 @@ class TiedAffine:
         if H != E.shape[1]:
             raise ValueError(f"TiedAffine expects input width {E.shape[1]}, got {x.shape}")
         self.x = x.reshape(N * T, H)
-        out = self.x @ E.T
+        out = matmul(self.x, E.T)
         out += b
         return out.reshape(N, T, -1)
 
@@ -61,9 +62,9 @@ class TiedAffine:
             if self.dW is None:
                 self.dW = xp.empty_like(E)
             dW_out = self.dW
-        xp.matmul(d.T, self.x, out=dW_out)
+        matmul(d.T, self.x, out=dW_out)
         d.sum(axis=0, out=self.grads[0])
-        return (d @ E).reshape(N, T, -1)
+        return matmul(d, E).reshape(N, T, -1)
 
 
 class _LanguageModel(Model):
