@@ -47,8 +47,10 @@ class AttentionEncoder(Model):
         hs = embed_lstm_forward(self.embed, self.lstm, xs)
         N, T, _ = hs.shape
         self._fill = None
-        if lengths is not None and bool((lengths < T).any()):
-            xp = get_array_module(hs)
+        xp = get_array_module(hs)
+        # on the GPU the fill always runs (the identity when nothing is padded): testing first
+        # would read a value back to the host at every step
+        if lengths is not None and (xp is not np or bool((lengths < T).any())):
             real = xp.arange(T)[None, :] < lengths[:, None]                     # (N, T)
             end = hs[xp.arange(N), lengths - 1]                                  # (N, H)
             hs = xp.where(real[:, :, None], hs, end[:, None, :])
@@ -154,12 +156,13 @@ class AttentionSeq2seq(Model):
         if self.pad_id is None:
             return self.encoder.forward(xs), None
         lengths = true_lengths(xs, self.pad_id)
-        if trim:
+        xp = get_array_module(xs)
+        device = xp is not np  # there, no trimming and the mask always: no host reads per step
+        if trim and not device:
             xs = xs[:, :int(lengths.max())]
         T = xs.shape[1]
-        if not bool((lengths < T).any()):
+        if not device and not bool((lengths < T).any()):
             return self.encoder.forward(xs), None
-        xp = get_array_module(xs)
         return self.encoder.forward(xs, lengths), xp.arange(T)[None, :] < lengths[:, None]
 
     def forward(self, xs, ts):
@@ -177,7 +180,7 @@ class AttentionSeq2seq(Model):
             # the first trailing pad ends the answer; the pads after it are not data
             ends = true_lengths(ts, self.pad_id)                      # index of the end symbol
             after = xp.arange(1, ts.shape[1])[None, :] > ends[:, None]
-            if bool(after.any()):
+            if xp is not np or bool(after.any()):  # (GPU: no host read to test first)
                 targets = xp.where(after, ignore, targets)
         score = self.decoder.forward(dec_in, enc_hs, mask)
         return self.softmax.forward(score, targets)
