@@ -121,7 +121,8 @@ def save(path, loop, meta=None):
                 arrays[f"lmstate/{i}/c"] = backend.to_cpu(c)
     order = getattr(loop, "order", None)
     if order is not None:
-        arrays["order"] = np.asarray(order)
+        order = np.asarray(order)
+        arrays["order"] = order.astype(np.int32) if len(order) < 2 ** 31 else order
     m = {
         "format": FORMAT, "fastseq_version": __version__,
         "model_class": type(model).__name__, "param_names": names,
