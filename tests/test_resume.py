@@ -268,3 +268,14 @@ def test_resume_refuses_a_changed_data_file(data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["--resume", str(out), "--no-progress"]) == 2
     assert "vocabulary differs" in capsys.readouterr().err
+
+
+def test_non_finite_validation_perplexity_is_never_the_best_model(data, tmp_path, capsys,
+                                                                  monkeypatch):
+    import fastseq.trainer as trainer_mod
+    monkeypatch.setattr(trainer_mod, "eval_perplexity", lambda *a, **k: float("nan"))
+    out = tmp_path / "run"
+    rc = main(task_args("lm", data) + ["--engine", "numpy", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "validation perplexity is nan after epoch 1" in err
+    assert not (out / "model.npz").exists()
