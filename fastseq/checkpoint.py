@@ -111,6 +111,9 @@ def save(path, loop, meta=None):
     dropouts = _dropout_layers(model)
     for key, rs in _rngs(loop).items():
         _rng_get(rs, key, arrays, rng_meta)
+    for i, d in enumerate(dropouts):  # on the GPU: [seed, draws] of the device-side masks
+        if getattr(d, "_device_state", None) is not None:
+            arrays[f"dropout_draws/{i}"] = backend.to_cpu(d._device_state)
     lm_state = None
     if hasattr(model, "get_state"):
         lm_state = []
@@ -182,6 +185,10 @@ def restore(loop, arrays, meta, path="checkpoint"):
     for key, rs in _rngs(loop).items():
         if key in meta["rngs"]:
             _rng_set(rs, key, arrays, meta["rngs"])
+    for i, d in enumerate(dropouts):
+        draws = arrays.get(f"dropout_draws/{i}")
+        d._device_state = backend.asarray(draws) if draws is not None and backend.is_gpu() \
+            else None
     if meta["lm_state"] is not None:
         model.set_state([(backend.asarray(arrays[f"lmstate/{i}/h"]),
                           backend.asarray(arrays[f"lmstate/{i}/c"])) if has else (None, None)

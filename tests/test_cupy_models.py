@@ -218,3 +218,32 @@ def test_decoding_on_gpu_matches_cpu(engine):
                         np.asarray(backend.to_cpu(decoding.beam_search(model, x, 1, 4, k=3))))
     for a, b in zip(out["numpy"], out[engine]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resume_gives_the_uninterrupted_run(engine, tmp_path):
+    """A BetterRnnlm run (dropout masks drawn on the device) stopped after one epoch, saved and
+    restored into new objects continues exactly as the run that was not stopped."""
+    from fastseq import checkpoint
+    corpus = np.random.default_rng(9).integers(0, 40, 1500)
+    kw = dict(max_epoch=1, batch_size=4, time_size=5, max_grad=0.25, eval_interval=10,
+              max_iters=30)
+
+    def make():
+        model = _models()["better-dropout"]()
+        return fastseq.RnnlmTrainer(model, fastseq.SGD(0.5), progress=False)
+
+    with backend.using(engine):
+        straight = make()
+        for _ in range(2):
+            straight.fit(corpus[:-1], corpus[1:], **kw)
+        first = make()
+        first.fit(corpus[:-1], corpus[1:], **kw)
+        checkpoint.save(tmp_path / "ck.npz", first)
+        second = make()
+        checkpoint.restore(second, *checkpoint.load(tmp_path / "ck.npz"))
+        second.fit(corpus[:-1], corpus[1:], **kw)
+        np.testing.assert_allclose(second.ppl_list, straight.ppl_list, rtol=1e-9)
+        for a, b in zip(second.model.params, straight.model.params):
+            np.testing.assert_allclose(backend.to_cpu(a), backend.to_cpu(b), rtol=1e-8,
+                                       atol=1e-11)
