@@ -252,9 +252,12 @@ class _Reader:
                 raise self.fail(f"has two zip members named {info.filename!r}")
             if info.flag_bits & 0x1:
                 raise self.fail(f"member {info.filename!r} is encrypted")
-            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            if info.compress_type != zipfile.ZIP_STORED:
                 raise self.fail(f"member {info.filename!r} is compressed (method "
                                 f"{info.compress_type}); fastseq files store members uncompressed")
+            if info.compress_size != info.file_size:
+                raise self.fail(f"member {info.filename!r}: stored size {info.compress_size} and "
+                                f"size {info.file_size} disagree (corrupt zip directory)")
             total += info.file_size
             by_name[info.filename] = info
         if total > self.size:
@@ -474,15 +477,15 @@ def _check_expected(r, names, specs, expected, meta):
                          f"(trained with another vocabulary or size?)")
 
 
-def check_params(path, names, arrays, targets):
+def check_params(path, names, arrays, targets, allowed=(np.float32, np.float64)):
     """Arrays ready to copy into ``targets`` (same order as names): float32/float64 only (no
     casting of integer, bool or other kinds), converted to each target's dtype, finite after
     conversion. Raises FastseqFileError naming the file and parameter."""
     out = []
     for n, a, p in zip(names, arrays, targets):
-        if a.dtype not in (np.float32, np.float64):
+        if a.dtype not in allowed:
             raise FastseqFileError(f"{path}: parameter {n!r} has dtype {a.dtype}; weights must be "
-                                   f"float32 or float64")
+                                   f"{' or '.join(np.dtype(d).name for d in allowed)}")
         with np.errstate(over="ignore"):
             b = a.astype(p.dtype, copy=False)
         if not np.isfinite(b).all():

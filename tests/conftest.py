@@ -7,6 +7,21 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# Hypothesis: "ci" (the default) runs a few dozen derandomised cases per fuzz test; "full"
+# (HYPOTHESIS_PROFILE=full) runs >= 2,000 random cases per loader (docs/RELIABILITY.md).
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a dev dependency; the fuzz tests import it themselves
+    settings = None
+if settings is not None:
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                              database=None, suppress_health_check=_quiet)
+    settings.register_profile("full", max_examples=2000, deadline=None,
+                              suppress_health_check=_quiet)
+    settings.register_profile("dev", max_examples=300, deadline=None, suppress_health_check=_quiet)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 # FASTSEQ_KERNEL=numpy runs the whole suite with the compiled extension unimportable, proving the
 # numpy engine pure; tests that need the cython engine then skip, saying so.
 if os.environ.get("FASTSEQ_KERNEL", "").strip().lower() == "numpy":

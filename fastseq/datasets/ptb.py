@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
+from ..io import FastseqFileError
 
 FILES = {"train": "ptb.train.txt", "val": "ptb.valid.txt", "test": "ptb.test.txt"}
 
@@ -47,7 +48,7 @@ _TIMEOUT_S = 60
 _CHUNK = 1 << 16
 
 
-class ChecksumError(ValueError):
+class ChecksumError(FastseqFileError):
     """A PTB file's SHA-256 is not the expected one (message names file, expected and actual hash)."""
 
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..io import FastseqFileError, open_regular
 
-class DataFormatError(ValueError):
+
+class DataFormatError(FastseqFileError):
     """A data file line that does not follow the question_answer format."""
 
 
@@ -206,7 +208,6 @@ MAX_DATA_BYTES = 64 << 20  # the textbook's sets are ~1-2 MB
 def read_text_lines(path, max_bytes=MAX_DATA_BYTES):
     """The lines of a UTF-8 text file (a leading byte-order mark dropped), with errors that name
     the file: not a regular file, too large, not UTF-8 (UTF-16 recognised), binary (NUL bytes)."""
-    from ..io import open_regular
     f, size = open_regular(path)
     with f:
         if size > max_bytes:
