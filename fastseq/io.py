@@ -34,6 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._safefile import (CheckpointError, FastseqFileError, NotRegularFileError,  # noqa: F401
+                        _kind, check_params, open_regular)
+
 FORMAT = "fastseq.npz"
 VERSION = 2
 ENVELOPE = "__fastseq__.npy"
@@ -41,18 +44,6 @@ DIGEST = "__fastseq_sha256__.npy"
 _OLD_META = "__fastseq_meta__.npy"  # version 1: metadata outside the checksum, no longer read
 _ARRAY_NAME = re.compile(r"a(\d{3,6})\.npy")
 _DESCR = re.compile(r"[<>|=]?(b1|i1|i2|i4|i8|u1|u2|u4|u8|f2|f4|f8)")
-
-
-class FastseqFileError(ValueError):
-    """A file that fastseq refuses: corrupt, truncated, tampered with, too large for its limits, or
-    not matching what the caller expects. The message names the file and the problem."""
-
-
-CheckpointError = FastseqFileError  # the earlier name
-
-
-class NotRegularFileError(FastseqFileError, OSError):
-    """The path is a directory, FIFO, device, socket or (for writes) a symbolic link."""
 
 
 @dataclass(frozen=True)
@@ -75,17 +66,6 @@ os.umask(_UMASK)
 
 # ---------------------------------------------------------------------------------------------
 # writing
-
-_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link"))
-
-
-def _kind(mode):
-    for test, name in _KINDS:
-        if test(mode):
-            return name
-    return "special file"
-
 
 def _check_write_target(path):
     try:
@@ -207,23 +187,6 @@ class ArraySpec:
         for s in self.shape:
             n *= s
         return n
-
-
-def open_regular(path):
-    """(binary file object, size) for ``path``, refused at once unless it is a regular file (a FIFO
-    would block, a device never ends). Symbolic links are followed for reading."""
-    p = os.fspath(path)
-    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFileError(f"{p}: is a {_kind(st.st_mode)}, not a regular file")
-        os.set_blocking(fd, True)
-        f = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    return f, st.st_size
 
 
 class _Reader:
@@ -475,25 +438,6 @@ def _check_expected(r, names, specs, expected, meta):
         if shape != es:
             raise r.fail(f"parameter {n!r} has shape {shape} but the model expects {es} "
                          f"(trained with another vocabulary or size?)")
-
-
-def check_params(path, names, arrays, targets, allowed=(np.float32, np.float64)):
-    """Arrays ready to copy into ``targets`` (same order as names): float32/float64 only (no
-    casting of integer, bool or other kinds), converted to each target's dtype, finite after
-    conversion. Raises FastseqFileError naming the file and parameter."""
-    out = []
-    for n, a, p in zip(names, arrays, targets):
-        if a.dtype not in allowed:
-            raise FastseqFileError(f"{path}: parameter {n!r} has dtype {a.dtype}; weights must be "
-                                   f"{' or '.join(np.dtype(d).name for d in allowed)}")
-        with np.errstate(over="ignore"):
-            b = a.astype(p.dtype, copy=False)
-        if not np.isfinite(b).all():
-            bad = int(b.size - np.isfinite(b).sum())
-            raise FastseqFileError(f"{path}: parameter {n!r} holds {bad} non-finite value(s) "
-                                   f"(NaN or inf: a diverged run?)")
-        out.append(b)
-    return out
 
 
 def load_textbook_params(model, path):

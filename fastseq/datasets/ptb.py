@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..io import FastseqFileError
+from .._safefile import FastseqFileError
 
 FILES = {"train": "ptb.train.txt", "val": "ptb.valid.txt", "test": "ptb.test.txt"}
 

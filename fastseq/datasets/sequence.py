@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..io import FastseqFileError, open_regular
+from .._safefile import FastseqFileError, open_regular
 
 
 class DataFormatError(FastseqFileError):
