@@ -9,7 +9,8 @@ graphs, fastseq eager, PyTorch; the median round is reported):
   seq2seq, peeky  one addition epoch (45,000 questions, batch 128, D=16, H=128, Adam 1e-3, clip
                   5.0, reversed questions)
   better          BetterRnnlm PTB training iterations (batch 20, time 35, V=10,000, D=H=650,
-                  two LSTM layers, dropout 0.5, tied weights, SGD lr 20, clip 0.25); PyTorch:
+                  two LSTM layers, dropout 0.5, tied weights, SGD lr 20, clip 0.25); fastseq
+                  with CUDA graphs and eager; PyTorch:
                   Embedding, Dropout, a two-layer nn.LSTM (dropout 0.5 between the layers),
                   Dropout, Linear tied to the embedding
 Both sides run float32 without TF32, keep the data on the device, draw their batches there and
@@ -211,10 +212,11 @@ def ptb_corpus(data_dir, smoke):
     return rng.integers(0, PTB["V"], 20_000 if smoke else 1_000_000), "random ids (no PTB)"
 
 
-def fastseq_better(corpus, H, iters):
+def fastseq_better(corpus, H, iters, graphs):
     import fastseq
     model = fastseq.BetterRnnlm(PTB["V"], H, H, PTB["dropout"], seed=0)
-    trainer = fastseq.RnnlmTrainer(model, fastseq.SGD(PTB["lr"]), progress=False)
+    trainer = fastseq.RnnlmTrainer(model, fastseq.SGD(PTB["lr"]), progress=False,
+                                   cuda_graphs=graphs)
     xs, ts = corpus[:-1], corpus[1:]
     kw = dict(max_epoch=1, batch_size=PTB["batch"], time_size=PTB["time"], max_grad=PTB["clip"])
     trainer.fit(xs, ts, max_iters=2, **kw)  # warm-up
@@ -278,8 +280,11 @@ def part_better(dev, args, data_dir):
     corpus, source = ptb_corpus(data_dir, args.smoke)
     H = PTB["H"]
     iters = 2 if args.smoke else args.ptb_iters
-    runners = {("fastseq CuPy" if dev.name == "cuda" else "fastseq CPU"):
-               fastseq_better(corpus, H, iters)}
+    if dev.name == "cuda":
+        runners = {"fastseq CuPy, CUDA graphs": fastseq_better(corpus, H, iters, True),
+                   "fastseq CuPy, eager": fastseq_better(corpus, H, iters, False)}
+    else:
+        runners = {"fastseq CPU": fastseq_better(corpus, H, iters, False)}
     if dev.torch is not None:
         runners["PyTorch " + ("cuDNN" if dev.name == "cuda" else "CPU")] = \
             torch_better(dev, corpus, H, iters)

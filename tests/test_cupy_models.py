@@ -178,8 +178,10 @@ def test_trainers_and_metrics_match_numpy_engine(engine):
             lt.fit(corpus[:-1], corpus[1:], max_epoch=1, batch_size=4, time_size=5,
                    max_grad=0.25, eval_interval=5)
             ppl = fastseq.trainer.eval_perplexity(lm, corpus, batch_size=4, time_size=5)
+            lm.reset_state()
+            words = lm.generate([3, 5], sample_size=8, greedy=True)  # the engine's LSTM step
             res[eng] = (tr.epoch_losses, tr.loss_list, acc, np.asarray(guesses),
-                        lt.ppl_list, ppl)
+                        lt.ppl_list, ppl, words)
     a, b = res["numpy"], res[engine]
     for i in (0, 1, 4):
         assert all(isinstance(v, float) for v in b[i])
@@ -188,6 +190,7 @@ def test_trainers_and_metrics_match_numpy_engine(engine):
     np.testing.assert_array_equal(b[3], a[3])
     assert isinstance(b[5], float)
     np.testing.assert_allclose(b[5], a[5], rtol=1e-9)
+    assert b[6] == a[6]
 
 
 @pytest.mark.parametrize("engine", GPU)
