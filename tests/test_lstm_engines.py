@@ -1,8 +1,15 @@
-"""The Cython LSTM engine against the NumPy reference engine (and against central differences).
+"""LSTM engine conformance: every engine present (numpy, cython, cupy) against the NumPy reference
+engine and central differences, through the one protocol stated in fastseq/lstm/_numpy.py
+(forward, backward, step; per-row biases; integer ids as one-hot inputs; need_dh0), directly and
+through TimeLSTM. The Cython engine's own machinery (BLAS choice, buffer pool, split path) is
+tested after that.
 
-Skipped when the extension is not built, unless FASTSEQ_REQUIRE_EXT=1 (CI), where a missing
-extension fails instead.
+The cython engine is skipped where fastseq._ext is not importable (a failure instead under
+FASTSEQ_REQUIRE_EXT=1, unless FASTSEQ_KERNEL=numpy blocked it on purpose); the cupy engine needs
+CuPy and an NVIDIA GPU and is skipped, saying why, everywhere else (its kernel sources are checked
+on the CPU by tests/test_cupy_source.py).
 """
+import importlib
 import os
 import subprocess
 import sys
@@ -13,28 +20,68 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import numerical_grad
+from fastseq import backend
+from fastseq.layers import TimeLSTM
+from fastseq.lstm import _blas, _numpy, _pool, get_kernel
 
 REQUIRE_EXT = os.environ.get("FASTSEQ_REQUIRE_EXT", "0") == "1"
 
-try:
-    # `import a.b.c` always imports the submodule (and sets it as the package's attribute)
-    import fastseq.lstm._cython as _cython
-except ImportError as e:
-    if REQUIRE_EXT:
-        pytest.fail(f"FASTSEQ_REQUIRE_EXT=1 but the Cython LSTM kernel is not importable: {e}",
-                    pytrace=False)
-    pytest.skip(f"Cython LSTM kernel not built ({e})", allow_module_level=True)
 
-from fastseq import lstm  # noqa: E402
-from fastseq.lstm import _blas, _numpy, _pool  # noqa: E402
+class Engine:
+    """An engine module with the array module its arrays live in."""
 
-TOL = {np.float32: 1e-5, np.float64: 1e-10}
+    def __init__(self, name, module, xp):
+        self.name, self.module, self.xp = name, module, xp
+
+    def dev(self, a):
+        return a if a is None or self.xp is np or not isinstance(a, np.ndarray) else self.xp.asarray(a)
+
+    def host(self, a):
+        return None if a is None else backend.to_cpu(a)
+
+    def tol(self, dtype):
+        if np.dtype(dtype) == np.float64:
+            return 1e-10
+        return 1e-4 if self.name == "cupy" else 1e-5  # float32: cuBLAS sums in another order
+
+    def __repr__(self):
+        return self.name
 
 
-@pytest.fixture(autouse=True)
-def restore_kernel():
-    yield
-    lstm.set_kernel(None)
+def load_engine(name):
+    if name == "numpy":
+        return Engine("numpy", _numpy, np)
+    if name == "cython":
+        if not backend.cython_available():
+            blocked = sys.modules.get("fastseq._ext", True) is None
+            if REQUIRE_EXT and not blocked:
+                pytest.fail("FASTSEQ_REQUIRE_EXT=1 but the Cython LSTM engine is not importable",
+                            pytrace=False)
+            pytest.skip("cython engine: fastseq._ext is not importable here")
+        return Engine("cython", importlib.import_module("fastseq.lstm._cython"), np)
+    if not backend.gpu_available():
+        pytest.skip(f"cupy engine: no usable GPU ({backend._cupy_error})")
+    return Engine("cupy", importlib.import_module("fastseq.lstm._cupy"), importlib.import_module("cupy"))
+
+
+ALL = ["numpy", "cython", pytest.param("cupy", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=ALL)
+def engine(request):
+    return load_engine(request.param)
+
+
+@pytest.fixture(params=["numpy", "cython"])
+def cpu_engine(request):
+    """Host engines: for edge cases the CuPy engine leaves to tests/test_cupy_engine.py."""
+    return load_engine(request.param)
+
+
+@pytest.fixture
+def cy():
+    """The Cython engine module (its own machinery)."""
+    return load_engine("cython").module
 
 
 def assert_close(actual, expected, rtol, what=""):
@@ -43,8 +90,8 @@ def assert_close(actual, expected, rtol, what=""):
     Norm-wise relative error; arrays whose RMS is below 0.01 (inputs and upstream gradients here
     are O(1)) are compared absolutely at that scale instead, since a few-ulp difference in a
     saturated gate g makes a relative difference of g(1-g) far above eps in either engine."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
+    actual = np.asarray(backend.to_cpu(actual), dtype=np.float64)
+    expected = np.asarray(backend.to_cpu(expected), dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
     err = np.linalg.norm(actual - expected)
@@ -65,79 +112,65 @@ def make_case(rng, N, T, D, H, dtype, zero_state=False, scale=1.0):
     return [a.astype(dtype) for a in (xs, Wx, Wh, b, h0, c0, dhs)]
 
 
-def run_engine(engine, xs, Wx, Wh, b, h0, c0, dhs):
-    hs, hT, cT, cache = engine.forward(xs, Wx, Wh, b, h0, c0)
-    hs = hs.copy()  # the engine may reuse nothing, but compare values as they were after forward
-    grads = [np.full_like(Wx, np.nan), np.full_like(Wh, np.nan), np.full_like(b, np.nan)]
-    dxs, dh0 = engine.backward(dhs, cache, grads)
-    return dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=grads[0], dWh=grads[1], db=grads[2])
+def run_engine(engine, xs, Wx, Wh, b, h0, c0, dhs, need_dh0=True):
+    """forward then backward on the engine's device; everything back on the host."""
+    if not isinstance(engine, Engine):
+        engine = Engine(getattr(engine, "__name__", "?").rsplit("_", 1)[-1], engine, np)
+    args = [engine.dev(a) for a in (xs, Wx, Wh, b, h0, c0)]
+    hs, hT, cT, cache = engine.module.forward(*args)
+    hs = engine.host(hs).copy()  # as it was right after forward
+    xp = engine.xp
+    grads = [xp.full(a.shape, np.nan, a.dtype) for a in args[1:4]]
+    dxs, dh0 = engine.module.backward(engine.dev(dhs), cache, grads, need_dh0=need_dh0)
+    out = dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=grads[0], dWh=grads[1], db=grads[2])
+    return {k: engine.host(v) for k, v in out.items()}
 
 
-def compare(case, dtype):
-    ref = run_engine(_numpy, *case)
-    out = run_engine(_cython, *case)
+def compare(engine, case, dtype, tol=None):
+    """The engine against the NumPy reference on one case: values and dtypes of every output."""
+    ref = run_engine(load_engine("numpy"), *case)
+    out = run_engine(engine, *case)
     for k in ref:
         assert out[k].dtype == dtype, f"{k}: dtype {out[k].dtype}"
-        assert_close(out[k], ref[k], TOL[dtype], k)
+        assert_close(out[k], ref[k], tol or engine.tol(dtype), f"{engine} {k}")
     return out
 
+
+# --- forward and backward against the reference ------------------------------------------------
 
 shapes = st.tuples(st.integers(1, 9), st.integers(1, 8), st.integers(1, 12), st.integers(1, 10))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(shape=shapes, dtype=st.sampled_from([np.float32, np.float64]), zero_state=st.booleans(),
        scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 2**31 - 1))
-def test_matches_numpy_random_shapes(shape, dtype, zero_state, scale, seed):
+def test_matches_reference_random_shapes(engine, shape, dtype, zero_state, scale, seed):
     rng = np.random.default_rng(seed)
-    compare(make_case(rng, *shape, dtype, zero_state, scale), dtype)
+    compare(engine, make_case(rng, *shape, dtype, zero_state, scale), dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(128, 7, 16, 128), (128, 4, 16, 128), (33, 5, 7, 77),
                                    (2, 3, 300, 5), (1, 1, 1, 1)])
 @pytest.mark.parametrize("zero_state", [False, True])
-def test_matches_numpy_larger(shape, dtype, zero_state):
+def test_matches_reference_larger(engine, shape, dtype, zero_state):
     rng = np.random.default_rng(sum(shape))
-    compare(make_case(rng, *shape, dtype, zero_state), dtype)
-
-
-@pytest.fixture(params=["scipy", "auto"])
-def blas(request):
-    """Run with SciPy's BLAS (what the kernel is compiled against) and with the automatic choice
-    (NumPy's OpenBLAS where it can be found); restore the automatic choice after."""
-    used = _cython.use_blas(request.param)
-    yield used
-    _cython.use_blas("auto")
+    compare(engine, make_case(rng, *shape, dtype, zero_state), dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_blas_sources_match(dtype, blas):
-    rng = np.random.default_rng(2)
-    for shape in [(1, 1, 1, 1), (5, 3, 4, 6), (128, 7, 16, 128), (40, 2, 300, 9)]:
-        for zero_state in (False, True):
-            compare(make_case(rng, *shape, dtype, zero_state), dtype)
-
-
-def test_use_blas_rejects_unknown():
-    with pytest.raises(ValueError):
-        _cython.use_blas("mkl")
-    assert _cython.BLAS == _cython.use_blas("auto")
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_saturated_gates(dtype):
+def test_saturated_gates(engine, dtype):
     """Huge pre-activations: gates saturate to 0/1 exactly like the reference, nothing non-finite."""
     rng = np.random.default_rng(4)
-    case = make_case(rng, 6, 5, 4, 7, dtype, scale=200.0)
-    compare(case, dtype)
+    compare(engine, make_case(rng, 6, 5, 4, 7, dtype, scale=200.0), dtype)
 
 
-def test_nan_propagates():
+def test_nan_propagates(cpu_engine):
     rng = np.random.default_rng(5)
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 3, 4, 2, 5, np.float32)
     xs[1, 2, 0] = np.nan
-    hs, hT, cT, _ = _cython.forward(xs, Wx, Wh, b, h0, c0)
+    hs, hT, cT, _ = cpu_engine.module.forward(xs, Wx, Wh, b, h0, c0)
     assert np.isnan(hs[1, 2:]).all() and np.isnan(hT[1]).all()
     assert np.isfinite(hs[0]).all() and np.isfinite(hs[2]).all() and np.isfinite(hs[1, :2]).all()
 
@@ -159,374 +192,290 @@ def dhs_variants(rng, N, T, H, dtype):
     }
 
 
-def _check_noncontiguous_dhs(seed, N, dtype):
+def check_noncontiguous_dhs(engine, seed, N, dtype):
     rng = np.random.default_rng(seed)
     T, D, H = 4, 3, 6
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, dtype)
     for name, dhs in dhs_variants(rng, N, T, H, dtype).items():
-        ref = run_engine(_numpy, xs, Wx, Wh, b, h0, c0, np.ascontiguousarray(dhs, dtype))
-        out = run_engine(_cython, xs, Wx, Wh, b, h0, c0, dhs)
+        ref = run_engine(load_engine("numpy"), xs, Wx, Wh, b, h0, c0,
+                         np.ascontiguousarray(dhs, dtype))
+        out = run_engine(engine, xs, Wx, Wh, b, h0, c0, dhs)
         for k in ref:
-            assert_close(out[k], ref[k], TOL[dtype], f"{name}: {k}")
+            assert_close(out[k], ref[k], engine.tol(dtype), f"{name}: {k}")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_noncontiguous_dhs(dtype):
-    _check_noncontiguous_dhs(6, 5, dtype)
+def test_noncontiguous_dhs(cpu_engine, dtype):
+    check_noncontiguous_dhs(cpu_engine, 6, 5, dtype)
 
 
-def test_noncontiguous_inputs_and_grads():
-    rng = np.random.default_rng(7)
-    dtype = np.float32
-    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 4, 3, 5, 6, dtype)
-    ref = run_engine(_numpy, xs, Wx, Wh, b, h0, c0, dhs)
-    xs_view = np.ascontiguousarray(xs.transpose(1, 0, 2)).transpose(1, 0, 2)
-    hs, hT, cT, cache = _cython.forward(xs_view, np.asfortranarray(Wx), Wh, b,
-                                        np.asfortranarray(h0), c0)
-    grads = [np.asfortranarray(np.zeros_like(Wx)), np.zeros_like(Wh), np.zeros_like(b)]
-    ids = [id(g) for g in grads]
-    dxs, dh0 = _cython.backward(dhs, cache, grads)
-    assert [id(g) for g in grads] == ids  # written in place
-    got = dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=grads[0], dWh=grads[1], db=grads[2])
-    for k in ref:
-        assert_close(got[k], ref[k], TOL[dtype], k)
-
-
-def test_grads_are_overwritten_not_accumulated():
+def test_grads_are_overwritten_not_accumulated(engine):
     rng = np.random.default_rng(8)
     case = make_case(rng, 3, 2, 4, 5, np.float64)
-    xs, Wx, Wh, b, h0, c0, dhs = case
-    grads = [np.full_like(Wx, 7.0), np.full_like(Wh, 7.0), np.full_like(b, 7.0)]
-    *_, cache = _cython.forward(xs, Wx, Wh, b, h0, c0)
-    _cython.backward(dhs, cache, grads)
-    ref = run_engine(_numpy, *case)
+    xs, Wx, Wh, b, h0, c0, dhs = [engine.dev(a) for a in case]
+    grads = [engine.xp.full(a.shape, 7.0) for a in (Wx, Wh, b)]
+    *_, cache = engine.module.forward(xs, Wx, Wh, b, h0, c0)
+    engine.module.backward(dhs, cache, grads)
+    ref = run_engine(load_engine("numpy"), *case)
     for g, k in zip(grads, ("dWx", "dWh", "db")):
         assert_close(g, ref[k], 1e-10, k)
 
 
-def test_cache_serves_one_backward():
-    rng = np.random.default_rng(9)
-    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 2, 2, 3, 4, np.float32)
-    *_, cache = _cython.forward(xs, Wx, Wh, b, h0, c0)
-    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-    _cython.backward(dhs, cache, grads)
-    with pytest.raises(ValueError, match="one backward"):
-        _cython.backward(dhs, cache, grads)
-
-
-def test_rejects_bad_input():
-    rng = np.random.default_rng(10)
-    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 2, 2, 3, 4, np.float32)
-    with pytest.raises(TypeError):
-        _cython.forward(xs, Wx, Wh.astype(np.float64), b, h0, c0)
-    with pytest.raises(TypeError):
-        _cython.forward(xs.astype(np.float16), Wx.astype(np.float16), Wh.astype(np.float16),
-                        b.astype(np.float16), h0.astype(np.float16), c0.astype(np.float16))
-    with pytest.raises(ValueError):
-        _cython.forward(xs, Wx, Wh, b, h0[:1], c0)
-    *_, cache = _cython.forward(xs, Wx, Wh, b, h0, c0)
-    with pytest.raises(ValueError):
-        _cython.backward(dhs[:, :1], cache, [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)])
-
-
-def test_inputs_and_states_are_cast_to_the_weights_dtype():
-    rng = np.random.default_rng(17)
-    case = make_case(rng, 3, 4, 2, 5, np.float32)
-    xs, Wx, Wh, b, h0, c0, dhs = case
-    ref = run_engine(_cython, *case)
-    out = run_engine(_cython, xs.astype(np.float64), Wx, Wh, b, h0.astype(np.float64),
-                     c0.astype(np.float16), dhs.astype(np.float64))
-    for k in ref:
-        assert out[k].dtype == np.float32
-        assert_close(out[k], ref[k], 1e-3, k)  # c0 went through float16
-
-
-def test_empty_batch_falls_back():
+def test_empty_batch(cpu_engine):
     rng = np.random.default_rng(11)
-    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 0, 3, 2, 4, np.float32)
-    out = run_engine(_cython, xs, Wx, Wh, b, h0, c0, dhs)
+    out = run_engine(cpu_engine, *make_case(rng, 0, 3, 2, 4, np.float32))
     assert out["hs"].shape == (0, 3, 4) and out["dxs"].shape == (0, 3, 2)
     assert np.all(out["dWx"] == 0) and np.all(out["db"] == 0)
-
-
-# --- buffer pool ------------------------------------------------------------------------------
-
-def test_pooled_buffers_are_not_shared_while_alive():
-    """Two live caches of the same shape, backward in either order; earlier hs stay intact."""
-    rng = np.random.default_rng(15)
-    _cython.clear_pool()
-    cases = [make_case(rng, 4, 3, 5, 6, np.float32) for _ in range(3)]
-    Wx, Wh, b = cases[0][1:4]
-    cases = [[c[0], Wx, Wh, b] + c[4:] for c in cases]
-    refs = [run_engine(_numpy, *c) for c in cases]
-    # a dropped cache hands its buffers to the pool...
-    *_, cache = _cython.forward(*cases[2][:6])
-    work = cache.work
-    del cache
-    # ...and the next forward of that shape reuses them
-    hs0, hT0, cT0, cache0 = _cython.forward(*cases[0][:6])
-    assert cache0.work is work
-    hs1, hT1, cT1, cache1 = _cython.forward(*cases[1][:6])
-    assert all(a is not b for a, b in zip(cache1.work, cache0.work))
-    outs = []
-    for cache, case in ((cache1, cases[1]), (cache0, cases[0])):
-        grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-        dxs, dh0 = _cython.backward(case[6], cache, grads)
-        outs.append((dxs, dh0, grads))
-    # a later forward (reusing the released buffers) must not touch the earlier outputs
-    _cython.forward(*cases[2][:6])
-    for (hs, hT, cT), (dxs, dh0, grads), ref in zip(((hs1, hT1, cT1), (hs0, hT0, cT0)), outs,
-                                                    (refs[1], refs[0])):
-        got = dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=grads[0], dWh=grads[1], db=grads[2])
-        for k in ref:
-            assert_close(got[k], ref[k], 1e-5, k)
-
-
-def test_pool_is_bounded(monkeypatch):
-    rng = np.random.default_rng(16)
-    case = make_case(rng, 3, 2, 4, 5, np.float64)
-    _cython.clear_pool()
-    monkeypatch.setattr(_pool, "MAX_BYTES", 0)
-    *_, cache = _cython.forward(*case[:6])
-    del cache
-    assert _pool._bytes == 0 and not _pool._sets
-    monkeypatch.setattr(_pool, "MAX_BYTES", 1 << 20)
-    for _ in range(3):
-        *_, cache = _cython.forward(*case[:6])
-        cache2 = _cython.forward(*case[:6])[3]
-        del cache, cache2
-    assert 0 < _pool._bytes <= 1 << 20
-    _cython.clear_pool()
-    assert _pool._bytes == 0 and not _pool._sets
+    out = run_engine(cpu_engine, *make_case(rng, 0, 3, 2, 4, np.float32), need_dh0=False)
+    assert out["dxs"].shape == (0, 3, 2) and out["dh0"] is None
 
 
 # --- central differences (float64) ------------------------------------------------------------
 
 @pytest.mark.parametrize("zero_state", [False, True])
-def test_gradients_by_central_differences(zero_state):
+@pytest.mark.parametrize("row_bias", [False, True])
+def test_gradients_by_central_differences(engine, zero_state, row_bias):
     rng = np.random.default_rng(12)
     N, T, D, H = 2, 3, 3, 4
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, np.float64, zero_state)
+    if row_bias:
+        b = rng.standard_normal((N, 4 * H)) * 0.5
     R = rng.standard_normal((N, T, H))
+    dev = engine.dev
 
     def loss():
-        hs, hT, cT, _ = _cython.forward(xs, Wx, Wh, b, h0, c0)
-        return float(np.sum(hs * R))
+        hs, hT, cT, _ = engine.module.forward(*[dev(a) for a in (xs, Wx, Wh, b, h0, c0)])
+        return float((engine.host(hs) * R).sum())
 
-    *_, cache = _cython.forward(xs, Wx, Wh, b, h0, c0)
-    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-    dxs, dh0 = _cython.backward(R, cache, grads)
+    *_, cache = engine.module.forward(*[dev(a) for a in (xs, Wx, Wh, b, h0, c0)])
+    grads = [engine.xp.zeros(a.shape) for a in (Wx, Wh, b)]
+    dxs, dh0 = engine.module.backward(dev(R), cache, grads)
     for name, x, g in (("xs", xs, dxs), ("Wx", Wx, grads[0]), ("Wh", Wh, grads[1]),
                        ("b", b, grads[2]), ("h0", h0, dh0)):
         num = numerical_grad(loss, x)
+        g = engine.host(g)
         err = np.linalg.norm(num - g) / max(np.linalg.norm(num) + np.linalg.norm(g), 1e-12)
         assert err < 1e-7, f"d{name}: relative error {err:.3g}"
 
 
-# --- through TimeLSTM and set_kernel ------------------------------------------------------------
+# --- one step (generation) -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("row_bias", [False, True])
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_steps_match_forward(engine, dtype, row_bias, zero_state):
+    """T calls of step() give forward's hs, h_T and c_T (the same recurrence, one step at a time)."""
+    rng = np.random.default_rng(31)
+    N, T, D, H = 5, 4, 3, 6
+    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, dtype, zero_state)
+    if row_bias:
+        b = (rng.standard_normal((N, 4 * H)) * 0.5).astype(dtype)
+    hs, hT, cT, _ = _numpy.forward(xs, Wx, Wh, b, h0, c0)
+    d = [engine.dev(a) for a in (xs, Wx, Wh, b, h0, c0)]
+    h, c = d[4], d[5]
+    for t in range(T):
+        h, c = engine.module.step(d[0][:, t], d[1], d[2], d[3], h, c)
+        assert h.dtype == dtype and c.dtype == dtype
+        assert_close(h, hs[:, t], engine.tol(dtype), f"h at step {t}")
+    assert_close(h, hT, engine.tol(dtype), "h_T")
+    assert_close(c, cT, engine.tol(dtype), "c_T")
+
+
+def test_numpy_step_is_forwards_arithmetic():
+    """The reference step does forward's operations in forward's order: identical bits."""
+    rng = np.random.default_rng(32)
+    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 1, 1, 3, 6, np.float64)
+    hs, hT, cT, _ = _numpy.forward(xs, Wx, Wh, b, h0, c0)
+    h, c = _numpy.step(xs[:, 0], Wx, Wh, b, h0, c0)
+    np.testing.assert_array_equal(h, hT)
+    np.testing.assert_array_equal(c, cT)
+
+
+# --- need_dh0=False: the product for dh0 is skipped, everything else unchanged ------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_no_dh0_matches(engine, dtype, zero_state):
+    """Without dh0 the engine gives bit-identical gradients to itself with dh0, and dh0 is None."""
+    rng = np.random.default_rng(21)
+    for shape in [(1, 1, 1, 1), (3, 2, 5, 7), (9, 8, 12, 10), (65, 7, 16, 32), (128, 7, 16, 128)]:
+        case = make_case(rng, *shape, dtype, zero_state)
+        full = compare(engine, case, dtype)
+        out = run_engine(engine, *case, need_dh0=False)
+        assert out["dh0"] is None
+        for k in ("dxs", "dWx", "dWh", "db"):
+            np.testing.assert_array_equal(out[k], full[k], err_msg=f"{engine} {k}")
+
+
+# --- one bias per row (b of shape (N, 4H)): PeekyDecoder folds h Wx_h into it -------------------
+
+def row_bias_case(rng, shape, dtype, zero_state):
+    case = make_case(rng, *shape, dtype, zero_state)
+    N, H = shape[0], shape[3]
+    case[3] = (rng.standard_normal((N, 4 * H)) * 0.5).astype(dtype)
+    return case
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 3, 4, 6), (128, 4, 16, 128)])
+def test_row_bias_matches_reference(engine, shape, dtype, zero_state):
+    rng = np.random.default_rng(sum(shape))
+    out = compare(engine, row_bias_case(rng, shape, dtype, zero_state), dtype)
+    assert out["db"].shape == (shape[0], 4 * shape[3])
+
+
+# --- integer ids as one-hot inputs: x_t Wx is a gather, dWx a scatter-add ------------------------
+
+def ids_case(rng, N, T, V, H, dtype, zero_state):
+    case = make_case(rng, N, T, V, H, dtype, zero_state)
+    case[0] = rng.integers(0, V, (N, T))
+    return case
+
+
+def ids_engine(engine):
+    if not getattr(engine.module, "TAKES_IDS", False):
+        pytest.skip(f"the {engine} engine takes no ids (TimeLSTM gathers the embedding first)")
+    return engine
+
+
+def compare_ids(engine, case, dtype):
+    """Ids against the same inputs as explicit one-hot float rows."""
+    ids, Wx = case[0], case[1]
+    onehot = np.eye(Wx.shape[0], dtype=dtype)[ids]
+    ref = run_engine(load_engine("numpy"), onehot, *case[1:])
+    out = run_engine(engine, *case)
+    assert out["dxs"] is None
+    for k in ref:
+        if k != "dxs":
+            assert_close(out[k], ref[k], engine.tol(dtype), f"{engine} {k}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 3, 4, 6), (128, 7, 13, 128)])
+def test_ids_input_matches_one_hot_rows(engine, shape, dtype, zero_state):
+    rng = np.random.default_rng(sum(shape) + 1)
+    compare_ids(ids_engine(engine), ids_case(rng, *shape, dtype, zero_state), dtype)
+
+
+def test_ids_out_of_range_rejected(engine):
+    ids_engine(engine)
+    rng = np.random.default_rng(0)
+    case = ids_case(rng, 3, 2, 4, 5, np.float32, True)
+    case[0][1, 1] = 4
+    with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+        engine.module.forward(*[engine.dev(a) for a in case[:6]])
+
+
+# --- through TimeLSTM ---------------------------------------------------------------------------
 
 def make_layer(rng, D, H, dtype, stateful):
     Wx = (rng.standard_normal((D, 4 * H)) / np.sqrt(D)).astype(dtype)
     Wh = (rng.standard_normal((H, 4 * H)) / np.sqrt(H)).astype(dtype)
     b = (rng.standard_normal(4 * H) * 0.1).astype(dtype)
-    return lambda: __import__("fastseq.layers").layers.TimeLSTM(Wx.copy(), Wh.copy(), b.copy(), stateful=stateful)
+    return lambda engine: TimeLSTM(*[engine.dev(p.copy()) for p in (Wx, Wh, b)], stateful=stateful)
 
 
-def drive(layer, kernel, chunks, dchunks, h=None):
-    lstm.set_kernel(kernel)
-    if h is not None:
-        layer.set_state(h.copy())
-    outs = []
-    for xs, dhs in zip(chunks, dchunks):
-        hs = layer.forward(xs)
-        outs.append(np.array(hs))
-        assert layer._kernel is (_cython if kernel == "cython" else _numpy)
-        dxs = layer.backward(dhs)
-        outs += [np.array(dxs), layer.dh.copy()] + [g.copy() for g in layer.grads]
-    outs += [layer.h.copy(), layer.c.copy()]
-    return outs
+def drive(engine, make, chunks, dchunks, h=None):
+    """Forward and backward over consecutive chunks on one engine; every output on the host."""
+    with backend.using(engine.name):
+        layer = make(engine)
+        if h is not None:
+            layer.set_state(engine.dev(h.copy()))
+        outs = []
+        for xs, dhs in zip(chunks, dchunks):
+            outs.append(engine.host(layer.forward(engine.dev(xs))).copy())
+            assert layer._kernel is engine.module
+            dxs = layer.backward(engine.dev(dhs))
+            outs += [engine.host(dxs), engine.host(layer.dh)] + [engine.host(g).copy()
+                                                                  for g in layer.grads]
+        return outs + [engine.host(layer.h), engine.host(layer.c)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_stateful_continuation_through_timelstm(dtype):
+def test_stateful_continuation_through_timelstm(engine, dtype):
     rng = np.random.default_rng(13)
     N, D, H = 4, 5, 6
-    new = make_layer(rng, D, H, dtype, stateful=True)
+    make = make_layer(rng, D, H, dtype, stateful=True)
     chunks = [rng.standard_normal((N, T, D)).astype(dtype) for T in (3, 5)]
     dchunks = [rng.standard_normal((N, T, H)).astype(dtype) for T in (3, 5)]
-    ref = drive(new(), "numpy", chunks, dchunks)
-    out = drive(new(), "cython", chunks, dchunks)
+    ref = drive(load_engine("numpy"), make, chunks, dchunks)
+    out = drive(engine, make, chunks, dchunks)
     for i, (a, b) in enumerate(zip(out, ref)):
-        assert_close(a, b, TOL[dtype], f"output {i}")
+        assert_close(a, b, engine.tol(dtype), f"output {i}")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_set_state_with_given_h(dtype):
+def test_set_state_with_given_h(engine, dtype):
     rng = np.random.default_rng(14)
     N, T, D, H = 3, 4, 2, 5
     h = np.tanh(rng.standard_normal((N, H))).astype(dtype)
-    new = make_layer(rng, D, H, dtype, stateful=False)
+    make = make_layer(rng, D, H, dtype, stateful=False)
     chunks = [rng.standard_normal((N, T, D)).astype(dtype)]
     dchunks = [rng.standard_normal((N, T, H)).astype(dtype)]
-    ref = drive(new(), "numpy", chunks, dchunks, h=h)
-    out = drive(new(), "cython", chunks, dchunks, h=h)
+    ref = drive(load_engine("numpy"), make, chunks, dchunks, h=h)
+    out = drive(engine, make, chunks, dchunks, h=h)
     for i, (a, b) in enumerate(zip(out, ref)):
-        assert_close(a, b, TOL[dtype], f"output {i}")
+        assert_close(a, b, engine.tol(dtype), f"output {i}")
     assert np.abs(out[2]).sum() > 0  # dh (gradient of the given h) is not trivially zero
 
 
-def test_set_kernel_selects_cython():
-    x = np.zeros((1, 1, 1), np.float32)
-    lstm.set_kernel("cython")
-    assert lstm.kernel_name() == "cython" and lstm.get_kernel(x) is _cython
-    lstm.set_kernel("numpy")
-    assert lstm.get_kernel(x) is _numpy
-
-
-def test_package_import_finds_the_extension():
-    """A fresh `import fastseq.lstm` must pick up the built extension (automatic engine choice).
-
-    (`_cython = None` before `from . import _cython` in fastseq/lstm/__init__.py makes the import
-    statement return that None instead of importing the submodule.)"""
-    code = ("import fastseq.lstm as l, sys; "
-            "sys.exit(0 if l.cython_available() else 'cython engine not loaded: %s' % l._cython_error)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                       env={**os.environ, "FASTSEQ_KERNEL": ""})
-    assert r.returncode == 0, r.stderr or r.stdout
-
-
-# --- chunks: row chunks fixed by N, each with its own time loop, taken by up to n threads -------
-
-@pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
-def forced_split(request, monkeypatch):
-    """Chunks of 2 rows or more (so small batches run chunked too), on 1, 2 or 3 threads."""
-    _cython._lstm_cpu.set_min_chunk_rows(2)
-    monkeypatch.setattr(_cython, "_threads", lambda: request.param)
-    yield request.param
-    _cython._lstm_cpu.set_min_chunk_rows(32)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("zero_state", [False, True])
-def test_split_path_matches(dtype, zero_state, forced_split):
-    rng = np.random.default_rng(11)
-    for shape in [(6, 1, 1, 1), (7, 3, 4, 6), (65, 7, 16, 32), (128, 7, 16, 128), (131, 2, 300, 9)]:
-        assert _cython._lstm_cpu.chunks(shape[0]) >= 2
-        compare(make_case(rng, *shape, dtype, zero_state), dtype)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_split_path_noncontiguous_dhs(dtype, forced_split):
-    _check_noncontiguous_dhs(12, 9, dtype)
-
-
-def test_chunks_depend_on_the_batch_only():
-    chunks = _cython._lstm_cpu.chunks
-    assert chunks(63) == 1 and chunks(20) == 1
-    assert chunks(64) == 2 and chunks(128) == 4
-    assert chunks(5000) == 8  # bounded: each chunk keeps its own dWx, dWh shares
-
-
-def test_chunks_bit_identical_for_any_thread_count(monkeypatch):
-    """The chunks' shares are summed in chunk order: 1, 2 or 3 threads give the same bits."""
-    rng = np.random.default_rng(12)
-    case = make_case(rng, 131, 5, 8, 24, np.float32)
-    runs = []
-    for n in (1, 2, 3):
-        monkeypatch.setattr(_cython, "_threads", lambda n=n: n)
-        runs.append(run_engine(_cython, *case))
-    for other in runs[1:]:
-        for k in runs[0]:
-            np.testing.assert_array_equal(other[k], runs[0][k], err_msg=k)
-
-
-def test_split_path_with_global_thread_setter(monkeypatch):
-    """Only a global BLAS thread setter known: set to 1 around the loop, restored after."""
-    found = _blas.numpy_blas()
-    if found is None or not found.set_global or not _cython._lstm_cpu.can_thread():
-        pytest.skip("NumPy's OpenBLAS (with a global thread setter) not in use")
-    import ctypes
-    getter = ctypes.CFUNCTYPE(ctypes.c_int)(found.get_global)
-    before = getter()
-    monkeypatch.setattr(_cython, "_threads", lambda: 2)
-    _cython._lstm_cpu.set_blas_threads(0, found.set_global, found.get_global)
-    try:
-        rng = np.random.default_rng(13)
-        for dtype in (np.float32, np.float64):
-            compare(make_case(rng, 70, 5, 8, 16, dtype), dtype)
-        assert getter() == before
-    finally:
-        _cython._lstm_cpu.set_blas_threads(found.set_local, found.set_global, found.get_global)
-
-
-# --- need_dh0=False: the product for dh0 is skipped, everything else unchanged ------------------
-
-def run_engine_no_dh0(engine, xs, Wx, Wh, b, h0, c0, dhs):
-    hs, hT, cT, cache = engine.forward(xs, Wx, Wh, b, h0, c0)
-    grads = [np.full_like(Wx, np.nan), np.full_like(Wh, np.nan), np.full_like(b, np.nan)]
-    dxs, dh0 = engine.backward(dhs, cache, grads, need_dh0=False)
-    assert dh0 is None
-    return dict(dxs=np.array(dxs), dWx=grads[0], dWh=grads[1], db=grads[2])
-
-
-def compare_no_dh0(case, dtype):
-    """Each engine without dh0 gives bit-identical gradients to itself with dh0, and the Cython
-    engine agrees with the NumPy one."""
-    full = {}
-    for eng in (_numpy, _cython):
-        ref = run_engine(eng, *case)
-        out = run_engine_no_dh0(eng, *case)
-        for k in out:
-            assert out[k].dtype == dtype
-            np.testing.assert_array_equal(out[k], ref[k], err_msg=f"{eng.__name__} {k}")
-        full[eng] = out
-    for k in full[_numpy]:
-        assert_close(full[_cython][k], full[_numpy][k], TOL[dtype], k)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("zero_state", [False, True])
-def test_no_dh0_matches(dtype, zero_state):
-    rng = np.random.default_rng(21)
-    for shape in [(1, 1, 1, 1), (3, 2, 5, 7), (9, 8, 12, 10), (65, 7, 16, 32), (128, 7, 16, 128)]:
-        compare_no_dh0(make_case(rng, *shape, dtype, zero_state), dtype)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("zero_state", [False, True])
-def test_no_dh0_split_path_matches(dtype, zero_state, forced_split):
-    rng = np.random.default_rng(22)
-    for shape in [(4, 1, 1, 1), (5, 3, 4, 6), (128, 7, 16, 128)]:
-        assert _cython._lstm_cpu.chunks(shape[0]) >= 2
-        compare_no_dh0(make_case(rng, *shape, dtype, zero_state), dtype)
-
-
-def test_no_dh0_empty_batch_falls_back():
-    rng = np.random.default_rng(23)
-    case = make_case(rng, 0, 3, 2, 4, np.float32)
-    out = run_engine_no_dh0(_cython, *case)
-    assert out["dxs"].shape == (0, 3, 2)
-
-
-@pytest.mark.parametrize("kernel", ["numpy", "cython"])
-def test_timelstm_need_dh(kernel):
+def test_timelstm_need_dh(engine):
     rng = np.random.default_rng(24)
     make = make_layer(rng, 5, 6, np.float64, stateful=False)
-    xs = rng.standard_normal((4, 3, 5))
-    dhs = rng.standard_normal((4, 3, 6))
+    xs = engine.dev(rng.standard_normal((4, 3, 5)))
+    dhs = engine.dev(rng.standard_normal((4, 3, 6)))
     outs = []
-    for need in (True, False):
-        layer = make()
-        assert layer.need_dh is True  # textbook default
-        layer.need_dh = need
-        lstm.set_kernel(kernel)
-        layer.forward(xs)
-        dxs = layer.backward(dhs)
-        assert (layer.dh is None) == (not need)
-        outs.append([np.array(dxs)] + [g.copy() for g in layer.grads])
+    with backend.using(engine.name):
+        for need in (True, False):
+            layer = make(engine)
+            assert layer.need_dh is True  # textbook default
+            layer.need_dh = need
+            layer.forward(xs)
+            dxs = layer.backward(dhs)
+            assert (layer.dh is None) == (not need)
+            outs.append([engine.host(dxs)] + [engine.host(g).copy() for g in layer.grads])
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N", [3, 128])
+def test_timelstm_context(engine, dtype, N):
+    """TimeLSTM with a context (PeekyDecoder's shapes at N=128) gives the reference's outputs
+    and gradients, and its step() with that context follows forward."""
+    rng = np.random.default_rng(N)
+    D, K, H, T = 16, 32, 24, 4
+    params = [(rng.standard_normal(s) * 0.3).astype(dtype)
+              for s in ((K + D, 4 * H), (H, 4 * H), (4 * H,))]
+    x = rng.standard_normal((N, T, D)).astype(dtype)
+    c = rng.standard_normal((N, K)).astype(dtype)
+    h0 = rng.standard_normal((N, H)).astype(dtype)
+    w = rng.standard_normal((N, T, H)).astype(dtype)
+    results = []
+    for eng in (load_engine("numpy"), engine):
+        with backend.using(eng.name):
+            layer = TimeLSTM(*[eng.dev(p.copy()) for p in params], stateful=True)
+            layer.set_state(eng.dev(h0.copy()))
+            y = layer.forward(eng.dev(x), context=eng.dev(c))
+            dx = layer.backward(eng.dev(w))
+            stepper = TimeLSTM(*[eng.dev(p.copy()) for p in params])
+            stepper.set_state(eng.dev(h0.copy()))
+            steps = [eng.host(stepper.step(eng.dev(x[:, t]), context=eng.dev(c))).copy()
+                     for t in range(T)]
+            results.append([eng.host(a) for a in (y, dx, layer.dh, layer.dcontext, *layer.grads)]
+                           + [np.stack(steps, axis=1)])
+    names = ["hs", "dx", "dh", "dcontext", "dWx", "dWh", "db", "stepped hs"]
+    for what, a, b in zip(names, *results):
+        assert_close(a, b, engine.tol(dtype) * 10, what)
+
+
+def test_get_kernel_follows_the_configuration(cpu_engine):
+    x = np.zeros((1, 1, 1), np.float32)
+    with backend.using(cpu_engine.name):
+        assert get_kernel(x) is cpu_engine.module
+        assert get_kernel(x.astype(np.float16)) is _numpy  # the Cython engine: float32/64 only
 
 
 def test_encoder_skips_dh():
@@ -541,138 +490,256 @@ def test_encoder_skips_dh():
     assert model.decoder.lstm.dh is not None
 
 
-# --- one bias per row (b of shape (N, 4H)): PeekyDecoder folds h Wx_h into it -------------------
-
-def _row_bias_case(rng, shape, dtype, zero_state):
-    case = make_case(rng, *shape, dtype, zero_state)
-    N, H = shape[0], shape[3]
-    case[3] = (rng.standard_normal((N, 4 * H)) * 0.5).astype(dtype)
-    return case
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("zero_state", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 3, 4, 6), (128, 4, 16, 128)])
-def test_row_bias_matches_numpy(shape, dtype, zero_state):
-    rng = np.random.default_rng(sum(shape))
-    out = compare(_row_bias_case(rng, shape, dtype, zero_state), dtype)
-    assert out["db"].shape == (shape[0], 4 * shape[3])
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_row_bias_split_path_matches(dtype, forced_split):
-    rng = np.random.default_rng(5)
-    for shape in [(6, 1, 1, 1), (7, 3, 4, 6), (65, 4, 16, 32)]:
-        compare(_row_bias_case(rng, shape, dtype, False), dtype)
-
-
-def test_row_bias_numpy_engine_gradient_numerically():
-    """db per row from the reference engine against finite differences (float64)."""
-    rng = np.random.default_rng(8)
-    xs, Wx, Wh, b, h0, c0, dhs = _row_bias_case(rng, (3, 4, 2, 3), np.float64, False)
-
-    def loss(bb):
-        hs, _, _, _ = _numpy.forward(xs, Wx, Wh, bb, h0, c0)
-        return float((hs * dhs).sum())
-
-    _, _, _, cache = _numpy.forward(xs, Wx, Wh, b, h0, c0)
-    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-    _numpy.backward(dhs, cache, grads)
-    num = np.zeros_like(b)
-    for idx in np.ndindex(*b.shape):
-        e = np.zeros_like(b)
-        e[idx] = 1e-6
-        num[idx] = (loss(b + e) - loss(b - e)) / 2e-6
-    np.testing.assert_allclose(grads[2], num, rtol=1e-6, atol=1e-8)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("N", [3, 128])
-def test_time_lstm_context_same_on_both_engines(dtype, N):
-    """TimeLSTM with a context (PeekyDecoder's shapes at N=128) gives the same outputs and
-    gradients on the Cython engine as on the NumPy engine."""
-    from fastseq.layers import TimeLSTM
-    rng = np.random.default_rng(N)
-    D, K, H, T = 16, 32, 24, 4
-    params = [(rng.standard_normal(s) * 0.3).astype(dtype)
-              for s in ((K + D, 4 * H), (H, 4 * H), (4 * H,))]
-    x = rng.standard_normal((N, T, D)).astype(dtype)
-    c = rng.standard_normal((N, K)).astype(dtype)
-    h0 = rng.standard_normal((N, H)).astype(dtype)
-    w = rng.standard_normal((N, T, H)).astype(dtype)
-    results = []
-    for name in ("numpy", "cython"):
-        lstm.set_kernel(name)
-        layer = TimeLSTM(*[p.copy() for p in params], stateful=True)
-        layer.set_state(h0.copy())
-        y = layer.forward(x, context=c)
-        dx = layer.backward(w)
-        results.append([y, dx, layer.dh, layer.dcontext] + [g.copy() for g in layer.grads])
-    for what, a, b in zip(["hs", "dx", "dh", "dcontext", "dWx", "dWh", "db"], *results):
-        assert_close(a, b, TOL[dtype] * 10, what)
-
-
-# --- one-hot inputs given as ids (N, T): x_t Wx is a gather, dWx a scatter-add ----------------
-
-def _ids_case(rng, N, T, V, H, dtype, zero_state):
-    case = make_case(rng, N, T, V, H, dtype, zero_state)
-    case[0] = rng.integers(0, V, (N, T))
-    return case
-
-
-def _compare_ids(case, dtype):
-    """Ids against the same inputs as explicit one-hot float rows, on both engines."""
-    ids, Wx = case[0], case[1]
-    onehot = np.eye(Wx.shape[0], dtype=dtype)[ids]
-    ref = run_engine(_numpy, onehot, *case[1:])
-    for engine in (_numpy, _cython):
-        out = run_engine(engine, *case)
-        assert out["dxs"] is None
-        for k in ref:
-            if k != "dxs":
-                assert_close(out[k], ref[k], TOL[dtype], f"{engine.__name__} {k}")
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("zero_state", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 3, 4, 6), (128, 7, 13, 128)])
-def test_ids_input_matches_one_hot_rows(shape, dtype, zero_state):
-    rng = np.random.default_rng(sum(shape) + 1)
-    _compare_ids(_ids_case(rng, *shape, dtype, zero_state), dtype)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_ids_input_split_path(dtype, forced_split):
-    rng = np.random.default_rng(6)
-    for shape in [(6, 1, 2, 1), (7, 3, 4, 6), (65, 4, 13, 32)]:
-        _compare_ids(_ids_case(rng, *shape, dtype, False), dtype)
-
-
-@pytest.mark.parametrize("engine", ["numpy", "cython"])
-def test_ids_out_of_range_rejected(engine):
-    eng = _numpy if engine == "numpy" else _cython
-    rng = np.random.default_rng(0)
-    case = _ids_case(rng, 3, 2, 4, 5, np.float32, True)
-    case[0][1, 1] = 4
-    with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
-        eng.forward(*case[:6])
-
-
 @pytest.mark.parametrize("model_name", ["Seq2seq", "PeekySeq2seq"])
-def test_models_fused_embedding_same_results(model_name, monkeypatch):
+def test_models_fused_embedding_same_results(cpu_engine, model_name, monkeypatch):
     """Seq2seq / PeekySeq2seq at the addition task's sizes (where the embedding is fused into the
-    LSTM) give the loss and gradients of the unfused computation, on the Cython engine."""
+    LSTM) give the loss and gradients of the unfused computation."""
     import fastseq
-    from fastseq.layers import TimeLSTM
     rng = np.random.default_rng(9)
     xs, ts = rng.integers(0, 13, (128, 7)), rng.integers(0, 13, (128, 5))
     results = []
-    for fused in (True, False):
-        monkeypatch.setattr(TimeLSTM, "fuse_embedding", lambda self, e, i, f=fused: f)
-        lstm.set_kernel("cython")
-        model = getattr(fastseq, model_name)(13, 16, 128, seed=0)
-        loss = model.forward(xs, ts)
-        model.backward()
-        results.append([np.array(loss)] + [g.copy() for g in model.grads])
+    with backend.using(cpu_engine.name):
+        for fused in (True, False):
+            monkeypatch.setattr(TimeLSTM, "fuse_embedding", lambda self, e, i, f=fused: f)
+            model = getattr(fastseq, model_name)(13, 16, 128, seed=0)
+            loss = model.forward(xs, ts)
+            model.backward()
+            results.append([np.array(loss)] + [g.copy() for g in model.grads])
     for what, a, b in zip(["loss"] + model.param_names, *results):
         assert_close(a, b, 1e-4, what)
+
+
+# =================================================================================================
+# The Cython engine's own machinery
+
+def test_default_engine_is_cython_when_built(cy):
+    """A fresh process picks the built extension by itself (no FASTSEQ_KERNEL)."""
+    code = "import fastseq.backend as b; print(b.config.kernel)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTSEQ_KERNEL", "GPU")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                       env={**env, "PYTHONPATH": root})
+    assert r.stdout.strip() == "cython", r.stderr
+
+
+@pytest.fixture(params=["scipy", "auto"])
+def blas(cy, request):
+    """Run with SciPy's BLAS (what the kernel is compiled against) and with the automatic choice
+    (NumPy's OpenBLAS where it can be found); restore the automatic choice after."""
+    used = cy.use_blas(request.param)
+    yield used
+    cy.use_blas("auto")
+
+
+@pytest.fixture
+def cyeng(cy):
+    return Engine("cython", cy, np)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blas_sources_match(cyeng, dtype, blas):
+    rng = np.random.default_rng(2)
+    for shape in [(1, 1, 1, 1), (5, 3, 4, 6), (128, 7, 16, 128), (40, 2, 300, 9)]:
+        for zero_state in (False, True):
+            compare(cyeng, make_case(rng, *shape, dtype, zero_state), dtype)
+
+
+def test_use_blas_rejects_unknown(cy):
+    with pytest.raises(ValueError):
+        cy.use_blas("mkl")
+    assert cy.BLAS == cy.use_blas("auto")
+
+
+def test_noncontiguous_inputs_and_grads(cy):
+    rng = np.random.default_rng(7)
+    dtype = np.float32
+    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 4, 3, 5, 6, dtype)
+    ref = run_engine(_numpy, xs, Wx, Wh, b, h0, c0, dhs)
+    xs_view = np.ascontiguousarray(xs.transpose(1, 0, 2)).transpose(1, 0, 2)
+    hs, hT, cT, cache = cy.forward(xs_view, np.asfortranarray(Wx), Wh, b, np.asfortranarray(h0), c0)
+    grads = [np.asfortranarray(np.zeros_like(Wx)), np.zeros_like(Wh), np.zeros_like(b)]
+    ids = [id(g) for g in grads]
+    dxs, dh0 = cy.backward(dhs, cache, grads)
+    assert [id(g) for g in grads] == ids  # written in place
+    got = dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=grads[0], dWh=grads[1], db=grads[2])
+    for k in ref:
+        assert_close(got[k], ref[k], 1e-5, k)
+
+
+def test_cache_serves_one_backward(cy):
+    rng = np.random.default_rng(9)
+    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 2, 2, 3, 4, np.float32)
+    *_, cache = cy.forward(xs, Wx, Wh, b, h0, c0)
+    grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+    cy.backward(dhs, cache, grads)
+    with pytest.raises(ValueError, match="one backward"):
+        cy.backward(dhs, cache, grads)
+
+
+def test_rejects_bad_input(cy):
+    rng = np.random.default_rng(10)
+    xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 2, 2, 3, 4, np.float32)
+    with pytest.raises(TypeError):
+        cy.forward(xs, Wx, Wh.astype(np.float64), b, h0, c0)
+    with pytest.raises(TypeError):
+        cy.forward(xs.astype(np.float16), Wx.astype(np.float16), Wh.astype(np.float16),
+                   b.astype(np.float16), h0.astype(np.float16), c0.astype(np.float16))
+    with pytest.raises(ValueError):
+        cy.forward(xs, Wx, Wh, b, h0[:1], c0)
+    *_, cache = cy.forward(xs, Wx, Wh, b, h0, c0)
+    with pytest.raises(ValueError):
+        cy.backward(dhs[:, :1], cache, [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)])
+
+
+def test_inputs_and_states_are_cast_to_the_weights_dtype(cyeng):
+    rng = np.random.default_rng(17)
+    case = make_case(rng, 3, 4, 2, 5, np.float32)
+    xs, Wx, Wh, b, h0, c0, dhs = case
+    ref = run_engine(cyeng, *case)
+    out = run_engine(cyeng, xs.astype(np.float64), Wx, Wh, b, h0.astype(np.float64),
+                     c0.astype(np.float16), dhs.astype(np.float64))
+    for k in ref:
+        assert out[k].dtype == np.float32
+        assert_close(out[k], ref[k], 1e-3, k)  # c0 went through float16
+
+
+# --- buffer pool ------------------------------------------------------------------------------
+
+def test_pooled_buffers_are_not_shared_while_alive(cy):
+    """Two live caches of the same shape, backward in either order; earlier hs stay intact."""
+    rng = np.random.default_rng(15)
+    cy.clear_pool()
+    cases = [make_case(rng, 4, 3, 5, 6, np.float32) for _ in range(3)]
+    Wx, Wh, b = cases[0][1:4]
+    cases = [[c[0], Wx, Wh, b] + c[4:] for c in cases]
+    refs = [run_engine(_numpy, *c) for c in cases]
+    # a dropped cache hands its buffers to the pool...
+    *_, cache = cy.forward(*cases[2][:6])
+    work = cache.work
+    del cache
+    # ...and the next forward of that shape reuses them
+    hs0, hT0, cT0, cache0 = cy.forward(*cases[0][:6])
+    assert cache0.work is work
+    hs1, hT1, cT1, cache1 = cy.forward(*cases[1][:6])
+    assert all(a is not b for a, b in zip(cache1.work, cache0.work))
+    outs = []
+    for cache, case in ((cache1, cases[1]), (cache0, cases[0])):
+        grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
+        dxs, dh0 = cy.backward(case[6], cache, grads)
+        outs.append((dxs, dh0, grads))
+    # a later forward (reusing the released buffers) must not touch the earlier outputs
+    cy.forward(*cases[2][:6])
+    for (hs, hT, cT), (dxs, dh0, grads), ref in zip(((hs1, hT1, cT1), (hs0, hT0, cT0)), outs,
+                                                    (refs[1], refs[0])):
+        got = dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=grads[0], dWh=grads[1], db=grads[2])
+        for k in ref:
+            assert_close(got[k], ref[k], 1e-5, k)
+
+
+def test_pool_is_bounded(cy, monkeypatch):
+    rng = np.random.default_rng(16)
+    case = make_case(rng, 3, 2, 4, 5, np.float64)
+    cy.clear_pool()
+    monkeypatch.setattr(_pool, "MAX_BYTES", 0)
+    *_, cache = cy.forward(*case[:6])
+    del cache
+    assert _pool._bytes == 0 and not _pool._sets
+    monkeypatch.setattr(_pool, "MAX_BYTES", 1 << 20)
+    for _ in range(3):
+        *_, cache = cy.forward(*case[:6])
+        cache2 = cy.forward(*case[:6])[3]
+        del cache, cache2
+    assert 0 < _pool._bytes <= 1 << 20
+    cy.clear_pool()
+    assert _pool._bytes == 0 and not _pool._sets
+
+
+# --- chunks: row chunks fixed by N, each with its own time loop, taken by up to n threads -------
+
+@pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
+def forced_split(cy, request, monkeypatch):
+    """Chunks of 2 rows or more (so small batches run chunked too), on 1, 2 or 3 threads."""
+    cy._lstm_cpu.set_min_chunk_rows(2)
+    monkeypatch.setattr(cy, "_threads", lambda: request.param)
+    yield request.param
+    cy._lstm_cpu.set_min_chunk_rows(32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_split_path_matches(cy, cyeng, dtype, zero_state, forced_split):
+    rng = np.random.default_rng(11)
+    for shape in [(6, 1, 1, 1), (7, 3, 4, 6), (65, 7, 16, 32), (128, 7, 16, 128), (131, 2, 300, 9)]:
+        assert cy._lstm_cpu.chunks(shape[0]) >= 2
+        compare(cyeng, make_case(rng, *shape, dtype, zero_state), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_path_noncontiguous_dhs(cyeng, dtype, forced_split):
+    check_noncontiguous_dhs(cyeng, 12, 9, dtype)
+
+
+def test_chunks_depend_on_the_batch_only(cy):
+    chunks = cy._lstm_cpu.chunks
+    assert chunks(63) == 1 and chunks(20) == 1
+    assert chunks(64) == 2 and chunks(128) == 4
+    assert chunks(5000) == 8  # bounded: each chunk keeps its own dWx, dWh shares
+
+
+def test_chunks_bit_identical_for_any_thread_count(cy, cyeng, monkeypatch):
+    """The chunks' shares are summed in chunk order: 1, 2 or 3 threads give the same bits."""
+    rng = np.random.default_rng(12)
+    case = make_case(rng, 131, 5, 8, 24, np.float32)
+    runs = []
+    for n in (1, 2, 3):
+        monkeypatch.setattr(cy, "_threads", lambda n=n: n)
+        runs.append(run_engine(cyeng, *case))
+    for other in runs[1:]:
+        for k in runs[0]:
+            np.testing.assert_array_equal(other[k], runs[0][k], err_msg=k)
+
+
+def test_split_path_with_global_thread_setter(cy, cyeng, monkeypatch):
+    """Only a global BLAS thread setter known: set to 1 around the loop, restored after."""
+    found = _blas.numpy_blas()
+    if found is None or not found.set_global or not cy._lstm_cpu.can_thread():
+        pytest.skip("NumPy's OpenBLAS (with a global thread setter) not in use")
+    import ctypes
+    getter = ctypes.CFUNCTYPE(ctypes.c_int)(found.get_global)
+    before = getter()
+    monkeypatch.setattr(cy, "_threads", lambda: 2)
+    cy._lstm_cpu.set_blas_threads(0, found.set_global, found.get_global)
+    try:
+        rng = np.random.default_rng(13)
+        for dtype in (np.float32, np.float64):
+            compare(cyeng, make_case(rng, 70, 5, 8, 16, dtype), dtype)
+        assert getter() == before
+    finally:
+        cy._lstm_cpu.set_blas_threads(found.set_local, found.set_global, found.get_global)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_no_dh0_split_path_matches(cy, cyeng, dtype, zero_state, forced_split):
+    rng = np.random.default_rng(22)
+    for shape in [(4, 1, 1, 1), (5, 3, 4, 6), (128, 7, 16, 128)]:
+        assert cy._lstm_cpu.chunks(shape[0]) >= 2
+        case = make_case(rng, *shape, dtype, zero_state)
+        full = compare(cyeng, case, dtype)
+        out = run_engine(cyeng, *case, need_dh0=False)
+        for k in ("dxs", "dWx", "dWh", "db"):
+            np.testing.assert_array_equal(out[k], full[k], err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_bias_split_path_matches(cyeng, dtype, forced_split):
+    rng = np.random.default_rng(5)
+    for shape in [(6, 1, 1, 1), (7, 3, 4, 6), (65, 4, 16, 32)]:
+        compare(cyeng, row_bias_case(rng, shape, dtype, False), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ids_input_split_path(cyeng, dtype, forced_split):
+    rng = np.random.default_rng(6)
+    for shape in [(6, 1, 2, 1), (7, 3, 4, 6), (65, 4, 13, 32)]:
+        compare_ids(cyeng, ids_case(rng, *shape, dtype, False), dtype)
