@@ -3,8 +3,8 @@
 This is the only module that reads fastseq's environment variables (once, at import):
 
     GPU=1                    the cupy engine (CuPy arrays and kernels on an NVIDIA GPU)
-    FASTSEQ_KERNEL=name      numpy | cython | cupy (default: cupy with GPU=1, else cython when
-                             built, else numpy)
+    FASTSEQ_KERNEL=name      numpy | cython | cupy (default: cython when built, else numpy;
+                             GPU=1 means cupy whatever FASTSEQ_KERNEL says)
     FASTSEQ_THREADS=n        most threads fastseq's own kernels and the BLAS may use
                              (default: the CPUs this process may use)
     FASTSEQ_DATA=dir         download cache (default ~/.cache/fastseq)
@@ -116,7 +116,10 @@ def _read_env(env):
         except ValueError:
             _problems.append(f"FASTSEQ_THREADS={raw!r}: expected an integer >= 1")
             threads = None
-    return dict(kernel=kernel, threads=threads, gpu=_flag(env.get("GPU", "")),
+    gpu = _flag(env.get("GPU", ""))
+    if gpu:  # GPU=1 is the documented switch: it wins over FASTSEQ_KERNEL
+        kernel = "cupy"
+    return dict(kernel=kernel, threads=threads, gpu=gpu,
                 data_dir=env.get("FASTSEQ_DATA", "").strip(),
                 ptb_url=env.get("FASTSEQ_PTB_URL", "").strip())
 

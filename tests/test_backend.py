@@ -198,6 +198,13 @@ def test_invalid_setting_warns_and_cli_exits_2(var, value):
     assert f"{var}={value!r}" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_gpu_wins_over_fastseq_kernel():
+    r = _run("import sys; sys.modules['cupy'] = None\n"
+             "from fastseq import backend; print(backend.config.gpu_requested)\n"
+             "backend.require_requested_engine()", GPU="1", FASTSEQ_KERNEL="numpy")
+    assert r.returncode == 1 and r.stdout.strip() == "True" and "GPU=1" in r.stderr
+
+
 def test_set_threads_validates():
     old = backend.config.threads
     try:
@@ -320,3 +327,11 @@ def test_numpy_engine_runs_with_the_extension_unimportable(tmp_path, env):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "pure engine: numpy" in r.stdout
     assert (tmp_path / "run" / "model.npz").exists()
+
+
+def test_readme_table_lists_every_variable_backend_reads():
+    import re
+    read = set(re.findall(r'env(?:\.get)?\(?\[?"([A-Z_]+)"', (PACKAGE / "backend.py").read_text()))
+    table = set(re.findall(r"^\| `([A-Z_]+)` \|", (ROOT / "README.md").read_text(), re.M))
+    assert read and read <= table, f"missing from README's table: {read - table}"
+    assert table - read <= {"FASTSEQ_REQUIRE_EXT"}  # read by setup.py and the tests only
