@@ -56,8 +56,8 @@ def softmax_cross_entropy(scores, labels, ignore_label=-1):
     n_valid = int(mask.sum())
     all_valid = n_valid == M  # the common case: no masking arithmetic at all
     safe = labels if all_valid else xp.where(mask, labels, 0)
-    # Stability shift: the global max (one fast reduction; per-row maxima over short rows cost
-    # ~15x more in NumPy). If a row then underflows to z ~ 0, redo with per-row maxima.
+    # Stability shift: the global max (one fast reduction, where per-row maxima over short rows
+    # are slow in NumPy). If a row then underflows to z ~ 0, redo with per-row maxima.
     shift = scores.max()
     flat = scores.reshape(-1)  # a view: scores is contiguous here
     at_label = xp.arange(M) * V + safe

@@ -61,12 +61,12 @@ class TimeEmbedding:
                 and self.idx.dtype == np.int64 and dout.strides[2] == dout.itemsize):
             ops.embed_scatter(dW, self.idx, dout, accumulate)  # ids checked in forward
             return None
-        if not accumulate and not (xp is backend.np and dW.shape[0] <= 64):
+        if not accumulate and not (xp is np and dW.shape[0] <= 64):
             dW[...] = 0
-        # scatter-add of rows; bincount per column is much faster than add.at on NumPy
+        # scatter-add of rows: add.at is slow on NumPy, so sort and reduce, or one small product
         ids = self.idx.ravel()
         d = dout.reshape(-1, D)
-        if xp is backend.np:
+        if xp is np:
             V = dW.shape[0]
             if V <= 64:  # small vocabulary: dW (+)= onehot(ids)^T d, one small product
                 onehot = np.zeros((ids.size, V), dtype=d.dtype)

@@ -292,12 +292,16 @@ def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_
     else:
         from concurrent.futures import ThreadPoolExecutor
 
-        from .models.base import one_blas_thread
+        from .lstm._blas import blas_threads
         parts = np.array_split(np.arange(N), workers)
         models = [model] + [model.inference_copy() for _ in range(workers - 1)]
-        # one BLAS thread per decoding thread (the limit is process-wide: set once, around the pool)
-        with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda k: decode(models[k], parts[k]), range(workers)))  # re-raises
+
+        def work(k):
+            with blas_threads(1):  # each decoding thread runs its own products
+                decode(models[k], parts[k])
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(work, range(workers)))  # list(): re-raise any worker's error
     ok = (guesses == answers).all(axis=1)
     if verbose and id_to_char is not None:
         for q, c, g, k in zip(questions[:3], answers[:3], guesses[:3], ok[:3]):

@@ -1,5 +1,4 @@
 """What every model shares: params/grads lists, initialisation, save/load as .npz."""
-import contextlib
 import copy
 import types
 
@@ -46,16 +45,6 @@ def lstm_params(rng, D, H, dtype=np.float32):
     return [randn(rng, D, 4 * H, scale=1 / np.sqrt(D), dtype=dtype),
             randn(rng, H, 4 * H, scale=1 / np.sqrt(H), dtype=dtype),
             zeros(4 * H, dtype=dtype)]
-
-
-def one_blas_thread():
-    """Context: the BLAS runs single-threaded inside (one-row products, where threads only cost
-    hand-off time; or decoding threads that each run their own products)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: then the BLAS keeps its own thread count
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 class Model:
