@@ -185,17 +185,27 @@ def torch_addition(dev, model_name, x, t, V):
 
 def part_addition(dev, model_name, args, data_dir):
     x, t, V = addition_data(data_dir, args.smoke)
-    runners = {}
+    runners, graphed = {}, None
     if dev.name == "cuda":
-        runners["fastseq CuPy, CUDA graphs"] = fastseq_addition(model_name, x, t, V, True)[0]
+        runners["fastseq CuPy, CUDA graphs"], graphed = fastseq_addition(model_name, x, t, V, True)
         runners["fastseq CuPy, eager"] = fastseq_addition(model_name, x, t, V, False)[0]
     else:
         runners["fastseq CPU"] = fastseq_addition(model_name, x, t, V, False)[0]
     if dev.torch is not None:
         runners["PyTorch " + ("cuDNN" if dev.name == "cuda" else "CPU")] = \
             torch_addition(dev, model_name, x, t, V)
-    return interleave(dev, runners, args, unit="s/epoch", scale=1.0,
-                      what=f"{model_name} addition epoch ({len(x)} questions)")
+    res = interleave(dev, runners, args, unit="s/epoch", scale=1.0,
+                     what=f"{model_name} addition epoch ({len(x)} questions)")
+    return graph_note(res, graphed, ADD["clip"])
+
+
+def graph_note(res, trainer, max_grad):
+    """Whether the graphed runner really replayed graphs (and why not, if not)."""
+    if trainer is not None:
+        step = trainer.device_step(max_grad)
+        res["graphs"] = {"reason": getattr(step, "reason", "no GraphStep"),
+                         "counts": getattr(step, "counts", None)}
+    return res
 
 
 # ------------------------------------------------------------------------- BetterRnnlm on PTB
@@ -224,6 +234,7 @@ def fastseq_better(corpus, H, iters, graphs):
     def run():
         trainer.fit(xs, ts, max_iters=iters, eval_interval=iters, **kw)
         return trainer.epoch_losses[-1]
+    run.trainer = trainer
     return run
 
 
@@ -280,16 +291,19 @@ def part_better(dev, args, data_dir):
     corpus, source = ptb_corpus(data_dir, args.smoke)
     H = PTB["H"]
     iters = 2 if args.smoke else args.ptb_iters
+    graphed = None
     if dev.name == "cuda":
         runners = {"fastseq CuPy, CUDA graphs": fastseq_better(corpus, H, iters, True),
                    "fastseq CuPy, eager": fastseq_better(corpus, H, iters, False)}
+        graphed = runners["fastseq CuPy, CUDA graphs"].trainer
     else:
         runners = {"fastseq CPU": fastseq_better(corpus, H, iters, False)}
     if dev.torch is not None:
         runners["PyTorch " + ("cuDNN" if dev.name == "cuda" else "CPU")] = \
             torch_better(dev, corpus, H, iters)
-    return interleave(dev, runners, args, unit="ms/iter", scale=1000.0 / iters,
-                      what=f"BetterRnnlm H={H} ({source}), {iters} iterations per round")
+    res = interleave(dev, runners, args, unit="ms/iter", scale=1000.0 / iters,
+                     what=f"BetterRnnlm H={H} ({source}), {iters} iterations per round")
+    return graph_note(res, graphed, PTB["clip"])
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -366,6 +380,11 @@ def ratio_rows(parts, targets=True):
             out.append((f"{name}: {r['runner']}", f"{r['median']:.4g} {r['unit']}",
                         f"{torch_row['median']:.4g}" if torch_row else "-",
                         f"{ratio:.2f}x" if ratio is not None else "-", verdict))
+        g = res.get("graphs")
+        if g:
+            note = "graphs replayed: " + json.dumps(g["counts"]) if g["reason"] is None \
+                else f"graphs NOT used: {g['reason']}"
+            out.append((f"{name}: (graphs)", "", "", "", note[:100]))
     return out
 
 

@@ -56,6 +56,7 @@ class GraphStep:
         self._api = api
         self._graphs = {}   # (x shape, x dtype, t shape, t dtype) -> _Captured
         self._warm = set()  # shapes whose eager warm-up step has run
+        self._checked = False  # whether the direct products were checked (api.check)
         self.counts = {"eager": 0, "captured": 0, "replayed": 0}
 
     @property
@@ -65,6 +66,12 @@ class GraphStep:
         return self._api
 
     def __call__(self, x, t):
+        if not self._checked and self.reason is None:
+            self._checked = True
+            try:
+                self.api.check()
+            except Exception as e:  # no usable direct cuBLAS calls: no graphs, eager steps
+                self.reason = f"direct cuBLAS products unavailable ({type(e).__name__}: {e})"
         if self.reason is not None:
             return self._eager(x, t)
         key = (x.shape, str(x.dtype), t.shape, str(t.dtype))
@@ -186,6 +193,21 @@ class CupyGraphApi:
 
     def empty_like(self, a):
         return self.cupy.empty(a.shape, dtype=a.dtype)
+
+    def check(self):
+        """Direct cuBLAS products work here and agree with CuPy's, for both operand orders (once,
+        before the first graph: a wrong product must not train a model)."""
+        import numpy
+        cupy, engine = self.cupy, self._cupy_engine
+        rng = numpy.random.default_rng(0)
+        for dtype in (numpy.float32, numpy.float64):
+            a = cupy.asarray(rng.standard_normal((5, 3)).astype(dtype))
+            b = cupy.asarray(rng.standard_normal((3, 4)).astype(dtype))
+            for x, y in ((a, b), (cupy.asfortranarray(a), b), (a, cupy.asfortranarray(b))):
+                with self.direct_products():
+                    got = engine.matmul(x, y)
+                if not bool(cupy.allclose(got, cupy.matmul(x, y), rtol=1e-4, atol=1e-5)):
+                    raise RuntimeError("direct cuBLAS products disagree with CuPy's")
 
     def copy(self, dst, src):
         dst[...] = src

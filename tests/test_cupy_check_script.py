@@ -49,11 +49,14 @@ def test_report_is_one_table(compare_gpu, tmp_path, capsys):
             {"runner": "fastseq CuPy, eager", "median": 0.9, "unit": "s/epoch"},
             {"runner": "PyTorch cuDNN", "median": 1.0, "unit": "s/epoch"}]
     cmp = {"info": {"device": "cuda", "gpu": "NVIDIA H200", "cupy": "14.0", "torch": "2.9"},
-           "parts": {"peeky": {"rows": rows},
+           "parts": {"peeky": {"rows": rows, "graphs": {"reason": None, "counts": {
+                         "eager": 1, "captured": 1, "replayed": 350}}},
                      "better": {"rows": [{"runner": "fastseq CuPy", "median": 13.0,
                                           "unit": "ms/iter"},
                                          {"runner": "PyTorch cuDNN", "median": 10.0,
-                                          "unit": "ms/iter"}]},
+                                          "unit": "ms/iter"}],
+                                "graphs": {"reason": "capture failed, steps run eagerly (x)",
+                                           "counts": {}}},
                      "seq2seq": {"error": "RuntimeError: boom"}}}
     (tmp_path / "compare.json").write_text(json.dumps(cmp))
     for side, accs in (("gpu", [0.1, 0.4, 0.8]), ("cpu", [0.1, 0.45, 0.85])):
@@ -67,4 +70,5 @@ def test_report_is_one_table(compare_gpu, tmp_path, capsys):
     assert "0.20x" in text and "<= 0.5x: PASS" in text   # Peeky with graphs against PyTorch
     assert "1.30x" in text and "<= 1.2x: FAIL" in text   # BetterRnnlm
     assert "seq2seq" in text and "ERROR" in text
+    assert '"replayed": 350' in text and "graphs NOT used: capture failed" in text
     assert "GPU 10.0/40.0/80.0" in text and "moves as on CPU: yes" in text

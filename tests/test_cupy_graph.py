@@ -36,9 +36,10 @@ class FakeGraph:
 
 
 class FakeApi:
-    def __init__(self, step_fn, model, optimizer, fail_capture=False):
+    def __init__(self, step_fn, model, optimizer, fail_capture=False, fail_check=False):
         self.step_fn, self.model, self.optimizer = step_fn, model, optimizer
         self.fail_capture = fail_capture
+        self.fail_check = fail_check
         self.buffers = []
         self.mark = 0
         self.launches = 0
@@ -47,6 +48,10 @@ class FakeApi:
         self.capturing = False
         self.loss_buffer = None
         self.device_iter = None
+
+    def check(self):
+        if self.fail_check:
+            raise RuntimeError("pretend libcublas was not found")
 
     def empty_like(self, a):
         b = np.empty_like(a)
@@ -184,6 +189,16 @@ def test_capture_failure_falls_back_to_eager_steps():
     assert opt.iter == 5  # the failed capture's host update was undone
     for p, q in zip(model.params, plain_model.params):
         np.testing.assert_array_equal(p, q)
+
+
+def test_no_direct_products_means_eager_steps():
+    model, opt, _, buffered = _make()
+    api = FakeApi(buffered, model, opt, fail_check=True)
+    gstep = cuda_graph.GraphStep(buffered, model, opt, api=api)
+    for x, t in _batches(3):
+        gstep(x, t)
+    assert "direct cuBLAS products unavailable" in gstep.reason
+    assert gstep.counts == {"eager": 3, "captured": 0, "replayed": 0} and api.direct == 0
 
 
 def test_new_learning_rate_is_recaptured_and_shapes_are_bounded():
