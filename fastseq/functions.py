@@ -12,15 +12,21 @@ def matmul(a, b, out=None):
     cuBLAS directly (fastseq.lstm._cupy.matmul): CuPy's own products cannot be captured."""
     if out is not None and out.ndim == 0:
         raise ValueError("matmul: out must be an array")
-    xp = get_array_module(a)
-    if xp is not np:
+    if _direct_products(a):
         from .lstm import _cupy
-        if _cupy._direct.on:
-            return _cupy.matmul(a, b, out=out)
+        return _cupy.matmul(a, b, out=out)
     if out is None:
         return a @ b
     out[...] = a @ b
     return out
+
+
+def _direct_products(a):
+    """Whether a product goes to cuBLAS directly: CuPy arrays while a graph is captured."""
+    if get_array_module(a) is np:
+        return False
+    from .lstm import _cupy
+    return _cupy._direct.on
 
 
 def softmax(x):

@@ -607,3 +607,42 @@ def test_dropout_mask_kernel(kernel, dtype):
     assert not np.array_equal(other, m1)
     rows = (m1 > 0).mean(axis=1)  # no stripes along the index
     assert rows.min() > 0.2 and rows.max() < 0.95
+
+
+@pytest.mark.parametrize("name", ["seq2seq", "peeky", "rnnlm", "better"])
+def test_layer_products_through_the_direct_path(name, monkeypatch):
+    """Every product the layers make in a training step (TimeAffine, TimeLSTM's context,
+    TimeAffineSoftmaxWithLoss, TiedAffine), sent through matmul's direct cuBLAS path as while a
+    graph is captured (gemm emulated in column-major order), gives the same loss and grads."""
+    import fastseq
+    from fastseq import functions
+    rng = np.random.default_rng(6)
+    lm = name in ("rnnlm", "better")
+    x = rng.integers(0, 40 if lm else 13, (6, 5 if lm else 7))
+    t = rng.integers(0, 40 if lm else 13, (6, 5))
+
+    def run():
+        with fastseq.backend.using("numpy"):
+            model = {"seq2seq": lambda: fastseq.Seq2seq(13, 4, 6, seed=0, dtype=np.float64),
+                     "peeky": lambda: fastseq.PeekySeq2seq(13, 4, 6, seed=0, dtype=np.float64),
+                     "rnnlm": lambda: fastseq.Rnnlm(40, 4, 6, seed=0, dtype=np.float64),
+                     "better": lambda: fastseq.BetterRnnlm(40, 6, 6, 0.0, seed=0,
+                                                           dtype=np.float64)}[name]()
+            loss = float(model.forward(x, t))
+            model.backward()
+            return loss, [g.copy() for g in model.grads]
+
+    want = run()
+    calls = []
+
+    def direct(a, b, out=None):
+        calls.append((a.shape, b.shape))
+        return _cupy._matmul(np, _emulated_gemm, a, b, out)
+
+    monkeypatch.setattr(functions, "_direct_products", lambda a: True)
+    monkeypatch.setattr(_cupy, "matmul", direct)
+    got = run()
+    assert calls  # the layers' products did take the direct path
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-13)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-13)

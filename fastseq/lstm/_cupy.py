@@ -11,10 +11,15 @@ kernel (bias + gates + cell + output); the backward pass is one fused elementwis
 gate gradients and dc_{t-1}) and one product (dA_t Wh^T). x Wx, dWx, dWh and dx are one product
 each over all time steps. Every buffer is time-major (T, N, ...) and allocated once per call.
 
-The kernel sources are plain C++ expressions over ``T`` (float or double) using only ``tanh``,
-so ``tests/test_cupy_source.py`` compiles these very strings with a host C++ compiler and runs the
-whole engine on the CPU (``_forward`` / ``_backward`` take the array module and the kernel
-factory as arguments). Importing this module never needs CuPy; calling ``forward`` does.
+Also here, for the rest of a training step on the GPU without a value read back per step (and
+so capturable in a CUDA graph, see fastseq.cuda_graph): ``matmul`` (cuBLAS called directly while
+a graph is captured), ``adam_update``, ``clip_grads`` and ``dropout_mask``.
+
+The kernel sources are plain C++ expressions over ``T`` (float or double), so
+``tests/test_cupy_source.py`` compiles these very strings with a host C++ compiler and runs them
+on the CPU (``_forward``, ``_backward`` and the other ``_name`` functions take the array module
+and the kernel factory as arguments). Importing this module never needs CuPy; calling ``forward``
+does.
 """
 import sys
 
