@@ -349,12 +349,18 @@ def check_same_device(*arrays, what="arrays"):
 # --- report ----------------------------------------------------------------------------------------
 
 def _blas_pools():
-    """[(library, threads), ...] for the BLAS / OpenMP pools loaded in this process."""
+    """[(library (owning package), threads), ...] for the BLAS and OpenMP pools loaded here."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
         return []
-    return [(d.get("internal_api", "?"), d.get("num_threads")) for d in threadpool_info()]
+    pools = []
+    for d in threadpool_info():
+        folder = os.path.basename(os.path.dirname(d.get("filepath", "")))
+        owner = f" ({folder[:-5]})" if folder.endswith(".libs") else ""  # a wheel's bundled copy
+        name = d.get("internal_api", "?") + owner
+        pools.append((name, d.get("num_threads")))
+    return pools
 
 
 def info():

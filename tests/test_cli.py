@@ -77,12 +77,3 @@ def test_bad_data_file_is_one_clear_line(tmp_path, capsys):
     bad.write_text("1+1_2\nbroken\n")
     assert main(["--data", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "line 2" in capsys.readouterr().err
-
-
-def test_help_lists_every_flag(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    text = capsys.readouterr().out
-    for flag in ["--task", "--model", "--reverse", "--no-reverse", "--epochs", "--batch-size",
-                 "--hidden-size", "--wordvec-size", "--lr", "--seed", "--data", "--out"]:
-        assert flag in text
