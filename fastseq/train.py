@@ -1,7 +1,7 @@
 """python -m fastseq.train: train a model; write metrics.json, a curve PNG, model.npz and, after
 every epoch (and every --checkpoint-every iterations), checkpoint.npz.
 
-    python -m fastseq.train                      # PeekySeq2seq + reversed input on generated addition
+    python -m fastseq.train                      # PeekySeq2seq, reversed input, generated addition
     python -m fastseq.train --model seq2seq --no-reverse --data ../shared/data/addition.txt
     GPU=1 python -m fastseq.train                # same run on CuPy
     python -m fastseq.train --task date --data ../shared/data/date.txt --beam 5   # AttentionSeq2seq

@@ -217,9 +217,9 @@ class Trainer(TrainLoop):
             raise ValueError(f"x has {len(x)} rows but t has {len(t)}")
         if len(x) < batch_size:
             raise ValueError(f"batch_size {batch_size} is larger than the data ({len(x)} rows)")
-        if self.iteration and (self.order is None or len(self.order) != len(x)):
-            raise ValueError(f"the epoch in progress shuffled {0 if self.order is None else len(self.order)} "
-                             f"rows but x has {len(x)}")
+        shuffled = 0 if self.order is None else len(self.order)
+        if self.iteration and shuffled != len(x):
+            raise ValueError(f"the epoch in progress shuffled {shuffled} rows but x has {len(x)}")
         self._data = (backend.asarray(x), backend.asarray(t), batch_size)  # on the device once
         try:
             with self.checked_once(*self._data[:2]):
@@ -365,7 +365,8 @@ class RnnlmTrainer(TrainLoop):
 
     def fit(self, xs, ts, max_epoch=10, batch_size=20, time_size=35, max_grad=None,
             eval_interval=20, max_iters=None):
-        """``max_iters`` caps the iterations per epoch (default len(xs) // (batch_size * time_size))."""
+        """``max_iters`` caps the iterations per epoch (default: len(xs) // (batch_size *
+        time_size))."""
         max_grad = self._check_fit_args(max_epoch, batch_size, max_grad, eval_interval)
         check_count("time_size", time_size)
         if len(xs) != len(ts):
