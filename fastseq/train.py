@@ -632,12 +632,12 @@ def main(argv=None):
             return 128 + signum
         run.finish()
         return 0
-    except UsageError as e:
-        print(f"fastseq: {e}", file=sys.stderr)
-    except (OSError, ValueError, backend.BackendError) as e:  # missing files, bad data, no GPU
+    except (UsageError, OSError, ValueError, backend.BackendError) as e:  # incl. bad data, no GPU
         print(f"fastseq: {e}", file=sys.stderr)
     except FloatingPointError as e:  # TrainingDiverged: nothing written after the last good state
-        print(f"fastseq: training stopped: {e}; the last checkpoint in {out} is intact",
+        saved = out and os.path.exists(os.path.join(out, "checkpoint.npz"))
+        print(f"fastseq: training stopped: {e}; " +
+              (f"the last checkpoint in {out} is intact" if saved else "nothing was saved"),
               file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Interrupted) as e:

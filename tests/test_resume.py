@@ -279,3 +279,16 @@ def test_non_finite_validation_perplexity_is_never_the_best_model(data, tmp_path
     err = capsys.readouterr().err
     assert rc == 1 and "validation perplexity is nan after epoch 1" in err
     assert not (out / "model.npz").exists()
+
+
+def test_resume_from_a_damaged_checkpoint_is_one_fastseq_line(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = task_args("seq2seq", data)
+    args[args.index("--epochs") + 1] = "1"
+    assert main(args + ["--engine", "numpy", "--out", str(out), "--no-progress"]) == 0
+    blob = (out / "checkpoint.npz").read_bytes()
+    (out / "checkpoint.npz").write_bytes(blob[: len(blob) // 2])
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastseq: ") and "checkpoint.npz" in err[0]
