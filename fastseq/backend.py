@@ -181,6 +181,8 @@ def compiled(name):
         except ImportError as e:
             _compiled[name] = None
             _compiled_errors[name] = f"{type(e).__name__}: {e}"
+        else:
+            _limit_blas()  # the extension may have loaded another BLAS (SciPy's)
     return _compiled[name]
 
 
@@ -246,6 +248,18 @@ def using(name):
         xp = saved_xp
 
 
+def _limit_blas():
+    """Cap the BLAS pools loaded so far at config.blas_threads when that is below the CPU count
+    (FASTSEQ_THREADS=1: every product single-threaded too); by default the BLAS keeps its own."""
+    if config.blas_threads >= config.cpus:
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(config.blas_threads, user_api="blas")
+
+
 def set_threads(n=None):
     """Change config.threads (None: back to FASTSEQ_THREADS or the CPU count) and the per-kernel
     thread fields derived from it."""
@@ -253,6 +267,7 @@ def set_threads(n=None):
         raise ValueError(f"threads must be an integer >= 1, got {n!r}")
     config.threads = int(n) if n is not None else (_ENV["threads"] or config.cpus)
     _thread_policy(config)
+    _limit_blas()
 
 
 def is_gpu():

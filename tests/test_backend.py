@@ -187,6 +187,19 @@ def test_single_thread_setting():
     assert r.stdout.split() == ["1", "1", "1"]
 
 
+def test_one_thread_caps_the_blas_pools():
+    r = _run("""
+        import numpy as np
+        import fastseq
+        from threadpoolctl import threadpool_info
+        m = fastseq.Seq2seq(13, 8, 16, seed=0)
+        m.forward(np.zeros((4, 5), dtype=np.int64), np.ones((4, 3), dtype=np.int64))
+        print(sorted({d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}))
+        """, FASTSEQ_THREADS="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "[1]"
+
+
 @pytest.mark.parametrize("var,value", [("FASTSEQ_THREADS", "0"), ("FASTSEQ_THREADS", "two"),
                                        ("FASTSEQ_KERNEL", "fortran")])
 def test_invalid_setting_warns_and_cli_exits_2(var, value):
