@@ -8,8 +8,8 @@ import argparse
 import math
 import sys
 
-from .sampling import (make_sampler, sample_from_logits, softmax_temperature,  # noqa: F401
-                       top_k_filter, top_p_filter)
+from .sampling import (MIN_TEMPERATURE, make_sampler, sample_from_logits,  # noqa: F401
+                       softmax_temperature, top_k_filter, top_p_filter)
 
 DEFAULT_SKIP = ("N", "<unk>", "$")
 
@@ -17,7 +17,7 @@ DEFAULT_SKIP = ("N", "<unk>", "$")
 # ---------------------------------------------------------------------------------------------
 # the CLI: answers from a seq2seq model, text from a language model
 
-MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy for any logits a model produces
+MAX_LENGTH = 100_000  # words per run: bounded so that no argument makes it run for hours
 LM_ONLY = ("start", "length", "temperature", "top_k", "top_p", "seed", "allow_skipped")
 
 
@@ -85,8 +85,8 @@ def _text(saved, args):
         raise ValueError(f"--question needs a seq2seq model; {args.model} holds a language model "
                          f"({type(saved.model).__name__}): give --start")
     length = 100 if args.length is None else args.length
-    if length < 1:
-        raise ValueError(f"--length must be >= 1, got {length}")
+    if not 1 <= length <= MAX_LENGTH:
+        raise ValueError(f"--length must be in [1, {MAX_LENGTH}], got {length}")
     t = 1.0 if args.temperature is None else args.temperature
     if not (t >= 0 and math.isfinite(t)):
         raise ValueError(f"--temperature must be a finite number >= 0, got {t}")

@@ -22,6 +22,9 @@ def make_rng(seed=None, rng=None):
     return np.random.mtrand._rand
 
 
+MIN_TEMPERATURE = 1e-4  # below this, logits / temperature overflow or sampling is greedy anyway
+
+
 def _check_temperature(temperature):
     t = float(temperature)
     if not t >= 0 or t == float("inf"):
@@ -51,7 +54,7 @@ def softmax_temperature(logits, temperature=1.0):
     (the first one on ties). -inf logits get probability 0."""
     z = np.asarray(logits, dtype=np.float64)
     t = _check_temperature(temperature)
-    if t == 0:
+    if t < MIN_TEMPERATURE:
         p = np.zeros(z.shape)
         p[int(np.argmax(z))] = 1.0
         return p
@@ -103,7 +106,7 @@ def make_sampler(vocab_size, skip_ids=None, temperature=1.0, top_k=None, top_p=N
     t = _check_temperature(temperature)
     k = _check_top_k(top_k, V)
     p = _check_top_p(top_p)
-    greedy = bool(greedy) or t == 0
+    greedy = bool(greedy) or t < MIN_TEMPERATURE
     gen = make_rng(seed, rng)
     skip = None
     if skip_ids is not None:

