@@ -171,7 +171,7 @@ class AttentionSeq2seq(Model):
         ts = self._check_ids(ts, "answers ts", ignore=ignore)
         if xs.shape[0] != ts.shape[0]:
             raise ValueError(f"xs has {xs.shape[0]} rows but ts has {ts.shape[0]}")
-        xp = backend.xp
+        xp = get_array_module(xs)
         enc_hs, mask = self.encode(xs)
         dec_in, targets = ts[:, :-1], ts[:, 1:]
         if ignore is not None and ignore < 0:
