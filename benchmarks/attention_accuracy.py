@@ -34,6 +34,22 @@ def exact_match(guesses, answers):
     return float((np.asarray(guesses) == answers).all(axis=1).mean())
 
 
+def write_attention_png(model, data, x_test, pad, path, n=4):
+    """Attention maps of the first n test questions, columns in the questions' written order."""
+    from fastseq.datasets.sequence import reverse_padded, true_lengths
+    from fastseq.plot import plot_attention_maps
+    xs, v = x_test[:n], data.vocab
+    out, w = model.attention_map(xs, data.t_test[:n, 0], data.t_test.shape[1] - 1)
+    maps = []
+    for q, a, wq in zip(xs, out, w):
+        T = len(q)
+        L = T if pad is None else int(true_lengths(q[None], pad)[0])
+        cols = np.arange(T)
+        cols = np.where(cols < L, L - 1 - cols, cols)  # fed position of each written character
+        maps.append((wq[:, cols], v.decode(reverse_padded(q[None], pad)[0]), v.decode(a)))
+    return plot_attention_maps(maps, path)
+
+
 def load_weights(model, path):
     """model.load_params, or (a file this script wrote with an earlier fastseq, whose format
     load_params no longer reads) the arrays by name from our own trusted file."""
@@ -99,6 +115,7 @@ def main():
         final[f"beam{k}"] = exact_match(beam_search(model, x_test, start, width, k), answers)
         final[f"beam{k}_seconds"] = round(time.perf_counter() - t0, 2)
     metrics["final"] = final
+    write_attention_png(model, data, x_test, pad, os.path.join(args.out, "attention.png"))
     print("final test accuracy: " + ", ".join(f"{k} {v * 100:.3f}%" for k, v in final.items()
                                                if not k.endswith("seconds")))
     with open(metrics_path, "w") as f:
