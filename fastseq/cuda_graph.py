@@ -33,9 +33,6 @@ MAX_GRAPHS = 2
 
 def capture_problem(model, optimizer=None):
     """Why the training steps of ``model`` cannot be captured (a sentence), or None."""
-    if type(model).__name__ == "AttentionSeq2seq":
-        return ("AttentionSeq2seq's batched attention products and padding lengths are not "
-                "captured yet")
     if optimizer is not None and type(optimizer).__name__ not in ("Adam", "SGD"):
         return f"the optimiser {type(optimizer).__name__} is not known to be capturable"
     return None

@@ -486,7 +486,7 @@ class TimeAttention:
                              f"states {hs_enc.shape} (expected (N, Td, H) with N={N}, H={H})")
         if mask is not None and mask.shape != (N, Te):
             raise ValueError(f"TimeAttention: mask has shape {mask.shape}, expected {(N, Te)}")
-        a = xp.matmul(hs_dec, hs_enc.transpose(0, 2, 1))          # (N, Td, Te)
+        a = matmul(hs_dec, hs_enc.transpose(0, 2, 1))             # (N, Td, Te)
         if mask is not None:  # -inf scores: exp gives those keys exactly 0
             a += xp.where(mask, 0, -xp.inf).astype(a.dtype)[:, None, :]
         a -= a.max(axis=2, keepdims=True)
@@ -494,15 +494,15 @@ class TimeAttention:
         a /= a.sum(axis=2, keepdims=True)
         self._cache = (hs_enc, hs_dec, a)
         self.attention_weights = a
-        return xp.matmul(a, hs_enc)                                 # (N, Td, H)
+        return matmul(a, hs_enc)                                    # (N, Td, H)
 
     def backward(self, dc):
         hs_enc, hs_dec, a = self._cache
         xp = get_array_module(dc)
-        da = xp.matmul(dc, hs_enc.transpose(0, 2, 1))               # (N, Td, Te)
+        da = matmul(dc, hs_enc.transpose(0, 2, 1))                  # (N, Td, Te)
         ds = da - (a * da).sum(axis=2, keepdims=True)
         ds *= a
-        dhs_enc = xp.matmul(a.transpose(0, 2, 1), dc)
-        dhs_enc += xp.matmul(ds.transpose(0, 2, 1), hs_dec)
-        dhs_dec = xp.matmul(ds, hs_enc)
+        dhs_enc = matmul(a.transpose(0, 2, 1), dc)
+        dhs_enc += matmul(ds.transpose(0, 2, 1), hs_dec)
+        dhs_dec = matmul(ds, hs_enc)
         return dhs_enc, dhs_dec

@@ -513,14 +513,17 @@ def _colmajor(buf, rows, cols, ld):
 
 
 def _emulated_gemm(plan, first, second, out):
-    """cublas<t>gemm's column-major semantics on the operands' memory (alpha 1, beta 0)."""
-    op1, op2, m, n, k, ld1, ld2, ldo = plan
+    """cublas<t>gemm's (or, for a 3-D out, cublas<t>gemmStridedBatched's) column-major semantics
+    on the operands' memory (alpha 1, beta 0)."""
+    op1, op2, m, n, k, ld1, ld2, ldo, batch, s1, s2, so = plan
     mem = [a.ravel(order="K") for a in (first, second, out)]
     assert all(np.shares_memory(v, a) for v, a in zip(mem, (first, second, out)))
-    A = _colmajor(mem[0], *((m, k) if op1 == 0 else (k, m)), ld1)
-    B = _colmajor(mem[1], *((k, n) if op2 == 0 else (n, k)), ld2)
-    C = _colmajor(mem[2], m, n, ldo)
-    C[...] = (A if op1 == 0 else A.T) @ (B if op2 == 0 else B.T)
+    assert out.ndim == 3 or batch == 1
+    for i in range(batch):
+        A = _colmajor(mem[0][i * s1:], *((m, k) if op1 == 0 else (k, m)), ld1)
+        B = _colmajor(mem[1][i * s2:], *((k, n) if op2 == 0 else (n, k)), ld2)
+        C = _colmajor(mem[2][i * so:], m, n, ldo)
+        C[...] = (A if op1 == 0 else A.T) @ (B if op2 == 0 else B.T)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -560,6 +563,35 @@ def test_direct_matmul_vectors_and_strided():
         _cupy._matmul(np, _emulated_gemm, A, B)
     with pytest.raises(TypeError, match="float32/float64"):
         _cupy._matmul(np, _emulated_gemm, A.astype(np.float32), A.T)
+
+
+@pytest.mark.parametrize("a_order,b_order", [("C", "C"), ("F", "C"), ("C", "F"), ("F", "F"),
+                                             ("S", "C"), ("C", "2"), ("2", "F")])
+@pytest.mark.parametrize("B,M,K,N", [(3, 4, 5, 2), (2, 1, 3, 1), (1, 2, 2, 2), (4, 3, 1, 2)])
+def test_direct_matmul_stacks(a_order, b_order, B, M, K, N):
+    """Stacks of products (strided batched gemm): C- or F-ordered blocks (as attention's
+    transposes give), strided stacks (copied), and a 2-D operand used for every block."""
+    rng = np.random.default_rng(B * 1000 + M * 100 + K * 10 + N)
+
+    def operand(order, r, c):
+        if order == "2":
+            return rng.standard_normal((r, c))
+        x = rng.standard_normal((B, r, c))
+        if order == "F":
+            return np.ascontiguousarray(x.transpose(0, 2, 1)).transpose(0, 2, 1)
+        if order == "S":  # blocks not one after the other: a time-major view
+            return np.ascontiguousarray(x.transpose(1, 0, 2)).transpose(1, 0, 2)
+        return x
+
+    a, b = operand(a_order, M, K), operand(b_order, K, N)
+    want = np.matmul(a, b)
+    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, a, b), want, rtol=1e-12)
+    out = np.full(want.shape, np.nan)
+    _cupy._matmul(np, _emulated_gemm, a, b, out=out)
+    np.testing.assert_allclose(out, want, rtol=1e-12)
+    outT = np.full(want.shape[::-1], np.nan).T  # not C-ordered: through a copy
+    _cupy._matmul(np, _emulated_gemm, a, b, out=outT)
+    np.testing.assert_allclose(outT, want, rtol=1e-12)
 
 
 def test_engine_with_direct_products(kernel, monkeypatch):
@@ -609,17 +641,22 @@ def test_dropout_mask_kernel(kernel, dtype):
     assert rows.min() > 0.2 and rows.max() < 0.95
 
 
-@pytest.mark.parametrize("name", ["seq2seq", "peeky", "rnnlm", "better"])
+@pytest.mark.parametrize("name", ["seq2seq", "peeky", "rnnlm", "better", "attention",
+                                  "attention-pad"])
 def test_layer_products_through_the_direct_path(name, monkeypatch):
     """Every product the layers make in a training step (TimeAffine, TimeLSTM's context,
     TimeAffineSoftmaxWithLoss, TiedAffine), sent through matmul's direct cuBLAS path as while a
     graph is captured (gemm emulated in column-major order), gives the same loss and grads."""
     import fastseq
     from fastseq import functions
+    from fastseq.models.attention import AttentionSeq2seq
     rng = np.random.default_rng(6)
     lm = name in ("rnnlm", "better")
     x = rng.integers(0, 40 if lm else 13, (6, 5 if lm else 7))
-    t = rng.integers(0, 40 if lm else 13, (6, 5))
+    t = rng.integers(0, 40 if lm else 12, (6, 5))
+    if name == "attention-pad":
+        x[:, 5:] = 12
+        t[2:, 3:] = 12
 
     def run():
         with fastseq.backend.using("numpy"):
@@ -627,7 +664,11 @@ def test_layer_products_through_the_direct_path(name, monkeypatch):
                      "peeky": lambda: fastseq.PeekySeq2seq(13, 4, 6, seed=0, dtype=np.float64),
                      "rnnlm": lambda: fastseq.Rnnlm(40, 4, 6, seed=0, dtype=np.float64),
                      "better": lambda: fastseq.BetterRnnlm(40, 6, 6, 0.0, seed=0,
-                                                           dtype=np.float64)}[name]()
+                                                           dtype=np.float64),
+                     "attention": lambda: AttentionSeq2seq(13, 4, 6, seed=0, dtype=np.float64),
+                     "attention-pad": lambda: AttentionSeq2seq(13, 4, 6, seed=0,
+                                                               dtype=np.float64, pad_id=12),
+                     }[name]()
             loss = float(model.forward(x, t))
             model.backward()
             return loss, [g.copy() for g in model.grads]

@@ -282,40 +282,62 @@ def gemm_plan(a_shape, a_c_order, b_shape, b_c_order):
     return op_b, op_a, N, M, K, max(ld_b, 1), max(ld_a, 1), max(N, 1)
 
 
-def _as_operand(xp, a):
-    """(array, c_order): a as it is when C- or F-ordered, else a C-ordered copy."""
+def _order(a):
+    """True (C-ordered), False (F-ordered) or None (neither) for a 2-D block, or for every
+    block of a 3-D stack laid out one after the other."""
+    if a.ndim == 3:
+        B, r, c = a.shape
+        if B > 1 and a.strides[0] != r * c * a.itemsize:
+            return None
+        a = a[0]
     if a.flags.c_contiguous:
-        return a, True
+        return True
     if a.flags.f_contiguous:
-        return a, False
-    return xp.ascontiguousarray(a), True
+        return False
+    return None
+
+
+def _as_operand(xp, a):
+    """(array, c_order): a as it is when C- or F-ordered (per block), else a C-ordered copy."""
+    order = _order(a)
+    if order is None:
+        return xp.ascontiguousarray(a), True
+    return a, order
 
 
 def _matmul(xp, gemm, a, b, out=None):
-    """out = a @ b for 1-D or 2-D operands through ``gemm(plan, first, second, out2d)`` (first:
-    b's memory, second: a's; see gemm_plan). ``out`` may be any writable array of the result's
-    shape; the product goes straight into it when it is C-ordered."""
-    if a.ndim not in (1, 2) or b.ndim not in (1, 2) or a.dtype != b.dtype \
-            or a.dtype not in DTYPES:
-        raise TypeError(f"matmul takes 1-D or 2-D float32/float64 operands of one dtype, got "
+    """out = a @ b through ``gemm(plan, first, second, out)`` (first: b's memory, second: a's;
+    plan: gemm_plan's tuple plus (batch, stride_first, stride_second, stride_out), in elements).
+    Operands are 1-D or 2-D, or stacks (B, ., .) of blocks (a 2-D operand is used for every
+    block). ``out`` may be any writable array of the result's shape; the product goes straight
+    into it when it is C-ordered."""
+    if a.ndim not in (1, 2, 3) or b.ndim not in (1, 2, 3) or a.dtype != b.dtype \
+            or a.dtype not in DTYPES or (max(a.ndim, b.ndim) == 3 and min(a.ndim, b.ndim) == 1):
+        raise TypeError(f"matmul takes 1-D, 2-D or 3-D float32/float64 operands of one dtype, got "
                         f"{a.dtype} {a.shape} and {b.dtype} {b.shape}")
     a2 = a.reshape(1, -1) if a.ndim == 1 else a
     b2 = b.reshape(-1, 1) if b.ndim == 1 else b
-    if a2.shape[1] != b2.shape[0]:
+    batch = max(a2.shape[0] if a2.ndim == 3 else 1, b2.shape[0] if b2.ndim == 3 else 1)
+    if a2.shape[-1] != b2.shape[-2] or any(x.ndim == 3 and x.shape[0] != batch for x in (a2, b2)):
         raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not match")
-    shape = a.shape[:-1] + b.shape[1:]  # numpy.matmul's result shape
-    M, N = a2.shape[0], b2.shape[1]
+    if max(a.ndim, b.ndim) == 3:
+        shape = (batch, a2.shape[-2], b2.shape[-1])
+    else:
+        shape = a.shape[:-1] + b.shape[1:]  # numpy.matmul's result shape
+    M, K, N = a2.shape[-2], a2.shape[-1], b2.shape[-1]
     if out is not None and (out.shape != shape or out.dtype != a.dtype):
         raise ValueError(f"matmul: out has {out.dtype} {out.shape}, expected {a.dtype} {shape}")
     direct = out is not None and out.flags.c_contiguous
     res = out if direct else xp.empty(shape, dtype=a.dtype)
-    if M and N:
-        if a2.shape[1] == 0:
+    if batch and M and N:
+        if K == 0:
             res[...] = 0
         else:
             a2, a_c = _as_operand(xp, a2)
             b2, b_c = _as_operand(xp, b2)
-            gemm(gemm_plan(a2.shape, a_c, b2.shape, b_c), b2, a2, res.reshape(M, N))
+            plan = gemm_plan((M, K), a_c, (K, N), b_c) + (
+                batch, K * N if b2.ndim == 3 else 0, M * K if a2.ndim == 3 else 0, M * N)
+            gemm(plan, b2, a2, res.reshape((batch, M, N) if len(shape) == 3 else (M, N)))
     if out is not None and not direct:
         out[...] = res
         return out
@@ -323,8 +345,9 @@ def _matmul(xp, gemm, a, b, out=None):
 
 
 def matmul(a, b, out=None):
-    """``a @ b`` (1-D or 2-D CuPy arrays, float32 or float64) by cublas<t>gemm on fastseq's own
-    handle: what the engine and the layers use while a CUDA graph is captured.
+    """``a @ b`` (1-D, 2-D or stacked 3-D CuPy arrays, float32 or float64) by cublas<t>gemm (or
+    cublas<t>gemmStridedBatched for stacks) on fastseq's own handle: what the engine and the
+    layers use while a CUDA graph is captured.
 
     NumPy equivalent: ``numpy.matmul(a, b, out=out)``.
     """
@@ -361,10 +384,14 @@ class _Cublas:
         self.stream = None
         self.cupy = cupy
         c = ctypes
-        for fn, real in (("cublasSgemm_v2", c.c_float), ("cublasDgemm_v2", c.c_double)):
-            getattr(lib, fn).argtypes = [c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int,
-                                         c.POINTER(real), c.c_void_p, c.c_int, c.c_void_p, c.c_int,
-                                         c.POINTER(real), c.c_void_p, c.c_int]
+        head = [c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_int, c.c_int]
+        for t, real in (("S", c.c_float), ("D", c.c_double)):
+            getattr(lib, f"cublas{t}gemm_v2").argtypes = head + [
+                c.POINTER(real), c.c_void_p, c.c_int, c.c_void_p, c.c_int,
+                c.POINTER(real), c.c_void_p, c.c_int]
+            getattr(lib, f"cublas{t}gemmStridedBatched").argtypes = head + [
+                c.POINTER(real), c.c_void_p, c.c_int, c.c_longlong, c.c_void_p, c.c_int,
+                c.c_longlong, c.POINTER(real), c.c_void_p, c.c_int, c.c_longlong, c.c_int]
         self.one = {4: c.c_float(1.0), 8: c.c_double(1.0)}
         self.zero = {4: c.c_float(0.0), 8: c.c_double(0.0)}
 
@@ -386,13 +413,19 @@ class _Cublas:
         stream = self.cupy.cuda.get_current_stream().ptr
         if stream != self.stream:
             self.set_stream(stream)
-        op1, op2, m, n, k, ld1, ld2, ldo = plan
+        op1, op2, m, n, k, ld1, ld2, ldo, batch, s1, s2, so = plan
         size = out.dtype.itemsize
-        fn = self.lib.cublasSgemm_v2 if size == 4 else self.lib.cublasDgemm_v2
         c = self.ctypes
-        self._check(fn(self.handle, op1, op2, m, n, k, c.byref(self.one[size]), first.data.ptr,
-                       ld1, second.data.ptr, ld2, c.byref(self.zero[size]), out.data.ptr, ldo),
-                    "cublas gemm")
+        args = [self.handle, op1, op2, m, n, k, c.byref(self.one[size]), first.data.ptr, ld1]
+        if out.ndim == 3:  # a stack: one strided batched call
+            fn = self.lib.cublasSgemmStridedBatched if size == 4 else \
+                self.lib.cublasDgemmStridedBatched
+            args += [s1, second.data.ptr, ld2, s2, c.byref(self.zero[size]), out.data.ptr, ldo, so,
+                     batch]
+        else:
+            fn = self.lib.cublasSgemm_v2 if size == 4 else self.lib.cublasDgemm_v2
+            args += [second.data.ptr, ld2, c.byref(self.zero[size]), out.data.ptr, ldo]
+        self._check(fn(*args), "cublas gemm")
 
 
 _cublas_lib = None
