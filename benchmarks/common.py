@@ -130,7 +130,8 @@ def worker_setup():
 
 
 def worker_loop(run):
-    """Serve turns: read `run K` lines on stdin, answer with the seconds K iterations took."""
+    """Serve turns: read `run S` lines on stdin, run iterations for about S seconds (one at
+    least) and answer with the count and the seconds they took."""
     import sys
     run(5)  # warm-up
     print("ready", flush=True)
@@ -138,9 +139,11 @@ def worker_loop(run):
         cmd = line.split()
         if not cmd or cmd[0] == "quit":
             break
-        t0 = time.perf_counter()
-        run(int(cmd[1]))
-        print(f"{time.perf_counter() - t0:.9f}", flush=True)
+        n, t0 = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - t0 < float(cmd[1]):
+            run(1)
+            n += 1
+        print(n, f"{time.perf_counter() - t0:.9f}", flush=True)
 
 
 def start_load(n):
@@ -156,9 +159,9 @@ def stop_load(procs):
         p.wait()
 
 
-def interleaved(argv_for, setups, rounds, chunk, pause=0.1):
+def interleaved(argv_for, setups, rounds, turn, pause=0.1):
     """Start one worker per setup (argv_for(setup) -> command line), then `rounds` rounds in which
-    every worker runs `chunk` iterations in turn, in an order rotating from round to round.
+    every worker trains for about `turn` seconds in turn, in an order rotating every round.
     Returns {setup: [seconds per iteration, per round]}; setups whose worker fails are left out."""
     import subprocess
     import sys
@@ -179,9 +182,10 @@ def interleaved(argv_for, setups, rounds, chunk, pause=0.1):
         for r in range(rounds):
             for s in names[r % len(names):] + names[:r % len(names)]:
                 time.sleep(pause)  # the previous worker's threads go idle
-                procs[s].stdin.write(f"run {chunk}\n")
+                procs[s].stdin.write(f"run {turn}\n")
                 procs[s].stdin.flush()
-                times[s].append(float(procs[s].stdout.readline()) / chunk)
+                n, seconds = procs[s].stdout.readline().split()
+                times[s].append(float(seconds) / int(n))
     finally:
         for p in procs.values():
             try:

@@ -1,9 +1,9 @@
 """Addition seq2seq training on this CPU, side by side: fastseq (default, one thread, pure NumPy
 engine) and PyTorch CPU, the same model, sizes, batches, Adam and clipping.
 
-    python benchmarks/compare_cpu.py [--load N] [--models seq2seq peeky] [--rounds 20] [--chunk 25]
+    python benchmarks/compare_cpu.py [--load N] [--models seq2seq peeky] [--rounds 20] [--turn 1.0]
 
-Each setup runs in its own worker process; the workers take turns of --chunk iterations, in an
+Each setup runs in its own worker process; the workers take turns of about --turn seconds, in an
 order that rotates every round, so slow and fast spells of a shared machine hit every setup alike.
 --load N first starts N CPU-bound processes (`while True: pass`) that compete for the cores for the
 whole run. Reported: median ms per iteration, the epoch it implies, and the medians (quartiles) of
@@ -75,12 +75,11 @@ def make_torch_runner(model_name):
 def make_fastseq_runner(model_name):
     """run(n_iters): fastseq training (the engine is the process's default)."""
     import fastseq
-    from fastseq.trainer import train_step
+    from fastseq.trainer import TrainLoop
     data = addition_data()
     cls = fastseq.PeekySeq2seq if model_name == "peeky" else fastseq.Seq2seq
     model = cls(len(data.vocab), D, H, seed=0)
-    opt = fastseq.Adam(1e-3)
-    params, grads = model.params, model.grads
+    loop = TrainLoop(model, fastseq.Adam(1e-3), progress=False)
     x = data.x_train[:, ::-1].copy()
     t = data.t_train
     batches = _batches(len(x))
@@ -88,7 +87,7 @@ def make_fastseq_runner(model_name):
     def run(n_iters):
         for _ in range(n_iters):
             idx = next(batches)
-            train_step(model, opt, params, grads, x[idx], t[idx], 5.0)
+            loop.step(x[idx], t[idx], 5.0)
 
     return run
 
@@ -106,8 +105,8 @@ def worker(setup, model_name):
     worker_loop(run)
 
 
-def report(model_name, times, chunk):
-    print(f"\n{model_name}: {len(next(iter(times.values())))} rounds of {chunk} iterations per setup")
+def report(model_name, times, turn):
+    print(f"\n{model_name}: {len(next(iter(times.values())))} rounds of ~{turn:g} s per setup")
     print(f"| setup | median ms/iter | epoch s ({EPOCH} iter) |")
     print("|---|---|---|")
     for s, v in times.items():
@@ -129,7 +128,7 @@ def main():
     ap.add_argument("--models", nargs="+", default=["seq2seq", "peeky"], choices=["seq2seq", "peeky"])
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--chunk", type=int, default=25, help="iterations per turn")
+    ap.add_argument("--turn", type=float, default=1.0, help="seconds per turn")
     ap.add_argument("--worker", nargs=2, metavar=("SETUP", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -141,8 +140,8 @@ def main():
         for model_name in args.models:
             def argv_for(setup):
                 return [sys.executable, os.path.abspath(__file__), "--worker", setup, model_name]
-            report(model_name, interleaved(argv_for, args.setups, args.rounds, args.chunk),
-                   args.chunk)
+            report(model_name, interleaved(argv_for, args.setups, args.rounds, args.turn),
+                   args.turn)
     finally:
         stop_load(load)
 

@@ -1,24 +1,23 @@
-"""Time Rnnlm training iterations: fastseq vs PyTorch (CPU), same model, batch layout, SGD and clip.
+"""Rnnlm training iterations on this CPU, side by side: fastseq (default, one thread, pure NumPy
+engine) and PyTorch CPU, the same model, batch layout, SGD and clipping.
 
-    python benchmarks/compare_rnnlm.py [--iters 30] [--warmup 5] [--data-dir ../shared/data/ptb]
+    python benchmarks/compare_rnnlm.py [--load N] [--rounds 10] [--turn 1.0] [--data-dir DIR]
 
-One iteration = next truncated-BPTT batch (B=20, T=35, textbook layout), forward, backward,
-gradient clipping (0.25) and SGD (lr 20) on Embedding(10000, 100) -> LSTM(100) -> Linear(100, 10000)
-with softmax cross-entropy. The PyTorch model (nn.Embedding + nn.LSTM + nn.Linear) carries its LSTM
-state across batches (detached), like fastseq's stateful TimeLSTM. PyTorch is optional
-(``pip install torch``); it is never a dependency of fastseq. The rounds alternate between the
-engines so that a busy machine slows them alike; the table shows the median ms/iteration.
+One iteration = the next truncated-BPTT batch (B=20, T=35, the textbook's layout), forward,
+backward, gradient clipping (0.25) and SGD (lr 20) on Embedding(10000, 100) -> LSTM(100) ->
+Linear(100, 10000) with softmax cross-entropy; the LSTM state is carried across batches. Setups
+run in worker processes taking turns, as in compare_cpu.py; --load N adds N CPU-bound processes.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (SETUPS, interleaved, machine_line, ratio_line, start_load,  # noqa: E402
+                    stop_load, worker_loop, worker_setup)
 
 SHARED_PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
 V, D, H, B, T = 10000, 100, 100, 20, 35
@@ -28,154 +27,111 @@ LR, CLIP = 20.0, 0.25
 def load_corpus(data_dir):
     if data_dir and Path(data_dir).exists():
         from fastseq.datasets import ptb
-        corpus, w2i, _ = ptb.load_data("train", data_dir=data_dir)
-        return corpus, f"PTB train ({len(corpus)} words)"
-    rng = np.random.default_rng(0)
-    return rng.integers(0, V, 200_000).astype(np.int32), "random ids (PTB not found)"
+        corpus, _, _ = ptb.load_data("train", data_dir=data_dir)
+        return np.asarray(corpus)
+    return np.random.default_rng(0).integers(0, V, 200_000)
 
 
-def batches(corpus, n):
-    """The textbook layout, via RnnlmTrainer.get_batch (n consecutive batches)."""
-    from fastseq import SGD, RnnlmTrainer
-    tr = RnnlmTrainer(None, SGD(LR), progress=False)
-    xs, ts = corpus[:-1], corpus[1:]
-    return [tr.get_batch(xs, ts, B, T) for _ in range(n)]
+def batches(corpus):
+    """The textbook's layout: B rows reading B evenly spaced stretches of the corpus."""
+    offsets = np.arange(B) * ((len(corpus) - 1) // B)
+    pos = 0
+    while True:
+        idx = (offsets[:, None] + pos + np.arange(T)) % (len(corpus) - 1)
+        yield corpus[idx], corpus[idx + 1]
+        pos += T
 
 
-class FastseqRunner:
-    def __init__(self, kernel=None):
-        from fastseq import SGD, Rnnlm, lstm
-        from fastseq.functions import clip_grads
-        self.kernel = kernel
-        if kernel:
-            lstm.set_kernel(kernel)
-        self.name = f"fastseq ({lstm.kernel_name()} LSTM)"
-        lstm.set_kernel(None)
-        self.model = Rnnlm(V, D, H, seed=0)
-        self.opt = SGD(LR)
-        self.clip = clip_grads
+def make_fastseq_runner(corpus):
+    from fastseq import SGD, Rnnlm, clip_grads
+    model = Rnnlm(V, D, H, seed=0)
+    opt = SGD(LR)
+    data = batches(corpus)
 
-    def step(self, bx, bt):
-        from fastseq import lstm
-        lstm.set_kernel(self.kernel)
-        m = self.model
-        loss = m.forward(bx, bt)
-        m.backward()
-        self.clip(m.grads, CLIP)
-        self.opt.update(m.params, m.grads)
-        lstm.set_kernel(None)
-        return loss
+    def run(n):
+        for _ in range(n):
+            x, t = next(data)
+            model.forward(x, t)
+            model.backward()
+            clip_grads(model.grads, CLIP)
+            opt.update(model.params, model.grads)
+
+    return run
 
 
-class TorchRunner:
-    def __init__(self):
-        import torch
-        from torch import nn
-        self.torch = torch
-        torch.manual_seed(0)
+def make_torch_runner(corpus):
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
 
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.embed = nn.Embedding(V, D)
-                self.lstm = nn.LSTM(D, H, batch_first=True)
-                self.affine = nn.Linear(H, V)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(V, D)
+            self.lstm = nn.LSTM(D, H, batch_first=True)
+            self.affine = nn.Linear(H, V)
 
-            def forward(self, x, state):
-                hs, state = self.lstm(self.embed(x), state)
-                return self.affine(hs), state
+        def forward(self, x, state):
+            hs, state = self.lstm(self.embed(x), state)
+            return self.affine(hs), state
 
-        self.net = Net()
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=LR)
-        self.loss_fn = nn.CrossEntropyLoss()
-        self.state = None
-        self.name = f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)"
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    loss_fn = nn.CrossEntropyLoss()
+    data = batches(corpus)
+    state = [None]
 
-    def step(self, bx, bt):
-        torch = self.torch
-        x = torch.from_numpy(np.asarray(bx, dtype=np.int64))
-        t = torch.from_numpy(np.asarray(bt, dtype=np.int64))
-        if self.state is not None:
-            self.state = tuple(s.detach() for s in self.state)
-        scores, self.state = self.net(x, self.state)
-        loss = self.loss_fn(scores.reshape(-1, V), t.reshape(-1))
-        self.opt.zero_grad(set_to_none=False)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), CLIP)
-        self.opt.step()
-        return loss.item()
+    def run(n):
+        for _ in range(n):
+            x, t = next(data)
+            x, t = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(t.astype(np.int64))
+            if state[0] is not None:
+                state[0] = tuple(s.detach() for s in state[0])
+            scores, state[0] = net(x, state[0])
+            loss = loss_fn(scores.reshape(-1, V), t.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), CLIP)
+            opt.step()
 
-
-def time_runner(runner, data, start, n):
-    times, losses = [], []
-    for k in range(n):
-        bx, bt = data[(start + k) % len(data)]
-        t0 = time.perf_counter()
-        losses.append(runner.step(bx, bt))
-        times.append(time.perf_counter() - t0)
-    return times, losses
+    return run
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iters", type=int, default=30, help="timed iterations per engine (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="alternate the engines this many times, iters/rounds each (default 3)")
-    p.add_argument("--data-dir", default=str(SHARED_PTB), help="PTB folder (default ../shared/data/ptb)")
-    p.add_argument("--no-numpy-kernel", action="store_true",
-                   help="skip the extra fastseq row with the NumPy LSTM kernel")
-    args = p.parse_args(argv)
-
-    corpus, source = load_corpus(args.data_dir)
-    data = batches(corpus, args.warmup + args.iters)
-    from fastseq import backend, lstm
-    runners = [FastseqRunner()]
-    if lstm.kernel_name() == "numpy" and not lstm.cython_available():
-        # the Cython kernel may be built but not picked up by fastseq.lstm's import; load it
-        # explicitly so that its row shows up (labelled) when it exists
-        import importlib
-        try:
-            importlib.import_module("fastseq.lstm._cython")
-        except ImportError:
-            pass
-        if lstm.cython_available():
-            print("note: the Cython LSTM kernel is built but fastseq.lstm did not load it "
-                  "automatically; it was imported explicitly for the 'cython' row")
-            runners.append(FastseqRunner("cython"))
-    elif not args.no_numpy_kernel and lstm.kernel_name() != "numpy":
-        runners.append(FastseqRunner("numpy"))
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--load", type=int, default=0, help="competing CPU-bound processes")
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--turn", type=float, default=1.0, help="seconds per turn")
+    ap.add_argument("--data-dir", default=str(SHARED_PTB), help="PTB folder (else random ids)")
+    ap.add_argument("--worker", metavar="SETUP", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker_setup()
+        corpus = load_corpus(args.data_dir)
+        run = make_torch_runner(corpus) if args.worker == "torch" else make_fastseq_runner(corpus)
+        return worker_loop(run)
+    print(machine_line())
+    print(f"Rnnlm V={V} D={D} H={H}, batch {B} x time {T}, SGD lr {LR}, clip {CLIP}; "
+          f"competing CPU-bound processes: {args.load}")
+    load = start_load(args.load)
     try:
-        runners.append(TorchRunner())
-    except ImportError:
-        print("note: torch is not importable; PyTorch row skipped (pip install torch)")
-    print(f"Rnnlm V={V} D={D} H={H}, batch {B} x time {T}, SGD lr {LR}, clip {CLIP}; data: {source}")
-    print(f"{backend.describe()}; {os.cpu_count()} CPUs; load average "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    for r in runners:
-        time_runner(r, data, 0, args.warmup)
-    per_round = max(1, args.iters // args.rounds)
-    times = {r.name: [] for r in runners}
-    losses = {r.name: [] for r in runners}
-    for rd in range(args.rounds):
-        for r in runners:
-            t, l = time_runner(r, data, args.warmup + rd * per_round, per_round)
-            times[r.name] += t
-            losses[r.name] += l
-    ref = statistics.median(times[runners[-1].name]) if len(runners) > 1 else None
-    print()
-    print(f"{'engine':42s} {'median ms/iter':>15s} {'mean ms/iter':>13s} {'vs last row':>12s} "
-          f"{'mean loss':>10s}")
-    for r in runners:
-        med = statistics.median(times[r.name]) * 1000
-        mean = statistics.fmean(times[r.name]) * 1000
-        ratio = f"{med / (ref * 1000):.2f}x" if ref else "-"
-        print(f"{r.name:42s} {med:15.1f} {mean:13.1f} {ratio:>12s} "
-              f"{statistics.fmean(losses[r.name]):10.3f}")
-    print(f"({len(times[runners[0].name])} timed iterations each after {args.warmup} warm-up, "
-          f"in {args.rounds} alternating rounds)")
-    return 0
+        times = interleaved(lambda s: [sys.executable, os.path.abspath(__file__), "--worker", s,
+                                       "--data-dir", args.data_dir],
+                            args.setups, args.rounds, args.turn)
+    finally:
+        stop_load(load)
+    print(f"\n{args.rounds} rounds of ~{args.turn:g} s per setup")
+    print("| setup | median ms/iter |")
+    print("|---|---|")
+    for s, v in times.items():
+        print(f"| {SETUPS[s][1]} | {np.median(v) * 1e3:.1f} |")
+    for slow, fast, label in [("torch", "default", "PyTorch vs default (speed-up of fastseq)"),
+                              ("default", "one", "default vs one thread (time ratio)"),
+                              ("torch", "numpy", "PyTorch vs NumPy engine")]:
+        if slow in times and fast in times:
+            print(ratio_line(times, slow, fast, label)[0])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

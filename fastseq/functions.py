@@ -15,6 +15,10 @@ def matmul(a, b, out=None):
     if _direct_products(a):
         from .lstm import _cupy
         return _cupy.matmul(a, b, out=out)
+    if backend.config.kernel == "cython" and get_array_module(a) is np:
+        done = _matmul_chunked(a, b, out)
+        if done is not None:
+            return done
     if out is None:
         return a @ b
     out[...] = a @ b
@@ -27,6 +31,24 @@ def _direct_products(a):
         return False
     from .lstm import _cupy
     return _cupy._direct.on
+
+
+def _matmul_chunked(a, b, out):
+    """a @ b by fastseq/_ext/_lstm_cpu.matmul (chunks fixed by the shapes on fastseq's threads:
+    the same bits for any thread count, and no BLAS worker threads spinning next to ours), or
+    None when the operands do not suit it."""
+    kernel = backend.ext("_lstm_cpu")
+    if (kernel is None or a.dtype not in _FLOATS or b.dtype != a.dtype or b.ndim != 2
+            or a.ndim not in (1, 2) or a.shape[-1] != b.shape[0]):
+        return None
+    shape = a.shape[:-1] + b.shape[1:]
+    res = out if out is not None else np.empty(shape, a.dtype)
+    if res.shape != shape or res.dtype != a.dtype or not res.flags.c_contiguous:
+        return None
+    if not kernel.matmul(a if a.ndim == 2 else a[None], b, res if res.ndim == 2 else res[None],
+                         backend.config.blas_threads):
+        return None
+    return res
 
 
 def softmax(x):

@@ -522,3 +522,71 @@ def scratch_size(Py_ssize_t N, Py_ssize_t D, Py_ssize_t H):
     """Elements of backward's working memory: dc (N, H), and each chunk's dWx, dWh shares."""
     cdef Py_ssize_t nc = _nchunks(N)
     return N * H + (nc * (D + H) * 4 * H if nc > 1 else 0)
+
+
+# --- products for the layers around the LSTM -----------------------------------------------------
+
+cdef enum:
+    MATMUL_CHUNK_WORK = 1 << 21  # multiply-adds per chunk, about (fewer: the hand-offs dominate)
+    MATMUL_MAX_CHUNKS = 32
+
+
+cdef void _matmul_chunk(Py_ssize_t q, Py_ssize_t nq, bint by_rows, Py_ssize_t M, Py_ssize_t N,
+                        Py_ssize_t K, const floating *a, bint a_t, Py_ssize_t lda,
+                        const floating *b, bint b_t, Py_ssize_t ldb,
+                        floating *out) noexcept nogil:
+    """Rows (by_rows) or columns [q*X/nq, (q+1)*X/nq) of out (M, N) = a (M, K) @ b (K, N), as
+    the column-major out^T = b^T a^T; a_t / b_t: the operand is a transposed (F-ordered) view."""
+    cdef Py_ssize_t X = M if by_rows else N
+    cdef Py_ssize_t i0 = q * X // nq, i1 = (q + 1) * X // nq
+    cdef int old = _blas_one_thread()
+    if by_rows:
+        _gemm(c'T' if b_t else c'N', c'T' if a_t else c'N', <int>N, <int>(i1 - i0), <int>K,
+              <floating>1, b, <int>ldb, a + (i0 if a_t else i0 * lda), <int>lda, <floating>0,
+              out + i0 * N, <int>N)
+    else:
+        _gemm(c'T' if b_t else c'N', c'T' if a_t else c'N', <int>(i1 - i0), <int>M, <int>K,
+              <floating>1, b + (i0 * ldb if b_t else i0), <int>ldb, a, <int>lda, <floating>0,
+              out + i0, <int>N)
+    _blas_restore(old)
+
+
+cdef inline bint _operand(const floating[:, :] x, bint *trans, Py_ssize_t *ld) noexcept:
+    """Whether x (rows, cols) is C-ordered (trans False, ld = its row stride) or an F-ordered
+    transposed view (trans True, ld = its column stride), as BLAS can read it."""
+    cdef Py_ssize_t isz = sizeof(floating)
+    if x.strides[1] == isz and x.strides[0] % isz == 0 and x.strides[0] >= x.shape[1] * isz:
+        trans[0], ld[0] = False, x.strides[0] // isz if x.shape[0] > 1 else max(x.shape[1], 1)
+        return True
+    if x.strides[0] == isz and x.strides[1] % isz == 0 and x.strides[1] >= x.shape[0] * isz:
+        trans[0], ld[0] = True, x.strides[1] // isz if x.shape[1] > 1 else max(x.shape[0], 1)
+        return True
+    return False
+
+
+def matmul(const floating[:, :] a, const floating[:, :] b, floating[:, ::1] out, int nthreads=1):
+    """out = a @ b in chunks of rows (or of columns, for a wide out) fixed by the shapes, taken by
+    up to nthreads threads with single-threaded BLAS: the sum over K is never split, so the
+    result is the same whatever the thread count. a and b may be C-ordered or transposed views.
+    Returns False (nothing written) when an operand's strides do not suit BLAS."""
+    cdef Py_ssize_t M = a.shape[0], K = a.shape[1], N = b.shape[1], q, nq
+    cdef bint a_t, b_t, by_rows = a.shape[0] >= b.shape[1]
+    cdef Py_ssize_t lda, ldb
+    if b.shape[0] != K or out.shape[0] != M or out.shape[1] != N:
+        raise ValueError(f"matmul: shapes {(M, K)} @ {tuple(b.shape)[:2]} -> {tuple(out.shape)[:2]}")
+    if M == 0 or N == 0:
+        return True
+    if K == 0:
+        memset(&out[0, 0], 0, M * N * sizeof(floating))
+        return True
+    if not _operand(a, &a_t, &lda) or not _operand(b, &b_t, &ldb):
+        return False
+    nq = min(M * N * K // MATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, M if by_rows else N)
+    cdef int team = _team(nthreads, nq), gold
+    with nogil:
+        gold = _blas_global_one(team)
+        for q in prange(nq, num_threads=team, schedule='dynamic', chunksize=1):
+            _matmul_chunk(q, nq, by_rows, M, N, K, &a[0, 0], a_t, lda, &b[0, 0], b_t, ldb,
+                          &out[0, 0])
+        _blas_global_restore(gold)
+    return True

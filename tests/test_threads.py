@@ -1,0 +1,90 @@
+"""Same seed, same engine: bit-identical parameters whatever the thread count or the machine's
+load (the Cython engine cuts its work into pieces fixed by the shapes and adds them in order)."""
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a few addition-like Adam steps with clipping, batch 128 (so the LSTM runs in row chunks),
+# Seq2seq and PeekySeq2seq; prints a digest of every parameter's bytes
+TRAIN = textwrap.dedent("""
+    import hashlib, numpy as np, fastseq
+    from fastseq.trainer import TrainLoop
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 13, (1024, 7)); t = rng.integers(0, 13, (1024, 5))
+    h = hashlib.sha256()
+    for cls in (fastseq.Seq2seq, fastseq.PeekySeq2seq):
+        model = cls(13, 16, 64, seed=0)
+        loop = TrainLoop(model, fastseq.Adam(1e-2), progress=False)
+        for i in range(8):
+            loop.step(x[i * 128:(i + 1) * 128], t[i * 128:(i + 1) * 128], 1.0)
+        for p in model.params:
+            h.update(np.ascontiguousarray(p).tobytes())
+    print(fastseq.backend.config.kernel, h.hexdigest())
+""")
+
+
+def _train(threads, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTSEQ_THREADS": str(threads),
+           **(env_extra or {})}
+    r = subprocess.run([sys.executable, "-c", TRAIN], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
+def test_same_bits_with_one_thread_two_threads_and_under_load(cython_engine):
+    one = _train(1, {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    assert one[0] == "cython"
+    two = _train(2)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        loaded = _train(2)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert one == two == loaded
+
+
+def test_chunked_partial_sums_differ_from_one_product():
+    """The check above can fail: the chunks' shares summed in another order give other bits."""
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(1)
+    parts = rng.standard_normal((4, 1000)).astype(np.float32)
+    forward = ((parts[0] + parts[1]) + parts[2]) + parts[3]
+    other = (parts[0] + parts[1]) + (parts[2] + parts[3])
+    assert hashlib.sha256(forward.tobytes()).digest() != hashlib.sha256(other.tobytes()).digest()
+
+
+@pytest.mark.parametrize("M,K,N", [(5, 3, 4), (700, 100, 3000), (100, 700, 3000), (1, 128, 512),
+                                   (512, 128, 13), (0, 3, 4), (3, 0, 4)])
+def test_chunked_matmul_matches_numpy_for_any_thread_count(M, K, N, cython_engine):
+    """fastseq.functions.matmul on the cython engine: C-ordered and transposed operands, the
+    same bits on 1, 2 and 3 threads."""
+    np = pytest.importorskip("numpy")
+    from fastseq import backend
+    kernel = backend.compiled("_lstm_cpu")
+    rng = np.random.default_rng(M + K + N)
+    for dtype, tol in ((np.float32, 1e-4), (np.float64, 1e-12)):
+        for a_t in (False, True):
+            for b_t in (False, True):
+                a = rng.standard_normal((K, M) if a_t else (M, K)).astype(dtype)
+                b = rng.standard_normal((N, K) if b_t else (K, N)).astype(dtype)
+                a, b = (a.T if a_t else a), (b.T if b_t else b)
+                outs = []
+                for n in (1, 2, 3):
+                    out = np.full((M, N), np.nan, dtype)
+                    assert kernel.matmul(a, b, out, n)
+                    outs.append(out)
+                ref = a.astype(np.float64) @ b.astype(np.float64)
+                np.testing.assert_allclose(outs[0], ref, rtol=tol, atol=tol * max(K, 1))
+                for other in outs[1:]:
+                    np.testing.assert_array_equal(other, outs[0])
+    assert not kernel.matmul(np.ones((4, 6), np.float32)[:, ::2], np.ones((3, 2), np.float32),
+                             np.empty((4, 2), np.float32))  # strides BLAS cannot take
