@@ -94,6 +94,8 @@ class TimeEmbedding:
 
 class TimeLSTM:
     """LSTM over a whole sequence. params = [Wx (D, 4H), Wh (H, 4H), b (4H,)], gates [f|g|i|o].
+    The arithmetic is the engine's (fastseq.lstm.get_kernel); step(x) advances one time step for
+    generation and decoding.
 
     stateful=True carries (h, c) from one forward to the next (truncated BPTT); set_state(h, c)
     starts from a given state; after backward, ``dh`` is the gradient of the initial h.
