@@ -6,9 +6,13 @@ global one), the LSTM state a language model carries between batches, the positi
 epochs, batches done in the current epoch, the current epoch's row order, the language model's
 time index), the loss figures so far, and whatever the caller adds to the metadata (configuration,
 metrics, vocabulary). It is written atomically (temporary file, fsync, rename) by fastseq.io, so a
-kill at any moment leaves the previous checkpoint or the new one, never a mix.
+kill at any moment leaves the previous checkpoint or the new one, never a mix. ``Writer`` does
+the writing (checksum, file, fsync, rename) on a background thread, so training waits only for
+the snapshot's copies.
 """
+import json
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,21 +25,6 @@ FORMAT = "fastseq-checkpoint-1"
 
 class CheckpointError(io.CheckpointError):
     """A checkpoint that does not fit the run being restored (model, optimiser, position)."""
-
-
-def _write(path, arrays, meta):
-    if hasattr(io, "write_npz"):
-        io.write_npz(path, arrays, meta)
-    else:
-        names = list(arrays)
-        io.save_npz_params(path, names, [arrays[n] for n in names], meta)
-
-
-def _read(path):
-    if hasattr(io, "write_npz"):
-        return io.read_npz(path)
-    names, arrays, meta = io.read_npz(path)
-    return dict(zip(names, arrays)), meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,33 +84,39 @@ def _optimizer_state(opt, arrays):
         elif isinstance(v, list) and all(hasattr(a, "shape") for a in v):
             state[k] = {"arrays": len(v)}
             for i, a in enumerate(v):
-                arrays[f"optim/{k}/{i}"] = backend.to_cpu(a)
+                arrays[f"optim/{k}/{i}"] = host_copy(a)
     return {"class": type(opt).__name__, "state": state}
 
 
-def save(path, loop, meta=None):
-    """Write ``loop``'s whole training state (a Trainer or RnnlmTrainer) and ``meta`` to path."""
+def host_copy(a):
+    """A host copy of a (device or host) array that later training steps cannot change."""
+    return np.array(backend.to_cpu(a), copy=True)
+
+
+def snapshot(loop, meta=None):
+    """(arrays, meta) of ``loop``'s whole training state (a Trainer or RnnlmTrainer) now, plus
+    ``meta``: copies, safe to write while training goes on."""
     from . import __version__
     model = loop.model
     arrays = {}
     names = model.param_names
     for n, p in zip(names, model.params):
-        arrays[f"param/{n}"] = backend.to_cpu(p)
+        arrays[f"param/{n}"] = host_copy(p)
     rng_meta = {}
     dropouts = _dropout_layers(model)
     for key, rs in _rngs(loop).items():
         _rng_get(rs, key, arrays, rng_meta)
     for i, d in enumerate(dropouts):  # on the GPU: [seed, draws] of the device-side masks
         if getattr(d, "_device_state", None) is not None:
-            arrays[f"dropout_draws/{i}"] = backend.to_cpu(d._device_state)
+            arrays[f"dropout_draws/{i}"] = host_copy(d._device_state)
     lm_state = None
     if hasattr(model, "get_state"):
         lm_state = []
         for i, (h, c) in enumerate(model.get_state()):
             lm_state.append(h is not None)
             if h is not None:
-                arrays[f"lmstate/{i}/h"] = backend.to_cpu(h)
-                arrays[f"lmstate/{i}/c"] = backend.to_cpu(c)
+                arrays[f"lmstate/{i}/h"] = host_copy(h)
+                arrays[f"lmstate/{i}/c"] = host_copy(c)
     order = getattr(loop, "order", None)
     if order is not None:
         order = np.asarray(order)
@@ -141,12 +136,47 @@ def save(path, loop, meta=None):
         "lm_state": lm_state,
     }
     m.update(meta or {})
-    _write(path, arrays, m)
+    return arrays, json.loads(json.dumps(m))  # a frozen copy of the figures and settings
+
+
+def save(path, loop, meta=None):
+    """Write ``loop``'s whole training state and ``meta`` to path (atomically), now."""
+    io.write_npz(path, *snapshot(loop, meta))
+
+
+class Writer:
+    """Writes (path, arrays, meta) files with fastseq.io.write_npz on one background thread, in
+    the order submitted. A failed write is raised by a later submit() or by flush()."""
+
+    max_pending = 2  # an epoch's model.npz and checkpoint.npz
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastseq-writer")
+        self._pending = []
+
+    def submit(self, path, arrays, meta):
+        """Queue a file; first wait for the files before it if ``max_pending`` are queued (the
+        snapshots' memory and how far the disk lags behind stay bounded)."""
+        if len(self._pending) >= self.max_pending:
+            self.flush()
+        self._pending.append(self._pool.submit(io.write_npz, path, arrays, meta))
+
+    def flush(self):
+        """Wait for every submitted file to be on disk."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def close(self):
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown()
 
 
 def load(path):
     """(arrays, meta) of a checkpoint file; CheckpointError if it is not one."""
-    arrays, meta = _read(path)
+    arrays, meta = io.read_npz(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fastseq training checkpoint "
                               f"(format {meta.get('format')!r})")

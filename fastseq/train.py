@@ -381,6 +381,8 @@ class Run:
         self.metrics = {"config": cfg, "engine": backend.info(), "epochs": []}
         self.best = None
         self.ckpt_seconds = 0.0
+        from .checkpoint import Writer
+        self.writer = Writer()
         if resume is not None:
             from . import checkpoint
             arrays, meta = resume
@@ -402,16 +404,26 @@ class Run:
         return meta
 
     def save_checkpoint(self):
+        """Snapshot the training state now; the writer thread writes it (the copies are what
+        training waits for: ckpt_seconds)."""
         from . import checkpoint
         t = time.perf_counter()
-        checkpoint.save(os.path.join(self.out, checkpoint.FILE_NAME), self.trainer,
-                        {"config": self.cfg, "metrics": self.metrics, "best": self.best,
-                         "vocabulary": self.data["vocab_meta"]})
+        arrays, meta = checkpoint.snapshot(
+            self.trainer, {"config": self.cfg, "metrics": self.metrics, "best": self.best,
+                           "vocabulary": self.data["vocab_meta"]})
+        self.writer.submit(os.path.join(self.out, checkpoint.FILE_NAME), arrays, meta)
         self.ckpt_seconds += time.perf_counter() - t
 
     def save_model(self, **extra):
-        self.model.save_params(os.path.join(self.out, "model.npz"),
-                               meta={**self.model_meta(), **extra})
+        """model.npz of the weights now, in Model.save_params's format, by the writer thread."""
+        from .checkpoint import host_copy
+        t = time.perf_counter()
+        m = self.model
+        arrays = {n: host_copy(p) for n, p in zip(m.param_names, m.params)}
+        meta = {"model": type(m).__name__, "config": m.config(), **self.model_meta(), **extra}
+        self.writer.submit(os.path.join(self.out, "model.npz"), arrays,
+                           json.loads(json.dumps(meta)))
+        self.ckpt_seconds += time.perf_counter() - t
 
     # hooks ------------------------------------------------------------------------------------
     def on_event(self, loop, event):
@@ -542,6 +554,7 @@ class Run:
         write_json(os.path.join(self.out, "metrics.json"), self.metrics)
         self.save_model(stopped=self.metrics["stopped"])
         self.save_checkpoint()
+        self.writer.flush()
         print(f"fastseq: stopped at epoch {tr.current_epoch + (1 if tr.iteration else 0)}, "
               f"iteration {tr.iteration}; saved {self.out}/checkpoint.npz and model.npz "
               f"(continue with --resume {self.out})", file=sys.stderr, flush=True)
@@ -550,6 +563,7 @@ class Run:
         from .plot import have_matplotlib, plot_curves
         self.metrics.pop("stopped", None)
         name = type(self.model).__name__
+        self.writer.flush()
         if self.lm:
             self.model.load_params(os.path.join(self.out, "model.npz"))  # the best epoch's weights
             self.model.reset_state()
@@ -608,7 +622,7 @@ def prepare(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    out, created = None, False
+    out, created, run = None, False, None
     try:
         cfg, out, resume = prepare(args)
         engine = args.engine or (cfg.get("engine") if resume else None) or "auto"
@@ -631,6 +645,7 @@ def main(argv=None):
         if signum is not None:
             return 128 + signum
         run.finish()
+        run.writer.close()
         return 0
     except (UsageError, OSError, ValueError, backend.BackendError) as e:  # incl. bad data, no GPU
         print(f"fastseq: {e}", file=sys.stderr)
@@ -648,6 +663,11 @@ def main(argv=None):
               file=sys.stderr)
         return 128 + signum
     finally:
+        if run is not None:
+            try:
+                run.writer.close()  # what was saved before an error or a stop reaches the disk
+            except (OSError, ValueError) as e:
+                print(f"fastseq: {e}", file=sys.stderr)
         if created and out and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)  # a run that failed before writing anything leaves no folder
     return 2

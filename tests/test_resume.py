@@ -75,6 +75,11 @@ def task_args(task, data):
             "--checkpoint-every", "3", "--seed", "7"]
 
 
+def every(task):
+    args = task_args(task, Path("."))
+    return int(args[args.index("--checkpoint-every") + 1])
+
+
 def train(argv, signal_at=None, sig=signal.SIGKILL, times=1):
     if signal_at is None:
         cmd = [sys.executable, "-m", "fastseq.train"] + argv
@@ -128,7 +133,10 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(engine, task, signal_at,
               signal_at=signal_at)
     assert r.returncode == -signal.SIGKILL
     _, meta = checkpoint.load(out / "checkpoint.npz")
-    assert meta["position"]["total_iters"] == ckpt_at and meta["position"]["iteration"] > 0
+    # the last checkpoint that reached the disk before the kill (a writer thread writes the
+    # files behind training, at most two files behind)
+    assert 0 < meta["position"]["total_iters"] <= ckpt_at
+    assert meta["position"]["total_iters"] % every(task) == 0
     assert meta["config"]["engine"] == engine and meta["fastseq_version"]
     r = train(["--resume", str(out), "--no-progress"])
     assert r.returncode == 0, r.stderr
