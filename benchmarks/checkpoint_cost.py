@@ -65,11 +65,13 @@ def addition(rounds, folder):
     meta = {"config": cfg, "metrics": {"epochs": []}, "best": None, "vocabulary": vocab}
     epochs, saves = [], []
     for r in range(rounds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trainer.fit(x, t, max_epoch=1, batch_size=cfg["batch_size"], max_grad=cfg["max_grad"])
         epochs.append(time.perf_counter() - t0)
+        cpu = time.process_time() - c0
         saves += save_costs(folder, trainer, meta, 5)
-        print(f"  round {r + 1}: epoch {epochs[-1]:.2f} s; saves (snapshot, write, write CPU) "
+        print(f"  round {r + 1}: epoch {epochs[-1]:.2f} s ({cpu:.2f} s CPU, "
+              f"all threads); saves (snapshot, write, write CPU) "
               + ", ".join(f"({a * 1e3:.1f}, {b * 1e3:.1f}, {c * 1e3:.1f})"
                           for a, b, c in saves[-5:]) + " ms", flush=True)
     e = statistics.median(epochs)
