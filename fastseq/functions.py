@@ -37,8 +37,11 @@ def _matmul_chunked(a, b, out):
     """a @ b by fastseq/_ext/_lstm_cpu.matmul (chunks fixed by the shapes on fastseq's threads:
     the same bits for any thread count, and no BLAS worker threads spinning next to ours), or
     None when the operands do not suit it."""
-    kernel = backend.ext("_lstm_cpu")
-    if (kernel is None or a.dtype not in _FLOATS or b.dtype != a.dtype or b.ndim != 2
+    if backend.ext("_lstm_cpu") is None:
+        return None
+    from .lstm import _cython  # points the kernel at NumPy's BLAS
+    kernel = _cython._lstm_cpu
+    if (a.dtype not in _FLOATS or b.dtype != a.dtype or b.ndim != 2
             or a.ndim not in (1, 2) or a.shape[-1] != b.shape[0]):
         return None
     shape = a.shape[:-1] + b.shape[1:]

@@ -527,8 +527,8 @@ def scratch_size(Py_ssize_t N, Py_ssize_t D, Py_ssize_t H):
 # --- products for the layers around the LSTM -----------------------------------------------------
 
 cdef enum:
-    MATMUL_CHUNK_WORK = 1 << 21  # multiply-adds per chunk, about (fewer: the hand-offs dominate)
-    MATMUL_MAX_CHUNKS = 32
+    MATMUL_CHUNK_WORK = 1 << 22  # multiply-adds per chunk at least: hand-offs cost less
+    MATMUL_MAX_CHUNKS = 4        # each chunk's BLAS call packs the whole other operand again
 
 
 cdef void _matmul_chunk(Py_ssize_t q, Py_ssize_t nq, bint by_rows, Py_ssize_t M, Py_ssize_t N,
