@@ -165,9 +165,6 @@ def build_parser():
     return p
 
 
-COMMON = ("seed", "checkpoint_every")  # settings every task takes
-
-
 def resolve(args):
     """The run's full configuration from the flags, the task's defaults and the model's."""
     from .models import REGISTRY
@@ -177,8 +174,8 @@ def resolve(args):
     entry = REGISTRY[name]
     if entry.task != tdef["family"]:
         fits = ", ".join(n for n, e in sorted(REGISTRY.items()) if e.task == tdef["family"])
-        raise UsageError(f"--model {name} is a {entry.task} model; --task {task} needs one of: "
-                         f"{fits}")
+        kind = {"lm": "language"}.get(entry.task, entry.task)
+        raise UsageError(f"--model {name} is a {kind} model; --task {task} needs one of: {fits}")
     cfg = {k: v for k, v in tdef.items() if k not in ("family", "model")}
     cfg.update(entry.defaults)
     flags = {f: key for f, (key, _, _) in SETTINGS.items()}
