@@ -31,7 +31,8 @@ if os.environ.get("FASTSEQ_KERNEL", "").strip().lower() == "numpy":
 @pytest.fixture
 def shared_data():
     if not SHARED.exists():
-        pytest.skip(f"shared data not found at {SHARED}")
+        pytest.skip(f"needs the reference data sets (facts of those exact files): ../shared/data "
+                    f"not found at {SHARED}")
     return SHARED
 
 

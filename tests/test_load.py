@@ -215,3 +215,34 @@ def test_seq2seq_vocabulary_mismatch(tmp_path, addition_vocab):
     m.save_params(tmp_path / "m.npz", meta=meta)
     with pytest.raises(FastseqFileError, match="reverse"):
         fastseq.load(tmp_path / "m.npz")
+
+
+@pytest.mark.parametrize("task", ["addition", "text"])
+def test_a_training_run_is_rebuilt_from_model_and_checkpoint(tmp_path, task, capsys):
+    """What python -m fastseq.train writes (model.npz and checkpoint.npz, seq2seq and language
+    model) is rebuilt by fastseq.load and used by fastseq.generate."""
+    from fastseq.train import main as train
+    data = tmp_path / "data.txt"
+    if task == "addition":
+        data.write_text("\n".join(sequence.generate_addition(200, seed=3)) + "\n")
+        flags = ["--hidden-size", "8", "--wordvec-size", "4", "--batch-size", "32"]
+    else:
+        data.write_text("the cat sat on the mat\na dog ran on the mat\n" * 600)
+        flags = ["--model", "rnnlm", "--hidden-size", "8", "--wordvec-size", "8"]
+    out = tmp_path / "run"
+    assert train(["--task", task, "--data", str(data), "--epochs", "1", "--no-progress",
+                  "--out", str(out), *flags]) == 0
+    a, b = fastseq.load(out / "model.npz"), fastseq.load(out / "checkpoint.npz")
+    assert type(a.model) is type(b.model) and a.model.config() == b.model.config()
+    assert all(np.array_equal(x, y) for x, y in zip(a.model.params, b.model.params))
+    capsys.readouterr()
+    if task == "addition":
+        assert a.reverse is True and b.reverse is True
+        assert a.vocab.char_to_id == b.vocab.char_to_id
+        assert main(["--model", str(out / "checkpoint.npz"), "--question", "1+2"]) == 0
+        assert capsys.readouterr().out.strip() == a.answer("1+2")[0]
+    else:
+        assert a.vocab == b.vocab and a.vocab[2:4] == ["the", "cat"]
+        assert main(["--model", str(out / "checkpoint.npz"), "--start", "the cat", "--length", "5",
+                     "--seed", "0"]) == 0
+        assert capsys.readouterr().out.split()[:2] == ["the", "cat"]

@@ -66,21 +66,47 @@ def cache(tmp_path, monkeypatch):
     return root / "ptb"
 
 
-@pytest.fixture(scope="module")
-def bad_mirror(tmp_path_factory):
-    """Good train file, valid with one byte flipped, test truncated."""
-    d = tmp_path_factory.mktemp("bad_mirror")
-    shutil.copy(PTB_DIR / "ptb.train.txt", d / "ptb.train.txt")
-    data = bytearray((PTB_DIR / "ptb.valid.txt").read_bytes())
-    data[1000] ^= 0x01
-    (d / "ptb.valid.txt").write_bytes(bytes(data))
-    data = (PTB_DIR / "ptb.test.txt").read_bytes()
-    (d / "ptb.test.txt").write_bytes(data[: len(data) - 1000])
-    return d
-
-
 def cache_listing(folder):
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# Tests that need only *some* corpus (offline folders, the downloader) use a small synthetic one
+# whose sizes and checksums are patched in, so they run in a fresh clone without ../shared/data.
+_SYNTH = {"ptb.train.txt": " the cat sat on the mat \n a dog ran \n N $ <unk> \n" * 30,
+          "ptb.valid.txt": " a cat ran \n the dog sat \n" * 20,
+          "ptb.test.txt": " the mat ran on a cat \n" * 25}
+SYNTH_TRAIN_TOKENS = 30 * (7 + 4 + 4)  # words and <eos> per repetition
+SYNTH_VAL_TOKENS, SYNTH_TEST_TOKENS = 20 * 8, 25 * 7
+SYNTH_VOCAB = 12
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A folder holding the synthetic corpus, whose hashes and sizes ptb now expects."""
+    d = tmp_path / "mirror"
+    d.mkdir()
+    for name, text in _SYNTH.items():
+        data = text.encode()
+        (d / name).write_bytes(data)
+        monkeypatch.setitem(ptb.SHA256, name, hashlib.sha256(data).hexdigest())
+        monkeypatch.setitem(ptb.SIZES, name, len(data))
+    ptb._train_cache.clear()
+    yield d
+    ptb._train_cache.clear()
+
+
+@pytest.fixture
+def bad_mirror(tmp_path, corpus):
+    """Good train file, valid with one byte flipped, test truncated."""
+    d = tmp_path / "bad_mirror"
+    d.mkdir()
+    shutil.copy(corpus / "ptb.train.txt", d / "ptb.train.txt")
+    data = bytearray((corpus / "ptb.valid.txt").read_bytes())
+    data[100] ^= 0x01
+    (d / "ptb.valid.txt").write_bytes(bytes(data))
+    data = (corpus / "ptb.test.txt").read_bytes()
+    (d / "ptb.test.txt").write_bytes(data[: len(data) - 50])
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,14 +145,13 @@ def test_val_test_use_train_vocab():
     assert [i2w[int(i)] for i in test[:50]] == words[:50]
 
 
-@needs_ptb
-def test_returned_objects_are_private_copies():
-    corpus, w2i, i2w = ptb.load_data("train", data_dir=PTB_DIR)
-    corpus[:] = 0
+def test_returned_objects_are_private_copies(corpus):
+    ids, w2i, i2w = ptb.load_data("train", data_dir=corpus)
+    ids[:] = 0
     w2i.clear()
     i2w.clear()
-    corpus2, w2i2, i2w2 = ptb.load_data("train", data_dir=PTB_DIR)
-    assert corpus2[1] == 1 and len(w2i2) == len(i2w2) == 10_000
+    ids2, w2i2, i2w2 = ptb.load_data("train", data_dir=corpus)
+    assert ids2[1] == 1 and len(w2i2) == len(i2w2) == SYNTH_VOCAB
 
 
 def test_bad_data_type():
@@ -147,17 +172,15 @@ def test_offline_data_dir_missing_file(tmp_path, monkeypatch):
     assert "ptb.train.txt" in str(e.value) and str(tmp_path) in str(e.value)
 
 
-@needs_ptb
-def test_offline_data_dir_missing_split(tmp_path):
-    shutil.copy(PTB_DIR / "ptb.train.txt", tmp_path)
-    assert len(ptb.load_data("train", data_dir=tmp_path)[0]) == 929_589
+def test_offline_data_dir_missing_split(tmp_path, corpus):
+    shutil.copy(corpus / "ptb.train.txt", tmp_path)
+    assert len(ptb.load_data("train", data_dir=tmp_path)[0]) == SYNTH_TRAIN_TOKENS
     with pytest.raises(FileNotFoundError, match="ptb.test.txt"):
         ptb.load_data("test", data_dir=tmp_path)
 
 
-@needs_ptb
 def test_offline_data_dir_checksum_mismatch(tmp_path, bad_mirror):
-    shutil.copy(PTB_DIR / "ptb.train.txt", tmp_path)
+    shutil.copy(bad_mirror / "ptb.train.txt", tmp_path)
     shutil.copy(bad_mirror / "ptb.valid.txt", tmp_path)
     with pytest.raises(ptb.ChecksumError) as e:
         ptb.load_data("val", data_dir=tmp_path)
@@ -169,12 +192,11 @@ def test_offline_data_dir_checksum_mismatch(tmp_path, bad_mirror):
 # ---------------------------------------------------------------------------------------------
 # the downloader, against a local server
 
-@needs_ptb
-def test_download_into_fresh_cache(cache, monkeypatch):
-    with serve(PTB_DIR) as url:
+def test_download_into_fresh_cache(cache, corpus, monkeypatch):
+    with serve(corpus) as url:
         monkeypatch.setattr(backend.config, "ptb_url", url)
         test, w2i, _ = ptb.load_data("test")
-        assert len(test) == 82_430 and len(w2i) == 10_000
+        assert len(test) == SYNTH_TEST_TOKENS and len(w2i) == SYNTH_VOCAB
         assert cache_listing(cache) == ["ptb.test.txt", "ptb.train.txt"]  # only what was needed
         assert ptb.download() == cache
     assert cache_listing(cache) == sorted(NAMES)  # no temporary files left
@@ -182,19 +204,17 @@ def test_download_into_fresh_cache(cache, monkeypatch):
         assert sha256(cache / name) == ptb.SHA256[name]
     # the server is gone: the cache alone serves every split now
     monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)
-    assert len(ptb.load_data("val")[0]) == 73_760
+    assert len(ptb.load_data("val")[0]) == SYNTH_VAL_TOKENS
 
 
-@needs_ptb
-def test_download_helper_arguments(tmp_path, monkeypatch):
+def test_download_helper_arguments(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)  # the argument wins over the environment
-    with serve(PTB_DIR) as url:
+    with serve(corpus) as url:
         assert ptb.download(data_dir=tmp_path / "d", base_url=url) == tmp_path / "d"
     assert cache_listing(tmp_path / "d") == sorted(NAMES)
-    assert len(ptb.load_data("val", data_dir=tmp_path / "d")[0]) == 73_760
+    assert len(ptb.load_data("val", data_dir=tmp_path / "d")[0]) == SYNTH_VAL_TOKENS
 
 
-@needs_ptb
 def test_corrupt_download_is_refused(cache, bad_mirror, monkeypatch):
     with serve(bad_mirror) as url:
         monkeypatch.setattr(backend.config, "ptb_url", url)
@@ -206,7 +226,6 @@ def test_corrupt_download_is_refused(cache, bad_mirror, monkeypatch):
     assert cache_listing(cache) == ["ptb.train.txt"]  # the good file stays, nothing else
 
 
-@needs_ptb
 def test_truncated_download_is_refused(cache, bad_mirror, monkeypatch):
     with serve(bad_mirror) as url:
         monkeypatch.setattr(backend.config, "ptb_url", url)
@@ -218,15 +237,14 @@ def test_truncated_download_is_refused(cache, bad_mirror, monkeypatch):
     assert cache_listing(cache) == ["ptb.train.txt"]
 
 
-@needs_ptb
-def test_short_read_is_refused(tmp_path):
+def test_short_read_is_refused(tmp_path, corpus):
     dest = tmp_path / "dl"
-    with serve(PTB_DIR, _ShortReadHandler) as url:
+    with serve(corpus, _ShortReadHandler) as url:
         with pytest.raises(ptb.DownloadError) as e:
             ptb.download(data_dir=dest, base_url=url)
     msg = str(e.value)
     assert "ptb.train.txt" in msg and "truncated" in msg
-    assert str((PTB_DIR / "ptb.train.txt").stat().st_size) in msg
+    assert str((corpus / "ptb.train.txt").stat().st_size) in msg
     assert cache_listing(dest) == []
 
 
@@ -247,13 +265,12 @@ def test_unreachable_mirror_is_reported(cache, monkeypatch):
     assert cache_listing(cache) == []
 
 
-@needs_ptb
-def test_corrupt_cached_file_is_downloaded_again(cache, monkeypatch):
+def test_corrupt_cached_file_is_downloaded_again(cache, corpus, monkeypatch):
     cache.mkdir(parents=True)
-    data = bytearray((PTB_DIR / "ptb.test.txt").read_bytes())
+    data = bytearray((corpus / "ptb.test.txt").read_bytes())
     data[0] ^= 0x20
     (cache / "ptb.test.txt").write_bytes(bytes(data))
-    shutil.copy(PTB_DIR / "ptb.train.txt", cache)
+    shutil.copy(corpus / "ptb.train.txt", cache)
 
     monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)  # offline: a clear error naming the cache
     with pytest.raises(ptb.DownloadError) as e:
@@ -261,9 +278,9 @@ def test_corrupt_cached_file_is_downloaded_again(cache, monkeypatch):
     assert "ptb.test.txt" in str(e.value) and str(cache) in str(e.value)
     assert ptb.SHA256["ptb.test.txt"] in str(e.value)
 
-    with serve(PTB_DIR) as url:  # online: replaced by an intact copy
+    with serve(corpus) as url:  # online: replaced by an intact copy
         monkeypatch.setattr(backend.config, "ptb_url", url)
-        assert len(ptb.load_data("test")[0]) == 82_430
+        assert len(ptb.load_data("test")[0]) == SYNTH_TEST_TOKENS
     assert sha256(cache / "ptb.test.txt") == ptb.SHA256["ptb.test.txt"]
     assert cache_listing(cache) == ["ptb.test.txt", "ptb.train.txt"]
 
