@@ -51,7 +51,7 @@ class Limits:
     """Upper bounds checked before anything a file declares is allocated."""
     max_file_bytes: int = 4 << 30      # the whole .npz on disk
     max_members: int = 4096            # zip members (arrays + 2)
-    max_envelope_bytes: int = 64 << 20  # the JSON metadata
+    max_envelope_bytes: int = 16 << 20  # the JSON metadata
     max_depth: int = 32                # nesting of lists/dicts in the metadata
     max_header_bytes: int = 4096       # one .npy header
     max_ndim: int = 8
