@@ -24,6 +24,7 @@ import os
 import pickle
 import pickletools
 import re
+import warnings
 
 import numpy as np
 
@@ -164,25 +165,29 @@ def _prescan(data, source):
     stream = io.BytesIO(data)
     marks = ops = 0
     try:
-        for op, arg, pos in pickletools.genops(stream):
-            ops += 1
-            if ops > MAX_OPS:
-                raise FastseqFileError(f"{source}: more than {MAX_OPS} pickle opcodes")
-            if op.name == "FRAME" and arg > len(data) - stream.tell():
-                raise FastseqFileError(f"{source}: a pickle frame of {arg} bytes at offset {pos} "
-                                       f"runs past the end of the file")
-            if op.name in _MEMO_OPS and not (isinstance(arg, int) and 0 <= arg <= MAX_MEMO):
-                raise FastseqFileError(f"{source}: memo index {str(arg)[:30]} at offset {pos} is "
-                                       f"out of range")
-            if op.name in _REFUSED_OPS:
-                raise UnsafePickleError(f"refusing to unpickle {source}: it uses the {op.name} "
-                                        f"opcode (not needed for a list of NumPy arrays)")
-            if op.name == "MARK":
-                marks += 1
-                if marks > MAX_MARKS:
-                    raise FastseqFileError(f"{source}: pickle nests more than {MAX_MARKS} deep")
-            elif pickletools.markobject in op.stack_before:
-                marks -= 1
+        with warnings.catch_warnings():  # pickletools' complaints about odd escapes in STRING args
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for op, arg, pos in pickletools.genops(stream):
+                ops += 1
+                if ops > MAX_OPS:
+                    raise FastseqFileError(f"{source}: more than {MAX_OPS} pickle opcodes")
+                if op.name == "FRAME" and arg > len(data) - stream.tell():
+                    raise FastseqFileError(f"{source}: a pickle frame of {arg} bytes at offset "
+                                           f"{pos} runs past the end of the file")
+                if op.name in _MEMO_OPS and not (isinstance(arg, int) and 0 <= arg <= MAX_MEMO):
+                    raise FastseqFileError(f"{source}: memo index {str(arg)[:30]} at offset {pos} "
+                                           f"is out of range")
+                if op.name in _REFUSED_OPS:
+                    raise UnsafePickleError(f"refusing to unpickle {source}: it uses the "
+                                            f"{op.name} opcode (not needed for a list of NumPy "
+                                            f"arrays)")
+                if op.name == "MARK":
+                    marks += 1
+                    if marks > MAX_MARKS:
+                        raise FastseqFileError(f"{source}: pickle nests more than {MAX_MARKS} "
+                                               f"deep")
+                elif pickletools.markobject in op.stack_before:
+                    marks -= 1
     except FastseqFileError:
         raise
     except Exception as e:  # pickletools' own complaints: truncated, unknown opcode, bad literal

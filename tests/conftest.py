@@ -15,7 +15,7 @@ except ImportError:  # hypothesis is a dev dependency; the fuzz tests import it 
     settings = None
 if settings is not None:
     _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+    settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True,
                               database=None, suppress_health_check=_quiet)
     settings.register_profile("full", max_examples=2000, deadline=None,
                               suppress_health_check=_quiet)
