@@ -54,6 +54,19 @@ def _matmul_chunked(a, b, out):
     return res
 
 
+def exp_rows(S):
+    """S = exp(S) in place for scores already shifted to <= 0; returns the row sums.
+    NumPy: np.exp(S, out=S); return S.sum(axis=1)"""
+    xp = get_array_module(S)
+    if (backend.config.kernel == "cython" and xp is np and S.dtype in _FLOATS and S.ndim == 2
+            and S.flags.c_contiguous and S.flags.writeable and backend.ext("_lstm_cpu")):
+        z = np.empty(S.shape[0], S.dtype)
+        backend.ext("_lstm_cpu").exp_rows(S, z, backend.config.threads)
+        return z
+    xp.exp(S, out=S)
+    return S.sum(axis=1)
+
+
 def softmax(x):
     """Row-wise softmax over the last axis."""
     xp = get_array_module(x)

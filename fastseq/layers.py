@@ -7,7 +7,7 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .functions import matmul, softmax_cross_entropy
+from .functions import exp_rows, matmul, softmax_cross_entropy
 from .lstm import get_kernel
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -427,8 +427,7 @@ class TimeAffineSoftmaxWithLoss:
         mask = labels != self.ignore_label
         safe = xp.where(mask, labels, 0)
         picked = S[xp.arange(M), safe]
-        xp.exp(S, out=S)
-        z = S.sum(axis=1)
+        z = exp_rows(S)  # S = exp(S)
         if device:  # count and loss stay on the device (0-d arrays)
             n = xp.maximum(mask.sum(), 1).astype(dtype)
             loss = ((xp.log(z) - picked) * mask).sum() / n

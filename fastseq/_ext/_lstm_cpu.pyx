@@ -55,6 +55,8 @@ cdef extern from "fs_lstm.h":
     void fs_bwd_rowsd(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, double *A, const double *dy,
                       Py_ssize_t dy_rs, const double *dhn, double *dc, const double *cprev,
                       const double *tc, double *dbacc) noexcept nogil
+    float fs_exp_rowf(float *s, Py_ssize_t n) noexcept nogil
+    double fs_exp_rowd(double *s, Py_ssize_t n) noexcept nogil
     int FS_HAVE_OPENMP
 
 
@@ -590,3 +592,31 @@ def matmul(const floating[:, :] a, const floating[:, :] b, floating[:, ::1] out,
                           &out[0, 0])
         _blas_global_restore(gold)
     return True
+
+
+cdef void _exp_rows_chunk(Py_ssize_t q, Py_ssize_t nq, floating *S, Py_ssize_t M, Py_ssize_t V,
+                          floating *z) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(q * M // nq, (q + 1) * M // nq):
+        if floating is float:
+            z[i] = fs_exp_rowf(S + i * V, V)
+        else:
+            z[i] = fs_exp_rowd(S + i * V, V)
+
+
+def exp_rows(floating[:, ::1] S, floating[::1] z, int nthreads=1):
+    """S = exp(S) in place and z = S.sum(1), for scores shifted to <= 0 (a softmax's numerator
+    and denominator), in row chunks fixed by the shape on up to nthreads threads."""
+    cdef Py_ssize_t M = S.shape[0], V = S.shape[1], q
+    cdef Py_ssize_t nq = min(M * V // MATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, M)
+    if z.shape[0] != M:
+        raise ValueError(f"z has {z.shape[0]} elements, expected {M}")
+    if M == 0 or V == 0:
+        for q in range(M):
+            z[q] = 0
+        return
+    cdef int team = FS_HAVE_OPENMP and nthreads > 1 and nq > 1
+    with nogil:
+        for q in prange(nq, num_threads=(nthreads if nthreads < nq else nq) if team else 1,
+                        schedule='dynamic', chunksize=1):
+            _exp_rows_chunk(q, nq, &S[0, 0], M, V, &z[0])

@@ -45,14 +45,17 @@ cdef extern from "fs_simd.h":
         } \
     }
 
-    /* sum of squares, accumulated in double (the reduction is vectorised through OpenMP simd) */
+    /* sum of squares, accumulated in double in 8 fixed lanes (vectorised), so that the order of
+       the additions, and the result's bits, do not depend on where the array sits in memory */
     #define FS_SUMSQ(T, SFX) \
     FS_KERNEL static double fs_sumsq_##SFX(Py_ssize_t i0, Py_ssize_t i1, const T *FS_RESTRICT g) \
     { \
-        double total = 0.0; \
-        FS_SIMD_SUM(total) \
-        for (Py_ssize_t i = i0; i < i1; ++i) total += (double)g[i] * (double)g[i]; \
-        return total; \
+        double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
+        Py_ssize_t i = i0; \
+        for (; i + 8 <= i1; i += 8) \
+            for (int k = 0; k < 8; ++k) lane[k] += (double)g[i + k] * (double)g[i + k]; \
+        for (int k = 0; i < i1; ++i, ++k) lane[k] += (double)g[i] * (double)g[i]; \
+        return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])); \
     }
 
     #define FS_SCALE(T, SFX) \

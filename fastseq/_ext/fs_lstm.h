@@ -205,6 +205,27 @@ FS_KERNEL static void fs_bwd_rows##SFX(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t 
     } \
 }
 
+/* softmax helper: s[j] = exp(s[j]) for one row of scores already shifted to <= 0; returns the
+   row's sum (exp of anything below the clamp is at most 2^-125, not 0). The sum runs in 8 fixed
+   lanes, so its order, and its bits, do not depend on where the row sits in memory. */
+#define FS_EXPROW(T, SFX, LOW) \
+FS_KERNEL static T fs_exp_row##SFX(T *FS_RESTRICT s, Py_ssize_t n) \
+{ \
+    T lane[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
+    FS_SIMD \
+    for (Py_ssize_t j = 0; j < n; ++j) { \
+        T x = s[j] < LOW ? LOW : s[j]; \
+        s[j] = fs_exp_neg##SFX(x > 0 ? 0 : x); \
+    } \
+    Py_ssize_t j = 0; \
+    for (; j + 8 <= n; j += 8) \
+        for (int k = 0; k < 8; ++k) lane[k] += s[j + k]; \
+    for (int k = 0; j < n; ++j, ++k) lane[k] += s[j]; \
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])); \
+}
+
+FS_EXPROW(float, f, -86.0f)
+FS_EXPROW(double, d, -700.0)
 FS_FWD(float, f)
 FS_FWD(double, d)
 FS_BWD(float, f, double)
