@@ -18,8 +18,9 @@ class NotRegularFileError(FastseqFileError, OSError):
     """The path is a directory, FIFO, device, socket or (for writes) a symbolic link."""
 
 
-_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link"))
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+          (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+          (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link"))
 
 
 def _kind(mode):

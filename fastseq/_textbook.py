@@ -272,7 +272,8 @@ def _drop_tied(arrays, tied, source):
     for kept, dup in tied:
         for idx in (kept, dup):
             if not 0 <= idx < len(arrays):
-                raise FastseqFileError(f"{source}: tied pair ({kept}, {dup}) refers to entry {idx}, "
+                raise FastseqFileError(f"{source}: tied pair ({kept}, {dup}) refers to entry "
+                                       f"{idx}, "
                                        f"but the file has {len(arrays)} arrays")
         a, b = arrays[kept], arrays[dup]
         if b.shape != a.T.shape:

@@ -124,6 +124,7 @@ def snapshot(loop, meta=None):
     m = {
         "format": FORMAT, "fastseq_version": __version__,
         "model_class": type(model).__name__, "param_names": names,
+        "model_config": model.config(),  # what fastseq.load rebuilds the model from
         "position": {"epoch": loop.current_epoch, "iteration": loop.iteration,
                      "total_iters": loop.total_iters, "time_idx": getattr(loop, "time_idx", None)},
         "losses": {"loss_list": loop.loss_list, "epoch_losses": loop.epoch_losses,

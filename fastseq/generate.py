@@ -37,7 +37,8 @@ def ids_to_text(words):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m fastseq.generate",
-        description="Answer questions with a trained seq2seq model, or generate text with a trained "
+        description="Answer questions with a trained seq2seq model, or generate text with a "
+                    "trained "
                     "language model (model.npz or checkpoint.npz from python -m fastseq.train).")
     p.add_argument("--model", required=True, metavar="PATH",
                    help="model.npz or checkpoint.npz written by fastseq.train")
@@ -48,7 +49,8 @@ def build_parser():
     p.add_argument("--start", default=None,
                    help="language models: start word or phrase (default 'you')")
     p.add_argument("--length", type=int, default=None,
-                   help="words to produce from the last start word on, that word included (default 100)")
+                   help="words to produce from the last start word on, that word included "
+                        "(default 100)")
     p.add_argument("--temperature", type=float, default=None,
                    help=f"softmax temperature (default 1; 0, or below {MIN_TEMPERATURE}, = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely words")
@@ -98,7 +100,8 @@ def _text(saved, args):
         raise ValueError("--start is empty")
     for w in words:
         if w not in word_to_id:
-            raise ValueError(f"start word {w!r} is not in the model's vocabulary ({len(vocab)} words)")
+            raise ValueError(f"start word {w!r} is not in the model's vocabulary "
+                             f"({len(vocab)} words)")
     skip = None if args.allow_skipped else [word_to_id[w] for w in DEFAULT_SKIP if w in word_to_id]
     model = saved.model
     model.reset_state()
@@ -115,8 +118,8 @@ def main(argv=None):
         saved = load(args.model, data_dir=args.data_dir)
         out = _answers(saved, args) if saved.task == "seq2seq" else _text(saved, args)
     except (ValueError, OSError) as e:
-        msg = " ".join(str(e).split()) if not isinstance(e, FileNotFoundError) or e.filename is None \
-            else f"{e.filename}: not found"
+        missing = isinstance(e, FileNotFoundError) and e.filename is not None
+        msg = f"{e.filename}: not found" if missing else " ".join(str(e).split())
         print(f"fastseq: {msg}", file=sys.stderr)
         return 2
     print(out)

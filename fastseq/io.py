@@ -73,7 +73,8 @@ def _check_write_target(path):
     except FileNotFoundError:
         return
     if stat.S_ISLNK(st.st_mode):
-        raise NotRegularFileError(f"{path}: is a symbolic link; fastseq does not write through links "
+        raise NotRegularFileError(f"{path}: is a symbolic link; fastseq does not write through "
+                                  f"links "
                                   f"(save to the target's own path, {os.path.realpath(path)})")
     if not stat.S_ISREG(st.st_mode):
         raise NotRegularFileError(f"{path}: is a {_kind(st.st_mode)}, not a regular file; "
@@ -208,7 +209,8 @@ class _Reader:
         self.zf = zipfile.ZipFile(self.f)
         infos = self.zf.infolist()
         if len(infos) > lim.max_members:
-            raise self.fail(f"has {len(infos)} zip members, more than the limit of {lim.max_members}")
+            raise self.fail(f"has {len(infos)} zip members, more than the limit of "
+                            f"{lim.max_members}")
         by_name, total = {}, 0
         for info in infos:
             if info.filename in by_name:
@@ -318,7 +320,8 @@ class _Reader:
         try:
             env = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as e:
-            raise self.fail(f"metadata is not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None
+            raise self.fail(f"metadata is not valid JSON ({type(e).__name__}: "
+                            f"{str(e)[:100]})") from None
         if not isinstance(env, dict) or env.get("format") != FORMAT:
             raise self.fail("metadata does not describe a fastseq .npz file")
         if env.get("version") != VERSION:

@@ -85,7 +85,8 @@ class _Plan:
         known = _registry()
         if not isinstance(cls_name, str) or cls_name not in known:
             raise FastseqFileError(f"{path}: holds a model of class {str(cls_name)[:60]!r}, which "
-                                   f"this fastseq does not know (known: {', '.join(sorted(known))})")
+                                   f"this fastseq does not know (known: "
+                                   f"{', '.join(sorted(known))})")
         entry = known[cls_name]
         self.cls, self.task = entry.cls, entry.task
         if not isinstance(self.reverse, bool):
@@ -106,10 +107,13 @@ class _Plan:
         allowed = {k for k, p in takes.items() if k not in ("seed", "rng", "dtype")
                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         config = meta.get("model_config") if self.checkpoint else meta.get("config")
-        if config is None and self.checkpoint:  # the run's settings: the registry's keywords
-            vocab_len = len(vmeta.get("chars") or vmeta.get("vocab") or [])
+        if config is None and self.checkpoint:  # older checkpoints: the run's settings
+            chars = vmeta.get("chars")
+            vocab_len = len(chars or vmeta.get("vocab") or [])
             config = {"vocab_size": vocab_len, **{k: run[k] for k in entry.defaults
                                                   if k in allowed and k in run}}
+            if "pad_id" in allowed and isinstance(chars, list) and " " in chars:
+                config["pad_id"] = chars.index(" ")  # as train.py sets it
         if not isinstance(config, dict):
             raise self.fail("metadata has no model configuration")
         for k, v in config.items():
@@ -137,7 +141,8 @@ class _Plan:
                                 f"({self.cls.__name__}) has vocab_size {V}")
             widths = [vmeta.get("question_width"), vmeta.get("answer_width")]
             if not all(type(w) is int and 1 <= w <= MAX_WIDTH for w in widths):
-                raise self.fail(f"question_width/answer_width must be integers in [1, {MAX_WIDTH}], "
+                raise self.fail(f"question_width/answer_width must be integers in "
+                                f"[1, {MAX_WIDTH}], "
                                 f"got {str(widths)[:60]}")
             from .datasets.sequence import Vocabulary
             return Vocabulary({c: i for i, c in enumerate(chars)}, dict(enumerate(chars)), *widths)
@@ -190,7 +195,8 @@ def _predict_shapes(cls, config, fail):
         try:
             m = cls(**cfg, **({"seed": 0} if "seed" in inspect.signature(cls).parameters else {}))
         except (ValueError, TypeError) as e:
-            raise fail(f"configuration {_fmt(config)} is not valid for {cls.__name__}: {e}") from None
+            raise fail(f"configuration {_fmt(config)} is not valid for {cls.__name__}: "
+                       f"{e}") from None
         return m.param_names, [tuple(p.shape) for p in m.params]
 
     names, at_base = probe({})
@@ -201,7 +207,7 @@ def _predict_shapes(cls, config, fail):
         for d, s0 in enumerate(shape):
             dims.append(s0 + sum((steps[v][i][d] - s0) * (v - base[v]) for v in sizes))
         predicted.append(tuple(dims))
-    check_names, at_two = probe({v: 2 for v in sizes})  # the coefficients must hold at a third point
+    check_names, at_two = probe({v: 2 for v in sizes})  # the coefficients hold at a third point
     linear = [tuple(s0 + 2 * sum(steps[v][i][d] - s0 for v in sizes) for d, s0 in enumerate(shape))
               for i, shape in enumerate(at_base)]
     if check_names != names or at_two != linear:

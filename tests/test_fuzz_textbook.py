@@ -23,7 +23,7 @@ def _dtype(code, order=b"<"):
 
 
 def _array(shape, dtype_code, raw, order=b"<"):
-    """Protocol-2 opcodes for one ndarray: _reconstruct, then BUILD (1, shape, dtype, False, raw)."""
+    """Protocol-2 opcodes for one ndarray: _reconstruct, BUILD (1, shape, dtype, False, raw)."""
     shp = b"(" + b"".join(b"J" + struct.pack("<i", d) if d < 2 ** 31 else
                           b"\x8a\x08" + struct.pack("<q", d) for d in shape) + b"t"
     return (RECON + b"(K\x01" + shp + _dtype(dtype_code, order) + b"\x89C"

@@ -217,14 +217,15 @@ def test_seq2seq_vocabulary_mismatch(tmp_path, addition_vocab):
         fastseq.load(tmp_path / "m.npz")
 
 
-@pytest.mark.parametrize("task", ["addition", "text"])
+@pytest.mark.parametrize("task", ["addition", "date", "text"])
 def test_a_training_run_is_rebuilt_from_model_and_checkpoint(tmp_path, task, capsys):
     """What python -m fastseq.train writes (model.npz and checkpoint.npz, seq2seq and language
     model) is rebuilt by fastseq.load and used by fastseq.generate."""
     from fastseq.train import main as train
     data = tmp_path / "data.txt"
-    if task == "addition":
-        data.write_text("\n".join(sequence.generate_addition(200, seed=3)) + "\n")
+    if task in ("addition", "date"):
+        make = sequence.generate_addition if task == "addition" else sequence.generate_date
+        data.write_text("\n".join(make(200, seed=3)) + "\n")
         flags = ["--hidden-size", "8", "--wordvec-size", "4", "--batch-size", "32"]
     else:
         data.write_text("the cat sat on the mat\na dog ran on the mat\n" * 600)
@@ -236,11 +237,12 @@ def test_a_training_run_is_rebuilt_from_model_and_checkpoint(tmp_path, task, cap
     assert type(a.model) is type(b.model) and a.model.config() == b.model.config()
     assert all(np.array_equal(x, y) for x, y in zip(a.model.params, b.model.params))
     capsys.readouterr()
-    if task == "addition":
+    if task != "text":
         assert a.reverse is True and b.reverse is True
         assert a.vocab.char_to_id == b.vocab.char_to_id
-        assert main(["--model", str(out / "checkpoint.npz"), "--question", "1+2"]) == 0
-        assert capsys.readouterr().out.strip() == a.answer("1+2")[0]
+        q = "1+2" if task == "addition" else "May 31, 1986"
+        assert main(["--model", str(out / "checkpoint.npz"), "--question", q]) == 0
+        assert capsys.readouterr().out.strip() == a.answer(q)[0]
     else:
         assert a.vocab == b.vocab and a.vocab[2:4] == ["the", "cat"]
         assert main(["--model", str(out / "checkpoint.npz"), "--start", "the cat", "--length", "5",

@@ -118,7 +118,8 @@ def test_cached_file_of_the_wrong_size_is_not_read(tmp_path, fake_corpus, monkey
     (tmp_path / "ptb.train.txt").write_bytes(TRAIN + b"more")
     reads = []
     monkeypatch.setattr(ptb.hashlib, "sha256", lambda *a: reads.append(a) or hashlib.sha256(*a))
-    with pytest.raises(ptb.ChecksumError, match=f"has {len(TRAIN) + 4} bytes, not the {len(TRAIN)}"):
+    with pytest.raises(ptb.ChecksumError,
+                       match=f"has {len(TRAIN) + 4} bytes, not the {len(TRAIN)}"):
         ptb.load_data("train", data_dir=tmp_path)
     assert reads == []  # refused from its size alone
 

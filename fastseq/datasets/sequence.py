@@ -63,7 +63,8 @@ class Vocabulary:
             raise TypeError(f"decode takes integer ids, got dtype {a.dtype} "
                             f"({str(ids)[:40]!r})")
         if a.ndim not in (1, 2):
-            raise ValueError(f"decode takes a row (1-D) or a batch (2-D) of ids, got shape {a.shape}")
+            raise ValueError(f"decode takes a row (1-D) or a batch (2-D) of ids, got shape "
+                             f"{a.shape}")
         lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi >= len(self):
             bad = lo if lo < 0 else hi
@@ -189,7 +190,8 @@ def build(questions, answers, seed=1984, source="<lines>"):
                 char_to_id[ch] = len(char_to_id)
     id_to_char = {i: ch for ch, i in char_to_id.items()}
     if len(questions) < MIN_LINES:
-        raise DataFormatError(f"{source}: {len(questions)} data lines; at least {MIN_LINES} are needed "
+        raise DataFormatError(f"{source}: {len(questions)} data lines; at least {MIN_LINES} are "
+                              f"needed "
                               f"(the last 10% is the test split)")
     x = np.array([[char_to_id[c] for c in q] for q in questions], dtype=np.int32)
     t = np.array([[char_to_id[c] for c in a] for a in answers], dtype=np.int32)
