@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # a few addition-like Adam steps with clipping, batch 128 (so the LSTM runs in row chunks),
-# Seq2seq and PeekySeq2seq; prints a digest of every parameter's bytes
+# Seq2seq and PeekySeq2seq, then SGD steps of an Rnnlm; prints a digest of every parameter's bytes
 TRAIN = textwrap.dedent("""
     import hashlib, numpy as np, fastseq
     from fastseq.trainer import TrainLoop
@@ -26,6 +26,13 @@ TRAIN = textwrap.dedent("""
             loop.step(x[i * 128:(i + 1) * 128], t[i * 128:(i + 1) * 128], 1.0)
         for p in model.params:
             h.update(np.ascontiguousarray(p).tobytes())
+    lm = fastseq.Rnnlm(2000, 32, 32, seed=0)  # batch 20: one chunk; the affine layer's products
+    loop = TrainLoop(lm, fastseq.SGD(1.0), progress=False)
+    ids = rng.integers(0, 2000, (4, 20, 36))
+    for i in range(4):
+        loop.step(ids[i, :, :-1], ids[i, :, 1:], 0.25)
+    for p in lm.params:
+        h.update(np.ascontiguousarray(p).tobytes())
     print(fastseq.backend.config.kernel, h.hexdigest())
 """)
 

@@ -108,31 +108,34 @@ def can_thread():
     return bool(FS_HAVE_OPENMP) and (_set_local != NULL or _set_global != NULL)
 
 
-cdef int _blas_one_thread() noexcept nogil:
-    """Make the BLAS single-threaded for the calling thread; returns what _blas_restore needs."""
+cdef int _blas_enter() noexcept nogil:
+    """One BLAS thread for the calling thread, around a kernel call; returns what _blas_leave
+    restores. (Some OpenBLAS builds implement the "thread-local" setter with the process-wide
+    count: so only the calling thread restores, once all chunks are done.)"""
+    cdef int old
     if _set_local != NULL:
         return (<set_local_t>_set_local)(1)
-    return 0
+    if _set_global != NULL:
+        old = (<get_global_t>_get_global)()
+        (<set_global_t>_set_global)(1)
+        return old
+    return -1
 
 
-cdef void _blas_restore(int old) noexcept nogil:
+cdef void _blas_leave(int old) noexcept nogil:
+    if old < 0:
+        return
     if _set_local != NULL:
         (<set_local_t>_set_local)(old)
-
-
-cdef int _blas_global_one(int team) noexcept nogil:
-    """With only a process-wide setter: one BLAS thread around a parallel region (returns the
-    previous count, -1 when nothing was changed)."""
-    if team < 2 or _set_local != NULL or _set_global == NULL:
-        return -1
-    cdef int old = (<get_global_t>_get_global)()
-    (<set_global_t>_set_global)(1)
-    return old
-
-
-cdef void _blas_global_restore(int old) noexcept nogil:
-    if old >= 0:
+    else:
         (<set_global_t>_set_global)(old)
+
+
+cdef inline void _blas_worker() noexcept nogil:
+    """One BLAS thread for a thread that runs chunks (never restored: the calling thread's
+    _blas_leave does that once the region is over)."""
+    if _set_local != NULL:
+        (<set_local_t>_set_local)(1)
 
 
 cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, const floating *a,
@@ -270,10 +273,9 @@ cdef void _fwd_chunk(Py_ssize_t k, Py_ssize_t nc, Py_ssize_t T, Py_ssize_t N, Py
                      Py_ssize_t D, const floating *X, const floating *Wx, const floating *W,
                      const floating *bias, Py_ssize_t b_rs, floating *A, floating *Hb,
                      floating *Cb, floating *TC, bint h0_zero, const int64_t *ids) noexcept nogil:
-    cdef int old = _blas_one_thread()
+    _blas_worker()
     _fwd_rows(k * N // nc, (k + 1) * N // nc, T, N, H, D, X, Wx, W, bias, b_rs, A, Hb, Cb, TC,
               h0_zero, True, ids, T)
-    _blas_restore(old)
 
 
 cdef void _check_ids(const int64_t[:, ::1] ids, Py_ssize_t N, Py_ssize_t T, Py_ssize_t D,
@@ -299,7 +301,7 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
     leaves step 0 out of dWh)."""
     cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
     cdef Py_ssize_t G = 4 * H, t, n, k, nc = _nchunks(N)
-    cdef int team = _team(nthreads, nc), gold
+    cdef int team = _team(nthreads, nc), old
     cdef bint h0_zero
     cdef const int64_t *idp = NULL
     if b.shape[0] != (N * G if row_bias else G):
@@ -318,22 +320,18 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
         memcpy(&Hb[0, 0, 0], &h0[0, 0], N * H * sizeof(floating))
         memcpy(&Cb[0, 0, 0], &c0[0, 0], N * H * sizeof(floating))
         h0_zero = _all_zero(&h0[0, 0], N * H)
+        old = _blas_enter()
         if nc == 1:
             if ids is None:  # A = X Wx for all steps:  A^T (4H x TN) = Wx^T (4H x D) X^T (D x TN)
                 _gemm(c'N', c'N', <int>G, <int>(T * N), <int>D, <floating>1, &Wx[0, 0], <int>G,
                       &X[0, 0, 0], <int>D, <floating>0, &A[0, 0, 0], <int>G)
             _fwd_rows(0, N, T, N, H, D, &X[0, 0, 0], &Wx[0, 0], W, bias, b_rs, &A[0, 0, 0],
                       &Hb[0, 0, 0], &Cb[0, 0, 0], &TC[0, 0, 0], h0_zero, False, idp, T)
-        elif team == 1:
-            for k in range(nc):
-                _fwd_chunk(k, nc, T, N, H, D, &X[0, 0, 0], &Wx[0, 0], W, bias, b_rs, &A[0, 0, 0],
-                           &Hb[0, 0, 0], &Cb[0, 0, 0], &TC[0, 0, 0], h0_zero, idp)
         else:
-            gold = _blas_global_one(team)
             for k in prange(nc, num_threads=team, schedule='dynamic', chunksize=1):
                 _fwd_chunk(k, nc, T, N, H, D, &X[0, 0, 0], &Wx[0, 0], W, bias, b_rs, &A[0, 0, 0],
                            &Hb[0, 0, 0], &Cb[0, 0, 0], &TC[0, 0, 0], h0_zero, idp)
-            _blas_global_restore(gold)
+        _blas_leave(old)
     return h0_zero
 
 
@@ -402,13 +400,12 @@ cdef void _bwd_chunk(Py_ssize_t k, Py_ssize_t nc, Py_ssize_t T, Py_ssize_t N, Py
                      bint h0_zero, bint need_dh0, const int64_t *ids) noexcept nogil:
     """Chunk k of nc: its rows, its own dWx and dWh share (in shares) and db accumulators."""
     cdef Py_ssize_t G = 4 * H
-    cdef int old = _blas_one_thread()
+    _blas_worker()
     g.pdWx = shares + k * (D + H) * G
     g.pdWh = shares + k * (D + H) * G + D * G
     g.dbacc = g.dbacc + k * G
     _bwd_rows(k * N // nc, (k + 1) * N // nc, T, N, H, D, W, A, dy0, dy_ts, dy_rs, dhn, dc, Cb,
               TC, X, Wx, Hb, g, h0_zero, need_dh0, ids)
-    _blas_restore(old)
 
 
 cdef void _sum_shares(const floating *shares, Py_ssize_t nc, Py_ssize_t PW, floating *dWx,
@@ -468,7 +465,7 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     cdef Py_ssize_t N = A.shape[1], T = A.shape[0], H = Wh.shape[0], D = Wx.shape[0]
     cdef Py_ssize_t G = 4 * H, j, k, nc = _nchunks(N), PW = (D + H) * G
     cdef Py_ssize_t isz = sizeof(floating)
-    cdef int team = _team(nthreads, nc), gold
+    cdef int team = _team(nthreads, nc), old
     if dhs.shape[0] != N or dhs.shape[1] != T or dhs.shape[2] != H:
         raise ValueError(f"dhs has shape {tuple(dhs.shape)[:3]}, expected {(N, T, H)}")
     if dhs.strides[2] != isz or dhs.strides[0] % isz or dhs.strides[1] % isz:
@@ -496,6 +493,7 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     with nogil:
         memset(dc, 0, N * H * isz)
         memset(&dh0[0, 0], 0, N * H * isz)
+        old = _blas_enter()
         if nc == 1:
             _bwd_rows(0, N, T, N, H, D, &Wh[0, 0], &A[0, 0, 0], dy0, dy_ts, dy_rs, &dh0[0, 0], dc,
                       &Cb[0, 0, 0], &TC[0, 0, 0], &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], g,
@@ -503,7 +501,6 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
             _bwd_whole(T, N, H, D, &A[0, 0, 0], &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], &dWx[0, 0],
                        &dWh[0, 0], &dX[0, 0, 0], h0_zero, idp)
         else:
-            gold = _blas_global_one(team)
             for k in prange(nc, num_threads=team, schedule='dynamic', chunksize=1):
                 _bwd_chunk(k, nc, T, N, H, D, &Wh[0, 0], &A[0, 0, 0], dy0, dy_ts, dy_rs,
                            &dh0[0, 0], dc, &Cb[0, 0, 0], &TC[0, 0, 0], &X[0, 0, 0], &Wx[0, 0],
@@ -511,10 +508,10 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
             for k in prange(4 * team, num_threads=team, schedule='dynamic', chunksize=1):
                 _sum_shares(shares, nc, PW, &dWx[0, 0], D * G, &dWh[0, 0],
                             k * PW // (4 * team), (k + 1) * PW // (4 * team))
-            _blas_global_restore(gold)
             for k in range(1, nc):  # db accumulators in chunk order
                 for j in range(G):
                     g.dbacc[j] += g.dbacc[k * G + j]
+        _blas_leave(old)
         for j in range(G):
             db[j] = <floating>g.dbacc[j]
     free(g.dbacc)
@@ -541,7 +538,7 @@ cdef void _matmul_chunk(Py_ssize_t q, Py_ssize_t nq, bint by_rows, Py_ssize_t M,
     the column-major out^T = b^T a^T; a_t / b_t: the operand is a transposed (F-ordered) view."""
     cdef Py_ssize_t X = M if by_rows else N
     cdef Py_ssize_t i0 = q * X // nq, i1 = (q + 1) * X // nq
-    cdef int old = _blas_one_thread()
+    _blas_worker()
     if by_rows:
         _gemm(c'T' if b_t else c'N', c'T' if a_t else c'N', <int>N, <int>(i1 - i0), <int>K,
               <floating>1, b, <int>ldb, a + (i0 if a_t else i0 * lda), <int>lda, <floating>0,
@@ -550,7 +547,6 @@ cdef void _matmul_chunk(Py_ssize_t q, Py_ssize_t nq, bint by_rows, Py_ssize_t M,
         _gemm(c'T' if b_t else c'N', c'T' if a_t else c'N', <int>(i1 - i0), <int>M, <int>K,
               <floating>1, b + (i0 * ldb if b_t else i0), <int>ldb, a, <int>lda, <floating>0,
               out + i0, <int>N)
-    _blas_restore(old)
 
 
 cdef inline bint _operand(const floating[:, :] x, bint *trans, Py_ssize_t *ld) noexcept:
@@ -584,13 +580,13 @@ def matmul(const floating[:, :] a, const floating[:, :] b, floating[:, ::1] out,
     if not _operand(a, &a_t, &lda) or not _operand(b, &b_t, &ldb):
         return False
     nq = min(M * N * K // MATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, M if by_rows else N)
-    cdef int team = _team(nthreads, nq), gold
+    cdef int team = _team(nthreads, nq), old
     with nogil:
-        gold = _blas_global_one(team)
+        old = _blas_enter()
         for q in prange(nq, num_threads=team, schedule='dynamic', chunksize=1):
             _matmul_chunk(q, nq, by_rows, M, N, K, &a[0, 0], a_t, lda, &b[0, 0], b_t, ldb,
                           &out[0, 0])
-        _blas_global_restore(gold)
+        _blas_leave(old)
     return True
 
 
