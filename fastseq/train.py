@@ -263,11 +263,8 @@ def load_seq2seq_data(cfg):
 def _text_corpora(path):
     """train / val / test word ids of a text file: lines split on whitespace, '<eos>' after each
     line; the last 10% of the lines are 5% validation and 5% test; unseen words become <unk>."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    from .datasets.sequence import read_text  # regular files only, bounded, BOM dropped
+    lines = read_text(path).splitlines()
     n = len(lines)
     cut1, cut2 = n - n // 10, n - n // 20
     if cut1 < 1 or cut2 - cut1 < 1 or n - cut2 < 1:

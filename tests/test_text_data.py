@@ -90,3 +90,22 @@ def test_encode_refuses_non_strings(vocab):
         vocab.encode([12])
     with pytest.raises(TypeError, match="question string"):
         vocab.encode([b"12"])
+
+
+def test_training_on_a_fifo_or_bom_text_file(tmp_path, capsys):
+    """python -m fastseq.train reads --data through the same reader: a FIFO is refused at once
+    (it used to block), a byte-order mark is not taken for part of the first word."""
+    from fastseq.train import main
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    for task in ("text", "addition"):
+        assert main(["--task", task, "--data", str(fifo), "--out", str(tmp_path / "run"),
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastseq: ") and "corpus.txt: is a FIFO" in err
+    text = tmp_path / "bom.txt"
+    text.write_bytes(b"\xef\xbb\xbf" + b"the cat sat\na dog ran\n" * 1000)
+    assert main(["--task", "text", "--data", str(text), "--epochs", "1", "--hidden-size", "4",
+                 "--wordvec-size", "4", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    import fastseq
+    assert fastseq.load(tmp_path / "run" / "model.npz").vocab[2] == "the"

@@ -207,9 +207,10 @@ def build(questions, answers, seed=1984, source="<lines>"):
 MAX_DATA_BYTES = 64 << 20  # the textbook's sets are ~1-2 MB
 
 
-def read_text_lines(path, max_bytes=MAX_DATA_BYTES):
-    """The lines of a UTF-8 text file (a leading byte-order mark dropped), with errors that name
-    the file: not a regular file, too large, not UTF-8 (UTF-16 recognised), binary (NUL bytes)."""
+def read_text(path, max_bytes=MAX_DATA_BYTES):
+    """The text of a UTF-8 file (a leading byte-order mark dropped), with errors that name the
+    file: not a regular file (a FIFO would block), too large, not UTF-8 (UTF-16 recognised),
+    binary (NUL bytes)."""
     f, size = open_regular(path)
     with f:
         if size > max_bytes:
@@ -228,7 +229,12 @@ def read_text_lines(path, max_bytes=MAX_DATA_BYTES):
     if "\0" in text:
         raise DataFormatError(f"{path}: contains NUL characters at offset {text.index(chr(0))}; "
                               f"a binary file?")
-    return text.split("\n")
+    return text
+
+
+def read_text_lines(path, max_bytes=MAX_DATA_BYTES):
+    """read_text's lines (split at "\n"; a trailing "\r" is dropped by parse_lines)."""
+    return read_text(path, max_bytes).split("\n")
 
 
 def load_dataset(file_name_or_path="addition.txt", seed=1984):
