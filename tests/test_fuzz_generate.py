@@ -1,8 +1,10 @@
 """Fuzzing python -m fastseq.generate's arguments (in process): every argument list either runs
 (exit 0) or is refused with exit 2 -- argparse's usage line for a malformed flag, otherwise one
 'fastseq:' line -- within the time and memory bounds, never a traceback."""
+import atexit
 import contextlib
 import io
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from fastseq import PeekySeq2seq, Rnnlm
 from fastseq.generate import main
 
 DIR = Path(tempfile.mkdtemp(prefix="fastseq-fuzz-generate-"))
+atexit.register(shutil.rmtree, DIR, True)
 WORDS = ["<eos>", "the", "cat", "sat", "N", "<unk>", "$", "a"]
 CHARS = list("0123456789+_ ")
 

@@ -1,7 +1,9 @@
 """Fuzzing model.npz and checkpoint.npz: truncated, bit-flipped, overwritten files; foreign zips
 and arrays; wrong metadata under a valid checksum. Every input is either loaded exactly as saved or
 refused with a FastseqFileError / OSError, within the time and memory bounds, changing nothing."""
+import atexit
 import io
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -20,6 +22,7 @@ from fastseq.io import read_npz, write_npz
 WORDS = [f"w{i}" for i in range(12)]
 CHARS = list("0123456789+_ ")
 DIR = Path(tempfile.mkdtemp(prefix="fastseq-fuzz-npz-"))
+atexit.register(shutil.rmtree, DIR, True)
 
 
 def _lm():

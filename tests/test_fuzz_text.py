@@ -2,7 +2,9 @@
 text loader (with the checksum patched to each generated file, so the parser itself is reached),
 encode and decode. A file is loaded faithfully or refused with a FastseqFileError / OSError naming
 it; encode/decode give the text back or a ValueError / TypeError."""
+import atexit
 import hashlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from hypothesis.extra import numpy as hnp
 from fastseq.datasets import ptb, sequence
 
 DIR = Path(tempfile.mkdtemp(prefix="fastseq-fuzz-text-"))
+atexit.register(shutil.rmtree, DIR, True)
 ADDITION = sequence.generate_addition(30, seed=1)
 DATES = sequence.generate_date(30, seed=1) if hasattr(sequence, "generate_date") else ADDITION
 
