@@ -32,10 +32,10 @@ from . import backend
 TASKS = {
     "addition": {"family": "seq2seq", "model": "peeky", "data": "addition.txt", "reverse": True,
                  "epochs": 25, "batch_size": 128, "optimizer": "adam", "lr": 1e-3,
-                 "max_grad": 5.0, "beam": None},
+                 "max_grad": 5.0, "beam": None, "mask": True},
     "date": {"family": "seq2seq", "model": "attention", "data": "date.txt", "reverse": True,
              "epochs": 10, "batch_size": 128, "optimizer": "adam", "lr": 1e-3, "max_grad": 5.0,
-             "beam": None},
+             "beam": None, "mask": False},
     "ptb": {"family": "lm", "model": "rnnlm", "data_dir": None, "epochs": 4, "batch_size": 20,
             "time_size": 35, "optimizer": "sgd", "lr": 20.0, "max_grad": 0.25, "max_iters": None,
             "eval_max_iters": None},
@@ -145,6 +145,12 @@ def build_parser():
                    help="seq2seq: feed each question reversed (addition default)")
     p.add_argument("--no-reverse", dest="reverse", action="store_const", const=False,
                    help="seq2seq: feed questions in their written order")
+    p.add_argument("--mask", dest="mask", action="store_const", const=True, default=None,
+                   help="padding-aware models (attention): give the model the data's pad id "
+                        "(padding masked; addition default)")
+    p.add_argument("--no-mask", dest="mask", action="store_const", const=False,
+                   help="padding-aware models: treat pads as data, reverse whole rows (the "
+                        "textbook's setting; date default: it learns the date task faster)")
     for flag, (key, parse, text) in SETTINGS.items():
         p.add_argument(flag, dest=key, type=parse, default=None,
                        metavar={str: "PATH", positive_int: "N"}.get(parse, "X"),
@@ -180,6 +186,7 @@ def resolve(args):
     cfg.update(entry.defaults)
     flags = {f: key for f, (key, _, _) in SETTINGS.items()}
     flags["--reverse/--no-reverse"] = "reverse"
+    flags["--mask/--no-mask"] = "mask"
     for flag, key in flags.items():
         value = getattr(args, key)
         if value is None:
@@ -248,8 +255,8 @@ def load_seq2seq_data(cfg):
     data = load_dataset(cfg["data"])
     vocab = data.vocab
     # a padding-aware model gets the data set's pad id; its questions reverse only their characters
-    pad = pad_id(vocab) if "pad_id" in inspect.signature(REGISTRY[cfg["model"]].cls).parameters \
-        else None
+    takes_pad = "pad_id" in inspect.signature(REGISTRY[cfg["model"]].cls).parameters
+    pad = pad_id(vocab) if takes_pad and cfg.get("mask", True) else None
     x_train, x_test = data.x_train, data.x_test
     if cfg["reverse"]:
         x_train, x_test = reverse_padded(x_train, pad), reverse_padded(x_test, pad)

@@ -70,7 +70,7 @@ def test_train_cli_date_task_with_attention_and_beam(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--task", "date", "--data", str(data), "--epochs", "1", "--hidden-size", "16",
                  "--wordvec-size", "8", "--batch-size", "100", "--beam", "3", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--mask"]) == 0
     assert "beam 3" in capsys.readouterr().out
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["model"] == "attention" and m["config"]["beam"] == 3
@@ -84,3 +84,9 @@ def test_train_cli_date_task_with_attention_and_beam(tmp_path, capsys):
     assert len(capsys.readouterr().out.strip()) <= 10
     pytest.importorskip("matplotlib")
     assert (out / "attention.png").stat().st_size > 1000
+    # the date task's default: the textbook's setting, pads are data
+    out2 = tmp_path / "run2"
+    assert main(["--task", "date", "--data", str(data), "--epochs", "1", "--hidden-size", "8",
+                 "--wordvec-size", "4", "--batch-size", "200", "--out", str(out2),
+                 "--no-progress"]) == 0
+    assert fastseq.load(out2 / "model.npz").model.pad_id is None
