@@ -95,3 +95,14 @@ def test_chunked_matmul_matches_numpy_for_any_thread_count(M, K, N, cython_engin
                     np.testing.assert_array_equal(other, outs[0])
     assert not kernel.matmul(np.ones((4, 6), np.float32)[:, ::2], np.ones((3, 2), np.float32),
                              np.empty((4, 2), np.float32))  # strides BLAS cannot take
+
+
+@pytest.mark.parametrize("env,expect", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                        ({"GOMP_SPINCOUNT": "1000"}, "None")])
+def test_idle_openmp_threads_sleep_unless_the_user_chose(env, expect):
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "import os, fastseq; print(os.environ.get('OMP_WAIT_POLICY'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**base, "PYTHONPATH": str(ROOT), **env}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expect

@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Fused LSTM kernel for the CPU (float32 and float64), used by fastseq.lstm._cython.
+"""Fused LSTM kernel for the CPU (float32 and float64), used by fastseq.lstm._cython; and, chunked
+the same way, matmul and exp_rows for the layers around it (fastseq.functions).
 
 Layout (all buffers are allocated by the caller, time-major so that per-step slices are contiguous):
 
