@@ -212,3 +212,32 @@ def machine_line():
     except (AttributeError, OSError):
         ncpu = os.cpu_count()
     return f"machine: {cpu}, {ncpu} CPUs; numpy {np.__version__}"
+
+
+def torch_seq2seq(torch, V, D, H, peeky):
+    """The addition Seq2seq (peeky=False) or PeekySeq2seq in PyTorch: nn.Embedding, nn.LSTM and
+    nn.Linear with the same sizes and data flow as fastseq's models (decoder from the encoder's
+    last h with c = 0; Peeky feeds h to every decoder step and to the output layer)."""
+    nn = torch.nn
+
+    class TorchSeq2seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc_embed = nn.Embedding(V, D)
+            self.enc = nn.LSTM(D, H, batch_first=True)
+            self.dec_embed = nn.Embedding(V, D)
+            self.dec = nn.LSTM(D + H if peeky else D, H, batch_first=True)
+            self.out = nn.Linear(2 * H if peeky else H, V)
+
+        def forward(self, xs, ts_in):
+            _, (h, _) = self.enc(self.enc_embed(xs))
+            e = self.dec_embed(ts_in)
+            hh = h[0][:, None, :].expand(-1, e.shape[1], -1)
+            if peeky:
+                e = torch.cat([hh, e], dim=2)
+            out, _ = self.dec(e, (h, torch.zeros_like(h)))
+            if peeky:
+                out = torch.cat([hh, out], dim=2)
+            return self.out(out)
+
+    return TorchSeq2seq()

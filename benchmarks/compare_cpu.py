@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BATCH, D, H, SETUPS, addition_data, interleaved, machine_line,  # noqa: E402
-                    ratio_line, start_load, stop_load, worker_loop, worker_setup)
+                    ratio_line, start_load, stop_load, torch_seq2seq, worker_loop, worker_setup)
 
 EPOCH = 45000 // BATCH  # iterations per epoch of the addition training split
 
@@ -31,28 +31,7 @@ def make_torch_runner(model_name):
     data = addition_data()
     Vs = len(data.vocab)
     peeky = model_name == "peeky"
-
-    class TorchSeq2seq(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc_embed = nn.Embedding(Vs, D)
-            self.enc = nn.LSTM(D, H, batch_first=True)
-            self.dec_embed = nn.Embedding(Vs, D)
-            self.dec = nn.LSTM(D + H if peeky else D, H, batch_first=True)
-            self.out = nn.Linear(2 * H if peeky else H, Vs)
-
-        def forward(self, xs, ts_in):
-            _, (h, _) = self.enc(self.enc_embed(xs))
-            e = self.dec_embed(ts_in)
-            hh = h[0][:, None, :].expand(-1, e.shape[1], -1)
-            if peeky:
-                e = torch.cat([hh, e], dim=2)
-            out, _ = self.dec(e, (h, torch.zeros_like(h)))
-            if peeky:
-                out = torch.cat([hh, out], dim=2)
-            return self.out(out)
-
-    model = TorchSeq2seq()
+    model = torch_seq2seq(torch, Vs, D, H, peeky)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     lossf = nn.CrossEntropyLoss()
     x = torch.from_numpy(data.x_train[:, ::-1].astype(np.int64).copy())

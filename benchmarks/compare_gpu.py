@@ -19,7 +19,6 @@ dependency of fastseq.
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import torch_seq2seq  # noqa: E402
 
 ADD = dict(D=16, H=128, batch=128, lr=1e-3, clip=5.0)
 PTB = dict(V=10000, H=650, batch=20, time=35, lr=20.0, clip=0.25, dropout=0.5)
@@ -135,28 +136,7 @@ def torch_addition(dev, model_name, x, t, V):
     torch.manual_seed(0)
     D, H, B = ADD["D"], ADD["H"], ADD["batch"]
     peeky = model_name == "peeky"
-
-    class TorchSeq2seq(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc_embed = nn.Embedding(V, D)
-            self.enc = nn.LSTM(D, H, batch_first=True)
-            self.dec_embed = nn.Embedding(V, D)
-            self.dec = nn.LSTM(D + H if peeky else D, H, batch_first=True)
-            self.out = nn.Linear(2 * H if peeky else H, V)
-
-        def forward(self, xs, ts_in):
-            _, (h, _) = self.enc(self.enc_embed(xs))
-            e = self.dec_embed(ts_in)
-            hh = h[0][:, None, :].expand(-1, e.shape[1], -1)
-            if peeky:
-                e = torch.cat([hh, e], dim=2)
-            out, _ = self.dec(e, (h, torch.zeros_like(h)))
-            if peeky:
-                out = torch.cat([hh, out], dim=2)
-            return self.out(out)
-
-    model = TorchSeq2seq().to(dev.tdev)
+    model = torch_seq2seq(torch, V, D, H, peeky).to(dev.tdev)
     opt = torch.optim.Adam(model.parameters(), lr=ADD["lr"])
     lossf = nn.CrossEntropyLoss()
     xd = torch.as_tensor(x.astype(np.int64), device=dev.tdev)
