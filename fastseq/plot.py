@@ -31,6 +31,13 @@ def plot_curves(curves, xlabel, ylabel, path, title=None, ylim=None, xs=None):
     ax.grid(alpha=0.3)
     if len(curves) > 1:
         ax.legend()
+    return _save(fig, path)
+
+
+
+def _save(fig, path):
+    """Write the figure to path atomically (a temporary PNG beside it, then a rename); close it."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp.png")
     fig.savefig(tmp)
@@ -64,9 +71,4 @@ def plot_attention_maps(maps, path, ncols=2):
         ax.set_yticklabels([c if c != " " else "\u2423" for c in a], fontsize=7)
     for ax in list(axes.flat)[len(maps):]:
         ax.axis("off")
-    fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
