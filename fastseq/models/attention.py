@@ -18,7 +18,7 @@ from .. import backend
 from ..backend import get_array_module
 from ..layers import TimeAffine, TimeAttention, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
 from .base import Model, check_size, lstm_params, make_rng, randn, register, zeros
-from .seq2seq import _as_start_ids, embed_lstm_backward, embed_lstm_forward
+from .seq2seq import Encoder, _as_start_ids, embed_lstm_backward, embed_lstm_forward
 
 
 def true_lengths(ids, pad_id):
@@ -30,18 +30,11 @@ def true_lengths(ids, pad_id):
     return xp.where(real.any(axis=1), last, 1).astype(np.int64)
 
 
-class AttentionEncoder(Model):
-    """ids (N, T) -> every hidden state hs (N, T, H); with ``lengths``, padded steps repeat the
-    state at each row's true end."""
+class AttentionEncoder(Encoder):
+    """The Encoder's layers, returning every hidden state hs (N, T, H) of ids (N, T); with
+    ``lengths``, padded steps repeat the state at each row's true end."""
 
-    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32):
-        rng = rng if rng is not None else make_rng(None)
-        V, D, H = vocab_size, wordvec_size, hidden_size
-        self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
-        self.lstm = TimeLSTM(*lstm_params(rng, D, H, dtype), stateful=False)
-        self.lstm.need_dh = False  # starts from a zero state
-        self.layers = [("embed", self.embed), ("lstm", self.lstm)]
-        self._fill = None
+    _fill = None
 
     def forward(self, xs, lengths=None):
         hs = embed_lstm_forward(self.embed, self.lstm, xs)
