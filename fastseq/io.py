@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import to_cpu
 from ._safefile import (CheckpointError, FastseqFileError, NotRegularFileError,  # noqa: F401
                         _kind, check_params, open_regular)
 
@@ -131,7 +132,7 @@ def _prepare(arrays, meta, path):
     for name, a in arrays.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"{path}: array names must be non-empty strings, got {name!r}")
-        a = np.asarray(a, order="C")
+        a = np.asarray(to_cpu(a), order="C")  # GPU arrays are saved like any other
         if a.dtype not in allowed or a.ndim > DEFAULT_LIMITS.max_ndim:
             raise TypeError(f"{path}: array {name!r} has dtype {a.dtype} and {a.ndim} dimensions; "
                             f"only plain numeric arrays of up to {DEFAULT_LIMITS.max_ndim} "
