@@ -30,7 +30,7 @@ class _Stepper:
             self.enc_hs, self.mask = model.encode(xs)
             h = self.enc_hs[:, -1]
         else:
-            h = model.encoder.forward(xs)
+            h = model.encoder.infer(xs)
             self.h = h if k == 1 else h.repeat(k, axis=0)
         xp = get_array_module(h)
         dec.lstm.set_state(h if k == 1 else h.repeat(k, axis=0),
@@ -95,6 +95,10 @@ def greedy_search(model, xs, start_id, sample_size, end_id=_AUTO, batch_size=500
     out = np.full((xs.shape[0], sample_size), -1 if end is None else end, dtype=np.int64)
     for sl in _chunks(model, xs, batch_size):
         r = sl if isinstance(sl, slice) else backend.asarray(sl)
+        if end is None and not hasattr(model, "encode"):  # Seq2seq, Peeky: the engine decodes
+            h = model.encoder.infer(xs[r])
+            out[sl] = backend.to_cpu(model.decoder.generate(h, starts[r], sample_size))
+            continue
         st = _Stepper(model, xs[r], 1)
         try:
             ids = starts[r]

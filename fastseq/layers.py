@@ -236,6 +236,57 @@ class TimeLSTM:
                                              self.h, self.c)
         return self.h
 
+    def final_state(self, ids, embed):
+        """Inference: the last (h, c) of forward(ids, embed=embed) from a zero state. Nothing is
+        kept for backward, and the layer's own state is left alone.
+
+        The state after step t depends only on the prefix ids[:, :t+1], so each step runs once
+        per distinct prefix (batches of padded or similar sequences share many), until every
+        row's prefix is distinct and the remaining steps run in one engine call."""
+        Wx, Wh, b = self.params
+        E = embed.params[0]
+        if ids.ndim != 2 or ids.dtype.kind not in "iu" or E.shape[1] != Wx.shape[0]:
+            raise ValueError(f"final_state expects integer ids (N, T) for an embedding of width "
+                             f"{Wx.shape[0]}, got {ids.dtype} {ids.shape} and width {E.shape[1]}")
+        xp = get_array_module(Wx)
+        kernel = get_kernel(Wx)
+        (N, T), V, H = ids.shape, E.shape[0], Wh.shape[0]
+        fused = self.fuse_embedding(embed, ids)
+        if fused:  # ids into the table E Wx (see forward's embed=)
+            Wx = E @ Wx
+
+        def run(h, c, x_ids):
+            xs = xp.ascontiguousarray(x_ids, dtype="int64") if fused else E[x_ids]
+            return kernel.final_state(xs, Wx, Wh, b, h, c)
+
+        h = c = xp.zeros((min(N, 1), H), dtype=Wx.dtype)
+        prefix = xp.zeros(N, dtype="int64")  # row n's prefix: an index into the rows of h, c
+        for t in range(T):
+            if h.shape[0] == N:  # every prefix distinct: the remaining steps in one call
+                return run(h[prefix], c[prefix], ids[:, t:])
+            keys, prefix = xp.unique(prefix * V + ids[:, t], return_inverse=True)
+            h, c = run(h[keys // V], c[keys // V], (keys % V)[:, None])
+        return h[prefix], c[prefix]
+
+    def greedy(self, ids, embed, h, Wout, bout, steps, context=None):
+        """Greedy decoding of ``steps`` ids (N, steps) from the state (h, 0): each step's input
+        is embed's vector of the previous id (of ids (N,) at the first step), and the next id
+        is the argmax of h_t Wout + bout (bout (V,) or (N, V)). context as in forward. Nothing
+        is kept, and the layer's own state is left alone."""
+        Wx, Wh, b = self.params
+        E = embed.params[0]
+        K = 0 if context is None else context.shape[1]
+        if E.shape[1] + K != Wx.shape[0]:
+            raise ValueError(f"embedding width {E.shape[1]} does not match the LSTM input "
+                             f"width {Wx.shape[0] - K}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= E.shape[0]):
+            raise ValueError(f"start id outside the vocabulary [0, {E.shape[0]})")
+        if context is not None:  # its share of every step's input, once (see forward)
+            b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K]) + b
+        xp = get_array_module(Wx)
+        return get_kernel(Wx).greedy(ids, E @ Wx[K:], Wh, b, h, xp.zeros_like(h), Wout, bout,
+                                     steps)
+
     def set_state(self, h, c=None):
         self.h, self.c = h, c
 

@@ -456,6 +456,25 @@ def test_engine_row_bias_matches_numpy_reference(kernel, dtype, N, T, D, H):
         np.testing.assert_allclose(g, rg, **gtol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("row_bias", [False, True])
+def test_engine_greedy_matches_numpy_reference(kernel, dtype, row_bias):
+    """Greedy decoding with the forward step kernel: the reference's ids, the inputs untouched."""
+    rng = np.random.default_rng(7 + row_bias)
+    N, V, H, S = 9, 5, 4, 6
+    ids = rng.integers(0, V, N)
+    Wx, Wh = rng.standard_normal((V, 4 * H)), rng.standard_normal((H, 4 * H)) / 2
+    b = rng.standard_normal((N, 4 * H) if row_bias else 4 * H)
+    h, c = np.tanh(rng.standard_normal((N, H))), rng.standard_normal((N, H))
+    Wout, bout = rng.standard_normal((H, V)) * 3, rng.standard_normal(V)
+    args = [a.astype(dtype) for a in (Wx, Wh, b, h, c, Wout, bout)]
+    before = [a.copy() for a in args]
+    got = _cupy._greedy(np, kernel, ids, *args, S)
+    np.testing.assert_array_equal(got, _numpy.greedy(ids, *args, S))
+    for a, a0 in zip(args, before):
+        np.testing.assert_array_equal(a, a0)
+
+
 # ------------------------------------------------- optimiser and clipping kernels, products
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from fastseq import backend
 from fastseq.decoding import beam_search, greedy_search, sequence_log_prob
 from fastseq.models import PeekySeq2seq, Seq2seq
 from fastseq.models.attention import AttentionSeq2seq
@@ -37,6 +38,24 @@ def test_greedy_search_equals_generate(kind):
     model, xs = make(kind), questions()
     np.testing.assert_array_equal(greedy_search(model, xs, START, 5, batch_size=7),
                                   model.generate(xs, START, 5))
+
+
+@pytest.mark.parametrize("engine", ["numpy", "cython"])
+@pytest.mark.parametrize("kind", ["seq2seq", "peeky"])
+def test_generate_is_the_argmax_of_teacher_forcing(kind, engine):
+    """generate's answers, fed back through the training forward, are its scores' argmax at
+    every step (up to near-ties, where rounding may pick either)."""
+    if not backend.cython_available() and engine == "cython":
+        pytest.skip("fastseq._ext is not importable here")
+    with backend.using(engine):
+        model, xs = make(kind), questions(200)
+        ys = model.generate(xs, START, 5)
+        h = model.encoder.forward(xs)
+        scores = model.decoder.forward(np.concatenate([np.full((200, 1), START), ys[:, :-1]], 1), h)
+    top2 = np.sort(scores, axis=2)[:, :, -2:]
+    sure = np.cumprod(top2[:, :, 1] - top2[:, :, 0] > 1e-4, axis=1).astype(bool)
+    assert sure.mean() > 0.9
+    np.testing.assert_array_equal(np.where(sure, scores.argmax(axis=2), -1), np.where(sure, ys, -1))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -291,6 +291,108 @@ def test_numpy_step_is_forwards_arithmetic():
     np.testing.assert_array_equal(c, cT)
 
 
+# --- inference: final_state and greedy ----------------------------------------------------------
+
+def greedy_reference(ids, Wx, Wh, b, h, c, Wout, bout, steps):
+    """Greedy decoding step by step through the reference forward on explicit one-hot rows, in
+    float64: the ids (N, steps) and, per step, the gap between the two best scores."""
+    f64 = [np.asarray(a, np.float64) for a in (Wx, Wh, b, h, c, Wout, bout)]
+    Wx, Wh, b, h, c, Wout, bout = f64
+    out, gaps = [], []
+    for _ in range(steps):
+        _, h, c, _ = _numpy.forward(np.eye(Wx.shape[0])[ids][:, None], Wx, Wh, b, h, c)
+        scores = h @ Wout + bout
+        top2 = np.sort(scores, axis=1)[:, -2:]
+        ids = scores.argmax(axis=1)
+        out.append(ids)
+        gaps.append(top2[:, 1] - top2[:, 0])
+    return np.stack(out, axis=1), np.stack(gaps, axis=1)
+
+
+def assert_same_choices(got, want, gaps, tol):
+    """got == want up to each row's first near-tie (a gap below tol) in the reference, after
+    which rounding may rightly pick the other symbol."""
+    sure = np.cumprod(gaps >= tol, axis=1).astype(bool)
+    assert sure.mean() > 0.9, "the test problem has too many near-ties"
+    np.testing.assert_array_equal(np.where(sure, got, -1), np.where(sure, want, -1))
+
+
+def greedy_case(rng, N, S, V, H, dtype, row_bias, out_row_bias):
+    ids = rng.integers(0, V, N)
+    Wx = rng.standard_normal((V, 4 * H))
+    Wh = rng.standard_normal((H, 4 * H)) / np.sqrt(H)
+    b = rng.standard_normal((N, 4 * H) if row_bias else 4 * H) * 0.5
+    h, c = np.tanh(rng.standard_normal((N, H))), rng.standard_normal((N, H))
+    Wout = rng.standard_normal((H, V)) * 3  # well-separated scores
+    bout = rng.standard_normal((N, V) if out_row_bias else V)
+    return [ids] + [a.astype(dtype) for a in (Wx, Wh, b, h, c, Wout, bout)] + [S]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("row_bias", [False, True])
+@pytest.mark.parametrize("out_row_bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 2, 1), (5, 3, 4, 6), (200, 5, 13, 16)])
+def test_greedy_matches_reference(engine, shape, dtype, row_bias, out_row_bias):
+    """greedy's ids are forward's one-hot steps with the argmax fed back (in blocks of rows)."""
+    rng = np.random.default_rng(sum(shape) + 2 * row_bias + out_row_bias)
+    case = greedy_case(rng, *shape, dtype, row_bias, out_row_bias)
+    got = engine.host(engine.module.greedy(*[engine.dev(a) for a in case[:-1]], case[-1]))
+    assert got.dtype == np.int64 and got.shape == (shape[0], shape[1])
+    want, gaps = greedy_reference(*case)
+    assert_same_choices(got, want, gaps, 1e-3 if dtype == np.float32 else 1e-9)
+
+
+def test_greedy_zero_steps_and_bad_sizes(cpu_engine):
+    case = greedy_case(np.random.default_rng(3), 4, 2, 5, 3, np.float32, False, False)
+    assert cpu_engine.module.greedy(*case[:-1], 0).shape == (4, 0)
+    Wout, bout = np.zeros((3, 6), np.float32), np.zeros(6, np.float32)  # 6 symbols, 5 inputs
+    with pytest.raises(ValueError, match="cannot all be fed back"):
+        cpu_engine.module.greedy(*case[:6], Wout, bout, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("row_bias", [False, True])
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("ids", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 3, 4, 6), (200, 7, 13, 16)])
+def test_final_state_matches_forward(engine, shape, dtype, row_bias, zero_state, ids):
+    if ids:
+        ids_engine(engine)
+    rng = np.random.default_rng(sum(shape) + 3)
+    case = (ids_case if ids else make_case)(rng, *shape, dtype, zero_state)
+    if row_bias:
+        case[3] = (rng.standard_normal((shape[0], 4 * shape[3])) * 0.5).astype(dtype)
+    _, hT, cT, _ = _numpy.forward(*case[:6])
+    h, c = engine.module.final_state(*[engine.dev(a) for a in case[:6]])
+    assert h.dtype == dtype and c.dtype == dtype
+    assert_close(h, hT, engine.tol(dtype), "h_T")
+    assert_close(c, cT, engine.tol(dtype), "c_T")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (40, 6), (300, 7)])
+def test_timelstm_final_state_shares_prefixes(engine, fused, shape, monkeypatch):
+    """Stepping once per distinct prefix (rows with few symbols share many) gives forward's
+    last state for every row."""
+    from fastseq.layers import TimeEmbedding
+    rng = np.random.default_rng(shape[0])
+    V, D, H = 13, 5, 16
+    N, T = shape
+    ids = rng.integers(0, 3, shape)  # 3 symbols: the prefixes repeat
+    if T > 4:  # columns 1-3: the base-V digits of a permutation of the rows, so that the
+        # prefixes are all distinct from step 3 on and the last steps run as one call
+        ids[:, 1:4] = rng.permutation(N)[:, None] // V ** np.arange(3) % V
+    make = make_layer(rng, D, H, np.float32, stateful=False)
+    E = (rng.standard_normal((V, D)) * 0.5).astype(np.float32)
+    monkeypatch.setattr(TimeLSTM, "fuse_embedding", lambda self, e, i: fused)
+    with backend.using(engine.name):
+        layer, embed = make(engine), TimeEmbedding(engine.dev(E))
+        hs = layer.forward(embed.forward(engine.dev(ids)))
+        h, c = layer.final_state(engine.dev(ids), embed)
+    assert_close(h, engine.host(hs)[:, -1], engine.tol(np.float32), "h_T")
+    assert_close(c, engine.host(layer.c), engine.tol(np.float32), "c_T")
+
+
 # --- need_dh0=False: the product for dh0 is skipped, everything else unchanged ------------------
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -697,6 +799,38 @@ def test_chunks_bit_identical_for_any_thread_count(cy, cyeng, monkeypatch):
     for other in runs[1:]:
         for k in runs[0]:
             np.testing.assert_array_equal(other[k], runs[0][k], err_msg=k)
+
+
+def test_inference_bit_identical_for_any_thread_count_and_batch(cy, monkeypatch):
+    """final_state and greedy run in blocks of rows fixed by the batch: 1, 2 or 3 threads give
+    the same bits, and a block's results do not depend on the other blocks. (BLAS may round a
+    row differently at another position in a block.)"""
+    rng = np.random.default_rng(14)
+    N = 4 * cy._lstm_cpu.infer_rows() + 44
+    fcase = ids_case(rng, N, 6, 13, 24, np.float32, False)[:6]
+    gcase = greedy_case(rng, N, 4, 13, 24, np.float32, True, True)
+    runs = []
+    for n in (1, 2, 3):
+        monkeypatch.setattr(cy, "_threads", lambda n=n: n)
+        runs.append((*cy.final_state(*fcase), cy.greedy(*gcase)))
+    for other in runs[1:]:
+        for a, b in zip(other, runs[0]):
+            np.testing.assert_array_equal(a, b)
+    B = cy._lstm_cpu.infer_rows()
+    rows = slice(B, 3 * B)  # blocks 1 and 2
+    ids, Wx, Wh, b, h0, c0 = fcase
+    part_f = [ids[rows], Wx, Wh, b, h0[rows], c0[rows]]
+    ids, Wx, Wh, b, h, c, Wout, bout, steps = gcase
+    part_g = [ids[rows], Wx, Wh, b[rows], h[rows], c[rows], Wout, bout[rows], steps]
+    for a, b in zip((*cy.final_state(*part_f), cy.greedy(*part_g)), runs[0]):
+        np.testing.assert_array_equal(a, b[rows])
+
+
+def test_greedy_rejects_ids_outside_the_inputs(cy):
+    case = greedy_case(np.random.default_rng(4), 4, 2, 5, 3, np.float32, False, False)
+    case[0][2] = 5
+    with pytest.raises(ValueError, match=r"input id 5 outside \[0, 5\)"):
+        cy.greedy(*case)
 
 
 def test_split_path_with_global_thread_setter(cy, cyeng, monkeypatch):

@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Fused LSTM kernel for the CPU (float32 and float64), used by fastseq.lstm._cython; and, chunked
-the same way, matmul and exp_rows for the layers around it (fastseq.functions).
+the same way, matmul and exp_rows for the layers around it (fastseq.functions). For inference,
+final_state and greedy run the recurrence alone, in small blocks of rows (see their section).
 
 Layout (all buffers are allocated by the caller, time-major so that per-step slices are contiguous):
 
@@ -31,7 +32,7 @@ scipy.linalg.cython_blas. BLAS is column-major: a row-major C = A B is computed 
 column-major C^T = B^T A^T, so every call below passes its operands swapped. The gate math is in
 fs_lstm.h.
 """
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
 from libc.stdint cimport int64_t
@@ -56,6 +57,8 @@ cdef extern from "fs_lstm.h":
     void fs_bwd_rowsd(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, double *A, const double *dy,
                       Py_ssize_t dy_rs, const double *dhn, double *dc, const double *cprev,
                       const double *tc, double *dbacc) noexcept nogil
+    Py_ssize_t fs_argmax_sumf(const float *s, const float *b, Py_ssize_t V) noexcept nogil
+    Py_ssize_t fs_argmax_sumd(const double *s, const double *b, Py_ssize_t V) noexcept nogil
     float fs_exp_rowf(float *s, Py_ssize_t n) noexcept nogil
     double fs_exp_rowd(double *s, Py_ssize_t n) noexcept nogil
     int FS_HAVE_OPENMP
@@ -522,6 +525,175 @@ def scratch_size(Py_ssize_t N, Py_ssize_t D, Py_ssize_t H):
     """Elements of backward's working memory: dc (N, H), and each chunk's dWx, dWh shares."""
     cdef Py_ssize_t nc = _nchunks(N)
     return N * H + (nc * (D + H) * 4 * H if nc > 1 else 0)
+
+
+# --- inference: the recurrence alone, nothing kept for backward ----------------------------------
+# Rows are cut into blocks of INFER_ROWS (fixed, so the bits do not depend on the thread count);
+# each block runs every step with its gates and state in a small per-thread scratch that stays in
+# the core's cache, instead of (T, N, 4H) buffers that stream through memory.
+
+cdef enum:
+    INFER_ROWS = 64
+
+
+cdef inline Py_ssize_t _blocks(Py_ssize_t N) noexcept nogil:
+    return (N + INFER_ROWS - 1) // INFER_ROWS
+
+
+def infer_rows():
+    """Rows per block of final_state and greedy."""
+    return INFER_ROWS
+
+
+def infer_scratch_size(Py_ssize_t H, Py_ssize_t V, int nthreads):
+    """Elements of scratch that final_state and greedy need (V: greedy's output width)."""
+    cdef Py_ssize_t team = max(nthreads, 1)
+    return team * INFER_ROWS * (4 * H + 4 * H + V)
+
+
+cdef void _cell_rows(Py_ssize_t rows, Py_ssize_t H, const floating *Wh, const floating *bias,
+                     Py_ssize_t b_rs, floating *a, floating *h, const floating *c,
+                     floating *c_next, floating *tc, bint h_zero) noexcept nogil:
+    """One step for a block of rows whose a holds x_t Wx: a += h Wh, then the gates; h is
+    overwritten by h_t, c_next receives c_t."""
+    cdef int G = <int>(4 * H)
+    if not h_zero:
+        _gemm(c'N', c'N', G, <int>rows, <int>H, <floating>1, Wh, G, h, <int>H, <floating>1, a, G)
+    if floating is float:
+        fs_fwd_rowsf(0, rows, H, a, bias, b_rs, c, c_next, tc, h)
+    else:
+        fs_fwd_rowsd(0, rows, H, a, bias, b_rs, c, c_next, tc, h)
+
+
+cdef void _final_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t D, Py_ssize_t H,
+                       const floating *xs, const int64_t *ids, const floating *Wx,
+                       const floating *Wh, const floating *bias, Py_ssize_t b_rs, floating *h,
+                       floating *c, bint h0_zero, floating *work) noexcept nogil:
+    """Rows [r0, r1) of final_state: their rows of h, c hold h0, c0 on entry, h_T, c_T on exit."""
+    cdef Py_ssize_t t, rows = r1 - r0, G = 4 * H
+    cdef floating *a = work
+    cdef floating *cur = c + r0 * H
+    cdef floating *nxt = work + rows * G
+    cdef floating *tc = nxt + rows * H
+    cdef floating *swap
+    _blas_worker()
+    for t in range(T):
+        if ids != NULL:
+            _gather_rows(a, Wx, ids + t, T, r0, r1, G)
+        else:  # x_t for these rows: xs[n, t] with a row stride of T D
+            _gemm(c'N', c'N', <int>G, <int>rows, <int>D, <floating>1, Wx, <int>G,
+                  xs + r0 * T * D + t * D, <int>(T * D), <floating>0, a, <int>G)
+        _cell_rows(rows, H, Wh, bias + r0 * b_rs, b_rs, a, h + r0 * H, cur, nxt, tc,
+                   t == 0 and h0_zero)
+        swap = cur
+        cur = nxt
+        nxt = swap
+    if cur != c + r0 * H:
+        memcpy(c + r0 * H, cur, rows * H * sizeof(floating))
+
+
+def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
+                const floating[:, ::1] Wh, const floating[::1] b, floating[:, ::1] h,
+                floating[:, ::1] c, floating[::1] scratch, int nthreads=1, bint row_bias=False,
+                const int64_t[:, ::1] ids=None):
+    """h_T and c_T of forward over xs (N, T, D) (or one-hot ids (N, T), xs then (N, T, 0)),
+    written over h and c, which hold h0 and c0 on entry. scratch: infer_scratch_size(H, 0,
+    nthreads) elements."""
+    cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
+    cdef Py_ssize_t G = 4 * H, k, nb = _blocks(N), slot = INFER_ROWS * (2 * G)
+    cdef int team = _team(nthreads, nb), old
+    cdef bint h0_zero
+    cdef const int64_t *idp = NULL
+    if b.shape[0] != (N * G if row_bias else G):
+        raise ValueError(f"b has {b.shape[0]} elements, expected {N * G if row_bias else G}")
+    if ids is not None:
+        _check_ids(ids, N, T, D, Wx.shape[0])
+        idp = &ids[0, 0] if N and T else NULL
+    if scratch.shape[0] < team * slot:
+        raise ValueError(f"scratch has {scratch.shape[0]} elements, needs {team * slot}")
+    cdef const floating *X = &xs[0, 0, 0] if idp == NULL else NULL
+    with nogil:
+        h0_zero = _all_zero(&h[0, 0], N * H)
+        old = _blas_enter()
+        for k in prange(nb, num_threads=team, schedule='dynamic', chunksize=1):
+            _final_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, N), T, D, H, X, idp, &Wx[0, 0],
+                         &Wh[0, 0], &b[0], G if row_bias else 0, &h[0, 0], &c[0, 0], h0_zero,
+                         &scratch[0] + threadid() * slot)
+        _blas_leave(old)
+
+
+cdef void _greedy_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t S, Py_ssize_t H, Py_ssize_t V,
+                        const int64_t *ids0, const floating *Wx, const floating *Wh,
+                        const floating *bias, Py_ssize_t b_rs, const floating *h0,
+                        const floating *c0, const floating *Wo, const floating *bo,
+                        Py_ssize_t bo_rs, int64_t *out, floating *work) noexcept nogil:
+    """Rows [r0, r1) of greedy: S steps, each feeding the previous step's argmax (out's column
+    t - 1; ids0 at t = 0)."""
+    cdef Py_ssize_t t, n, rows = r1 - r0, G = 4 * H
+    cdef floating *a = work
+    cdef floating *h = a + rows * G
+    cdef floating *cur = h + rows * H
+    cdef floating *nxt = cur + rows * H
+    cdef floating *tc = nxt + rows * H
+    cdef floating *s = tc + rows * H
+    cdef floating *swap
+    _blas_worker()
+    memcpy(h, h0 + r0 * H, rows * H * sizeof(floating))
+    memcpy(cur, c0 + r0 * H, rows * H * sizeof(floating))
+    for t in range(S):
+        if t == 0:
+            _gather_rows(a, Wx, ids0, 1, r0, r1, G)
+        else:
+            _gather_rows(a, Wx, out + t - 1, S, r0, r1, G)
+        _cell_rows(rows, H, Wh, bias + r0 * b_rs, b_rs, a, h, cur, nxt, tc, False)
+        swap = cur
+        cur = nxt
+        nxt = swap
+        # scores s = h_t Wo:  s^T (V x rows) = Wo^T (V x H) h^T
+        _gemm(c'N', c'N', <int>V, <int>rows, <int>H, <floating>1, Wo, <int>V, h, <int>H,
+              <floating>0, s, <int>V)
+        for n in range(rows):
+            if floating is float:
+                out[(r0 + n) * S + t] = fs_argmax_sumf(s + n * V, bo + (r0 + n) * bo_rs, V)
+            else:
+                out[(r0 + n) * S + t] = fs_argmax_sumd(s + n * V, bo + (r0 + n) * bo_rs, V)
+
+
+def greedy(const int64_t[::1] ids, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
+           const floating[::1] b, const floating[:, ::1] h0, const floating[:, ::1] c0,
+           const floating[:, ::1] Wo, const floating[::1] bo, int64_t[:, ::1] out,
+           floating[::1] scratch, int nthreads=1, bint row_bias=False, bint out_row_bias=False):
+    """Greedy decoding of out.shape[1] steps from (h0, c0) (N, H): the input at each step is
+    the one-hot id ids (N,) at the first, then the previous step's argmax of h_t Wo + bo,
+    written to out (N, steps). Wx (V_in, 4H) is the one-hot table; b is (4H,) or, with
+    row_bias, (N, 4H) flattened; bo (V,) or, with out_row_bias, (N, V) flattened. scratch:
+    infer_scratch_size(H, V, nthreads) elements."""
+    cdef Py_ssize_t N = h0.shape[0], H = Wh.shape[0], V = Wo.shape[1], S = out.shape[1]
+    cdef Py_ssize_t G = 4 * H, k, n, nb = _blocks(N), slot = INFER_ROWS * (2 * G + V)
+    cdef int team = _team(nthreads, nb), old
+    if b.shape[0] != (N * G if row_bias else G):
+        raise ValueError(f"b has {b.shape[0]} elements, expected {N * G if row_bias else G}")
+    if bo.shape[0] != (N * V if out_row_bias else V):
+        raise ValueError(f"bo has {bo.shape[0]} elements, expected {N * V if out_row_bias else V}")
+    if ids.shape[0] != N or out.shape[0] != N or c0.shape[0] != N or Wo.shape[0] != H:
+        raise ValueError("greedy: ids, out, h0, c0 need N rows and Wo H rows")
+    if V > Wx.shape[0] or V == 0:
+        raise ValueError(f"{V} output symbols cannot all be fed back into {Wx.shape[0]} inputs")
+    for n in range(N):
+        if ids[n] < 0 or ids[n] >= Wx.shape[0]:
+            raise ValueError(f"input id {ids[n]} outside [0, {Wx.shape[0]})")
+    if scratch.shape[0] < team * slot:
+        raise ValueError(f"scratch has {scratch.shape[0]} elements, needs {team * slot}")
+    if N == 0 or S == 0:
+        return
+    with nogil:
+        old = _blas_enter()
+        for k in prange(nb, num_threads=team, schedule='dynamic', chunksize=1):
+            _greedy_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, N), S, H, V, &ids[0],
+                          &Wx[0, 0], &Wh[0, 0], &b[0], G if row_bias else 0, &h0[0, 0],
+                          &c0[0, 0], &Wo[0, 0], &bo[0], V if out_row_bias else 0, &out[0, 0],
+                          &scratch[0] + threadid() * slot)
+        _blas_leave(old)
 
 
 # --- products for the layers around the LSTM -----------------------------------------------------

@@ -3,6 +3,8 @@
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
     backward(dhs, cache, grads)    -> dxs, dh0                 grads = [dWx, dWh, db] (in place)
     step(x, Wx, Wh, b, h, c)       -> h, c                     one step, no cache
+    final_state(xs, Wx, Wh, b, h0, c0) -> hT, cT               forward's last state alone
+    greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps) -> ids     greedy decoding (see _numpy)
 
 Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g | i | o].
 
@@ -200,6 +202,48 @@ def step(x, Wx, Wh, b, h, c):
     """One step (see _numpy.step): forward over a sequence of length 1, its cache dropped."""
     _, h, c, _ = forward(x[:, None, :], Wx, Wh, b, h, c)
     return h, c
+
+
+def final_state(xs, Wx, Wh, b, h0, c0):
+    """forward's (h_T, c_T) alone (see _numpy.final_state)."""
+    _, hT, cT, _ = forward(xs, Wx, Wh, b, h0, c0)
+    return hT, cT
+
+
+def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
+    """Greedy decoding (see _numpy.greedy) with forward's fused step kernel.
+
+    NumPy equivalent, per step: a = Wx[ids] + b + h Wh, (h, c) from the gates as in forward,
+    ids = argmax(h Wout + bout, axis=1), one column of the (N, steps) result.
+    """
+    _require_gpu_arrays((Wx, Wh, b, h, c, Wout, bout), "LSTM greedy inputs")
+    import cupy
+    return _greedy(cupy, _elementwise, cupy.asarray(ids), Wx, Wh, b, h, c, Wout, bout, steps)
+
+
+def _greedy(xp, kernel, ids, Wx, Wh, b, h, c, Wout, bout, steps):
+    dtype = _check_dtype(Wx.dtype)
+    N, H, V = h.shape[0], Wh.shape[0], Wout.shape[1]
+    if V > Wx.shape[0]:
+        raise ValueError(f"{V} output symbols cannot all be fed back into {Wx.shape[0]} inputs")
+    b_rs = 4 * H if b.ndim == 2 else 0
+    Wx, Wh, Wout = (xp.ascontiguousarray(w, dtype=dtype) for w in (Wx, Wh, Wout))
+    b = xp.ascontiguousarray(b, dtype=dtype).reshape(-1)
+    h, c = xp.array(h, dtype=dtype), xp.array(c, dtype=dtype)  # copies: updated in place
+    gates, HW = xp.empty((N, 4 * H), dtype), xp.empty((N, 4 * H), dtype)
+    h_next, c_next, tc = (xp.empty((N, H), dtype) for _ in range(3))
+    scores = xp.empty((N, V), dtype)
+    out = xp.empty((N, steps), dtype=numpy.int64)
+    step = kernel("fastseq_lstm_fwd_step")
+    for t in range(steps):
+        xp.take(Wx, ids, axis=0, out=gates)
+        _matmul_into(xp, h, Wh, HW)
+        step(HW.reshape(-1), b, c, H, b_rs, gates.reshape(-1), c_next, tc, h_next)
+        h, h_next, c, c_next = h_next, h, c_next, c
+        _matmul_into(xp, h, Wout, scores)
+        scores += bout
+        ids = out[:, t] = scores.argmax(axis=1)
+    return out
 
 
 def backward(dhs, cache, grads, need_dh0=True):

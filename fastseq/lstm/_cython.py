@@ -64,7 +64,9 @@ def _check(name, a, dtype, shape, cast=False):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def forward(xs, Wx, Wh, b, h0, c0):
+def _inputs(xs, Wx, Wh, b, h0, c0):
+    """forward's arguments checked and made C-contiguous in Wx's dtype: (xs, ids, Wx, Wh, b, h0,
+    c0, row_bias), with xs (N, T, 0) and ids (N, T) int64 for one-hot inputs, ids None else."""
     one_hot = xs.ndim == 2 and np.dtype(xs.dtype).kind in "iu"  # ids (see _numpy)
     if xs.ndim != 3 and not one_hot:
         raise ValueError(f"xs must be (N, T, D) or integer ids (N, T), got shape {xs.shape}")
@@ -87,6 +89,13 @@ def forward(xs, Wx, Wh, b, h0, c0):
     b = _check("b", b, dtype, (N, 4 * H) if row_bias else (4 * H,))
     h0 = _check("h0", h0, dtype, (N, H), cast=True)
     c0 = _check("c0", c0, dtype, (N, H), cast=True)
+    return xs, ids, Wx, Wh, b, h0, c0, row_bias
+
+
+def forward(xs, Wx, Wh, b, h0, c0):
+    xs, ids, Wx, Wh, b, h0, c0, row_bias = _inputs(xs, Wx, Wh, b, h0, c0)
+    one_hot = ids is not None
+    (N, T), D, H, dtype = xs.shape[:2], Wx.shape[0], Wh.shape[0], Wx.dtype
     if N == 0 or T == 0 or D == 0 or H == 0:  # degenerate: BLAS needs non-empty leading dims
         hs, hT, cT, cache = _numpy.forward(ids if one_hot else xs, Wx, Wh, b, h0, c0)
         return hs, hT, cT, ("numpy", cache)
@@ -155,6 +164,49 @@ def step(x, Wx, Wh, b, h, c):
     """One step (see _numpy.step): forward over a sequence of length 1, its cache dropped."""
     _, h, c, _ = forward(x[:, None, :], Wx, Wh, b, h, c)
     return h, c
+
+
+def final_state(xs, Wx, Wh, b, h0, c0):
+    """forward's h_T, c_T alone (see _numpy.final_state), in blocks of rows kept in cache."""
+    xs, ids, Wx, Wh, b, h0, c0, row_bias = _inputs(xs, Wx, Wh, b, h0, c0)
+    (N, T), D, H = xs.shape[:2], Wx.shape[0], Wh.shape[0]
+    if N == 0 or T == 0 or D == 0 or H == 0:
+        return _numpy.final_state(ids if ids is not None else xs, Wx, Wh, b, h0, c0)
+    h, c = h0.copy(), c0.copy()
+    threads = _threads()
+    _lstm_cpu.final_state(xs, Wx, Wh, b.reshape(-1), h, c, _scratch(H, 0, Wx.dtype, threads),
+                          threads, row_bias, ids)
+    return h, c
+
+
+def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
+    """Greedy decoding (see _numpy.greedy), in blocks of rows kept in cache."""
+    dtype = np.dtype(Wx.dtype)
+    if dtype not in DTYPES:
+        raise TypeError(f"the Cython LSTM engine supports float32 and float64, not {dtype}")
+    N, H, V = h.shape[0], Wh.shape[0], Wout.shape[1]
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.shape != (N,):
+        raise ValueError(f"ids has shape {ids.shape}, expected {(N,)}")
+    Wx = _check("Wx", Wx, dtype, (Wx.shape[0], 4 * H))
+    Wh = _check("Wh", Wh, dtype, (H, 4 * H))
+    b = _check("b", b, dtype, (N, 4 * H) if b.ndim == 2 else (4 * H,))
+    h = _check("h", h, dtype, (N, H), cast=True)
+    c = _check("c", c, dtype, (N, H), cast=True)
+    Wout = _check("Wout", Wout, dtype, (H, V))
+    bout = _check("bout", bout, dtype, (N, V) if bout.ndim == 2 else (V,))
+    out = np.empty((N, steps), np.int64)
+    if H == 0:
+        return _numpy.greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps)
+    threads = _threads()
+    _lstm_cpu.greedy(ids, Wx, Wh, b.reshape(-1), h, c, Wout, bout.reshape(-1), out,
+                     _scratch(H, V, dtype, threads), threads, b.ndim == 2, bout.ndim == 2)
+    return out
+
+
+def _scratch(H, V, dtype, threads):
+    """Working memory of final_state and greedy: one small slot per thread."""
+    return np.empty(_lstm_cpu.infer_scratch_size(H, V, threads), dtype)
 
 
 class _Cache:

@@ -15,6 +15,12 @@ Interface shared by every engine (numpy, cython, cupy):
     backward(dhs, cache, grads, need_dh0=True) -> dxs, dh0     grads = [dWx, dWh, db], written in place
     step(x, Wx, Wh, b, h, c) -> h, c                           one step, x (N, D), no cache
                                                                (generation and decoding)
+    final_state(xs, Wx, Wh, b, h0, c0) -> hT, cT               forward's last state alone
+                                                               (inference: an encoder)
+    greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps) -> (N, steps) int64
+        greedy decoding from (h, c): step t's input is onehot(id_t) (Wx is the one-hot table,
+        see below), with id_0 = ids (N,) and id_{t+1} = argmax(h_{t+1} Wout + bout), the
+        first index on ties; bout is (V,) or (N, V). Returns id_1 .. id_steps.
 
 need_dh0=False skips the product dA_0 Wh^T at t = 0 (N x 4H x H) and returns dh0 = None: for a
 layer whose initial state is a constant (the Encoder's zero state) nobody needs that gradient.
@@ -147,3 +153,43 @@ def step(x, Wx, Wh, b, h, c):
     h = xp.tanh(c)
     h *= a[:, 3 * H:]
     return h, c
+
+
+def final_state(xs, Wx, Wh, b, h0, c0):
+    """forward's (h_T, c_T) without the sequence hs or a cache (inference)."""
+    _, hT, cT, _ = forward(xs, Wx, Wh, b, h0, c0)
+    return hT, cT
+
+
+def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
+    """Greedy decoding (see the protocol above): forward's arithmetic with ids, one step at a
+    time, into buffers allocated once."""
+    xp = get_array_module(Wx)
+    N, H = h.shape[0], Wh.shape[0]
+    if Wout.shape[1] > Wx.shape[0]:
+        raise ValueError(f"{Wout.shape[1]} output symbols cannot all be fed back into "
+                         f"{Wx.shape[0]} inputs")
+    scale = _gate_scale(H, Wx.dtype, xp)
+    Wxs, bs, Whs = Wx * scale, b * scale, Wh * scale
+    a, hWh = xp.empty((N, 4 * H), Wx.dtype), xp.empty((N, 4 * H), Wx.dtype)
+    h, c, gi = h.astype(Wx.dtype), c.astype(Wx.dtype), xp.empty((N, H), Wx.dtype)
+    scores = xp.empty((N, Wout.shape[1]), Wx.dtype)
+    out = xp.empty((N, steps), dtype=xp.int64)
+    for t in range(steps):
+        xp.take(Wxs, ids, axis=0, out=a)
+        a += bs
+        xp.matmul(h, Whs, out=hWh)
+        a += hWh
+        xp.tanh(a, out=a)
+        for sig in (a[:, :H], a[:, 2 * H:]):
+            sig *= 0.5
+            sig += 0.5
+        xp.multiply(a[:, :H], c, out=c)
+        xp.multiply(a[:, H:2 * H], a[:, 2 * H:3 * H], out=gi)
+        c += gi
+        xp.tanh(c, out=h)
+        h *= a[:, 3 * H:]
+        xp.matmul(h, Wout, out=scores)
+        scores += bout
+        ids = out[:, t] = scores.argmax(axis=1)
+    return out

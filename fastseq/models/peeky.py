@@ -7,6 +7,7 @@ affine W multiply h).
 import numpy as np
 
 from ..backend import get_array_module
+from ..functions import matmul
 from ..layers import TimeAffine, TimeEmbedding, TimeLSTM
 from .base import lstm_params, make_rng, randn, register, zeros
 from .seq2seq import Decoder, Seq2seq, embed_lstm_backward, embed_lstm_forward
@@ -44,21 +45,11 @@ class PeekyDecoder(Decoder):
         embed_lstm_backward(self.embed, self.lstm, dout)
         return self.lstm.dh + dhs_affine.sum(axis=1) + self.lstm.dcontext
 
-    def _next_scores(self, ids, h):
+    def generate(self, h, start_id, sample_size):
         H = self.H
         W, b = self.affine.params
-        proj = self._proj[1] if self._proj is not None and self._proj[0] is h else None
-        out = self.lstm.step(self.embed.params[0][ids], context=h, context_proj=proj) @ W[H:]
-        out += h @ W[:H]
-        out += b
-        return out
-
-    def generate(self, h, start_id, sample_size):
-        self._proj = (h, h @ self.lstm.params[0][:self.H])  # weights are fixed while decoding
-        try:
-            return super().generate(h, start_id, sample_size)
-        finally:
-            self._proj = None
+        # the affine's input is [h ; LSTM output]: h's share of the scores is the same every step
+        return self._greedy(h, start_id, sample_size, W[H:], matmul(h, W[:H]) + b, context=h)
 
 
 class PeekySeq2seq(Seq2seq):

@@ -39,6 +39,10 @@ class Encoder(Model):
         self.hs = hs
         return hs[:, -1, :]
 
+    def infer(self, xs):
+        """forward(xs) for inference: the last hidden state, nothing kept for backward."""
+        return self.lstm.final_state(xs, self.embed)[0]
+
     def backward(self, dh):
         xp = get_array_module(dh)
         dhs = xp.zeros(self.hs.shape, dtype=self.hs.dtype)
@@ -76,25 +80,16 @@ class Decoder(Model):
         embed_lstm_backward(self.embed, self.lstm, self.affine.backward(dscore))
         return self.lstm.dh
 
-    def _next_scores(self, ids, h):
-        """Decoding: scores (N, V) after feeding ids (N,), one LSTM engine step."""
-        W, b = self.affine.params
-        out = self.lstm.step(self.embed.params[0][ids]) @ W
-        out += b
-        return out
-
     def generate(self, h, start_id, sample_size):
         """Greedy decoding of sample_size ids for every row of h at once -> (N, sample_size)."""
+        W, b = self.affine.params
+        return self._greedy(h, start_id, sample_size, W, b)
+
+    def _greedy(self, h, start_id, sample_size, Wout, bout, context=None):
+        """The LSTM's greedy decoding with scores h_t Wout + bout."""
         sample_size = check_size("sample_size", sample_size)
-        xp = get_array_module(h)
-        N = h.shape[0]
-        self.lstm.set_state(h, xp.zeros_like(h))
-        ids = _as_start_ids(start_id, N, xp)[:, 0]
-        out = xp.empty((N, sample_size), dtype=np.int64)
-        for t in range(sample_size):
-            ids = self._next_scores(ids, h).argmax(axis=1)
-            out[:, t] = ids
-        return out
+        ids = _as_start_ids(start_id, h.shape[0], get_array_module(h))[:, 0]
+        return self.lstm.greedy(ids, self.embed, h, Wout, bout, sample_size, context=context)
 
 
 class Seq2seq(Model):
@@ -142,7 +137,7 @@ class Seq2seq(Model):
         (N, sample_size) NumPy array for N questions decoded together."""
         sample_size = check_size("sample_size", sample_size)
         xs = self._check_ids(xs, "questions xs")
-        h = self.encoder.forward(xs)
+        h = self.encoder.infer(xs)
         out = backend.to_cpu(self.decoder.generate(h, start_id, sample_size))
         if xs.shape[0] == 1:
             return [int(i) for i in out[0]]
