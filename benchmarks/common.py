@@ -241,3 +241,74 @@ def torch_seq2seq(torch, V, D, H, peeky):
             return self.out(out)
 
     return TorchSeq2seq()
+
+
+def torch_attention_seq2seq(torch, V, D, H, pad=None):
+    """fastseq's AttentionSeq2seq in PyTorch: nn.Embedding + nn.LSTM encoder, the decoder LSTM
+    started from the encoder's state at each question's true end (c = 0), dot-product attention
+    (keys after a question's end masked when ``pad`` is given), nn.Linear on [context ; h].
+    encode(xs) -> (hs, keys, h); step(ids, hs, keys, state) -> (scores, state)."""
+    nn = torch.nn
+
+    class TorchAttentionSeq2seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc_embed = nn.Embedding(V, D)
+            self.enc = nn.LSTM(D, H, batch_first=True)
+            self.dec_embed = nn.Embedding(V, D)
+            self.dec = nn.LSTM(D, H, batch_first=True)
+            self.out = nn.Linear(2 * H, V)
+
+        def encode(self, xs):
+            hs, _ = self.enc(self.enc_embed(xs))
+            if pad is None:
+                return hs, None, hs[:, -1]
+            lengths = (xs != pad).int().cumsum(1).argmax(1) + 1  # one past the last real id
+            keys = torch.arange(xs.shape[1])[None, :] < lengths[:, None]
+            return hs, keys, hs[torch.arange(len(xs)), lengths - 1]
+
+        def step(self, ids, hs, keys, state):
+            dec, state = self.dec(self.dec_embed(ids), state)
+            s = torch.bmm(dec, hs.transpose(1, 2))
+            if keys is not None:
+                s = s.masked_fill(~keys[:, None, :], float("-inf"))
+            c = torch.bmm(torch.softmax(s, dim=2), hs)
+            return self.out(torch.cat([c, dec], dim=2)), state
+
+        def forward(self, xs, ts_in):
+            hs, keys, h = self.encode(xs)
+            return self.step(ts_in, hs, keys, (h[None].contiguous(), torch.zeros_like(h)[None]))[0]
+
+        @torch.no_grad()
+        def generate(self, xs, start_ids, sample_size):
+            hs, keys, h = self.encode(xs)
+            state, ids, cols = (h[None].contiguous(), torch.zeros_like(h)[None]), start_ids, []
+            for _ in range(sample_size):
+                score, state = self.step(ids, hs, keys, state)
+                ids = score.argmax(dim=2)
+                cols.append(ids)
+            return torch.cat(cols, dim=1)
+
+    return TorchAttentionSeq2seq()
+
+
+def copy_attention_weights(torch, torch_model, fastseq_model):
+    """Give the PyTorch model fastseq's weights (fastseq's gate columns f, g, i, o become
+    PyTorch's rows i, f, g, o; fastseq's one bias goes to bias_ih, bias_hh is zeroed)."""
+    from fastseq.backend import to_cpu
+    P = {n: to_cpu(p) for n, p in zip(fastseq_model.param_names, fastseq_model.params)}
+
+    def gates(w):
+        f, g, i, o = np.split(w, 4, axis=-1)
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate([i, f, g, o], axis=-1)))
+
+    m = torch_model
+    with torch.no_grad():
+        for side, emb, lstm in (("encoder", m.enc_embed, m.enc), ("decoder", m.dec_embed, m.dec)):
+            emb.weight.copy_(torch.from_numpy(P[f"{side}.embed.W"]))
+            lstm.weight_ih_l0.copy_(gates(P[f"{side}.lstm.Wx"]).T)
+            lstm.weight_hh_l0.copy_(gates(P[f"{side}.lstm.Wh"]).T)
+            lstm.bias_ih_l0.copy_(gates(P[f"{side}.lstm.b"]))
+            lstm.bias_hh_l0.zero_()
+        m.out.weight.copy_(torch.from_numpy(P["decoder.affine.W"]).T)
+        m.out.bias.copy_(torch.from_numpy(P["decoder.affine.b"]))

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import set_engine  # noqa: E402
+from common import set_engine, torch_attention_seq2seq  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "date.txt"
 BATCH, D, H = 128, 16, 256
@@ -80,34 +80,7 @@ def torch_runners(data, eval_batch):
     d, pad, x_np, x_test_np = data
     Vs = len(d.vocab)
 
-    class TorchAttentionSeq2seq(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc_embed = nn.Embedding(Vs, D)
-            self.enc = nn.LSTM(D, H, batch_first=True)
-            self.dec_embed = nn.Embedding(Vs, D)
-            self.dec = nn.LSTM(D, H, batch_first=True)
-            self.out = nn.Linear(2 * H, Vs)
-
-        def encode(self, xs):
-            hs, _ = self.enc(self.enc_embed(xs))
-            lengths = (xs != pad).int().cumsum(1).argmax(1) + 1  # one past the last real id
-            h = hs[torch.arange(len(xs)), lengths - 1]
-            keys = torch.arange(xs.shape[1])[None, :] < lengths[:, None]
-            return hs, keys, h
-
-        def step(self, ids, hs, keys, state):
-            dec, state = self.dec(self.dec_embed(ids), state)
-            s = torch.bmm(dec, hs.transpose(1, 2)).masked_fill(~keys[:, None, :], float("-inf"))
-            c = torch.bmm(torch.softmax(s, dim=2), hs)
-            return self.out(torch.cat([c, dec], dim=2)), state
-
-        def forward(self, xs, ts_in):
-            hs, keys, h = self.encode(xs)
-            state = (h[None].contiguous(), torch.zeros_like(h)[None])
-            return self.step(ts_in, hs, keys, state)[0]
-
-    model = TorchAttentionSeq2seq()
+    model = torch_attention_seq2seq(torch, Vs, D, H, pad)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     lossf = nn.CrossEntropyLoss()
     x = torch.from_numpy(x_np.astype(np.int64))
@@ -133,21 +106,10 @@ def torch_runners(data, eval_batch):
             total += float(loss.detach())
         return total / n_iters
 
-    @torch.no_grad()
     def evaluate():
-        outs = []
-        for s in range(0, len(x_test), eval_batch):
-            xs = x_test[s:s + eval_batch]
-            hs, keys, h = model.encode(xs)
-            st = (h[None].contiguous(), torch.zeros_like(h)[None])
-            ids = t_test[s:s + eval_batch, :1]
-            cols = []
-            for _ in range(t_test.shape[1] - 1):
-                score, st = model.step(ids, hs, keys, st)
-                ids = score.argmax(dim=2)
-                cols.append(ids)
-            outs.append(torch.cat(cols, dim=1))
-        return torch.cat(outs).numpy()
+        width = t_test.shape[1] - 1
+        return torch.cat([model.generate(x_test[s:s + eval_batch], t_test[s:s + eval_batch, :1], width)
+                          for s in range(0, len(x_test), eval_batch)]).numpy()
 
     return train, evaluate
 
