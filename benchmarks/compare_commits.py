@@ -1,0 +1,86 @@
+"""Did a change make anything slower? The pytest-benchmark suite of an older commit against this
+checkout, in alternating rounds on the same machine, one table of medians and ratios.
+
+    python benchmarks/compare_commits.py 6561929                # older commit vs this checkout
+    python benchmarks/compare_commits.py 6561929 --rounds 5 -k "eval or train_step"
+
+The older commit is checked out into a git worktree beside this one (removed afterwards) and its
+extensions are built there; both sides run `pytest benchmarks/test_bench_*.py --benchmark-only`
+in turn, so machine drift hits both alike. A benchmark present on one side only is listed with
+one figure. Ratios: old time / new time, above 1 the current code is faster.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd, cwd, **kw):
+    return subprocess.run(cmd, cwd=cwd, check=True, **kw)
+
+
+def checkout(commit, where):
+    run(["git", "worktree", "add", "--detach", "-q", str(where), commit], cwd=ROOT)
+    shared = ROOT.parent / "shared"
+    if shared.exists() and not (where.parent / "shared").exists():
+        (where.parent / "shared").symlink_to(shared)  # the benchmarks read ../shared/data
+    run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=where,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def bench_round(root, keyword, out):
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+           f"--benchmark-json={out}"] + sorted(str(p) for p in root.glob("benchmarks/test_bench_*.py"))
+    if keyword:
+        cmd += ["-k", keyword]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not Path(out).exists():
+        raise SystemExit(f"compare_commits: the benchmarks of {root} produced no results")
+    with open(out) as f:
+        return {b["fullname"].split("::", 1)[1]: b["stats"]["median"] for b in json.load(f)["benchmarks"]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("commit", help="the older commit (anything git rev-parse accepts)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    ap.add_argument("-k", dest="keyword", default=None, help="pytest -k filter")
+    args = ap.parse_args(argv)
+    sha = run(["git", "rev-parse", "--short", args.commit], cwd=ROOT, capture_output=True,
+              text=True).stdout.strip()
+    tmp = Path(tempfile.mkdtemp(prefix="fastseq-compare-", dir=ROOT.parent))
+    old_root = tmp / sha
+    try:
+        checkout(sha, old_root)
+        times = {"old": {}, "new": {}}
+        for r in range(args.rounds):
+            for side, root in (("old", old_root), ("new", ROOT)):
+                res = bench_round(root, args.keyword, tmp / f"{side}{r}.json")
+                for name, median in res.items():
+                    times[side].setdefault(name, []).append(median)
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(old_root)], cwd=ROOT,
+                       stderr=subprocess.DEVNULL)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"| benchmark | {sha} (ms) | this checkout (ms) | {sha} / this |")
+    print("|---|---|---|---|")
+    for name in sorted(set(times["old"]) | set(times["new"])):
+        old = statistics.median(times["old"][name]) * 1e3 if name in times["old"] else None
+        new = statistics.median(times["new"][name]) * 1e3 if name in times["new"] else None
+        ratio = f"{old / new:.2f}x" if old and new else "-"
+        cells = ["-" if v is None else f"{v:.1f}" for v in (old, new)]
+        print(f"| {name} | {cells[0]} | {cells[1]} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
