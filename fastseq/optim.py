@@ -41,6 +41,7 @@ class Adam:
         self.fused = fused  # one pass of fastseq/_ext/_optim_cpu on the cython engine
         self.iter = 0
         self.m = self.v = None
+        self._buf = None
 
     def update(self, params, grads):
         if self.m is None:
@@ -60,6 +61,24 @@ class Adam:
             return  # all host arrays, contiguous: done in one fused pass
         for p, g, m, v in zip(params, grads, self.m, self.v):
             xp = get_array_module(p)
-            m += (1 - self.beta1) * (g - m)
-            v += (1 - self.beta2) * (g * g - v)
-            p -= lr_t * m / (xp.sqrt(v) + 1e-7)
+            d = self._scratch(p, params)  # in place: no temporaries
+            xp.subtract(g, m, out=d)
+            d *= 1 - self.beta1
+            m += d
+            xp.multiply(g, g, out=d)
+            d -= v
+            d *= 1 - self.beta2
+            v += d
+            xp.sqrt(v, out=d)
+            d += 1e-7
+            xp.divide(m, d, out=d)
+            d *= lr_t
+            p -= d
+
+    def _scratch(self, p, params):
+        """A buffer shaped like p, reused across parameters and steps."""
+        buf = self._buf
+        if buf is None or buf.dtype != p.dtype or get_array_module(buf) is not get_array_module(p) \
+                or buf.size < p.size:
+            buf = self._buf = get_array_module(p).empty(max(q.size for q in params), p.dtype)
+        return buf[:p.size].reshape(p.shape)

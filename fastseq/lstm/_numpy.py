@@ -7,8 +7,12 @@ Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g 
     c_t = f * c_{t-1} + g * i;          h_t = o * tanh(c_t)
 
 Backward keeps the activated gates (as the textbook does) in the buffer that held the
-pre-activations, plus c_t and tanh(c_t); nothing is recomputed. Buffers are time-major so each
-step's slice is contiguous.
+pre-activations, plus c_t and tanh(c_t); nothing is recomputed. The gate buffers are gate-major,
+(4, T, N, H): each gate of each step is one contiguous block, so every elementwise operation runs
+over contiguous memory (NumPy is several times slower over the strided column slices of an
+(N, 4H) array). The products stay the (N, 4H) ones the step function uses (forward and step give
+the same bits); backward's products run per gate. The internal buffers come from the buffer pool
+(_pool.py) and go back to it with the cache, so training reuses the same memory every step.
 
 Interface shared by every engine (numpy, cython, cupy):
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
@@ -34,7 +38,11 @@ so x_t Wx is a gather of Wx's rows (an embedding followed by the LSTM, with Wx =
 precomputed: see TimeLSTM). backward then returns dxs = None, and dWx = onehot^T dA, a
 scatter-add of dA's rows.
 """
+import numpy as np
+
 from ..backend import get_array_module
+from . import _pool
+
 TAKES_IDS = True  # xs may be integer ids standing for one-hot rows (see forward)
 
 
@@ -46,92 +54,161 @@ def _gate_scale(H, dtype, xp):
     return scale
 
 
+def _gates(a, H):
+    """(..., 4H) -> (4, ..., H): gate k's columns as block k (a view when a is contiguous)."""
+    xp = get_array_module(a)
+    return xp.moveaxis(a.reshape(a.shape[:-1] + (4, H)), -2, 0)
+
+
+class _Work:
+    """Internal buffers from the pool (_pool.py), given back when dropped (with the cache that
+    holds them, or at the end of backward)."""
+
+    __slots__ = ("key", "bufs")
+
+    def __init__(self, xp, kind, T, N, H, dtype):
+        self.key = ("numpy-engine", xp.__name__, kind, T, N, H, dtype.str)
+        self.bufs = _pool.take(self.key)
+        if self.bufs is None:
+            shapes = {"forward": [(4, T, N, H), (T + 1, N, H), (T, N, H), (N, 4 * H), (N, H)],
+                      "backward": [(4, T, N, H), (T, N, H), (N, H), (N, H), (N, H), (4, N, H)]}
+            self.bufs = tuple(xp.empty(s, dtype) for s in shapes[kind])
+
+    def __del__(self):
+        try:
+            _pool.give(self.key, self.bufs)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _input_gates(xs, Wxs, bs, A):
+    """Fill A (4, T, N, H) with the scaled x_t Wx + b of every step, gate-major. Returns the
+    inputs as backward needs them: the ids, or xs time-major (T N, D)."""
+    xp = get_array_module(A)
+    _, T, N, H = A.shape
+    if xs.ndim == 2 and xs.dtype.kind in "iu":  # one-hot inputs: gather rows of Wx
+        if xs.size and (int(xs.min()) < 0 or int(xs.max()) >= Wxs.shape[0]):
+            raise ValueError(f"input id outside [0, {Wxs.shape[0]})")
+        table = Wxs if bs.ndim == 2 else Wxs + bs  # the same sums as adding b after the gather
+        table = xp.ascontiguousarray(_gates(table, H))
+        if xp is np:
+            np.take(table, xs.T, axis=1, out=A, mode="clip")  # ids checked above
+        else:
+            A[...] = table[:, xs.T]
+        X = xs
+    else:  # the same product as step's, then copied gate-major
+        X = xs.transpose(1, 0, 2).reshape(T * N, xs.shape[2]).astype(A.dtype, copy=False)
+        P = X @ Wxs
+        if bs.ndim == 1:
+            P += bs
+        A[...] = _gates(P.reshape(T, N, 4 * H), H)
+    if bs.ndim == 2:
+        A += xp.ascontiguousarray(_gates(bs, H))[:, None]
+    return X
+
+
 def forward(xs, Wx, Wh, b, h0, c0):
-    xp = get_array_module(xs)
-    H = Wh.shape[0]
-    scale = _gate_scale(H, Wx.dtype, xp)
+    xp = get_array_module(Wx)
+    dtype, H = Wx.dtype, Wh.shape[0]
+    N, T = xs.shape[:2]
+    scale = _gate_scale(H, dtype, xp)
     # pre-activations come out already scaled for the single tanh: a * scale = x (Wx scale) + ...
     Whs = Wh * scale
-    if xs.ndim == 2 and xs.dtype.kind in "iu":  # one-hot inputs: gather rows of Wx
-        N, T = xs.shape
-        if xs.size and (int(xs.min()) < 0 or int(xs.max()) >= Wx.shape[0]):
-            raise ValueError(f"input id outside [0, {Wx.shape[0]})")
-        A = (Wx * scale)[xs.T]                                                           # (T, N, 4H)
-    else:
-        N, T, D = xs.shape
-        A = (xs.transpose(1, 0, 2).reshape(T * N, D) @ (Wx * scale)).reshape(T, N, 4 * H)
-    A += b * scale
-    hs = xp.empty((T, N, H), dtype=A.dtype)
-    cs = xp.empty((T, N, H), dtype=A.dtype)
-    tcs = xp.empty((T, N, H), dtype=A.dtype)
-    hWh = xp.empty((N, 4 * H), dtype=A.dtype)
-    gi = xp.empty((N, H), dtype=A.dtype)
-    h, c = h0, c0
+    work = _Work(xp, "forward", T, N, H, dtype)
+    A, C, TC, hWh, gi = work.bufs  # A[k, t]: gate k of step t (contiguous blocks)
+    X = _input_gates(xs, Wx * scale, b * scale, A)
+    Hb = xp.empty((T + 1, N, H), dtype)  # h_0 .. h_T; hs is a view of it, never pooled
+    Hb[0], C[0] = h0, c0
+    h0_zero = not h0.any()  # a zero initial state adds nothing to a_0 nor to dWh
     for t in range(T):
-        a = A[t]
-        if t > 0 or h.any():  # a zero initial state contributes nothing
-            xp.matmul(h, Whs, out=hWh)
-            a += hWh
+        a = A[:, t]
+        if t > 0 or not h0_zero:
+            xp.matmul(Hb[t], Whs, out=hWh)
+            a += _gates(hWh, H)
         xp.tanh(a, out=a)
-        for sig in (a[:, :H], a[:, 2 * H:]):   # sigmoid gates f and (i, o): 0.5 tanh + 0.5
+        for sig in (a[0], a[2:]):   # sigmoid gates f and (i, o): 0.5 tanh + 0.5
             sig *= 0.5
             sig += 0.5
-        f, g, i, o = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
-        c = xp.multiply(f, c, out=cs[t])
+        f, g, i, o = a
+        c = xp.multiply(f, C[t], out=C[t + 1])
         xp.multiply(g, i, out=gi)
         c += gi
-        xp.tanh(c, out=tcs[t])
-        h = xp.multiply(o, tcs[t], out=hs[t])
-    cache = (xs, Wx, Wh, h0, c0, A, hs, cs, tcs, b.ndim == 2)
-    return hs.transpose(1, 0, 2), h.copy(), c.copy(), cache
+        xp.tanh(c, out=TC[t])
+        xp.multiply(o, TC[t], out=Hb[t + 1])
+    cache = (X, Wx, Wh, Hb, work, h0_zero, b.ndim == 2)
+    return Hb[1:].transpose(1, 0, 2), Hb[T].copy(), C[T].copy(), cache
+
+
+def _local_factors(A, C, TC, Q, OK):
+    """Per step, dA_t = [ds, ds, ds, dh] * Q_t gate by gate (ds = dL/dc_t in full, dh = dL/dh_t);
+    Q holds the factors that do not depend on them, for all steps at once. Also OK = o (1 -
+    tanh^2 c), so that ds = dh OK + dc_{t+1} f_{t+1}."""
+    xp = get_array_module(A)
+    T = TC.shape[0]
+    xp.multiply(A, A, out=Q)
+    xp.subtract(A[0], Q[0], out=Q[0])      # y (1 - y) for the sigmoid gates
+    xp.subtract(A[2:], Q[2:], out=Q[2:])
+    xp.subtract(1, Q[1], out=Q[1])         # 1 - y^2 for tanh g
+    Q[0] *= C[:T]                          # df = ds c_{t-1} f (1 - f)
+    Q[1] *= A[2]                           # dg = ds i (1 - g^2)
+    Q[2] *= A[1]                           # di = ds g i (1 - i)
+    Q[3] *= TC                             # do = dh tanh(c) o (1 - o)
+    xp.multiply(TC, TC, out=OK)
+    xp.subtract(1, OK, out=OK)
+    OK *= A[3]
+
+
+def _set_gates(g, parts):
+    """g (..., 4H) = parts (4, ..., H) (gate k's block into g's columns of gate k)."""
+    xp = get_array_module(parts)
+    g[...] = xp.moveaxis(parts, 0, -2).reshape(g.shape)
 
 
 def backward(dhs, cache, grads, need_dh0=True):
-    xs, Wx, Wh, h0, c0, A, hs, cs, tcs, row_bias = cache
-    xp = get_array_module(dhs)
-    T, N, H = hs.shape
-    # local derivatives for all steps at once: y(1-y) for sigmoid gates, 1-y^2 for tanh g
-    dact = A * A
-    dact *= -1
-    dact[..., :H] += A[..., :H]
-    dact[..., H:2 * H] += 1
-    dact[..., 2 * H:] += A[..., 2 * H:]
-    ok = tcs * tcs                      # o * (1 - tanh(c)^2)
-    xp.subtract(1, ok, out=ok)
-    ok *= A[..., 3 * H:]
-    dhs_t = xp.ascontiguousarray(dhs.transpose(1, 0, 2))  # (T, N, H)
-    dA = xp.empty_like(A)
-    dh_next = xp.zeros((N, H), dtype=A.dtype)
-    dc_next = xp.zeros((N, H), dtype=A.dtype)
-    dh = xp.empty((N, H), dtype=A.dtype)
-    ds = xp.empty((N, H), dtype=A.dtype)
+    X, Wx, Wh, Hb, work, h0_zero, row_bias = cache
+    A, C, TC = work.bufs[:3]
+    xp = get_array_module(A)
+    _, T, N, H = A.shape
+    dtype = A.dtype
+    dhs = dhs.astype(dtype, copy=False)
+    scratch = _Work(xp, "backward", T, N, H, dtype)
+    dA, OK, dh, ds, dc, parts = scratch.bufs
+    _local_factors(A, C, TC, dA, OK)
+    WhT = _gates(Wh, H).transpose(0, 2, 1)  # (4, H, H): gate k's block of Wh, transposed
+    dh_next = xp.zeros((N, H), dtype)  # (not pooled: dh0 goes to the caller)
     for t in reversed(range(T)):
-        a, da = A[t], dA[t]
-        c_prev = cs[t - 1] if t > 0 else c0
-        xp.add(dhs_t[t], dh_next, out=dh)
-        xp.multiply(dh, ok[t], out=ds)
-        ds += dc_next                                   # ds = dc + dh o (1 - tanh^2 c)
-        xp.multiply(ds, c_prev, out=da[:, :H])          # df
-        xp.multiply(ds, a[:, 2 * H:3 * H], out=da[:, H:2 * H])   # dg = ds i
-        xp.multiply(ds, a[:, H:2 * H], out=da[:, 2 * H:3 * H])   # di = ds g
-        xp.multiply(dh, tcs[t], out=da[:, 3 * H:])      # do = dh tanh c
-        da *= dact[t]
-        dc_next = ds * a[:, :H]
+        xp.add(dhs[:, t], dh_next, out=dh)
+        xp.multiply(dh, OK[t], out=ds)
+        if t < T - 1:
+            ds += dc
+        da = dA[:, t]
+        da[:3] *= ds
+        da[3] *= dh
+        if t > 0:
+            xp.multiply(ds, A[0, t], out=dc)
         if t > 0 or need_dh0:
-            dh_next = da @ Wh.T
+            xp.matmul(da, WhT, out=parts)        # dh_{t-1} = sum over gates of da_k Wh_k^T
+            parts.sum(axis=0, out=dh_next)
     dWx, dWh, db = grads
-    dA2 = dA.reshape(T * N, 4 * H)
-    one_hot = xs.ndim == 2
-    if one_hot:  # dWx = onehot^T dA, as one product with the (V, T N) indicator matrix
-        V = Wx.shape[0]
-        dWx[...] = (xp.arange(V)[:, None] == xs.T.reshape(1, T * N)).astype(dA.dtype) @ dA2
+    M = T * N
+    dA3 = dA.reshape(4, M, H)
+    one_hot = X.ndim == 2 and X.dtype.kind in "iu"
+    if one_hot:  # dWx = onehot^T dA, as products with the (V, T N) indicator matrix
+        onehot_T = (xp.arange(Wx.shape[0])[:, None] == X.T.reshape(1, M)).astype(dtype)
+        _set_gates(dWx, xp.matmul(onehot_T, dA3))
     else:
-        dWx[...] = xs.transpose(1, 0, 2).reshape(T * N, xs.shape[2]).T @ dA2
-    dWh[...] = h0.T @ dA[0]
-    if T > 1:
-        dWh += hs[:-1].reshape((T - 1) * N, H).T @ dA[1:].reshape((T - 1) * N, 4 * H)
-    db[...] = dA.sum(axis=0) if row_bias else dA2.sum(axis=0)
-    dxs = None if one_hot else (dA2 @ Wx.T).reshape(T, N, Wx.shape[0]).transpose(1, 0, 2)
+        _set_gates(dWx, xp.matmul(X.T, dA3))
+    s = 1 if h0_zero else 0  # dWh = sum_t h_{t-1}^T dA_t, one product over the steps per gate
+    if T > s:
+        _set_gates(dWh, xp.matmul(Hb[s:T].reshape((T - s) * N, H).T,
+                                  dA[:, s:].reshape(4, (T - s) * N, H)))
+    else:
+        dWh[...] = 0
+    _set_gates(db, dA.sum(axis=1) if row_bias else dA3.sum(axis=1))
+    dxs = None
+    if not one_hot:  # dx = sum over gates of dA_k Wx_k^T
+        dX = xp.matmul(dA3, _gates(Wx, H).transpose(0, 2, 1)).sum(axis=0)
+        dxs = dX.reshape(T, N, Wx.shape[0]).transpose(1, 0, 2)
     return dxs, (dh_next if need_dh0 else None)
 
 
