@@ -533,7 +533,7 @@ def scratch_size(Py_ssize_t N, Py_ssize_t D, Py_ssize_t H):
 # the core's cache, instead of (T, N, 4H) buffers that stream through memory.
 
 cdef enum:
-    INFER_ROWS = 64
+    INFER_ROWS = 128
 
 
 cdef inline Py_ssize_t _blocks(Py_ssize_t N) noexcept nogil:

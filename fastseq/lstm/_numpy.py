@@ -232,41 +232,88 @@ def step(x, Wx, Wh, b, h, c):
     return h, c
 
 
+BLOCK_ROWS = 512  # rows per block in final_state and greedy: a block's step arrays stay in cache
+
+
+def _block(a, rows):
+    """a's share of a block of rows: per-row arrays (N, ...) are sliced, shared ones kept."""
+    return a[rows] if a.ndim == 2 else a
+
+
+def _check_range(ids, V):
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"input id outside [0, {V})")
+
+
 def final_state(xs, Wx, Wh, b, h0, c0):
-    """forward's (h_T, c_T) without the sequence hs or a cache (inference)."""
-    _, hT, cT, _ = forward(xs, Wx, Wh, b, h0, c0)
+    """forward's (h_T, c_T) without the sequence hs or a cache (inference), block by block."""
+    xp = get_array_module(Wx)
+    if xs.ndim == 2:
+        _check_range(xs, Wx.shape[0])
+    hT, cT = xp.empty(h0.shape, Wx.dtype), xp.empty(c0.shape, Wx.dtype)
+    for s in range(0, xs.shape[0], BLOCK_ROWS):
+        r = slice(s, s + BLOCK_ROWS)
+        cell = _Cell(Wx, Wh, _block(b, r), h0[r], c0[r])
+        for t in range(xs.shape[1]):
+            cell.step(xs[r, t])
+        hT[r], cT[r] = cell.h, cell.c
     return hT, cT
 
 
 def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
-    """Greedy decoding (see the protocol above): forward's arithmetic with ids, one step at a
-    time, into buffers allocated once."""
-    xp = get_array_module(Wx)
-    N, H = h.shape[0], Wh.shape[0]
+    """Greedy decoding (see the protocol above), block by block."""
     if Wout.shape[1] > Wx.shape[0]:
         raise ValueError(f"{Wout.shape[1]} output symbols cannot all be fed back into "
                          f"{Wx.shape[0]} inputs")
-    scale = _gate_scale(H, Wx.dtype, xp)
-    Wxs, bs, Whs = Wx * scale, b * scale, Wh * scale
-    a, hWh = xp.empty((N, 4 * H), Wx.dtype), xp.empty((N, 4 * H), Wx.dtype)
-    h, c, gi = h.astype(Wx.dtype), c.astype(Wx.dtype), xp.empty((N, H), Wx.dtype)
-    scores = xp.empty((N, Wout.shape[1]), Wx.dtype)
-    out = xp.empty((N, steps), dtype=xp.int64)
-    for t in range(steps):
-        xp.take(Wxs, ids, axis=0, out=a)
-        a += bs
-        xp.matmul(h, Whs, out=hWh)
-        a += hWh
+    _check_range(ids, Wx.shape[0])
+    xp = get_array_module(Wx)
+    out = xp.empty((h.shape[0], steps), dtype=xp.int64)
+    for s in range(0, h.shape[0], BLOCK_ROWS):
+        r = slice(s, s + BLOCK_ROWS)
+        cell, bo = _Cell(Wx, Wh, _block(b, r), h[r], c[r]), _block(bout, r)
+        scores = xp.empty((cell.h.shape[0], Wout.shape[1]), Wx.dtype)
+        next_ids = ids[r]
+        for t in range(steps):
+            xp.matmul(cell.step(next_ids), Wout, out=scores)
+            scores += bo
+            next_ids = out[r, t] = scores.argmax(axis=1)
+    return out
+
+
+class _Cell:
+    """The state (h, c) of a block of rows, advanced in place one step at a time with forward's
+    arithmetic, in buffers allocated once (inference: nothing is kept)."""
+
+    def __init__(self, Wx, Wh, b, h, c):
+        xp = self.xp = get_array_module(Wx)
+        H = self.H = Wh.shape[0]
+        scale = _gate_scale(H, Wx.dtype, xp)
+        self.Wx, self.b, self.Wh = Wx * scale, b * scale, Wh * scale
+        self.h, self.c = h.astype(Wx.dtype), c.astype(Wx.dtype)  # copies
+        N = h.shape[0]
+        self.a, self.hWh = xp.empty((N, 4 * H), Wx.dtype), xp.empty((N, 4 * H), Wx.dtype)
+        self.gi = xp.empty((N, H), Wx.dtype)
+        self.h_zero = not h.any()  # as in forward: a zero state contributes no h Wh
+
+    def step(self, x):
+        """x: (N, D) inputs or (N,) one-hot ids. Returns h, updated in place."""
+        xp, H, a, h, c = self.xp, self.H, self.a, self.h, self.c
+        if x.ndim == 1:
+            xp.take(self.Wx, x, axis=0, out=a, mode="clip")  # x is checked: no buffering
+        else:
+            xp.matmul(x, self.Wx, out=a)
+        a += self.b
+        if not self.h_zero:
+            xp.matmul(h, self.Wh, out=self.hWh)
+            a += self.hWh
+        self.h_zero = False
         xp.tanh(a, out=a)
         for sig in (a[:, :H], a[:, 2 * H:]):
             sig *= 0.5
             sig += 0.5
         xp.multiply(a[:, :H], c, out=c)
-        xp.multiply(a[:, H:2 * H], a[:, 2 * H:3 * H], out=gi)
-        c += gi
+        xp.multiply(a[:, H:2 * H], a[:, 2 * H:3 * H], out=self.gi)
+        c += self.gi
         xp.tanh(c, out=h)
         h *= a[:, 3 * H:]
-        xp.matmul(h, Wout, out=scores)
-        scores += bout
-        ids = out[:, t] = scores.argmax(axis=1)
-    return out
+        return h
