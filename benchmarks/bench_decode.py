@@ -1,4 +1,4 @@
-"""Greedy decoding of the 5,000 addition test questions: eval_seq2seq (batches of 500) and
+"""Greedy decoding of the 5,000 addition test questions: eval_seq2seq (its default batches) and
 model.generate on all 5,000 at once, Seq2seq and PeekySeq2seq (D=16, H=128, random weights).
 
     python benchmarks/bench_decode.py [--repeats 7]

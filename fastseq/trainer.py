@@ -243,23 +243,17 @@ class Trainer(TrainLoop):
         return plot_curve(self.loss_list, f"iterations (x{self.eval_interval})", "loss", path, ylim)
 
 
-def _default_workers(N, batch_size):
-    """Two decoding threads on a multi-core CPU running the NumPy LSTM engine (NumPy releases
-    the GIL in its products and ufuncs); one elsewhere (the Cython engine threads by itself)."""
-    if backend.config.kernel != "numpy" or backend.config.threads < 2:
-        return 1
-    return 2 if N >= 2 * batch_size else 1
-
-
 def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_reverse=False,
-                 batch_size=500, workers=None):
+                 batch_size=10000, workers=None):
     """Exact-match accuracy of greedy answers over all questions, decoded in batches.
 
     ``corrects`` rows start with the start symbol ('_'), as in the textbook; the rest of each row
-    is the answer. With one question this returns 1.0 or 0.0 (textbook: 1 or 0). Batches of 500
-    keep each step's arrays in cache (faster on CPU than one batch of 5000); None = all at once.
+    is the answer. With one question this returns 1.0 or 0.0 (textbook: 1 or 0). Batches bound
+    the memory (None = all at once); within a batch each engine keeps its steps' arrays in cache
+    and spreads the rows over its threads by itself.
     ``workers`` threads decode disjoint slices, each on a copy of the model that shares its
-    weights and uses single-threaded BLAS (default: see _default_workers).
+    weights and uses single-threaded BLAS (default 1: every engine spreads a batch's rows over
+    its threads by itself).
     """
     questions, corrects = np.asarray(backend.to_cpu(questions)), np.asarray(backend.to_cpu(corrects))
     if questions.ndim == 1 and corrects.ndim == 1:
@@ -279,7 +273,7 @@ def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_
     answers = corrects[:, 1:]
     bs = batch_size or N
     guesses = np.empty_like(answers)
-    workers = _default_workers(N, bs) if workers is None else max(1, int(workers))
+    workers = 1 if workers is None else max(1, int(workers))
 
     def decode(m, rows):
         for s in range(0, len(rows), bs):

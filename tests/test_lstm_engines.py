@@ -388,6 +388,21 @@ def test_numpy_inference_is_forwards_arithmetic():
         np.testing.assert_array_equal(got[:, t], ids)
 
 
+def test_numpy_inference_blocks_on_threads(monkeypatch):
+    """The reference's blocks of rows may run on several threads: same bits for 1, 2, 3."""
+    rng = np.random.default_rng(34)
+    N = 2 * _numpy.BLOCK_ROWS + 37
+    fcase = ids_case(rng, N, 3, 7, 6, np.float32, False)[:6]
+    gcase = greedy_case(rng, N, 3, 7, 6, np.float32, True, False)
+    runs = []
+    for n in (1, 2, 3):
+        monkeypatch.setattr(backend.config, "threads", n)
+        runs.append((*_numpy.final_state(*fcase), _numpy.greedy(*gcase)))
+    for other in runs[1:]:
+        for a, b in zip(other, runs[0]):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_inference_ids_out_of_range_rejected(cpu_engine):
     ids, Wx, Wh, b, h0, c0, _ = ids_case(np.random.default_rng(1), 3, 2, 4, 5, np.float32, True)
     ids[1, 1] = 4

@@ -38,10 +38,14 @@ so x_t Wx is a gather of Wx's rows (an embedding followed by the LSTM, with Wx =
 precomputed: see TimeLSTM). backward then returns dxs = None, and dWx = onehot^T dA, a
 scatter-add of dA's rows.
 """
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
+from .. import backend
 from ..backend import get_array_module
 from . import _pool
+from ._blas import blas_threads
 
 TAKES_IDS = True  # xs may be integer ids standing for one-hot rows (see forward)
 
@@ -235,6 +239,25 @@ def step(x, Wx, Wh, b, h, c):
 BLOCK_ROWS = 512  # rows per block in final_state and greedy: a block's step arrays stay in cache
 
 
+def _by_blocks(N, xp, run):
+    """run(rows) for every block of BLOCK_ROWS of the N rows. Blocks are independent: on the
+    host they go to up to backend.config.threads threads (NumPy releases the GIL in its loops),
+    each with a single-threaded BLAS, so a block's bits do not depend on the thread count."""
+    blocks = [slice(s, s + BLOCK_ROWS) for s in range(0, N, BLOCK_ROWS)]
+    workers = min(len(blocks), backend.config.threads) if xp is np else 1
+
+    def work(rows):
+        with blas_threads(1):
+            run(rows)
+
+    if workers < 2:
+        for rows in blocks:
+            work(rows)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(work, blocks))  # list(): re-raise a block's error
+
+
 def _block(a, rows):
     """a's share of a block of rows: per-row arrays (N, ...) are sliced, shared ones kept."""
     return a[rows] if a.ndim == 2 else a
@@ -251,12 +274,14 @@ def final_state(xs, Wx, Wh, b, h0, c0):
     if xs.ndim == 2:
         _check_range(xs, Wx.shape[0])
     hT, cT = xp.empty(h0.shape, Wx.dtype), xp.empty(c0.shape, Wx.dtype)
-    for s in range(0, xs.shape[0], BLOCK_ROWS):
-        r = slice(s, s + BLOCK_ROWS)
+
+    def run(r):
         cell = _Cell(Wx, Wh, _block(b, r), h0[r], c0[r])
         for t in range(xs.shape[1]):
             cell.step(xs[r, t])
         hT[r], cT[r] = cell.h, cell.c
+
+    _by_blocks(xs.shape[0], xp, run)
     return hT, cT
 
 
@@ -268,8 +293,8 @@ def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
     _check_range(ids, Wx.shape[0])
     xp = get_array_module(Wx)
     out = xp.empty((h.shape[0], steps), dtype=xp.int64)
-    for s in range(0, h.shape[0], BLOCK_ROWS):
-        r = slice(s, s + BLOCK_ROWS)
+
+    def run(r):
         cell, bo = _Cell(Wx, Wh, _block(b, r), h[r], c[r]), _block(bout, r)
         scores = xp.empty((cell.h.shape[0], Wout.shape[1]), Wx.dtype)
         next_ids = ids[r]
@@ -277,6 +302,8 @@ def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
             xp.matmul(cell.step(next_ids), Wout, out=scores)
             scores += bo
             next_ids = out[r, t] = scores.argmax(axis=1)
+
+    _by_blocks(h.shape[0], xp, run)
     return out
 
 
