@@ -172,10 +172,10 @@ def final_state(xs, Wx, Wh, b, h0, c0):
     (N, T), D, H = xs.shape[:2], Wx.shape[0], Wh.shape[0]
     if N == 0 or T == 0 or D == 0 or H == 0:
         return _numpy.final_state(ids if ids is not None else xs, Wx, Wh, b, h0, c0)
-    h, c = h0.copy(), c0.copy()
+    h, c = np.empty_like(h0), np.empty_like(c0)
     threads = _threads()
-    _lstm_cpu.final_state(xs, Wx, Wh, b.reshape(-1), h, c, _scratch(H, 0, Wx.dtype, threads),
-                          threads, row_bias, ids)
+    _lstm_cpu.final_state(xs, Wx, Wh, b.reshape(-1), h0, c0, h, c,
+                          _scratch(H, 0, Wx.dtype, threads), threads, row_bias, ids)
     return h, c
 
 
