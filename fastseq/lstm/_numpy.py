@@ -309,38 +309,44 @@ def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
 
 class _Cell:
     """The state (h, c) of a block of rows, advanced in place one step at a time with forward's
-    arithmetic, in buffers allocated once (inference: nothing is kept)."""
+    arithmetic (gate-major, as there), in buffers allocated once (inference: nothing is kept)."""
 
     def __init__(self, Wx, Wh, b, h, c):
         xp = self.xp = get_array_module(Wx)
         H = self.H = Wh.shape[0]
-        scale = _gate_scale(H, Wx.dtype, xp)
-        self.Wx, self.b, self.Wh = Wx * scale, b * scale, Wh * scale
-        self.h, self.c = h.astype(Wx.dtype), c.astype(Wx.dtype)  # copies
         N = h.shape[0]
-        self.a, self.hWh = xp.empty((N, 4 * H), Wx.dtype), xp.empty((N, 4 * H), Wx.dtype)
+        scale = _gate_scale(H, Wx.dtype, xp)
+        self.Wx, self.Wh = Wx * scale, Wh * scale
+        self.table = xp.ascontiguousarray(_gates(self.Wx, H))  # (4, D, H): one-hot inputs
+        bs = xp.ascontiguousarray(_gates(b * scale, H))        # (4, N, H) or (4, H)
+        self.b = bs if b.ndim == 2 else bs[:, None]
+        self.h, self.c = h.astype(Wx.dtype), c.astype(Wx.dtype)  # copies
+        self.a, self.hWh = xp.empty((4, N, H), Wx.dtype), xp.empty((N, 4 * H), Wx.dtype)
         self.gi = xp.empty((N, H), Wx.dtype)
         self.h_zero = not h.any()  # as in forward: a zero state contributes no h Wh
 
     def step(self, x):
         """x: (N, D) inputs or (N,) one-hot ids. Returns h, updated in place."""
         xp, H, a, h, c = self.xp, self.H, self.a, self.h, self.c
-        if x.ndim == 1:
-            xp.take(self.Wx, x, axis=0, out=a, mode="clip")  # x is checked: no buffering
+        if x.ndim == 2:
+            a[...] = _gates(x @ self.Wx, H)
+        elif xp is np:
+            np.take(self.table, x, axis=1, out=a, mode="clip")  # x is checked: no buffering
         else:
-            xp.matmul(x, self.Wx, out=a)
+            a[...] = self.table[:, x]
         a += self.b
         if not self.h_zero:
             xp.matmul(h, self.Wh, out=self.hWh)
-            a += self.hWh
+            a += _gates(self.hWh, H)
         self.h_zero = False
         xp.tanh(a, out=a)
-        for sig in (a[:, :H], a[:, 2 * H:]):
+        for sig in (a[0], a[2:]):  # sigmoid gates f and (i, o): 0.5 tanh + 0.5
             sig *= 0.5
             sig += 0.5
-        xp.multiply(a[:, :H], c, out=c)
-        xp.multiply(a[:, H:2 * H], a[:, 2 * H:3 * H], out=self.gi)
+        f, g, i, o = a
+        xp.multiply(f, c, out=c)
+        xp.multiply(g, i, out=self.gi)
         c += self.gi
         xp.tanh(c, out=h)
-        h *= a[:, 3 * H:]
+        h *= o
         return h
