@@ -242,7 +242,7 @@ class TimeLSTM:
 
         The state after step t depends only on the prefix ids[:, :t+1], so each step runs once
         per distinct prefix (batches of padded or similar sequences share many), until every
-        row's prefix is distinct and the remaining steps run in one engine call."""
+        row's prefix is distinct, or the last step, which run for every row in one call."""
         Wx, Wh, b = self.params
         E = embed.params[0]
         if ids.ndim != 2 or ids.dtype.kind not in "iu" or E.shape[1] != Wx.shape[0]:
@@ -255,18 +255,18 @@ class TimeLSTM:
         if fused:  # ids into the table E Wx (see forward's embed=)
             Wx = E @ Wx
 
-        def run(h, c, x_ids):
+        def run(x_ids, h, c, start):  # the rows of x_ids start from h[start], c[start]
             xs = xp.ascontiguousarray(x_ids, dtype="int64") if fused else E[x_ids]
-            return kernel.final_state(xs, Wx, Wh, b, h, c)
+            return kernel.final_state(xs, Wx, Wh, b, h, c, start)
 
-        h = c = xp.zeros((min(N, 1), H), dtype=Wx.dtype)
-        prefix = xp.zeros(N, dtype="int64")  # row n's prefix: an index into the rows of h, c
+        h = c = xp.zeros((1, H), dtype=Wx.dtype)
+        prefix = xp.zeros(N, dtype="int64")  # row n's prefix so far: its row of h, c
         for t in range(T):
-            if h.shape[0] == N:  # every prefix distinct: the remaining steps in one call
-                return run(h[prefix], c[prefix], ids[:, t:])
+            if t == T - 1 or h.shape[0] == N:  # the remaining steps for every row at once
+                return run(ids[:, t:], h, c, prefix)
             keys, prefix = xp.unique(prefix * V + ids[:, t], return_inverse=True)
-            h, c = run(h[keys // V], c[keys // V], (keys % V)[:, None])
-        return h[prefix], c[prefix]
+            h, c = run((keys % V)[:, None], h, c, keys // V)
+        return h[prefix], c[prefix]  # T == 0: the zero state
 
     def greedy(self, ids, embed, h, Wout, bout, steps, context=None):
         """Greedy decoding of ``steps`` ids (N, steps) from the state (h, 0): each step's input

@@ -370,6 +370,22 @@ def test_final_state_matches_forward(engine, shape, dtype, row_bias, zero_state,
     assert_close(c, cT, engine.tol(dtype), "c_T")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("zero_state", [False, True])
+def test_final_state_start_rows(engine, dtype, zero_state):
+    """start (N,): row n starts from row start[n] of (h0, c0) (M rows), as if gathered."""
+    rng = np.random.default_rng(35)
+    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 300, 3, 4, 6, dtype, zero_state)
+    h0, c0, start = h0[:7], c0[:7], rng.integers(0, 7, 300)
+    want = _numpy.final_state(xs, Wx, Wh, b, h0[start], c0[start])
+    got = engine.module.final_state(*[engine.dev(a) for a in (xs, Wx, Wh, b, h0, c0, start)])
+    for g, w, what in zip(got, want, ("h_T", "c_T")):
+        assert_close(g, w, engine.tol(dtype), what)
+    with pytest.raises(ValueError, match="outside"):
+        start[5] = 7
+        engine.module.final_state(*[engine.dev(a) for a in (xs, Wx, Wh, b, h0, c0, start)])
+
+
 def test_numpy_inference_is_forwards_arithmetic():
     """The reference final_state and greedy do forward's operations in forward's order (ids):
     identical bits to forward, and to forward one step at a time with the argmax fed back."""

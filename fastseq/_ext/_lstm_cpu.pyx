@@ -568,9 +568,10 @@ cdef void _cell_rows(Py_ssize_t rows, Py_ssize_t H, const floating *Wh, const fl
 cdef void _final_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t D, Py_ssize_t H,
                        const floating *xs, const int64_t *ids, const floating *Wx,
                        const floating *Wh, const floating *bias, Py_ssize_t b_rs,
-                       const floating *h0, const floating *c0, floating *h, floating *c,
-                       bint h0_zero, floating *work) noexcept nogil:
-    """Rows [r0, r1) of final_state: from their rows of h0, c0 to h_T, c_T in h, c."""
+                       const floating *h0, const floating *c0, const int64_t *start,
+                       floating *h, floating *c, bint h0_zero, floating *work) noexcept nogil:
+    """Rows [r0, r1) of final_state: from their rows of h0, c0 (rows start[n], with start)
+    to h_T, c_T in h, c."""
     cdef Py_ssize_t t, rows = r1 - r0, G = 4 * H
     cdef floating *a = work
     cdef floating *cur = c + r0 * H
@@ -578,8 +579,12 @@ cdef void _final_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t D,
     cdef floating *tc = nxt + rows * H
     cdef floating *swap
     _blas_worker()
-    memcpy(h + r0 * H, h0 + r0 * H, rows * H * sizeof(floating))
-    memcpy(cur, c0 + r0 * H, rows * H * sizeof(floating))
+    if start == NULL:
+        memcpy(h + r0 * H, h0 + r0 * H, rows * H * sizeof(floating))
+        memcpy(cur, c0 + r0 * H, rows * H * sizeof(floating))
+    else:
+        _gather_rows(h + r0 * H, h0, start, 1, r0, r1, H)
+        _gather_rows(cur, c0, start, 1, r0, r1, H)
     for t in range(T):
         if ids != NULL:
             _gather_rows(a, Wx, ids + t, T, r0, r1, G)
@@ -599,14 +604,25 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
                 const floating[:, ::1] Wh, const floating[::1] b, const floating[:, ::1] h0,
                 const floating[:, ::1] c0, floating[:, ::1] h, floating[:, ::1] c,
                 floating[::1] scratch, int nthreads=1, bint row_bias=False,
-                const int64_t[:, ::1] ids=None):
+                const int64_t[:, ::1] ids=None, const int64_t[::1] start=None):
     """h_T and c_T of forward over xs (N, T, D) (or one-hot ids (N, T), xs then (N, T, 0))
-    from (h0, c0), written to h and c. scratch: infer_scratch_size(H, 0, nthreads) elements."""
+    from (h0, c0), written to h and c (N, H). start (N,): row n starts from row start[n] of
+    h0 and c0 (M, H) instead of row n. scratch: infer_scratch_size(H, 0, nthreads) elements."""
     cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
-    cdef Py_ssize_t G = 4 * H, k, nb = _blocks(N), slot = INFER_ROWS * (2 * G)
+    cdef Py_ssize_t G = 4 * H, k, n, nb = _blocks(N), slot = INFER_ROWS * (2 * G)
     cdef int team = _team(nthreads, nb), old
     cdef bint h0_zero
     cdef const int64_t *idp = NULL
+    cdef const int64_t *stp = NULL
+    if start is not None:
+        if start.shape[0] != N:
+            raise ValueError(f"start has {start.shape[0]} rows, expected {N}")
+        for n in range(N):
+            if start[n] < 0 or start[n] >= h0.shape[0]:
+                raise ValueError(f"start row {start[n]} outside [0, {h0.shape[0]})")
+        stp = &start[0] if N else NULL
+    elif h0.shape[0] != N:
+        raise ValueError(f"h0 has {h0.shape[0]} rows, expected {N}")
     if b.shape[0] != (N * G if row_bias else G):
         raise ValueError(f"b has {b.shape[0]} elements, expected {N * G if row_bias else G}")
     if ids is not None:
@@ -616,12 +632,12 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
         raise ValueError(f"scratch has {scratch.shape[0]} elements, needs {team * slot}")
     cdef const floating *X = &xs[0, 0, 0] if idp == NULL else NULL
     with nogil:
-        h0_zero = _all_zero(&h0[0, 0], N * H)
+        h0_zero = _all_zero(&h0[0, 0], h0.shape[0] * H)
         old = _blas_enter()
         for k in prange(nb, num_threads=team, schedule='dynamic', chunksize=1):
             _final_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, N), T, D, H, X, idp, &Wx[0, 0],
-                         &Wh[0, 0], &b[0], G if row_bias else 0, &h0[0, 0], &c0[0, 0], &h[0, 0],
-                         &c[0, 0], h0_zero, &scratch[0] + threadid() * slot)
+                         &Wh[0, 0], &b[0], G if row_bias else 0, &h0[0, 0], &c0[0, 0], stp,
+                         &h[0, 0], &c[0, 0], h0_zero, &scratch[0] + threadid() * slot)
         _blas_leave(old)
 
 

@@ -3,7 +3,7 @@
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
     backward(dhs, cache, grads)    -> dxs, dh0                 grads = [dWx, dWh, db] (in place)
     step(x, Wx, Wh, b, h, c)       -> h, c                     one step, no cache
-    final_state(xs, Wx, Wh, b, h0, c0) -> hT, cT               forward's last state alone
+    final_state(xs, Wx, Wh, b, h0, c0, start=None) -> hT, cT   forward's last state alone
     greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps) -> ids     greedy decoding (see _numpy)
 
 Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g | i | o].
@@ -204,8 +204,12 @@ def step(x, Wx, Wh, b, h, c):
     return h, c
 
 
-def final_state(xs, Wx, Wh, b, h0, c0):
+def final_state(xs, Wx, Wh, b, h0, c0, start=None):
     """forward's (h_T, c_T) alone (see _numpy.final_state)."""
+    if start is not None:
+        if start.size and (int(start.min()) < 0 or int(start.max()) >= h0.shape[0]):
+            raise ValueError(f"start row outside [0, {h0.shape[0]})")
+        h0, c0 = h0[start], c0[start]
     _, hT, cT, _ = forward(xs, Wx, Wh, b, h0, c0)
     return hT, cT
 

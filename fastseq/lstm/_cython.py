@@ -64,9 +64,10 @@ def _check(name, a, dtype, shape, cast=False):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def _inputs(xs, Wx, Wh, b, h0, c0):
+def _inputs(xs, Wx, Wh, b, h0, c0, start=None):
     """forward's arguments checked and made C-contiguous in Wx's dtype: (xs, ids, Wx, Wh, b, h0,
-    c0, row_bias), with xs (N, T, 0) and ids (N, T) int64 for one-hot inputs, ids None else."""
+    c0, row_bias), with xs (N, T, 0) and ids (N, T) int64 for one-hot inputs, ids None else.
+    With start (final_state's), h0 and c0 may have any number of rows."""
     one_hot = xs.ndim == 2 and np.dtype(xs.dtype).kind in "iu"  # ids (see _numpy)
     if xs.ndim != 3 and not one_hot:
         raise ValueError(f"xs must be (N, T, D) or integer ids (N, T), got shape {xs.shape}")
@@ -87,8 +88,9 @@ def _inputs(xs, Wx, Wh, b, h0, c0):
     Wh = _check("Wh", Wh, dtype, (H, 4 * H))
     row_bias = getattr(b, "ndim", 1) == 2  # one bias per row (see _numpy)
     b = _check("b", b, dtype, (N, 4 * H) if row_bias else (4 * H,))
-    h0 = _check("h0", h0, dtype, (N, H), cast=True)
-    c0 = _check("c0", c0, dtype, (N, H), cast=True)
+    M = N if start is None else h0.shape[0]
+    h0 = _check("h0", h0, dtype, (M, H), cast=True)
+    c0 = _check("c0", c0, dtype, (M, H), cast=True)
     return xs, ids, Wx, Wh, b, h0, c0, row_bias
 
 
@@ -166,16 +168,18 @@ def step(x, Wx, Wh, b, h, c):
     return h, c
 
 
-def final_state(xs, Wx, Wh, b, h0, c0):
+def final_state(xs, Wx, Wh, b, h0, c0, start=None):
     """forward's h_T, c_T alone (see _numpy.final_state), in blocks of rows kept in cache."""
-    xs, ids, Wx, Wh, b, h0, c0, row_bias = _inputs(xs, Wx, Wh, b, h0, c0)
+    xs, ids, Wx, Wh, b, h0, c0, row_bias = _inputs(xs, Wx, Wh, b, h0, c0, start)
     (N, T), D, H = xs.shape[:2], Wx.shape[0], Wh.shape[0]
-    if N == 0 or T == 0 or D == 0 or H == 0:
-        return _numpy.final_state(ids if ids is not None else xs, Wx, Wh, b, h0, c0)
-    h, c = np.empty_like(h0), np.empty_like(c0)
+    if N == 0 or T == 0 or D == 0 or H == 0 or h0.shape[0] == 0:
+        return _numpy.final_state(ids if ids is not None else xs, Wx, Wh, b, h0, c0, start)
+    if start is not None:
+        start = np.ascontiguousarray(start, dtype=np.int64)
+    h, c = np.empty((N, H), Wx.dtype), np.empty((N, H), Wx.dtype)
     threads = _threads()
     _lstm_cpu.final_state(xs, Wx, Wh, b.reshape(-1), h0, c0, h, c,
-                          _scratch(H, 0, Wx.dtype, threads), threads, row_bias, ids)
+                          _scratch(H, 0, Wx.dtype, threads), threads, row_bias, ids, start)
     return h, c
 
 

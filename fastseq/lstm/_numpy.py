@@ -19,8 +19,8 @@ Interface shared by every engine (numpy, cython, cupy):
     backward(dhs, cache, grads, need_dh0=True) -> dxs, dh0     grads = [dWx, dWh, db], written in place
     step(x, Wx, Wh, b, h, c) -> h, c                           one step, x (N, D), no cache
                                                                (generation and decoding)
-    final_state(xs, Wx, Wh, b, h0, c0) -> hT, cT               forward's last state alone
-                                                               (inference: an encoder)
+    final_state(xs, Wx, Wh, b, h0, c0, start=None) -> hT, cT   forward's last state alone
+        (inference: an encoder); with start (N,), row n starts from h0[start[n]], c0[start[n]]
     greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps) -> (N, steps) int64
         greedy decoding from (h, c): step t's input is onehot(id_t) (Wx is the one-hot table,
         see below), with id_0 = ids (N,) and id_{t+1} = argmax(h_{t+1} Wout + bout), the
@@ -263,16 +263,19 @@ def _block(a, rows):
     return a[rows] if a.ndim == 2 else a
 
 
-def _check_range(ids, V):
+def _check_range(ids, V, what="input id"):
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
-        raise ValueError(f"input id outside [0, {V})")
+        raise ValueError(f"{what} outside [0, {V})")
 
 
-def final_state(xs, Wx, Wh, b, h0, c0):
+def final_state(xs, Wx, Wh, b, h0, c0, start=None):
     """forward's (h_T, c_T) without the sequence hs or a cache (inference), block by block."""
     xp = get_array_module(Wx)
     if xs.ndim == 2:
         _check_range(xs, Wx.shape[0])
+    if start is not None:
+        _check_range(start, h0.shape[0], "start row")
+        h0, c0 = h0[start], c0[start]
     hT, cT = xp.empty(h0.shape, Wx.dtype), xp.empty(c0.shape, Wx.dtype)
 
     def run(r):
