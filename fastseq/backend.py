@@ -52,6 +52,7 @@ class Config:
     lstm_threads: int = 1         # threads taking the Cython LSTM's row chunks
     optim_threads: int = 1        # OpenMP threads for the fused optimiser / clipping kernels
     blas_threads: int = 1         # threads the BLAS may use for fastseq's products
+    small_blas_threads: int = 1   # BLAS threads for the numpy engine's small products (_thread_policy)
     blas: str = "auto"            # BLAS the Cython LSTM calls: 'auto', 'numpy' or 'scipy'
     data_dir: str = ""            # download cache (FASTSEQ_DATA)
     ptb_url: str = ""             # PTB base URL override (FASTSEQ_PTB_URL)
@@ -127,11 +128,24 @@ def _read_env(env):
 _ENV = _read_env(os.environ)
 
 
+SMALL_PRODUCT = 1 << 26  # multiply-adds: the numpy engine's smaller products use small_blas_threads
+
+
+def blas_threads_for(macs):
+    """BLAS threads for a NumPy product of ``macs`` multiply-adds (numpy engine)."""
+    return config.small_blas_threads if macs < SMALL_PRODUCT else config.blas_threads
+
+
 def _thread_policy(cfg):
     """Fill the per-kernel thread fields from cfg.threads."""
     cfg.lstm_threads = cfg.threads
     cfg.optim_threads = cfg.threads  # the kernels use them only for lists large enough to pay
     cfg.blas_threads = cfg.threads
+    # The numpy engine's LSTM products (N x H x 4H per step) and others below SMALL_PRODUCT: split
+    # over OpenBLAS's threads they gain a little when the machine is idle and lose several times
+    # over when another process holds a core a thread waits on. One thread also gives the same
+    # bits at any thread count or load.
+    cfg.small_blas_threads = 1
 
 
 # --- CuPy (optional) ----------------------------------------------------------------------------

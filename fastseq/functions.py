@@ -3,6 +3,7 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
+from .lstm import _blas
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -15,10 +16,18 @@ def matmul(a, b, out=None):
     if _direct_products(a):
         from .lstm import _cupy
         return _cupy.matmul(a, b, out=out)
-    if backend.config.kernel == "cython" and get_array_module(a) is np:
+    if get_array_module(a) is not np:
+        return _matmul(a, b, out)
+    if backend.config.kernel == "cython":
         done = _matmul_chunked(a, b, out)
         if done is not None:
             return done
+    macs = (a.shape[-2] if a.ndim > 1 else 1) * a.shape[-1] * (b.shape[-1] if b.ndim > 1 else 1)
+    with _blas.blas_threads(backend.blas_threads_for(macs)):
+        return _matmul(a, b, out)
+
+
+def _matmul(a, b, out):
     if out is None:
         return a @ b
     out[...] = a @ b
@@ -182,10 +191,11 @@ def clip_grads(grads, max_norm):
     total = optim.sum_squares(grads, threads) if optim is not None else None
     if total is None:
         total = 0.0
-        for g in grads:
-            xp = get_array_module(g)
-            flat = g.reshape(-1)  # a view for contiguous grads: no (g * g) temporary
-            total += float(xp.dot(flat, flat))
+        with _blas.blas_threads(backend.config.small_blas_threads):
+            for g in grads:
+                xp = get_array_module(g)
+                flat = g.reshape(-1)  # a view for contiguous grads: no (g * g) temporary
+                total += float(xp.dot(flat, flat))
     total = total ** 0.5
     rate = max_norm / (total + 1e-6)
     if rate < 1 and not (optim is not None and optim.scale(grads, rate, threads)):

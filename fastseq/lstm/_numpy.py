@@ -60,8 +60,8 @@ def _gate_scale(H, dtype, xp):
 
 def _gates(a, H):
     """(..., 4H) -> (4, ..., H): gate k's columns as block k (a view when a is contiguous)."""
-    xp = get_array_module(a)
-    return xp.moveaxis(a.reshape(a.shape[:-1] + (4, H)), -2, 0)
+    n = a.ndim
+    return a.reshape(a.shape[:-1] + (4, H)).transpose((n - 1,) + tuple(range(n - 1)) + (n,))
 
 
 class _Work:
@@ -112,6 +112,11 @@ def _input_gates(xs, Wxs, bs, A):
 
 
 def forward(xs, Wx, Wh, b, h0, c0):
+    with blas_threads(backend.config.small_blas_threads):
+        return _forward(xs, Wx, Wh, b, h0, c0)
+
+
+def _forward(xs, Wx, Wh, b, h0, c0):
     xp = get_array_module(Wx)
     dtype, H = Wx.dtype, Wh.shape[0]
     N, T = xs.shape[:2]
@@ -124,11 +129,12 @@ def forward(xs, Wx, Wh, b, h0, c0):
     Hb = xp.empty((T + 1, N, H), dtype)  # h_0 .. h_T; hs is a view of it, never pooled
     Hb[0], C[0] = h0, c0
     h0_zero = not h0.any()  # a zero initial state adds nothing to a_0 nor to dWh
+    hWh_gates = _gates(hWh, H)
     for t in range(T):
         a = A[:, t]
         if t > 0 or not h0_zero:
             xp.matmul(Hb[t], Whs, out=hWh)
-            a += _gates(hWh, H)
+            a += hWh_gates
         xp.tanh(a, out=a)
         for sig in (a[0], a[2:]):   # sigmoid gates f and (i, o): 0.5 tanh + 0.5
             sig *= 0.5
@@ -164,22 +170,29 @@ def _local_factors(A, C, TC, Q, OK):
 
 def _set_gates(g, parts):
     """g (..., 4H) = parts (4, ..., H) (gate k's block into g's columns of gate k)."""
-    xp = get_array_module(parts)
-    g[...] = xp.moveaxis(parts, 0, -2).reshape(g.shape)
+    if g.flags.c_contiguous:
+        _gates(g, parts.shape[-1])[...] = parts  # through a view of g
+    else:
+        n = parts.ndim
+        g[...] = parts.transpose(tuple(range(1, n - 1)) + (0, n - 1)).reshape(g.shape)
 
 
 def backward(dhs, cache, grads, need_dh0=True):
+    with blas_threads(backend.config.small_blas_threads):
+        return _backward(dhs, cache, grads, need_dh0)
+
+
+def _backward(dhs, cache, grads, need_dh0):
     X, Wx, Wh, Hb, work, h0_zero, row_bias = cache
     A, C, TC = work.bufs[:3]
     xp = get_array_module(A)
     _, T, N, H = A.shape
-    dtype = A.dtype
-    dhs = dhs.astype(dtype, copy=False)
-    scratch = _Work(xp, "backward", T, N, H, dtype)
+    dhs = dhs.astype(A.dtype, copy=False)
+    scratch = _Work(xp, "backward", T, N, H, A.dtype)
     dA, OK, dh, ds, dc, parts = scratch.bufs
     _local_factors(A, C, TC, dA, OK)
     WhT = _gates(Wh, H).transpose(0, 2, 1)  # (4, H, H): gate k's block of Wh, transposed
-    dh_next = xp.zeros((N, H), dtype)  # (not pooled: dh0 goes to the caller)
+    dh_next = xp.zeros((N, H), A.dtype)  # (not pooled: dh0 goes to the caller)
     for t in reversed(range(T)):
         xp.add(dhs[:, t], dh_next, out=dh)
         xp.multiply(dh, OK[t], out=ds)
@@ -193,27 +206,34 @@ def backward(dhs, cache, grads, need_dh0=True):
         if t > 0 or need_dh0:
             xp.matmul(da, WhT, out=parts)        # dh_{t-1} = sum over gates of da_k Wh_k^T
             parts.sum(axis=0, out=dh_next)
+    dxs = _weight_grads(X, Wx, Hb, dA, h0_zero, row_bias, grads)
+    return dxs, (dh_next if need_dh0 else None)
+
+
+def _weight_grads(X, Wx, Hb, dA, h0_zero, row_bias, grads):
+    """dWx, dWh, db from all steps' dA (4, T, N, H), each as one product per gate; returns dxs
+    (None for ids)."""
+    xp = get_array_module(dA)
     dWx, dWh, db = grads
-    M = T * N
-    dA3 = dA.reshape(4, M, H)
+    _, T, N, H = dA.shape
+    dA3 = dA.reshape(4, T * N, H)
     one_hot = X.ndim == 2 and X.dtype.kind in "iu"
     if one_hot:  # dWx = onehot^T dA, as products with the (V, T N) indicator matrix
-        onehot_T = (xp.arange(Wx.shape[0])[:, None] == X.T.reshape(1, M)).astype(dtype)
+        onehot_T = (xp.arange(Wx.shape[0])[:, None] == X.T.reshape(1, T * N)).astype(dA.dtype)
         _set_gates(dWx, xp.matmul(onehot_T, dA3))
     else:
         _set_gates(dWx, xp.matmul(X.T, dA3))
-    s = 1 if h0_zero else 0  # dWh = sum_t h_{t-1}^T dA_t, one product over the steps per gate
+    s = 1 if h0_zero else 0  # dWh = sum_t h_{t-1}^T dA_t (h_0's share is 0 when h_0 is)
     if T > s:
         _set_gates(dWh, xp.matmul(Hb[s:T].reshape((T - s) * N, H).T,
                                   dA[:, s:].reshape(4, (T - s) * N, H)))
     else:
         dWh[...] = 0
     _set_gates(db, dA.sum(axis=1) if row_bias else dA3.sum(axis=1))
-    dxs = None
-    if not one_hot:  # dx = sum over gates of dA_k Wx_k^T
-        dX = xp.matmul(dA3, _gates(Wx, H).transpose(0, 2, 1)).sum(axis=0)
-        dxs = dX.reshape(T, N, Wx.shape[0]).transpose(1, 0, 2)
-    return dxs, (dh_next if need_dh0 else None)
+    if one_hot:
+        return None
+    dX = xp.matmul(dA3, _gates(Wx, H).transpose(0, 2, 1)).sum(axis=0)  # sum over gates
+    return dX.reshape(T, N, Wx.shape[0]).transpose(1, 0, 2)
 
 
 def step(x, Wx, Wh, b, h, c):
