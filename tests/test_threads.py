@@ -37,10 +37,10 @@ TRAIN = textwrap.dedent("""
 """)
 
 
-def _train(threads, env_extra=None):
+def _train(threads, env_extra=None, code=TRAIN):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTSEQ_THREADS": str(threads),
            **(env_extra or {})}
-    r = subprocess.run([sys.executable, "-c", TRAIN], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout.split()
@@ -53,6 +53,23 @@ def test_same_bits_with_one_thread_two_threads_and_under_load(cython_engine):
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         loaded = _train(2)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert one == two == loaded
+
+
+def test_numpy_engine_same_bits_with_one_thread_two_threads_and_under_load():
+    """The pure numpy engine too: its products this small run on one BLAS thread whatever the
+    thread setting (backend.config.small_blas_threads), so OpenBLAS's splits never enter."""
+    code = "import sys; sys.modules['fastseq._ext'] = None\n" + TRAIN
+    env = {"FASTSEQ_KERNEL": "numpy"}
+    one = _train(1, {**env, "OPENBLAS_NUM_THREADS": "1"}, code)
+    assert one[0] == "numpy"
+    two = _train(2, env, code)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        loaded = _train(2, env, code)
     finally:
         busy.kill()
         busy.wait()
