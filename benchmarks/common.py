@@ -63,17 +63,16 @@ def measure_gemm_rate(shapes, repeats=20, dtype=np.float32):
 
 def set_engine(name):
     """numpy | cython | cupy; returns False (with a reason) when the engine cannot run here."""
-    from fastseq import backend, lstm
+    from fastseq import backend
     if name == "cupy":
         if not backend.gpu_available():
             return False
         backend.use("cupy")
-        lstm.set_kernel(None)
         return True
     backend.use("numpy")
-    if name == "cython" and not lstm.cython_available():
+    if name == "cython" and not backend.cython_available():
         return False
-    lstm.set_kernel(name)
+    backend.use(name)
     return True
 
 

@@ -16,5 +16,5 @@ def engine(request):
         pytest.skip(f"{request.param} engine not available here")
     yield request.param
     set_engine("numpy")
-    from fastseq import lstm
-    lstm.set_kernel(None)
+    from fastseq import backend
+    backend.use("auto")

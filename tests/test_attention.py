@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fastseq import backend, lstm
+from fastseq import backend
 from fastseq.layers import TimeAttention
 from fastseq.models.attention import AttentionSeq2seq, true_lengths
 
@@ -15,13 +15,13 @@ PAD = 0
 @pytest.fixture(autouse=True)
 def restore_kernel():
     yield
-    lstm.set_kernel(None)
+    backend.use("auto")
 
 
 def use_kernel(name):
-    if name == "cython" and not lstm.cython_available():
+    if name == "cython" and not backend.cython_available():
         pytest.skip("Cython LSTM kernel not built")
-    lstm.set_kernel(name)
+    backend.use(name)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -114,7 +114,7 @@ def test_model_gradients(kernel, pad_id):
 
 def test_model_gradients_with_fused_embedding(monkeypatch):
     """Batches big enough for TimeLSTM's embedding fusion take that path; same gradients."""
-    lstm.set_kernel("numpy")
+    backend.use("numpy")
     rng = np.random.default_rng(3)
     model = small_model(PAD, V=5)
     xs = rng.integers(1, 5, (6, 4))
@@ -210,12 +210,12 @@ def test_generate_fills_after_the_end_symbol():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cython_engine_matches_numpy(dtype):
-    if not lstm.cython_available():
+    if not backend.cython_available():
         pytest.skip("Cython LSTM kernel not built")
     rng = np.random.default_rng(8)
     results = {}
     for kernel in ("numpy", "cython"):
-        lstm.set_kernel(kernel)
+        backend.use(kernel)
         model = AttentionSeq2seq(13, 16, 32, seed=1, dtype=dtype, pad_id=PAD)
         xs = rng.integers(1, 13, (64, 9)) if kernel == "numpy" else results["numpy"][3]
         ts = rng.integers(1, 13, (64, 5)) if kernel == "numpy" else results["numpy"][4]
@@ -241,13 +241,13 @@ def test_cupy_engine_matches_numpy():
     ts = rng.integers(1, 13, (32, 5))
     xs[::3, 5:] = PAD
     ts[::4, 3:] = PAD
-    lstm.set_kernel("numpy")
+    backend.use("numpy")
     ref = AttentionSeq2seq(13, 16, 32, seed=1, dtype=np.float64, pad_id=PAD)
     want = loss_and_grads(ref, xs, ts)
     want_gen = ref.generate(xs, 1, 4)
     backend.use("cupy")
     try:
-        lstm.set_kernel(None)
+        backend.use("auto")
         model = AttentionSeq2seq(13, 16, 32, seed=1, dtype=np.float64, pad_id=PAD)
         got = loss_and_grads(model, xs, ts)
         assert isinstance(model.params[0], cupy.ndarray)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from fastseq.layers import TimeAffine, TimeDropout, TimeEmbedding, TimeSoftmaxWithLoss
-from fastseq.layers import TimeLSTM
+from fastseq import backend
+from fastseq.layers import TimeAffine, TimeDropout, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
 from fastseq.models import PeekySeq2seq, Seq2seq
 
 from conftest import numerical_grad, rel_error
@@ -258,11 +258,10 @@ def test_peeky_generate_matches_stepwise_decoding(engine):
     """generate (the engine's greedy decoding, h's shares of the LSTM input and of the scores
     computed once) answers as decoding one forward step at a time does (beam width 1, where
     h Wx[:H] is cached for the call and dropped after it)."""
-    from fastseq import lstm
     from fastseq.decoding import beam_search
-    if engine == "cython" and not lstm.cython_available():
+    if engine == "cython" and not backend.cython_available():
         pytest.skip("Cython kernel not built")
-    lstm.set_kernel(engine)
+    backend.use(engine)
     try:
         rng = np.random.default_rng(9)
         model = PeekySeq2seq(13, 16, 32, seed=3, dtype=np.float64)  # float64: no near-ties
@@ -272,4 +271,4 @@ def test_peeky_generate_matches_stepwise_decoding(engine):
         np.testing.assert_array_equal(model.generate(xs, 6, 4), beam_search(model, xs, 6, 4, k=1))
         assert model.decoder._proj is None
     finally:
-        lstm.set_kernel(None)
+        backend.use("auto")

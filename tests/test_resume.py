@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastseq import checkpoint, lstm
+from fastseq import backend, checkpoint
 from fastseq.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 ENGINES = ["numpy", pytest.param("cython", marks=pytest.mark.skipif(
-    not lstm.cython_available(), reason="the Cython engine is not built"))]
+    not backend.cython_available(), reason="the Cython engine is not built"))]
 
 
 def env():
@@ -166,7 +166,7 @@ def test_sigint_saves_state_reached_then_resume_is_bit_identical(engine, task, s
 
 def test_sigterm_exits_143_and_resumes_with_another_thread_count(data, tmp_path,
                                                                    tmp_path_factory):
-    engine = "cython" if lstm.cython_available() else "numpy"
+    engine = "cython" if backend.cython_available() else "numpy"
     out = tmp_path / "run"
     r = train(task_args("seq2seq", data) + ["--engine", engine, "--out", str(out),
                                             "--no-progress"], signal_at=5, sig=signal.SIGTERM)

@@ -32,19 +32,3 @@ def get_kernel(x):
     if backend.config.kernel == "cython" and x.dtype in (np.float32, np.float64):
         return _engine("cython")
     return _numpy
-
-
-def kernel_name():
-    """The configured engine's name (alias of fastseq.backend.config.kernel)."""
-    return backend.config.kernel
-
-
-def cython_available():
-    return backend.cython_available()
-
-
-def set_kernel(name=None):
-    """Alias of fastseq.backend.use(name); None keeps CuPy when it is in use, else 'auto'."""
-    if name is None:
-        name = "cupy" if backend.is_gpu() else "auto"
-    backend.use(name)
