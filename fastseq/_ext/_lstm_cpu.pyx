@@ -546,9 +546,10 @@ def infer_rows():
 
 
 def infer_scratch_size(Py_ssize_t H, Py_ssize_t V, int nthreads):
-    """Elements of scratch that final_state and greedy need (V: greedy's output width)."""
+    """Elements of scratch that final_state and greedy need (V: greedy's output width): per
+    thread and row, the gates (4H), h, c, the next c and tanh(c) (4H together), the scores (V)."""
     cdef Py_ssize_t team = max(nthreads, 1)
-    return team * INFER_ROWS * (4 * H + 4 * H + V)
+    return team * INFER_ROWS * (8 * H + V)
 
 
 cdef void _cell_rows(Py_ssize_t rows, Py_ssize_t H, const floating *Wh, const floating *bias,
