@@ -13,6 +13,9 @@ over contiguous memory (NumPy is several times slower over the strided column sl
 (N, 4H) array). The products stay the (N, 4H) ones the step function uses (forward and step give
 the same bits); backward's products run per gate. The internal buffers come from the buffer pool
 (_pool.py) and go back to it with the cache, so training reuses the same memory every step.
+Backward's products come in fixed pieces (pairs of gates) that a second thread may take when
+fastseq.backend allows two (NumPy releases the GIL inside them); every product runs on
+backend.config.small_blas_threads BLAS threads, so the bits never depend on the thread count.
 
 Interface shared by every engine (numpy, cython, cupy):
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
@@ -203,8 +206,9 @@ def _backward(dhs, cache, grads, need_dh0):
         da[3] *= dh
         if t > 0:
             xp.multiply(ds, A[0, t], out=dc)
-        if t > 0 or need_dh0:
-            xp.matmul(da, WhT, out=parts)        # dh_{t-1} = sum over gates of da_k Wh_k^T
+        if t > 0 or need_dh0:  # dh_{t-1} = sum over gates of da_k Wh_k^T
+            _in_pieces([lambda k=k: xp.matmul(da[k:k + 2], WhT[k:k + 2], out=parts[k:k + 2])
+                        for k in (0, 2)], xp)
             parts.sum(axis=0, out=dh_next)
     dxs = _weight_grads(X, Wx, Hb, dA, h0_zero, row_bias, grads)
     return dxs, (dh_next if need_dh0 else None)
@@ -212,28 +216,63 @@ def _backward(dhs, cache, grads, need_dh0):
 
 def _weight_grads(X, Wx, Hb, dA, h0_zero, row_bias, grads):
     """dWx, dWh, db from all steps' dA (4, T, N, H), each as one product per gate; returns dxs
-    (None for ids)."""
+    (None for ids). Three independent pieces: dWh's first two gates, its last two, the rest."""
     xp = get_array_module(dA)
     dWx, dWh, db = grads
     _, T, N, H = dA.shape
     dA3 = dA.reshape(4, T * N, H)
     one_hot = X.ndim == 2 and X.dtype.kind in "iu"
-    if one_hot:  # dWx = onehot^T dA, as products with the (V, T N) indicator matrix
-        onehot_T = (xp.arange(Wx.shape[0])[:, None] == X.T.reshape(1, T * N)).astype(dA.dtype)
-        _set_gates(dWx, xp.matmul(onehot_T, dA3))
-    else:
-        _set_gates(dWx, xp.matmul(X.T, dA3))
     s = 1 if h0_zero else 0  # dWh = sum_t h_{t-1}^T dA_t (h_0's share is 0 when h_0 is)
-    if T > s:
-        _set_gates(dWh, xp.matmul(Hb[s:T].reshape((T - s) * N, H).T,
-                                  dA[:, s:].reshape(4, (T - s) * N, H)))
-    else:
-        dWh[...] = 0
-    _set_gates(db, dA.sum(axis=1) if row_bias else dA3.sum(axis=1))
+    M = max(T - s, 0) * N
+    dWh_gates = (xp.empty if M else xp.zeros)((4, H, H), dA.dtype)
+
+    def dwh(k):  # gates k, k + 1
+        return lambda: xp.matmul(Hb[s:T].reshape(M, H).T, dA[k:k + 2, s:].reshape(2, M, H),
+                                 out=dWh_gates[k:k + 2])
+
+    def rest():
+        if one_hot:  # dWx = onehot^T dA, as products with the (V, T N) indicator matrix
+            onehot_T = (xp.arange(Wx.shape[0])[:, None] == X.T.reshape(1, T * N)).astype(dA.dtype)
+            _set_gates(dWx, xp.matmul(onehot_T, dA3))
+        else:
+            _set_gates(dWx, xp.matmul(X.T, dA3))
+        _set_gates(db, dA.sum(axis=1) if row_bias else dA3.sum(axis=1))
+
+    _in_pieces([dwh(0), dwh(2), rest] if T > s else [rest], xp)
+    _set_gates(dWh, dWh_gates)
     if one_hot:
         return None
     dX = xp.matmul(dA3, _gates(Wx, H).transpose(0, 2, 1)).sum(axis=0)  # sum over gates
     return dX.reshape(T, N, Wx.shape[0]).transpose(1, 0, 2)
+
+
+_helper = None  # one thread (started on first use) that takes the pieces the caller has not begun
+
+
+def _in_pieces(pieces, xp):
+    """Run every piece (a function writing its own outputs). The caller runs the first, then each
+    one the helper thread has not begun (rather than wait for a helper the OS has descheduled);
+    the pieces and their results are the same with one thread, two, or under load."""
+    global _helper
+    if len(pieces) < 2 or xp is not np or backend.config.threads < 2:
+        for run in pieces:
+            run()
+        return
+    if _helper is None:
+        _helper = ThreadPoolExecutor(1, thread_name_prefix="fastseq-numpy")
+    threads = backend.config.small_blas_threads  # a BLAS thread count holds per calling thread
+
+    def helped(run):
+        with blas_threads(threads):
+            run()
+
+    futures = [_helper.submit(helped, run) for run in pieces[1:]]
+    pieces[0]()
+    for f, run in zip(futures, pieces[1:]):
+        if f.cancel():
+            run()
+        else:
+            f.result()
 
 
 def step(x, Wx, Wh, b, h, c):
