@@ -822,10 +822,10 @@ def test_pool_is_bounded(cy, monkeypatch):
 @pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
 def forced_split(cy, request, monkeypatch):
     """Chunks of 2 rows or more (so small batches run chunked too), on 1, 2 or 3 threads."""
-    cy._lstm_cpu.set_min_chunk_rows(2)
+    default = cy._lstm_cpu.set_min_chunk_rows(2)
     monkeypatch.setattr(cy, "_threads", lambda: request.param)
     yield request.param
-    cy._lstm_cpu.set_min_chunk_rows(32)
+    cy._lstm_cpu.set_min_chunk_rows(default)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -845,7 +845,7 @@ def test_split_path_noncontiguous_dhs(cyeng, dtype, forced_split):
 def test_chunks_depend_on_the_batch_only(cy):
     chunks = cy._lstm_cpu.chunks
     assert chunks(63) == 1 and chunks(20) == 1
-    assert chunks(64) == 2 and chunks(128) == 4
+    assert chunks(64) == 2 and chunks(128) == 2 and chunks(191) == 2 and chunks(256) == 4
     assert chunks(5000) == 8  # bounded: each chunk keeps its own dWx, dWh shares
 
 

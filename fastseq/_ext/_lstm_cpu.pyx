@@ -18,7 +18,7 @@ may be one-hot rows given as ids (N, T), so that x_t Wx is a gather of Wx's rows
 scatter-add of dA's rows (no dX).
 
 Chunks: rows are independent in the recurrence, so a batch of N >= 2 * min_chunk_rows rows is cut
-into chunks(N) chunks, a number fixed by N alone, and each chunk runs the whole time loop with
+into chunks(N) chunks (2, or about N / (2 * min_chunk_rows), at most 8), a number fixed by N alone, and each chunk runs the whole time loop with
 single-threaded BLAS (x_t Wx, h_{t-1} Wh, the gate math; backward also its dX rows and its own
 shares of dWx, dWh, db). Threads take chunks one at a time from a shared counter (OpenMP dynamic
 schedule): a thread the OS deschedules just takes fewer chunks, and nobody waits at a barrier per
@@ -176,15 +176,22 @@ cdef enum:
 
 def set_min_chunk_rows(Py_ssize_t rows):
     """Rows per chunk at least (default 32: fewer make the per-step products inefficient); the
-    tests lower it to run small batches in chunks."""
+    tests lower it to run small batches in chunks. Returns the previous value."""
     global _min_chunk_rows
+    old = _min_chunk_rows
     _min_chunk_rows = rows if rows > 0 else 1
+    return old
 
 
 cdef inline Py_ssize_t _nchunks(Py_ssize_t N) noexcept nogil:
+    # two chunks as soon as each gets min rows, then chunks of about twice that: fewer, larger
+    # per-step products (and fewer dWx, dWh shares to add) pay more than finer load balancing
+    cdef Py_ssize_t n = N // (2 * _min_chunk_rows)
     if N < 2 * _min_chunk_rows:
         return 1
-    return N // _min_chunk_rows if N // _min_chunk_rows < MAX_CHUNKS else MAX_CHUNKS
+    if n < 2:
+        return 2
+    return n if n < MAX_CHUNKS else MAX_CHUNKS
 
 
 def chunks(Py_ssize_t N):

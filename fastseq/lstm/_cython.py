@@ -8,7 +8,7 @@ the cached gates with their gradients, so a cache serves one backward only. The 
 (gates, cells, tanh(cells), time-major inputs, backward's scratch: never handed to the caller)
 go back to the buffer pool (_pool.py) when their cache is used up or dropped.
 
-Threads: batches of at least 2 * 32 rows run in chunks fixed by the batch size, on up to
+Threads: batches of at least 2 * 32 rows run in chunks (of about 64 rows) fixed by the batch size, on up to
 fastseq.backend's thread count (see the kernel's docstring); the results do not depend on it.
 """
 import os
