@@ -89,14 +89,30 @@ def top_p_filter(logits, p, temperature=1.0):
     return z
 
 
-def _draw(probs_unnorm, rng):
-    """Index drawn with probability proportional to the non-negative weights."""
-    cdf = np.cumsum(probs_unnorm)
-    u = rng.random() * cdf[-1]
+_DRAW_BLOCK = 128
+
+
+def _search(weights, u):
+    """First index whose running sum of weights exceeds u (the last positive weight when u
+    reaches the total through rounding)."""
+    cdf = np.cumsum(weights)
     i = int(np.searchsorted(cdf, u, side="right"))
-    if i >= cdf.size:  # u rounded up to the total
-        i = int(np.flatnonzero(probs_unnorm)[-1])
-    return i
+    return i if i < cdf.size else int(np.flatnonzero(weights)[-1])
+
+
+def _draw(probs_unnorm, rng):
+    """Index drawn with probability proportional to the non-negative weights. Two levels (the
+    block of _DRAW_BLOCK weights, then the index in it) instead of one running sum over all of
+    them: np.cumsum is a serial loop, vectorised sums are not."""
+    w = probs_unnorm
+    if w.size <= 2 * _DRAW_BLOCK:
+        return _search(w, rng.random() * w.sum())
+    sums = np.add.reduceat(w, np.arange(0, w.size, _DRAW_BLOCK))
+    cum = np.cumsum(sums)
+    u = rng.random() * cum[-1]
+    b = _search(sums, u)
+    start = b * _DRAW_BLOCK
+    return start + _search(w[start:start + _DRAW_BLOCK], u - (cum[b - 1] if b else 0.0))
 
 
 def make_sampler(vocab_size, skip_ids=None, temperature=1.0, top_k=None, top_p=None, greedy=False,

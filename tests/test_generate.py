@@ -201,3 +201,28 @@ def test_cli_out_of_vocabulary_start_word(tiny_model_file):
 def test_cli_missing_model_file(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nope.npz")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_blocked_draw_matches_one_running_sum_and_skips_zero_weights():
+    """_draw searches blocks of weights, then one block: the same index as one running sum over
+    all weights for the same random number, and never a zero weight (whole zero blocks too)."""
+    from fastseq.sampling import _draw
+    w = np.exp(np.random.default_rng(0).standard_normal(10_000) * 3)
+    w[:128] = 0.0          # a whole block of zeros
+    w[5000:5100] = 0.0
+    w[-1] = 0.0
+
+    def one_sum(weights, rng):
+        cdf = np.cumsum(weights)
+        return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    got = [_draw(w, r1) for _ in range(3000)]
+    assert got == [one_sum(w, r2) for _ in range(3000)]
+    assert all(w[i] > 0 for i in got)
+    sparse = np.zeros(1000)
+    sparse[[3, 700, 999]] = [1.0, 2.0, 1.0]
+    rng = np.random.default_rng(1)
+    counts = np.bincount([_draw(sparse, rng) for _ in range(20_000)], minlength=1000)
+    assert set(np.flatnonzero(counts)) == {3, 700, 999}
+    assert abs(counts[700] / 20_000 - 0.5) < 0.02
