@@ -163,9 +163,9 @@ def backward(dhs, cache, grads, need_dh0=True):
 
 
 def step(x, Wx, Wh, b, h, c):
-    """One step (see _numpy.step): forward over a sequence of length 1, its cache dropped."""
-    _, h, c, _ = forward(x[:, None, :], Wx, Wh, b, h, c)
-    return h, c
+    """One step (see _numpy.step): final_state over a sequence of length 1 (nothing is kept for
+    a backward pass)."""
+    return final_state(x[:, None, :], Wx, Wh, b, h, c)
 
 
 def final_state(xs, Wx, Wh, b, h0, c0, start=None):
