@@ -202,3 +202,11 @@ def clip_grads(grads, max_norm):
         for g in grads:
             g *= rate
     return total
+
+
+def true_lengths(ids, pad_id):
+    """(N,) lengths of the rows of ids (N, T) without their trailing pads (at least 1)."""
+    xp = get_array_module(ids)
+    real = xp.asarray(ids) != pad_id
+    last = real.shape[1] - xp.argmax(real[:, ::-1], axis=1)  # one past the last real id
+    return xp.where(real.any(axis=1), last, 1).astype(np.int64)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._safefile import FastseqFileError, open_regular
+from ..functions import true_lengths
 
 
 class DataFormatError(FastseqFileError):
@@ -133,14 +134,6 @@ def pad_id(vocab, pad_char=" "):
     """The id that pads questions and answers at their end in this data (the textbook's sets pad
     with spaces), or None when the vocabulary has no such character."""
     return vocab.char_to_id.get(pad_char)
-
-
-def true_lengths(ids, pad):
-    """(N,) lengths of the rows of ids (N, T) without their trailing pads (at least 1)."""
-    ids = np.asarray(ids)
-    real = ids != pad
-    last = ids.shape[1] - np.argmax(real[:, ::-1], axis=1)
-    return np.where(real.any(axis=1), last, 1)
 
 
 def reverse_padded(ids, pad):

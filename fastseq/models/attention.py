@@ -16,18 +16,10 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
+from ..functions import true_lengths
 from ..layers import TimeAffine, TimeAttention, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
 from .base import Model, check_size, lstm_params, make_rng, randn, register, zeros
 from .seq2seq import Encoder, _as_start_ids, embed_lstm_backward, embed_lstm_forward
-
-
-def true_lengths(ids, pad_id):
-    """(N,) lengths of the rows of ids (N, T) without their trailing pads (at least 1)."""
-    xp = get_array_module(ids)
-    real = ids != pad_id
-    T = ids.shape[1]
-    last = T - xp.argmax(real[:, ::-1], axis=1)  # one past the last real id
-    return xp.where(real.any(axis=1), last, 1).astype(np.int64)
 
 
 class AttentionEncoder(Encoder):
