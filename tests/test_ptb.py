@@ -1,11 +1,9 @@
 """PTB loading (textbook facts) and the downloader, exercised against a real local HTTP server."""
-import contextlib
 import functools
 import hashlib
 import shutil
-import threading
 import urllib.request
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,8 @@ import pytest
 
 from fastseq import backend
 from fastseq.datasets import ptb
+
+from conftest import local_http_server
 
 PTB_DIR = Path(__file__).resolve().parents[2] / "shared/data/ptb"
 NAMES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
@@ -40,17 +40,8 @@ class _ShortReadHandler(_QuietHandler):
         self.close_connection = True
 
 
-@contextlib.contextmanager
 def serve(directory, handler=_QuietHandler):
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    return local_http_server(functools.partial(handler, directory=str(directory)))
 
 
 def sha256(path):

@@ -1,16 +1,16 @@
 """The PTB downloader against hostile local servers (127.0.0.1): endless streams without a
 Content-Length, a byte every half second, oversized announcements. Small synthetic files stand in
 for the corpus (its size and SHA-256 patched in), so these run anywhere, in seconds."""
-import contextlib
 import hashlib
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
 
 from fastseq.datasets import ptb
+
+from conftest import local_http_server
 
 TRAIN = ("the cat sat on the mat \n a dog ran \n" * 40).encode()
 
@@ -61,17 +61,8 @@ def _handler(mode):
     return Handler
 
 
-@contextlib.contextmanager
 def serve(mode):
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(mode))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    return local_http_server(_handler(mode))
 
 
 def _download(tmp_path, url):
