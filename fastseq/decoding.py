@@ -13,6 +13,7 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
+from .functions import matmul
 from .models.seq2seq import _as_start_ids, embed_lstm_forward
 
 _AUTO = object()
@@ -37,7 +38,7 @@ class _Stepper:
                            xp.zeros((h.shape[0] * k, h.shape[1]), dtype=h.dtype))
         self.peeky = hasattr(dec, "_proj")
         if self.peeky:  # h's share of the LSTM input, once per call (fixed weights)
-            dec._proj = (self.h, self.h @ dec.lstm.params[0][:dec.H])
+            dec._proj = (self.h, matmul(self.h, dec.lstm.params[0][:dec.H]))
 
     def step(self, ids):
         """Scores (B, V) after feeding ids (B,)."""

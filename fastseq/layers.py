@@ -174,7 +174,7 @@ class TimeLSTM:
         self._context = context
         self.dcontext = None
         if embed is not None:
-            Wx = E @ Wx  # (V, 4H): row v is E[v] Wx (Wx: the rows for x, after a context's)
+            Wx = matmul(E, Wx)  # (V, 4H): row v is E[v] Wx (Wx: the rows for x, after a context's)
         xp = get_array_module(xs)
         if not self.stateful or self.h is None:
             self.h = xp.zeros((N, H), dtype=Wx.dtype)
@@ -208,8 +208,8 @@ class TimeLSTM:
             self.dcontext = matmul(dB, Wx[:K].T)
         if embed is not None:  # P = E Wx[K:]: dWx[K:] = E^T dP, dE = dP Wx[K:]^T
             E = embed.params[0]
-            dWx[K:] = E.T @ dP
-            embed.grads[0][...] = dP @ Wx[K:].T
+            matmul(E.T, dP, out=dWx[K:])
+            matmul(dP, Wx[K:].T, out=embed.grads[0])
         self._cache = None
         return dxs
 
@@ -222,7 +222,7 @@ class TimeLSTM:
         if context is not None:
             K = context.shape[1]
             if context_proj is None:
-                context_proj = context.astype(Wx.dtype, copy=False) @ Wx[:K]
+                context_proj = matmul(context.astype(Wx.dtype, copy=False), Wx[:K])
             b = context_proj + b
             Wx = Wx[K:]
         if x.ndim != 2 or x.shape[1] != Wx.shape[0]:
@@ -253,7 +253,7 @@ class TimeLSTM:
         (N, T), V, H = ids.shape, E.shape[0], Wh.shape[0]
         fused = self.fuse_embedding(embed, ids)
         if fused:  # ids into the table E Wx (see forward's embed=)
-            Wx = E @ Wx
+            Wx = matmul(E, Wx)
 
         def run(x_ids, h, c, start):  # the rows of x_ids start from h[start], c[start]
             xs = xp.ascontiguousarray(x_ids, dtype="int64") if fused else E[x_ids]
@@ -284,7 +284,7 @@ class TimeLSTM:
         if context is not None:  # its share of every step's input, once (see forward)
             b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K]) + b
         xp = get_array_module(Wx)
-        return get_kernel(Wx).greedy(ids, E @ Wx[K:], Wh, b, h, xp.zeros_like(h), Wout, bout,
+        return get_kernel(Wx).greedy(ids, matmul(E, Wx[K:]), Wh, b, h, xp.zeros_like(h), Wout, bout,
                                      steps)
 
     def set_state(self, h, c=None):
