@@ -18,7 +18,7 @@ from .. import backend
 from ..backend import get_array_module
 from ..functions import true_lengths
 from ..layers import TimeAffine, TimeAttention, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
-from .base import Model, check_size, lstm_params, make_rng, randn, register, zeros
+from .base import Model, check_size, embed_lstm_params, make_rng, randn, register, zeros
 from .seq2seq import Encoder, _as_start_ids, embed_lstm_backward, embed_lstm_forward
 
 
@@ -27,6 +27,10 @@ class AttentionEncoder(Encoder):
     ``lengths``, padded steps repeat the state at each row's true end."""
 
     _fill = None
+
+    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32,
+                 init="unit"):
+        super().__init__(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype, init=init)
 
     def forward(self, xs, lengths=None):
         hs = embed_lstm_forward(self.embed, self.lstm, xs)
@@ -56,11 +60,13 @@ class AttentionEncoder(Encoder):
 class AttentionDecoder(Model):
     """Teacher-forced scores (N, T, V) from ids (N, T), attending over the encoder states."""
 
-    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32):
+    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32,
+                 init="unit"):
         rng = rng if rng is not None else make_rng(None)
         V, D, H = vocab_size, wordvec_size, hidden_size
-        self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
-        self.lstm = TimeLSTM(*lstm_params(rng, D, H, dtype), stateful=True)
+        E, *lstm = embed_lstm_params(rng, V, D, H, init, dtype)
+        self.embed = TimeEmbedding(E)
+        self.lstm = TimeLSTM(*lstm, stateful=True)
         self.attention = TimeAttention()
         self.affine = TimeAffine(randn(rng, 2 * H, V, scale=1 / np.sqrt(2 * H), dtype=dtype),
                                  zeros(V, dtype=dtype))
@@ -111,12 +117,14 @@ class AttentionDecoder(Model):
 class AttentionSeq2seq(Model):
     """AttentionEncoder + AttentionDecoder. forward(xs, ts) -> loss: decoder input ts[:, :-1],
     targets ts[:, 1:]. ``pad_id``: the id that pads questions and answers at their end (None: no
-    padding, every position is data)."""
+    padding, every position is data). ``init``: 'unit' (N(0, 1) word vectors, forget-gate bias 1:
+    with the textbook's 0.01 word vectors this model stalls on addition) or 'textbook'
+    (models.base.embed_lstm_params)."""
 
     GENERATE_CHUNK = 256  # rows per length-sorted batch in generate
 
     def __init__(self, vocab_size, wordvec_size=16, hidden_size=256, *, seed=None,
-                 dtype=np.float32, ignore_label=-1, pad_id=None):
+                 dtype=np.float32, ignore_label=-1, pad_id=None, init="unit"):
         rng = make_rng(seed)
         vocab_size = self.vocab_size = check_size("vocab_size", vocab_size)
         wordvec_size = self.wordvec_size = check_size("wordvec_size", wordvec_size)
@@ -124,8 +132,10 @@ class AttentionSeq2seq(Model):
         if pad_id is not None and not 0 <= int(pad_id) < vocab_size:
             raise ValueError(f"pad_id {pad_id} is outside the vocabulary [0, {vocab_size})")
         self.pad_id = None if pad_id is None else int(pad_id)
-        self.encoder = AttentionEncoder(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype)
-        self.decoder = AttentionDecoder(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype)
+        self.encoder = AttentionEncoder(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype,
+                                        init=init)
+        self.decoder = AttentionDecoder(vocab_size, wordvec_size, hidden_size, rng=rng, dtype=dtype,
+                                        init=init)
         self.softmax = TimeSoftmaxWithLoss(ignore_label=ignore_label)
         self.layers = [("encoder." + n, l) for n, l in self.encoder.layers] + \
                       [("decoder." + n, l) for n, l in self.decoder.layers]

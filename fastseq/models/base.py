@@ -47,6 +47,23 @@ def lstm_params(rng, D, H, dtype=np.float32):
             zeros(4 * H, dtype=dtype)]
 
 
+INITS = ("textbook", "unit")
+
+
+def embed_lstm_params(rng, V, D, H, init="textbook", dtype=np.float32):
+    """[E (V, D), Wx, Wh, b]: word vectors, then an LSTM on them (lstm_params), drawn in that order.
+    'textbook': E ~ 0.01 N(0, 1). 'unit' (AttentionSeq2seq's): E ~ N(0, 1) and forget-gate bias 1,
+    so the gates see their input at unit scale from the first step instead of at 1% of it (on
+    addition AttentionSeq2seq then learns instead of stalling: BENCHMARKS.md, "Addition")."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    E = randn(rng, V, D, scale=0.01 if init == "textbook" else 1.0, dtype=dtype)
+    Wx, Wh, b = lstm_params(rng, D, H, dtype)
+    if init == "unit":
+        b[:H] = 1  # the forget gate's columns (gate order f, g, i, o)
+    return [E, Wx, Wh, b]
+
+
 class Model:
     """Subclasses set self.layers = [(name, layer), ...]; params/grads follow that order."""
 

@@ -4,7 +4,8 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 from ..layers import TimeAffine, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
-from .base import Model, check_dtype, check_size, lstm_params, make_rng, randn, register, zeros
+from .base import (Model, check_dtype, check_size, embed_lstm_params, lstm_params, make_rng, randn,
+                   register, zeros)
 
 
 def embed_lstm_forward(embed, lstm, ids, context=None, context_proj=None):
@@ -23,13 +24,14 @@ def embed_lstm_backward(embed, lstm, dhs):
 
 
 class Encoder(Model):
-    """ids (N, T) -> last hidden state h (N, H)."""
+    """ids (N, T) -> last hidden state h (N, H). ``init``: see models.base.embed_lstm_params."""
 
-    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32):
+    def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32,
+                 init="textbook"):
         rng = rng if rng is not None else make_rng(None)
-        V, D, H = vocab_size, wordvec_size, hidden_size
-        self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
-        self.lstm = TimeLSTM(*lstm_params(rng, D, H, dtype), stateful=False)
+        E, *lstm = embed_lstm_params(rng, vocab_size, wordvec_size, hidden_size, init, dtype)
+        self.embed = TimeEmbedding(E)
+        self.lstm = TimeLSTM(*lstm, stateful=False)
         self.lstm.need_dh = False  # starts from a zero state: nobody uses the gradient of h0
         self.layers = [("embed", self.embed), ("lstm", self.lstm)]
         self.hs = None
