@@ -117,12 +117,12 @@ def softmax_cross_entropy(scores, labels, ignore_label=-1):
     picked = flat[at_label] - shift  # log-softmax numerator
     e = xp.exp(scores - shift)
     ones = xp.ones(V, dtype=scores.dtype)
-    z = e @ ones  # row sums as one matrix-vector product
+    z = matmul(e, ones)  # row sums as one matrix-vector product
     if float(z.min()) < 1e-30:
         row_max = scores.max(axis=1, keepdims=True)
         picked = flat[at_label] - row_max[:, 0]
         xp.exp(scores - row_max, out=e)
-        z = e @ ones
+        z = matmul(e, ones)
     scores[...] = e
     denom = scores.dtype.type(max(n_valid, 1))
     logp = picked - xp.log(z)
