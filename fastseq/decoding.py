@@ -42,10 +42,9 @@ class _Stepper:
 
     def step(self, ids):
         """Scores (B, V) after feeding ids (B,)."""
-        ids = ids.reshape(-1, 1)
         if self.attention:
-            return self.dec._step(ids, self.enc_hs, self.mask)[:, 0]
-        return self.dec._step(ids, self.h)[:, 0]
+            return self.dec.infer_step(ids.reshape(-1), self.enc_hs, self.mask)
+        return self.dec._step(ids.reshape(-1, 1), self.h)[:, 0]
 
     def select(self, rows):
         lstm = self.dec.lstm

@@ -50,8 +50,15 @@ def _matmul_chunked(a, b, out):
         return None
     from .lstm import _cython  # points the kernel at NumPy's BLAS
     kernel = _cython._lstm_cpu
-    if (a.dtype not in _FLOATS or b.dtype != a.dtype or b.ndim != 2
-            or a.ndim not in (1, 2) or a.shape[-1] != b.shape[0]):
+    if a.dtype not in _FLOATS or b.dtype != a.dtype:
+        return None
+    if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0] and a.shape[2] == b.shape[1]:
+        res = out if out is not None else np.empty(a.shape[:2] + b.shape[2:], a.dtype)
+        if (res.shape != a.shape[:2] + b.shape[2:] or res.dtype != a.dtype
+                or not res.flags.c_contiguous):
+            return None
+        return res if kernel.bmatmul(a, b, res, backend.config.blas_threads) else None
+    if b.ndim != 2 or a.ndim not in (1, 2) or a.shape[-1] != b.shape[0]:
         return None
     shape = a.shape[:-1] + b.shape[1:]
     res = out if out is not None else np.empty(shape, a.dtype)

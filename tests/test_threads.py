@@ -114,6 +114,37 @@ def test_chunked_matmul_matches_numpy_for_any_thread_count(M, K, N, cython_engin
                              np.empty((4, 2), np.float32))  # strides BLAS cannot take
 
 
+@pytest.mark.parametrize("B,M,K,N", [(5, 1, 7, 3), (256, 1, 256, 16), (128, 10, 256, 29),
+                                     (3, 4, 0, 6), (0, 2, 3, 4)])
+def test_stacked_matmul_matches_numpy_for_any_thread_count(B, M, K, N, cython_engine):
+    """fastseq.functions.matmul of (B, M, K) @ (B, K, N) stacks on the cython engine (attention's
+    products): C-ordered and transposed matrices, the same bits on 1, 2 and 3 threads."""
+    np = pytest.importorskip("numpy")
+    from fastseq import backend
+    from fastseq.functions import matmul
+    kernel = backend.compiled("_lstm_cpu")
+    rng = np.random.default_rng(B + M + K + N)
+    for dtype, tol in ((np.float32, 1e-4), (np.float64, 1e-12)):
+        for a_t in (False, True):
+            for b_t in (False, True):
+                a = rng.standard_normal((B, K, M) if a_t else (B, M, K)).astype(dtype)
+                b = rng.standard_normal((B, N, K) if b_t else (B, K, N)).astype(dtype)
+                a = a.transpose(0, 2, 1) if a_t else a
+                b = b.transpose(0, 2, 1) if b_t else b
+                outs = []
+                for n in (1, 2, 3):
+                    out = np.full((B, M, N), np.nan, dtype)
+                    assert kernel.bmatmul(a, b, out, n)
+                    outs.append(out)
+                ref = np.matmul(a.astype(np.float64), b.astype(np.float64))
+                np.testing.assert_allclose(outs[0], ref, rtol=tol, atol=tol * max(K, 1))
+                np.testing.assert_array_equal(matmul(a, b), outs[0])
+                for other in outs[1:]:
+                    np.testing.assert_array_equal(other, outs[0])
+    assert not kernel.bmatmul(np.ones((2, 4, 6), np.float32)[:, :, ::2],
+                              np.ones((2, 3, 2), np.float32), np.empty((2, 4, 2), np.float32))
+
+
 @pytest.mark.parametrize("env,expect", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
                                         ({"GOMP_SPINCOUNT": "1000"}, "None")])
 def test_idle_openmp_threads_sleep_unless_the_user_chose(env, expect):

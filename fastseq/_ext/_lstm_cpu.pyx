@@ -63,6 +63,16 @@ cdef extern from "fs_lstm.h":
     double fs_exp_rowd(double *s, Py_ssize_t n) noexcept nogil
     int FS_HAVE_OPENMP
 
+cdef extern from "fs_bmm.h":
+    void fs_mm_rowsf(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t a_rs,
+                     Py_ssize_t a_cs, const float *B, Py_ssize_t b_rs, float *out) noexcept nogil
+    void fs_mm_rowsd(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const double *A, Py_ssize_t a_rs,
+                     Py_ssize_t a_cs, const double *B, Py_ssize_t b_rs, double *out) noexcept nogil
+    void fs_mm_dotsf(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t a_rs,
+                     const float *B, Py_ssize_t b_cs, float *out) noexcept nogil
+    void fs_mm_dotsd(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const double *A, Py_ssize_t a_rs,
+                     const double *B, Py_ssize_t b_cs, double *out) noexcept nogil
+
 
 # --- BLAS ----------------------------------------------------------------------------------------
 # Fortran sgemm_/dgemm_ entry points with 32-bit (LP64) or 64-bit (ILP64) integers.
@@ -789,6 +799,75 @@ def matmul(const floating[:, :] a, const floating[:, :] b, floating[:, ::1] out,
         for q in prange(nq, num_threads=team, schedule='dynamic', chunksize=1):
             _matmul_chunk(q, nq, by_rows, M, N, K, &a[0, 0], a_t, lda, &b[0, 0], b_t, ldb,
                           &out[0, 0])
+        _blas_leave(old)
+    return True
+
+
+cdef enum:
+    BMATMUL_CHUNK_WORK = 1 << 19  # stacked products are small and memory-bound: split them sooner
+    SMALL_MM_WORK = 1 << 15       # multiply-adds per matrix below which plain loops beat a BLAS call
+
+
+cdef void _bmatmul_chunk(Py_ssize_t q, Py_ssize_t nq, Py_ssize_t B, int M, int N, int K,
+                         const floating *a, Py_ssize_t sa, bint a_t, int lda,
+                         const floating *b, Py_ssize_t sb, bint b_t, int ldb,
+                         floating *out) noexcept nogil:
+    """Matrices [q*B/nq, (q+1)*B/nq) of the stack out[i] = a[i] @ b[i] (a[i] starts sa elements
+    after a[i-1], b[i] sb after b[i-1]), each as the column-major out^T = b^T a^T."""
+    cdef Py_ssize_t i, a_rs = 1 if a_t else lda, a_cs = lda if a_t else 1
+    cdef int form = 0  # 0: BLAS, 1: rows, 2: dots (fs_bmm.h)
+    if <Py_ssize_t>M * N * K < SMALL_MM_WORK:
+        form = 1 if not b_t else (2 if not a_t else 0)
+    if form == 0:
+        _blas_worker()
+    for i in range(q * B // nq, (q + 1) * B // nq):
+        if form == 1:
+            if floating is float:
+                fs_mm_rowsf(M, N, K, a + i * sa, a_rs, a_cs, b + i * sb, ldb, out + i * M * N)
+            else:
+                fs_mm_rowsd(M, N, K, a + i * sa, a_rs, a_cs, b + i * sb, ldb, out + i * M * N)
+        elif form == 2:
+            if floating is float:
+                fs_mm_dotsf(M, N, K, a + i * sa, lda, b + i * sb, ldb, out + i * M * N)
+            else:
+                fs_mm_dotsd(M, N, K, a + i * sa, lda, b + i * sb, ldb, out + i * M * N)
+        else:
+            _gemm(c'T' if b_t else c'N', c'T' if a_t else c'N', N, M, K, <floating>1, b + i * sb,
+                  ldb, a + i * sa, lda, <floating>0, out + i * M * N, N)
+
+
+def bmatmul(const floating[:, :, :] a, const floating[:, :, :] b, floating[:, :, ::1] out,
+            int nthreads=1):
+    """out[i] = a[i] @ b[i] for a stack of B matrices, in chunks of whole matrices fixed by the
+    shapes on up to nthreads threads (so the same bits for any thread count). Each a[i], b[i] may
+    be C-ordered or a transposed view. NumPy: np.matmul(a, b, out=out). Returns False (nothing
+    written) when an operand's strides do not suit BLAS."""
+    cdef Py_ssize_t B = a.shape[0], M = a.shape[1], K = a.shape[2], N = b.shape[2], q, nq
+    cdef Py_ssize_t isz = sizeof(floating)
+    cdef bint a_t, b_t
+    cdef Py_ssize_t lda, ldb
+    if b.shape[0] != B or b.shape[1] != K or out.shape[0] != B or out.shape[1] != M \
+            or out.shape[2] != N:
+        raise ValueError(f"bmatmul: shapes {(B, M, K)} @ {tuple(b.shape)[:3]} -> "
+                         f"{tuple(out.shape)[:3]}")
+    if B == 0 or M == 0 or N == 0:
+        return True
+    if K == 0:
+        memset(&out[0, 0, 0], 0, B * M * N * isz)
+        return True
+    if a.strides[0] % isz or b.strides[0] % isz:
+        return False
+    if not _operand(a[0], &a_t, &lda) or not _operand(b[0], &b_t, &ldb):
+        return False
+    nq = min(B * M * N * K // BMATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, B)
+    nq -= nq % 2 if nq > 2 else 0
+    cdef int team = _team(nthreads, nq), old
+    with nogil:
+        old = _blas_enter()
+        for q in prange(nq, num_threads=team, schedule='dynamic', chunksize=1):
+            _bmatmul_chunk(q, nq, B, <int>M, <int>N, <int>K, &a[0, 0, 0], a.strides[0] // isz,
+                           a_t, <int>lda, &b[0, 0, 0], b.strides[0] // isz, b_t, <int>ldb,
+                           &out[0, 0, 0])
         _blas_leave(old)
     return True
 
