@@ -231,6 +231,26 @@ def test_cython_engine_matches_numpy(dtype):
     np.testing.assert_array_equal(results["numpy"][2], results["cython"][2])
 
 
+@pytest.mark.parametrize("kernel", ["numpy", "cython"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_infer_step_gives_the_teacher_forced_scores(kernel, k):
+    """Decoding's one-step path (the engine's step, nothing kept for backward) against the
+    training path's forward over the same inputs, with k beams per question."""
+    use_kernel(kernel)
+    rng = np.random.default_rng(11)
+    model = small_model(PAD, dtype=np.float64)
+    xs, _ = padded_batch(rng)
+    enc_hs, mask = model.encode(xs)
+    ys = rng.integers(1, 7, (len(xs) * k, 4))
+    dec = model.decoder
+    h0 = enc_hs[:, -1].repeat(k, axis=0)
+    dec.lstm.set_state(h0, np.zeros_like(h0))
+    stepped = np.stack([dec.infer_step(ys[:, t], enc_hs, mask) for t in range(4)], axis=1)
+    dec.lstm.set_state(h0, np.zeros_like(h0))
+    forced = dec._step(ys, enc_hs, mask)
+    np.testing.assert_allclose(stepped, forced, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.gpu
 def test_cupy_engine_matches_numpy():
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU test)")
