@@ -263,10 +263,12 @@ def test_gradients_by_central_differences(engine, zero_state, row_bias):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("row_bias", [False, True])
 @pytest.mark.parametrize("zero_state", [False, True])
-def test_steps_match_forward(engine, dtype, row_bias, zero_state):
-    """T calls of step() give forward's hs, h_T and c_T (the same recurrence, one step at a time)."""
+@pytest.mark.parametrize("N", [1, 5])
+def test_steps_match_forward(engine, dtype, row_bias, zero_state, N):
+    """T calls of step() give forward's hs, h_T and c_T (the same recurrence, one step at a time;
+    one row: generation's matrix-vector products)."""
     rng = np.random.default_rng(31)
-    N, T, D, H = 5, 4, 3, 6
+    T, D, H = 4, 3, 6
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, dtype, zero_state)
     if row_bias:
         b = (rng.standard_normal((N, 4 * H)) * 0.5).astype(dtype)
@@ -702,9 +704,29 @@ def cyeng(cy):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_blas_sources_match(cyeng, dtype, blas):
     rng = np.random.default_rng(2)
-    for shape in [(1, 1, 1, 1), (5, 3, 4, 6), (128, 7, 16, 128), (40, 2, 300, 9)]:
+    for shape in [(1, 1, 1, 1), (1, 4, 5, 6), (5, 3, 4, 6), (128, 7, 16, 128), (40, 2, 300, 9)]:
         for zero_state in (False, True):
             compare(cyeng, make_case(rng, *shape, dtype, zero_state), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_row_products_without_gemv(cy, cyeng, dtype):
+    """A BLAS known by its gemm alone: one-row products (gemv elsewhere) go through gemm."""
+    found = _blas.numpy_blas()
+    if found is None or not found.sgemv:
+        pytest.skip("NumPy's OpenBLAS (with gemv) not in use")
+    cy._lstm_cpu.set_blas(found.sgemm, found.dgemm, found.ilp64)
+    try:
+        rng = np.random.default_rng(4)
+        for zero_state in (False, True):
+            case = make_case(rng, 1, 4, 5, 6, dtype, zero_state)
+            compare(cyeng, case, dtype)
+            h, c = cy.step(case[0][:, 0], *case[1:6])
+            ref = _numpy.step(case[0][:, 0], *case[1:6])
+            assert_close(h, ref[0], cyeng.tol(dtype), "h")
+            assert_close(c, ref[1], cyeng.tol(dtype), "c")
+    finally:
+        cy.use_blas("auto")
 
 
 def test_use_blas_rejects_unknown(cy):

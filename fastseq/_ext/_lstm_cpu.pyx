@@ -26,9 +26,9 @@ step. The shares are added in chunk order, so results are bit-identical whatever
 or the machine's load. Smaller batches run as one chunk, with the once-per-sequence products
 (x Wx, dWx, dWh, dX) as single calls over all steps.
 
-Products go through the Fortran sgemm_/dgemm_ that set_blas() points at (fastseq.lstm._blas
-finds NumPy's own OpenBLAS, so that a process runs one BLAS thread pool, not two), else through
-scipy.linalg.cython_blas. BLAS is column-major: a row-major C = A B is computed as the
+Products go through the Fortran sgemm_/dgemm_ (one-row ones through sgemv_/dgemv_) that
+set_blas() points at (fastseq.lstm._blas finds NumPy's own OpenBLAS, so that a process runs one
+BLAS thread pool, not two), else through scipy.linalg.cython_blas. BLAS is column-major: a row-major C = A B is computed as the
 column-major C^T = B^T A^T, so every call below passes its operands swapped. The gate math is in
 fs_lstm.h.
 """
@@ -36,7 +36,7 @@ from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
 from libc.stdint cimport int64_t
-from scipy.linalg.cython_blas cimport sgemm, dgemm
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 
 ctypedef fused floating:
@@ -84,25 +84,41 @@ ctypedef void (*sgemm64_t)(char *, char *, int64_t *, int64_t *, int64_t *, floa
                            int64_t *, float *, int64_t *, float *, float *, int64_t *) noexcept nogil
 ctypedef void (*dgemm64_t)(char *, char *, int64_t *, int64_t *, int64_t *, double *, double *,
                            int64_t *, double *, int64_t *, double *, double *, int64_t *) noexcept nogil
+# sgemv_/dgemv_ likewise
+ctypedef void (*sgemv32_t)(char *, int *, int *, float *, float *, int *, float *, int *, float *,
+                           float *, int *) noexcept nogil
+ctypedef void (*dgemv32_t)(char *, int *, int *, double *, double *, int *, double *, int *,
+                           double *, double *, int *) noexcept nogil
+ctypedef void (*sgemv64_t)(char *, int64_t *, int64_t *, float *, float *, int64_t *, float *,
+                           int64_t *, float *, float *, int64_t *) noexcept nogil
+ctypedef void (*dgemv64_t)(char *, int64_t *, int64_t *, double *, double *, int64_t *, double *,
+                           int64_t *, double *, double *, int64_t *) noexcept nogil
 ctypedef int (*set_local_t)(int) noexcept nogil
 ctypedef void (*set_global_t)(int) noexcept nogil
 ctypedef int (*get_global_t)() noexcept nogil
 
 cdef void *_ext_sgemm = NULL
 cdef void *_ext_dgemm = NULL
+cdef void *_ext_sgemv = NULL
+cdef void *_ext_dgemv = NULL
 cdef bint _ext_ilp64 = False
 cdef void *_set_local = NULL
 cdef void *_set_global = NULL
 cdef void *_get_global = NULL
 
 
-def set_blas(size_t sgemm_addr=0, size_t dgemm_addr=0, bint ilp64=False):
-    """Route the products to Fortran sgemm_/dgemm_ at these addresses (0, 0: SciPy's BLAS).
-    The caller vouches for the signature: reference BLAS, LP64 or (ilp64=True) ILP64."""
-    global _ext_sgemm, _ext_dgemm, _ext_ilp64
-    if (sgemm_addr == 0) != (dgemm_addr == 0):
-        raise ValueError("give both sgemm and dgemm, or neither")
+def set_blas(size_t sgemm_addr=0, size_t dgemm_addr=0, bint ilp64=False, size_t sgemv_addr=0,
+             size_t dgemv_addr=0):
+    """Route the products to Fortran sgemm_/dgemm_ (and the one-row ones to sgemv_/dgemv_) at
+    these addresses (all 0: SciPy's BLAS; gemv 0 with gemm given: one-row products go to gemm).
+    The caller vouches for the signatures: reference BLAS, LP64 or (ilp64=True) ILP64."""
+    global _ext_sgemm, _ext_dgemm, _ext_sgemv, _ext_dgemv, _ext_ilp64
+    if (sgemm_addr == 0) != (dgemm_addr == 0) or (sgemv_addr == 0) != (dgemv_addr == 0):
+        raise ValueError("give both sgemm and dgemm (and both sgemv and dgemv), or neither")
+    if sgemm_addr == 0 and sgemv_addr != 0:
+        raise ValueError("gemv addresses need the gemm ones of the same BLAS")
     _ext_sgemm, _ext_dgemm, _ext_ilp64 = <void *>sgemm_addr, <void *>dgemm_addr, ilp64
+    _ext_sgemv, _ext_dgemv = <void *>sgemv_addr, <void *>dgemv_addr
 
 
 def set_blas_threads(size_t set_local_addr=0, size_t set_global_addr=0, size_t get_global_addr=0):
@@ -152,11 +168,53 @@ cdef inline void _blas_worker() noexcept nogil:
         (<set_local_t>_set_local)(1)
 
 
+cdef inline bint _gemv(char ta, char tb, int m, int k, floating alpha, const floating *a,
+                       int lda, const floating *b, int ldb, floating beta,
+                       floating *c) noexcept nogil:
+    """_gemm for one column of C (one row of the row-major result: generation's step) as a
+    matrix-vector product: gemm would first copy all of A into its packed layout, which for a
+    single column costs several times the product. False (nothing done) where no gemv of the
+    gemm's BLAS is known."""
+    cdef char t = ta
+    cdef int rows = m, cols = k, inc = 1 if tb == c'N' else ldb, one = 1
+    cdef int64_t rows8, cols8, lda8 = lda, inc8, one8 = 1
+    if ta != c'N':  # op(A) = A^T: A is stored k x m
+        rows, cols = k, m
+    rows8, cols8, inc8 = rows, cols, inc
+    if beta == 0:  # gemv may scale y by beta (0 * NaN is NaN); gemm never reads C then
+        memset(c, 0, m * sizeof(floating))
+    if floating is float:
+        if _ext_sgemm == NULL:
+            sgemv(&t, &rows, &cols, &alpha, <float *>a, &lda, <float *>b, &inc, &beta, c, &one)
+        elif _ext_sgemv == NULL:
+            return False
+        elif _ext_ilp64:
+            (<sgemv64_t>_ext_sgemv)(&t, &rows8, &cols8, &alpha, <float *>a, &lda8, <float *>b,
+                                    &inc8, &beta, c, &one8)
+        else:
+            (<sgemv32_t>_ext_sgemv)(&t, &rows, &cols, &alpha, <float *>a, &lda, <float *>b, &inc,
+                                    &beta, c, &one)
+    else:
+        if _ext_dgemm == NULL:
+            dgemv(&t, &rows, &cols, &alpha, <double *>a, &lda, <double *>b, &inc, &beta, c, &one)
+        elif _ext_dgemv == NULL:
+            return False
+        elif _ext_ilp64:
+            (<dgemv64_t>_ext_dgemv)(&t, &rows8, &cols8, &alpha, <double *>a, &lda8, <double *>b,
+                                    &inc8, &beta, c, &one8)
+        else:
+            (<dgemv32_t>_ext_dgemv)(&t, &rows, &cols, &alpha, <double *>a, &lda, <double *>b,
+                                    &inc, &beta, c, &one)
+    return True
+
+
 cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, const floating *a,
                        int lda, const floating *b, int ldb, floating beta, floating *c,
                        int ldc) noexcept nogil:
-    """Column-major C = alpha op(A) op(B) + beta C."""
+    """Column-major C = alpha op(A) op(B) + beta C (one column of C: _gemv)."""
     cdef int64_t m8 = m, n8 = n, k8 = k, lda8 = lda, ldb8 = ldb, ldc8 = ldc
+    if n == 1 and m > 0 and k > 0 and _gemv(ta, tb, m, k, alpha, a, lda, b, ldb, beta, c):
+        return
     if floating is float:
         if _ext_sgemm == NULL:
             sgemm(&ta, &tb, &m, &n, &k, &alpha, <float *>a, &lda, <float *>b, &ldb, &beta, c, &ldc)

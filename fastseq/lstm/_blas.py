@@ -1,5 +1,5 @@
-"""NumPy's own BLAS, found through threadpoolctl: its gemm entry points for the Cython kernel and
-its thread-count setters.
+"""NumPy's own BLAS, found through threadpoolctl: its gemm and gemv entry points for the Cython
+kernel and its thread-count setters.
 
 With pip wheels NumPy and SciPy each bundle an OpenBLAS, each with a thread pool whose workers
 spin for a while after every call; a process that alternates between the two keeps both pools
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# (sgemm, dgemm, ILP64?) as each OpenBLAS build names its Fortran entry points; None: ask the
-# build configuration
+# (sgemm, dgemm, ILP64?) as each OpenBLAS build names its Fortran entry points (its gemv ones are
+# named alike); None: ask the build configuration
 _GEMM_NAMES = (("scipy_sgemm_64_", "scipy_dgemm_64_", True),  # NumPy >= 2 wheels
                ("sgemm_64_", "dgemm_64_", True),              # NumPy 1.2x wheels (openblas64_)
                ("scipy_sgemm_", "scipy_dgemm_", None),
@@ -36,6 +36,8 @@ class Blas:
     sgemm: int
     dgemm: int
     ilp64: bool
+    sgemv: int        # 0 where missing: the kernel then runs one-row products through gemm
+    dgemv: int
     set_local: int    # int openblas_set_num_threads_local(int): this thread only, returns the old
     set_global: int   # void set_num_threads(int)
     get_global: int   # int get_num_threads()
@@ -64,7 +66,11 @@ def _describe(lib, path):
         local = next((_addr(lib, n) for n in _LOCAL_SETTERS if hasattr(lib, n)), 0)
         sset, sget = next(((_addr(lib, s), _addr(lib, g)) for s, g in _GLOBAL_SETTERS
                            if hasattr(lib, s) and hasattr(lib, g)), (0, 0))
-        return Blas(path, _addr(lib, sname), _addr(lib, dname), ilp64, local, sset, sget)
+        sgemv, dgemv = (_addr(lib, n.replace("gemm", "gemv")) for n in (sname, dname))
+        if not (sgemv and dgemv):
+            sgemv = dgemv = 0
+        return Blas(path, _addr(lib, sname), _addr(lib, dname), ilp64, sgemv, dgemv, local, sset,
+                    sget)
     return None
 
 

@@ -41,7 +41,7 @@ def use_blas(which):
         _lstm_cpu.set_blas_threads(0, 0, 0)
         BLAS = "scipy"
     else:
-        _lstm_cpu.set_blas(found.sgemm, found.dgemm, found.ilp64)
+        _lstm_cpu.set_blas(found.sgemm, found.dgemm, found.ilp64, found.sgemv, found.dgemv)
         _lstm_cpu.set_blas_threads(found.set_local, found.set_global, found.get_global)
         BLAS = f"numpy ({os.path.basename(found.path)})"
     return BLAS
