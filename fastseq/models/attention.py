@@ -128,9 +128,9 @@ class AttentionDecoder(Model):
 class AttentionSeq2seq(Model):
     """AttentionEncoder + AttentionDecoder. forward(xs, ts) -> loss: decoder input ts[:, :-1],
     targets ts[:, 1:]. ``pad_id``: the id that pads questions and answers at their end (None: no
-    padding, every position is data). ``init``: 'unit' (N(0, 1) word vectors, forget-gate bias 1:
-    with the textbook's 0.01 word vectors this model stalls on addition) or 'textbook'
-    (models.base.embed_lstm_params)."""
+    padding, every position is data). ``init``: 'unit' (N(0, 1) word vectors, forget- and
+    output-gate biases 1: with the textbook's 0.01 word vectors this model stalls on addition) or
+    'textbook' (models.base.embed_lstm_params)."""
 
     GENERATE_CHUNK = 256  # rows per length-sorted batch in generate
 

@@ -52,15 +52,16 @@ INITS = ("textbook", "unit")
 
 def embed_lstm_params(rng, V, D, H, init="textbook", dtype=np.float32):
     """[E (V, D), Wx, Wh, b]: word vectors, then an LSTM on them (lstm_params), drawn in that order.
-    'textbook': E ~ 0.01 N(0, 1). 'unit' (AttentionSeq2seq's): E ~ N(0, 1) and forget-gate bias 1,
-    so the gates see their input at unit scale from the first step instead of at 1% of it (on
-    addition AttentionSeq2seq then learns instead of stalling: BENCHMARKS.md, "Addition")."""
+    'textbook': E ~ 0.01 N(0, 1). 'unit' (AttentionSeq2seq's): E ~ N(0, 1), forget- and output-gate
+    biases 1: the gates see their input at unit scale from the first step instead of at 1% of it,
+    and h starts larger, so attention (h . hs) starts less flat (on addition AttentionSeq2seq then
+    learns instead of stalling: BENCHMARKS.md, "Addition")."""
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     E = randn(rng, V, D, scale=0.01 if init == "textbook" else 1.0, dtype=dtype)
     Wx, Wh, b = lstm_params(rng, D, H, dtype)
     if init == "unit":
-        b[:H] = 1  # the forget gate's columns (gate order f, g, i, o)
+        b[:H] = b[3 * H:] = 1  # the forget and output gates' columns (gate order f, g, i, o)
     return [E, Wx, Wh, b]
 
 
