@@ -283,10 +283,14 @@ def test_steps_match_forward(engine, dtype, row_bias, zero_state, N):
     assert_close(c, cT, engine.tol(dtype), "c_T")
 
 
-def test_numpy_step_is_forwards_arithmetic():
-    """The reference step does forward's operations in forward's order: identical bits."""
+@pytest.mark.parametrize("N,H,dtype", [(1, 6, np.float64), (200, 128, np.float32),
+                                       (200, 6, np.float64)])
+def test_numpy_step_is_forwards_arithmetic(N, H, dtype):
+    """The reference step does forward's operations in forward's order: identical bits (also
+    where forward runs its recurrence in two pieces of rows and step in one)."""
     rng = np.random.default_rng(32)
-    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 1, 1, 3, 6, np.float64)
+    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, 1, 3, H, dtype)
+    assert len(_numpy._row_pieces(N, np)) == (2 if N > 1 else 1)
     hs, hT, cT, _ = _numpy.forward(xs, Wx, Wh, b, h0, c0)
     h, c = _numpy.step(xs[:, 0], Wx, Wh, b, h0, c0)
     np.testing.assert_array_equal(h, hT)
@@ -388,15 +392,17 @@ def test_final_state_start_rows(engine, dtype, zero_state):
         engine.module.final_state(*[engine.dev(a) for a in (xs, Wx, Wh, b, h0, c0, start)])
 
 
-def test_numpy_inference_is_forwards_arithmetic():
+@pytest.mark.parametrize("H,dtype", [(6, np.float64), (128, np.float32)])
+def test_numpy_inference_is_forwards_arithmetic(H, dtype):
     """The reference final_state and greedy do forward's operations in forward's order (ids):
-    identical bits to forward, and to forward one step at a time with the argmax fed back."""
+    identical bits to forward, and to forward one step at a time with the argmax fed back
+    (forward's two pieces of rows and inference's blocks cut the products alike)."""
     rng = np.random.default_rng(33)
-    ids, Wx, Wh, b, h0, c0, _ = ids_case(rng, 700, 4, 7, 6, np.float64, False)
+    ids, Wx, Wh, b, h0, c0, _ = ids_case(rng, 700, 4, 7, H, dtype, False)
     _, hT, cT, _ = _numpy.forward(ids, Wx, Wh, b, h0, c0)
     for got, want in zip(_numpy.final_state(ids, Wx, Wh, b, h0, c0), (hT, cT)):
         np.testing.assert_array_equal(got, want)
-    ids, Wx, Wh, b, h, c, Wout, bout, steps = greedy_case(rng, 700, 4, 7, 6, np.float64, True, True)
+    ids, Wx, Wh, b, h, c, Wout, bout, steps = greedy_case(rng, 700, 4, 7, H, dtype, True, True)
     got = _numpy.greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps)
     for t in range(steps):
         _, h, c, _ = _numpy.forward(ids[:, None], Wx, Wh, b, h, c)

@@ -6,6 +6,10 @@ Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g 
     f, i, o = sigmoid(a_f, a_i, a_o);  g = tanh(a_g)
     c_t = f * c_{t-1} + g * i;          h_t = o * tanh(c_t)
 
+The gates come from one exp over all 4H columns (see _gate_scale); the rows of a batch are
+independent, so forward's and backward's recurrences run in fixed pieces of rows (_row_pieces)
+that a second thread may take.
+
 Backward keeps the activated gates (as the textbook does) in the buffer that held the
 pre-activations, plus c_t and tanh(c_t); nothing is recomputed. The gate buffers are gate-major,
 (4, T, N, H): each gate of each step is one contiguous block, so every elementwise operation runs
@@ -13,8 +17,9 @@ over contiguous memory (NumPy is several times slower over the strided column sl
 (N, 4H) array). The products stay the (N, 4H) ones the step function uses (forward and step give
 the same bits); backward's products run per gate. The internal buffers come from the buffer pool
 (_pool.py) and go back to it with the cache, so training reuses the same memory every step.
-Backward's products come in fixed pieces (pairs of gates) that a second thread may take when
-fastseq.backend allows two (NumPy releases the GIL inside them); every product runs on
+Work comes in pieces fixed by the shapes (halves of the rows for the recurrences, groups of gates
+for the weight gradients) that a second thread may take when fastseq.backend allows two (NumPy
+releases the GIL inside its products and loops); every product runs on
 backend.config.small_blas_threads BLAS threads, so the bits never depend on the thread count.
 
 Interface shared by every engine (numpy, cython, cupy):
@@ -41,6 +46,7 @@ so x_t Wx is a gather of Wx's rows (an embedding followed by the LSTM, with Wx =
 precomputed: see TimeLSTM). backward then returns dxs = None, and dWx = onehot^T dA, a
 scatter-add of dA's rows.
 """
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -54,11 +60,55 @@ TAKES_IDS = True  # xs may be integer ids standing for one-hot rows (see forward
 
 
 def _gate_scale(H, dtype, xp):
-    """Column scale so one tanh over all 4H columns serves every gate:
-    sigmoid(x) = 0.5 tanh(0.5 x) + 0.5 for f, i, o; tanh(x) for g."""
-    scale = xp.full(4 * H, 0.5, dtype=dtype)
-    scale[H:2 * H] = 1.0
+    """Column scale so that one exp over all 4H columns serves every gate (see _activate): -1
+    for f, i, o, -2 for g (powers of two: the scaled sums are exactly the scaled pre-activations).
+    exp is much cheaper than tanh in NumPy."""
+    scale = xp.full(4 * H, -1.0, dtype=dtype)
+    scale[H:2 * H] = -2.0
     return scale
+
+
+def _activate(a, g):
+    """The gates from the scaled pre-activations a (see _gate_scale), in place; g is a's view of
+    the g gate. With e = exp(a): sigmoid(x) = 1 / (1 + e), tanh(x) = 2 / (1 + e) - 1. Where exp
+    overflows (x < -88 in float32) e = inf gives the exact limits 0 and -1 (call inside
+    np.errstate(over="ignore"))."""
+    xp = get_array_module(a)
+    xp.exp(a, out=a)
+    a += 1
+    xp.divide(1, a, out=a)
+    g *= 2
+    g -= 1
+
+
+# Rows per h_{t-1} Wh product. OpenBLAS's bits for a row depend on how many rows the call has,
+# so every path (forward, step, final_state, greedy) cuts its rows at the same multiples of
+# PRODUCT_ROWS: a row's h_t then has the same bits whatever the batch or the path.
+PRODUCT_ROWS = 64
+MIN_PIECE_ROWS = 32  # fewest rows in the second piece of a split recurrence
+
+
+def _matmul_rows(h, W, out):
+    """out = h W, PRODUCT_ROWS rows at a time (h's row 0 at a multiple of PRODUCT_ROWS of the
+    batch); one product on the GPU."""
+    xp = get_array_module(h)
+    if xp is not np:
+        return xp.matmul(h, W, out=out)
+    for s in range(0, h.shape[0], PRODUCT_ROWS):
+        xp.matmul(h[s:s + PRODUCT_ROWS], W, out=out[s:s + PRODUCT_ROWS])
+    return out
+
+
+def _row_pieces(N, xp):
+    """The pieces of rows forward's and backward's recurrences run in, fixed by N alone (so the
+    bits never depend on the thread count): two, cut at a multiple of PRODUCT_ROWS near the
+    middle, where the second still has enough rows for its products and loops to outweigh a
+    hand-off; one piece on the GPU."""
+    chunks = -(-N // PRODUCT_ROWS)
+    mid = min(-(-chunks // 2) * PRODUCT_ROWS, N)
+    if xp is not np or N - mid < MIN_PIECE_ROWS:
+        return [slice(0, N)]
+    return [slice(0, mid), slice(mid, N)]
 
 
 def _gates(a, H):
@@ -132,24 +182,31 @@ def _forward(xs, Wx, Wh, b, h0, c0):
     Hb = xp.empty((T + 1, N, H), dtype)  # h_0 .. h_T; hs is a view of it, never pooled
     Hb[0], C[0] = h0, c0
     h0_zero = not h0.any()  # a zero initial state adds nothing to a_0 nor to dWh
-    hWh_gates = _gates(hWh, H)
-    for t in range(T):
-        a = A[:, t]
-        if t > 0 or not h0_zero:
-            xp.matmul(Hb[t], Whs, out=hWh)
-            a += hWh_gates
-        xp.tanh(a, out=a)
-        for sig in (a[0], a[2:]):   # sigmoid gates f and (i, o): 0.5 tanh + 0.5
-            sig *= 0.5
-            sig += 0.5
-        f, g, i, o = a
-        c = xp.multiply(f, C[t], out=C[t + 1])
-        xp.multiply(g, i, out=gi)
-        c += gi
-        xp.tanh(c, out=TC[t])
-        xp.multiply(o, TC[t], out=Hb[t + 1])
+    _in_pieces([functools.partial(_forward_rows, A, C, TC, Hb, hWh, gi, Whs, h0_zero, rows)
+                for rows in _row_pieces(N, xp)], xp)
     cache = (X, Wx, Wh, Hb, work, h0_zero, b.ndim == 2)
     return Hb[1:].transpose(1, 0, 2), Hb[T].copy(), C[T].copy(), cache
+
+
+def _forward_rows(A, C, TC, Hb, hWh, gi, Whs, h0_zero, rows):
+    """forward's recurrence over every step for a piece of the rows."""
+    xp = get_array_module(A)
+    H = Hb.shape[2]
+    hWh, gi = hWh[rows], gi[rows]
+    hWh_gates = _gates(hWh, H)
+    with np.errstate(over="ignore"):
+        for t in range(A.shape[1]):
+            a = A[:, t, rows]
+            if t > 0 or not h0_zero:
+                _matmul_rows(Hb[t, rows], Whs, hWh)
+                a += hWh_gates
+            _activate(a, a[1])
+            f, g, i, o = a
+            c = xp.multiply(f, C[t, rows], out=C[t + 1, rows])
+            xp.multiply(g, i, out=gi)
+            c += gi
+            xp.tanh(c, out=TC[t, rows])
+            xp.multiply(o, TC[t, rows], out=Hb[t + 1, rows])
 
 
 def _local_factors(A, C, TC, Q, OK):
@@ -192,12 +249,25 @@ def _backward(dhs, cache, grads, need_dh0):
     _, T, N, H = A.shape
     dhs = dhs.astype(A.dtype, copy=False)
     scratch = _Work(xp, "backward", T, N, H, A.dtype)
-    dA, OK, dh, ds, dc, parts = scratch.bufs
-    _local_factors(A, C, TC, dA, OK)
+    dA, OK = scratch.bufs[:2]
     WhT = _gates(Wh, H).transpose(0, 2, 1)  # (4, H, H): gate k's block of Wh, transposed
     dh_next = xp.zeros((N, H), A.dtype)  # (not pooled: dh0 goes to the caller)
+    _in_pieces([functools.partial(_backward_rows, dhs, A, C, TC, WhT, scratch.bufs, dh_next,
+                                  need_dh0, rows) for rows in _row_pieces(N, xp)], xp)
+    dxs = _weight_grads(X, Wx, Hb, dA, h0_zero, row_bias, grads)
+    return dxs, (dh_next if need_dh0 else None)
+
+
+def _backward_rows(dhs, A, C, TC, WhT, bufs, dh_next, need_dh0, rows):
+    """backward's recurrence over every step for a piece of the rows: their dA (4, T, rows, H)
+    and their dh_0 into dh_next."""
+    xp = get_array_module(A)
+    T = A.shape[1]
+    dA, OK, dh, ds, dc, parts = (a[..., rows, :] for a in bufs)
+    A, dh_next = A[:, :, rows], dh_next[rows]
+    _local_factors(A, C[:, rows], TC[:, rows], dA, OK)
     for t in reversed(range(T)):
-        xp.add(dhs[:, t], dh_next, out=dh)
+        xp.add(dhs[rows, t], dh_next, out=dh)
         xp.multiply(dh, OK[t], out=ds)
         if t < T - 1:
             ds += dc
@@ -207,11 +277,8 @@ def _backward(dhs, cache, grads, need_dh0):
         if t > 0:
             xp.multiply(ds, A[0, t], out=dc)
         if t > 0 or need_dh0:  # dh_{t-1} = sum over gates of da_k Wh_k^T
-            _in_pieces([lambda k=k: xp.matmul(da[k:k + 2], WhT[k:k + 2], out=parts[k:k + 2])
-                        for k in (0, 2)], xp)
+            xp.matmul(da, WhT, out=parts)
             parts.sum(axis=0, out=dh_next)
-    dxs = _weight_grads(X, Wx, Hb, dA, h0_zero, row_bias, grads)
-    return dxs, (dh_next if need_dh0 else None)
 
 
 def _weight_grads(X, Wx, Hb, dA, h0_zero, row_bias, grads):
@@ -277,17 +344,22 @@ def _in_pieces(pieces, xp):
 
 def step(x, Wx, Wh, b, h, c):
     """One time step from state (h, c) (N, H) on input x (N, D): the new (h, c). Nothing is kept
-    for a backward pass. The same operations, in the same order, as one step of forward."""
+    for a backward pass. The same operations, in the same order, as one step of forward (with
+    the products on as many BLAS threads: OpenBLAS's bits depend on that too)."""
+    with blas_threads(backend.config.small_blas_threads):
+        return _step(x, Wx, Wh, b, h, c)
+
+
+def _step(x, Wx, Wh, b, h, c):
     xp = get_array_module(x)
     H = Wh.shape[0]
     scale = _gate_scale(H, Wx.dtype, xp)
     a = x @ (Wx * scale)
     a += b * scale
-    a += h @ (Wh * scale)
-    xp.tanh(a, out=a)
-    for sig in (a[:, :H], a[:, 2 * H:]):
-        sig *= 0.5
-        sig += 0.5
+    a += _matmul_rows(h.astype(Wx.dtype, copy=False), Wh * scale,
+                      xp.empty((x.shape[0], 4 * H), Wx.dtype))
+    with np.errstate(over="ignore"):
+        _activate(a, a[:, H:2 * H])
     c = a[:, :H] * c
     c += a[:, H:2 * H] * a[:, 2 * H:3 * H]
     h = xp.tanh(c)
@@ -295,7 +367,9 @@ def step(x, Wx, Wh, b, h, c):
     return h, c
 
 
-BLOCK_ROWS = 512  # rows per block in final_state and greedy: a block's step arrays stay in cache
+# rows per block in final_state and greedy: a block's step arrays stay in cache (a multiple of
+# PRODUCT_ROWS, so that blocks cut the products where forward does)
+BLOCK_ROWS = 8 * PRODUCT_ROWS
 
 
 def _by_blocks(N, xp, run):
@@ -398,13 +472,11 @@ class _Cell:
             a[...] = self.table[:, x]
         a += self.b
         if not self.h_zero:
-            xp.matmul(h, self.Wh, out=self.hWh)
+            _matmul_rows(h, self.Wh, self.hWh)
             a += _gates(self.hWh, H)
         self.h_zero = False
-        xp.tanh(a, out=a)
-        for sig in (a[0], a[2:]):  # sigmoid gates f and (i, o): 0.5 tanh + 0.5
-            sig *= 0.5
-            sig += 0.5
+        with np.errstate(over="ignore"):
+            _activate(a, a[1])
         f, g, i, o = a
         xp.multiply(f, c, out=c)
         xp.multiply(g, i, out=self.gi)
