@@ -794,6 +794,64 @@ def test_inputs_and_states_are_cast_to_the_weights_dtype(cyeng):
         assert_close(out[k], ref[k], 1e-3, k)  # c0 went through float16
 
 
+def test_step_converts_what_the_kernel_cannot_take(cy):
+    """step() hands plain arrays straight to the kernel; others (another dtype, not contiguous,
+    one bias per row) give the same state as their plain float32 copies would."""
+    rng = np.random.default_rng(18)
+    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 3, 1, 4, 5, np.float32)
+    x = xs[:, 0]
+    want = _numpy.step(x, Wx, Wh, b, h0, c0)
+    variants = [(x, h0, c0), (x.astype(np.float64), h0, c0), (x, h0.astype(np.float64), c0),
+                (np.asfortranarray(x), h0, np.asfortranarray(c0)),
+                (np.repeat(x, 2, axis=1)[:, ::2], h0, c0)]
+    for xv, hv, cv in variants:
+        h, c = cy.step(xv, Wx, Wh, b, hv, cv)
+        assert h.dtype == c.dtype == np.float32
+        assert_close(h, want[0], 1e-5, "h")
+        assert_close(c, want[1], 1e-5, "c")
+    rows = np.tile(b, (3, 1))  # one bias per row
+    h, c = cy.step(x, Wx, Wh, rows, h0, c0)
+    assert_close(h, want[0], 1e-5, "h (row bias)")
+
+
+def test_step_rejects_bad_input(cy):
+    rng = np.random.default_rng(19)
+    xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 2, 1, 3, 4, np.float32)
+    x = xs[:, 0]
+    with pytest.raises(TypeError):
+        cy.step(x, Wx, Wh.astype(np.float64), b, h0, c0)  # weights of two dtypes
+    with pytest.raises(TypeError):
+        cy.step(x.astype(np.float16), *(a.astype(np.float16) for a in (Wx, Wh, b, h0, c0)))
+    for args in [(x[:, :2], Wx, Wh, b, h0, c0), (x, Wx[:, :8], Wh, b, h0, c0),
+                 (x, Wx, Wh, b[:8], h0, c0), (x, Wx, Wh, b, h0[:1], c0), (x, Wx, Wh, b, h0, c0[:, :3])]:
+        with pytest.raises(ValueError):
+            cy.step(*args)
+
+
+def test_kernel_final_state_checks_shapes(cy):
+    """The kernel refuses operands whose shapes disagree (the Python side may pass arrays
+    straight through), rather than reading or writing outside them."""
+    f32 = np.float32
+    N, D, H = 2, 3, 4
+    ok = dict(xs=np.zeros((N, 1, D), f32), Wx=np.zeros((D, 4 * H), f32),
+              Wh=np.zeros((H, 4 * H), f32), b=np.zeros(4 * H, f32), h0=np.zeros((N, H), f32),
+              c0=np.zeros((N, H), f32), h=np.empty((N, H), f32), c=np.empty((N, H), f32))
+    scratch = np.empty(cy._lstm_cpu.infer_scratch_size(N, H, 0, 1), f32)
+
+    def run(**bad):
+        a = {**ok, **bad}
+        cy._lstm_cpu.final_state(a["xs"], a["Wx"], a["Wh"], a["b"], a["h0"], a["c0"], a["h"],
+                                 a["c"], scratch, 1)
+
+    run()
+    for bad in [dict(Wx=np.zeros((D + 1, 4 * H), f32)), dict(Wx=np.zeros((D, 4 * H + 4), f32)),
+                dict(Wh=np.zeros((H, 4 * H + 4), f32)), dict(h0=np.zeros((N, H + 1), f32)),
+                dict(c0=np.zeros((N + 1, H), f32)), dict(h=np.empty((N, H - 1), f32)),
+                dict(c=np.empty((N - 1, H), f32)), dict(xs=np.zeros((0, 1, D), f32))]:
+        with pytest.raises(ValueError):
+            run(**bad)
+
+
 # --- buffer pool ------------------------------------------------------------------------------
 
 def test_pooled_buffers_are_not_shared_while_alive(cy):

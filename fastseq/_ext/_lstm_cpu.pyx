@@ -617,16 +617,23 @@ cdef inline Py_ssize_t _blocks(Py_ssize_t N) noexcept nogil:
     return (N + INFER_ROWS - 1) // INFER_ROWS
 
 
+cdef inline Py_ssize_t _block_rows(Py_ssize_t N) noexcept nogil:
+    """Rows of the largest block (a slot of scratch holds one block)."""
+    return N if 0 < N < INFER_ROWS else INFER_ROWS
+
+
 def infer_rows():
     """Rows per block of final_state and greedy."""
     return INFER_ROWS
 
 
-def infer_scratch_size(Py_ssize_t H, Py_ssize_t V, int nthreads):
-    """Elements of scratch that final_state and greedy need (V: greedy's output width): per
-    thread and row, the gates (4H), h, c, the next c and tanh(c) (4H together), the scores (V)."""
-    cdef Py_ssize_t team = max(nthreads, 1)
-    return team * INFER_ROWS * (8 * H + V)
+def infer_scratch_size(Py_ssize_t N, Py_ssize_t H, Py_ssize_t V, int nthreads):
+    """Elements of scratch that final_state and greedy need for N rows (V: greedy's output
+    width): per thread and row of a block, the gates (4H), h, c, the next c and tanh(c) (4H
+    together), the scores (V). Sized by the rows a block really has: one row (a generation
+    step) needs a few KiB, not a full block's worth that malloc would map and unmap per call."""
+    cdef Py_ssize_t team = min(max(nthreads, 1), max(_blocks(N), 1))
+    return team * _block_rows(N) * (8 * H + V)
 
 
 cdef void _cell_rows(Py_ssize_t rows, Py_ssize_t H, const floating *Wh, const floating *bias,
@@ -678,6 +685,25 @@ cdef void _final_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t D,
         memcpy(c + r0 * H, cur, rows * H * sizeof(floating))
 
 
+cdef void _check_final_state_shapes(Py_ssize_t N, Py_ssize_t T, Py_ssize_t D, Py_ssize_t H,
+                                    Py_ssize_t Wx0, Py_ssize_t Wx1, Py_ssize_t Wh1,
+                                    Py_ssize_t h0_0, Py_ssize_t h0_1, Py_ssize_t c0_0,
+                                    Py_ssize_t c0_1, Py_ssize_t h_0, Py_ssize_t h_1,
+                                    Py_ssize_t c_0, Py_ssize_t c_1, bint one_hot) except *:
+    """final_state's operand shapes agree (rows of h0 against N: with start, checked there)."""
+    if N == 0 or T == 0 or H == 0 or Wx0 == 0 or h0_0 == 0:
+        raise ValueError("final_state: empty operands (the NumPy engine runs those)")
+    if Wx1 != 4 * H or Wh1 != 4 * H or (not one_hot and Wx0 != D):
+        raise ValueError(f"final_state: Wx ({Wx0}, {Wx1}) and Wh (., {Wh1}) do not fit "
+                         f"inputs of width {D} and H = {H}")
+    if h0_1 != H or c0_0 != h0_0 or c0_1 != H:
+        raise ValueError(f"final_state: h0 ({h0_0}, {h0_1}) and c0 ({c0_0}, {c0_1}) must "
+                         f"both be (M, {H})")
+    if h_0 != N or h_1 != H or c_0 != N or c_1 != H:
+        raise ValueError(f"final_state: h ({h_0}, {h_1}) and c ({c_0}, {c_1}) must both be "
+                         f"({N}, {H})")
+
+
 def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
                 const floating[:, ::1] Wh, const floating[::1] b, const floating[:, ::1] h0,
                 const floating[:, ::1] c0, floating[:, ::1] h, floating[:, ::1] c,
@@ -685,13 +711,16 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
                 const int64_t[:, ::1] ids=None, const int64_t[::1] start=None):
     """h_T and c_T of forward over xs (N, T, D) (or one-hot ids (N, T), xs then (N, T, 0))
     from (h0, c0), written to h and c (N, H). start (N,): row n starts from row start[n] of
-    h0 and c0 (M, H) instead of row n. scratch: infer_scratch_size(H, 0, nthreads) elements."""
+    h0 and c0 (M, H) instead of row n. scratch: infer_scratch_size(N, H, 0, nthreads) elements."""
     cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
-    cdef Py_ssize_t G = 4 * H, k, n, nb = _blocks(N), slot = INFER_ROWS * (2 * G)
+    cdef Py_ssize_t G = 4 * H, k, n, nb = _blocks(N), slot = _block_rows(N) * (2 * G)
     cdef int team = _team(nthreads, nb), old
     cdef bint h0_zero
     cdef const int64_t *idp = NULL
     cdef const int64_t *stp = NULL
+    _check_final_state_shapes(N, T, D, H, Wx.shape[0], Wx.shape[1], Wh.shape[1], h0.shape[0],
+                              h0.shape[1], c0.shape[0], c0.shape[1], h.shape[0], h.shape[1],
+                              c.shape[0], c.shape[1], ids is not None)
     if start is not None:
         if start.shape[0] != N:
             raise ValueError(f"start has {start.shape[0]} rows, expected {N}")
@@ -712,10 +741,17 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
     with nogil:
         h0_zero = _all_zero(&h0[0, 0], h0.shape[0] * H)
         old = _blas_enter()
-        for k in prange(nb, num_threads=team, schedule='dynamic', chunksize=1):
-            _final_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, N), T, D, H, X, idp, &Wx[0, 0],
-                         &Wh[0, 0], &b[0], G if row_bias else 0, &h0[0, 0], &c0[0, 0], stp,
-                         &h[0, 0], &c[0, 0], h0_zero, &scratch[0] + threadid() * slot)
+        if team == 1:  # (one block, as a generation step: no parallel region to set up)
+            for k in range(nb):
+                _final_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, N), T, D, H, X, idp,
+                             &Wx[0, 0], &Wh[0, 0], &b[0], G if row_bias else 0, &h0[0, 0],
+                             &c0[0, 0], stp, &h[0, 0], &c[0, 0], h0_zero, &scratch[0])
+        else:
+            for k in prange(nb, num_threads=team, schedule='dynamic', chunksize=1):
+                _final_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, N), T, D, H, X, idp,
+                             &Wx[0, 0], &Wh[0, 0], &b[0], G if row_bias else 0, &h0[0, 0],
+                             &c0[0, 0], stp, &h[0, 0], &c[0, 0], h0_zero,
+                             &scratch[0] + threadid() * slot)
         _blas_leave(old)
 
 
@@ -764,9 +800,9 @@ def greedy(const int64_t[::1] ids, const floating[:, ::1] Wx, const floating[:, 
     the one-hot id ids (N,) at the first, then the previous step's argmax of h_t Wo + bo,
     written to out (N, steps). Wx (V_in, 4H) is the one-hot table; b is (4H,) or, with
     row_bias, (N, 4H) flattened; bo (V,) or, with out_row_bias, (N, V) flattened. scratch:
-    infer_scratch_size(H, V, nthreads) elements."""
+    infer_scratch_size(N, H, V, nthreads) elements."""
     cdef Py_ssize_t N = h0.shape[0], H = Wh.shape[0], V = Wo.shape[1], S = out.shape[1]
-    cdef Py_ssize_t G = 4 * H, k, n, nb = _blocks(N), slot = INFER_ROWS * (2 * G + V)
+    cdef Py_ssize_t G = 4 * H, k, n, nb = _blocks(N), slot = _block_rows(N) * (2 * G + V)
     cdef int team = _team(nthreads, nb), old
     if b.shape[0] != (N * G if row_bias else G):
         raise ValueError(f"b has {b.shape[0]} elements, expected {N * G if row_bias else G}")

@@ -164,8 +164,18 @@ def backward(dhs, cache, grads, need_dh0=True):
 
 def step(x, Wx, Wh, b, h, c):
     """One step (see _numpy.step): final_state over a sequence of length 1 (nothing is kept for
-    a backward pass)."""
-    return final_state(x[:, None, :], Wx, Wh, b, h, c)
+    a backward pass). Generation calls it once a word, so arrays the kernel takes as they are
+    (C-contiguous, all of one float dtype) go straight to it, and it checks their shapes; what
+    it refuses goes through final_state, which converts it or says what is wrong."""
+    try:
+        N, H, dtype = x.shape[0], Wh.shape[0], Wx.dtype
+        h_next, c_next = np.empty((N, H), dtype), np.empty((N, H), dtype)
+        threads = _threads()
+        _lstm_cpu.final_state(x[:, None, :], Wx, Wh, b.reshape(-1), h, c, h_next, c_next,
+                              _scratch(N, H, 0, dtype, threads), threads, b.ndim == 2)
+        return h_next, c_next
+    except (TypeError, ValueError, AttributeError, IndexError):
+        return final_state(x[:, None, :], Wx, Wh, b, h, c)
 
 
 def final_state(xs, Wx, Wh, b, h0, c0, start=None):
@@ -179,7 +189,7 @@ def final_state(xs, Wx, Wh, b, h0, c0, start=None):
     h, c = np.empty((N, H), Wx.dtype), np.empty((N, H), Wx.dtype)
     threads = _threads()
     _lstm_cpu.final_state(xs, Wx, Wh, b.reshape(-1), h0, c0, h, c,
-                          _scratch(H, 0, Wx.dtype, threads), threads, row_bias, ids, start)
+                          _scratch(N, H, 0, Wx.dtype, threads), threads, row_bias, ids, start)
     return h, c
 
 
@@ -204,13 +214,13 @@ def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
         return _numpy.greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps)
     threads = _threads()
     _lstm_cpu.greedy(ids, Wx, Wh, b.reshape(-1), h, c, Wout, bout.reshape(-1), out,
-                     _scratch(H, V, dtype, threads), threads, b.ndim == 2, bout.ndim == 2)
+                     _scratch(N, H, V, dtype, threads), threads, b.ndim == 2, bout.ndim == 2)
     return out
 
 
-def _scratch(H, V, dtype, threads):
-    """Working memory of final_state and greedy: one small slot per thread."""
-    return np.empty(_lstm_cpu.infer_scratch_size(H, V, threads), dtype)
+def _scratch(N, H, V, dtype, threads):
+    """Working memory of final_state and greedy over N rows: one small slot per thread."""
+    return np.empty(_lstm_cpu.infer_scratch_size(N, H, V, threads), dtype)
 
 
 class _Cache:
