@@ -218,23 +218,40 @@ class TimeLSTM:
         the layer (zeros when unset) as a stateful forward would. No backward follows. context
         and context_proj as in forward."""
         Wx, Wh, b = self.params
-        N, H = x.shape[0], Wh.shape[0]
         if context is not None:
             K = context.shape[1]
             if context_proj is None:
                 context_proj = matmul(context.astype(Wx.dtype, copy=False), Wx[:K])
             b = context_proj + b
             Wx = Wx[K:]
-        if x.ndim != 2 or x.shape[1] != Wx.shape[0]:
-            raise ValueError(f"TimeLSTM.step expects input of shape (N, {Wx.shape[0]}), got {x.shape}")
-        xp = get_array_module(Wx)
-        if self.h is None:
-            self.h = xp.zeros((N, H), dtype=Wx.dtype)
-        if self.c is None:
-            self.c = xp.zeros((N, H), dtype=Wx.dtype)
+        self._step_state(x, Wx)
         self.h, self.c = get_kernel(Wx).step(x.astype(Wx.dtype, copy=False), Wx, Wh, b,
                                              self.h, self.c)
         return self.h
+
+    def stepper(self):
+        """step() without a context, for a run of steps over weights that do not change
+        meanwhile (generation): a function x (N, D) -> h, with the engine's per-weights work
+        (see the engines' stepper) done here once."""
+        Wx, Wh, b = self.params
+        run = get_kernel(Wx).stepper(Wx, Wh, b)
+
+        def step(x):
+            self._step_state(x, Wx)
+            self.h, self.c = run(x.astype(Wx.dtype, copy=False), self.h, self.c)
+            return self.h
+        return step
+
+    def _step_state(self, x, Wx):
+        """Check a step's input against Wx (its input rows) and set a missing state to zeros."""
+        if x.ndim != 2 or x.shape[1] != Wx.shape[0]:
+            raise ValueError(f"TimeLSTM.step expects input of shape (N, {Wx.shape[0]}), got {x.shape}")
+        if self.h is None or self.c is None:
+            xp, N, H = get_array_module(Wx), x.shape[0], self.params[1].shape[0]
+            if self.h is None:
+                self.h = xp.zeros((N, H), dtype=Wx.dtype)
+            if self.c is None:
+                self.c = xp.zeros((N, H), dtype=Wx.dtype)
 
     def final_state(self, ids, embed):
         """Inference: the last (h, c) of forward(ids, embed=embed) from a zero state. Nothing is

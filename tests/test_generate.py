@@ -117,6 +117,31 @@ def test_generation_step_matches_predict():
     assert np.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["numpy", "cython"])
+def test_lstm_stepper_carries_the_state_as_step(engine):
+    """TimeLSTM.stepper(): the layer's (h, c) carried from step to step (zeros when unset), the
+    same bits as step(), and step()'s error for an input of the wrong width."""
+    from fastseq import backend
+    from fastseq.layers import TimeLSTM
+    if engine == "cython" and not backend.cython_available():
+        pytest.skip("fastseq._ext is not importable here")
+    rng = np.random.default_rng(5)
+    with backend.using(engine):
+        layers = [TimeLSTM(rng.standard_normal((4, 24)).astype(np.float32),
+                           rng.standard_normal((6, 24)).astype(np.float32),
+                           rng.standard_normal(24).astype(np.float32), stateful=True)
+                  for _ in range(2)]
+        a, b = layers
+        b.params = a.params
+        run = b.stepper()
+        for t in range(4):
+            x = rng.standard_normal((1, 4)).astype(np.float32)
+            np.testing.assert_array_equal(run(x), a.step(x))
+            np.testing.assert_array_equal(b.c, a.c)
+        with pytest.raises(ValueError, match="TimeLSTM.step expects"):
+            run(np.zeros((1, 5), np.float32))
+
+
 def test_priming_feeds_all_but_the_last_word():
     m = Rnnlm(20, 6, 8, seed=2)
     phrase = [4, 5, 6, 7]

@@ -204,6 +204,11 @@ def step(x, Wx, Wh, b, h, c):
     return h, c
 
 
+def stepper(Wx, Wh, b):
+    """step() over these weights (see _numpy.stepper): the kernels have no per-weights work."""
+    return lambda x, h, c: step(x, Wx, Wh, b, h, c)
+
+
 def final_state(xs, Wx, Wh, b, h0, c0, start=None):
     """forward's (h_T, c_T) alone (see _numpy.final_state)."""
     if start is not None:

@@ -178,6 +178,11 @@ def step(x, Wx, Wh, b, h, c):
         return final_state(x[:, None, :], Wx, Wh, b, h, c)
 
 
+def stepper(Wx, Wh, b):
+    """step() over these weights (see _numpy.stepper): the kernel has no per-weights work."""
+    return lambda x, h, c: step(x, Wx, Wh, b, h, c)
+
+
 def final_state(xs, Wx, Wh, b, h0, c0, start=None):
     """forward's h_T, c_T alone (see _numpy.final_state), in blocks of rows kept in cache."""
     xs, ids, Wx, Wh, b, h0, c0, row_bias = _inputs(xs, Wx, Wh, b, h0, c0, start)

@@ -27,6 +27,8 @@ Interface shared by every engine (numpy, cython, cupy):
     backward(dhs, cache, grads, need_dh0=True) -> dxs, dh0     grads = [dWx, dWh, db], written in place
     step(x, Wx, Wh, b, h, c) -> h, c                           one step, x (N, D), no cache
                                                                (generation and decoding)
+    stepper(Wx, Wh, b) -> run(x, h, c) -> h, c                 step() over weights that stay
+        the same for a run of steps (generation): the per-weights work done once, same bits
     final_state(xs, Wx, Wh, b, h0, c0, start=None) -> hT, cT   forward's last state alone
         (inference: an encoder); with start (N,), row n starts from h0[start[n]], c0[start[n]]
     greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps) -> (N, steps) int64
@@ -346,25 +348,31 @@ def step(x, Wx, Wh, b, h, c):
     """One time step from state (h, c) (N, H) on input x (N, D): the new (h, c). Nothing is kept
     for a backward pass. The same operations, in the same order, as one step of forward (with
     the products on as many BLAS threads: OpenBLAS's bits depend on that too)."""
-    with blas_threads(backend.config.small_blas_threads):
-        return _step(x, Wx, Wh, b, h, c)
+    return stepper(Wx, Wh, b)(x, h, c)
 
 
-def _step(x, Wx, Wh, b, h, c):
-    xp = get_array_module(x)
+def stepper(Wx, Wh, b):
+    """step() for a run of steps over these weights: they are scaled for the gates' single exp
+    once, not at every step."""
+    xp = get_array_module(Wx)
     H = Wh.shape[0]
     scale = _gate_scale(H, Wx.dtype, xp)
-    a = x @ (Wx * scale)
-    a += b * scale
-    a += _matmul_rows(h.astype(Wx.dtype, copy=False), Wh * scale,
-                      xp.empty((x.shape[0], 4 * H), Wx.dtype))
-    with np.errstate(over="ignore"):
-        _activate(a, a[:, H:2 * H])
-    c = a[:, :H] * c
-    c += a[:, H:2 * H] * a[:, 2 * H:3 * H]
-    h = xp.tanh(c)
-    h *= a[:, 3 * H:]
-    return h, c
+    Wxs, Whs, bs = Wx * scale, Wh * scale, b * scale
+
+    def run(x, h, c):
+        with blas_threads(backend.config.small_blas_threads):
+            a = x @ Wxs
+            a += bs
+            a += _matmul_rows(h.astype(Wx.dtype, copy=False), Whs,
+                              xp.empty((x.shape[0], 4 * H), Wx.dtype))
+            with np.errstate(over="ignore"):
+                _activate(a, a[:, H:2 * H])
+            c_next = a[:, :H] * c
+            c_next += a[:, H:2 * H] * a[:, 2 * H:3 * H]
+            h_next = xp.tanh(c_next)
+            h_next *= a[:, 3 * H:]
+            return h_next, c_next
+    return run
 
 
 # rows per block in final_state and greedy: a block's step arrays stay in cache (a multiple of

@@ -113,17 +113,19 @@ class _LanguageModel(Model):
 
     def _stepper(self):
         """A function id (1, 1) -> scores (V,) for word-by-word generation: the cheap inference
-        path (no id checks, no dropout). Each LSTM layer takes one engine step (TimeLSTM.step),
-        reading and writing the layer's (h, c), so generation and predict() share the stateful
-        layers. The output weight is laid out (V, H): one contiguous matrix-vector product."""
+        path (no id checks, no dropout). Each LSTM layer takes one engine step (TimeLSTM.stepper:
+        the weights do not change while generating), reading and writing the layer's (h, c), so
+        generation and predict() share the stateful layers. The output weight is laid out
+        (V, H): one contiguous matrix-vector product."""
         E = self.embed.params[0]
         Wout = self._output_weight_vh()
         b_out = self.affine.params[-1]
+        cells = [lstm.stepper() for lstm in self.lstm_layers]
 
         def step(x):
             h = E[x[0]]  # (1, D)
-            for lstm in self.lstm_layers:
-                h = lstm.step(h)
+            for cell in cells:
+                h = cell(h)
             s = Wout @ h[0]
             s += b_out
             return s
