@@ -3,11 +3,13 @@ checkout, in alternating rounds on the same machine, one table of medians and ra
 
     python benchmarks/compare_commits.py 6561929                # older commit vs this checkout
     python benchmarks/compare_commits.py 6561929 --rounds 5 -k "eval or train_step"
+    python benchmarks/compare_commits.py 6561929 -k rnnlm --old-checkout ../old   # built already
 
 The older commit is checked out into a git worktree beside this one (removed afterwards) and its
 extensions are built there; both sides run `pytest benchmarks/test_bench_*.py --benchmark-only`
-in turn, so machine drift hits both alike. A benchmark present on one side only is listed with
-one figure. Ratios: old time / new time, above 1 the current code is faster.
+in turn, the first side alternating from round to round (old-new, new-old, ...), so machine
+drift hits both alike. A benchmark present on one side only is listed with one figure. Ratios:
+old time / new time, above 1 the current code is faster.
 """
 import argparse
 import json
@@ -53,23 +55,35 @@ def main(argv=None):
     ap.add_argument("commit", help="the older commit (anything git rev-parse accepts)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k filter")
+    ap.add_argument("--old-checkout", type=Path, default=None,
+                    help="an existing built checkout of the older commit to run instead of a "
+                         "fresh worktree (saves the build when the run is split with -k)")
     args = ap.parse_args(argv)
     sha = run(["git", "rev-parse", "--short", args.commit], cwd=ROOT, capture_output=True,
               text=True).stdout.strip()
     tmp = Path(tempfile.mkdtemp(prefix="fastseq-compare-", dir=ROOT.parent))
     old_root = tmp / sha
+    if args.old_checkout is not None:
+        old_root = args.old_checkout.resolve()
+        head = run(["git", "rev-parse", "--short", "HEAD"], cwd=old_root, capture_output=True,
+                   text=True).stdout.strip()
+        if head != sha:
+            raise SystemExit(f"compare_commits: {old_root} is at {head}, not {sha}")
     try:
-        checkout(sha, old_root)
+        if args.old_checkout is None:
+            checkout(sha, old_root)
         times = {"old": {}, "new": {}}
+        sides = (("old", old_root), ("new", ROOT))
         for r in range(args.rounds):
-            for side, root in (("old", old_root), ("new", ROOT)):
+            for side, root in (sides if r % 2 == 0 else sides[::-1]):  # ABBA: drift hits both
                 res = bench_round(root, args.keyword, tmp / f"{side}{r}.json")
                 for name, median in res.items():
                     times[side].setdefault(name, []).append(median)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(old_root)], cwd=ROOT,
-                       stderr=subprocess.DEVNULL)
+        if args.old_checkout is None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old_root)], cwd=ROOT,
+                           stderr=subprocess.DEVNULL)
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"| benchmark | {sha} (ms) | this checkout (ms) | {sha} / this |")
     print("|---|---|---|---|")
