@@ -5,8 +5,9 @@
         --epochs 25 --hidden-size 128 --json runs/torch_attention_addition.json
 
 Same network as fastseq's AttentionSeq2seq (benchmarks/common.torch_attention_seq2seq) with
-PyTorch's own initialisation (fastseq uses the textbook's); batch 128, Adam 0.001, gradient clip
-5.0, a new shuffle each epoch; greedy exact-match accuracy on the test split after each epoch.
+PyTorch's own initialisation (fastseq's model has its init="unit"); batch 128, Adam 0.001,
+gradient clip 5.0, a new shuffle each epoch; greedy exact-match accuracy on the test split after
+each epoch.
 """
 import argparse
 import json
