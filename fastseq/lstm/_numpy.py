@@ -70,17 +70,25 @@ def _gate_scale(H, dtype, xp):
     return scale
 
 
-def _activate(a, g):
+def _numerators(H, dtype, xp, gate_major):
+    """1 for f, i, o and 2 for g, shaped to broadcast over a's gates: (4, 1, 1) gate-major,
+    (4H,) for rows of 4H columns (see _activate)."""
+    num = xp.ones((4, 1, 1) if gate_major else (4, H), dtype)
+    num[1] = 2
+    return num if gate_major else num.reshape(4 * H)
+
+
+def _activate(a, g, num):
     """The gates from the scaled pre-activations a (see _gate_scale), in place; g is a's view of
-    the g gate. With e = exp(a): sigmoid(x) = 1 / (1 + e), tanh(x) = 2 / (1 + e) - 1. Where exp
-    overflows (x < -88 in float32) e = inf gives the exact limits 0 and -1 (call inside
-    np.errstate(over="ignore"))."""
+    the g gate, num _numerators. With e = exp(a): sigmoid(x) = 1 / (1 + e), tanh(x) =
+    2 / (1 + e) - 1. Where exp overflows (x < -88 in float32) e = inf gives the exact limits 0
+    and -1 (call inside np.errstate(over="ignore")). Positional outputs: fewer cycles spent
+    holding the GIL that the other piece's thread waits for."""
     xp = get_array_module(a)
-    xp.exp(a, out=a)
-    a += 1
-    xp.divide(1, a, out=a)
-    g *= 2
-    g -= 1
+    xp.exp(a, a)
+    xp.add(a, 1, a)
+    xp.divide(num, a, a)
+    xp.subtract(g, 1, g)
 
 
 # Rows per h_{t-1} Wh product. OpenBLAS's bits for a row depend on how many rows the call has,
@@ -191,24 +199,27 @@ def _forward(xs, Wx, Wh, b, h0, c0):
 
 
 def _forward_rows(A, C, TC, Hb, hWh, gi, Whs, h0_zero, rows):
-    """forward's recurrence over every step for a piece of the rows."""
+    """forward's recurrence over every step for a piece of the rows (each step's views taken
+    first, outputs positional: the loop holds the GIL as little as it can)."""
     xp = get_array_module(A)
     H = Hb.shape[2]
+    num = _numerators(H, A.dtype, xp, True)
     hWh, gi = hWh[rows], gi[rows]
     hWh_gates = _gates(hWh, H)
+    A, C, TC, Hb = A[:, :, rows], C[:, rows], TC[:, rows], Hb[:, rows]
+    steps = [(A[:, t], *A[:, t], C[t], C[t + 1], TC[t], Hb[t], Hb[t + 1])
+             for t in range(A.shape[1])]
     with np.errstate(over="ignore"):
-        for t in range(A.shape[1]):
-            a = A[:, t, rows]
+        for t, (a, f, g, i, o, c_prev, c, tc, h_prev, h) in enumerate(steps):
             if t > 0 or not h0_zero:
-                _matmul_rows(Hb[t, rows], Whs, hWh)
-                a += hWh_gates
-            _activate(a, a[1])
-            f, g, i, o = a
-            c = xp.multiply(f, C[t, rows], out=C[t + 1, rows])
-            xp.multiply(g, i, out=gi)
-            c += gi
-            xp.tanh(c, out=TC[t, rows])
-            xp.multiply(o, TC[t, rows], out=Hb[t + 1, rows])
+                _matmul_rows(h_prev, Whs, hWh)
+                xp.add(a, hWh_gates, a)
+            _activate(a, g, num)
+            xp.multiply(f, c_prev, c)
+            xp.multiply(g, i, gi)
+            xp.add(c, gi, c)
+            xp.tanh(c, tc)
+            xp.multiply(o, tc, h)
 
 
 def _local_factors(A, C, TC, Q, OK):
@@ -268,18 +279,19 @@ def _backward_rows(dhs, A, C, TC, WhT, bufs, dh_next, need_dh0, rows):
     dA, OK, dh, ds, dc, parts = (a[..., rows, :] for a in bufs)
     A, dh_next = A[:, :, rows], dh_next[rows]
     _local_factors(A, C[:, rows], TC[:, rows], dA, OK)
+    steps = [(dhs[rows, t], OK[t], dA[:, t], dA[:3, t], dA[3, t], A[0, t]) for t in range(T)]
     for t in reversed(range(T)):
-        xp.add(dhs[rows, t], dh_next, out=dh)
-        xp.multiply(dh, OK[t], out=ds)
+        dh_t, ok, da, da_s, da_h, f = steps[t]
+        xp.add(dh_t, dh_next, dh)
+        xp.multiply(dh, ok, ds)
         if t < T - 1:
-            ds += dc
-        da = dA[:, t]
-        da[:3] *= ds
-        da[3] *= dh
+            xp.add(ds, dc, ds)
+        xp.multiply(da_s, ds, da_s)
+        xp.multiply(da_h, dh, da_h)
         if t > 0:
-            xp.multiply(ds, A[0, t], out=dc)
+            xp.multiply(ds, f, dc)
         if t > 0 or need_dh0:  # dh_{t-1} = sum over gates of da_k Wh_k^T
-            xp.matmul(da, WhT, out=parts)
+            xp.matmul(da, WhT, parts)
             parts.sum(axis=0, out=dh_next)
 
 
@@ -302,7 +314,11 @@ def _weight_grads(X, Wx, Hb, dA, h0_zero, row_bias, grads):
     def rest():
         if one_hot:  # dWx = onehot^T dA, as products with the (V, T N) indicator matrix
             onehot_T = (xp.arange(Wx.shape[0])[:, None] == X.T.reshape(1, T * N)).astype(dA.dtype)
-            _set_gates(dWx, xp.matmul(onehot_T, dA3))
+            dWx_gates = xp.matmul(onehot_T, dA3)
+            _set_gates(dWx, dWx_gates)
+            if not row_bias:  # one id per position: db, the sum over positions, is dWx's column sum
+                _set_gates(db, dWx_gates.sum(axis=1))
+                return
         else:
             _set_gates(dWx, xp.matmul(X.T, dA3))
         _set_gates(db, dA.sum(axis=1) if row_bias else dA3.sum(axis=1))
@@ -358,6 +374,7 @@ def stepper(Wx, Wh, b):
     H = Wh.shape[0]
     scale = _gate_scale(H, Wx.dtype, xp)
     Wxs, Whs, bs = Wx * scale, Wh * scale, b * scale
+    num = _numerators(H, Wx.dtype, xp, False)
 
     def run(x, h, c):
         with blas_threads(backend.config.small_blas_threads):
@@ -366,7 +383,7 @@ def stepper(Wx, Wh, b):
             a += _matmul_rows(h.astype(Wx.dtype, copy=False), Whs,
                               xp.empty((x.shape[0], 4 * H), Wx.dtype))
             with np.errstate(over="ignore"):
-                _activate(a, a[:, H:2 * H])
+                _activate(a, a[:, H:2 * H], num)
             c_next = a[:, :H] * c
             c_next += a[:, H:2 * H] * a[:, 2 * H:3 * H]
             h_next = xp.tanh(c_next)
@@ -467,6 +484,7 @@ class _Cell:
         self.h, self.c = h.astype(Wx.dtype), c.astype(Wx.dtype)  # copies
         self.a, self.hWh = xp.empty((4, N, H), Wx.dtype), xp.empty((N, 4 * H), Wx.dtype)
         self.gi = xp.empty((N, H), Wx.dtype)
+        self.num = _numerators(H, Wx.dtype, xp, True)
         self.h_zero = not h.any()  # as in forward: a zero state contributes no h Wh
 
     def step(self, x):
@@ -484,7 +502,7 @@ class _Cell:
             a += _gates(self.hWh, H)
         self.h_zero = False
         with np.errstate(over="ignore"):
-            _activate(a, a[1])
+            _activate(a, a[1], self.num)
         f, g, i, o = a
         xp.multiply(f, c, out=c)
         xp.multiply(g, i, out=self.gi)
