@@ -184,7 +184,7 @@ def _forward(xs, Wx, Wh, b, h0, c0):
     dtype, H = Wx.dtype, Wh.shape[0]
     N, T = xs.shape[:2]
     scale = _gate_scale(H, dtype, xp)
-    # pre-activations come out already scaled for the single tanh: a * scale = x (Wx scale) + ...
+    # pre-activations come out already scaled for the gates' single exp: a * scale = x (Wx scale) + ...
     Whs = Wh * scale
     work = _Work(xp, "forward", T, N, H, dtype)
     A, C, TC, hWh, gi = work.bufs  # A[k, t]: gate k of step t (contiguous blocks)
