@@ -28,8 +28,9 @@ class _Stepper:
         self.k = k
         self.attention = hasattr(model, "encode")
         if self.attention:  # k rows attend to one copy of their question's states
-            self.enc_hs, self.mask = model.encode(xs)
-            h = self.enc_hs[:, -1]
+            enc_hs, mask = model.encode(xs)
+            self.attend = dec.stepper(enc_hs, mask)
+            h = enc_hs[:, -1]
         else:
             h = model.encoder.infer(xs)
             self.h = h if k == 1 else h.repeat(k, axis=0)
@@ -43,7 +44,7 @@ class _Stepper:
     def step(self, ids):
         """Scores (B, V) after feeding ids (B,)."""
         if self.attention:
-            return self.dec.infer_step(ids.reshape(-1), self.enc_hs, self.mask)
+            return self.attend(ids.reshape(-1))
         return self.dec._step(ids.reshape(-1, 1), self.h)[:, 0]
 
     def select(self, rows):

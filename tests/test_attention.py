@@ -233,7 +233,7 @@ def test_cython_engine_matches_numpy(dtype):
 
 @pytest.mark.parametrize("kernel", ["numpy", "cython"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_infer_step_gives_the_teacher_forced_scores(kernel, k):
+def test_decoder_stepper_gives_the_teacher_forced_scores(kernel, k):
     """Decoding's one-step path (the engine's step, nothing kept for backward) against the
     training path's forward over the same inputs, with k beams per question."""
     use_kernel(kernel)
@@ -245,7 +245,8 @@ def test_infer_step_gives_the_teacher_forced_scores(kernel, k):
     dec = model.decoder
     h0 = enc_hs[:, -1].repeat(k, axis=0)
     dec.lstm.set_state(h0, np.zeros_like(h0))
-    stepped = np.stack([dec.infer_step(ys[:, t], enc_hs, mask) for t in range(4)], axis=1)
+    step = dec.stepper(enc_hs, mask)
+    stepped = np.stack([step(ys[:, t]) for t in range(4)], axis=1)
     dec.lstm.set_state(h0, np.zeros_like(h0))
     forced = dec._step(ys, enc_hs, mask)
     np.testing.assert_allclose(stepped, forced, rtol=1e-10, atol=1e-12)

@@ -91,15 +91,19 @@ class AttentionDecoder(Model):
         self.lstm.set_state(enc_hs[:, -1])
         return self._step(xs, enc_hs, mask)
 
-    def infer_step(self, ids, enc_hs, mask=None):
-        """Inference: scores (B, V) for one step of ids (B,) from the LSTM's current state (the
-        engine's one-step path: nothing is kept for backward). B = k N rows attend as _step's."""
-        h = self.lstm.step(self.embed.params[0][ids])                          # (B, H)
-        B, H = h.shape
-        N = enc_hs.shape[0]
-        c = self.attention.forward(enc_hs, h.reshape(N, B // N, H), mask).reshape(B, H)
-        ch = get_array_module(h).concatenate([c, h], axis=1)
-        return self.affine.forward(ch[:, None, :])[:, 0]
+    def stepper(self, enc_hs, mask=None):
+        """Inference: a function ids (B,) -> scores (B, V), one step from the LSTM's current state
+        on the engine's one-step path (TimeLSTM.stepper: nothing kept for backward, the weights
+        prepared once). B = k N rows attend as _step's."""
+        cell, E, N = self.lstm.stepper(), self.embed.params[0], enc_hs.shape[0]
+
+        def step(ids):
+            h = cell(E[ids])                                                   # (B, H)
+            B, H = h.shape
+            c = self.attention.forward(enc_hs, h.reshape(N, B // N, H), mask).reshape(B, H)
+            ch = get_array_module(h).concatenate([c, h], axis=1)
+            return self.affine.forward(ch[:, None, :])[:, 0]
+        return step
 
     def backward(self, dscore):
         H = self.H
@@ -118,9 +122,9 @@ class AttentionDecoder(Model):
         self.lstm.set_state(enc_hs[:, -1])
         x = _as_start_ids(start_id, N, xp)
         out = xp.empty((N, sample_size), dtype=np.int64)
-        x = x[:, 0]
+        x, step = x[:, 0], self.stepper(enc_hs, mask)
         for t in range(sample_size):
-            x = self.infer_step(x, enc_hs, mask).argmax(axis=1)
+            x = step(x).argmax(axis=1)
             out[:, t] = x
         return out
 
