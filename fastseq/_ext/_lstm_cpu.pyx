@@ -251,17 +251,21 @@ def set_min_chunk_rows(Py_ssize_t rows):
     return old
 
 
+cdef inline Py_ssize_t _even(Py_ssize_t n) noexcept nogil:
+    """A chunk count above 2 rounded down to even: an odd one leaves one of two threads a chunk
+    short."""
+    return n - n % 2 if n > 2 else n
+
+
 cdef inline Py_ssize_t _nchunks(Py_ssize_t N) noexcept nogil:
     # two chunks as soon as each gets min rows, then chunks of about twice that: fewer, larger
-    # per-step products (and fewer dWx, dWh shares to add) pay more than finer load balancing.
-    # An even count: an odd one leaves one of two threads a chunk short at every step.
+    # per-step products (and fewer dWx, dWh shares to add) pay more than finer load balancing
     cdef Py_ssize_t n = N // (2 * _min_chunk_rows)
     if N < 2 * _min_chunk_rows:
         return 1
     if n < 2:
         return 2
-    n = n if n < MAX_CHUNKS else MAX_CHUNKS
-    return n - n % 2
+    return _even(n if n < MAX_CHUNKS else MAX_CHUNKS)
 
 
 def chunks(Py_ssize_t N):
@@ -886,7 +890,7 @@ def matmul(const floating[:, :] a, const floating[:, :] b, floating[:, ::1] out,
     if not _operand(a, &a_t, &lda) or not _operand(b, &b_t, &ldb):
         return False
     nq = min(M * N * K // MATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, M if by_rows else N)
-    nq -= nq % 2 if nq > 2 else 0  # as _nchunks: no thread a chunk short
+    nq = _even(nq)
     cdef int team = _team(nthreads, nq), old
     with nogil:
         old = _blas_enter()
@@ -954,7 +958,7 @@ def bmatmul(const floating[:, :, :] a, const floating[:, :, :] b, floating[:, :,
     if not _operand(a[0], &a_t, &lda) or not _operand(b[0], &b_t, &ldb):
         return False
     nq = min(B * M * N * K // BMATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, B)
-    nq -= nq % 2 if nq > 2 else 0
+    nq = _even(nq)
     cdef int team = _team(nthreads, nq), old
     with nogil:
         old = _blas_enter()
@@ -981,7 +985,7 @@ def exp_rows(floating[:, ::1] S, floating[::1] z, int nthreads=1):
     and denominator), in row chunks fixed by the shape on up to nthreads threads."""
     cdef Py_ssize_t M = S.shape[0], V = S.shape[1], q
     cdef Py_ssize_t nq = min(M * V // MATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, M)
-    nq -= nq % 2 if nq > 2 else 0
+    nq = _even(nq)
     if z.shape[0] != M:
         raise ValueError(f"z has {z.shape[0]} elements, expected {M}")
     if M == 0 or V == 0:
