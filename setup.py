@@ -25,7 +25,8 @@ def extensions():
         "fastseq._ext._lstm_cpu",
         ["fastseq/_ext/_lstm_cpu.pyx"],
         include_dirs=[numpy.get_include(), "fastseq/_ext"],
-        depends=["fastseq/_ext/fs_lstm.h", "fastseq/_ext/fs_bmm.h", "fastseq/_ext/fs_simd.h"],
+        depends=["fastseq/_ext/fs_lstm.h", "fastseq/_ext/fs_bmm.h", "fastseq/_ext/fs_pool.h",
+                 "fastseq/_ext/fs_simd.h"],
         # no -ffast-math: the kernel's exp/tanh rely on IEEE evaluation order (reassociating
         # 2^k*p + (2^k - 1) would destroy the accuracy of tanh and sigmoid near 0);
         # -fno-trapping-math lets the branch-free clamps of the gate math vectorise

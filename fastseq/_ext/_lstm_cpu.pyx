@@ -18,11 +18,11 @@ may be one-hot rows given as ids (N, T), so that x_t Wx is a gather of Wx's rows
 scatter-add of dA's rows (no dX).
 
 Chunks: rows are independent in the recurrence, so a batch of N >= 2 * min_chunk_rows rows is cut
-into chunks(N) chunks (2, or about N / (2 * min_chunk_rows), at most 8), a number fixed by N alone, and each chunk runs the whole time loop with
-single-threaded BLAS (x_t Wx, h_{t-1} Wh, the gate math; backward also its dX rows and its own
-shares of dWx, dWh, db). Threads take chunks one at a time from a shared counter (OpenMP dynamic
-schedule): a thread the OS deschedules just takes fewer chunks, and nobody waits at a barrier per
-step. The shares are added in chunk order, so results are bit-identical whatever the thread count
+into chunks(N) chunks (2, or about N / (2 * min_chunk_rows), at most 8), a number fixed by N
+alone, and each chunk runs the whole time loop with single-threaded BLAS (x_t Wx, h_{t-1} Wh, the
+gate math; backward also its dX rows and its own shares of dWx, dWh, db). Threads take chunks one
+at a time from a shared counter (fs_pool.h): a thread the OS deschedules just takes fewer chunks,
+and nobody waits at a barrier per step. The shares are added in chunk order, so results are bit-identical whatever the thread count
 or the machine's load. Smaller batches run as one chunk, with the once-per-sequence products
 (x Wx, dWx, dWh, dX) as single calls over all steps.
 
@@ -32,7 +32,6 @@ BLAS thread pool, not two), else through scipy.linalg.cython_blas. BLAS is colum
 column-major C^T = B^T A^T, so every call below passes its operands swapped. The gate math is in
 fs_lstm.h.
 """
-from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
 from libc.stdint cimport int64_t
@@ -61,7 +60,12 @@ cdef extern from "fs_lstm.h":
     Py_ssize_t fs_argmax_sumd(const double *s, const double *b, Py_ssize_t V) noexcept nogil
     float fs_exp_rowf(float *s, Py_ssize_t n) noexcept nogil
     double fs_exp_rowd(double *s, Py_ssize_t n) noexcept nogil
-    int FS_HAVE_OPENMP
+
+cdef extern from "fs_pool.h":
+    ctypedef void (*fs_task)(void *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil
+    void fs_pool_run(int team, Py_ssize_t ntask, fs_task fn, void *ctx) noexcept nogil
+    int FS_HAVE_POOL
+
 
 cdef extern from "fs_bmm.h":
     void fs_mm_rowsf(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t a_rs,
@@ -133,9 +137,9 @@ def set_blas_threads(size_t set_local_addr=0, size_t set_global_addr=0, size_t g
 
 
 def can_thread():
-    """Whether chunks can run on several threads: built with OpenMP, and a way to make the BLAS
-    single-threaded per thread is known."""
-    return bool(FS_HAVE_OPENMP) and (_set_local != NULL or _set_global != NULL)
+    """Whether chunks can run on several threads: POSIX threads (fs_pool.h), and a way to make
+    the BLAS single-threaded per thread is known."""
+    return bool(FS_HAVE_POOL) and (_set_local != NULL or _set_global != NULL)
 
 
 cdef int _blas_enter() noexcept nogil:
@@ -275,7 +279,7 @@ def chunks(Py_ssize_t N):
 
 cdef inline int _team(int nthreads, Py_ssize_t nc) noexcept nogil:
     """Threads for nc chunks."""
-    if nthreads < 2 or nc < 2 or not FS_HAVE_OPENMP or (_set_local == NULL and _set_global == NULL):
+    if nthreads < 2 or nc < 2 or not FS_HAVE_POOL or (_set_local == NULL and _set_global == NULL):
         return 1
     return nthreads if nthreads < nc else <int>nc
 
@@ -354,13 +358,28 @@ cdef void _fwd_rows(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py
                          TC + t * NH, Hb + (t + 1) * NH)
 
 
-cdef void _fwd_chunk(Py_ssize_t k, Py_ssize_t nc, Py_ssize_t T, Py_ssize_t N, Py_ssize_t H,
-                     Py_ssize_t D, const floating *X, const floating *Wx, const floating *W,
-                     const floating *bias, Py_ssize_t b_rs, floating *A, floating *Hb,
-                     floating *Cb, floating *TC, bint h0_zero, const int64_t *ids) noexcept nogil:
+cdef struct FwdJob:
+    Py_ssize_t nc, T, N, H, D, b_rs
+    const void *X
+    const void *Wx
+    const void *W
+    const void *bias
+    void *A
+    void *Hb
+    void *Cb
+    void *TC
+    bint h0_zero
+    const int64_t *ids
+
+
+cdef void _fwd_task(floating *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil:
+    """Chunk k of forward (fs_pool.h task)."""
+    cdef FwdJob *j = <FwdJob *>ctx
     _blas_worker()
-    _fwd_rows(k * N // nc, (k + 1) * N // nc, T, N, H, D, X, Wx, W, bias, b_rs, A, Hb, Cb, TC,
-              h0_zero, True, ids, T)
+    _fwd_rows(k * j.N // j.nc, (k + 1) * j.N // j.nc, j.T, j.N, j.H, j.D, <const floating *>j.X,
+              <const floating *>j.Wx, <const floating *>j.W, <const floating *>j.bias, j.b_rs,
+              <floating *>j.A, <floating *>j.Hb, <floating *>j.Cb, <floating *>j.TC, j.h0_zero,
+              True, j.ids, j.T)
 
 
 cdef void _check_ids(const int64_t[:, ::1] ids, Py_ssize_t N, Py_ssize_t T, Py_ssize_t D,
@@ -389,6 +408,7 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
     cdef int team = _team(nthreads, nc), old
     cdef bint h0_zero
     cdef const int64_t *idp = NULL
+    cdef FwdJob job
     if b.shape[0] != (N * G if row_bias else G):
         raise ValueError(f"b has {b.shape[0]} elements, expected {N * G if row_bias else G}")
     if ids is not None:
@@ -413,9 +433,9 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
             _fwd_rows(0, N, T, N, H, D, &X[0, 0, 0], &Wx[0, 0], W, bias, b_rs, &A[0, 0, 0],
                       &Hb[0, 0, 0], &Cb[0, 0, 0], &TC[0, 0, 0], h0_zero, False, idp, T)
         else:
-            for k in prange(nc, num_threads=team, schedule='dynamic', chunksize=1):
-                _fwd_chunk(k, nc, T, N, H, D, &X[0, 0, 0], &Wx[0, 0], W, bias, b_rs, &A[0, 0, 0],
-                           &Hb[0, 0, 0], &Cb[0, 0, 0], &TC[0, 0, 0], h0_zero, idp)
+            job = FwdJob(nc, T, N, H, D, b_rs, &X[0, 0, 0], &Wx[0, 0], W, bias, &A[0, 0, 0],
+                         &Hb[0, 0, 0], &Cb[0, 0, 0], &TC[0, 0, 0], h0_zero, idp)
+            fs_pool_run(team, nc, <fs_task>_fwd_task[floating], &job)
         _blas_leave(old)
     return h0_zero
 
@@ -477,20 +497,51 @@ cdef void _bwd_rows(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py
                   Hb + t * NH + r0 * H, <int>H, <floating>(t < T - 1), pdWh, <int>G)
 
 
-cdef void _bwd_chunk(Py_ssize_t k, Py_ssize_t nc, Py_ssize_t T, Py_ssize_t N, Py_ssize_t H,
-                     Py_ssize_t D, const floating *W, floating *A, const floating *dy0,
-                     Py_ssize_t dy_ts, Py_ssize_t dy_rs, floating *dhn, floating *dc,
-                     const floating *Cb, const floating *TC, const floating *X,
-                     const floating *Wx, const floating *Hb, Grads g, floating *shares,
-                     bint h0_zero, bint need_dh0, const int64_t *ids) noexcept nogil:
-    """Chunk k of nc: its rows, its own dWx and dWh share (in shares) and db accumulators."""
-    cdef Py_ssize_t G = 4 * H
+cdef struct BwdJob:
+    Py_ssize_t nc, T, N, H, D, dy_ts, dy_rs
+    const void *W
+    void *A
+    const void *dy0
+    void *dhn
+    void *dc
+    const void *Cb
+    const void *TC
+    const void *X
+    const void *Wx
+    const void *Hb
+    Grads g
+    void *shares
+    bint h0_zero, need_dh0
+    const int64_t *ids
+    # the shares' sum (_sum_task): ns pieces of the PW elements [dWx, dWh]
+    Py_ssize_t PW, ns
+    void *dWx
+    void *dWh
+
+
+cdef void _bwd_task(floating *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil:
+    """Chunk k of backward: its rows, its own dWx and dWh share (in shares) and db
+    accumulators (fs_pool.h task)."""
+    cdef BwdJob *j = <BwdJob *>ctx
+    cdef Py_ssize_t G = 4 * j.H
+    cdef Grads g = j.g
+    cdef floating *shares = <floating *>j.shares
     _blas_worker()
-    g.pdWx = shares + k * (D + H) * G
-    g.pdWh = shares + k * (D + H) * G + D * G
+    g.pdWx = shares + k * (j.D + j.H) * G
+    g.pdWh = shares + k * (j.D + j.H) * G + j.D * G
     g.dbacc = g.dbacc + k * G
-    _bwd_rows(k * N // nc, (k + 1) * N // nc, T, N, H, D, W, A, dy0, dy_ts, dy_rs, dhn, dc, Cb,
-              TC, X, Wx, Hb, g, h0_zero, need_dh0, ids)
+    _bwd_rows(k * j.N // j.nc, (k + 1) * j.N // j.nc, j.T, j.N, j.H, j.D, <const floating *>j.W,
+              <floating *>j.A, <const floating *>j.dy0, j.dy_ts, j.dy_rs, <floating *>j.dhn,
+              <floating *>j.dc, <const floating *>j.Cb, <const floating *>j.TC,
+              <const floating *>j.X, <const floating *>j.Wx, <const floating *>j.Hb, g,
+              j.h0_zero, j.need_dh0, j.ids)
+
+
+cdef void _sum_task(floating *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil:
+    """Piece k of the sum of the chunks' dWx, dWh shares (fs_pool.h task)."""
+    cdef BwdJob *j = <BwdJob *>ctx
+    _sum_shares(<const floating *>j.shares, j.nc, j.PW, <floating *>j.dWx, j.D * 4 * j.H,
+                <floating *>j.dWh, k * j.PW // j.ns, (k + 1) * j.PW // j.ns)
 
 
 cdef void _sum_shares(const floating *shares, Py_ssize_t nc, Py_ssize_t PW, floating *dWx,
@@ -566,6 +617,7 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     cdef floating *dc = &scratch[0]
     cdef floating *shares = dc + N * H
     cdef Grads g
+    cdef BwdJob job
     g.dX, g.pdWx, g.pdWh, g.dbr = NULL, NULL, NULL, NULL
     g.dbacc = <double *>calloc(nc * G, sizeof(double))
     if g.dbacc == NULL:
@@ -586,13 +638,11 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
             _bwd_whole(T, N, H, D, &A[0, 0, 0], &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], &dWx[0, 0],
                        &dWh[0, 0], &dX[0, 0, 0], h0_zero, idp)
         else:
-            for k in prange(nc, num_threads=team, schedule='dynamic', chunksize=1):
-                _bwd_chunk(k, nc, T, N, H, D, &Wh[0, 0], &A[0, 0, 0], dy0, dy_ts, dy_rs,
-                           &dh0[0, 0], dc, &Cb[0, 0, 0], &TC[0, 0, 0], &X[0, 0, 0], &Wx[0, 0],
-                           &Hb[0, 0, 0], g, shares, h0_zero, need_dh0, idp)
-            for k in prange(4 * team, num_threads=team, schedule='dynamic', chunksize=1):
-                _sum_shares(shares, nc, PW, &dWx[0, 0], D * G, &dWh[0, 0],
-                            k * PW // (4 * team), (k + 1) * PW // (4 * team))
+            job = BwdJob(nc, T, N, H, D, dy_ts, dy_rs, &Wh[0, 0], &A[0, 0, 0], dy0, &dh0[0, 0],
+                         dc, &Cb[0, 0, 0], &TC[0, 0, 0], &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], g,
+                         shares, h0_zero, need_dh0, idp, PW, 4 * team, &dWx[0, 0], &dWh[0, 0])
+            fs_pool_run(team, nc, <fs_task>_bwd_task[floating], &job)
+            fs_pool_run(team, job.ns, <fs_task>_sum_task[floating], &job)
             for k in range(1, nc):  # db accumulators in chunk order
                 for j in range(G):
                     g.dbacc[j] += g.dbacc[k * G + j]
@@ -689,6 +739,35 @@ cdef void _final_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t D,
         memcpy(c + r0 * H, cur, rows * H * sizeof(floating))
 
 
+cdef struct InferJob:
+    # final_state (_final_task) and greedy (_greedy_task): block k, scratch slot tid
+    Py_ssize_t N, T, S, D, H, V, b_rs, bo_rs, slot
+    const void *xs
+    const int64_t *ids
+    const void *Wx
+    const void *Wh
+    const void *bias
+    const void *h0
+    const void *c0
+    const int64_t *start
+    void *h
+    void *c
+    bint h0_zero
+    const void *Wo
+    const void *bo
+    int64_t *out
+    void *scratch
+
+
+cdef void _final_task(floating *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil:
+    cdef InferJob *j = <InferJob *>ctx
+    _final_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, j.N), j.T, j.D, j.H,
+                 <const floating *>j.xs, j.ids, <const floating *>j.Wx, <const floating *>j.Wh,
+                 <const floating *>j.bias, j.b_rs, <const floating *>j.h0,
+                 <const floating *>j.c0, j.start, <floating *>j.h, <floating *>j.c, j.h0_zero,
+                 <floating *>j.scratch + tid * j.slot)
+
+
 cdef void _check_final_state_shapes(Py_ssize_t N, Py_ssize_t T, Py_ssize_t D, Py_ssize_t H,
                                     Py_ssize_t Wx0, Py_ssize_t Wx1, Py_ssize_t Wh1,
                                     Py_ssize_t h0_0, Py_ssize_t h0_1, Py_ssize_t c0_0,
@@ -722,6 +801,7 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
     cdef bint h0_zero
     cdef const int64_t *idp = NULL
     cdef const int64_t *stp = NULL
+    cdef InferJob job
     _check_final_state_shapes(N, T, D, H, Wx.shape[0], Wx.shape[1], Wh.shape[1], h0.shape[0],
                               h0.shape[1], c0.shape[0], c0.shape[1], h.shape[0], h.shape[1],
                               c.shape[0], c.shape[1], ids is not None)
@@ -751,11 +831,11 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
                              &Wx[0, 0], &Wh[0, 0], &b[0], G if row_bias else 0, &h0[0, 0],
                              &c0[0, 0], stp, &h[0, 0], &c[0, 0], h0_zero, &scratch[0])
         else:
-            for k in prange(nb, num_threads=team, schedule='dynamic', chunksize=1):
-                _final_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, N), T, D, H, X, idp,
-                             &Wx[0, 0], &Wh[0, 0], &b[0], G if row_bias else 0, &h0[0, 0],
-                             &c0[0, 0], stp, &h[0, 0], &c[0, 0], h0_zero,
-                             &scratch[0] + threadid() * slot)
+            job.N, job.T, job.D, job.H, job.b_rs, job.slot = N, T, D, H, G if row_bias else 0, slot
+            job.xs, job.ids, job.Wx, job.Wh, job.bias = X, idp, &Wx[0, 0], &Wh[0, 0], &b[0]
+            job.h0, job.c0, job.start, job.h, job.c = &h0[0, 0], &c0[0, 0], stp, &h[0, 0], &c[0, 0]
+            job.h0_zero, job.scratch = h0_zero, &scratch[0]
+            fs_pool_run(team, nb, <fs_task>_final_task[floating], &job)
         _blas_leave(old)
 
 
@@ -796,6 +876,15 @@ cdef void _greedy_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t S, Py_ssize_t H
                 out[(r0 + n) * S + t] = fs_argmax_sumd(s + n * V, bo + (r0 + n) * bo_rs, V)
 
 
+cdef void _greedy_task(floating *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil:
+    cdef InferJob *j = <InferJob *>ctx
+    _greedy_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, j.N), j.S, j.H, j.V, j.ids,
+                  <const floating *>j.Wx, <const floating *>j.Wh, <const floating *>j.bias,
+                  j.b_rs, <const floating *>j.h0, <const floating *>j.c0,
+                  <const floating *>j.Wo, <const floating *>j.bo, j.bo_rs, j.out,
+                  <floating *>j.scratch + tid * j.slot)
+
+
 def greedy(const int64_t[::1] ids, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
            const floating[::1] b, const floating[:, ::1] h0, const floating[:, ::1] c0,
            const floating[:, ::1] Wo, const floating[::1] bo, int64_t[:, ::1] out,
@@ -808,6 +897,7 @@ def greedy(const int64_t[::1] ids, const floating[:, ::1] Wx, const floating[:, 
     cdef Py_ssize_t N = h0.shape[0], H = Wh.shape[0], V = Wo.shape[1], S = out.shape[1]
     cdef Py_ssize_t G = 4 * H, k, n, nb = _blocks(N), slot = _block_rows(N) * (2 * G + V)
     cdef int team = _team(nthreads, nb), old
+    cdef InferJob job
     if b.shape[0] != (N * G if row_bias else G):
         raise ValueError(f"b has {b.shape[0]} elements, expected {N * G if row_bias else G}")
     if bo.shape[0] != (N * V if out_row_bias else V):
@@ -825,11 +915,12 @@ def greedy(const int64_t[::1] ids, const floating[:, ::1] Wx, const floating[:, 
         return
     with nogil:
         old = _blas_enter()
-        for k in prange(nb, num_threads=team, schedule='dynamic', chunksize=1):
-            _greedy_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, N), S, H, V, &ids[0],
-                          &Wx[0, 0], &Wh[0, 0], &b[0], G if row_bias else 0, &h0[0, 0],
-                          &c0[0, 0], &Wo[0, 0], &bo[0], V if out_row_bias else 0, &out[0, 0],
-                          &scratch[0] + threadid() * slot)
+        job.N, job.S, job.H, job.V, job.slot = N, S, H, V, slot
+        job.b_rs, job.bo_rs = G if row_bias else 0, V if out_row_bias else 0
+        job.ids, job.Wx, job.Wh, job.bias = &ids[0], &Wx[0, 0], &Wh[0, 0], &b[0]
+        job.h0, job.c0, job.Wo, job.bo = &h0[0, 0], &c0[0, 0], &Wo[0, 0], &bo[0]
+        job.out, job.scratch = &out[0, 0], &scratch[0]
+        fs_pool_run(team, nb, <fs_task>_greedy_task[floating], &job)
         _blas_leave(old)
 
 
@@ -857,6 +948,23 @@ cdef void _matmul_chunk(Py_ssize_t q, Py_ssize_t nq, bint by_rows, Py_ssize_t M,
         _gemm(c'T' if b_t else c'N', c'T' if a_t else c'N', <int>(i1 - i0), <int>M, <int>K,
               <floating>1, b + (i0 * ldb if b_t else i0), <int>ldb, a, <int>lda, <floating>0,
               out + i0, <int>N)
+
+
+cdef struct MmJob:
+    # matmul (_matmul_task), bmatmul (_bmatmul_task), exp_rows (_exp_rows_task): nq chunks
+    Py_ssize_t nq, B, M, N, K, sa, sb
+    bint by_rows, a_t, b_t
+    Py_ssize_t lda, ldb
+    const void *a
+    const void *b
+    void *out
+    void *z
+
+
+cdef void _matmul_task(floating *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
+    cdef MmJob *j = <MmJob *>ctx
+    _matmul_chunk(q, j.nq, j.by_rows, j.M, j.N, j.K, <const floating *>j.a, j.a_t, j.lda,
+                  <const floating *>j.b, j.b_t, j.ldb, <floating *>j.out)
 
 
 cdef inline bint _operand(const floating[:, :] x, bint *trans, Py_ssize_t *ld) noexcept:
@@ -892,11 +1000,13 @@ def matmul(const floating[:, :] a, const floating[:, :] b, floating[:, ::1] out,
     nq = min(M * N * K // MATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, M if by_rows else N)
     nq = _even(nq)
     cdef int team = _team(nthreads, nq), old
+    cdef MmJob job
+    job.nq, job.M, job.N, job.K, job.by_rows = nq, M, N, K, by_rows
+    job.a, job.a_t, job.lda, job.b, job.b_t, job.ldb = &a[0, 0], a_t, lda, &b[0, 0], b_t, ldb
+    job.out = &out[0, 0]
     with nogil:
         old = _blas_enter()
-        for q in prange(nq, num_threads=team, schedule='dynamic', chunksize=1):
-            _matmul_chunk(q, nq, by_rows, M, N, K, &a[0, 0], a_t, lda, &b[0, 0], b_t, ldb,
-                          &out[0, 0])
+        fs_pool_run(team, nq, <fs_task>_matmul_task[floating], &job)
         _blas_leave(old)
     return True
 
@@ -934,6 +1044,13 @@ cdef void _bmatmul_chunk(Py_ssize_t q, Py_ssize_t nq, Py_ssize_t B, int M, int N
                   ldb, a + i * sa, lda, <floating>0, out + i * M * N, N)
 
 
+cdef void _bmatmul_task(floating *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
+    cdef MmJob *j = <MmJob *>ctx
+    _bmatmul_chunk(q, j.nq, j.B, <int>j.M, <int>j.N, <int>j.K, <const floating *>j.a, j.sa,
+                   j.a_t, <int>j.lda, <const floating *>j.b, j.sb, j.b_t, <int>j.ldb,
+                   <floating *>j.out)
+
+
 def bmatmul(const floating[:, :, :] a, const floating[:, :, :] b, floating[:, :, ::1] out,
             int nthreads=1):
     """out[i] = a[i] @ b[i] for a stack of B matrices, in chunks of whole matrices fixed by the
@@ -960,12 +1077,14 @@ def bmatmul(const floating[:, :, :] a, const floating[:, :, :] b, floating[:, :,
     nq = min(B * M * N * K // BMATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, B)
     nq = _even(nq)
     cdef int team = _team(nthreads, nq), old
+    cdef MmJob job
+    job.nq, job.B, job.M, job.N, job.K = nq, B, M, N, K
+    job.a, job.sa, job.a_t, job.lda = &a[0, 0, 0], a.strides[0] // isz, a_t, lda
+    job.b, job.sb, job.b_t, job.ldb = &b[0, 0, 0], b.strides[0] // isz, b_t, ldb
+    job.out = &out[0, 0, 0]
     with nogil:
         old = _blas_enter()
-        for q in prange(nq, num_threads=team, schedule='dynamic', chunksize=1):
-            _bmatmul_chunk(q, nq, B, <int>M, <int>N, <int>K, &a[0, 0, 0], a.strides[0] // isz,
-                           a_t, <int>lda, &b[0, 0, 0], b.strides[0] // isz, b_t, <int>ldb,
-                           &out[0, 0, 0])
+        fs_pool_run(team, nq, <fs_task>_bmatmul_task[floating], &job)
         _blas_leave(old)
     return True
 
@@ -980,6 +1099,11 @@ cdef void _exp_rows_chunk(Py_ssize_t q, Py_ssize_t nq, floating *S, Py_ssize_t M
             z[i] = fs_exp_rowd(S + i * V, V)
 
 
+cdef void _exp_rows_task(floating *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
+    cdef MmJob *j = <MmJob *>ctx
+    _exp_rows_chunk(q, j.nq, <floating *>j.out, j.M, j.N, <floating *>j.z)
+
+
 def exp_rows(floating[:, ::1] S, floating[::1] z, int nthreads=1):
     """S = exp(S) in place and z = S.sum(1), for scores shifted to <= 0 (a softmax's numerator
     and denominator), in row chunks fixed by the shape on up to nthreads threads."""
@@ -992,8 +1116,7 @@ def exp_rows(floating[:, ::1] S, floating[::1] z, int nthreads=1):
         for q in range(M):
             z[q] = 0
         return
-    cdef int team = FS_HAVE_OPENMP and nthreads > 1 and nq > 1
+    cdef MmJob job
+    job.nq, job.M, job.N, job.out, job.z = nq, M, V, &S[0, 0], &z[0]
     with nogil:
-        for q in prange(nq, num_threads=(nthreads if nthreads < nq else nq) if team else 1,
-                        schedule='dynamic', chunksize=1):
-            _exp_rows_chunk(q, nq, &S[0, 0], M, V, &z[0])
+        fs_pool_run(nthreads if FS_HAVE_POOL else 1, nq, <fs_task>_exp_rows_task[floating], &job)
