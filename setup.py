@@ -20,7 +20,9 @@ def extensions():
         print(f"fastseq: not building the Cython kernel ({e}); the NumPy engine will be used",
               file=sys.stderr)
         return []
-    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    # OpenMP's simd directives only (no OpenMP runtime: threads come from fastseq/_ext/fs_pool.h)
+    simd = ["-fopenmp-simd", "-pthread"]
+    simd_macro = [("FS_OMP_SIMD", "1")]
     ext = Extension(
         "fastseq._ext._lstm_cpu",
         ["fastseq/_ext/_lstm_cpu.pyx"],
@@ -30,18 +32,18 @@ def extensions():
         # no -ffast-math: the kernel's exp/tanh rely on IEEE evaluation order (reassociating
         # 2^k*p + (2^k - 1) would destroy the accuracy of tanh and sigmoid near 0);
         # -fno-trapping-math lets the branch-free clamps of the gate math vectorise
-        extra_compile_args=["-O3", "-fno-trapping-math"] + openmp,
-        extra_link_args=openmp,
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3", "-fno-trapping-math"] + simd,
+        extra_link_args=["-pthread"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")] + simd_macro,
     )
     optim = Extension(
         "fastseq._ext._optim_cpu",
         ["fastseq/_ext/_optim_cpu.pyx"],
         include_dirs=[numpy.get_include(), "fastseq/_ext"],
         depends=["fastseq/_ext/fs_simd.h"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"] + openmp,
-        extra_link_args=openmp,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")] + simd_macro,
+        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"] + simd,
+        extra_link_args=["-pthread"],
     )
     ops = Extension(
         "fastseq._ext._ops_cpu",

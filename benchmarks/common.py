@@ -176,6 +176,9 @@ def interleaved(argv_for, setups, rounds, turn, pause=0.1):
             p.wait()
             print(f"note: setup {s!r} unavailable here", file=sys.stderr)
     names = list(procs)
+    if not names:
+        raise SystemExit("no setup could start (is fastseq importable? install it with "
+                         "`pip install -e .` or set PYTHONPATH to the checkout)")
     times = {s: [] for s in names}
     try:
         for r in range(rounds):

@@ -29,12 +29,6 @@ import numpy as np
 
 ENGINES = ("numpy", "cython", "cupy")
 
-# Idle GNU OpenMP threads spin before they sleep; on a shared machine that burns the core another
-# process, or our own next thread, needs. Unless the user chose a policy, they sleep at once.
-# (libgomp reads this when it loads, with the first compiled kernel, always after this module.)
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
 xp = np  # the array module new arrays are created with (follows config.array)
 
 
@@ -50,7 +44,7 @@ class Config:
     threads: int = 1              # most threads fastseq's kernels may use (FASTSEQ_THREADS)
     # thread policy of the CPU kernels, derived from threads (see _thread_policy)
     lstm_threads: int = 1         # threads taking the Cython LSTM's row chunks
-    optim_threads: int = 1        # OpenMP threads for the fused optimiser / clipping kernels
+    optim_threads: int = 1        # threads for the fused optimiser / clipping kernels
     blas_threads: int = 1         # threads the BLAS may use for fastseq's products
     small_blas_threads: int = 1   # BLAS threads for the numpy engine's small products (_thread_policy)
     blas: str = "auto"            # BLAS the Cython LSTM calls: 'auto', 'numpy' or 'scipy'
@@ -197,6 +191,9 @@ def compiled(name):
             _compiled_errors[name] = f"{type(e).__name__}: {e}"
         else:
             _limit_blas()  # the extension may have loaded another BLAS (SciPy's)
+            if name == "_optim_cpu" and compiled("_lstm_cpu") is not None:
+                # one set of worker threads per process: the LSTM kernel's
+                _compiled[name].set_pool(_compiled["_lstm_cpu"].pool_address())
     return _compiled[name]
 
 

@@ -65,6 +65,7 @@ cdef extern from "fs_pool.h":
     ctypedef void (*fs_task)(void *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil
     void fs_pool_run(int team, Py_ssize_t ntask, fs_task fn, void *ctx) noexcept nogil
     int FS_HAVE_POOL
+    long fs_pool_helped() noexcept nogil
 
 
 cdef extern from "fs_bmm.h":
@@ -134,6 +135,16 @@ def set_blas_threads(size_t set_local_addr=0, size_t set_global_addr=0, size_t g
         raise ValueError("give both the global setter and getter, or neither")
     _set_local, _set_global, _get_global = (<void *>set_local_addr, <void *>set_global_addr,
                                             <void *>get_global_addr)
+
+
+def pool_address():
+    """The address of fs_pool_run, for the other extensions (one set of worker threads)."""
+    return <size_t>&fs_pool_run
+
+
+def chunks_helped():
+    """How many chunks fastseq's worker threads (not the calling threads) have run so far."""
+    return fs_pool_helped()
 
 
 def can_thread():
@@ -927,7 +938,7 @@ def greedy(const int64_t[::1] ids, const floating[:, ::1] Wx, const floating[:, 
 # --- products for the layers around the LSTM -----------------------------------------------------
 
 cdef enum:
-    MATMUL_CHUNK_WORK = 1 << 22  # multiply-adds per chunk at least: hand-offs cost less
+    MATMUL_CHUNK_WORK = 1 << 18  # multiply-adds per chunk at least: hand-offs cost less
     MATMUL_MAX_CHUNKS = 4        # each chunk's BLAS call packs the whole other operand again
 
 

@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Fused optimiser kernels over a whole parameter list: one call, one pass per array, vectorised
-(AVX-512 / AVX2 clones) and, for large lists, split over OpenMP threads.
+(AVX-512 / AVX2 clones) and, for large lists, split over fastseq's worker threads.
 
 NumPy equivalents:
     adam_update:   for each (p, g, m, v):
@@ -11,13 +11,13 @@ NumPy equivalents:
     scale:         for g in gs: g *= rate
 
 The elements of a list, concatenated, are cut into chunks of CHUNK elements. Each function takes
-nthreads (default 1): OpenMP threads, used for lists of at least PARALLEL_MIN elements, take the
-chunks one at a time (a descheduled thread just takes fewer), and sum_squares adds the chunks'
+nthreads (default 1): threads, used for lists of at least PARALLEL_MIN elements once set_pool()
+has given the worker pool of fastseq._ext._lstm_cpu (fs_pool.h), take the chunks one at a time
+(a descheduled thread just takes fewer), and sum_squares adds the chunks'
 sums in chunk order, so every result is the same whatever the thread count. Each touches nothing
 and returns False (sum_squares: None) unless all arrays are C-contiguous, writeable float32 or
 float64 NumPy arrays with matching sizes and dtypes; the caller then uses NumPy.
 """
-from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 
 cimport numpy as cnp
@@ -71,7 +71,6 @@ cdef extern from "fs_simd.h":
     FS_SCALE(float, f)
     FS_SCALE(double, d)
     """
-    int FS_HAVE_OPENMP
     void fs_adam_f(Py_ssize_t i0, Py_ssize_t i1, float *p, const float *g, float *m, float *v,
                    float a, float b, float lr, float eps) noexcept nogil
     void fs_adam_d(Py_ssize_t i0, Py_ssize_t i1, double *p, const double *g, double *m,
@@ -84,8 +83,9 @@ cdef extern from "fs_simd.h":
 
 cdef enum:
     CHUNK = 1 << 15
-    # below this, waking a sleeping thread costs more than it saves
-    PARALLEL_MIN = 1 << 18
+    PARALLEL_MIN = 2 * CHUNK
+
+
 
 
 cdef bint _ok(object a, int typenum, Py_ssize_t n):
@@ -158,12 +158,6 @@ cdef void _free(Lists *L) noexcept:
     L.start, L.ptr = NULL, NULL
 
 
-cdef int _threads(Py_ssize_t total, int nthreads) noexcept nogil:
-    if total < PARALLEL_MIN or nthreads < 2 or not FS_HAVE_OPENMP:
-        return 1
-    return nthreads
-
-
 cdef inline Py_ssize_t _nchunks(Lists *L) noexcept nogil:
     return (L.total + CHUNK - 1) // CHUNK
 
@@ -171,6 +165,34 @@ cdef inline Py_ssize_t _nchunks(Lists *L) noexcept nogil:
 cdef inline Py_ssize_t _end(Lists *L, Py_ssize_t q) noexcept nogil:
     """End of chunk q."""
     return (q + 1) * CHUNK if (q + 1) * CHUNK < L.total else L.total
+
+
+ctypedef void (*task_t)(void *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil
+ctypedef void (*pool_run_t)(int team, Py_ssize_t ntask, task_t fn, void *ctx) noexcept nogil
+cdef pool_run_t _pool_run = NULL
+
+
+def set_pool(size_t run_addr=0):
+    """Run chunks through this fs_pool_run (fastseq._ext._lstm_cpu.pool_address(): one set of
+    worker threads per process); 0: every chunk on the calling thread."""
+    global _pool_run
+    _pool_run = <pool_run_t>run_addr
+
+
+cdef struct Job:
+    Lists *L
+    bint f32
+    double a, b, lr, eps, rate
+    double *parts
+
+
+cdef void _run(Lists *L, int nthreads, task_t fn, Job *job) noexcept nogil:
+    cdef Py_ssize_t q, n = _nchunks(L)
+    if _pool_run != NULL and nthreads > 1 and L.total >= PARALLEL_MIN:
+        _pool_run(nthreads, n, fn, job)
+    else:
+        for q in range(n):
+            fn(NULL, job, q, 0)
 
 
 # Each kernel below runs over a share [e0, e1) of the concatenated elements: it walks the arrays
@@ -198,21 +220,24 @@ cdef void _adam_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1, double a
                       <double *>L.ptr[2 * K + k], <double *>L.ptr[3 * K + k], a, b, lr, eps)
 
 
+cdef void _adam_task(void *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
+    cdef Job *j = <Job *>ctx
+    _adam_share(j.L, j.f32, q * CHUNK, _end(j.L, q), j.a, j.b, j.lr, j.eps)
+
+
 def adam_update(list ps, list gs, list ms, list vs, double lr_t, double a, double b, double eps,
                 int nthreads=1):
-    """Update every parameter in place (a = 1 - beta1, b = 1 - beta2) on up to nthreads OpenMP
+    """Update every parameter in place (a = 1 - beta1, b = 1 - beta2) on up to nthreads
     threads; returns True, or False (touching nothing) when the arrays do not qualify."""
     cdef Lists L
     cdef int typenum
-    cdef Py_ssize_t q
+    cdef Job job
     if not ps or _lists(&L, [ps, gs, ms, vs], &typenum):
         return False
-    cdef bint f32 = typenum == cnp.NPY_FLOAT32
+    job.L, job.f32, job.a, job.b, job.lr, job.eps = &L, typenum == cnp.NPY_FLOAT32, a, b, lr_t, eps
     try:
         with nogil:
-            for q in prange(_nchunks(&L), num_threads=_threads(L.total, nthreads),
-                            schedule='dynamic', chunksize=1):
-                _adam_share(&L, f32, q * CHUNK, _end(&L, q), a, b, lr_t, eps)
+            _run(&L, nthreads, _adam_task, &job)
     finally:
         _free(&L)
     return True
@@ -228,6 +253,11 @@ cdef double _sumsq_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1) noexc
     return total
 
 
+cdef void _sumsq_task(void *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
+    cdef Job *j = <Job *>ctx
+    j.parts[q] = _sumsq_share(j.L, j.f32, q * CHUNK, _end(j.L, q))
+
+
 def sum_squares(list gs, int nthreads=1):
     """Sum of the squares of every element of every array (accumulated in float64), or None
     when the arrays do not qualify."""
@@ -236,17 +266,16 @@ def sum_squares(list gs, int nthreads=1):
     cdef Py_ssize_t q
     cdef double total = 0
     cdef double *parts
+    cdef Job job
     if not gs or _lists(&L, [gs], &typenum):
         return None
-    cdef bint f32 = typenum == cnp.NPY_FLOAT32
     parts = <double *>malloc(_nchunks(&L) * sizeof(double))
+    job.L, job.f32, job.parts = &L, typenum == cnp.NPY_FLOAT32, parts
     try:
         if parts == NULL:
             raise MemoryError()
         with nogil:
-            for q in prange(_nchunks(&L), num_threads=_threads(L.total, nthreads),
-                            schedule='dynamic', chunksize=1):
-                parts[q] = _sumsq_share(&L, f32, q * CHUNK, _end(&L, q))
+            _run(&L, nthreads, _sumsq_task, &job)
             for q in range(_nchunks(&L)):  # in chunk order
                 total += parts[q]
     finally:
@@ -265,19 +294,22 @@ cdef void _scale_share(Lists *L, bint f32, Py_ssize_t e0, Py_ssize_t e1, double 
                 fs_scale_d(i0, i1, <double *>L.ptr[k], r)
 
 
+cdef void _scale_task(void *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
+    cdef Job *j = <Job *>ctx
+    _scale_share(j.L, j.f32, q * CHUNK, _end(j.L, q), j.rate)
+
+
 def scale(list gs, double rate, int nthreads=1):
     """Multiply every array in place by rate; True, or False when they do not qualify."""
     cdef Lists L
     cdef int typenum
-    cdef Py_ssize_t q
+    cdef Job job
     if not gs or _lists(&L, [gs], &typenum):
         return False
-    cdef bint f32 = typenum == cnp.NPY_FLOAT32
+    job.L, job.f32, job.rate = &L, typenum == cnp.NPY_FLOAT32, rate
     try:
         with nogil:
-            for q in prange(_nchunks(&L), num_threads=_threads(L.total, nthreads),
-                            schedule='dynamic', chunksize=1):
-                _scale_share(&L, f32, q * CHUNK, _end(&L, q), rate)
+            _run(&L, nthreads, _scale_task, &job)
     finally:
         _free(&L)
     return True

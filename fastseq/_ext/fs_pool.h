@@ -1,4 +1,5 @@
-/* fastseq's worker threads for the chunked kernels of _lstm_cpu.pyx.
+/* fastseq's worker threads for the chunked kernels of _lstm_cpu.pyx (and of _optim_cpu.pyx,
+   which is handed fs_pool_run's address: one set of workers per process).
 
    fs_pool_run(team, ntask, fn, ctx) calls fn(NULL, ctx, k, tid) once for every chunk k in
    [0, ntask) on the calling thread (tid 0) and up to team - 1 workers (tid 1...), and returns
@@ -8,9 +9,9 @@
 
    Why not an OpenMP parallel loop: GNU OpenMP's idle threads either spin (taking the core another
    process needs, a collapse on a busy machine) or sleep at once (then every region waits for a
-   sleeping thread to be woken, ~30-60 us on a virtual machine, paid several times per training
-   step). Idle workers here poll briefly with sched_yield(), which hands the core to any other
-   runnable thread, then sleep on a condition variable. POSIX threads only; elsewhere (no
+   sleeping thread to be woken, tens of microseconds on a virtual machine, several times per
+   training step). Idle workers here poll for FS_POOL_POLL_US with sched_yield(), which hands
+   the core to any other runnable thread, then sleep on a condition variable. POSIX threads only; elsewhere (no
    pthreads) every chunk runs on the calling thread. */
 #ifndef FS_POOL_H
 #define FS_POOL_H
@@ -31,6 +32,9 @@ typedef void (*fs_task)(void *tag, void *ctx, ptrdiff_t k, int tid);
 
 #define FS_POOL_MAX 63            /* workers at most (threads beyond the caller) */
 #define FS_POOL_WRITING 0xffffffffu  /* chunk index while a job is being written */
+/* How long a waiting thread polls (yielding its core to anyone runnable) before it sleeps: long
+   enough to span the Python code between two kernel calls of a training step. */
+#define FS_POOL_POLL_US 1000.0
 
 static struct {
     pthread_mutex_t run;          /* one job at a time; a second caller runs its chunks alone */
@@ -48,10 +52,9 @@ static struct {
     _Atomic(void *) ctx;
     atomic_long ntask;
     atomic_int helpers;           /* workers 1..helpers take part in this job */
-    double poll_us;               /* how long an idle worker polls before it sleeps */
+    atomic_long helped;           /* chunks run by workers (a statistic for tests) */
 } fs_pool = {.run = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
-             .wake = PTHREAD_COND_INITIALIZER, .finished = PTHREAD_COND_INITIALIZER,
-             .poll_us = 300.0};
+             .wake = PTHREAD_COND_INITIALIZER, .finished = PTHREAD_COND_INITIALIZER};
 
 static double fs_pool_clock_us(void)
 {
@@ -71,6 +74,8 @@ static void fs_pool_chunks(uint32_t job, fs_task fn, void *ctx, ptrdiff_t ntask,
         if (!atomic_compare_exchange_weak(&fs_pool.claim, &c, c + 1))
             continue;
         fn(NULL, ctx, (ptrdiff_t)(uint32_t)c, tid);
+        if (tid)
+            atomic_fetch_add_explicit(&fs_pool.helped, 1, memory_order_relaxed);
         if (atomic_fetch_add(&fs_pool.done, 1) + 1 == ntask && atomic_load(&fs_pool.caller_asleep)) {
             pthread_mutex_lock(&fs_pool.lock);
             pthread_cond_signal(&fs_pool.finished);
@@ -85,7 +90,7 @@ static void *fs_pool_worker(void *arg)
     for (;;) {
         double t0 = fs_pool_clock_us();
         while (atomic_load(&fs_pool.job) == seen) {
-            if (fs_pool_clock_us() - t0 < fs_pool.poll_us) {
+            if (fs_pool_clock_us() - t0 < FS_POOL_POLL_US) {
                 sched_yield();
                 continue;
             }
@@ -174,10 +179,10 @@ static void fs_pool_run(int team, ptrdiff_t ntask, fs_task fn, void *ctx)
         pthread_mutex_unlock(&fs_pool.lock);
     }
     fs_pool_chunks(job, fn, ctx, ntask, 0);
-    /* the other chunks are running: poll a little, then sleep until the last one is done */
+    /* the other chunks are running: poll, then sleep until the last one is done */
     double t0 = fs_pool_clock_us();
     while (atomic_load(&fs_pool.done) < ntask) {
-        if (fs_pool_clock_us() - t0 < 50.0) {
+        if (fs_pool_clock_us() - t0 < FS_POOL_POLL_US) {
             sched_yield();
             continue;
         }
@@ -191,8 +196,17 @@ static void fs_pool_run(int team, ptrdiff_t ntask, fs_task fn, void *ctx)
     pthread_mutex_unlock(&fs_pool.run);
 }
 
+static long fs_pool_helped(void)
+{
+    return atomic_load(&fs_pool.helped);
+}
+
 #else
 #define FS_HAVE_POOL 0
+static long fs_pool_helped(void)
+{
+    return 0;
+}
 static void fs_pool_run(int team, ptrdiff_t ntask, fs_task fn, void *ctx)
 {
     (void)team;

@@ -23,15 +23,15 @@
 #  define FS_RESTRICT
 #endif
 
-#if defined(_OPENMP)
+/* OpenMP's simd directives only (setup.py compiles with -fopenmp-simd and defines FS_OMP_SIMD):
+   no OpenMP runtime is linked, threads come from fs_pool.h */
+#if defined(_OPENMP) || defined(FS_OMP_SIMD)
 #  define FS_SIMD _Pragma("omp simd")
 #  define FS_PRAGMA(x) _Pragma(#x)
 #  define FS_SIMD_SUM(var) FS_PRAGMA(omp simd reduction(+:var))
-#  define FS_HAVE_OPENMP 1
 #else
 #  define FS_SIMD
 #  define FS_SIMD_SUM(var)
-#  define FS_HAVE_OPENMP 0
 #endif
 
 #endif
