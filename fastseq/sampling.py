@@ -93,24 +93,28 @@ _DRAW_BLOCK = 128
 
 
 def _search(weights, u):
-    """First index whose running sum of weights exceeds u (the last positive weight when u
-    reaches the total through rounding)."""
-    cdf = np.cumsum(weights)
+    """First index whose running sum of weights (in float64) exceeds u (the last positive weight
+    when u reaches the total through rounding)."""
+    cdf = np.cumsum(weights, dtype=np.float64)
     i = int(np.searchsorted(cdf, u, side="right"))
     return i if i < cdf.size else int(np.flatnonzero(weights)[-1])
 
 
-def _draw(probs_unnorm, rng):
-    """Index drawn with probability proportional to the non-negative weights. Two levels (the
-    block of _DRAW_BLOCK weights, then the index in it) instead of one running sum over all of
-    them: np.cumsum is a serial loop, vectorised sums are not."""
+def _draw(probs_unnorm, rng, starts=None):
+    """Index drawn with probability proportional to the non-negative weights (float32 or
+    float64; summed in float64). Two levels (the block of _DRAW_BLOCK weights, then the index
+    in it) instead of one running sum over all of them: np.cumsum is a serial loop, vectorised
+    sums are not. starts: np.arange(0, size, _DRAW_BLOCK), when the caller keeps it."""
     w = probs_unnorm
     if w.size <= 2 * _DRAW_BLOCK:
-        return _search(w, rng.random() * w.sum())
-    sums = np.add.reduceat(w, np.arange(0, w.size, _DRAW_BLOCK))
-    cum = np.cumsum(sums)
+        return _search(w, rng.random() * w.sum(dtype=np.float64))
+    if starts is None:
+        starts = np.arange(0, w.size, _DRAW_BLOCK)
+    cum = np.cumsum(np.add.reduceat(w, starts, dtype=np.float64))
     u = rng.random() * cum[-1]
-    b = _search(sums, u)
+    b = int(np.searchsorted(cum, u, side="right"))
+    if b >= cum.size:  # u rounded up to the total: the last block with weight
+        b = int(np.flatnonzero(np.diff(cum, prepend=0.0))[-1])
     start = b * _DRAW_BLOCK
     return start + _search(w[start:start + _DRAW_BLOCK], u - (cum[b - 1] if b else 0.0))
 
@@ -134,7 +138,21 @@ def make_sampler(vocab_size, skip_ids=None, temperature=1.0, top_k=None, top_p=N
         if not skip.size:
             skip = None
 
+    starts = np.arange(0, V, _DRAW_BLOCK) if V > 2 * _DRAW_BLOCK else None
+    plain = t == 1.0 and k is None and (p is None or p >= 1) and not greedy
+
     def sample(logits):
+        if plain and getattr(logits, "dtype", None) == np.float32:
+            # float32 scores: exp in float32 (vectorised; NumPy's float64 exp is a scalar loop
+            # on CPUs without AVX-512), the draw's sums in float64
+            w = np.array(logits, dtype=np.float32).reshape(-1)
+            if w.size != V:
+                raise ValueError(f"expected {V} scores, got {w.size}")
+            if skip is not None:
+                w[skip] = -np.inf
+            w -= w.max()
+            np.exp(w, out=w)
+            return _draw(w, gen, starts)
         z = np.array(logits, dtype=np.float64).reshape(-1)  # a fresh float64 copy
         if z.size != V:
             raise ValueError(f"expected {V} scores, got {z.size}")
@@ -154,7 +172,7 @@ def make_sampler(vocab_size, skip_ids=None, temperature=1.0, top_k=None, top_p=N
             cum = np.cumsum(z[order])
             n_keep = min(int(np.searchsorted(cum, p * cum[-1] * (1 - 1e-12))) + 1, V)
             z[order[n_keep:]] = 0.0
-        return _draw(z, gen)
+        return _draw(z, gen, starts)
 
     return sample
 
