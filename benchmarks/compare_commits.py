@@ -9,7 +9,8 @@ The older commit is checked out into a git worktree beside this one (removed aft
 extensions are built there; both sides run `pytest benchmarks/test_bench_*.py --benchmark-only`
 in turn, the first side alternating from round to round (old-new, new-old, ...), so machine
 drift hits both alike. A benchmark present on one side only is listed with one figure. Ratios:
-old time / new time, above 1 the current code is faster.
+old time / new time, above 1 the current code is faster: the median of the per-round ratios,
+with their quartiles (4 rounds or more).
 """
 import argparse
 import json
@@ -85,14 +86,20 @@ def main(argv=None):
             subprocess.run(["git", "worktree", "remove", "--force", str(old_root)], cwd=ROOT,
                            stderr=subprocess.DEVNULL)
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"| benchmark | {sha} (ms) | this checkout (ms) | {sha} / this |")
-    print("|---|---|---|---|")
+    print(f"| benchmark | {sha} (ms) | this checkout (ms) | {sha} / this | quartiles |")
+    print("|---|---|---|---|---|")
     for name in sorted(set(times["old"]) | set(times["new"])):
         old = statistics.median(times["old"][name]) * 1e3 if name in times["old"] else None
         new = statistics.median(times["new"][name]) * 1e3 if name in times["new"] else None
-        ratio = f"{old / new:.2f}x" if old and new else "-"
+        ratio = spread = "-"
+        if old and new:  # per-round ratios: the two sides of a round ran back to back
+            per_round = [o / n for o, n in zip(times["old"][name], times["new"][name])]
+            ratio = f"{statistics.median(per_round):.2f}x"
+            if len(per_round) >= 4:
+                q = statistics.quantiles(per_round, n=4)
+                spread = f"{q[0]:.2f}-{q[2]:.2f}x"
         cells = ["-" if v is None else f"{v:.1f}" for v in (old, new)]
-        print(f"| {name} | {cells[0]} | {cells[1]} | {ratio} |")
+        print(f"| {name} | {cells[0]} | {cells[1]} | {ratio} | {spread} |")
     return 0
 
 

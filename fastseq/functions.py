@@ -13,15 +13,15 @@ def matmul(a, b, out=None):
     cuBLAS directly (fastseq.lstm._cupy.matmul): CuPy's own products cannot be captured."""
     if out is not None and out.ndim == 0:
         raise ValueError("matmul: out must be an array")
-    if _direct_products(a):
+    if type(a) is np.ndarray and backend.config.kernel == "cython":  # the common case, first
+        done = _matmul_chunked(a, b, out)
+        if done is not None:
+            return done
+    elif _direct_products(a):
         from .lstm import _cupy
         return _cupy.matmul(a, b, out=out)
     if get_array_module(a) is not np:
         return _matmul(a, b, out)
-    if backend.config.kernel == "cython":
-        done = _matmul_chunked(a, b, out)
-        if done is not None:
-            return done
     macs = (a.shape[-2] if a.ndim > 1 else 1) * a.shape[-1] * (b.shape[-1] if b.ndim > 1 else 1)
     with _blas.blas_threads(backend.blas_threads_for(macs)):
         return _matmul(a, b, out)
@@ -46,11 +46,8 @@ def _matmul_chunked(a, b, out):
     """a @ b by fastseq/_ext/_lstm_cpu.matmul (chunks fixed by the shapes on fastseq's threads:
     the same bits for any thread count, and no BLAS worker threads spinning next to ours), or
     None when the operands do not suit it."""
-    if backend.ext("_lstm_cpu") is None:
-        return None
-    from .lstm import _cython  # points the kernel at NumPy's BLAS
-    kernel = _cython._lstm_cpu
-    if a.dtype not in _FLOATS or b.dtype != a.dtype:
+    kernel = _chunked_kernel()
+    if kernel is None or type(b) is not np.ndarray or a.dtype not in _FLOATS or b.dtype != a.dtype:
         return None
     if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0] and a.shape[2] == b.shape[1]:
         res = out if out is not None else np.empty(a.shape[:2] + b.shape[2:], a.dtype)
@@ -68,6 +65,18 @@ def _matmul_chunked(a, b, out):
                          backend.config.blas_threads):
         return None
     return res
+
+
+_kernel = []  # [the Cython kernel module, set up for products], once found
+
+
+def _chunked_kernel():
+    if not _kernel:
+        if backend.compiled("_lstm_cpu") is None:
+            return None
+        from .lstm import _cython  # points the kernel at NumPy's BLAS
+        _kernel.append(_cython._lstm_cpu)
+    return _kernel[0]
 
 
 def exp_rows(S):
