@@ -142,18 +142,11 @@ def make_sampler(vocab_size, skip_ids=None, temperature=1.0, top_k=None, top_p=N
     plain = t == 1.0 and k is None and (p is None or p >= 1) and not greedy
 
     def sample(logits):
-        if plain and getattr(logits, "dtype", None) == np.float32:
-            # float32 scores: exp in float32 (vectorised; NumPy's float64 exp is a scalar loop
-            # on CPUs without AVX-512), the draw's sums in float64
-            w = np.array(logits, dtype=np.float32).reshape(-1)
-            if w.size != V:
-                raise ValueError(f"expected {V} scores, got {w.size}")
-            if skip is not None:
-                w[skip] = -np.inf
-            w -= w.max()
-            np.exp(w, out=w)
-            return _draw(w, gen, starts)
-        z = np.array(logits, dtype=np.float64).reshape(-1)  # a fresh float64 copy
+        # a fresh copy, in float64 unless plain sampling of float32 scores: then the shift and
+        # exp stay in float32 (vectorised; NumPy's float64 exp is a scalar loop on CPUs without
+        # AVX-512) and only the draw's sums are float64
+        f32 = plain and getattr(logits, "dtype", None) == np.float32
+        z = np.array(logits, dtype=np.float32 if f32 else np.float64).reshape(-1)
         if z.size != V:
             raise ValueError(f"expected {V} scores, got {z.size}")
         if skip is not None:

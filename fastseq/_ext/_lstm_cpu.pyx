@@ -807,7 +807,7 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
     from (h0, c0), written to h and c (N, H). start (N,): row n starts from row start[n] of
     h0 and c0 (M, H) instead of row n. scratch: infer_scratch_size(N, H, 0, nthreads) elements."""
     cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
-    cdef Py_ssize_t G = 4 * H, k, n, nb = _blocks(N), slot = _block_rows(N) * (2 * G)
+    cdef Py_ssize_t G = 4 * H, n, nb = _blocks(N), slot = _block_rows(N) * (2 * G)
     cdef int team = _team(nthreads, nb), old
     cdef bint h0_zero
     cdef const int64_t *idp = NULL
@@ -836,17 +836,11 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
     with nogil:
         h0_zero = _all_zero(&h0[0, 0], h0.shape[0] * H)
         old = _blas_enter()
-        if team == 1:  # (one block, as a generation step: no parallel region to set up)
-            for k in range(nb):
-                _final_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, N), T, D, H, X, idp,
-                             &Wx[0, 0], &Wh[0, 0], &b[0], G if row_bias else 0, &h0[0, 0],
-                             &c0[0, 0], stp, &h[0, 0], &c[0, 0], h0_zero, &scratch[0])
-        else:
-            job.N, job.T, job.D, job.H, job.b_rs, job.slot = N, T, D, H, G if row_bias else 0, slot
-            job.xs, job.ids, job.Wx, job.Wh, job.bias = X, idp, &Wx[0, 0], &Wh[0, 0], &b[0]
-            job.h0, job.c0, job.start, job.h, job.c = &h0[0, 0], &c0[0, 0], stp, &h[0, 0], &c[0, 0]
-            job.h0_zero, job.scratch = h0_zero, &scratch[0]
-            fs_pool_run(team, nb, <fs_task>_final_task[floating], &job)
+        job.N, job.T, job.D, job.H, job.b_rs, job.slot = N, T, D, H, G if row_bias else 0, slot
+        job.xs, job.ids, job.Wx, job.Wh, job.bias = X, idp, &Wx[0, 0], &Wh[0, 0], &b[0]
+        job.h0, job.c0, job.start, job.h, job.c = &h0[0, 0], &c0[0, 0], stp, &h[0, 0], &c[0, 0]
+        job.h0_zero, job.scratch = h0_zero, &scratch[0]
+        fs_pool_run(team, nb, <fs_task>_final_task[floating], &job)  # team 1: this thread
         _blas_leave(old)
 
 
@@ -1130,4 +1124,4 @@ def exp_rows(floating[:, ::1] S, floating[::1] z, int nthreads=1):
     cdef MmJob job
     job.nq, job.M, job.N, job.out, job.z = nq, M, V, &S[0, 0], &z[0]
     with nogil:
-        fs_pool_run(nthreads if FS_HAVE_POOL else 1, nq, <fs_task>_exp_rows_task[floating], &job)
+        fs_pool_run(nthreads, nq, <fs_task>_exp_rows_task[floating], &job)
