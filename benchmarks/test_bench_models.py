@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import fastseq
+from benchmarks.common import BATCH, D, H, addition_data
 from fastseq import backend
-from common import BATCH, D, H, addition_data
 
 MODELS = {"seq2seq": fastseq.Seq2seq, "peeky": fastseq.PeekySeq2seq}
 
