@@ -127,14 +127,13 @@ def run_engine(engine, xs, Wx, Wh, b, h0, c0, dhs, need_dh0=True):
     return {k: engine.host(v) for k, v in out.items()}
 
 
-def run_reference(xs, Wx, Wh, b, h0, c0, dhs, need_dh0=True):
+def run_reference(xs, Wx, Wh, b, h0, c0, dhs):
     """run_engine's outputs from the reference (float64); integer ids as explicit one-hot rows."""
     if np.issubdtype(np.asarray(xs).dtype, np.integer):
         xs = np.eye(Wx.shape[0])[xs]
     hs, hT, cT, cache = reference.forward(xs, Wx, Wh, b, h0, c0)
     dxs, dh0, dWx, dWh, db = reference.backward(dhs, cache)
-    return dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0 if need_dh0 else None,
-                dWx=dWx, dWh=dWh, db=db)
+    return dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=dWx, dWh=dWh, db=db)
 
 
 def reference_state(xs, Wx, Wh, b, h0, c0):
