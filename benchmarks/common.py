@@ -1,5 +1,5 @@
 """Shared by the benchmarks: the one timing harness (turns in rotating order, in one process or
-in worker processes), data, models, FLOP counts, the machine's GEMM rate."""
+in worker processes), data, the engines, and the PyTorch models compared with fastseq's."""
 import os
 import subprocess
 import sys
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # else shared/data beside the repository's folder; fastseq's generated sets (and random ids for
 # PTB) otherwise.
 TEXTBOOK_DATA = Path(os.environ.get("FASTSEQ_TEXTBOOK_DATA") or ROOT.parent / "shared" / "data")
-V, D, H, BATCH = 13, 16, 128, 128
+D, H, BATCH = 16, 128, 128  # the addition task's sizes
 
 
 def textbook_file(name):
@@ -75,52 +75,6 @@ def ratio_line(times, slow, fast, label):
     return f"{label}: {med:.2f}x (quartiles {q1:.2f}-{q3:.2f}x)", med
 
 
-def lstm_flops(N, T, D, H):
-    """Matrix-product FLOPs of one LSTM forward + backward: x Wx, h Wh (forward); dWx, dx, dWh, dh."""
-    return 6 * N * T * 4 * H * (D + H)
-
-
-def seq2seq_flops_per_iter(model="seq2seq", N=BATCH, Tq=7, Ta=4, D=D, H=H, V=V):
-    """Matrix-product FLOPs of one training iteration. Peeky: the decoder LSTM's step input is
-    [h ; embedding], but h's share (h Wx[:H]; backward h^T dB and dB Wx[:H]^T) is one product
-    per sequence (TimeLSTM's context input), so it counts once, not once per step."""
-    aff_in = 2 * H if model == "peeky" else H
-    context = 6 * N * H * 4 * H if model == "peeky" else 0
-    return lstm_flops(N, Tq, D, H) + lstm_flops(N, Ta, D, H) + context + 6 * N * Ta * aff_in * V
-
-
-def gemm_shapes_per_iter(model="seq2seq", N=BATCH, Tq=7, Ta=4, D=D, H=H, V=V):
-    """(m, k, n) of the products one training iteration does (row-major C[m,n] = A[m,k] B[k,n])."""
-    aff_in = 2 * H if model == "peeky" else H
-    s = []
-    for T in (Tq, Ta):
-        s += [(N * T, D, 4 * H)]                   # x Wx
-        s += [(N, H, 4 * H)] * T                   # h Wh per step
-        s += [(N, 4 * H, H)] * T                   # dA Wh^T per step
-        s += [(D, N * T, 4 * H), (H, N * T, 4 * H), (N * T, 4 * H, D)]  # dWx, dWh, dx
-    if model == "peeky":  # the context: h Wx[:H], h^T dB, dB Wx[:H]^T, once per sequence
-        s += [(N, H, 4 * H), (H, N, 4 * H), (N, 4 * H, H)]
-    s += [(N * Ta, aff_in, V), (aff_in, N * Ta, V), (N * Ta, V, aff_in)]
-    return s
-
-
-def measure_gemm_rate(shapes, repeats=20, dtype=np.float32):
-    """GFLOP/s of exactly these products into preallocated buffers (hot caches): the ceiling."""
-    rng = np.random.default_rng(0)
-    bufs = [(rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype),
-             np.empty((m, n), dtype)) for m, k, n in shapes]
-    flops = sum(2 * m * k * n for m, k, n in shapes)
-    for a, b, c in bufs:
-        np.matmul(a, b, out=c)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for a, b, c in bufs:
-            np.matmul(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return flops / best / 1e9
-
-
 def set_engine(name):
     """numpy | cython | cupy; returns False (with a reason) when the engine cannot run here."""
     from fastseq import backend
@@ -134,28 +88,6 @@ def set_engine(name):
         return False
     backend.use(name)
     return True
-
-
-def peak_rss_reset():
-    """Reset the kernel's peak-RSS mark for this process (Linux); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_kib(field="VmHWM"):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def threads():
-    return os.environ.get("OPENBLAS_NUM_THREADS", "default")
 
 
 # --- side-by-side runs: one worker process per setup, taking turns, optionally under load -------
