@@ -39,14 +39,13 @@ if os.environ.get("FASTSEQ_KERNEL", "").strip().lower() == "numpy":
 PTB_FILES = ("ptb/ptb.train.txt", "ptb/ptb.valid.txt", "ptb/ptb.test.txt")
 
 
-def textbook_data(*names):
-    """The folder holding the textbook's data files ``names``; the test is skipped, naming the
-    files, where any of them is absent."""
+def needs_textbook(*names):
+    """Skips the test it marks, naming the files, where any of the textbook's data files
+    ``names`` (paths under TEXTBOOK_DATA) is absent."""
     missing = [n for n in names if not (TEXTBOOK_DATA / n).is_file()]
-    if missing:
-        pytest.skip(f"needs the textbook's data file(s) {', '.join(missing)} (set "
-                    f"FASTSEQ_TEXTBOOK_DATA to the folder holding them; looked in {TEXTBOOK_DATA})")
-    return TEXTBOOK_DATA
+    return pytest.mark.skipif(bool(missing), reason=(
+        f"needs the textbook's data file(s) {', '.join(missing)} (set FASTSEQ_TEXTBOOK_DATA to "
+        f"the folder holding them; looked in {TEXTBOOK_DATA})"))
 
 
 @pytest.fixture

@@ -12,15 +12,12 @@ import pytest
 from fastseq import backend
 from fastseq.datasets import ptb
 
-from conftest import TEXTBOOK_DATA, local_http_server
+from conftest import PTB_FILES, TEXTBOOK_DATA, local_http_server, needs_textbook
 
 PTB_DIR = TEXTBOOK_DATA / "ptb"
 NAMES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
 
-needs_ptb = pytest.mark.skipif(not all((PTB_DIR / n).is_file() for n in NAMES),
-                               reason=f"needs the PTB files {', '.join(NAMES)} (set "
-                                      f"FASTSEQ_TEXTBOOK_DATA to the folder holding ptb/; "
-                                      f"looked in {PTB_DIR})")
+needs_ptb = needs_textbook(*PTB_FILES)
 
 UNREACHABLE = "http://127.0.0.1:1/"  # nothing listens there: connection refused at once
 
