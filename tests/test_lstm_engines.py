@@ -301,18 +301,23 @@ def test_steps_match_forward(engine, dtype, row_bias, zero_state, N):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_stepper_is_step(engine, dtype):
-    """stepper(Wx, Wh, b) (the weights prepared once for a run of steps) gives step()'s bits."""
+    """stepper(Wx, Wh, b) (the weights prepared once for a run of steps) gives step()'s bits,
+    and the reference's states."""
     rng = np.random.default_rng(33)
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 1, 5, 3, 6, dtype)
     d = [engine.dev(a) for a in (xs, Wx, Wh, b, h0, c0)]
     run = engine.module.stepper(*d[1:4])
     h1 = h2 = d[4]
     c1 = c2 = d[5]
+    h, c = h0, c0
     for t in range(xs.shape[1]):
         h1, c1 = engine.module.step(d[0][:, t], *d[1:4], h1, c1)
         h2, c2 = run(d[0][:, t], h2, c2)
+        h, c, _ = reference.step(xs[:, t], Wx, Wh, b, h, c)
         np.testing.assert_array_equal(engine.host(h2), engine.host(h1))
         np.testing.assert_array_equal(engine.host(c2), engine.host(c1))
+        assert_close(h2, h, engine.tol(dtype), f"h at step {t}")
+        assert_close(c2, c, engine.tol(dtype), f"c at step {t}")
 
 
 @pytest.mark.parametrize("N,H,dtype", [(1, 6, np.float64), (200, 128, np.float32),
