@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: one script for a lent NVIDIA machine (no network, no ../shared).
+# The GPU check: one script for an NVIDIA machine without network access.
 #
-#   cp -r ../shared/data gpu_data              # beforehand, on the machine that has the data:
+#   cp -r DATA gpu_data                        # beforehand (DATA: the textbook's dataset/, ptb/)
 #   bash benchmarks/gpu_check.sh               # gpu_data/ is git-ignored, so carry it along
 #
 # Steps, each time-bounded (a failing step never stops the ones after it); logs and results go
@@ -148,7 +148,7 @@ else
     export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-[[ -f $DATA/addition.txt ]] || echo "WARNING: $DATA/addition.txt missing: copy ../shared/data to $DATA/ and carry it"
+[[ -f $DATA/addition.txt ]] || echo "WARNING: $DATA/addition.txt missing: copy the textbook's data files to $DATA/ and carry it"
 
 step smoke 60 -- smoke
 step tests 150 -- env GPU=1 $PY -m pytest tests -m gpu -q -rs --tb=short -p no:cacheprovider --continue-on-collection-errors
