@@ -1,10 +1,13 @@
 """Accuracy runs of AttentionSeq2seq (the textbook's chapter 8 setup) with greedy and beam decoding.
 
-    python benchmarks/attention_accuracy.py --data ../shared/data/date.txt --epochs 10 \\
+    python -m benchmarks.attention_accuracy --data DATA/date.txt --epochs 10 \\
         --hidden-size 256 --out runs/attention_date
-    python benchmarks/attention_accuracy.py --data ../shared/data/addition.txt --epochs 25 \\
+    python -m benchmarks.attention_accuracy --data DATA/addition.txt --epochs 25 \\
         --hidden-size 128 --out runs/attention_addition
-    python benchmarks/attention_accuracy.py --data ../shared/data/date.txt --no-mask ...
+    python -m benchmarks.attention_accuracy --data DATA/date.txt --no-mask ...
+
+DATA: the textbook's dataset/ folder (github.com/oreilly-japan/deep-learning-from-scratch-2);
+a bare date.txt or addition.txt is fastseq's generated set of that name.
 
 Reversed input, wordvec 16, batch 128, Adam 0.001, gradient clip 5.0, seed 1984. With masking (the
 default) the data set's pad id is declared to the model and only the true characters of each
@@ -15,19 +18,15 @@ evaluates the final model with greedy decoding and beam search (--beam widths).
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fastseq import backend  # noqa: E402
-from fastseq.datasets.sequence import load_dataset, pad_id, reverse_padded  # noqa: E402
-from fastseq.models.attention import AttentionSeq2seq  # noqa: E402
-from fastseq.optim import Adam  # noqa: E402
-from fastseq.trainer import Trainer, eval_seq2seq  # noqa: E402
+from fastseq import backend
+from fastseq.datasets.sequence import load_dataset, pad_id, reverse_padded
+from fastseq.models.attention import AttentionSeq2seq
+from fastseq.optim import Adam
+from fastseq.trainer import Trainer, eval_seq2seq
 
 
 def exact_match(guesses, answers):

@@ -1,14 +1,14 @@
-"""Micro-benchmark of one LSTM forward+backward per engine.
+"""Micro-benchmark of one LSTM forward+backward per engine (the engines take turns).
 
-    python benchmarks/bench_lstm_kernel.py            # (128, 7, 16), H=128, float32
-    python benchmarks/bench_lstm_kernel.py --n 5000   # batched inference shape (forward only timing too)
+    python -m benchmarks.bench_lstm_kernel            # (128, 7, 16), H=128, float32
+    python -m benchmarks.bench_lstm_kernel --n 5000   # batched inference shape (forward only timing too)
 """
 import argparse
-import time
 
 import numpy as np
 
 import fastseq.lstm._numpy as _numpy
+from benchmarks.common import take_turns, timed
 
 try:
     import fastseq.lstm._cython as _cython
@@ -16,7 +16,8 @@ except ImportError:  # extension not built
     _cython = None
 
 
-def bench(engine, N, T, D, H, dtype, reps):
+def case(N, T, D, H, dtype):
+    """run() -> (forward seconds, forward + backward seconds) of one engine on one problem."""
     rng = np.random.default_rng(0)
     xs = rng.standard_normal((N, T, D)).astype(dtype)
     Wx = (rng.standard_normal((D, 4 * H)) / np.sqrt(D)).astype(dtype)
@@ -26,16 +27,12 @@ def bench(engine, N, T, D, H, dtype, reps):
     c0 = np.zeros((N, H), dtype)
     dhs = rng.standard_normal((N, T, H)).astype(dtype)
     grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
-    fwd, fb = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        hs, hT, cT, cache = engine.forward(xs, Wx, Wh, b, h0, c0)
-        t1 = time.perf_counter()
-        engine.backward(dhs, cache, grads)
-        t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        fb.append(t2 - t0)
-    return np.min(fwd), np.min(fb)  # min: least disturbed by other processes
+
+    def run(engine):
+        f, (_, _, _, cache) = timed(lambda: engine.forward(xs, Wx, Wh, b, h0, c0))
+        return f, f + timed(lambda: engine.backward(dhs, cache, grads))[0]
+
+    return run
 
 
 def main():
@@ -51,8 +48,10 @@ def main():
     if _cython:
         print(f"cython engine BLAS: {_cython.BLAS}; threads: {_cython._threads()}; "
               f"row chunks at N={a.n}: {_cython._lstm_cpu.chunks(a.n)}")
-    for name, eng in engines:
-        f, fb = bench(eng, a.n, a.t, a.d, a.h, np.dtype(a.dtype), a.reps)
+    run = case(a.n, a.t, a.d, a.h, np.dtype(a.dtype))
+    times = take_turns(lambda name: run(dict(engines)[name]), dict(engines), a.reps, pause=0)
+    for name, _ in engines:
+        f, fb = np.min(times[name], axis=0)  # min: least disturbed by other processes
         print(f"{name:7s} N={a.n} T={a.t} D={a.d} H={a.h} {a.dtype}: "
               f"forward {f * 1e3:8.3f} ms   forward+backward {fb * 1e3:8.3f} ms (best of {a.reps})")
 

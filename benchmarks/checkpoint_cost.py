@@ -1,6 +1,6 @@
 """What checkpointing costs next to training, measured side by side in one process.
 
-    PYTHONPATH=. python benchmarks/checkpoint_cost.py [--rounds 3] [--lm]
+    python -m benchmarks.checkpoint_cost [--rounds 3] [--lm]
 
 The training CLI saves checkpoint.npz and model.npz after every epoch: it copies the state
 (the snapshot, which training waits for) and a writer thread writes the files (checksum, zip,
@@ -15,16 +15,13 @@ N is that over N iterations.
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from fastseq import backend, checkpoint  # noqa: E402
-from fastseq.train import TASKS, build  # noqa: E402
+from fastseq import backend, checkpoint
+from fastseq.train import TASKS, build
 
 
 def config(task, model, **over):

@@ -1,64 +1,78 @@
-"""Shared helpers for the benchmarks: data, models, FLOP counts, the machine's GEMM rate."""
+"""Shared by the benchmarks: the one timing harness (turns in rotating order, in one process or
+in worker processes), data, the engines, and the PyTorch models compared with fastseq's."""
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-V, D, H, BATCH = 13, 16, 128, 128
+ROOT = Path(__file__).resolve().parents[1]
+# The textbook's data files (addition.txt, date.txt, ptb/) where present: FASTSEQ_TEXTBOOK_DATA,
+# else shared/data beside the repository's folder; fastseq's generated sets (and random ids for
+# PTB) otherwise.
+TEXTBOOK_DATA = Path(os.environ.get("FASTSEQ_TEXTBOOK_DATA") or ROOT.parent / "shared" / "data")
+D, H, BATCH = 16, 128, 128  # the addition task's sizes
+
+
+def textbook_file(name):
+    """The textbook's file `name` where present, else the bare name (a generated set)."""
+    path = TEXTBOOK_DATA / name
+    return str(path) if path.exists() else name
 
 
 def addition_data():
     from fastseq.datasets.sequence import load_dataset
-    path = SHARED / "addition.txt"
-    return load_dataset(str(path) if path.exists() else "addition.txt")
+    return load_dataset(textbook_file("addition.txt"))
 
 
-def lstm_flops(N, T, D, H):
-    """Matrix-product FLOPs of one LSTM forward + backward: x Wx, h Wh (forward); dWx, dx, dWh, dh."""
-    return 6 * N * T * 4 * H * (D + H)
+# --- the timing harness --------------------------------------------------------------------------
+
+def timed(fn, sync=None):
+    """(seconds, result) of one call fn(); sync() (a device synchronisation) around it."""
+    if sync:
+        sync()
+    t0 = time.perf_counter()
+    out = fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t0, out
 
 
-def seq2seq_flops_per_iter(model="seq2seq", N=BATCH, Tq=7, Ta=4, D=D, H=H, V=V):
-    """Matrix-product FLOPs of one training iteration. Peeky: the decoder LSTM's step input is
-    [h ; embedding], but h's share (h Wx[:H]; backward h^T dB and dB Wx[:H]^T) is one product
-    per sequence (TimeLSTM's context input), so it counts once, not once per step."""
-    aff_in = 2 * H if model == "peeky" else H
-    context = 6 * N * H * 4 * H if model == "peeky" else 0
-    return lstm_flops(N, Tq, D, H) + lstm_flops(N, Ta, D, H) + context + 6 * N * Ta * aff_in * V
+def take_turns(turn, names, rounds, pause=0.1, budget=None, after_round=None):
+    """{name: [turn(name) per round]}: in each of `rounds` rounds every name takes one turn, in an
+    order rotating from round to round (a, b, c; b, c, a; ...), so the slow and fast spells of a
+    shared machine hit every name alike. `pause` seconds before each turn let the previous turn's
+    threads go idle; after `budget` seconds, the round under way is the last; after_round(r)
+    is called after round r."""
+    names = list(names)
+    out = {n: [] for n in names}
+    t_end = None if budget is None else time.perf_counter() + budget
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            if pause:
+                time.sleep(pause)
+            out[n].append(turn(n))
+        if after_round:
+            after_round(r)
+        if t_end is not None and time.perf_counter() > t_end:
+            break
+    return out
 
 
-def gemm_shapes_per_iter(model="seq2seq", N=BATCH, Tq=7, Ta=4, D=D, H=H, V=V):
-    """(m, k, n) of the products one training iteration does (row-major C[m,n] = A[m,k] B[k,n])."""
-    aff_in = 2 * H if model == "peeky" else H
-    s = []
-    for T in (Tq, Ta):
-        s += [(N * T, D, 4 * H)]                   # x Wx
-        s += [(N, H, 4 * H)] * T                   # h Wh per step
-        s += [(N, 4 * H, H)] * T                   # dA Wh^T per step
-        s += [(D, N * T, 4 * H), (H, N * T, 4 * H), (N * T, 4 * H, D)]  # dWx, dWh, dx
-    if model == "peeky":  # the context: h Wx[:H], h^T dB, dB Wx[:H]^T, once per sequence
-        s += [(N, H, 4 * H), (H, N, 4 * H), (N, 4 * H, H)]
-    s += [(N * Ta, aff_in, V), (aff_in, N * Ta, V), (N * Ta, V, aff_in)]
-    return s
+def ratio_stats(slow, fast):
+    """Quartiles (q1, median, q3), min and max of the per-round ratios slow / fast."""
+    r = np.asarray(slow) / np.asarray(fast)
+    q1, med, q3 = np.percentile(r, [25, 50, 75])
+    return q1, med, q3, r.min(), r.max()
 
 
-def measure_gemm_rate(shapes, repeats=20, dtype=np.float32):
-    """GFLOP/s of exactly these products into preallocated buffers (hot caches): the ceiling."""
-    rng = np.random.default_rng(0)
-    bufs = [(rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype),
-             np.empty((m, n), dtype)) for m, k, n in shapes]
-    flops = sum(2 * m * k * n for m, k, n in shapes)
-    for a, b, c in bufs:
-        np.matmul(a, b, out=c)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for a, b, c in bufs:
-            np.matmul(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return flops / best / 1e9
+def ratio_line(times, slow, fast, label):
+    """Median and quartiles of the per-round ratios times[slow] / times[fast]."""
+    q1, med, q3, _, _ = ratio_stats(times[slow], times[fast])
+    return f"{label}: {med:.2f}x (quartiles {q1:.2f}-{q3:.2f}x)", med
 
 
 def set_engine(name):
@@ -74,28 +88,6 @@ def set_engine(name):
         return False
     backend.use(name)
     return True
-
-
-def peak_rss_reset():
-    """Reset the kernel's peak-RSS mark for this process (Linux); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_kib(field="VmHWM"):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def threads():
-    return os.environ.get("OPENBLAS_NUM_THREADS", "default")
 
 
 # --- side-by-side runs: one worker process per setup, taking turns, optionally under load -------
@@ -123,7 +115,6 @@ class _NoExtension:
 
 def worker_setup():
     """Call first thing in a worker process, before importing fastseq."""
-    import sys
     if os.environ.get("FASTSEQ_BLOCK_EXT") == "1":
         sys.meta_path.insert(0, _NoExtension())
 
@@ -131,7 +122,6 @@ def worker_setup():
 def worker_loop(run):
     """Serve turns: read `run S` lines on stdin, run iterations for about S seconds (one at
     least) and answer with the count and the seconds they took."""
-    import sys
     run(5)  # warm-up
     print("ready", flush=True)
     for line in sys.stdin:
@@ -147,8 +137,6 @@ def worker_loop(run):
 
 def start_load(n):
     """n CPU-bound competing processes (kill them with stop_load)."""
-    import subprocess
-    import sys
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
@@ -158,36 +146,35 @@ def stop_load(procs):
         p.wait()
 
 
-def interleaved(argv_for, setups, rounds, turn, pause=0.1):
-    """Start one worker per setup (argv_for(setup) -> command line), then `rounds` rounds in which
-    every worker trains for about `turn` seconds in turn, in an order rotating every round.
-    Returns {setup: [seconds per iteration, per round]}; setups whose worker fails are left out."""
-    import subprocess
-    import sys
+def interleaved(module, args, setups, rounds, turn, pause=0.1):
+    """take_turns over worker processes, one per setup (`python -m benchmarks.MODULE --worker
+    SETUP *args`, serving worker_loop in SETUPS' environment): each turn trains for about `turn`
+    seconds. Returns {setup: [seconds per iteration, per round]}; setups whose worker fails to
+    start are left out."""
     procs = {}
     for s in setups:
         env = {**os.environ, **SETUPS[s][0]}
-        p = subprocess.Popen(argv_for(s), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             env=env, text=True)
+        p = subprocess.Popen([sys.executable, "-m", f"benchmarks.{module}", "--worker", s, *args],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+                             cwd=ROOT)
         if p.stdout.readline().strip() == "ready":
             procs[s] = p
         else:
             p.kill()
             p.wait()
             print(f"note: setup {s!r} unavailable here", file=sys.stderr)
-    names = list(procs)
-    if not names:
+    if not procs:
         raise SystemExit("no setup could start (is fastseq importable? install it with "
                          "`pip install -e .` or set PYTHONPATH to the checkout)")
-    times = {s: [] for s in names}
+
+    def one_turn(s):
+        procs[s].stdin.write(f"run {turn}\n")
+        procs[s].stdin.flush()
+        n, seconds = procs[s].stdout.readline().split()
+        return float(seconds) / int(n)
+
     try:
-        for r in range(rounds):
-            for s in names[r % len(names):] + names[:r % len(names)]:
-                time.sleep(pause)  # the previous worker's threads go idle
-                procs[s].stdin.write(f"run {turn}\n")
-                procs[s].stdin.flush()
-                n, seconds = procs[s].stdout.readline().split()
-                times[s].append(float(seconds) / int(n))
+        return take_turns(one_turn, procs, rounds, pause)
     finally:
         for p in procs.values():
             try:
@@ -196,14 +183,6 @@ def interleaved(argv_for, setups, rounds, turn, pause=0.1):
             except OSError:
                 pass
             p.wait()
-    return times
-
-
-def ratio_line(times, slow, fast, label):
-    """Median and quartiles of the per-round ratios times[slow] / times[fast]."""
-    r = np.array(times[slow]) / np.array(times[fast])
-    q1, med, q3 = np.percentile(r, [25, 50, 75])
-    return f"{label}: {med:.2f}x (quartiles {q1:.2f}-{q3:.2f}x)", med
 
 
 def machine_line():

@@ -1,6 +1,6 @@
 """AttentionSeq2seq on the date task, side by side in one process: fastseq engines and PyTorch CPU.
 
-    python benchmarks/compare_attention.py [--rounds 12] [--chunk 10] [--eval-rounds 5]
+    python -m benchmarks.compare_attention [--rounds 12] [--chunk 10] [--eval-rounds 5]
         [--engines numpy cython torch]
 
 Training: the engines take turns of --chunk iterations (batch 128, wordvec 16, hidden 256,
@@ -16,24 +16,18 @@ keys masked, nn.Linear on [context ; h].
 """
 import argparse
 import os
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import set_engine, torch_attention_seq2seq  # noqa: E402
+from benchmarks.common import (machine_line, ratio_stats, set_engine, take_turns, textbook_file,
+                               timed, torch_attention_seq2seq)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "date.txt"
 BATCH, D, H = 128, 16, 256
-PAUSE = 0.1  # seconds between turns (idle OpenMP/BLAS threads stop spinning)
 
 
 def date_data():
     from fastseq.datasets.sequence import load_dataset, pad_id, reverse_padded
-    data = load_dataset(str(DATA) if DATA.exists() else "date.txt")
+    data = load_dataset(textbook_file("date.txt"))
     pad = pad_id(data.vocab)
     return data, pad, reverse_padded(data.x_train, pad), reverse_padded(data.x_test, pad)
 
@@ -114,15 +108,9 @@ def torch_runners(data, eval_batch):
     return train, evaluate
 
 
-def take_turns(runners, rounds, call):
-    names = list(runners)
-    times = {e: [] for e in names}
-    for r in range(rounds):
-        for e in names[r % len(names):] + names[:r % len(names)]:
-            time.sleep(PAUSE)
-            t0 = time.perf_counter()
-            call(runners[e])
-            times[e].append(time.perf_counter() - t0)
+def turns(runners, rounds, call):
+    """{engine: seconds of call(runners[engine]) per round}, the engines taking turns."""
+    times = take_turns(lambda e: timed(lambda: call(runners[e]))[0], runners, rounds)
     return {e: np.array(v) for e, v in times.items()}
 
 
@@ -133,10 +121,9 @@ def report(title, times, scale, unit):
         print(f"{e:8} {np.median(v) * scale:12.2f} {v.min() * scale:10.2f}")
     for fast in ("cython", "numpy"):
         if fast in times and "torch" in times:
-            ratio = times["torch"] / times[fast]
-            q1, med, q3 = np.percentile(ratio, [25, 50, 75])
+            q1, med, q3, lo, hi = ratio_stats(times["torch"], times[fast])
             print(f"{fast} vs torch: median of per-round ratios {med:.2f}x "
-                  f"(quartiles {q1:.2f}-{q3:.2f}x, min {ratio.min():.2f}x, max {ratio.max():.2f}x)")
+                  f"(quartiles {q1:.2f}-{q3:.2f}x, min {lo:.2f}x, max {hi:.2f}x)")
 
 
 def main():
@@ -155,15 +142,13 @@ def main():
             print(f"{e}: not available here, skipped")
             continue
         runners[e] = r
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                if l.startswith("model name")), "unknown CPU")
     iters = len(data[2]) // BATCH
-    print(f"machine: {cpu}, {os.cpu_count()} cores; numpy {np.__version__}; date task, batch "
-          f"{BATCH}, D={D}, H={H}; {args.chunk} iterations per turn")
+    print(f"{machine_line()}; date task, batch {BATCH}, D={D}, H={H}; {args.chunk} iterations "
+          f"per turn")
     if args.rounds:
         for train, _ in runners.values():
             train(3)  # warm-up
-        times = take_turns(runners, args.rounds, lambda r: r[0](args.chunk))
+        times = turns(runners, args.rounds, lambda r: r[0](args.chunk))
         report(f"training, {args.rounds} rounds: seconds per epoch ({iters} iterations) implied",
                {e: v / args.chunk for e, v in times.items()}, iters, "s")
     if args.eval_rounds:
@@ -171,7 +156,7 @@ def main():
         for e, (_, evaluate) in runners.items():
             acc = float((evaluate() == answers).all(axis=1).mean())  # warm-up
             print(f"{e}: greedy test accuracy {acc * 100:.2f}% after the training above")
-        times = take_turns(runners, args.eval_rounds, lambda r: r[1]())
+        times = turns(runners, args.eval_rounds, lambda r: r[1]())
         report(f"greedy evaluation of {len(answers)} test questions, {args.eval_rounds} rounds",
                times, 1.0, "s")
 

@@ -1,18 +1,19 @@
 """Did a change make anything slower? The pytest-benchmark suite of an older commit against this
 checkout, in alternating rounds on the same machine, one table of medians and ratios.
 
-    python benchmarks/compare_commits.py 6561929                # older commit vs this checkout
-    python benchmarks/compare_commits.py 6561929 --rounds 5 -k "eval or train_step"
-    python benchmarks/compare_commits.py 6561929 -k rnnlm --old-checkout ../old   # built already
+    python -m benchmarks.compare_commits 6561929                # older commit vs this checkout
+    python -m benchmarks.compare_commits 6561929 --rounds 5 -k "eval or train_step"
+    python -m benchmarks.compare_commits 6561929 -k rnnlm --old-checkout ../old   # built already
 
 The older commit is checked out into a git worktree beside this one (removed afterwards) and its
 extensions are built there; both sides run `pytest benchmarks/test_bench_*.py --benchmark-only`
-in turn, the first side alternating from round to round (old-new, new-old, ...), so machine
-drift hits both alike. A benchmark present on one side only is listed with one figure. Ratios:
+in turn (benchmarks.common.take_turns: old-new, new-old, ...), so machine drift hits both
+alike. A benchmark present on one side only is listed with one figure. Ratios:
 old time / new time, above 1 the current code is faster: the median of the per-round ratios,
 with their quartiles (4 rounds or more).
 """
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, take_turns
 
 
 def run(cmd, cwd, **kw):
@@ -73,14 +74,17 @@ def main(argv=None):
     try:
         if args.old_checkout is None:
             checkout(sha, old_root)
+        roots, runs = {"old": old_root, "new": ROOT}, itertools.count()
+        rounds = take_turns(
+            lambda side: bench_round(roots[side], args.keyword, tmp / f"{side}{next(runs)}.json"),
+            roots, args.rounds, pause=0,
+            after_round=lambda r: print(f"round {r + 1}/{args.rounds} done", file=sys.stderr,
+                                        flush=True))
         times = {"old": {}, "new": {}}
-        sides = (("old", old_root), ("new", ROOT))
-        for r in range(args.rounds):
-            for side, root in (sides if r % 2 == 0 else sides[::-1]):  # ABBA: drift hits both
-                res = bench_round(root, args.keyword, tmp / f"{side}{r}.json")
+        for side, results in rounds.items():
+            for res in results:
                 for name, median in res.items():
                     times[side].setdefault(name, []).append(median)
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
         if args.old_checkout is None:
             subprocess.run(["git", "worktree", "remove", "--force", str(old_root)], cwd=ROOT,

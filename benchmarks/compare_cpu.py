@@ -1,7 +1,7 @@
 """Addition seq2seq training on this CPU, side by side: fastseq (default, one thread, pure NumPy
 engine) and PyTorch CPU, the same model, sizes, batches, Adam and clipping.
 
-    python benchmarks/compare_cpu.py [--load N] [--models seq2seq peeky] [--rounds 20] [--turn 1.0]
+    python -m benchmarks.compare_cpu [--load N] [--models seq2seq peeky] [--rounds 20] [--turn 1.0]
 
 Each setup runs in its own worker process; the workers take turns of about --turn seconds, in an
 order that rotates every round, so slow and fast spells of a shared machine hit every setup alike.
@@ -10,15 +10,12 @@ whole run. Reported: median ms per iteration, the epoch it implies, and the medi
 the per-round time ratios.
 """
 import argparse
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BATCH, D, H, SETUPS, addition_data, interleaved, machine_line,  # noqa: E402
-                    ratio_line, start_load, stop_load, torch_seq2seq, worker_loop, worker_setup)
+from benchmarks.common import (BATCH, D, H, SETUPS, addition_data, interleaved, machine_line,
+                               ratio_line, start_load, stop_load, torch_seq2seq, worker_loop,
+                               worker_setup)
 
 EPOCH = 45000 // BATCH  # iterations per epoch of the addition training split
 
@@ -117,10 +114,8 @@ def main():
     load = start_load(args.load)
     try:
         for model_name in args.models:
-            def argv_for(setup):
-                return [sys.executable, os.path.abspath(__file__), "--worker", setup, model_name]
-            report(model_name, interleaved(argv_for, args.setups, args.rounds, args.turn),
-                   args.turn)
+            report(model_name, interleaved("compare_cpu", [model_name], args.setups, args.rounds,
+                                           args.turn), args.turn)
     finally:
         stop_load(load)
 

@@ -1,11 +1,11 @@
 """fastseq on CuPy against PyTorch + cuDNN (nn.LSTM on CUDA), same models and sizes, one run.
 
-    python benchmarks/compare_gpu.py [--data-dir gpu_data] [--json out.json]
-    python benchmarks/compare_gpu.py --device cpu --smoke      # the same code paths on a CPU
-    python benchmarks/compare_gpu.py --report LOGDIR           # gpu_check.sh's one table
+    python -m benchmarks.compare_gpu [--data-dir gpu_data] [--json out.json]
+    python -m benchmarks.compare_gpu --device cpu --smoke      # the same code paths on a CPU
+    python -m benchmarks.compare_gpu --report LOGDIR           # gpu_check.sh's one table
 
-Parts, each stopped after --part-budget seconds (rounds are interleaved: fastseq with CUDA
-graphs, fastseq eager, PyTorch; the median round is reported):
+Parts, each stopped after --part-budget seconds (rounds in which fastseq with CUDA graphs,
+fastseq eager and PyTorch take turns; the median round is reported):
   seq2seq, peeky  one addition epoch (45,000 questions, batch 128, D=16, H=128, Adam 1e-3, clip
                   5.0, reversed questions)
   better          BetterRnnlm PTB training iterations (batch 20, time 35, V=10,000, D=H=650,
@@ -26,10 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import torch_seq2seq  # noqa: E402
+from benchmarks.common import ROOT, TEXTBOOK_DATA, take_turns, timed, torch_seq2seq
 
 ADD = dict(D=16, H=128, batch=128, lr=1e-3, clip=5.0)
 PTB = dict(V=10000, H=650, batch=20, time=35, lr=20.0, clip=0.25, dropout=0.5)
@@ -37,7 +34,7 @@ TARGETS = {"peeky": 0.5, "better": 1.2}  # fastseq CuPy time / PyTorch time must
 
 
 def find_data_dir(arg):
-    for d in ([arg] if arg else []) + [ROOT / "gpu_data", ROOT.parent / "shared" / "data"]:
+    for d in ([arg] if arg else []) + [ROOT / "gpu_data", TEXTBOOK_DATA]:
         if d and Path(d, "addition.txt").exists():
             return Path(d)
     return None
@@ -86,14 +83,6 @@ class Device:
         if self.name == "cuda":
             d["cupy"] = self.cupy.__version__
         return d
-
-
-def timed(dev, fn):
-    dev.sync()
-    t0 = time.perf_counter()
-    out = fn()
-    dev.sync()
-    return time.perf_counter() - t0, out
 
 
 # ----------------------------------------------------------------------------- addition epoch
@@ -289,17 +278,16 @@ def part_better(dev, args, data_dir):
 # ------------------------------------------------------------------------------------ driver
 
 def interleave(dev, runners, args, unit, scale, what):
-    """Rounds of every runner in turn until --rounds or the part's budget; median per runner."""
-    times = {k: [] for k in runners}
+    """Rounds in which the runners take turns, until --rounds or the part's budget; the median
+    per runner."""
     losses = {k: None for k in runners}
-    t_end = time.perf_counter() + args.part_budget
-    for rd in range(args.rounds):
-        for name, run in runners.items():
-            seconds, loss = timed(dev, run)
-            times[name].append(seconds)
-            losses[name] = float(loss)
-        if time.perf_counter() > t_end:
-            break
+
+    def turn(name):
+        seconds, loss = timed(runners[name], sync=dev.sync)
+        losses[name] = float(loss)
+        return seconds
+
+    times = take_turns(turn, runners, args.rounds, pause=0, budget=args.part_budget)
     rows = [{"runner": k, "median": statistics.median(v) * scale, "rounds": len(v),
              "all": [round(s * scale, 4) for s in v], "loss": losses[k], "unit": unit}
             for k, v in times.items()]
@@ -427,7 +415,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes (4 addition batches of 16, H=32, 2 PTB iterations, 1 round)")
     p.add_argument("--data-dir", default=None,
-                   help="folder with addition.txt and ptb/ (default gpu_data/, else ../shared/data)")
+                   help="folder with the textbook's addition.txt and ptb/ (default gpu_data/, "
+                        "else FASTSEQ_TEXTBOOK_DATA; generated data otherwise)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per part (default 3)")
     p.add_argument("--ptb-iters", type=int, default=50,

@@ -1,25 +1,21 @@
 """Rnnlm training iterations on this CPU, side by side: fastseq (default, one thread, pure NumPy
 engine) and PyTorch CPU, the same model, batch layout, SGD and clipping.
 
-    python benchmarks/compare_rnnlm.py [--load N] [--rounds 10] [--turn 1.0] [--data-dir DIR]
+    python -m benchmarks.compare_rnnlm [--load N] [--rounds 10] [--turn 1.0] [--data-dir DIR]
 
 One iteration = the next truncated-BPTT batch (B=20, T=35, the textbook's layout), forward,
 backward, gradient clipping (0.25) and SGD (lr 20) on Embedding(10000, 100) -> LSTM(100) ->
 Linear(100, 10000) with softmax cross-entropy; the LSTM state is carried across batches. Setups
-run in worker processes taking turns, as in compare_cpu.py; --load N adds N CPU-bound processes.
+run in worker processes taking turns, as in benchmarks.compare_cpu; --load N adds N CPU-bound processes.
 """
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (SETUPS, interleaved, machine_line, ratio_line, start_load,  # noqa: E402
-                    stop_load, worker_loop, worker_setup)
+from benchmarks.common import (SETUPS, TEXTBOOK_DATA, interleaved, machine_line, ratio_line,
+                               start_load, stop_load, worker_loop, worker_setup)
 
-SHARED_PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
 V, D, H, B, T = 10000, 100, 100, 20, 35
 LR, CLIP = 20.0, 0.25
 
@@ -103,7 +99,8 @@ def main():
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--turn", type=float, default=1.0, help="seconds per turn")
-    ap.add_argument("--data-dir", default=str(SHARED_PTB), help="PTB folder (else random ids)")
+    ap.add_argument("--data-dir", default=str(TEXTBOOK_DATA / "ptb"),
+                    help="PTB folder (else random ids)")
     ap.add_argument("--worker", metavar="SETUP", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -116,9 +113,8 @@ def main():
           f"competing CPU-bound processes: {args.load}")
     load = start_load(args.load)
     try:
-        times = interleaved(lambda s: [sys.executable, os.path.abspath(__file__), "--worker", s,
-                                       "--data-dir", args.data_dir],
-                            args.setups, args.rounds, args.turn)
+        times = interleaved("compare_rnnlm", ["--data-dir", args.data_dir], args.setups,
+                            args.rounds, args.turn)
     finally:
         stop_load(load)
     print(f"\n{args.rounds} rounds of ~{args.turn:g} s per setup")

@@ -1,11 +1,6 @@
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import set_engine  # noqa: E402
+from benchmarks.common import set_engine
 
 ENGINES = ["numpy", "cython", "cupy"]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: one script for a lent NVIDIA machine (no network, no ../shared).
+# The GPU check: one script for an NVIDIA machine without network access.
 #
-#   cp -r ../shared/data gpu_data              # beforehand, on the machine that has the data:
+#   cp -r DATA gpu_data                        # beforehand (DATA: the textbook's dataset/, ptb/)
 #   bash benchmarks/gpu_check.sh               # gpu_data/ is git-ignored, so carry it along
 #
 # Steps, each time-bounded (a failing step never stops the ones after it); logs and results go
@@ -12,11 +12,11 @@
 #   smoke      an NVRTC-compiled kernel, fastseq.backend.use("cupy"), a product by direct cuBLAS
 #              call captured into a CUDA graph and replayed
 #   tests      GPU=1 python -m pytest tests -m gpu
-#   compare    benchmarks/compare_gpu.py: Seq2seq and PeekySeq2seq addition epochs and
+#   compare    python -m benchmarks.compare_gpu: Seq2seq and PeekySeq2seq addition epochs and
 #              BetterRnnlm PTB iterations, fastseq CuPy (CUDA graphs and eager) vs PyTorch cuDNN
 #   train_gpu  GPU=1 python -m fastseq.train --epochs 3 (PeekySeq2seq, gpu_data/addition.txt)
 #   train_cpu  the same on the CPU, for the accuracy side by side
-# and at the end ONE table (benchmarks/compare_gpu.py --report). The whole run stays under
+# and at the end ONE table (python -m benchmarks.compare_gpu --report). The whole run stays under
 # GPU_CHECK_BUDGET seconds (default 480). Exit status: 0 when every step passed.
 # GPU_CHECK_SKIP="step ..." skips steps (install included): a dry run on a CPU machine, e.g.
 # GPU_CHECK_SKIP="install train_cpu", shows the GPU steps failing with their reasons and the
@@ -148,11 +148,11 @@ else
     export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-[[ -f $DATA/addition.txt ]] || echo "WARNING: $DATA/addition.txt missing: copy ../shared/data to $DATA/ and carry it"
+[[ -f $DATA/addition.txt ]] || echo "WARNING: $DATA/addition.txt missing: copy the textbook's data files to $DATA/ and carry it"
 
 step smoke 60 -- smoke
 step tests 150 -- env GPU=1 $PY -m pytest tests -m gpu -q -rs --tb=short -p no:cacheprovider --continue-on-collection-errors
-step compare 200 -- $PY benchmarks/compare_gpu.py --data-dir "$DATA" --json "$LOGDIR/compare.json" \
+step compare 200 -- $PY -m benchmarks.compare_gpu --data-dir "$DATA" --json "$LOGDIR/compare.json" \
     --part-budget 45
 TRAIN=(--epochs 3 --no-progress)
 [[ -f $DATA/addition.txt ]] && TRAIN+=(--data "$DATA/addition.txt")
@@ -160,6 +160,6 @@ step train_gpu 75 -- env GPU=1 $PY -m fastseq.train "${TRAIN[@]}" --out "$LOGDIR
 step train_cpu 75 -- env -u GPU $PY -m fastseq.train "${TRAIN[@]}" --out "$LOGDIR/train_cpu"
 
 echo
-$PY benchmarks/compare_gpu.py --report "$LOGDIR" | tee "$LOGDIR/table.txt"
+$PY -m benchmarks.compare_gpu --report "$LOGDIR" | tee "$LOGDIR/table.txt"
 echo "($(( SECONDS - START ))s of a ${BUDGET}s budget; logs in $LOGDIR)"
 exit $FAILED

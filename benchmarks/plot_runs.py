@@ -1,6 +1,6 @@
 """Draw several runs' test-accuracy (or perplexity) curves from their metrics.json in one PNG.
 
-    python benchmarks/plot_runs.py OUT.png LABEL=runs/a/metrics.json LABEL=runs/b/metrics.json ...
+    python -m benchmarks.plot_runs OUT.png LABEL=runs/a/metrics.json LABEL=runs/b/metrics.json ...
 """
 import json
 import sys

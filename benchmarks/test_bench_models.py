@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import fastseq
+from benchmarks.common import BATCH, D, H, addition_data
 from fastseq import backend
-from common import BATCH, D, H, addition_data
 
 MODELS = {"seq2seq": fastseq.Seq2seq, "peeky": fastseq.PeekySeq2seq}
 
@@ -47,8 +47,6 @@ def test_eval_5000(benchmark, engine, model_name, data):
 
 
 def test_rnnlm_train_step(benchmark, engine):
-    if not hasattr(fastseq, "Rnnlm"):
-        pytest.skip("Rnnlm not available")
     V, B, T = 10000, 20, 35
     model = fastseq.Rnnlm(V, 100, 100, seed=0)
     opt = fastseq.SGD(20.0)
@@ -69,8 +67,6 @@ def test_rnnlm_train_step(benchmark, engine):
 
 def test_rnnlm_generate_100_words(benchmark, engine):
     """Sampling 100 words (one step at a time through the stateful layers); aim: < 50 ms on CPU."""
-    if not hasattr(fastseq, "Rnnlm"):
-        pytest.skip("Rnnlm not available")
     model = fastseq.Rnnlm(10000, 100, 100, seed=0)
     state = {"seed": 0}
 

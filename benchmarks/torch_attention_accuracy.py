@@ -1,7 +1,8 @@
 """The attention seq2seq in PyTorch 2.13 CPU, trained with the recipe of attention_accuracy.py
-(unmasked: pads are data and whole rows are reversed), for the accuracy side by side.
+(unmasked: pads are data and whole rows are reversed), for the accuracy side by side (DATA as
+in benchmarks.attention_accuracy).
 
-    python benchmarks/torch_attention_accuracy.py --data ../shared/data/addition.txt \\
+    python -m benchmarks.torch_attention_accuracy --data DATA/addition.txt \\
         --epochs 25 --hidden-size 128 --json runs/torch_attention_addition.json
 
 Same network as fastseq's AttentionSeq2seq (benchmarks/common.torch_attention_seq2seq) with
@@ -17,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import torch_attention_seq2seq  # noqa: E402
-from fastseq.datasets.sequence import load_dataset  # noqa: E402
+from benchmarks.common import torch_attention_seq2seq
+from fastseq.datasets.sequence import load_dataset
 
 
 def main(argv=None):

@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The textbook's own data files (addition.txt, date.txt, ptb/ptb.*.txt from
+# https://github.com/oreilly-japan/deep-learning-from-scratch-2, dataset/): the few tests of facts
+# about those exact files look in FASTSEQ_TEXTBOOK_DATA (default: shared/data beside the
+# repository's folder) and skip, naming what is missing, where they are absent.
+TEXTBOOK_DATA = Path(os.environ.get("FASTSEQ_TEXTBOOK_DATA")
+                     or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 # Hypothesis: "ci" (the default) runs a few dozen derandomised cases per fuzz test; "full"
 # (HYPOTHESIS_PROFILE=full) runs >= 2,000 random cases per loader (docs/RELIABILITY.md).
@@ -31,12 +36,16 @@ if os.environ.get("FASTSEQ_KERNEL", "").strip().lower() == "numpy":
     sys.modules["fastseq._ext"] = None
 
 
-@pytest.fixture
-def shared_data():
-    if not SHARED.exists():
-        pytest.skip(f"needs the reference data sets (facts of those exact files): ../shared/data "
-                    f"not found at {SHARED}")
-    return SHARED
+PTB_FILES = ("ptb/ptb.train.txt", "ptb/ptb.valid.txt", "ptb/ptb.test.txt")
+
+
+def needs_textbook(*names):
+    """Skips the test it marks, naming the files, where any of the textbook's data files
+    ``names`` (paths under TEXTBOOK_DATA) is absent."""
+    missing = [n for n in names if not (TEXTBOOK_DATA / n).is_file()]
+    return pytest.mark.skipif(bool(missing), reason=(
+        f"needs the textbook's data file(s) {', '.join(missing)} (set FASTSEQ_TEXTBOOK_DATA to "
+        f"the folder holding them; looked in {TEXTBOOK_DATA})"))
 
 
 @pytest.fixture

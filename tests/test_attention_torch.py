@@ -1,6 +1,6 @@
 """AttentionSeq2seq against the same network in PyTorch (an independent reference; skipped where
 PyTorch is not installed): given the same weights, the same loss and the same gradients."""
-import sys
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +10,20 @@ from fastseq import backend
 from fastseq.models.attention import AttentionSeq2seq
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import copy_attention_weights, torch_attention_seq2seq  # noqa: E402
+
+
+@pytest.fixture
+def common(monkeypatch):
+    """benchmarks/common.py, where the PyTorch network lives."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    return importlib.import_module("benchmarks.common")
+
 
 V, D, H, N, Tq, Ta = 11, 5, 7, 6, 6, 4
 
 
 @pytest.mark.parametrize("pad", [None, 10])
-def test_same_loss_and_gradients_as_pytorch(pad):
+def test_same_loss_and_gradients_as_pytorch(common, pad):
     rng = np.random.default_rng(3)
     xs = rng.integers(0, 10, (N, Tq))
     ts = rng.integers(0, 10, (N, Ta))
@@ -29,8 +35,8 @@ def test_same_loss_and_gradients_as_pytorch(pad):
         loss = model.forward(xs, ts)
         model.backward()
         grads = {n: g.copy() for n, g in zip(model.param_names, model.grads)}
-    ref = torch_attention_seq2seq(torch, V, D, H, pad).double()
-    copy_attention_weights(torch, ref, model)
+    ref = common.torch_attention_seq2seq(torch, V, D, H, pad).double()
+    common.copy_attention_weights(torch, ref, model)
     x, t = torch.from_numpy(xs), torch.from_numpy(ts)
     score = ref(x, t[:, :-1])
     ref_loss = torch.nn.functional.cross_entropy(score.reshape(-1, V), t[:, 1:].reshape(-1))

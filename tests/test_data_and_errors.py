@@ -9,9 +9,12 @@ from fastseq import PeekySeq2seq, Seq2seq
 from fastseq.datasets import sequence
 from fastseq.io import CheckpointError
 
+from conftest import TEXTBOOK_DATA, needs_textbook
 
-def test_textbook_addition_arrays(shared_data):
-    (x, t), (xt, tt) = sequence.load_data(str(shared_data / "addition.txt"))
+
+@needs_textbook("addition.txt")
+def test_textbook_addition_arrays():
+    (x, t), (xt, tt) = sequence.load_data(str(TEXTBOOK_DATA / "addition.txt"))
     assert x.shape == (45000, 7) and t.shape == (45000, 5)
     assert xt.shape == (5000, 7) and tt.shape == (5000, 5)
     assert x[0].tolist() == [3, 0, 2, 0, 0, 11, 5] and t[0].tolist() == [6, 0, 11, 7, 5]

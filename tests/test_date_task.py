@@ -6,6 +6,8 @@ import numpy as np
 from fastseq.datasets.sequence import (generate_date, load_dataset, pad_id, parse_lines,
                                        reverse_padded, true_lengths)
 
+from conftest import TEXTBOOK_DATA, needs_textbook
+
 FORMATS = ["%m/%d/%y", "%b %d, %Y", "%B %d, %Y", "%A, %B %d, %Y"]
 
 
@@ -40,8 +42,9 @@ def test_generated_default_data_when_no_file():
     assert pad_id(d.vocab) == d.vocab.char_to_id[" "]
 
 
-def test_textbook_date_file(shared_data):
-    d = load_dataset(str(shared_data / "date.txt"))
+@needs_textbook("date.txt")
+def test_textbook_date_file():
+    d = load_dataset(str(TEXTBOOK_DATA / "date.txt"))
     assert d.x_train.shape == (45000, 29) and d.t_test.shape == (5000, 11)
     assert len(d.vocab) == 59
     assert d.vocab.decode(d.t_train[0])[0] == "_"

@@ -6,6 +6,7 @@ from fastseq import backend
 from fastseq.layers import TimeAffine, TimeDropout, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
 from fastseq.models import PeekySeq2seq, Seq2seq
 
+import reference_lstm
 from conftest import numerical_grad, rel_error
 
 TOL = 1e-6
@@ -47,6 +48,27 @@ def test_time_embedding_scatter_paths(V, shape):
     ids = rng.integers(0, V, shape)
     ids.flat[0] = ids.flat[-1]  # at least one repeated id
     check_layer(layer, ids, rng.standard_normal(shape + (3,)), grad_input=False)
+
+
+@pytest.mark.parametrize("row_bias", [False, True])
+def test_reference_lstm(row_bias):
+    """The oracle of the engine-conformance tests (tests/reference_lstm.py) by central differences:
+    every gradient its backward returns, one bias per row included."""
+    rng = np.random.default_rng(10)
+    N, T, D, H = 2, 3, 3, 4
+    xs, h0, c0 = (rng.standard_normal(s) for s in ((N, T, D), (N, H), (N, H)))
+    Wx, Wh = rng.standard_normal((D, 4 * H)), rng.standard_normal((H, 4 * H)) / 2
+    b = rng.standard_normal((N, 4 * H) if row_bias else 4 * H)
+    w = rng.standard_normal((N, T, H))
+
+    def loss():
+        return float((reference_lstm.forward(xs, Wx, Wh, b, h0, c0)[0] * w).sum())
+
+    cache = reference_lstm.forward(xs, Wx, Wh, b, h0, c0)[3]
+    grads = reference_lstm.backward(w, cache)
+    assert grads[4].shape == b.shape
+    for name, x, g in zip(("xs", "h0", "Wx", "Wh", "b"), (xs, h0, Wx, Wh, b), grads):
+        assert rel_error(numerical_grad(loss, x), g) < TOL, name
 
 
 @pytest.mark.parametrize("stateful", [False, True])

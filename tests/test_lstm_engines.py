@@ -1,8 +1,8 @@
-"""LSTM engine conformance: every engine present (numpy, cython, cupy) against the NumPy reference
-engine and central differences, through the one protocol stated in fastseq/lstm/_numpy.py
-(forward, backward, step; per-row biases; integer ids as one-hot inputs; need_dh0), directly and
-through TimeLSTM. The Cython engine's own machinery (BLAS choice, buffer pool, split path) is
-tested after that.
+"""LSTM engine conformance: every engine present (numpy, cython, cupy) against the textbook's LSTM
+written plainly (tests/reference_lstm.py, float64) and central differences, through the one
+protocol stated in fastseq/lstm/_numpy.py (forward, backward, step; per-row biases; integer ids
+as one-hot inputs; need_dh0), directly and through TimeLSTM. The Cython engine's own machinery
+(BLAS choice, buffer pool, split path) is tested after that.
 
 The cython engine is skipped where fastseq._ext is not importable (a failure instead under
 FASTSEQ_REQUIRE_EXT=1, unless FASTSEQ_KERNEL=numpy blocked it on purpose); the cupy engine needs
@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import reference_lstm as reference
 from conftest import numerical_grad
 from fastseq import backend
 from fastseq.layers import TimeLSTM
@@ -126,9 +127,25 @@ def run_engine(engine, xs, Wx, Wh, b, h0, c0, dhs, need_dh0=True):
     return {k: engine.host(v) for k, v in out.items()}
 
 
+def run_reference(xs, Wx, Wh, b, h0, c0, dhs):
+    """run_engine's outputs from the reference (float64); integer ids as explicit one-hot rows."""
+    if np.issubdtype(np.asarray(xs).dtype, np.integer):
+        xs = np.eye(Wx.shape[0])[xs]
+    hs, hT, cT, cache = reference.forward(xs, Wx, Wh, b, h0, c0)
+    dxs, dh0, dWx, dWh, db = reference.backward(dhs, cache)
+    return dict(hs=hs, hT=hT, cT=cT, dxs=dxs, dh0=dh0, dWx=dWx, dWh=dWh, db=db)
+
+
+def reference_state(xs, Wx, Wh, b, h0, c0):
+    """The reference's h_T, c_T (integer ids as explicit one-hot rows)."""
+    if np.issubdtype(np.asarray(xs).dtype, np.integer):
+        xs = np.eye(Wx.shape[0])[xs]
+    return reference.forward(xs, Wx, Wh, b, h0, c0)[1:3]
+
+
 def compare(engine, case, dtype, tol=None):
-    """The engine against the NumPy reference on one case: values and dtypes of every output."""
-    ref = run_engine(load_engine("numpy"), *case)
+    """The engine against the reference on one case: values of every output, dtypes kept."""
+    ref = run_reference(*case)
     out = run_engine(engine, *case)
     for k in ref:
         assert out[k].dtype == dtype, f"{k}: dtype {out[k].dtype}"
@@ -197,8 +214,7 @@ def check_noncontiguous_dhs(engine, seed, N, dtype):
     T, D, H = 4, 3, 6
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, dtype)
     for name, dhs in dhs_variants(rng, N, T, H, dtype).items():
-        ref = run_engine(load_engine("numpy"), xs, Wx, Wh, b, h0, c0,
-                         np.ascontiguousarray(dhs, dtype))
+        ref = run_reference(xs, Wx, Wh, b, h0, c0, dhs)
         out = run_engine(engine, xs, Wx, Wh, b, h0, c0, dhs)
         for k in ref:
             assert_close(out[k], ref[k], engine.tol(dtype), f"{name}: {k}")
@@ -216,7 +232,7 @@ def test_grads_are_overwritten_not_accumulated(engine):
     grads = [engine.xp.full(a.shape, 7.0) for a in (Wx, Wh, b)]
     *_, cache = engine.module.forward(xs, Wx, Wh, b, h0, c0)
     engine.module.backward(dhs, cache, grads)
-    ref = run_engine(load_engine("numpy"), *case)
+    ref = run_reference(*case)
     for g, k in zip(grads, ("dWx", "dWh", "db")):
         assert_close(g, ref[k], 1e-10, k)
 
@@ -272,7 +288,7 @@ def test_steps_match_forward(engine, dtype, row_bias, zero_state, N):
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, N, T, D, H, dtype, zero_state)
     if row_bias:
         b = (rng.standard_normal((N, 4 * H)) * 0.5).astype(dtype)
-    hs, hT, cT, _ = _numpy.forward(xs, Wx, Wh, b, h0, c0)
+    hs, hT, cT, _ = reference.forward(xs, Wx, Wh, b, h0, c0)
     d = [engine.dev(a) for a in (xs, Wx, Wh, b, h0, c0)]
     h, c = d[4], d[5]
     for t in range(T):
@@ -285,18 +301,23 @@ def test_steps_match_forward(engine, dtype, row_bias, zero_state, N):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_stepper_is_step(engine, dtype):
-    """stepper(Wx, Wh, b) (the weights prepared once for a run of steps) gives step()'s bits."""
+    """stepper(Wx, Wh, b) (the weights prepared once for a run of steps) gives step()'s bits,
+    and the reference's states."""
     rng = np.random.default_rng(33)
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 1, 5, 3, 6, dtype)
     d = [engine.dev(a) for a in (xs, Wx, Wh, b, h0, c0)]
     run = engine.module.stepper(*d[1:4])
     h1 = h2 = d[4]
     c1 = c2 = d[5]
+    h, c = h0, c0
     for t in range(xs.shape[1]):
         h1, c1 = engine.module.step(d[0][:, t], *d[1:4], h1, c1)
         h2, c2 = run(d[0][:, t], h2, c2)
+        h, c, _ = reference.step(xs[:, t], Wx, Wh, b, h, c)
         np.testing.assert_array_equal(engine.host(h2), engine.host(h1))
         np.testing.assert_array_equal(engine.host(c2), engine.host(c1))
+        assert_close(h2, h, engine.tol(dtype), f"h at step {t}")
+        assert_close(c2, c, engine.tol(dtype), f"c at step {t}")
 
 
 @pytest.mark.parametrize("N,H,dtype", [(1, 6, np.float64), (200, 128, np.float32),
@@ -385,7 +406,7 @@ def test_final_state_matches_forward(engine, shape, dtype, row_bias, zero_state,
     case = (ids_case if ids else make_case)(rng, *shape, dtype, zero_state)
     if row_bias:
         case[3] = (rng.standard_normal((shape[0], 4 * shape[3])) * 0.5).astype(dtype)
-    _, hT, cT, _ = _numpy.forward(*case[:6])
+    hT, cT = reference_state(*case[:6])
     h, c = engine.module.final_state(*[engine.dev(a) for a in case[:6]])
     assert h.dtype == dtype and c.dtype == dtype
     assert_close(h, hT, engine.tol(dtype), "h_T")
@@ -399,7 +420,7 @@ def test_final_state_start_rows(engine, dtype, zero_state):
     rng = np.random.default_rng(35)
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 300, 3, 4, 6, dtype, zero_state)
     h0, c0, start = h0[:7], c0[:7], rng.integers(0, 7, 300)
-    want = _numpy.final_state(xs, Wx, Wh, b, h0[start], c0[start])
+    want = reference_state(xs, Wx, Wh, b, h0[start], c0[start])
     got = engine.module.final_state(*[engine.dev(a) for a in (xs, Wx, Wh, b, h0, c0, start)])
     for g, w, what in zip(got, want, ("h_T", "c_T")):
         assert_close(g, w, engine.tol(dtype), what)
@@ -530,7 +551,7 @@ def compare_ids(engine, case, dtype):
     """Ids against the same inputs as explicit one-hot float rows."""
     ids, Wx = case[0], case[1]
     onehot = np.eye(Wx.shape[0], dtype=dtype)[ids]
-    ref = run_engine(load_engine("numpy"), onehot, *case[1:])
+    ref = run_reference(onehot, *case[1:])
     out = run_engine(engine, *case)
     assert out["dxs"] is None
     for k in ref:
@@ -561,7 +582,11 @@ def make_layer(rng, D, H, dtype, stateful):
     Wx = (rng.standard_normal((D, 4 * H)) / np.sqrt(D)).astype(dtype)
     Wh = (rng.standard_normal((H, 4 * H)) / np.sqrt(H)).astype(dtype)
     b = (rng.standard_normal(4 * H) * 0.1).astype(dtype)
-    return lambda engine: TimeLSTM(*[engine.dev(p.copy()) for p in (Wx, Wh, b)], stateful=stateful)
+
+    def make(engine):
+        return TimeLSTM(*[engine.dev(p.copy()) for p in (Wx, Wh, b)], stateful=stateful)
+    make.params, make.stateful = (Wx, Wh, b), stateful
+    return make
 
 
 def drive(engine, make, chunks, dchunks, h=None):
@@ -580,6 +605,20 @@ def drive(engine, make, chunks, dchunks, h=None):
         return outs + [engine.host(layer.h), engine.host(layer.c)]
 
 
+def drive_reference(make, chunks, dchunks, h=None):
+    """drive()'s outputs from the reference: a stateful layer carries (h, c) from chunk to chunk
+    (and starts from a given h); one that is not starts every chunk from zeros."""
+    Wx, Wh, b = make.params
+    zeros = np.zeros((chunks[0].shape[0], Wh.shape[0]))
+    h0, c0 = (h if h is not None and make.stateful else zeros), zeros
+    outs = []
+    for xs, dhs in zip(chunks, dchunks):
+        hs, hT, cT, cache = reference.forward(xs, Wx, Wh, b, h0, c0)
+        outs += [hs, *reference.backward(dhs, cache)]  # hs, dxs, dh, dWx, dWh, db
+        h0, c0 = (hT, cT) if make.stateful else (zeros, zeros)
+    return outs + [hT, cT]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_stateful_continuation_through_timelstm(engine, dtype):
     rng = np.random.default_rng(13)
@@ -587,7 +626,7 @@ def test_stateful_continuation_through_timelstm(engine, dtype):
     make = make_layer(rng, D, H, dtype, stateful=True)
     chunks = [rng.standard_normal((N, T, D)).astype(dtype) for T in (3, 5)]
     dchunks = [rng.standard_normal((N, T, H)).astype(dtype) for T in (3, 5)]
-    ref = drive(load_engine("numpy"), make, chunks, dchunks)
+    ref = drive_reference(make, chunks, dchunks)
     out = drive(engine, make, chunks, dchunks)
     for i, (a, b) in enumerate(zip(out, ref)):
         assert_close(a, b, engine.tol(dtype), f"output {i}")
@@ -601,7 +640,7 @@ def test_set_state_with_given_h(engine, dtype):
     make = make_layer(rng, D, H, dtype, stateful=False)
     chunks = [rng.standard_normal((N, T, D)).astype(dtype)]
     dchunks = [rng.standard_normal((N, T, H)).astype(dtype)]
-    ref = drive(load_engine("numpy"), make, chunks, dchunks, h=h)
+    ref = drive_reference(make, chunks, dchunks, h=h)
     out = drive(engine, make, chunks, dchunks, h=h)
     for i, (a, b) in enumerate(zip(out, ref)):
         assert_close(a, b, engine.tol(dtype), f"output {i}")
@@ -640,21 +679,23 @@ def test_timelstm_context(engine, dtype, N):
     c = rng.standard_normal((N, K)).astype(dtype)
     h0 = rng.standard_normal((N, H)).astype(dtype)
     w = rng.standard_normal((N, T, H)).astype(dtype)
-    results = []
-    for eng in (load_engine("numpy"), engine):
-        with backend.using(eng.name):
-            layer = TimeLSTM(*[eng.dev(p.copy()) for p in params], stateful=True)
-            layer.set_state(eng.dev(h0.copy()))
-            y = layer.forward(eng.dev(x), context=eng.dev(c))
-            dx = layer.backward(eng.dev(w))
-            stepper = TimeLSTM(*[eng.dev(p.copy()) for p in params])
-            stepper.set_state(eng.dev(h0.copy()))
-            steps = [eng.host(stepper.step(eng.dev(x[:, t]), context=eng.dev(c))).copy()
-                     for t in range(T)]
-            results.append([eng.host(a) for a in (y, dx, layer.dh, layer.dcontext, *layer.grads)]
-                           + [np.stack(steps, axis=1)])
+    with backend.using(engine.name):
+        layer = TimeLSTM(*[engine.dev(p.copy()) for p in params], stateful=True)
+        layer.set_state(engine.dev(h0.copy()))
+        y = layer.forward(engine.dev(x), context=engine.dev(c))
+        dx = layer.backward(engine.dev(w))
+        stepper = TimeLSTM(*[engine.dev(p.copy()) for p in params])
+        stepper.set_state(engine.dev(h0.copy()))
+        steps = [engine.host(stepper.step(engine.dev(x[:, t]), context=engine.dev(c))).copy()
+                 for t in range(T)]
+        got = [engine.host(a) for a in (y, dx, layer.dh, layer.dcontext, *layer.grads)]
+    # the reference: the context is an input held constant, ahead of x's columns
+    xc = np.concatenate([np.broadcast_to(c[:, None], (N, T, K)), x], axis=2)
+    hs, _, _, cache = reference.forward(xc, *params, h0, np.zeros((N, H)))
+    dxc, dh, dWx, dWh, db = reference.backward(w, cache)
+    want = [hs, dxc[:, :, K:], dh, dxc[:, :, :K].sum(axis=1), dWx, dWh, db, hs]
     names = ["hs", "dx", "dh", "dcontext", "dWx", "dWh", "db", "stepped hs"]
-    for what, a, b in zip(names, *results):
+    for what, a, b in zip(names, got + [np.stack(steps, axis=1)], want):
         assert_close(a, b, engine.tol(dtype) * 10, what)
 
 
@@ -744,7 +785,7 @@ def test_one_row_products_without_gemv(cy, cyeng, dtype):
             case = make_case(rng, 1, 4, 5, 6, dtype, zero_state)
             compare(cyeng, case, dtype)
             h, c = cy.step(case[0][:, 0], *case[1:6])
-            ref = _numpy.step(case[0][:, 0], *case[1:6])
+            ref = reference.step(case[0][:, 0], *case[1:6])
             assert_close(h, ref[0], cyeng.tol(dtype), "h")
             assert_close(c, ref[1], cyeng.tol(dtype), "c")
     finally:
@@ -761,7 +802,7 @@ def test_noncontiguous_inputs_and_grads(cy):
     rng = np.random.default_rng(7)
     dtype = np.float32
     xs, Wx, Wh, b, h0, c0, dhs = make_case(rng, 4, 3, 5, 6, dtype)
-    ref = run_engine(_numpy, xs, Wx, Wh, b, h0, c0, dhs)
+    ref = run_reference(xs, Wx, Wh, b, h0, c0, dhs)
     xs_view = np.ascontiguousarray(xs.transpose(1, 0, 2)).transpose(1, 0, 2)
     hs, hT, cT, cache = cy.forward(xs_view, np.asfortranarray(Wx), Wh, b, np.asfortranarray(h0), c0)
     grads = [np.asfortranarray(np.zeros_like(Wx)), np.zeros_like(Wh), np.zeros_like(b)]
@@ -816,7 +857,7 @@ def test_step_converts_what_the_kernel_cannot_take(cy):
     rng = np.random.default_rng(18)
     xs, Wx, Wh, b, h0, c0, _ = make_case(rng, 3, 1, 4, 5, np.float32)
     x = xs[:, 0]
-    want = _numpy.step(x, Wx, Wh, b, h0, c0)
+    want = reference.step(x, Wx, Wh, b, h0, c0)
     variants = [(x, h0, c0), (x.astype(np.float64), h0, c0), (x, h0.astype(np.float64), c0),
                 (np.asfortranarray(x), h0, np.asfortranarray(c0)),
                 (np.repeat(x, 2, axis=1)[:, ::2], h0, c0)]
@@ -877,7 +918,7 @@ def test_pooled_buffers_are_not_shared_while_alive(cy):
     cases = [make_case(rng, 4, 3, 5, 6, np.float32) for _ in range(3)]
     Wx, Wh, b = cases[0][1:4]
     cases = [[c[0], Wx, Wh, b] + c[4:] for c in cases]
-    refs = [run_engine(_numpy, *c) for c in cases]
+    refs = [run_reference(*c) for c in cases]
     # a dropped cache hands its buffers to the pool...
     *_, cache = cy.forward(*cases[2][:6])
     work = cache.work

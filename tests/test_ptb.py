@@ -12,13 +12,12 @@ import pytest
 from fastseq import backend
 from fastseq.datasets import ptb
 
-from conftest import local_http_server
+from conftest import PTB_FILES, TEXTBOOK_DATA, local_http_server, needs_textbook
 
-PTB_DIR = Path(__file__).resolve().parents[2] / "shared/data/ptb"
+PTB_DIR = TEXTBOOK_DATA / "ptb"
 NAMES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
 
-needs_ptb = pytest.mark.skipif(not all((PTB_DIR / n).is_file() for n in NAMES),
-                               reason=f"PTB files not found in {PTB_DIR}")
+needs_ptb = needs_textbook(*PTB_FILES)
 
 UNREACHABLE = "http://127.0.0.1:1/"  # nothing listens there: connection refused at once
 
@@ -62,7 +61,7 @@ def cache_listing(folder):
 
 
 # Tests that need only *some* corpus (offline folders, the downloader) use a small synthetic one
-# whose sizes and checksums are patched in, so they run in a fresh clone without ../shared/data.
+# whose sizes and checksums are patched in, so they run in a fresh clone without the real files.
 _SYNTH = {"ptb.train.txt": " the cat sat on the mat \n a dog ran \n N $ <unk> \n" * 30,
           "ptb.valid.txt": " a cat ran \n the dog sat \n" * 20,
           "ptb.test.txt": " the mat ran on a cat \n" * 25}

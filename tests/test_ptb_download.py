@@ -1,7 +1,9 @@
 """The PTB downloader against hostile local servers (127.0.0.1): endless streams without a
-Content-Length, a byte every half second, oversized announcements. Small synthetic files stand in
-for the corpus (its size and SHA-256 patched in), so these run anywhere, in seconds."""
+Content-Length, a byte at a time, oversized announcements. Small synthetic files stand in for the
+corpus (its size and SHA-256 patched in), so these run anywhere, in seconds. The download's clock
+is a stand-in that each reading moves on, so the deadline is tested without timing anything."""
 import hashlib
+import re
 import time
 from http.server import BaseHTTPRequestHandler
 
@@ -39,23 +41,19 @@ def _handler(mode):
                 self.end_headers()
                 self.wfile.write(TRAIN)
                 return
-            if mode == "huge_length":
-                self.send_header("Content-Length", str(10 ** 12))
-                self.end_headers()
-                self.wfile.write(TRAIN)
-                return
-            if mode == "slow":
-                self.send_header("Content-Length", str(len(TRAIN)))
+            if mode in ("slow", "huge_length"):
+                self.send_header("Content-Length", str(10 ** 12 if mode == "huge_length"
+                                                       else len(TRAIN)))
             self.end_headers()
             t_end = time.monotonic() + 30
             try:
                 while time.monotonic() < t_end:
                     if mode == "endless":  # no Content-Length, never ends
                         self.wfile.write(b"x" * 1000)
-                    else:  # one byte every half second: no single read ever times out
+                    else:  # a byte at a time: no single read ever times out
                         self.wfile.write(TRAIN[:1])
                         self.wfile.flush()
-                        time.sleep(0.5)
+                        time.sleep(0.02)
             except OSError:
                 pass  # the client gave up
     return Handler
@@ -65,14 +63,32 @@ def serve(mode):
     return local_http_server(_handler(mode))
 
 
+class StepClock:
+    """Stands in for the downloader's clock: every reading is `step` seconds after the last."""
+
+    def __init__(self, step):
+        self.now, self.step, self.readings = 0.0, step, 0
+
+    def monotonic(self):
+        self.readings += 1
+        self.now += self.step
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The downloader's clock moves 0.5 s per reading (the deadline is 1.5 s)."""
+    c = StepClock(0.5)
+    monkeypatch.setattr(ptb, "time", c)
+    return c
+
+
 def _download(tmp_path, url):
     dest = tmp_path / "ptb"
-    t0 = time.monotonic()
     with pytest.raises(ptb.DownloadError) as e:
         ptb._download_file("ptb.train.txt", dest, base_url=url)
-    elapsed = time.monotonic() - t0
     assert not dest.exists() or list(dest.iterdir()) == []  # nothing left behind
-    return str(e.value), elapsed
+    return str(e.value)
 
 
 def test_intact_download_and_load(tmp_path, fake_corpus):
@@ -87,22 +103,28 @@ def test_intact_download_and_load(tmp_path, fake_corpus):
 
 def test_endless_stream_without_length_stops_at_the_cap(tmp_path, fake_corpus):
     with serve("endless") as url:
-        msg, elapsed = _download(tmp_path, url)
+        msg = _download(tmp_path, url)
     assert f"more than the {len(TRAIN)} bytes" in msg and "discarded" in msg
-    assert elapsed < 5
 
 
-def test_trickling_server_stops_at_the_deadline(tmp_path, fake_corpus):
+def test_trickling_server_stops_at_the_deadline(tmp_path, fake_corpus, clock):
+    """Every read returns within the per-read timeout; the deadline on the whole download stops
+    it at the first reading past it: the clock reads 0.5 when the download starts (deadline 2.0),
+    then once after each read: 1.0, 1.5, 2.0, 2.5."""
     with serve("slow") as url:
-        msg, elapsed = _download(tmp_path, url)
+        msg = _download(tmp_path, url)
     assert "took longer than 1.5 s" in msg and "discarded" in msg
-    assert 1.4 < elapsed < 5
+    received = int(re.search(r"\((\d+) bytes received\)", msg).group(1))
+    assert 4 <= received < len(TRAIN) and clock.readings == 5
 
 
-def test_announced_length_beyond_the_cap_is_refused_at_once(tmp_path, fake_corpus):
+def test_announced_length_beyond_the_cap_is_refused_at_once(tmp_path, fake_corpus, clock):
+    """Refused from the header, before the body (which trickles: reading it would end at the
+    deadline instead): the clock is read once, for the deadline."""
     with serve("huge_length") as url:
-        msg, elapsed = _download(tmp_path, url)
-    assert "announces 1000000000000 bytes" in msg and elapsed < 2
+        msg = _download(tmp_path, url)
+    assert "announces 1000000000000 bytes" in msg and "not downloaded" in msg
+    assert clock.readings == 1
 
 
 def test_cached_file_of_the_wrong_size_is_not_read(tmp_path, fake_corpus, monkeypatch):

@@ -11,7 +11,10 @@ import pytest
 from fastseq import BetterRnnlm, Rnnlm, RnnlmTrainer, SGD, eval_perplexity
 from fastseq.io import load_textbook_params
 
-from conftest import numerical_grad, rel_error
+from conftest import PTB_FILES, TEXTBOOK_DATA, needs_textbook, numerical_grad, rel_error
+
+PTB_DIR = TEXTBOOK_DATA / "ptb"
+needs_ptb = needs_textbook(*PTB_FILES)
 
 TOL = 1e-6
 
@@ -307,17 +310,19 @@ def test_rnnlm_trainer_rejects_bad_input():
         trainer.fit(np.arange(10), np.arange(10), batch_size=4, time_size=5)
 
 
-def test_ptb_loads_from_shared_data(shared_data):
+@needs_ptb
+def test_ptb_loads_the_textbook_files():
     from fastseq.datasets import ptb
-    corpus, w2i, i2w = ptb.load_data("train", data_dir=shared_data / "ptb")
+    corpus, w2i, i2w = ptb.load_data("train", data_dir=PTB_DIR)
     assert len(w2i) == 10000 and len(corpus) == 929589
     assert i2w[w2i["<eos>"]] == "<eos>"
 
 
-def test_short_ptb_training_lowers_perplexity(shared_data):
+@needs_ptb
+def test_short_ptb_training_lowers_perplexity():
     from fastseq.datasets import ptb
-    corpus, w2i, _ = ptb.load_data("train", data_dir=shared_data / "ptb")
-    val, _, _ = ptb.load_data("val", data_dir=shared_data / "ptb")
+    corpus, w2i, _ = ptb.load_data("train", data_dir=PTB_DIR)
+    val, _, _ = ptb.load_data("val", data_dir=PTB_DIR)
     corpus, val = corpus[:30000], val[:3000]
     model = Rnnlm(len(w2i), 32, 32, seed=0)
     before = eval_perplexity(model, val, batch_size=10, time_size=20)
@@ -330,7 +335,8 @@ def test_short_ptb_training_lowers_perplexity(shared_data):
     assert trainer.ppl_list[-1] < trainer.ppl_list[0]
 
 
-def test_train_cli_ptb_lr_decay_and_outputs(shared_data, tmp_path, monkeypatch, capsys):
+@needs_ptb
+def test_train_cli_ptb_lr_decay_and_outputs(tmp_path, monkeypatch, capsys):
     import fastseq.trainer as trainer_mod
     from fastseq.train import main
     vals = iter([500.0, 600.0, 450.0, 470.0, 420.0])  # val, val (worse), val, val (worse), test
@@ -340,7 +346,7 @@ def test_train_cli_ptb_lr_decay_and_outputs(shared_data, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(trainer_mod, "eval_perplexity", fake_eval)
     out = tmp_path / "ptb"
-    rc = main(["--task", "ptb", "--model", "rnnlm", "--data-dir", str(shared_data / "ptb"),
+    rc = main(["--task", "ptb", "--model", "rnnlm", "--data-dir", str(PTB_DIR),
                "--epochs", "4", "--max-iters", "3", "--hidden-size", "8", "--wordvec-size", "8",
                "--batch-size", "4", "--time-size", "5", "--out", str(out), "--no-progress"])
     assert rc == 0
@@ -359,10 +365,11 @@ def test_train_cli_ptb_lr_decay_and_outputs(shared_data, tmp_path, monkeypatch, 
     assert "val perplexity" in text and "test perplexity" in text
 
 
-def test_train_cli_ptb_real_eval_better(shared_data, tmp_path):
+@needs_ptb
+def test_train_cli_ptb_real_eval_better(tmp_path):
     from fastseq.train import main
     out = tmp_path / "better"
-    rc = main(["--task", "ptb", "--model", "better", "--data-dir", str(shared_data / "ptb"),
+    rc = main(["--task", "ptb", "--model", "better", "--data-dir", str(PTB_DIR),
                "--epochs", "1", "--max-iters", "2", "--eval-max-iters", "2", "--hidden-size", "8",
                "--wordvec-size", "8", "--batch-size", "4", "--time-size", "5", "--out", str(out),
                "--no-progress"])
@@ -374,9 +381,9 @@ def test_train_cli_ptb_real_eval_better(shared_data, tmp_path):
     b.load_params(out / "model.npz")
 
 
-def test_train_cli_ptb_rejects_seq2seq_model(shared_data, tmp_path, capsys):
+def test_train_cli_ptb_rejects_seq2seq_model(tmp_path, capsys):
     from fastseq.train import main
-    rc = main(["--task", "ptb", "--model", "peeky", "--data-dir", str(shared_data / "ptb"),
+    rc = main(["--task", "ptb", "--model", "peeky", "--data-dir", str(tmp_path / "no-ptb"),
                "--out", str(tmp_path), "--no-progress"])
     assert rc == 2
     assert "rnnlm" in capsys.readouterr().err
