@@ -135,8 +135,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(engine, task, signal_at,
     _, meta = checkpoint.load(out / "checkpoint.npz")
     # the last checkpoint that reached the disk before the kill (a writer thread writes the
     # files behind training, at most two files behind)
-    assert 0 < meta["position"]["total_iters"] <= ckpt_at
-    assert meta["position"]["total_iters"] % every(task) == 0
+    assert 0 < meta["state"]["loop"]["total_iters"] <= ckpt_at
+    assert meta["state"]["loop"]["total_iters"] % every(task) == 0
     assert meta["config"]["engine"] == engine and meta["fastseq_version"]
     r = train(["--resume", str(out), "--no-progress"])
     assert r.returncode == 0, r.stderr
@@ -155,7 +155,7 @@ def test_sigint_saves_state_reached_then_resume_is_bit_identical(engine, task, s
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2 and "SIGINT received" in lines[0] and "stopped at" in lines[1]
     _, meta = checkpoint.load(out / "checkpoint.npz")
-    assert meta["position"]["total_iters"] == signal_at  # the state reached, not the last periodic
+    assert meta["state"]["loop"]["total_iters"] == signal_at  # the state reached, not the last periodic
     m = json.loads((out / "metrics.json").read_text())
     assert m["stopped"]["signal"] == "SIGINT" and m["stopped"]["total_iterations"] == signal_at
     assert (out / "model.npz").exists()
@@ -184,7 +184,7 @@ def test_second_sigint_stops_at_once(data, tmp_path):
     assert r.returncode == 130 and "Traceback" not in r.stderr
     assert "stopped at once" in r.stderr.strip().splitlines()[-1]
     _, meta = checkpoint.load(out / "checkpoint.npz")
-    assert meta["position"]["total_iters"] == 4  # the last periodic checkpoint, untouched
+    assert meta["state"]["loop"]["total_iters"] == 4  # the last periodic checkpoint, untouched
 
 
 def test_sigint_from_outside(data, tmp_path):
@@ -205,7 +205,7 @@ def test_sigint_from_outside(data, tmp_path):
     assert p.returncode == 130 and "Traceback" not in err
     m = json.loads((out / "metrics.json").read_text())
     _, meta = checkpoint.load(out / "checkpoint.npz")
-    assert m["stopped"]["total_iterations"] == meta["position"]["total_iters"] > 0
+    assert m["stopped"]["total_iterations"] == meta["state"]["loop"]["total_iters"] > 0
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys, monkeypatch):
@@ -225,20 +225,25 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys,
     assert rc == 1 and len(err) == 1
     assert err[0].startswith("fastseq: training stopped: the loss is nan at epoch 1, iteration 7")
     _, meta = checkpoint.load(out / "checkpoint.npz")
-    assert meta["position"]["total_iters"] == 4  # the last good checkpoint, intact
+    assert meta["state"]["loop"]["total_iters"] == 4  # the last good checkpoint, intact
     assert not (out / "model.npz").exists()
 
 
 def test_non_finite_gradient_names_the_parameter():
     from fastseq import SGD, Trainer
+    from fastseq.models import Model as FastseqModel
     from fastseq.trainer import TrainingDiverged
 
-    class Model:
-        param_names = ["layer.W", "layer.b"]
+    class Layer:
+        param_names = ("W", "b")
 
         def __init__(self):
             self.params = [np.ones((2, 2)), np.ones(2)]
             self.grads = [np.zeros((2, 2)), np.zeros(2)]
+
+    class Model(FastseqModel):
+        def __init__(self):
+            self.layers = [("layer", Layer())]
             self.calls = 0
 
         def forward(self, x, t):

@@ -1,9 +1,10 @@
-"""The one training loop under Trainer and RnnlmTrainer: the textbook API, hooks, stopping and
-continuing mid-epoch, and checkpoint save/restore in one process."""
+"""The one training loop under Trainer and RnnlmTrainer: the textbook API, callbacks, stopping
+and continuing mid-epoch, and checkpoint save/restore in one process."""
 import numpy as np
 import pytest
 
 from fastseq import SGD, Adam, BetterRnnlm, PeekySeq2seq, RnnlmTrainer, Trainer, checkpoint
+from fastseq.callbacks import Callback
 from fastseq.datasets.sequence import build, generate_addition, parse_lines
 
 
@@ -39,10 +40,21 @@ def test_textbook_api(addition, tmp_path):
     assert len(lm_trainer.ppl_list) == len(lm_trainer.loss_list) == 100 // 10
 
 
-def test_hooks_see_every_iteration_and_epoch(addition):
+class Recorder(Callback):
+    def __init__(self, events):
+        self.events = events
+
+    def on_iteration(self, loop):
+        self.events.append(("iteration", loop.total_iters))
+
+    def on_epoch_end(self, loop):
+        self.events.append(("epoch", loop.total_iters))
+
+
+def test_callbacks_see_every_iteration_and_epoch(addition):
     _, trainer = seq2seq_run(addition)
     events = []
-    trainer.hooks.append(lambda loop, e: events.append((e, loop.total_iters)))
+    trainer.callbacks.append(Recorder(events))
     trainer.fit(addition.x_train, addition.t_train, max_epoch=2, batch_size=128)
     per_epoch = len(addition.x_train) // 128
     assert [e for e, _ in events].count("epoch") == 2
@@ -51,11 +63,13 @@ def test_hooks_see_every_iteration_and_epoch(addition):
         [n for n in range(1, 2 * per_epoch) if n != per_epoch]
 
 
-def _stop_at(n):
-    def hook(loop, event):
-        if loop.total_iters == n:
+class StopAt(Callback):
+    def __init__(self, n):
+        self.n = n
+
+    def on_iteration(self, loop):
+        if loop.total_iters == self.n:
             loop.stop_reason = "test"
-    return hook
 
 
 @pytest.mark.parametrize("kind,stop", [("seq2seq", 25), ("lm", 50)])  # in the second epoch
@@ -74,12 +88,12 @@ def test_stop_save_restore_continue_is_bit_identical(kind, stop, addition, tmp_p
     ref_model, ref = fresh()
     fit(ref, 3)
     model, trainer = fresh()
-    trainer.hooks.append(_stop_at(stop))
+    trainer.callbacks.append(StopAt(stop))
     fit(trainer, 3)
     assert trainer.total_iters == stop and trainer.current_epoch == 1 and trainer.iteration > 0
     checkpoint.save(tmp_path / "c.npz", trainer, {"note": "test"})
     arrays, meta = checkpoint.load(tmp_path / "c.npz")
-    assert meta["note"] == "test" and meta["position"]["total_iters"] == stop
+    assert meta["note"] == "test" and meta["state"]["loop"]["total_iters"] == stop
     model2, resumed = fresh()
     checkpoint.restore(resumed, arrays, meta)
     fit(resumed, 3 - resumed.current_epoch)
