@@ -40,6 +40,12 @@ TASKS = {
              "time_size": 35, "optimizer": "sgd", "lr": 20.0, "max_grad": 0.25, "max_iters": None,
              "eval_max_iters": None},
 }
+TASK_HELP = {"addition": "seq2seq on 'a+b' -> sum (default; data generated, no download)",
+             "date": "seq2seq on dates written many ways -> YYYY-MM-DD (data generated, no "
+                     "download; the textbook's date.txt with --data)",
+             "ptb": "language model on the Penn Treebank (downloaded, checksummed, cached)",
+             "text": "language model on any text file given with --data (last 10%% of the lines: "
+                     "5%% validation, 5%% test)"}
 EVAL_BATCH_SIZE = 10  # rows of each perplexity evaluation batch
 
 # every setting a run's configuration may hold, declared (resumed configurations are checked)
@@ -117,9 +123,9 @@ def load_resume(folder):
     arrays, meta = checkpoint.load(path)
     checkpoint.validate(meta, arrays, path)
     try:
-        check(meta, {"config": {"task": Str(choices=set(TASKS)), "model": Str(choices=set(REGISTRY)),
-                                "seed": Int(0), "checkpoint_every": Optional(POSITIVE),
-                                "engine": Str()},
+        check(meta, {"config": {"task": Str(choices=set(TASKS)),
+                                "model": Str(choices=set(REGISTRY)), "seed": Int(0),
+                                "checkpoint_every": Optional(POSITIVE), "engine": Str()},
                      "metrics": {"config": Mapping(), "engine": Mapping(), "epochs": List(
                          Fields({"epoch": POSITIVE, "loss": Float()}))},
                      "vocabulary": Mapping()})

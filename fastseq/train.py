@@ -16,59 +16,21 @@ The run itself is fastseq.run.TrainingRun. Ctrl-C (or SIGTERM) stops at the end 
 iteration and saves; a second one stops at once.
 """
 import argparse
-import math
 import os
 import sys
 import time
 
 from . import backend
 from .callbacks import Interrupted
-from .run import (TASKS, RunError, TrainingRun, build, check_out, describe_data,  # noqa: F401
-                  load_data, load_resume, make_out, select_engine)
-
-TASK_HELP = {"addition": "seq2seq on 'a+b' -> sum (default; data generated, no download)",
-             "date": "seq2seq on dates written many ways -> YYYY-MM-DD (data generated, no "
-                     "download; the textbook's date.txt with --data)",
-             "ptb": "language model on the Penn Treebank (downloaded, checksummed, cached)",
-             "text": "language model on any text file given with --data (last 10%% of the lines: "
-                     "5%% validation, 5%% test)"}
+from .cli import int_at_least, number_in
+from .run import (TASK_HELP, TASKS, RunError, TrainingRun, build,  # noqa: F401 (re-exported)
+                  check_out, describe_data, load_data, load_resume, make_out, select_engine)
 
 # ---------------------------------------------------------------------------------------------
 # flags
 
-def _int_at_least(lo):
-    kind = {0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
-
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            v = None
-        if v is None or v < lo:
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {s}")
-        return v
-    parse.__name__ = "integer"
-    return parse
-
-
-def _float_range(lo, hi=math.inf, lo_open=True, hi_open=True):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
-        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi \
-                or (hi_open and v == hi):
-            raise argparse.ArgumentTypeError(
-                f"must be a finite number in {'(' if lo_open else '['}{lo:g}, "
-                f"{hi:g}{')' if hi_open else ']'}, got {s}")
-        return v
-    parse.__name__ = "number"
-    return parse
-
-
-positive_int, positive_float, count = _int_at_least(1), _float_range(0), _int_at_least(0)
-probability_lt1 = _float_range(0, 1, lo_open=False, hi_open=True)
+positive_int, positive_float, count = int_at_least(1), number_in(0), int_at_least(0)
+probability_lt1 = number_in(0, 1, lo_open=False, hi_open=True)
 
 # flag -> (key, parser, help); the defaults in each help line come from TASKS and REGISTRY
 SETTINGS = {
@@ -91,6 +53,20 @@ SETTINGS = {
     "--data-dir": ("data_dir", str, "folder holding ptb.{train,valid,test}.txt (read offline; "
                                     "default: the download cache)"),
 }
+SWITCHES = {  # key -> help of --key, help of --no-key
+    "reverse": ("seq2seq: feed each question reversed (addition default)",
+                "seq2seq: feed questions in their written order"),
+    "mask": ("padding-aware models (attention): give the model the data's pad id (padding "
+             "masked; addition default)",
+             "padding-aware models: treat pads as data, reverse whole rows (the textbook's "
+             "setting; date default: it learns the date task faster)")}
+
+
+def run_flags():
+    """flag -> key of every flag that sets part of a run's configuration."""
+    flags = {f: key for f, (key, _, _) in SETTINGS.items()}
+    flags.update({f"--{k}/--no-{k}": k for k in SWITCHES})
+    return flags
 
 
 def _defaults_text(key):
@@ -120,16 +96,10 @@ def build_parser():
     p.add_argument("--model", choices=sorted(REGISTRY), default=None,
                    help="model from the registry (default: " +
                         ", ".join(f"{t}: {d['model']}" for t, d in TASKS.items()) + ")")
-    p.add_argument("--reverse", dest="reverse", action="store_const", const=True, default=None,
-                   help="seq2seq: feed each question reversed (addition default)")
-    p.add_argument("--no-reverse", dest="reverse", action="store_const", const=False,
-                   help="seq2seq: feed questions in their written order")
-    p.add_argument("--mask", dest="mask", action="store_const", const=True, default=None,
-                   help="padding-aware models (attention): give the model the data's pad id "
-                        "(padding masked; addition default)")
-    p.add_argument("--no-mask", dest="mask", action="store_const", const=False,
-                   help="padding-aware models: treat pads as data, reverse whole rows (the "
-                        "textbook's setting; date default: it learns the date task faster)")
+    for key, (on, off) in SWITCHES.items():
+        p.add_argument(f"--{key}", dest=key, action="store_const", const=True, default=None,
+                       help=on)
+        p.add_argument(f"--no-{key}", dest=key, action="store_const", const=False, help=off)
     for flag, (key, parse, text) in SETTINGS.items():
         p.add_argument(flag, dest=key, type=parse, default=None,
                        metavar={str: "PATH", positive_int: "N"}.get(parse, "X"),
@@ -163,10 +133,7 @@ def resolve(args):
         raise RunError(f"--model {name} is a {kind} model; --task {task} needs one of: {fits}")
     cfg = {k: v for k, v in tdef.items() if k not in ("family", "model")}
     cfg.update(entry.defaults)
-    flags = {f: key for f, (key, _, _) in SETTINGS.items()}
-    flags["--reverse/--no-reverse"] = "reverse"
-    flags["--mask/--no-mask"] = "mask"
-    for flag, key in flags.items():
+    for flag, key in run_flags().items():
         value = getattr(args, key)
         if value is None:
             continue
@@ -181,7 +148,6 @@ def resolve(args):
     return cfg
 
 
-
 # ---------------------------------------------------------------------------------------------
 # the run
 
@@ -192,8 +158,9 @@ def prepare(args):
         out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         check_out(out)
         return cfg, out, None
-    given = [f"--{k.replace('_', '-')}" for k, v in sorted(args.__dict__.items())
-             if v not in (None, False) and k not in ("resume", "engine", "no_progress")]
+    others = {"--task": "task", "--model": "model", "--seed": "seed", "--out": "out",
+              "--checkpoint-every": "checkpoint_every"}
+    given = [f for f, key in dict(others, **run_flags()).items() if getattr(args, key) is not None]
     if given:
         raise RunError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
     cfg, resume = load_resume(args.resume)

@@ -452,7 +452,8 @@ def eval_perplexity(model, corpus, batch_size=10, time_size=35, max_iters=None, 
     ``max_iters = (len - 1) // (B * T)``, ``jump = (len - 1) // B``; iteration k reads row i from
     offset ``k * T + i * jump``: inputs ``corpus[(offset + t) % len]``, targets one word ahead.
     The model's state is reset first (and its previous state restored afterwards), and it runs in
-    evaluation mode (``model.eval()``; its mode is restored afterwards). ``max_iters`` may cap the iterations (quick estimates).
+    evaluation mode (``model.eval()``; its mode is restored afterwards). ``max_iters`` may cap
+    the iterations (quick estimates).
     """
     corpus = np.asarray(backend.to_cpu(corpus))
     n = len(corpus)

@@ -308,3 +308,92 @@ def test_resume_from_a_damaged_checkpoint_is_one_fastseq_line(data, tmp_path, ca
     assert main(["--resume", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastseq: ") and "checkpoint.npz" in err[0]
+
+
+# --- forged checkpoints: a valid checksum, metadata that does not fit the declared schema -------
+
+FORGERIES = [  # (what is changed, the field the one error line must name)
+    (lambda m, a: m["state"]["loop"].pop("epoch"), "state.loop.epoch"),
+    (lambda m, a: m["state"]["loop"].update(iteration="3"), "state.loop.iteration"),
+    (lambda m, a: m["state"]["loop"].update(epoch=-1), "state.loop.epoch"),
+    (lambda m, a: m["state"]["loop"].update(window=[1.0]), "state.loop.window"),
+    (lambda m, a: m["state"]["loop"]["global_rng"].update(pos=10 ** 6),
+     "state.loop.global_rng.pos"),
+    (lambda m, a: m["state"]["optimizer"].update(lr=0), "state.optimizer.lr"),
+    (lambda m, a: m["state"]["optimizer"].update(iter=1.5), "state.optimizer.iter"),
+    (lambda m, a: m["state"]["optimizer"].update(beta1=2), "state.optimizer.beta1"),
+    (lambda m, a: m.pop("model_class"), "model_class"),
+    (lambda m, a: m.update(trainer_class="Other"), "trainer_class"),
+    (lambda m, a: m.update(state=[]), "state"),
+    (lambda m, a: m["config"].pop("task"), "config.task"),
+    (lambda m, a: m["config"].update(seed=-5), "config.seed"),
+    (lambda m, a: m["config"].update(epochs="many"), "config.epochs"),
+    (lambda m, a: m["config"].update(lr=float("inf")), "config.lr"),
+    (lambda m, a: m["metrics"]["epochs"][0].pop("test_accuracy"),
+     "metrics.epochs[0].test_accuracy"),
+    (lambda m, a: m.pop("vocabulary"), "vocabulary"),
+    (lambda m, a: m["state"]["model"]["params"].update(
+        {next(iter(m["state"]["model"]["params"])): {"array": "nowhere"}}),
+     "state.model.params"),
+    (lambda m, a: a.update({"state/loop/global_rng/keys": np.zeros(3, np.uint32)}),
+     "624 integer keys"),
+    (lambda m, a: a.update({"param/" + m["param_names"][0]: np.zeros(2, np.float32)}),
+     "parameter"),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    os.rmdir(out)
+    args = task_args("seq2seq", data)
+    args[args.index("--epochs") + 1] = "1"
+    r = train(args + ["--engine", "numpy", "--out", str(out), "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("forge,field", FORGERIES)
+def test_resume_of_a_forged_checkpoint_is_one_line_naming_the_field(forge, field, finished_run,
+                                                                    tmp_path, capsys):
+    import shutil
+
+    from fastseq import io
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    forge(meta, arrays)
+    io.write_npz(out / "checkpoint.npz", arrays, meta)  # the library's writer: a valid checksum
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastseq: "), err
+    assert "checkpoint.npz" in err[0] and field in err[0], err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing overwritten
+
+
+def test_restore_refuses_forged_state_before_changing_anything(finished_run):
+    from fastseq import PeekySeq2seq, Trainer, Adam
+    arrays, meta = checkpoint.load(finished_run / "checkpoint.npz")
+    del meta["state"]["loop"]["total_iters"]
+    model = PeekySeq2seq(13, 4, 8, seed=7)
+    before = [p.copy() for p in model.params]
+    with pytest.raises(checkpoint.CheckpointError, match=r"c\.npz: .*state\.loop\.total_iters"):
+        checkpoint.restore(Trainer(model, Adam(), seed=7, progress=False), arrays, meta, "c.npz")
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.params))
+
+
+def test_process_resume_of_a_forged_checkpoint_exits_2_without_traceback(finished_run, tmp_path):
+    import shutil
+
+    from fastseq import io
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    del meta["state"]["optimizer"]["m"]
+    io.write_npz(out / "checkpoint.npz", arrays, meta)
+    r = train(["--resume", str(out), "--no-progress"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint.npz" in lines[0] and "state.optimizer.m" in lines[0]
