@@ -37,3 +37,16 @@ def load_text_corpus(path):
         splits.append(np.array(ids, dtype=np.int32))
     words = sorted(word_to_id, key=word_to_id.get)
     return splits, words
+
+
+def words_to_text(words):
+    """Words joined by spaces, with <eos> as a line break."""
+    lines, cur = [], []
+    for w in words:
+        if w == EOS:
+            lines.append(" ".join(cur))
+            cur = []
+        else:
+            cur.append(w)
+    lines.append(" ".join(cur))
+    return "\n".join(lines)
