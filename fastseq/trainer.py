@@ -253,6 +253,9 @@ class Trainer(TrainLoop):
         if len(x) < batch_size:
             raise ValueError(f"batch_size {batch_size} is larger than the data ({len(x)} rows)")
         shuffled = 0 if self.order is None else len(self.order)
+        if self.iteration >= len(x) // batch_size:
+            raise ValueError(f"the epoch in progress is at iteration {self.iteration} but an "
+                             f"epoch now has {len(x) // batch_size}")
         if self.iteration and shuffled != len(x):
             raise ValueError(f"the epoch in progress shuffled {shuffled} rows but x has {len(x)}")
         self._data = (backend.asarray(x), backend.asarray(t), batch_size)  # on the device once
@@ -276,8 +279,14 @@ class Trainer(TrainLoop):
         if (s["shuffle_rng"] is None) != (self.rng is np.random.mtrand._rand):
             raise ValueError("the state's shuffle generator does not fit this trainer (seeded "
                              "in one, NumPy's global generator in the other)")
+        order = s["order"]
+        if order is not None:
+            order = np.asarray(backend.to_cpu(order))
+            if order.ndim != 1 or order.dtype.kind not in "iu" or \
+                    not np.array_equal(np.sort(order), np.arange(len(order))):
+                raise ValueError("the state's row order is not a permutation of the rows")
         super().load_loop_state(s)
-        self.order = None if s["order"] is None else np.asarray(backend.to_cpu(s["order"]))
+        self.order = order
         if s["shuffle_rng"] is not None:
             set_rng_state(self.rng, s["shuffle_rng"])
 

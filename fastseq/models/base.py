@@ -66,6 +66,16 @@ def embed_lstm_params(rng, V, D, H, init="textbook", dtype=np.float32):
     return [E, Wx, Wh, b]
 
 
+def _check_carried(lstm, h, c):
+    """A carried (h, c) must be two (N, H) arrays of the layer's dtype."""
+    Wh = lstm.params[1]
+    H = Wh.shape[0]
+    if h.ndim != 2 or h.shape[1] != H or c.shape != h.shape or h.dtype != Wh.dtype \
+            or c.dtype != Wh.dtype:
+        raise ValueError(f"a carried LSTM state must be two (N, {H}) {Wh.dtype} arrays, got "
+                         f"{h.dtype}{h.shape} and {c.dtype}{c.shape}")
+
+
 class Model:
     """Subclasses set self.layers = [(name, layer), ...]; params/grads follow that order.
 
@@ -154,6 +164,9 @@ class Model:
             raise ValueError(f"the state holds {len(carried)} LSTM states and {len(drops)} "
                              f"dropout states; {type(self).__name__} has "
                              f"{len(self.lstm_layers)} and {len(self.dropout_layers)}")
+        for lstm, s in zip(self.lstm_layers, carried):
+            if s is not None:
+                _check_carried(lstm, s["h"], s["c"])
         for p, n in zip(params, names):
             p[...] = backend.get_array_module(p).asarray(given[n])
         self.set_state([(None, None) if s is None else
