@@ -12,7 +12,7 @@ A callback overrides the events it needs; the loop calls them in the order of
 A callback stops training by setting ``loop.stop_reason`` (the loop stops after the current
 iteration). One with a ``state_key`` keeps state across a checkpoint: its state_dict() is part
 of the loop's. The callbacks here: ProgressBar, EveryIterations, LRSchedule, EarlyStopping,
-SaveBest, StopOnSignal.
+SaveBest; and StopOnSignal, the context that turns Ctrl-C into ``loop.stop_reason``.
 """
 import math
 import signal
@@ -194,9 +194,9 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-class StopOnSignal(Callback):
-    """Inside ``with``: the first SIGINT/SIGTERM asks the loop to stop after this iteration
-    (``signum`` records it); a second raises Interrupted at once."""
+class StopOnSignal:
+    """A context, not a callback: inside ``with``, the first SIGINT/SIGTERM asks the loop to stop
+    after this iteration (``signum`` records it); a second raises Interrupted at once."""
 
     def __init__(self, loop):
         self.loop, self.signum, self.saved = loop, None, {}

@@ -113,6 +113,21 @@ def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
+def _run_meta_schema(REGISTRY):
+    """What a checkpoint holds for the run besides the training state: the run's configuration
+    (its task's and model's settings checked after these), metrics and vocabulary."""
+    return {"config": {"task": Str(choices=set(TASKS)), "model": Str(choices=set(REGISTRY)),
+                       "family": Str(choices={"seq2seq", "lm"}), "seed": Int(0),
+                       "checkpoint_every": Optional(POSITIVE),
+                       "engine": Str(choices={"numpy", "cython", "cupy"})},
+            "metrics": {"config": Mapping(), "engine": Mapping(),
+                        "epochs": List(Fields({"epoch": POSITIVE, "loss": Float()}))},
+            "vocabulary": Mapping()}
+
+
+EPOCH_FIGURES = {"lm": ("train_perplexity", "val_perplexity"), "seq2seq": ("test_accuracy",)}
+
+
 def load_resume(folder):
     """(cfg, (arrays, meta)) of the run saved in ``folder``: the checkpoint's metadata and the
     run's own fields (config, metrics, vocabulary) checked before anything is used."""
@@ -123,23 +138,15 @@ def load_resume(folder):
     arrays, meta = checkpoint.load(path)
     checkpoint.validate(meta, arrays, path)
     try:
-        check(meta, {"config": {"task": Str(choices=set(TASKS)),
-                                "model": Str(choices=set(REGISTRY)), "seed": Int(0),
-                                "checkpoint_every": Optional(POSITIVE), "engine": Str()},
-                     "metrics": {"config": Mapping(), "engine": Mapping(), "epochs": List(
-                         Fields({"epoch": POSITIVE, "loss": Float()}))},
-                     "vocabulary": Mapping()})
+        check(meta, _run_meta_schema(REGISTRY))
         cfg = meta["config"]
         tdef, entry = TASKS[cfg["task"]], REGISTRY[cfg["model"]]
-        if entry.task != tdef["family"] or cfg.get("family") != tdef["family"]:
+        if entry.task != tdef["family"] or cfg["family"] != tdef["family"]:
             raise SchemaError("config.model", f"{cfg['model']} is not a model for {cfg['task']}")
-        needed = {k: SETTINGS.get(k, Any()) for k in list(tdef) + list(entry.defaults)
-                  if k not in ("family", "model")}
-        check(cfg, needed, "config")
-        per_epoch = {"lm": ("train_perplexity", "val_perplexity"), "seq2seq": ("test_accuracy",)}
-        check(meta["metrics"]["epochs"], List(Fields({k: Float() for k in
-                                                      per_epoch[tdef["family"]]})),
-              "metrics.epochs")
+        check(cfg, {k: SETTINGS.get(k, Any()) for k in [*tdef, *entry.defaults]
+                    if k not in ("family", "model")}, "config")
+        check(meta["metrics"]["epochs"],
+              List(Fields({k: Float() for k in EPOCH_FIGURES[tdef["family"]]})), "metrics.epochs")
     except SchemaError as e:
         raise checkpoint.CheckpointError(f"{path}: not a usable checkpoint: {e}") from None
     return cfg, (arrays, meta)
@@ -224,11 +231,14 @@ def build(cfg, vocab_size, pad_id=None):
     return model, trainer
 
 
-class _Events(Callback):
-    """Hands one loop event to a function of the run."""
+class _AtEpochEnd(Callback):
+    """Calls ``fn(loop)`` at the end of every epoch (a step of the run's epoch-end sequence)."""
 
-    def __init__(self, on_epoch_end):
-        self.on_epoch_end = on_epoch_end
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_epoch_end(self, loop):
+        self.fn(loop)
 
 
 class TrainingRun:
@@ -243,13 +253,14 @@ class TrainingRun:
         self.model, self.trainer = build(cfg, V, None if self.lm else data["pad_id"])
         self.metrics = {"config": cfg, "engine": backend.info(), "epochs": []}
         self.ckpt_seconds, self.t0 = 0.0, time.perf_counter()
+        self.t1 = self.t0  # when the current epoch's training ended
         self.writer = Writer()
         self.best = SaveBest("val_perplexity", self.save_best) if self.lm else None
         every = EveryIterations(cfg["checkpoint_every"], lambda loop: self.save_checkpoint())
-        evaluate = _Events(self.evaluate_lm if self.lm else self.evaluate_seq2seq)
+        evaluate = _AtEpochEnd(self.evaluate_lm if self.lm else self.evaluate_seq2seq)
         after = [self.best, LRSchedule("val_perplexity", 0.25)] if self.lm else []
-        self.trainer.callbacks += [every, _Events(self.start_epoch_log), evaluate, *after,
-                                   _Events(self.end_epoch)]
+        self.trainer.callbacks += [every, _AtEpochEnd(self.start_epoch_log), evaluate, *after,
+                                   _AtEpochEnd(self.end_epoch)]
         if resume is not None:
             arrays, meta = resume
             checkpoint.restore(self.trainer, arrays, meta,
