@@ -147,6 +147,10 @@ def load_resume(folder):
                     if k not in ("family", "model")}, "config")
         check(meta["metrics"]["epochs"],
               List(Fields({k: Float() for k in EPOCH_FIGURES[tdef["family"]]})), "metrics.epochs")
+        if tdef["family"] == "lm":  # the best model and the schedule follow the val perplexity
+            best = {"best": Optional(Float())}
+            check(meta["state"]["loop"]["callbacks"], {"save_best": best, "lr_schedule": best},
+                  "state.loop.callbacks")
     except SchemaError as e:
         raise checkpoint.CheckpointError(f"{path}: not a usable checkpoint: {e}") from None
     return cfg, (arrays, meta)
@@ -255,10 +259,10 @@ class TrainingRun:
         self.ckpt_seconds, self.t0 = 0.0, time.perf_counter()
         self.t1 = self.t0  # when the current epoch's training ended
         self.writer = Writer()
-        self.best = SaveBest("val_perplexity", self.save_best) if self.lm else None
+        self.best_model = SaveBest("val_perplexity", self.save_best) if self.lm else None
         every = EveryIterations(cfg["checkpoint_every"], lambda loop: self.save_checkpoint())
         evaluate = _AtEpochEnd(self.evaluate_lm if self.lm else self.evaluate_seq2seq)
-        after = [self.best, LRSchedule("val_perplexity", 0.25)] if self.lm else []
+        after = [self.best_model, LRSchedule("val_perplexity", 0.25)] if self.lm else []
         self.trainer.callbacks += [every, _AtEpochEnd(self.start_epoch_log), evaluate, *after,
                                    _AtEpochEnd(self.end_epoch)]
         if resume is not None:
@@ -412,8 +416,10 @@ class TrainingRun:
             t0 = time.perf_counter()
             test_ppl = self.perplexity(self.data["test"])
             self.metrics["test_perplexity"] = round(test_ppl, 4)
+            best = self.best_model.best
             print(f"test perplexity {test_ppl:.2f} (best model, val perplexity "
-                  f"{self.best.best:.2f}; eval {time.perf_counter() - t0:.1f}s)")
+                  f"{'none' if best is None else f'{best:.2f}'}; eval "
+                  f"{time.perf_counter() - t0:.1f}s)")
             pngs.append(plot_curves({"train": [e["train_perplexity"] for e in epochs],
                                      "validation": [e["val_perplexity"] for e in epochs]},
                                     "epoch", "perplexity", os.path.join(self.out, "perplexity.png"),

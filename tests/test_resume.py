@@ -397,3 +397,20 @@ def test_process_resume_of_a_forged_checkpoint_exits_2_without_traceback(finishe
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "checkpoint.npz" in lines[0] and "state.optimizer.m" in lines[0]
+
+
+def test_resume_of_a_language_model_checkpoint_without_its_schedule_is_refused(data, tmp_path,
+                                                                              capsys):
+    from fastseq import io
+    out = tmp_path / "run"
+    args = task_args("lm", data)
+    args[args.index("--epochs") + 1] = "1"
+    assert main(args + ["--engine", "numpy", "--out", str(out), "--no-progress"]) == 0
+    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    assert set(meta["state"]["loop"]["callbacks"]) == {"save_best", "lr_schedule"}
+    del meta["state"]["loop"]["callbacks"]["save_best"]
+    io.write_npz(out / "checkpoint.npz", arrays, meta)
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "state.loop.callbacks.save_best: missing" in err[0]
