@@ -7,8 +7,10 @@ model, checkpoints and Ctrl-C, and the files: metrics.json, model.npz, checkpoin
     signum = run.train()               # None when every epoch ran; else the stopping signal
     run.finish()                       # test figures, curves, the final metrics.json
 
-A run continued from its checkpoint (``resume=checkpoint.load(path)``) ends bit for bit as the
-uninterrupted one: everything that changes while training is in the trainer's state_dict().
+A run continued from its folder (``cfg, resume = load_resume(out)``, then
+``TrainingRun(cfg, out, load_data(cfg), resume)``) ends bit for bit as the uninterrupted one:
+everything that changes while training is in the trainer's state_dict(), which the checkpoint
+holds; the checkpoint's metadata is checked as a whole before anything is restored.
 """
 import json
 import math
@@ -50,12 +52,13 @@ EVAL_BATCH_SIZE = 10  # rows of each perplexity evaluation batch
 
 # every setting a run's configuration may hold, declared (resumed configurations are checked)
 POSITIVE, RATE = Int(1), Float(0, positive=True)
-SETTINGS = {"epochs": POSITIVE, "batch_size": POSITIVE, "hidden_size": POSITIVE,
-            "wordvec_size": POSITIVE, "lr": RATE, "max_grad": RATE, "beam": Optional(POSITIVE),
-            "time_size": POSITIVE, "dropout_ratio": Float(0, 1), "max_iters": Optional(POSITIVE),
-            "eval_max_iters": Optional(POSITIVE), "data": Optional(Str()),
-            "data_dir": Optional(Str()), "reverse": Bool(), "mask": Bool(),
-            "optimizer": Str(choices={"adam", "sgd"})}
+SETTING_SCHEMAS = {"epochs": POSITIVE, "batch_size": POSITIVE, "hidden_size": POSITIVE,
+                   "wordvec_size": POSITIVE, "lr": RATE, "max_grad": RATE,
+                   "beam": Optional(POSITIVE),
+                   "time_size": POSITIVE, "dropout_ratio": Float(0, 1),
+                   "max_iters": Optional(POSITIVE), "eval_max_iters": Optional(POSITIVE),
+                   "data": Optional(Str()), "data_dir": Optional(Str()), "reverse": Bool(),
+                   "mask": Bool(), "optimizer": Str(choices={"adam", "sgd"})}
 TRAINING_KEYS = {k for t in TASKS.values() for k in t} - {"family", "model"}
 
 
@@ -143,7 +146,7 @@ def load_resume(folder):
         tdef, entry = TASKS[cfg["task"]], REGISTRY[cfg["model"]]
         if entry.task != tdef["family"] or cfg["family"] != tdef["family"]:
             raise SchemaError("config.model", f"{cfg['model']} is not a model for {cfg['task']}")
-        check(cfg, {k: SETTINGS.get(k, Any()) for k in [*tdef, *entry.defaults]
+        check(cfg, {k: SETTING_SCHEMAS.get(k, Any()) for k in [*tdef, *entry.defaults]
                     if k not in ("family", "model")}, "config")
         check(meta["metrics"]["epochs"],
               List(Fields({k: Float() for k in EPOCH_FIGURES[tdef["family"]]})), "metrics.epochs")
