@@ -47,7 +47,8 @@ class TrainLoop:
     Position: ``current_epoch`` epochs are finished and ``iteration`` batches of the next one
     are done; ``fit`` continues from there, so a loop stopped mid-epoch (``stop_reason`` set, e.g.
     by a callback) or restored from a checkpoint picks up at the next batch. ``epoch_log`` is the
-    finished epoch's record, which callbacks fill in at the epoch's end.
+    finished epoch's record, which callbacks fill in at the epoch's end. ``fit`` puts a fastseq
+    model in training mode (``model.train()``); evaluation switches it to ``eval()`` and back.
 
     On the GPU a step reads nothing back to the host: the loss stays on the device, is summed
     there and read once per logging interval (``eval_interval``, else once per epoch), which is

@@ -155,7 +155,7 @@ def test_sigint_saves_state_reached_then_resume_is_bit_identical(engine, task, s
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2 and "SIGINT received" in lines[0] and "stopped at" in lines[1]
     _, meta = checkpoint.load(out / "checkpoint.npz")
-    assert meta["state"]["loop"]["total_iters"] == signal_at  # the state reached, not the last periodic
+    assert meta["state"]["loop"]["total_iters"] == signal_at  # the state reached, not a periodic
     m = json.loads((out / "metrics.json").read_text())
     assert m["stopped"]["signal"] == "SIGINT" and m["stopped"]["total_iterations"] == signal_at
     assert (out / "model.npz").exists()
