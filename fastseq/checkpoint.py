@@ -1,23 +1,30 @@
 """checkpoint.npz: everything a training run needs to continue bit for bit.
 
-A checkpoint holds the model's parameters, the optimiser's state (Adam's m, v and step), every
-random generator the run draws from (the shuffle generator, each dropout layer's generator, NumPy's
-global one), the LSTM state a language model carries between batches, the position (finished
-epochs, batches done in the current epoch, the current epoch's row order, the language model's
-time index), the loss figures so far, and whatever the caller adds to the metadata (configuration,
-metrics, vocabulary). It is written atomically (temporary file, fsync, rename) by fastseq.io, so a
-kill at any moment leaves the previous checkpoint or the new one, never a mix. ``Writer`` does
-the writing (checksum, file, fsync, rename) on a background thread, so training waits only for
-the snapshot's copies.
+A checkpoint is a trainer's state_dict() (fastseq.trainer): the model's parameters, carried LSTM
+state and dropout generators, the optimiser's state (Adam's m, v and step), the loop's position
+(finished epochs, batches done in the current epoch, the current epoch's row order, the language
+model's time index), its random generators (the shuffle generator, NumPy's global one), the loss
+figures so far and its callbacks' state; plus whatever the caller adds to the metadata
+(configuration, metrics, vocabulary). It is written atomically (temporary file, fsync, rename) by
+fastseq.io, so a kill at any moment leaves the previous checkpoint or the new one, never a mix.
+``Writer`` does the writing (checksum, file, fsync, rename) on a background thread, so training
+waits only for the snapshot's copies.
+
+Layout: the arrays are named ``param/<parameter name>`` (the model's weights, as in model files)
+and ``state/<path>`` (every other array of the state); the metadata holds
+
+    format, fastseq_version, model_class, model_config, param_names, optimizer_class,
+    trainer_class, state: the state_dict() tree, each array replaced by {"array": its name}
+
+and is checked as a whole against SCHEMA (fastseq.schema) before anything is restored.
 """
 import json
-import numbers
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import backend, io
-from .layers import TimeDropout
+from .schema import Fields, Float, Int, List, Mapping, Optional, SchemaError, Str, check
 
 FILE_NAME = "checkpoint.npz"
 FORMAT = "fastseq-checkpoint-1"
@@ -28,64 +35,79 @@ class CheckpointError(io.CheckpointError):
 
 
 # ---------------------------------------------------------------------------------------------
-# random generators
+# the declared metadata
 
-def _dropout_layers(model):
-    """Every TimeDropout reachable from the model's attributes, in a fixed order."""
-    found, seen, todo = [], set(), [model]
-    while todo:
-        obj = todo.pop(0)
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, TimeDropout):
-            found.append(obj)
-        elif isinstance(obj, (list, tuple)):
-            todo.extend(obj)
-        elif type(obj).__module__.startswith("fastseq") and hasattr(obj, "__dict__"):
-            todo.extend(vars(obj).values())
-    return found
-
-
-def _rng_get(rs, key, arrays, meta):
-    kind, keys, pos, has_gauss, gauss = rs.get_state()
-    arrays[f"rng/{key}"] = np.asarray(keys)
-    meta[key] = [kind, int(pos), int(has_gauss), float(gauss)]
-
-
-def _rng_set(rs, key, arrays, meta):
-    kind, pos, has_gauss, gauss = meta[key]
-    rs.set_state((kind, arrays[f"rng/{key}"], pos, has_gauss, gauss))
+ARRAY = Fields({"array": Str(max_len=1000)})
+RNG = Fields({"keys": ARRAY, "pos": Int(0, 624), "has_gauss": Int(0, 1), "gauss": Float()})
+COUNT = Int(0)
+LOSSES = List(Float())
+MODEL_STATE = Fields({
+    "params": Mapping(ARRAY),
+    "lstm_state": List(Optional(Fields({"h": ARRAY, "c": ARRAY}))),
+    "dropout": List(Fields({"rng": Optional(RNG), "device": Optional(ARRAY)}))})
+OPTIMIZERS = {
+    "SGD": Fields({"lr": Float(0, positive=True)}),
+    "Adam": Fields({"lr": Float(0, positive=True), "beta1": Float(0, 1), "beta2": Float(0, 1),
+                    "iter": COUNT, "m": Optional(List(ARRAY)), "v": Optional(List(ARRAY)),
+                    "device_state": Optional(Fields({"counter": ARRAY, "iter": COUNT}))})}
+LOOP = {"epoch": COUNT, "iteration": COUNT, "total_iters": COUNT, "loss_list": LOSSES,
+        "epoch_losses": LOSSES, "window": List(Float(), length=2), "epoch_loss_sum": Float(),
+        "global_rng": RNG, "callbacks": Mapping()}
+TRAINERS = {
+    "Trainer": Fields(dict(LOOP, order=Optional(ARRAY), shuffle_rng=Optional(RNG))),
+    "RnnlmTrainer": Fields(dict(LOOP, time_idx=COUNT, ppl_list=LOSSES))}
+SCHEMA = Fields({
+    "format": Str(choices={FORMAT}), "fastseq_version": Str(), "model_class": Str(),
+    "model_config": Mapping(), "param_names": List(Str()),
+    "optimizer_class": Str(choices=set(OPTIMIZERS)), "trainer_class": Str(choices=set(TRAINERS)),
+    "state": Fields({"model": MODEL_STATE, "optimizer": Mapping(), "loop": Mapping()})})
 
 
-def _rngs(loop):
-    """name -> generator for every generator the run owns (NumPy's global one included)."""
-    rngs = {"global": np.random.mtrand._rand}
-    rng = getattr(loop, "rng", None)
-    if rng is not None and rng is not rngs["global"]:
-        rngs["shuffle"] = rng
-    for i, d in enumerate(_dropout_layers(loop.model)):
-        if d._rng is not None and isinstance(d._rng[1], np.random.RandomState):
-            rngs[f"dropout{i}"] = d._rng[1]
-    return rngs
+def validate(meta, arrays, path="checkpoint"):
+    """Check a checkpoint's metadata as a whole (SCHEMA, then the optimiser's and the loop's
+    parts for their classes, then that every array it names is there): CheckpointError naming
+    the file and the first bad field."""
+    try:
+        check(meta, SCHEMA)
+        state = meta["state"]
+        check(state["optimizer"], OPTIMIZERS[meta["optimizer_class"]], "state.optimizer")
+        check(state["loop"], TRAINERS[meta["trainer_class"]], "state.loop")
+        if list(state["model"]["params"]) != meta["param_names"]:
+            raise SchemaError("state.model.params", "does not list param_names in order")
+        _join(state, arrays, "state")
+    except SchemaError as e:
+        raise CheckpointError(f"{path}: not a usable checkpoint: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
-# capture and restore
+# state trees <-> (arrays, JSON)
 
-def _optimizer_state(opt, arrays):
-    """Numbers in meta, lists of arrays (Adam's m and v) in arrays."""
-    state = {}
-    for k, v in vars(opt).items():
-        if isinstance(v, numbers.Number) and not isinstance(v, bool):
-            state[k] = v
-        elif v is None:
-            state[k] = None
-        elif isinstance(v, list) and all(hasattr(a, "shape") for a in v):
-            state[k] = {"arrays": len(v)}
-            for i, a in enumerate(v):
-                arrays[f"optim/{k}/{i}"] = host_copy(a)
-    return {"class": type(opt).__name__, "state": state}
+def _split(tree, name, arrays):
+    """The tree with each array replaced by {"array": name}, its host copy put in arrays."""
+    if isinstance(tree, dict):
+        return {k: _split(v, f"{name}/{k}", arrays) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_split(v, f"{name}/{i}", arrays) for i, v in enumerate(tree)]
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    if isinstance(tree, np.generic):
+        return tree.item()
+    arrays[name] = host_copy(tree)
+    return {"array": name}
+
+
+def _join(tree, arrays, where):
+    """The inverse of _split (SchemaError for an array name that is not in arrays)."""
+    if isinstance(tree, dict):
+        if set(tree) == {"array"} and isinstance(tree["array"], str):
+            if tree["array"] not in arrays:
+                raise SchemaError(where, f"names array {tree['array'][:80]!r}, which the file "
+                                         f"does not hold")
+            return arrays[tree["array"]]
+        return {k: _join(v, arrays, f"{where}.{k}") for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join(v, arrays, f"{where}[{i}]") for i, v in enumerate(tree)]
+    return tree
 
 
 def host_copy(a):
@@ -93,49 +115,26 @@ def host_copy(a):
     return np.array(backend.to_cpu(a), copy=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# capture and restore
+
 def snapshot(loop, meta=None):
     """(arrays, meta) of ``loop``'s whole training state (a Trainer or RnnlmTrainer) now, plus
     ``meta``: copies, safe to write while training goes on."""
     from . import __version__
-    model = loop.model
-    arrays = {}
-    names = model.param_names
-    for n, p in zip(names, model.params):
+    model, arrays = loop.model, {}
+    state = loop.state_dict()
+    params = state["model"]["params"]
+    for n, p in params.items():
         arrays[f"param/{n}"] = host_copy(p)
-    rng_meta = {}
-    dropouts = _dropout_layers(model)
-    for key, rs in _rngs(loop).items():
-        _rng_get(rs, key, arrays, rng_meta)
-    for i, d in enumerate(dropouts):  # on the GPU: [seed, draws] of the device-side masks
-        if getattr(d, "_device_state", None) is not None:
-            arrays[f"dropout_draws/{i}"] = host_copy(d._device_state)
-    lm_state = None
-    if hasattr(model, "get_state"):
-        lm_state = []
-        for i, (h, c) in enumerate(model.get_state()):
-            lm_state.append(h is not None)
-            if h is not None:
-                arrays[f"lmstate/{i}/h"] = host_copy(h)
-                arrays[f"lmstate/{i}/c"] = host_copy(c)
-    order = getattr(loop, "order", None)
-    if order is not None:
-        order = np.asarray(order)
-        arrays["order"] = order.astype(np.int32) if len(order) < 2 ** 31 else order
-    m = {
-        "format": FORMAT, "fastseq_version": __version__,
-        "model_class": type(model).__name__, "param_names": names,
-        "model_config": model.config(),  # what fastseq.load rebuilds the model from
-        "position": {"epoch": loop.current_epoch, "iteration": loop.iteration,
-                     "total_iters": loop.total_iters, "time_idx": getattr(loop, "time_idx", None)},
-        "losses": {"loss_list": loop.loss_list, "epoch_losses": loop.epoch_losses,
-                   "ppl_list": getattr(loop, "ppl_list", None),
-                   "window": [float(loop.window[0]), loop.window[1]],  # float(): a device sum
-                   "epoch_loss_sum": float(loop.epoch_loss_sum)},
-        "optimizer": _optimizer_state(loop.optimizer, arrays),
-        "rngs": rng_meta,
-        "dropout_born": [d._rng is not None for d in dropouts],
-        "lm_state": lm_state,
-    }
+    state["model"] = dict(state["model"], params={})
+    tree = _split(state, "state", arrays)
+    tree["model"]["params"] = {n: {"array": f"param/{n}"} for n in params}
+    m = {"format": FORMAT, "fastseq_version": __version__,
+         "model_class": type(model).__name__, "param_names": list(params),
+         "model_config": model.config(),  # what fastseq.load rebuilds the model from
+         "optimizer_class": type(loop.optimizer).__name__,
+         "trainer_class": type(loop).__name__, "state": tree}
     m.update(meta or {})
     return arrays, json.loads(json.dumps(m))  # a frozen copy of the figures and settings
 
@@ -185,55 +184,18 @@ def load(path):
 
 
 def restore(loop, arrays, meta, path="checkpoint"):
-    """Put a checkpoint's state into a freshly built ``loop`` (same model class and sizes,
-    same optimiser class)."""
+    """Put a checkpoint's state into a freshly built ``loop`` (same model class and sizes, same
+    optimiser and trainer class): the metadata is validated first, then loop.load_state_dict."""
+    validate(meta, arrays, path)
     model, opt = loop.model, loop.optimizer
-    if meta["model_class"] != type(model).__name__ or meta["param_names"] != model.param_names:
-        raise CheckpointError(f"{path}: holds a {meta['model_class']} but the run built a "
-                              f"{type(model).__name__}")
-    for n, p in zip(model.param_names, model.params):
-        a = arrays[f"param/{n}"]
-        if a.shape != p.shape or a.dtype != p.dtype:
-            raise CheckpointError(f"{path}: parameter {n} is {a.dtype}{a.shape} but the model's is "
-                                  f"{p.dtype}{p.shape}")
-        p[...] = backend.asarray(a)
-    o = meta["optimizer"]
-    if o["class"] != type(opt).__name__:
-        raise CheckpointError(f"{path}: optimiser {o['class']} but the run built "
-                              f"{type(opt).__name__}")
-    for k, v in o["state"].items():
-        if isinstance(v, dict):
-            v = [backend.asarray(arrays[f"optim/{k}/{i}"]) for i in range(v["arrays"])]
-        setattr(opt, k, v)
-    dropouts = _dropout_layers(model)
-    for d, born in zip(dropouts, meta["dropout_born"]):
-        if not born:
-            d._rng = None
-        elif d._seed is not None:
-            d._rng = (np, np.random.RandomState(d._seed))
-        else:
-            d._rng = (np, np.random)
-    for key, rs in _rngs(loop).items():
-        if key in meta["rngs"]:
-            _rng_set(rs, key, arrays, meta["rngs"])
-    for i, d in enumerate(dropouts):
-        draws = arrays.get(f"dropout_draws/{i}")
-        d._device_state = backend.asarray(draws) if draws is not None and backend.is_gpu() \
-            else None
-    if meta["lm_state"] is not None:
-        model.set_state([(backend.asarray(arrays[f"lmstate/{i}/h"]),
-                          backend.asarray(arrays[f"lmstate/{i}/c"])) if has else (None, None)
-                         for i, has in enumerate(meta["lm_state"])])
-    pos, losses = meta["position"], meta["losses"]
-    loop.current_epoch, loop.iteration = pos["epoch"], pos["iteration"]
-    loop.total_iters = pos["total_iters"]
-    if pos["time_idx"] is not None:
-        loop.time_idx = pos["time_idx"]
-    if "order" in arrays:
-        loop.order = arrays["order"]
-    loop.loss_list[:] = losses["loss_list"]
-    loop.epoch_losses[:] = losses["epoch_losses"]
-    if losses["ppl_list"] is not None:
-        loop.ppl_list[:] = losses["ppl_list"]
-    loop.window[:] = losses["window"]
-    loop.epoch_loss_sum = losses["epoch_loss_sum"]
+    built = {"model_class": type(model).__name__, "param_names": model.param_names,
+             "optimizer_class": type(opt).__name__, "trainer_class": type(loop).__name__}
+    for field, value in built.items():
+        if meta[field] != value:
+            raise CheckpointError(f"{path}: holds a {meta['model_class']} ({field} "
+                                  f"{str(meta[field])[:200]}) but the run built a "
+                                  f"{type(model).__name__} ({field} {str(value)[:200]})")
+    try:
+        loop.load_state_dict(_join(meta["state"], arrays, "state"))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: does not fit the run: {e}") from None

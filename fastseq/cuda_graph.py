@@ -73,7 +73,7 @@ class GraphStep:
             return self._eager(x, t)
         key = (x.shape, str(x.dtype), t.shape, str(t.dtype))
         entry = self._graphs.get(key)
-        if entry is not None and entry.lr != getattr(self.optimizer, "lr", None):
+        if entry is not None and entry.lr != self.optimizer.lr:
             del self._graphs[key]  # the learning rate is baked into the graph: record it again
             entry = None
         if entry is None:
@@ -98,7 +98,7 @@ class GraphStep:
                         api.copy(buf, now)
                     setattr(lstm, name, buf)
         api.launch(entry.graph)
-        self._advance_optimizer()
+        self.optimizer.count_step()  # what the update did on the host while it was recorded
         self.counts["replayed"] += 1
         return entry.loss
 
@@ -112,7 +112,7 @@ class GraphStep:
         xb, tb = api.empty_like(x), api.empty_like(t)
         api.copy(xb, x)
         api.copy(tb, t)
-        saved = _host_state(opt)
+        saved = opt.state_dict()
         # the carried LSTM states: the graph reads them from buffers of its own
         states = []
         for lstm in _stateful(self.model):
@@ -128,7 +128,7 @@ class GraphStep:
                     api.copy(h, lstm.h)
                     api.copy(c, lstm.c)
         except Exception as e:  # a host round trip or an uncapturable call inside the step
-            _restore_host_state(opt, saved)
+            opt.load_state_dict(saved)
             for lstm, h, c in states:
                 lstm.h, lstm.c = h, c  # what they held before the attempt
             self.reason = f"capture failed, steps run eagerly ({type(e).__name__}: {e})"
@@ -136,21 +136,11 @@ class GraphStep:
         for lstm, h, c in states:
             lstm.h, lstm.c = h, c
         entry = _Captured(captured["graph"], captured.get("pool"), xb, tb, loss,
-                          getattr(opt, "lr", None), states)
+                          opt.lr, states)
         self._graphs[key] = entry
         api.launch(entry.graph)  # capture recorded the step; this runs it, for this batch
         self.counts["captured"] += 1
         return entry
-
-    def _advance_optimizer(self):
-        """What the host part of the update did while the graph was recorded, for one replay."""
-        opt = self.optimizer
-        if hasattr(opt, "iter"):
-            opt.iter += 1
-            held = getattr(opt, "_device_state", None)
-            if held is not None:  # Adam's device counter advanced inside the graph
-                opt._device_state = (held[0], opt.iter)
-
 
 class _Captured:
     def __init__(self, graph, pool, x, t, loss, lr, states):
@@ -160,22 +150,13 @@ class _Captured:
 
 def _stateful(model):
     """The LSTM layers whose state carries from one step to the next."""
-    return [m for m in getattr(model, "lstm_layers", ()) if getattr(m, "stateful", False)]
+    return [m for m in model.lstm_layers if m.stateful]
 
 
 def _states_ready(model, N):
     """Whether every carried state exists with N rows (else: one more eager step first)."""
     return all(m.h is not None and m.c is not None and m.h.shape[0] == N and m.c.shape[0] == N
                for m in _stateful(model))
-
-
-def _host_state(opt):
-    return {k: getattr(opt, k) for k in ("iter", "_device_state") if hasattr(opt, k)}
-
-
-def _restore_host_state(opt, saved):
-    for k, v in saved.items():
-        setattr(opt, k, v)
 
 
 class CupyGraphApi:

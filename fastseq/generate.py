@@ -8,8 +8,9 @@ import argparse
 import math
 import sys
 
-from .sampling import (MIN_TEMPERATURE, make_sampler, sample_from_logits,  # noqa: F401
-                       softmax_temperature, top_k_filter, top_p_filter)
+from .cli import int_at_least, number_in
+from .datasets.text import words_to_text as ids_to_text
+from .sampling import MIN_TEMPERATURE
 
 DEFAULT_SKIP = ("N", "<unk>", "$")
 
@@ -19,19 +20,6 @@ DEFAULT_SKIP = ("N", "<unk>", "$")
 
 MAX_LENGTH = 100_000  # words per run: bounded so that no argument makes it run for hours
 LM_ONLY = ("start", "length", "temperature", "top_k", "top_p", "seed", "allow_skipped")
-
-
-def ids_to_text(words):
-    """Words joined by spaces, with <eos> as a line break."""
-    lines, cur = [], []
-    for w in words:
-        if w == "<eos>":
-            lines.append(" ".join(cur))
-            cur = []
-        else:
-            cur.append(w)
-    lines.append(" ".join(cur))
-    return "\n".join(lines)
 
 
 def build_parser():
@@ -53,10 +41,13 @@ def build_parser():
                         "(default 100)")
     p.add_argument("--temperature", type=float, default=None,
                    help=f"softmax temperature (default 1; 0, or below {MIN_TEMPERATURE}, = greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely words")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--top-k", type=int_at_least(1), default=None,
+                   help="sample among the k most likely words")
+    p.add_argument("--top-p", type=number_in(0, 1, hi_open=False), default=None,
+                   help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--greedy", action="store_true", help="always take the most likely word")
-    p.add_argument("--seed", type=int, default=None, help="random seed (reproducible samples)")
+    p.add_argument("--seed", type=int_at_least(0), default=None,
+                   help="random seed (reproducible samples)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="PTB folder, only needed when the model file holds no vocabulary")
     p.add_argument("--allow-skipped", action="store_true", default=None,

@@ -373,8 +373,27 @@ class TimeSoftmaxWithLoss:
         return dx
 
 
+def rng_state(rs):
+    """A NumPy RandomState's state as {keys (624,) uint32, pos, has_gauss, gauss}."""
+    kind, keys, pos, has_gauss, gauss = rs.get_state()
+    return {"keys": np.asarray(keys), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def set_rng_state(rs, state):
+    """Put rng_state()'s dict back into a RandomState (ValueError if it cannot be one)."""
+    keys = np.asarray(backend.to_cpu(state["keys"]))
+    if keys.shape != (624,) or keys.dtype.kind not in "iu":
+        raise ValueError(f"a generator state needs 624 integer keys, got {keys.dtype}{keys.shape}")
+    rs.set_state(("MT19937", keys.astype(np.uint32), int(state["pos"]),
+                  int(state["has_gauss"]), float(state["gauss"])))
+
+
 class TimeDropout:
-    """Inverted dropout: scale kept units by 1/(1-p) in training, identity at inference."""
+    """Inverted dropout: scale kept units by 1/(1-p) in training, identity at inference.
+
+    Masks come from a generator seeded with ``seed`` (NumPy's global one when None); on the GPU
+    from a hash of the seed and a draw counter kept on the device. state_dict() holds both."""
 
     def __init__(self, dropout_ratio=0.5, seed=None):
         self.params, self.grads = [], []
@@ -390,6 +409,28 @@ class TimeDropout:
         self._seed = seed
         self._rng = None
         self._device_state = None
+
+    def state_dict(self):
+        """{'rng': the own host generator's state (None before its first draw, or when the masks
+        come from NumPy's global generator), 'device': [seed, draws] on the GPU or None}."""
+        own = self._rng is not None and isinstance(self._rng[1], np.random.RandomState)
+        return {"rng": rng_state(self._rng[1]) if own else None, "device": self._device_state}
+
+    def load_state_dict(self, state):
+        rng = None
+        if state["rng"] is not None:
+            rng = np.random.RandomState(0)
+            set_rng_state(rng, state["rng"])
+        device = state["device"]
+        if device is not None and backend.is_gpu():
+            device = backend.asarray(np.asarray(backend.to_cpu(device), dtype=np.float64))
+            if device.shape != (2,):
+                raise ValueError(f"a dropout device state is [seed, draws], got shape "
+                                 f"{device.shape}")
+        else:
+            device = None
+        self._rng = None if rng is None else (np, rng)
+        self._device_state = device
 
     def _random(self, shape, xp):
         if self._rng is None or self._rng[0] is not xp:

@@ -1,4 +1,5 @@
-"""Optimisers: update(params, grads) in place (textbook forms)."""
+"""Optimisers: update(params, grads) in place (textbook forms); state_dict() / load_state_dict()
+carry everything a resumed run needs (the learning rate, Adam's moments and step count)."""
 import math
 import numbers
 
@@ -20,6 +21,12 @@ def _check_beta(name, beta):
     return float(beta)
 
 
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 class SGD:
     """p -= lr * g"""
 
@@ -29,6 +36,15 @@ class SGD:
     def update(self, params, grads):
         for p, g in zip(params, grads):
             p -= self.lr * g
+
+    def count_step(self):
+        """Account for one update that ran inside a replayed CUDA graph (SGD counts nothing)."""
+
+    def state_dict(self):
+        return {"lr": self.lr}
+
+    def load_state_dict(self, state, params=None):
+        self.lr = _check_lr(state["lr"])
 
 
 class Adam:
@@ -41,7 +57,44 @@ class Adam:
         self.fused = fused  # one pass of fastseq/_ext/_optim_cpu on the cython engine
         self.iter = 0
         self.m = self.v = None
+        # CuPy: (counter [t, lr_t] on the device, the step it belongs to), kept by the GPU update
+        self.device_state = None
         self._buf = None
+
+    def count_step(self):
+        """Account for one update that ran inside a replayed CUDA graph: the host's step count
+        advances, and the device counter (advanced by the graph) belongs to the new step."""
+        self.iter += 1
+        if self.device_state is not None:
+            self.device_state = (self.device_state[0], self.iter)
+
+    def state_dict(self):
+        """The settings, the step count and the moments (references: copy before training on);
+        ``device_state``: the GPU step counter or None."""
+        held = self.device_state
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "iter": self.iter,
+                "m": self.m, "v": self.v,
+                "device_state": None if held is None else {"counter": held[0], "iter": held[1]}}
+
+    def load_state_dict(self, state, params=None):
+        """Restore a state_dict(); with ``params``, the moments must match their shapes and
+        dtypes. Everything is checked before anything changes; arrays go to the current device."""
+        lr = _check_lr(state["lr"])
+        beta1, beta2 = _check_beta("beta1", state["beta1"]), _check_beta("beta2", state["beta2"])
+        step = _check_count("iter", state["iter"])
+        moments = []
+        for name in ("m", "v"):
+            arrays = state[name]
+            if arrays is not None and params is not None:
+                _check_like(name, arrays, params)
+            moments.append(None if arrays is None else [backend.asarray(a) for a in arrays])
+        if (moments[0] is None) != (moments[1] is None):
+            raise ValueError("Adam state: m and v must both be set or both be None")
+        held = state["device_state"]
+        self.lr, self.beta1, self.beta2, self.iter = lr, beta1, beta2, step
+        self.m, self.v = moments
+        self.device_state = None if held is None or not backend.is_gpu() else \
+            (backend.asarray(held["counter"]), _check_count("device iter", held["iter"]))
 
     def update(self, params, grads):
         if self.m is None:
@@ -82,3 +135,13 @@ class Adam:
                 or buf.size < p.size:
             buf = self._buf = get_array_module(p).empty(max(q.size for q in params), p.dtype)
         return buf[:p.size].reshape(p.shape)
+
+
+def _check_like(name, arrays, params):
+    if len(arrays) != len(params):
+        raise ValueError(f"Adam state: {name} holds {len(arrays)} arrays but there are "
+                         f"{len(params)} parameters")
+    for i, (a, p) in enumerate(zip(arrays, params)):
+        if a.shape != p.shape or a.dtype != p.dtype:
+            raise ValueError(f"Adam state: {name}[{i}] is {a.dtype}{a.shape} but the parameter "
+                             f"is {p.dtype}{p.shape}")

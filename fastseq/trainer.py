@@ -1,5 +1,10 @@
 """Training and evaluation: one loop (TrainLoop) under Trainer (seq2seq, shuffled mini-batches)
-and RnnlmTrainer (language models, truncated BPTT); eval_seq2seq, eval_perplexity."""
+and RnnlmTrainer (language models, truncated BPTT), with callbacks (fastseq.callbacks) for
+everything around the steps; eval_seq2seq, eval_perplexity.
+
+Every trainer has state_dict() / load_state_dict(): the model's, the optimiser's and the loop's
+own state (position, the current epoch's order, random generators, loss figures, the callbacks'
+state), which is all a checkpoint holds (fastseq.checkpoint)."""
 import contextlib
 import math
 import numbers
@@ -7,18 +12,10 @@ import numbers
 import numpy as np
 
 from . import backend
+from .callbacks import Bar, ProgressBar
 from .functions import clip_grads
-
-
-def progress(iterable, total=None, desc=None, enabled=True, initial=0):
-    """A tqdm progress bar when tqdm is installed and enabled, else the iterable itself."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, initial=initial)
+from .layers import rng_state, set_rng_state
+from .models.base import Model
 
 
 def check_count(name, value, minimum=1):
@@ -43,14 +40,15 @@ class TrainingDiverged(FloatingPointError):
 
 class TrainLoop:
     """The loop Trainer and RnnlmTrainer share: batches, forward/backward, a finiteness guard,
-    gradient clipping, the update, a progress bar, the mean loss of every ``eval_interval``
-    iterations (``loss_list``) and of every epoch (``epoch_losses``), and hooks.
+    gradient clipping, the update, the mean loss of every ``eval_interval`` iterations
+    (``loss_list``) and of every epoch (``epoch_losses``), and ``callbacks`` (Callback objects,
+    called in order; a progress bar is the first when ``progress``).
 
     Position: ``current_epoch`` epochs are finished and ``iteration`` batches of the next one
     are done; ``fit`` continues from there, so a loop stopped mid-epoch (``stop_reason`` set, e.g.
-    by a signal handler) or restored from a checkpoint picks up at the next batch.
-    ``hooks`` are called as ``hook(loop, event)`` with event 'iteration' (after each update) or
-    'epoch' (after each epoch's last update).
+    by a callback) or restored from a checkpoint picks up at the next batch. ``epoch_log`` is the
+    finished epoch's record, which callbacks fill in at the epoch's end. ``fit`` puts a fastseq
+    model in training mode (``model.train()``); evaluation switches it to ``eval()`` and back.
 
     On the GPU a step reads nothing back to the host: the loss stays on the device, is summed
     there and read once per logging interval (``eval_interval``, else once per epoch), which is
@@ -62,18 +60,19 @@ class TrainLoop:
         self.model, self.optimizer = model, optimizer
         self.cuda_graphs = cuda_graphs
         self._device_step = None  # (max_grad, step function) on the GPU
-        self.show_progress = progress
         self.loss_list, self.epoch_losses = [], []
         self.eval_interval = None
         self.current_epoch = 0
         self.iteration = 0
         self.total_iters = 0
+        self.n_iters = None      # batches per epoch of the fit in progress
         self.window = [0.0, 0]   # loss sum and count of the current eval_interval window
         self.epoch_loss_sum = 0.0
-        self.hooks = []
+        self.epoch_log = {}
+        self.callbacks = [ProgressBar()] if progress else []
         self.stop_reason = None
 
-    # subclasses: the number of batches per epoch, the batch of iteration ``it``, new-epoch setup
+    # subclasses: the batch of iteration ``it``, new-epoch setup, their own state
     def begin_epoch(self):
         pass
 
@@ -85,6 +84,39 @@ class TrainLoop:
         self.loss_list.append(mean_loss)
         return "loss", f"{mean_loss:.4f}"
 
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self):
+        """{'model', 'optimizer', 'loop'}: each part's state (references; a checkpoint copies)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "loop": self.loop_state()}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"], params=self.model.params)
+        self.load_loop_state(state["loop"])
+
+    def loop_state(self):
+        return {"epoch": self.current_epoch, "iteration": self.iteration,
+                "total_iters": self.total_iters, "loss_list": list(self.loss_list),
+                "epoch_losses": list(self.epoch_losses),
+                "window": [float(self.window[0]), self.window[1]],  # float(): a device sum
+                "epoch_loss_sum": float(self.epoch_loss_sum),
+                "global_rng": rng_state(np.random.mtrand._rand),
+                "callbacks": {c.state_key: c.state_dict() for c in self.callbacks
+                              if c.state_key is not None}}
+
+    def load_loop_state(self, s):
+        self.current_epoch, self.iteration, self.total_iters = \
+            s["epoch"], s["iteration"], s["total_iters"]
+        self.loss_list[:], self.epoch_losses[:] = s["loss_list"], s["epoch_losses"]
+        self.window[:] = s["window"]
+        self.epoch_loss_sum = s["epoch_loss_sum"]
+        set_rng_state(np.random.mtrand._rand, s["global_rng"])
+        for c in self.callbacks:
+            if c.state_key is not None and c.state_key in s["callbacks"]:
+                c.load_state_dict(s["callbacks"][c.state_key])
+
+    # -- one step ------------------------------------------------------------------------------
     def step(self, x, t, max_grad):
         """forward, backward, guard, clip, update; returns the loss as a float (on the GPU, a 0-d
         device array, and the guard waits for the logging interval)."""
@@ -129,7 +161,7 @@ class TrainLoop:
     def checked_once(self, x, t):
         """On the GPU the whole data set's ids are checked here, once; the batches then skip the
         check (each one would read a value back to the host). A context for the loop."""
-        if backend.get_array_module(x) is np or not hasattr(self.model, "check_data"):
+        if backend.get_array_module(x) is np or not isinstance(self.model, Model):
             return contextlib.nullcontext()
         self.model.check_data(x, t)
         return backend.ids_checked()
@@ -141,55 +173,59 @@ class TrainLoop:
         return mean
 
     def _non_finite(self, grads):
-        names = getattr(self.model, "param_names", None)
+        names = self.model.param_names if isinstance(self.model, Model) else None
         for i, g in enumerate(grads):
             xp = backend.get_array_module(g)
             if not bool(xp.isfinite(g).all()):
                 return names[i] if names else f"#{i}"
         return "(the norm overflowed)"
 
+    # -- the loop ------------------------------------------------------------------------------
     def run(self, max_epoch, n_iters, max_grad, eval_interval):
-        self.eval_interval = eval_interval
-        for _ in range(max_epoch):
-            if self.iteration == 0:
-                self.begin_epoch()
-            bar = progress(range(self.iteration, n_iters), total=n_iters, initial=self.iteration,
-                           desc=f"epoch {self.current_epoch + 1}", enabled=self.show_progress)
-            try:
-                for it in bar:
-                    loss = self.step(*self.batch(it), max_grad)
-                    self.iteration, self.total_iters = it + 1, self.total_iters + 1
-                    self.epoch_loss_sum += loss
-                    w = self.window
-                    w[0] += loss
-                    w[1] += 1
-                    if eval_interval and w[1] == eval_interval:
-                        # float(): on the GPU the one value read back per interval
-                        mean = self._check_mean(float(w[0]) / w[1], "the last interval")
-                        key, text = self.report(mean)
-                        if hasattr(bar, "set_postfix"):
-                            bar.set_postfix({key: text})
-                        w[0], w[1] = 0.0, 0
-                    if self.iteration < n_iters:
-                        self._call_hooks("iteration")
-                        if self.stop_reason:
-                            return self
-            finally:
-                if hasattr(bar, "close"):
-                    bar.close()
-            self.epoch_losses.append(self._check_mean(float(self.epoch_loss_sum) / n_iters,
-                                                      "the epoch"))
-            self.epoch_loss_sum = 0.0
-            self.current_epoch += 1
-            self.iteration = 0
-            self._call_hooks("epoch")
-            if self.stop_reason:
-                return self
+        self.eval_interval, self.n_iters = eval_interval, n_iters
+        if isinstance(self.model, Model):
+            self.model.train()
+        try:
+            for _ in range(max_epoch):
+                if self._run_epoch(n_iters, max_grad, eval_interval):
+                    break
+        finally:
+            self._call("on_fit_end")
         return self
 
-    def _call_hooks(self, event):
-        for hook in self.hooks:
-            hook(self, event)
+    def _run_epoch(self, n_iters, max_grad, eval_interval):
+        """One epoch (or its rest); True when a callback asked to stop."""
+        if self.iteration == 0:
+            self.begin_epoch()
+        self._call("on_epoch_begin")
+        for it in range(self.iteration, n_iters):
+            loss = self.step(*self.batch(it), max_grad)
+            self.iteration, self.total_iters = it + 1, self.total_iters + 1
+            self.epoch_loss_sum += loss
+            w = self.window
+            w[0] += loss
+            w[1] += 1
+            if eval_interval and w[1] == eval_interval:
+                # float(): on the GPU the one value read back per interval
+                mean = self._check_mean(float(w[0]) / w[1], "the last interval")
+                self._call("on_report", *self.report(mean))
+                w[0], w[1] = 0.0, 0
+            if self.iteration < n_iters:
+                self._call("on_iteration")
+                if self.stop_reason:
+                    return True
+        self.epoch_losses.append(self._check_mean(float(self.epoch_loss_sum) / n_iters,
+                                                  "the epoch"))
+        self.epoch_loss_sum = 0.0
+        self.current_epoch += 1
+        self.iteration = 0
+        self.epoch_log = {"epoch": self.current_epoch, "loss": self.epoch_losses[-1]}
+        self._call("on_epoch_end")
+        return bool(self.stop_reason)
+
+    def _call(self, event, *args):
+        for c in self.callbacks:
+            getattr(c, event)(self, *args)
 
     def _check_fit_args(self, max_epoch, batch_size, max_grad, eval_interval):
         check_count("max_epoch", max_epoch)
@@ -218,6 +254,9 @@ class Trainer(TrainLoop):
         if len(x) < batch_size:
             raise ValueError(f"batch_size {batch_size} is larger than the data ({len(x)} rows)")
         shuffled = 0 if self.order is None else len(self.order)
+        if self.iteration >= len(x) // batch_size:
+            raise ValueError(f"the epoch in progress is at iteration {self.iteration} but an "
+                             f"epoch now has {len(x) // batch_size}")
         if self.iteration and shuffled != len(x):
             raise ValueError(f"the epoch in progress shuffled {shuffled} rows but x has {len(x)}")
         self._data = (backend.asarray(x), backend.asarray(t), batch_size)  # on the device once
@@ -229,6 +268,28 @@ class Trainer(TrainLoop):
 
     def begin_epoch(self):
         self.order = self.rng.permutation(len(self._data[0]))
+
+    def loop_state(self):
+        """The loop's state, the current epoch's row order and the shuffle generator (None when
+        it is NumPy's global one, which the loop's state holds anyway)."""
+        own = self.rng is not np.random.mtrand._rand
+        return dict(super().loop_state(), order=self.order,
+                    shuffle_rng=rng_state(self.rng) if own else None)
+
+    def load_loop_state(self, s):
+        if (s["shuffle_rng"] is None) != (self.rng is np.random.mtrand._rand):
+            raise ValueError("the state's shuffle generator does not fit this trainer (seeded "
+                             "in one, NumPy's global generator in the other)")
+        order = s["order"]
+        if order is not None:
+            order = np.asarray(backend.to_cpu(order))
+            if order.ndim != 1 or order.dtype.kind not in "iu" or \
+                    not np.array_equal(np.sort(order), np.arange(len(order))):
+                raise ValueError("the state's row order is not a permutation of the rows")
+        super().load_loop_state(s)
+        self.order = order
+        if s["shuffle_rng"] is not None:
+            set_rng_state(self.rng, s["shuffle_rng"])
 
     def batch(self, it):
         x, t, bs = self._data
@@ -351,6 +412,14 @@ class RnnlmTrainer(TrainLoop):
     def batch(self, it):
         return self.get_batch(*self._data)
 
+    def loop_state(self):
+        return dict(super().loop_state(), time_idx=self.time_idx, ppl_list=list(self.ppl_list))
+
+    def load_loop_state(self, s):
+        super().load_loop_state(s)
+        self.time_idx = s["time_idx"]
+        self.ppl_list[:] = s["ppl_list"]
+
     def report(self, mean_loss):
         self.loss_list.append(mean_loss)
         ppl = float(np.exp(mean_loss))
@@ -392,8 +461,9 @@ def eval_perplexity(model, corpus, batch_size=10, time_size=35, max_iters=None, 
 
     ``max_iters = (len - 1) // (B * T)``, ``jump = (len - 1) // B``; iteration k reads row i from
     offset ``k * T + i * jump``: inputs ``corpus[(offset + t) % len]``, targets one word ahead.
-    The model's state is reset first (and its previous state restored afterwards), and it runs with
-    ``train_flg=False``. ``max_iters`` may cap the iterations (quick estimates).
+    The model's state is reset first (and its previous state restored afterwards), and it runs in
+    evaluation mode (``model.eval()``; its mode is restored afterwards). ``max_iters`` may cap
+    the iterations (quick estimates).
     """
     corpus = np.asarray(backend.to_cpu(corpus))
     n = len(corpus)
@@ -404,37 +474,30 @@ def eval_perplexity(model, corpus, batch_size=10, time_size=35, max_iters=None, 
     if max_iters is not None:
         iters = min(iters, int(max_iters))
     jump = (n - 1) // batch_size
-    saved = model.get_state() if hasattr(model, "get_state") else None
+    saved, was_training = model.get_state(), model.training
     model.reset_state()
+    model.eval()
     rows = np.arange(batch_size) * jump
     steps = np.arange(time_size)
     checked = contextlib.nullcontext()
-    params = getattr(model, "params", None)
+    params = model.params
     if params and backend.get_array_module(params[0]) is not np:
         # on the GPU: the corpus goes over once and the batches are gathered there
         xp = backend.get_array_module(params[0])
         corpus, rows, steps = xp.asarray(corpus), xp.asarray(rows), xp.asarray(steps)
-        if hasattr(model, "check_data"):
-            model.check_data(corpus, corpus)
-            checked = backend.ids_checked()
-    import inspect
-    try:
-        has_flag = "train_flg" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        has_flag = False
+        model.check_data(corpus, corpus)
+        checked = backend.ids_checked()
     total = 0.0
+    bar = Bar(iters, "perplexity", enabled=progress_bar)
     try:
         with checked:
-            for k in progress(range(iters), total=iters, desc="perplexity", enabled=progress_bar):
+            for k in range(iters):
                 pos = rows[:, None] + (k * time_size + steps)[None, :]
-                xs = corpus[pos % n]
-                ts = corpus[(pos + 1) % n]
-                loss = model.forward(xs, ts, train_flg=False) if has_flag \
-                    else model.forward(xs, ts)
+                loss = model.forward(corpus[pos % n], corpus[(pos + 1) % n])
                 total += loss  # on the GPU a 0-d array: read once, at the end
+                bar.update()
     finally:
-        if saved is not None:
-            model.set_state(saved)
-        else:
-            model.reset_state()
+        bar.close()
+        model.set_state(saved)
+        model.train(was_training)
     return float(np.exp(float(total) / iters))

@@ -77,3 +77,17 @@ def test_bad_data_file_is_one_clear_line(tmp_path, capsys):
     bad.write_text("1+1_2\nbroken\n")
     assert main(["--data", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--seed", "-1", "expected a non-negative integer, got -1"),
+    ("--top-k", "0", "expected a positive integer, got 0"),
+    ("--top-p", "0", "must be a finite number in (0, 1], got 0")])
+def test_generate_flags_name_themselves(flag, value, expected, tmp_path, capsys):
+    from fastseq import Rnnlm
+    from fastseq.generate import main as generate
+    Rnnlm(3, 4, 4, seed=0).save_params(tmp_path / "lm.npz", meta={"vocab": ["<eos>", "a", "b"]})
+    with pytest.raises(SystemExit) as e:
+        generate(["--model", str(tmp_path / "lm.npz"), "--start", "a", flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: {expected}" in capsys.readouterr().err

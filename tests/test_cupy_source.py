@@ -495,7 +495,7 @@ def test_adam_kernels_match_numpy_adam(kernel, dtype):
             dev_opt.v = [np.zeros_like(p) for p in params]
         dev_opt.iter += 1
         _cupy._adam_update(np, kernel, dev_opt, params, grads)
-        assert dev_opt._device_state[0][0] == dev_opt.iter
+        assert dev_opt.device_state[0][0] == dev_opt.iter
         for p, r in zip(params, ref):
             np.testing.assert_allclose(p, r, **TOL[dtype])
     dev_opt.iter = ref_opt.iter = 10  # resumed elsewhere: the device counter follows the host's
@@ -503,7 +503,7 @@ def test_adam_kernels_match_numpy_adam(kernel, dtype):
     ref_opt.update(ref, grads)
     dev_opt.iter += 1
     _cupy._adam_update(np, kernel, dev_opt, params, grads)
-    assert dev_opt._device_state[0][0] == 11
+    assert dev_opt.device_state[0][0] == 11
     for p, r in zip(params, ref):
         np.testing.assert_allclose(p, r, **TOL[dtype])
 

@@ -194,3 +194,38 @@ def test_fused_kernels_same_bits_for_any_thread_count(cython_engine):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+# --- state_dict / load_state_dict -----------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: SGD(0.1), lambda: Adam(0.01, beta1=0.8)])
+def test_optimiser_state_round_trip_continues_bit_for_bit(make):
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal((3, 4)), rng.standard_normal(4)]
+    steps = [[rng.standard_normal(p.shape) for p in params] for _ in range(5)]
+    a, ref = make(), [p.copy() for p in params]
+    for g in steps:
+        a.update(ref, g)
+    b, got = make(), [p.copy() for p in params]
+    for g in steps[:2]:
+        b.update(got, g)
+    state = {k: ([x.copy() for x in v] if isinstance(v, list) else v)
+             for k, v in b.state_dict().items()}
+    c = make()
+    c.load_state_dict(state, params=got)
+    for g in steps[2:]:
+        c.update(got, g)
+    assert all(np.array_equal(x, y) for x, y in zip(ref, got))
+
+
+def test_adam_state_refuses_moments_that_do_not_fit_before_changing_anything():
+    p = [np.ones((2, 3))]
+    opt = Adam(0.01)
+    opt.update(p, [np.ones((2, 3))])
+    state = opt.state_dict()
+    fresh = Adam(0.5)
+    with pytest.raises(ValueError, match=r"m\[0\] is float64\(3, 2\)"):
+        fresh.load_state_dict(dict(state, m=[np.zeros((3, 2))]), params=p)
+    with pytest.raises(ValueError, match="iter"):
+        fresh.load_state_dict(dict(state, iter=-1), params=p)
+    assert fresh.lr == 0.5 and fresh.iter == 0 and fresh.m is None

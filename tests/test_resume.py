@@ -135,8 +135,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(engine, task, signal_at,
     _, meta = checkpoint.load(out / "checkpoint.npz")
     # the last checkpoint that reached the disk before the kill (a writer thread writes the
     # files behind training, at most two files behind)
-    assert 0 < meta["position"]["total_iters"] <= ckpt_at
-    assert meta["position"]["total_iters"] % every(task) == 0
+    assert 0 < meta["state"]["loop"]["total_iters"] <= ckpt_at
+    assert meta["state"]["loop"]["total_iters"] % every(task) == 0
     assert meta["config"]["engine"] == engine and meta["fastseq_version"]
     r = train(["--resume", str(out), "--no-progress"])
     assert r.returncode == 0, r.stderr
@@ -155,7 +155,7 @@ def test_sigint_saves_state_reached_then_resume_is_bit_identical(engine, task, s
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2 and "SIGINT received" in lines[0] and "stopped at" in lines[1]
     _, meta = checkpoint.load(out / "checkpoint.npz")
-    assert meta["position"]["total_iters"] == signal_at  # the state reached, not the last periodic
+    assert meta["state"]["loop"]["total_iters"] == signal_at  # the state reached, not a periodic
     m = json.loads((out / "metrics.json").read_text())
     assert m["stopped"]["signal"] == "SIGINT" and m["stopped"]["total_iterations"] == signal_at
     assert (out / "model.npz").exists()
@@ -184,7 +184,7 @@ def test_second_sigint_stops_at_once(data, tmp_path):
     assert r.returncode == 130 and "Traceback" not in r.stderr
     assert "stopped at once" in r.stderr.strip().splitlines()[-1]
     _, meta = checkpoint.load(out / "checkpoint.npz")
-    assert meta["position"]["total_iters"] == 4  # the last periodic checkpoint, untouched
+    assert meta["state"]["loop"]["total_iters"] == 4  # the last periodic checkpoint, untouched
 
 
 def test_sigint_from_outside(data, tmp_path):
@@ -205,7 +205,7 @@ def test_sigint_from_outside(data, tmp_path):
     assert p.returncode == 130 and "Traceback" not in err
     m = json.loads((out / "metrics.json").read_text())
     _, meta = checkpoint.load(out / "checkpoint.npz")
-    assert m["stopped"]["total_iterations"] == meta["position"]["total_iters"] > 0
+    assert m["stopped"]["total_iterations"] == meta["state"]["loop"]["total_iters"] > 0
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys, monkeypatch):
@@ -225,20 +225,25 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys,
     assert rc == 1 and len(err) == 1
     assert err[0].startswith("fastseq: training stopped: the loss is nan at epoch 1, iteration 7")
     _, meta = checkpoint.load(out / "checkpoint.npz")
-    assert meta["position"]["total_iters"] == 4  # the last good checkpoint, intact
+    assert meta["state"]["loop"]["total_iters"] == 4  # the last good checkpoint, intact
     assert not (out / "model.npz").exists()
 
 
 def test_non_finite_gradient_names_the_parameter():
     from fastseq import SGD, Trainer
+    from fastseq.models import Model as FastseqModel
     from fastseq.trainer import TrainingDiverged
 
-    class Model:
-        param_names = ["layer.W", "layer.b"]
+    class Layer:
+        param_names = ("W", "b")
 
         def __init__(self):
             self.params = [np.ones((2, 2)), np.ones(2)]
             self.grads = [np.zeros((2, 2)), np.zeros(2)]
+
+    class Model(FastseqModel):
+        def __init__(self):
+            self.layers = [("layer", Layer())]
             self.calls = 0
 
         def forward(self, x, t):
@@ -303,3 +308,109 @@ def test_resume_from_a_damaged_checkpoint_is_one_fastseq_line(data, tmp_path, ca
     assert main(["--resume", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastseq: ") and "checkpoint.npz" in err[0]
+
+
+# --- forged checkpoints: a valid checksum, metadata that does not fit the declared schema -------
+
+FORGERIES = [  # (what is changed, the field the one error line must name)
+    (lambda m, a: m["state"]["loop"].pop("epoch"), "state.loop.epoch"),
+    (lambda m, a: m["state"]["loop"].update(iteration="3"), "state.loop.iteration"),
+    (lambda m, a: m["state"]["loop"].update(epoch=-1), "state.loop.epoch"),
+    (lambda m, a: m["state"]["loop"].update(window=[1.0]), "state.loop.window"),
+    (lambda m, a: m["state"]["loop"]["global_rng"].update(pos=10 ** 6),
+     "state.loop.global_rng.pos"),
+    (lambda m, a: m["state"]["optimizer"].update(lr=0), "state.optimizer.lr"),
+    (lambda m, a: m["state"]["optimizer"].update(iter=1.5), "state.optimizer.iter"),
+    (lambda m, a: m["state"]["optimizer"].update(beta1=2), "state.optimizer.beta1"),
+    (lambda m, a: m.pop("model_class"), "model_class"),
+    (lambda m, a: m.update(trainer_class="Other"), "trainer_class"),
+    (lambda m, a: m.update(state=[]), "state"),
+    (lambda m, a: m["config"].pop("task"), "config.task"),
+    (lambda m, a: m["config"].update(seed=-5), "config.seed"),
+    (lambda m, a: m["config"].update(epochs="many"), "config.epochs"),
+    (lambda m, a: m["config"].update(lr=float("inf")), "config.lr"),
+    (lambda m, a: m["metrics"]["epochs"][0].pop("test_accuracy"),
+     "metrics.epochs[0].test_accuracy"),
+    (lambda m, a: m.pop("vocabulary"), "vocabulary"),
+    (lambda m, a: m["state"]["model"]["params"].update(
+        {next(iter(m["state"]["model"]["params"])): {"array": "nowhere"}}),
+     "state.model.params"),
+    (lambda m, a: a.update({"state/loop/global_rng/keys": np.zeros(3, np.uint32)}),
+     "624 integer keys"),
+    (lambda m, a: a.update({"param/" + m["param_names"][0]: np.zeros(2, np.float32)}),
+     "parameter"),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    os.rmdir(out)
+    args = task_args("seq2seq", data)
+    args[args.index("--epochs") + 1] = "1"
+    r = train(args + ["--engine", "numpy", "--out", str(out), "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("forge,field", FORGERIES)
+def test_resume_of_a_forged_checkpoint_is_one_line_naming_the_field(forge, field, finished_run,
+                                                                    tmp_path, capsys):
+    import shutil
+
+    from fastseq import io
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    forge(meta, arrays)
+    io.write_npz(out / "checkpoint.npz", arrays, meta)  # the library's writer: a valid checksum
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastseq: "), err
+    assert "checkpoint.npz" in err[0] and field in err[0], err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing overwritten
+
+
+def test_restore_refuses_forged_state_before_changing_anything(finished_run):
+    from fastseq import PeekySeq2seq, Trainer, Adam
+    arrays, meta = checkpoint.load(finished_run / "checkpoint.npz")
+    del meta["state"]["loop"]["total_iters"]
+    model = PeekySeq2seq(13, 4, 8, seed=7)
+    before = [p.copy() for p in model.params]
+    with pytest.raises(checkpoint.CheckpointError, match=r"c\.npz: .*state\.loop\.total_iters"):
+        checkpoint.restore(Trainer(model, Adam(), seed=7, progress=False), arrays, meta, "c.npz")
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.params))
+
+
+def test_process_resume_of_a_forged_checkpoint_exits_2_without_traceback(finished_run, tmp_path):
+    import shutil
+
+    from fastseq import io
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    del meta["state"]["optimizer"]["m"]
+    io.write_npz(out / "checkpoint.npz", arrays, meta)
+    r = train(["--resume", str(out), "--no-progress"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint.npz" in lines[0] and "state.optimizer.m" in lines[0]
+
+
+def test_resume_of_a_language_model_checkpoint_without_its_schedule_is_refused(data, tmp_path,
+                                                                              capsys):
+    from fastseq import io
+    out = tmp_path / "run"
+    args = task_args("lm", data)
+    args[args.index("--epochs") + 1] = "1"
+    assert main(args + ["--engine", "numpy", "--out", str(out), "--no-progress"]) == 0
+    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    assert set(meta["state"]["loop"]["callbacks"]) == {"save_best", "lr_schedule"}
+    del meta["state"]["loop"]["callbacks"]["save_best"]
+    io.write_npz(out / "checkpoint.npz", arrays, meta)
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "state.loop.callbacks.save_best: missing" in err[0]

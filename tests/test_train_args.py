@@ -154,6 +154,13 @@ def test_process_exit_status_and_no_traceback(argv, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_negative_seed_names_the_flag_and_what_it_expects(value, capsys):
+    rc, err = run_main(["--seed", value], capsys)
+    assert rc == 2
+    assert f"argument --seed: expected a non-negative integer, got {value}" in err
+
+
 def test_help_lists_models_and_tasks_from_the_registry(capsys):
     class Toy(PeekySeq2seq):
         pass

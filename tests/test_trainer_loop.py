@@ -1,9 +1,10 @@
-"""The one training loop under Trainer and RnnlmTrainer: the textbook API, hooks, stopping and
-continuing mid-epoch, and checkpoint save/restore in one process."""
+"""The one training loop under Trainer and RnnlmTrainer: the textbook API, callbacks, stopping
+and continuing mid-epoch, and checkpoint save/restore in one process."""
 import numpy as np
 import pytest
 
 from fastseq import SGD, Adam, BetterRnnlm, PeekySeq2seq, RnnlmTrainer, Trainer, checkpoint
+from fastseq.callbacks import Callback
 from fastseq.datasets.sequence import build, generate_addition, parse_lines
 
 
@@ -39,10 +40,21 @@ def test_textbook_api(addition, tmp_path):
     assert len(lm_trainer.ppl_list) == len(lm_trainer.loss_list) == 100 // 10
 
 
-def test_hooks_see_every_iteration_and_epoch(addition):
+class Recorder(Callback):
+    def __init__(self, events):
+        self.events = events
+
+    def on_iteration(self, loop):
+        self.events.append(("iteration", loop.total_iters))
+
+    def on_epoch_end(self, loop):
+        self.events.append(("epoch", loop.total_iters))
+
+
+def test_callbacks_see_every_iteration_and_epoch(addition):
     _, trainer = seq2seq_run(addition)
     events = []
-    trainer.hooks.append(lambda loop, e: events.append((e, loop.total_iters)))
+    trainer.callbacks.append(Recorder(events))
     trainer.fit(addition.x_train, addition.t_train, max_epoch=2, batch_size=128)
     per_epoch = len(addition.x_train) // 128
     assert [e for e, _ in events].count("epoch") == 2
@@ -51,11 +63,13 @@ def test_hooks_see_every_iteration_and_epoch(addition):
         [n for n in range(1, 2 * per_epoch) if n != per_epoch]
 
 
-def _stop_at(n):
-    def hook(loop, event):
-        if loop.total_iters == n:
+class StopAt(Callback):
+    def __init__(self, n):
+        self.n = n
+
+    def on_iteration(self, loop):
+        if loop.total_iters == self.n:
             loop.stop_reason = "test"
-    return hook
 
 
 @pytest.mark.parametrize("kind,stop", [("seq2seq", 25), ("lm", 50)])  # in the second epoch
@@ -74,12 +88,12 @@ def test_stop_save_restore_continue_is_bit_identical(kind, stop, addition, tmp_p
     ref_model, ref = fresh()
     fit(ref, 3)
     model, trainer = fresh()
-    trainer.hooks.append(_stop_at(stop))
+    trainer.callbacks.append(StopAt(stop))
     fit(trainer, 3)
     assert trainer.total_iters == stop and trainer.current_epoch == 1 and trainer.iteration > 0
     checkpoint.save(tmp_path / "c.npz", trainer, {"note": "test"})
     arrays, meta = checkpoint.load(tmp_path / "c.npz")
-    assert meta["note"] == "test" and meta["position"]["total_iters"] == stop
+    assert meta["note"] == "test" and meta["state"]["loop"]["total_iters"] == stop
     model2, resumed = fresh()
     checkpoint.restore(resumed, arrays, meta)
     fit(resumed, 3 - resumed.current_epoch)
@@ -95,3 +109,72 @@ def test_restore_refuses_another_model(addition, tmp_path):
     _, other = lm_run()
     with pytest.raises(checkpoint.CheckpointError, match="PeekySeq2seq"):
         checkpoint.restore(other, *checkpoint.load(tmp_path / "c.npz"))
+
+
+# --- the state protocol and the callbacks ------------------------------------------------------
+
+def test_dropout_state_round_trip_gives_the_same_masks():
+    from fastseq.layers import TimeDropout
+    x = np.ones((2, 3, 4))
+    a = TimeDropout(0.5, seed=3)
+    a.forward(x)
+    state = a.state_dict()
+    b = TimeDropout(0.5, seed=99)
+    b.load_state_dict({"rng": dict(state["rng"], keys=state["rng"]["keys"].copy()),
+                       "device": None})
+    assert np.array_equal(a.forward(x), b.forward(x))
+    assert TimeDropout(0.5, seed=3).state_dict() == {"rng": None, "device": None}  # not drawn yet
+
+
+def test_model_state_dict_round_trip_and_refusal_before_any_change():
+    a, b = BetterRnnlm(30, 8, 8, seed=1), BetterRnnlm(30, 8, 8, seed=2)
+    a.forward(LM_DATA[:20].reshape(2, 10), LM_DATA[1:21].reshape(2, 10))  # carried state, masks
+    b.load_state_dict(a.state_dict())
+    assert all(np.array_equal(p, q) for p, q in zip(a.params, b.params))
+    assert all(np.array_equal(x, y) for s, t in zip(a.get_state(), b.get_state())
+               for x, y in zip(s, t))
+    xs, ts = LM_DATA[30:50].reshape(2, 10), LM_DATA[31:51].reshape(2, 10)
+    assert a.forward(xs, ts) == b.forward(xs, ts)  # same state, same dropout masks
+    c = BetterRnnlm(30, 8, 8, seed=3)
+    before = [p.copy() for p in c.params]
+    bad = a.state_dict()
+    bad["params"] = dict(bad["params"], **{"lstm2.b": np.zeros(5, np.float32)})
+    with pytest.raises(ValueError, match=r"lstm2\.b is float32\(5,\)"):
+        c.load_state_dict(bad)
+    assert all(np.array_equal(p, q) for p, q in zip(before, c.params))
+
+
+def test_train_and_eval_switch_dropout_for_the_whole_model():
+    m = BetterRnnlm(30, 8, 8, dropout_ratio=0.5, seed=1)
+    xs, ts = LM_DATA[:20].reshape(2, 10), LM_DATA[1:21].reshape(2, 10)
+    m.eval()
+    m.reset_state()
+    first = m.forward(xs, ts)
+    m.reset_state()
+    assert m.forward(xs, ts) == first  # no dropout: deterministic
+    m.train()
+    m.reset_state()
+    assert m.forward(xs, ts) != first
+    assert m.eval() is m and not m.training
+
+
+class _Figures(Callback):
+    """Puts a given figure per epoch into the epoch log as 'val'."""
+
+    def __init__(self, figures):
+        self.figures = figures
+
+    def on_epoch_end(self, loop):
+        loop.epoch_log["val"] = self.figures[loop.current_epoch - 1]
+
+
+def test_early_stopping_and_lr_schedule_follow_the_monitored_figure(addition):
+    from fastseq.callbacks import EarlyStopping, LRSchedule
+    _, trainer = seq2seq_run(addition)
+    schedule, stop = LRSchedule("val", 0.5), EarlyStopping("val", patience=2)
+    trainer.callbacks += [_Figures([3.0, 2.0, 2.5, 2.0, 1.0, 0.5]), schedule, stop]
+    trainer.fit(addition.x_train, addition.t_train, max_epoch=6, batch_size=256)
+    assert trainer.current_epoch == 4 and trainer.stop_reason.startswith("early stopping")
+    assert trainer.optimizer.lr == pytest.approx(1e-2 / 4)  # halved after epochs 3 and 4
+    state = trainer.state_dict()["loop"]["callbacks"]
+    assert state["lr_schedule"] == {"best": 2.0} and state["early_stopping"]["bad_epochs"] == 2

@@ -574,13 +574,13 @@ def _adam_update(xp, kernel, opt, params, grads):
     update = kernel("fastseq_adam_update")
     for p, g, m, v in zip(params, grads, opt.m, opt.v):
         update(g, state, 1.0 - opt.beta1, 1.0 - opt.beta2, 1e-7, p, m, v)
-    opt._device_state = (state, opt.iter)
+    opt.device_state = (state, opt.iter)
 
 
 def _adam_state(xp, opt):
     """The device counter [t, lr_t] for opt, valid for the step opt.iter (t = opt.iter - 1
     before the count kernel runs)."""
-    held = getattr(opt, "_device_state", None)
+    held = opt.device_state
     if held is not None and held[1] == opt.iter - 1 and backend.get_array_module(held[0]) is xp:
         return held[0]
     return xp.asarray(numpy.array([opt.iter - 1, 0.0]))

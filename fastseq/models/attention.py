@@ -248,4 +248,5 @@ class AttentionSeq2seq(Model):
 
 register("attention", AttentionSeq2seq, family="seq2seq",
          defaults={"wordvec_size": 16, "hidden_size": 256},
-         help="dot-product attention over every encoder state (textbook 8), padding-aware")
+         help="dot-product attention over every encoder state (textbook 8), padding-aware",
+         pads=True)

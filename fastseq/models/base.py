@@ -1,6 +1,7 @@
-"""What every model shares: params/grads lists, initialisation, save/load as .npz."""
+"""What every model shares: params/grads lists, initialisation, the state protocol
+(state_dict / load_state_dict, train / eval), save/load as .npz."""
 import copy
-import types
+import sys
 
 import numpy as np
 
@@ -65,10 +66,27 @@ def embed_lstm_params(rng, V, D, H, init="textbook", dtype=np.float32):
     return [E, Wx, Wh, b]
 
 
+def _check_carried(lstm, h, c):
+    """A carried (h, c) must be two (N, H) arrays of the layer's dtype."""
+    Wh = lstm.params[1]
+    H = Wh.shape[0]
+    if h.ndim != 2 or h.shape[1] != H or c.shape != h.shape or h.dtype != Wh.dtype \
+            or c.dtype != Wh.dtype:
+        raise ValueError(f"a carried LSTM state must be two (N, {H}) {Wh.dtype} arrays, got "
+                         f"{h.dtype}{h.shape} and {c.dtype}{c.shape}")
+
+
 class Model:
-    """Subclasses set self.layers = [(name, layer), ...]; params/grads follow that order."""
+    """Subclasses set self.layers = [(name, layer), ...]; params/grads follow that order.
+
+    ``lstm_layers``: the LSTM layers whose (h, c) a stateful model carries from batch to batch
+    (get_state / set_state / reset_state); ``dropout_layers``: the layers that draw random masks
+    while training. ``train()`` / ``eval()`` switch dropout on and off for every model."""
 
     layers = ()
+    lstm_layers = ()
+    dropout_layers = ()
+    training = True
 
     @property
     def params(self):
@@ -82,22 +100,85 @@ class Model:
     def param_names(self):
         names = []
         for lname, layer in self.layers:
-            for i, _ in enumerate(layer.params):
-                pnames = getattr(layer, "param_names", None)
-                names.append(f"{lname}.{pnames[i] if pnames else i}")
+            pnames = getattr(layer, "param_names", None)  # textbook layers have none: indices
+            names += [f"{lname}.{pnames[i] if pnames else i}" for i in range(len(layer.params))]
         return names
 
     def config(self):
         return {}
 
+    # --- mode and carried state -------------------------------------------------------------
+
+    def train(self, mode=True):
+        """Training mode (dropout on) or, with mode=False, evaluation mode. Returns the model."""
+        self.training = bool(mode)
+        for d in self.dropout_layers:
+            d.train_flg = self.training
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def reset_state(self):
+        for lstm in self.lstm_layers:
+            lstm.reset_state()
+
+    def get_state(self):
+        """[(h, c), ...] for each carried LSTM layer (copies; None before the first forward)."""
+        return [(None if l.h is None else l.h.copy(), None if l.c is None else l.c.copy())
+                for l in self.lstm_layers]
+
+    def set_state(self, state):
+        state = list(state)
+        if len(state) != len(self.lstm_layers):
+            raise ValueError(f"{type(self).__name__} has {len(self.lstm_layers)} LSTM layers but "
+                             f"the state holds {len(state)}")
+        for lstm, (h, c) in zip(self.lstm_layers, state):
+            lstm.set_state(None if h is None else h.copy(), None if c is None else c.copy())
+
+    # --- state protocol ---------------------------------------------------------------------
+
+    def state_dict(self):
+        """{'params': {name: array}, 'lstm_state': [{'h', 'c'} or None per carried layer],
+        'dropout': [each dropout layer's state_dict()]}: references, not copies."""
+        return {"params": dict(zip(self.param_names, self.params)),
+                "lstm_state": [None if h is None else {"h": h, "c": c}
+                               for h, c in ((l.h, l.c) for l in self.lstm_layers)],
+                "dropout": [d.state_dict() for d in self.dropout_layers]}
+
+    def load_state_dict(self, state):
+        """Restore a state_dict(): names, shapes and dtypes are checked before anything changes
+        (ValueError naming the first mismatch); arrays go to each parameter's device."""
+        names, params = self.param_names, self.params
+        given = state["params"]
+        if list(given) != names:
+            raise ValueError(f"the state holds parameters {list(given)[:6]} but "
+                             f"{type(self).__name__} has {names[:6]}")
+        for n, p in zip(names, params):
+            a = given[n]
+            if a.shape != p.shape or a.dtype != p.dtype:
+                raise ValueError(f"parameter {n} is {a.dtype}{a.shape} in the state but "
+                                 f"{p.dtype}{p.shape} in the model")
+        carried, drops = state["lstm_state"], state["dropout"]
+        if len(carried) != len(self.lstm_layers) or len(drops) != len(self.dropout_layers):
+            raise ValueError(f"the state holds {len(carried)} LSTM states and {len(drops)} "
+                             f"dropout states; {type(self).__name__} has "
+                             f"{len(self.lstm_layers)} and {len(self.dropout_layers)}")
+        for lstm, s in zip(self.lstm_layers, carried):
+            if s is not None:
+                _check_carried(lstm, s["h"], s["c"])
+        for p, n in zip(params, names):
+            p[...] = backend.get_array_module(p).asarray(given[n])
+        self.set_state([(None, None) if s is None else
+                        (backend.asarray(s["h"]), backend.asarray(s["c"])) for s in carried])
+        for d, s in zip(self.dropout_layers, drops):
+            d.load_state_dict(s)
+
     def inference_copy(self):
         """A copy with its own layer state (caches, LSTM h/c) that shares the weight and gradient
-        arrays, so several threads can decode with one set of weights."""
+        arrays, so several threads can decode with one set of weights (modules are shared)."""
         memo = {id(a): a for a in self.params + self.grads}
-        for _, layer in self.layers:
-            for v in vars(layer).values():
-                if isinstance(v, types.ModuleType):  # an LSTM's engine module
-                    memo[id(v)] = v
+        memo.update((id(m), m) for m in list(sys.modules.values()))
         return copy.deepcopy(self, memo)
 
     def _check_ids(self, a, what, ignore=None):
@@ -127,13 +208,20 @@ class Model:
         self._check_ids(t, "t", ignore=getattr(getattr(self, "softmax", None), "ignore_label",
                                                 None))
 
-    def save_params(self, path, meta=None):
-        """Write the weights to ``path`` (.npz, atomically) with names, shapes, the model's class
-        and config, ``meta``, and one checksum over all of it (fastseq.io.write_npz)."""
+    def file_contents(self, meta=None):
+        """(arrays, meta) of this model's file now: host copies of the weights by name, and the
+        metadata (class, config, then ``meta``). save_params writes them; a trainer's writer
+        thread may write them later (training may go on meanwhile)."""
         m = {"model": type(self).__name__, "config": self.config()}
         if meta:
             m.update(meta)
-        write_npz(path, {n: backend.to_cpu(p) for n, p in zip(self.param_names, self.params)}, m)
+        return {n: np.array(backend.to_cpu(p), copy=True)
+                for n, p in zip(self.param_names, self.params)}, m
+
+    def save_params(self, path, meta=None):
+        """Write the weights to ``path`` (.npz, atomically) with names, shapes, the model's class
+        and config, ``meta``, and one checksum over all of it (fastseq.io.write_npz)."""
+        write_npz(path, *self.file_contents(meta))
 
     def load_params(self, path):
         """Read weights saved by save_params. Everything is checked (names, shapes, float32/64,
@@ -158,10 +246,12 @@ FAMILIES = ("seq2seq", "lm")
 class ModelEntry:
     """One registered model: ``cls``, ``task`` family ('seq2seq' or 'lm'), ``defaults`` (CLI
     defaults: constructor keywords such as hidden_size, and training settings such as epochs,
-    which override the task's), ``help`` (one line for --help)."""
+    which override the task's), ``help`` (one line for --help), ``pads`` (whether the
+    constructor takes the data's ``pad_id``: a padding-aware model)."""
 
-    def __init__(self, name, cls, task, defaults, help):
+    def __init__(self, name, cls, task, defaults, help, pads=False):
         self.name, self.cls, self.task, self.defaults, self.help = name, cls, task, defaults, help
+        self.pads = pads
 
     def __repr__(self):
         return f"ModelEntry({self.name!r}, {self.cls.__name__}, task={self.task!r})"
@@ -170,11 +260,12 @@ class ModelEntry:
 REGISTRY = {}
 
 
-def register(name, cls, *, family, defaults=None, help=""):
-    """Add ``cls`` to REGISTRY under ``name``; ``family`` is 'seq2seq' or 'lm'."""
+def register(name, cls, *, family, defaults=None, help="", pads=False):
+    """Add ``cls`` to REGISTRY under ``name``; ``family`` is 'seq2seq' or 'lm'; ``pads``: the
+    constructor takes a ``pad_id`` keyword."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if name in REGISTRY and REGISTRY[name].cls is not cls:
         raise ValueError(f"model name {name!r} is already registered for {REGISTRY[name].cls}")
-    REGISTRY[name] = ModelEntry(name, cls, family, dict(defaults or {}), help)
+    REGISTRY[name] = ModelEntry(name, cls, family, dict(defaults or {}), help, pads)
     return cls

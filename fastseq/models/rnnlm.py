@@ -71,8 +71,6 @@ class _LanguageModel(Model):
     """What Rnnlm and BetterRnnlm share: id checks, state, prediction, loss and generation."""
 
     embed = None
-    lstm_layers = ()
-    dropout_layers = ()
 
     # --- textbook interface ---------------------------------------------------------------
 
@@ -84,30 +82,15 @@ class _LanguageModel(Model):
         xs = self._check_ids(xs, "xs")
         return self._scores(xs, train_flg)
 
-    def forward(self, xs, ts, train_flg=True):
-        """Mean cross-entropy of predicting ts (N, T) from xs (N, T)."""
+    def forward(self, xs, ts, train_flg=None):
+        """Mean cross-entropy of predicting ts (N, T) from xs (N, T); dropout as the model's
+        mode (train() / eval()) says unless ``train_flg`` is given (textbook)."""
         xs = self._check_ids(xs, "xs")
         ts = self._check_ids(ts, "ts")
         if xs.shape != ts.shape:
             raise ValueError(f"xs has shape {xs.shape} but ts has shape {ts.shape}")
-        return self.loss_layer.forward(self._scores(xs, train_flg), ts)
-
-    def reset_state(self):
-        for lstm in self.lstm_layers:
-            lstm.reset_state()
-
-    def get_state(self):
-        """[(h, c), ...] for each LSTM layer (copies; None before the first forward)."""
-        return [(None if l.h is None else l.h.copy(), None if l.c is None else l.c.copy())
-                for l in self.lstm_layers]
-
-    def set_state(self, state):
-        state = list(state)
-        if len(state) != len(self.lstm_layers):
-            raise ValueError(f"{type(self).__name__} has {len(self.lstm_layers)} LSTM layers but the "
-                             f"state holds {len(state)}")
-        for lstm, (h, c) in zip(self.lstm_layers, state):
-            lstm.set_state(None if h is None else h.copy(), None if c is None else c.copy())
+        return self.loss_layer.forward(
+            self._scores(xs, self.training if train_flg is None else train_flg), ts)
 
     # --- generation -------------------------------------------------------------------------
 
@@ -206,7 +189,7 @@ class Rnnlm(_LanguageModel):
     def _scores(self, xs, train_flg):
         return self.affine.forward(self.lstm.forward(self.embed.forward(xs)))
 
-    def forward(self, xs, ts, train_flg=True):
+    def forward(self, xs, ts, train_flg=None):
         xs = self._check_ids(xs, "xs")
         ts = self._check_ids(ts, "ts")
         if xs.shape != ts.shape:
