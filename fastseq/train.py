@@ -242,7 +242,7 @@ def make_out(out):
 
 
 def write_json(path, obj):
-    from .io import atomic_write
+    from .files import atomic_write
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
@@ -382,7 +382,7 @@ class Run:
         self.metrics = {"config": cfg, "engine": backend.info(), "epochs": []}
         self.best = None
         self.ckpt_seconds = 0.0
-        from .checkpoint import Writer
+        from .files import Writer
         self.writer = Writer()
         if resume is not None:
             from . import checkpoint
@@ -613,11 +613,11 @@ def prepare(args):
              if v not in (None, False) and k not in ("resume", "engine", "no_progress")]
     if given:
         raise UsageError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
-    from . import checkpoint
+    from . import checkpoint, files
     path = os.path.join(args.resume, checkpoint.FILE_NAME)
     if not os.path.isfile(path):
         raise UsageError(f"--resume {args.resume}: no {checkpoint.FILE_NAME} there")
-    arrays, meta = checkpoint.load(path)
+    arrays, meta = files.load_checkpoint(path)
     return meta["config"], args.resume, (arrays, meta)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastseq import backend, checkpoint
+from fastseq import backend, checkpoint, files
 from fastseq.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def train(argv, signal_at=None, sig=signal.SIGKILL, times=1, **extra_env):
 
 
 def arrays_of(path):
-    arrays, meta = checkpoint.load(path) if path.name == "checkpoint.npz" else (None, None)
+    arrays, meta = files.load_checkpoint(path) if path.name == "checkpoint.npz" else (None, None)
     if arrays is None:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files if not k.startswith("__")}
@@ -132,7 +132,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(engine, task, signal_at,
     r = train(task_args(task, data) + ["--engine", engine, "--out", str(out), "--no-progress"],
               signal_at=signal_at)
     assert r.returncode == -signal.SIGKILL
-    _, meta = checkpoint.load(out / "checkpoint.npz")
+    _, meta = files.load_checkpoint(out / "checkpoint.npz")
     # the last checkpoint that reached the disk before the kill (a writer thread writes the
     # files behind training, at most two files behind)
     assert 0 < meta["position"]["total_iters"] <= ckpt_at
@@ -154,7 +154,7 @@ def test_sigint_saves_state_reached_then_resume_is_bit_identical(engine, task, s
     assert r.returncode == 130 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2 and "SIGINT received" in lines[0] and "stopped at" in lines[1]
-    _, meta = checkpoint.load(out / "checkpoint.npz")
+    _, meta = files.load_checkpoint(out / "checkpoint.npz")
     assert meta["position"]["total_iters"] == signal_at  # the state reached, not the last periodic
     m = json.loads((out / "metrics.json").read_text())
     assert m["stopped"]["signal"] == "SIGINT" and m["stopped"]["total_iterations"] == signal_at
@@ -183,7 +183,7 @@ def test_second_sigint_stops_at_once(data, tmp_path):
               times=2)
     assert r.returncode == 130 and "Traceback" not in r.stderr
     assert "stopped at once" in r.stderr.strip().splitlines()[-1]
-    _, meta = checkpoint.load(out / "checkpoint.npz")
+    _, meta = files.load_checkpoint(out / "checkpoint.npz")
     assert meta["position"]["total_iters"] == 4  # the last periodic checkpoint, untouched
 
 
@@ -204,7 +204,7 @@ def test_sigint_from_outside(data, tmp_path):
         p.kill()
     assert p.returncode == 130 and "Traceback" not in err
     m = json.loads((out / "metrics.json").read_text())
-    _, meta = checkpoint.load(out / "checkpoint.npz")
+    _, meta = files.load_checkpoint(out / "checkpoint.npz")
     assert m["stopped"]["total_iterations"] == meta["position"]["total_iters"] > 0
 
 
@@ -224,7 +224,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1
     assert err[0].startswith("fastseq: training stopped: the loss is nan at epoch 1, iteration 7")
-    _, meta = checkpoint.load(out / "checkpoint.npz")
+    _, meta = files.load_checkpoint(out / "checkpoint.npz")
     assert meta["position"]["total_iters"] == 4  # the last good checkpoint, intact
     assert not (out / "model.npz").exists()
 

@@ -5,7 +5,7 @@ import types
 import numpy as np
 
 from .. import backend
-from ..io import check_params, read_npz, write_npz
+from .. import files
 
 
 def make_rng(seed):
@@ -129,23 +129,13 @@ class Model:
 
     def save_params(self, path, meta=None):
         """Write the weights to ``path`` (.npz, atomically) with names, shapes, the model's class
-        and config, ``meta``, and one checksum over all of it (fastseq.io.write_npz)."""
-        m = {"model": type(self).__name__, "config": self.config()}
-        if meta:
-            m.update(meta)
-        write_npz(path, {n: backend.to_cpu(p) for n, p in zip(self.param_names, self.params)}, m)
+        and config, ``meta``, and one checksum over all of it (fastseq.files.write_npz)."""
+        files.save_params(self, path, meta)
 
     def load_params(self, path):
         """Read weights saved by save_params. Everything is checked (names, shapes, float32/64,
         finite values, checksum) before the first parameter changes. Returns the metadata."""
-        names, params = self.param_names, self.params
-        arrays, meta = read_npz(path, expected={n: p.shape for n, p in zip(names, params)})
-        # onto each parameter's own device (weights saved on either engine load on the other)
-        ready = [backend.get_array_module(p).asarray(a)
-                 for p, a in zip(params, check_params(path, names, arrays.values(), params))]
-        for p, a in zip(params, ready):
-            p[...] = a
-        return meta
+        return files.load_params(self, path)
 
 
 # ---------------------------------------------------------------------------------------------
