@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastseq import backend, checkpoint, files
+from fastseq import backend, files
 from fastseq.train import main
 
 ROOT = Path(__file__).resolve().parents[1]

