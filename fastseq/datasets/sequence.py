@@ -15,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from ..files import FastseqFileError, open_regular
+from ..files import FastseqFileError, expand_path, open_regular
 from ..functions import true_lengths
 
 
@@ -242,7 +242,7 @@ def read_text_lines(path, max_bytes=MAX_DATA_BYTES):
 def load_dataset(file_name_or_path="addition.txt", seed=1984):
     """A SequenceData (arrays + its own Vocabulary) from a file, or generated when absent."""
     global _last
-    path = os.fspath(file_name_or_path)
+    path = expand_path(file_name_or_path)
     if os.path.lexists(path):
         q, a = parse_lines(read_text_lines(path), path)
         data = build(q, a, seed, path)
