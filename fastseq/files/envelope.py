@@ -33,7 +33,9 @@ _DESCR = re.compile(r"[<>|=]?(b1|i1|i2|i4|i8|u1|u2|u4|u8|f2|f4|f8)")
 class Limits:
     """Upper bounds checked before anything a file declares is allocated. The metadata limits
     leave room for a vocabulary of a few hundred thousand words and a long run's loss curve
-    (PTB's 10,000 words take 90 KB); parsing it costs at most about 300 MB."""
+    (PTB's 10,000 words take 90 KB). Parsed objects cost up to ~140 bytes per value (an object
+    key), so max_values bounds what parsing allocates to ~150 MB, under 10x max_envelope_bytes:
+    tests/test_files_forged.py measures each costly shape at the limits."""
     max_file_bytes: int = 4 << 30      # the whole .npz on disk
     max_members: int = 4096            # zip members (arrays + 2)
     max_envelope_bytes: int = 16 << 20  # the JSON metadata
