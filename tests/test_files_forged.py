@@ -20,6 +20,7 @@ from fastseq import PeekySeq2seq, Rnnlm, files
 from fastseq.datasets import ptb
 from fastseq.datasets.sequence import Vocabulary
 from fastseq.files import DEFAULT_LIMITS, FastseqFileError, check_schema, read_npz, write_npz
+from fastseq.files import jsontext
 from fastseq.files.schema import Any, Bool, Dict, Int, List, Str
 
 WORDS = [f"w{i}" for i in range(12)]
@@ -119,6 +120,28 @@ def test_metadata_limits_refuse_before_parsing(tmp_path):
         read_npz(path)
     path = forge(tmp_path / "m.npz", meta_text(b'"[[[[\\"[[[["') + b" ")
     assert read_npz(path)[1] == {"x": '[[[["[[[['}  # brackets inside strings do not count
+
+
+def _depth_and_values(v):
+    if isinstance(v, (list, dict)):
+        children = [_depth_and_values(c) for c in (v.values() if isinstance(v, dict) else v)]
+        return 1 + max([d for d, _ in children], default=0), 1 + sum(n for _, n in children)
+    return 0, 1
+
+
+any_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) |
+    st.text(alphabet='[]{}",:\\ab\n\u00e9', max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(alphabet='[]{}"\\a', max_size=4), inner, max_size=4), max_leaves=20)
+
+
+@given(value=any_json, chunk=st.sampled_from([1, 2, 3, 7, 1 << 18]), ascii=st.booleans())
+def test_scan_depth_is_exact_and_values_an_upper_bound(value, chunk, ascii):
+    """Brackets, quotes and runs of backslashes inside strings, split across chunk edges."""
+    depth, values = jsontext.scan(json.dumps(value, ensure_ascii=ascii).encode(), chunk=chunk)
+    want_depth, want_values = _depth_and_values(value)
+    assert depth == want_depth and want_values <= values <= 2 * want_values + 1
 
 
 def test_writer_refuses_metadata_the_reader_would_refuse(tmp_path):

@@ -16,7 +16,7 @@ _CLOSE[[ord("]"), ord("}")]] = True
 _QUOTE, _BACKSLASH, _COMMA = ord('"'), ord("\\"), ord(",")
 
 
-def scan(raw, max_depth=None):
+def scan(raw, max_depth=None, chunk=CHUNK):
     """(depth, values) of JSON text ``raw`` (bytes): the deepest nesting of [ and {, and an upper
     bound on the number of values (one per opening bracket and per comma, plus one), counting
     only what lies outside strings. Stops early once the depth passes ``max_depth``."""
@@ -25,8 +25,8 @@ def scan(raw, max_depth=None):
     values = 1
     quotes = 0      # unescaped quotes so far (odd: inside a string)
     backslashes = 0  # the run of backslashes that ends the previous chunk
-    for start in range(0, len(b), CHUNK):
-        c = b[start:start + CHUNK]
+    for start in range(0, len(b), chunk):
+        c = b[start:start + chunk]
         idx = np.arange(len(c), dtype=np.int32)
         # run[i]: length of the run of backslashes ending at i (0 where c[i] is not one)
         last_other = np.maximum.accumulate(np.where(c == _BACKSLASH, -1, idx))
