@@ -10,6 +10,7 @@ import json
 import numpy as np
 
 CHUNK = 1 << 18
+MAX_DIGITS = 4300  # Python's own default limit for str -> int
 _OPEN, _CLOSE = np.zeros(256, bool), np.zeros(256, bool)
 _OPEN[[ord("["), ord("{")]] = True
 _CLOSE[[ord("]"), ord("}")]] = True
@@ -48,6 +49,13 @@ def scan(raw, max_depth=None, chunk=CHUNK):
     return deepest, values
 
 
+def _int(text):
+    """An integer literal of at most MAX_DIGITS digits (longer ones take quadratic time)."""
+    if len(text) > MAX_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits (at most {MAX_DIGITS})")
+    return int(text)
+
+
 def loads(raw, max_depth, max_values):
     """The value of JSON text ``raw`` (UTF-8 bytes), or a ValueError saying why not (too deep,
     too many values, not JSON)."""
@@ -57,6 +65,6 @@ def loads(raw, max_depth, max_values):
     if values > max_values:
         raise ValueError(f"holds about {values} values, more than the limit of {max_values}")
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), parse_int=_int)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"is not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None
