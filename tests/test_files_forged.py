@@ -272,6 +272,23 @@ def test_forged_model_and_checkpoint_metadata(tmp_path_factory, meta, which, pre
     _load_every_way(path)
 
 
+@pytest.mark.parametrize("change,field", [
+    ({"config": {"wordvec_size": 4, "hidden_size": 5}}, "field 'config.vocab_size' is missing"),
+    ({"reverse": 1}, "field 'reverse' must be true or false, got int 1"),
+    ({"question_width": 0}, "field 'question_width' = 0 is out of range"),
+])
+def test_generate_refuses_forged_metadata_in_one_line(tmp_path, change, field):
+    arrays = _model_arrays(S2S)
+    meta = {"model": "PeekySeq2seq", "config": S2S.config(), "chars": CHARS,
+            "question_width": 7, "answer_width": 5, "reverse": True}
+    meta.update(change)
+    path = forge(tmp_path / "m.npz", envelope(meta, arrays), [a for _, a in arrays])
+    r = subprocess.run([sys.executable, "-m", "fastseq.generate", "--model", str(path),
+                        "--question", "1+2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"{path}: metadata {field}" in r.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # user paths, vocabularies
 

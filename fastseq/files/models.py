@@ -25,7 +25,8 @@ MAX_VOCAB = 1 << 21    # symbols in a stored vocabulary
 START = "_"            # answers begin with this character (the textbook's data format)
 _NOT_CONFIG = ("seed", "rng", "dtype")  # constructor arguments a file may not set
 
-CONFIG = Dict(extra=OneOf(Null(), Bool(), Int(0, MAX_SIZE), Float(), Str(64)), max_len=32)
+CONFIG = Dict({"vocab_size": Int(1, MAX_SIZE)},  # every model has one; other sizes vary
+              extra=OneOf(Null(), Bool(), Int(0, MAX_SIZE), Float(), Str(64)), max_len=32)
 VOCABULARY = {  # seq2seq: chars + widths; language model: vocab, or vocab_source "ptb"
     "chars": List(Str(1, 1), MAX_VOCAB, unique=True),
     "question_width": Int(1, MAX_WIDTH), "answer_width": Int(1, MAX_WIDTH),
