@@ -198,7 +198,7 @@ def test_huge_vocab_size_in_metadata_refused_before_allocating(tmp_path):
     ({"config": {"vocab_size": 12, "wordvec_size": 9, "hidden_size": 8}}, "metadata and weights"),
     ({"config": None}, "field 'config' must be a JSON object, got null"),
     ({"vocab": WORDS[:-1] + ["the"]}, "twice"),
-    ({"vocab": [1, 2]}, r"field 'vocab\[0\]' must be a string of 1 to 256 characters"),
+    ({"vocab": [1, 2]}, r"field 'vocab\[0\]' must be a string of 1 to 4096 characters"),
     ({"vocab": "the cat"}, "field 'vocab' must be a list .* got str 'the cat'"),
 ])
 def test_wrong_metadata_refused_naming_both_sides(tmp_path, change, message):

@@ -30,7 +30,7 @@ CONFIG = Dict({"vocab_size": Int(1, MAX_SIZE)},  # every model has one; other si
 VOCABULARY = {  # seq2seq: chars + widths; language model: vocab, or vocab_source "ptb"
     "chars": List(Str(1, 1), MAX_VOCAB, unique=True),
     "question_width": Int(1, MAX_WIDTH), "answer_width": Int(1, MAX_WIDTH),
-    "vocab": List(Str(256, 1, blank=False), MAX_VOCAB, unique=True),
+    "vocab": List(Str(4096, 1, blank=False), MAX_VOCAB, unique=True),
     "vocab_source": Str(4096),
 }
 MODEL_FILE = Dict({"model": Str(64, 1), "config": CONFIG},
