@@ -38,7 +38,7 @@ def _save(fig, path):
     """Write the figure to path as a PNG with fastseq.files.atomic_write; close it."""
     import matplotlib.pyplot as plt
 
-    from .files import atomic_write
+    from .files.core import atomic_write
     fig.tight_layout()
     try:
         return atomic_write(path, lambda f: fig.savefig(f, format="png"))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..files import FastseqFileError, atomic_write, expand_path, open_regular
+from ..files.core import FastseqFileError, atomic_write, expand_path, open_regular
 
 FILES = {"train": "ptb.train.txt", "val": "ptb.valid.txt", "test": "ptb.test.txt"}
 

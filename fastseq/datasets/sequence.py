@@ -15,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from ..files import FastseqFileError, expand_path, open_regular
+from ..files.core import FastseqFileError, expand_path, open_regular
 from ..functions import true_lengths
 
 

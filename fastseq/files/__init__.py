@@ -30,9 +30,9 @@ from .core import (CheckpointError, FastseqFileError, NotRegularFileError, atomi
                    check_params, expand_path, open_regular)
 from .envelope import (DEFAULT_LIMITS, FORMAT, VERSION, ArraySpec, Limits, Writer, read_npz,
                        write_npz)
-from .models import (CHECKPOINT_FORMAT, LoadedModel, load, load_checkpoint, load_params,
-                     model_file, save_params)
+from .rebuild import LoadedModel, load
 from .schema import check_schema
+from .weights import CHECKPOINT_FORMAT, load_checkpoint, load_params, model_file, save_params
 
 
 def load_textbook_params(model, path):

@@ -5,7 +5,7 @@ import types
 import numpy as np
 
 from .. import backend
-from .. import files
+from ..files.weights import load_params as load_file, save_params as save_file
 
 
 def make_rng(seed):
@@ -130,12 +130,12 @@ class Model:
     def save_params(self, path, meta=None):
         """Write the weights to ``path`` (.npz, atomically) with names, shapes, the model's class
         and config, ``meta``, and one checksum over all of it (fastseq.files.write_npz)."""
-        files.save_params(self, path, meta)
+        save_file(self, path, meta)
 
     def load_params(self, path):
         """Read weights saved by save_params. Everything is checked (names, shapes, float32/64,
         finite values, checksum) before the first parameter changes. Returns the metadata."""
-        return files.load_params(self, path)
+        return load_file(self, path)
 
 
 # ---------------------------------------------------------------------------------------------
