@@ -52,7 +52,7 @@ def write_attention_png(model, data, x_test, pad, path, n=4):
 def load_weights(model, path):
     """model.load_params, or (a file this script wrote with an earlier fastseq, whose format
     load_params no longer reads) the arrays by name from our own trusted file."""
-    from fastseq.io import FastseqFileError
+    from fastseq.files import FastseqFileError
     try:
         model.load_params(path)
     except FastseqFileError:

@@ -35,7 +35,7 @@ def config(task, model, **over):
 def save_costs(folder, trainer, meta, n, with_model=True):
     """[(snapshot wall, write wall, write CPU)] of n saves: checkpoint.npz, and model.npz as at
     the end of an epoch."""
-    from fastseq import io
+    from fastseq.files import write_npz
     from fastseq.checkpoint import host_copy
     model, out = trainer.model, []
     for _ in range(n):
@@ -47,7 +47,7 @@ def save_costs(folder, trainer, meta, n, with_model=True):
                           {"model": type(model).__name__, "config": model.config()}))
         t1, c1 = time.perf_counter(), time.process_time()
         for f in files:
-            io.write_npz(*f)
+            write_npz(*f)
         out.append((t1 - t0, time.perf_counter() - t1, time.process_time() - c1))
     return out
 

@@ -6,7 +6,7 @@ from .layers import (TimeAffine, TimeAttention, TimeDropout, TimeEmbedding, Time
 from .models import (AttentionDecoder, AttentionEncoder, AttentionSeq2seq, BetterRnnlm, Decoder,
                      Encoder, PeekyDecoder, PeekySeq2seq, Rnnlm, Seq2seq)
 from .optim import SGD, Adam
-from .saved import load
+from .files import load
 from .trainer import RnnlmTrainer, Trainer, eval_perplexity, eval_seq2seq
 
 __version__ = "0.1.0"

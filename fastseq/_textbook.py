@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 
 from . import backend
-from ._safefile import FastseqFileError, check_params, open_regular
+from .files.core import FastseqFileError, check_params, open_regular
 
 MAX_FILE_BYTES = 1 << 30  # the textbook's largest file (BetterRnnlm.pkl) is ~25 MB
 MAX_OPS = 100_000         # pickle opcodes (a list of arrays needs a few dozen per array)

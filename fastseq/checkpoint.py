@@ -6,9 +6,9 @@ state and dropout generators, the optimiser's state (Adam's m, v and step), the 
 model's time index), its random generators (the shuffle generator, NumPy's global one), the loss
 figures so far and its callbacks' state; plus whatever the caller adds to the metadata
 (configuration, metrics, vocabulary). It is written atomically (temporary file, fsync, rename) by
-fastseq.io, so a kill at any moment leaves the previous checkpoint or the new one, never a mix.
-``Writer`` does the writing (checksum, file, fsync, rename) on a background thread, so training
-waits only for the snapshot's copies.
+fastseq.files, so a kill at any moment leaves the previous checkpoint or the new one, never a mix.
+``fastseq.files.Writer`` does the writing (checksum, file, fsync, rename) on a background
+thread, so training waits only for the snapshot's copies.
 
 Layout: the arrays are named ``param/<parameter name>`` (the model's weights, as in model files)
 and ``state/<path>`` (every other array of the state); the metadata holds
@@ -19,19 +19,15 @@ and ``state/<path>`` (every other array of the state); the metadata holds
 and is checked as a whole against SCHEMA (fastseq.schema) before anything is restored.
 """
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import backend, io
+from . import backend, files
+from .files import CHECKPOINT_FORMAT as FORMAT
+from .files import CheckpointError
 from .schema import Fields, Float, Int, List, Mapping, Optional, SchemaError, Str, check
 
 FILE_NAME = "checkpoint.npz"
-FORMAT = "fastseq-checkpoint-1"
-
-
-class CheckpointError(io.CheckpointError):
-    """A checkpoint that does not fit the run being restored (model, optimiser, position)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,46 +137,7 @@ def snapshot(loop, meta=None):
 
 def save(path, loop, meta=None):
     """Write ``loop``'s whole training state and ``meta`` to path (atomically), now."""
-    io.write_npz(path, *snapshot(loop, meta))
-
-
-class Writer:
-    """Writes (path, arrays, meta) files with fastseq.io.write_npz on one background thread, in
-    the order submitted. A failed write is raised by a later submit() or by flush()."""
-
-    max_pending = 2  # an epoch's model.npz and checkpoint.npz
-
-    def __init__(self):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastseq-writer")
-        self._pending = []
-
-    def submit(self, path, arrays, meta):
-        """Queue a file; first wait for the files before it if ``max_pending`` are queued (the
-        snapshots' memory and how far the disk lags behind stay bounded)."""
-        if len(self._pending) >= self.max_pending:
-            self.flush()
-        self._pending.append(self._pool.submit(io.write_npz, path, arrays, meta))
-
-    def flush(self):
-        """Wait for every submitted file to be on disk."""
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
-
-    def close(self):
-        try:
-            self.flush()
-        finally:
-            self._pool.shutdown()
-
-
-def load(path):
-    """(arrays, meta) of a checkpoint file; CheckpointError if it is not one."""
-    arrays, meta = io.read_npz(path)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a fastseq training checkpoint "
-                              f"(format {meta.get('format')!r})")
-    return arrays, meta
+    files.write_npz(path, *snapshot(loop, meta))
 
 
 def restore(loop, arrays, meta, path="checkpoint"):

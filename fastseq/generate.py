@@ -104,7 +104,7 @@ def _text(saved, args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from .saved import load
+    from .files import load
     try:
         saved = load(args.model, data_dir=args.data_dir)
         out = _answers(saved, args) if saved.task == "seq2seq" else _text(saved, args)

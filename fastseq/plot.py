@@ -1,5 +1,4 @@
 """Curves as PNG (matplotlib is optional: `pip install fastseq[plot]`)."""
-import os
 
 
 def have_matplotlib():
@@ -36,14 +35,15 @@ def plot_curves(curves, xlabel, ylabel, path, title=None, ylim=None, xs=None):
 
 
 def _save(fig, path):
-    """Write the figure to path atomically (a temporary PNG beside it, then a rename); close it."""
+    """Write the figure to path as a PNG with fastseq.files.atomic_write; close it."""
     import matplotlib.pyplot as plt
+
+    from .files.core import atomic_write
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), "." + os.path.basename(path) + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_curve(ys, xlabel, ylabel, path=None, ylim=None):

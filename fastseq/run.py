@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from . import backend, checkpoint
+from . import backend, checkpoint, files
 from . import trainer as trainer_mod
 from .callbacks import Callback, EveryIterations, LRSchedule, SaveBest, StopOnSignal
 from .schema import Any, Bool, Fields, Float, Int, List, Mapping, Optional, SchemaError, Str, check
@@ -112,8 +112,7 @@ def make_out(out):
 
 
 def write_json(path, obj):
-    from .io import atomic_write
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    files.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def _run_meta_schema(REGISTRY):
@@ -138,7 +137,7 @@ def load_resume(folder):
     path = os.path.join(folder, checkpoint.FILE_NAME)
     if not os.path.isfile(path):
         raise RunError(f"--resume {folder}: no {checkpoint.FILE_NAME} there")
-    arrays, meta = checkpoint.load(path)
+    arrays, meta = files.load_checkpoint(path)
     checkpoint.validate(meta, arrays, path)
     try:
         check(meta, _run_meta_schema(REGISTRY))
@@ -252,7 +251,6 @@ class TrainingRun:
     """One training run: data, model, trainer, metrics, and the files in ``out``."""
 
     def __init__(self, cfg, out, data, resume=None):
-        from .checkpoint import Writer
         self.cfg, self.out, self.data = cfg, out, data
         self.lm = cfg["family"] == "lm"
         V = len(data["words"]) if self.lm else len(data["vocab"])
@@ -261,7 +259,7 @@ class TrainingRun:
         self.metrics = {"config": cfg, "engine": backend.info(), "epochs": []}
         self.ckpt_seconds, self.t0 = 0.0, time.perf_counter()
         self.t1 = self.t0  # when the current epoch's training ended
-        self.writer = Writer()
+        self.writer = files.Writer()
         self.best_model = SaveBest("val_perplexity", self.save_best) if self.lm else None
         every = EveryIterations(cfg["checkpoint_every"], lambda loop: self.save_checkpoint())
         evaluate = _AtEpochEnd(self.evaluate_lm if self.lm else self.evaluate_seq2seq)
@@ -296,7 +294,7 @@ class TrainingRun:
         else:
             meta["reverse"] = self.cfg["reverse"]
         self.writer.submit(os.path.join(self.out, "model.npz"),
-                           *self.model.file_contents(json.loads(json.dumps(dict(meta, **extra)))))
+                           *files.model_file(self.model, json.loads(json.dumps(dict(meta, **extra)))))
         self.ckpt_seconds += time.perf_counter() - t
 
     def save_best(self, loop):

@@ -2,7 +2,7 @@
 import time
 import tracemalloc
 
-from fastseq.io import FastseqFileError
+from fastseq.files import FastseqFileError
 
 SECONDS = 2.0          # a refusal (or a load) of a small hostile file takes less than this
 PEAK_BYTES = 500 << 20  # and allocates less than this beyond what the process already holds

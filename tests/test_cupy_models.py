@@ -227,7 +227,7 @@ def test_decoding_on_gpu_matches_cpu(engine):
 def test_resume_gives_the_uninterrupted_run(engine, tmp_path):
     """A BetterRnnlm run (dropout masks drawn on the device) stopped after one epoch, saved and
     restored into new objects continues exactly as the run that was not stopped."""
-    from fastseq import checkpoint
+    from fastseq import checkpoint, files
     corpus = np.random.default_rng(9).integers(0, 40, 1500)
     kw = dict(max_epoch=1, batch_size=4, time_size=5, max_grad=0.25, eval_interval=10,
               max_iters=30)
@@ -244,7 +244,7 @@ def test_resume_gives_the_uninterrupted_run(engine, tmp_path):
         first.fit(corpus[:-1], corpus[1:], **kw)
         checkpoint.save(tmp_path / "ck.npz", first)
         second = make()
-        checkpoint.restore(second, *checkpoint.load(tmp_path / "ck.npz"))
+        checkpoint.restore(second, *files.load_checkpoint(tmp_path / "ck.npz"))
         second.fit(corpus[:-1], corpus[1:], **kw)
         np.testing.assert_allclose(second.ppl_list, straight.ppl_list, rtol=1e-9)
         for a, b in zip(second.model.params, straight.model.params):

@@ -7,7 +7,7 @@ import pytest
 
 from fastseq import PeekySeq2seq, Seq2seq
 from fastseq.datasets import sequence
-from fastseq.io import CheckpointError
+from fastseq.files import FastseqFileError
 
 from conftest import TEXTBOOK_DATA, needs_textbook
 
@@ -110,11 +110,11 @@ def test_save_load_roundtrip(tmp_path, cls):
 def test_load_wrong_shapes_and_kind(tmp_path):
     path = tmp_path / "m.npz"
     Seq2seq(13, 8, 16, seed=0).save_params(path)
-    with pytest.raises(CheckpointError, match=r"shape \(13, 8\).*expects \(11, 8\)"):
+    with pytest.raises(FastseqFileError, match=r"shape \(13, 8\).*expects \(11, 8\)"):
         Seq2seq(11, 8, 16).load_params(path)
-    with pytest.raises(CheckpointError, match="named"):
+    with pytest.raises(FastseqFileError, match="named"):
         _load_renamed(path)
-    with pytest.raises(CheckpointError, match="holds 10 parameters"):
+    with pytest.raises(FastseqFileError, match="holds 10 parameters"):
         _model_with_extra_layer().load_params(path)
 
 
@@ -141,13 +141,13 @@ def test_load_corrupt_or_tampered(tmp_path):
         files = {k: z[k] for k in z.files}
     files["a000"] = files["a000"] + 1
     np.savez(path, **files)
-    with pytest.raises(CheckpointError, match="checksum"):
+    with pytest.raises(FastseqFileError, match="checksum"):
         Seq2seq(13, 8, 16).load_params(path)
     path.write_bytes(b"not a zip file at all")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(FastseqFileError, match="corrupt"):
         Seq2seq(13, 8, 16).load_params(path)
     np.savez(path, p000=np.zeros(3))
-    with pytest.raises(CheckpointError, match="metadata"):
+    with pytest.raises(FastseqFileError, match="metadata"):
         Seq2seq(13, 8, 16).load_params(path)
 
 

@@ -11,7 +11,7 @@ from fuzz_support import bounded
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastseq import Adam, PeekySeq2seq, Trainer, checkpoint, io
+from fastseq import Adam, PeekySeq2seq, Trainer, checkpoint, files
 from fastseq.datasets.sequence import build, generate_addition, parse_lines
 from fastseq.run import RunError, load_resume
 
@@ -97,10 +97,10 @@ def test_forged_run_checkpoint_is_loaded_or_refused_in_one_line(edit_list):
     meta.update(config={"task": "addition"}, metrics={}, vocabulary={})
     shutil.rmtree(FOLDER, ignore_errors=True)
     FOLDER.mkdir()
-    io.write_npz(FOLDER / "checkpoint.npz", arrs, meta)
+    files.write_npz(FOLDER / "checkpoint.npz", arrs, meta)
     written = (FOLDER / "checkpoint.npz").read_bytes()
     _, refusal = bounded(load_resume, str(FOLDER),
-                         allowed=(checkpoint.CheckpointError, io.FastseqFileError, RunError))
+                         allowed=(checkpoint.CheckpointError, files.FastseqFileError, RunError))
     assert refusal is not None  # the run's own fields are incomplete in every forgery here
     assert "\n" not in str(refusal) and "checkpoint.npz" in str(refusal)
     assert (FOLDER / "checkpoint.npz").read_bytes() == written  # nothing overwritten

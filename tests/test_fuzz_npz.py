@@ -17,7 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 import fastseq
 from fastseq import PeekySeq2seq, Rnnlm
-from fastseq.io import read_npz, write_npz
+from fastseq.files import read_npz, write_npz
 
 WORDS = [f"w{i}" for i in range(12)]
 CHARS = list("0123456789+_ ")

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastseq._textbook import UnsafePickleError, load_textbook_params, restricted_load
-from fastseq.io import FastseqFileError
+from fastseq.files import FastseqFileError
 
 RECON = b"cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R"
 

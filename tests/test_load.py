@@ -11,7 +11,7 @@ import fastseq
 from fastseq import Adam, PeekySeq2seq, Trainer
 from fastseq.datasets import sequence
 from fastseq.generate import main
-from fastseq.io import FastseqFileError, read_npz, write_npz
+from fastseq.files import FastseqFileError, read_npz, write_npz
 from fastseq.models import REGISTRY
 
 WORDS = ["<eos>", "the", "cat", "sat", "on", "mat", "N", "<unk>", "$", "a", "dog", "ran"]
@@ -76,14 +76,19 @@ def test_checkpoint_file_is_rebuilt(tmp_path, addition_vocab):
     m = PeekySeq2seq(len(v), 8, 12, seed=1)
     arrays = {f"param/{n}": p for n, p in zip(m.param_names, m.params)}
     arrays.update({f"optim/m/{i}": np.zeros_like(p) for i, p in enumerate(m.params)})
-    write_npz(tmp_path / "checkpoint.npz", arrays, {
-        "format": "fastseq-checkpoint-1", "model_class": "PeekySeq2seq",
-        "param_names": m.param_names, "config": {"model": "peeky", "reverse": True,
-                                                 "wordvec_size": 8, "hidden_size": 12},
-        "vocabulary": seq2seq_meta(v, True)})
+    meta = {"format": "fastseq-checkpoint-1", "model_class": "PeekySeq2seq",
+            "param_names": m.param_names, "model_config": m.config(),
+            "config": {"model": "peeky", "reverse": True, "wordvec_size": 8, "hidden_size": 12},
+            "vocabulary": seq2seq_meta(v, True)}
+    write_npz(tmp_path / "checkpoint.npz", arrays, meta)
     saved = fastseq.load(tmp_path / "checkpoint.npz")
     assert saved.reverse is True and saved.model.config() == m.config()
     assert all(np.array_equal(a, b) for a, b in zip(saved.model.params, m.params))
+    del meta["model_config"]
+    write_npz(tmp_path / "checkpoint.npz", arrays, meta)
+    with pytest.raises(FastseqFileError, match="checkpoint.npz: metadata field 'model_config' is "
+                                               "missing"):
+        fastseq.load(tmp_path / "checkpoint.npz")
 
 
 def test_trained_model_answers_on_the_command_line(trained_addition, capsys):
@@ -181,17 +186,20 @@ def test_huge_vocab_size_in_metadata_refused_before_allocating(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     ({"model": "Transformer"}, "does not know"),
-    ({"model": None}, "does not know"),
+    ({"model": None}, "lm.npz: metadata field 'model' must be a string"),
     ({"config": {"vocab_size": 12, "wordvec_size": 8, "hidden_size": 8, "layers": 3}},
-     "'layers' is not a Rnnlm argument"),
-    ({"config": {"vocab_size": 12, "wordvec_size": 0, "hidden_size": 8}}, "out of range"),
-    ({"config": {"vocab_size": 12, "wordvec_size": 8, "hidden_size": -8}}, "out of range"),
-    ({"config": {"vocab_size": 12, "wordvec_size": 8, "hidden_size": [8]}}, "not a number"),
+     "not valid for Rnnlm: .*unexpected keyword argument 'layers'"),
+    ({"config": {"vocab_size": 12, "wordvec_size": 0, "hidden_size": 8}},
+     "wordvec_size must be an integer >= 1, got 0"),
+    ({"config": {"vocab_size": 12, "wordvec_size": 8, "hidden_size": -8}},
+     "field 'config.hidden_size' = -8 is out of range"),
+    ({"config": {"vocab_size": 12, "wordvec_size": 8, "hidden_size": [8]}},
+     "field 'config.hidden_size' must be null or .*, got list"),
     ({"config": {"vocab_size": 12, "wordvec_size": 9, "hidden_size": 8}}, "metadata and weights"),
-    ({"config": None}, "no model configuration"),
+    ({"config": None}, "field 'config' must be a JSON object, got null"),
     ({"vocab": WORDS[:-1] + ["the"]}, "twice"),
-    ({"vocab": [1, 2]}, "list of non-empty words"),
-    ({"vocab": "the cat"}, "list of non-empty words"),
+    ({"vocab": [1, 2]}, r"field 'vocab\[0\]' must be a string of 1 to 4096 characters"),
+    ({"vocab": "the cat"}, "field 'vocab' must be a list .* got str 'the cat'"),
 ])
 def test_wrong_metadata_refused_naming_both_sides(tmp_path, change, message):
     m, path = lm_file(tmp_path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastseq import backend, checkpoint
+from fastseq import backend, checkpoint, files
 from fastseq.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def train(argv, signal_at=None, sig=signal.SIGKILL, times=1, **extra_env):
 
 
 def arrays_of(path):
-    arrays, meta = checkpoint.load(path) if path.name == "checkpoint.npz" else (None, None)
+    arrays, meta = files.load_checkpoint(path) if path.name == "checkpoint.npz" else (None, None)
     if arrays is None:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files if not k.startswith("__")}
@@ -132,7 +132,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(engine, task, signal_at,
     r = train(task_args(task, data) + ["--engine", engine, "--out", str(out), "--no-progress"],
               signal_at=signal_at)
     assert r.returncode == -signal.SIGKILL
-    _, meta = checkpoint.load(out / "checkpoint.npz")
+    _, meta = files.load_checkpoint(out / "checkpoint.npz")
     # the last checkpoint that reached the disk before the kill (a writer thread writes the
     # files behind training, at most two files behind)
     assert 0 < meta["state"]["loop"]["total_iters"] <= ckpt_at
@@ -154,7 +154,7 @@ def test_sigint_saves_state_reached_then_resume_is_bit_identical(engine, task, s
     assert r.returncode == 130 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2 and "SIGINT received" in lines[0] and "stopped at" in lines[1]
-    _, meta = checkpoint.load(out / "checkpoint.npz")
+    _, meta = files.load_checkpoint(out / "checkpoint.npz")
     assert meta["state"]["loop"]["total_iters"] == signal_at  # the state reached, not a periodic
     m = json.loads((out / "metrics.json").read_text())
     assert m["stopped"]["signal"] == "SIGINT" and m["stopped"]["total_iterations"] == signal_at
@@ -183,7 +183,7 @@ def test_second_sigint_stops_at_once(data, tmp_path):
               times=2)
     assert r.returncode == 130 and "Traceback" not in r.stderr
     assert "stopped at once" in r.stderr.strip().splitlines()[-1]
-    _, meta = checkpoint.load(out / "checkpoint.npz")
+    _, meta = files.load_checkpoint(out / "checkpoint.npz")
     assert meta["state"]["loop"]["total_iters"] == 4  # the last periodic checkpoint, untouched
 
 
@@ -204,7 +204,7 @@ def test_sigint_from_outside(data, tmp_path):
         p.kill()
     assert p.returncode == 130 and "Traceback" not in err
     m = json.loads((out / "metrics.json").read_text())
-    _, meta = checkpoint.load(out / "checkpoint.npz")
+    _, meta = files.load_checkpoint(out / "checkpoint.npz")
     assert m["stopped"]["total_iterations"] == meta["state"]["loop"]["total_iters"] > 0
 
 
@@ -224,7 +224,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1
     assert err[0].startswith("fastseq: training stopped: the loss is nan at epoch 1, iteration 7")
-    _, meta = checkpoint.load(out / "checkpoint.npz")
+    _, meta = files.load_checkpoint(out / "checkpoint.npz")
     assert meta["state"]["loop"]["total_iters"] == 4  # the last good checkpoint, intact
     assert not (out / "model.npz").exists()
 
@@ -358,12 +358,11 @@ def test_resume_of_a_forged_checkpoint_is_one_line_naming_the_field(forge, field
                                                                     tmp_path, capsys):
     import shutil
 
-    from fastseq import io
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    arrays, meta = files.load_checkpoint(out / "checkpoint.npz")
     forge(meta, arrays)
-    io.write_npz(out / "checkpoint.npz", arrays, meta)  # the library's writer: a valid checksum
+    files.write_npz(out / "checkpoint.npz", arrays, meta)  # the library's writer: a valid checksum
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
     assert main(["--resume", str(out), "--no-progress"]) == 2
@@ -375,7 +374,7 @@ def test_resume_of_a_forged_checkpoint_is_one_line_naming_the_field(forge, field
 
 def test_restore_refuses_forged_state_before_changing_anything(finished_run):
     from fastseq import PeekySeq2seq, Trainer, Adam
-    arrays, meta = checkpoint.load(finished_run / "checkpoint.npz")
+    arrays, meta = files.load_checkpoint(finished_run / "checkpoint.npz")
     del meta["state"]["loop"]["total_iters"]
     model = PeekySeq2seq(13, 4, 8, seed=7)
     before = [p.copy() for p in model.params]
@@ -387,12 +386,11 @@ def test_restore_refuses_forged_state_before_changing_anything(finished_run):
 def test_process_resume_of_a_forged_checkpoint_exits_2_without_traceback(finished_run, tmp_path):
     import shutil
 
-    from fastseq import io
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    arrays, meta = files.load_checkpoint(out / "checkpoint.npz")
     del meta["state"]["optimizer"]["m"]
-    io.write_npz(out / "checkpoint.npz", arrays, meta)
+    files.write_npz(out / "checkpoint.npz", arrays, meta)
     r = train(["--resume", str(out), "--no-progress"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -401,15 +399,14 @@ def test_process_resume_of_a_forged_checkpoint_exits_2_without_traceback(finishe
 
 def test_resume_of_a_language_model_checkpoint_without_its_schedule_is_refused(data, tmp_path,
                                                                               capsys):
-    from fastseq import io
     out = tmp_path / "run"
     args = task_args("lm", data)
     args[args.index("--epochs") + 1] = "1"
     assert main(args + ["--engine", "numpy", "--out", str(out), "--no-progress"]) == 0
-    arrays, meta = checkpoint.load(out / "checkpoint.npz")
+    arrays, meta = files.load_checkpoint(out / "checkpoint.npz")
     assert set(meta["state"]["loop"]["callbacks"]) == {"save_best", "lr_schedule"}
     del meta["state"]["loop"]["callbacks"]["save_best"]
-    io.write_npz(out / "checkpoint.npz", arrays, meta)
+    files.write_npz(out / "checkpoint.npz", arrays, meta)
     capsys.readouterr()
     assert main(["--resume", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastseq import BetterRnnlm, Rnnlm, RnnlmTrainer, SGD, eval_perplexity
-from fastseq.io import load_textbook_params
+from fastseq.files import load_textbook_params
 
 from conftest import PTB_FILES, TEXTBOOK_DATA, needs_textbook, numerical_grad, rel_error
 

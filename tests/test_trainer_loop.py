@@ -3,7 +3,7 @@ and continuing mid-epoch, and checkpoint save/restore in one process."""
 import numpy as np
 import pytest
 
-from fastseq import SGD, Adam, BetterRnnlm, PeekySeq2seq, RnnlmTrainer, Trainer, checkpoint
+from fastseq import SGD, Adam, BetterRnnlm, PeekySeq2seq, RnnlmTrainer, Trainer, checkpoint, files
 from fastseq.callbacks import Callback
 from fastseq.datasets.sequence import build, generate_addition, parse_lines
 
@@ -92,7 +92,7 @@ def test_stop_save_restore_continue_is_bit_identical(kind, stop, addition, tmp_p
     fit(trainer, 3)
     assert trainer.total_iters == stop and trainer.current_epoch == 1 and trainer.iteration > 0
     checkpoint.save(tmp_path / "c.npz", trainer, {"note": "test"})
-    arrays, meta = checkpoint.load(tmp_path / "c.npz")
+    arrays, meta = files.load_checkpoint(tmp_path / "c.npz")
     assert meta["note"] == "test" and meta["state"]["loop"]["total_iters"] == stop
     model2, resumed = fresh()
     checkpoint.restore(resumed, arrays, meta)
@@ -108,7 +108,7 @@ def test_restore_refuses_another_model(addition, tmp_path):
     checkpoint.save(tmp_path / "c.npz", trainer)
     _, other = lm_run()
     with pytest.raises(checkpoint.CheckpointError, match="PeekySeq2seq"):
-        checkpoint.restore(other, *checkpoint.load(tmp_path / "c.npz"))
+        checkpoint.restore(other, *files.load_checkpoint(tmp_path / "c.npz"))
 
 
 # --- the state protocol and the callbacks ------------------------------------------------------

@@ -12,16 +12,14 @@ Where the files come from:
   ``FileNotFoundError``; a file whose SHA-256 differs from ``SHA256`` is a ``ChecksumError``.
 * otherwise the user cache ``$FASTSEQ_DATA/ptb`` (default ``~/.cache/fastseq/ptb``) is used, and a
   missing or corrupt file is downloaded from ``$FASTSEQ_PTB_URL`` (a base URL) or, when that is
-  unset, from ``MIRRORS`` in turn. Downloads go to a temporary file in the cache folder, are hashed
-  as they stream, checked against ``SHA256`` (and against Content-Length), and only then renamed
-  into place. A download stops -- and its temporary file is removed, with a message saying why --
+  unset, from ``MIRRORS`` in turn. Downloads go through ``fastseq.files.atomic_write`` (a
+  temporary file in the cache folder), are hashed as they stream, checked against ``SHA256`` (and
+  against Content-Length), and only then renamed into place. A download stops -- and its temporary file is removed, with a message saying why --
   as soon as it exceeds the file's known size (``SIZES``) or runs past ``DEADLINE_S`` seconds in
   all (a server trickling one byte at a time never trips a per-read timeout). TLS certificates are
   always verified.
 """
 import hashlib
-import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from .._safefile import FastseqFileError, open_regular
+from ..files.core import FastseqFileError, atomic_write, expand_path, open_regular
 
 FILES = {"train": "ptb.train.txt", "val": "ptb.valid.txt", "test": "ptb.test.txt"}
 
@@ -69,8 +67,7 @@ class DownloadError(OSError):
 def cache_dir():
     """The folder the downloader fills: ``$FASTSEQ_DATA/ptb`` or ``~/.cache/fastseq/ptb``."""
     root = backend.config.data_dir
-    root = Path(root).expanduser() if root else Path.home() / ".cache" / "fastseq"
-    return root / "ptb"
+    return Path(expand_path(root or "~/.cache/fastseq")) / "ptb"
 
 
 def _base_urls(base_url=None):
@@ -137,67 +134,65 @@ def _progress(total, desc):
 
 
 def _fetch(url, dest, name):
-    """Download ``url`` to ``dest`` atomically, verifying size, length and SHA-256 as it streams,
-    within DEADLINE_S; raise DownloadError (nothing left behind) otherwise."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".part")
-    got, total, cap, deadline = 0, None, SIZES[name], time.monotonic() + DEADLINE_S
-    try:
+    """Download ``url`` to ``dest`` through the atomic writer, verifying size, length and SHA-256
+    as it streams, within DEADLINE_S; raise DownloadError (nothing left behind) otherwise."""
+    def write(f):
         try:
-            req = urllib.request.Request(url, headers={"User-Agent": "fastseq"})
-            timeout = max(0.1, min(_TIMEOUT_S, DEADLINE_S))
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(req, timeout=timeout) as resp:
-                length = resp.headers.get("Content-Length")
-                total = int(length) if length and length.strip().isdigit() else None
-                if total is not None and total > cap:
-                    raise DownloadError(f"{name}: {url} announces {total} bytes, more than the "
-                                        f"{cap} of the expected file; not downloaded")
-                h = hashlib.sha256()
-                bar = _progress(total or cap, name)
-                try:
-                    while True:
-                        chunk = resp.read1(_CHUNK)  # what has arrived: the deadline is checked often
-                        if not chunk:
-                            break
-                        got += len(chunk)
-                        if got > cap:
-                            raise DownloadError(f"{name}: {url} sent more than the {cap} bytes of the "
-                                                f"expected file; stopped and discarded the download")
-                        f.write(chunk)
-                        h.update(chunk)
-                        bar.update(len(chunk))
-                        if time.monotonic() > deadline:
-                            raise DownloadError(f"{name}: download from {url} took longer than "
-                                                f"{DEADLINE_S} s ({got} bytes received); stopped "
-                                                f"and discarded it")
-                finally:
-                    bar.close()
+            _stream(url, name, f)
         except DownloadError:
             raise
         except urllib.error.HTTPError as e:
             raise DownloadError(f"{name}: HTTP error {e.code} {e.reason} from {url}") from None
-        except IncompleteRead as e:
-            expected = f" of {total}" if total is not None else ""
-            raise DownloadError(f"{name}: download from {url} was truncated: the connection closed "
-                                f"after {got + len(e.partial)}{expected} bytes") from None
         except (urllib.error.URLError, HTTPException, OSError, ValueError) as e:
             raise DownloadError(f"{name}: download from {url} failed "
                                 f"({type(e).__name__}: {e})") from e
-        if total is not None and got != total:
-            raise DownloadError(f"{name}: download from {url} was truncated: "
-                                f"received {got} of {total} bytes")
-        actual = h.hexdigest()
-        if actual != SHA256[name]:
-            raise DownloadError(_checksum_message(name, f"downloaded from {url}", SHA256[name], actual)
-                                + "; the download was discarded")
-        os.replace(tmp, dest)
-        tmp = None
-    finally:
-        if tmp is not None:
+
+    atomic_write(dest, write)
+
+
+def _stream(url, name, f):
+    """Copy ``url`` into the open file ``f``; every check passes before this returns."""
+    got, total, cap, deadline = 0, None, SIZES[name], time.monotonic() + DEADLINE_S
+    req = urllib.request.Request(url, headers={"User-Agent": "fastseq"})
+    timeout = max(0.1, min(_TIMEOUT_S, DEADLINE_S))
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.strip().isdigit() else None
+            if total is not None and total > cap:
+                raise DownloadError(f"{name}: {url} announces {total} bytes, more than the "
+                                    f"{cap} of the expected file; not downloaded")
+            bar = _progress(total or cap, name)
             try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+                while True:
+                    chunk = resp.read1(_CHUNK)  # what has arrived: the deadline is checked often
+                    if not chunk:
+                        break
+                    got += len(chunk)
+                    if got > cap:
+                        raise DownloadError(f"{name}: {url} sent more than the {cap} bytes of the "
+                                            f"expected file; stopped and discarded the download")
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+                    if time.monotonic() > deadline:
+                        raise DownloadError(f"{name}: download from {url} took longer than "
+                                            f"{DEADLINE_S} s ({got} bytes received); stopped "
+                                            f"and discarded it")
+            finally:
+                bar.close()
+    except IncompleteRead as e:
+        expected = f" of {total}" if total is not None else ""
+        raise DownloadError(f"{name}: download from {url} was truncated: the connection closed "
+                            f"after {got + len(e.partial)}{expected} bytes") from None
+    if total is not None and got != total:
+        raise DownloadError(f"{name}: download from {url} was truncated: "
+                            f"received {got} of {total} bytes")
+    actual = h.hexdigest()
+    if actual != SHA256[name]:
+        raise DownloadError(_checksum_message(name, f"downloaded from {url}", SHA256[name], actual)
+                            + "; the download was discarded")
 
 
 def _download_file(name, dest_dir, base_url=None):
@@ -217,7 +212,7 @@ def _download_file(name, dest_dir, base_url=None):
 def download(data_dir=None, base_url=None):
     """Make sure the three PTB files are in ``data_dir`` (default: the cache), downloading what is
     missing or corrupt. Returns the folder as a Path."""
-    dest = Path(data_dir).expanduser() if data_dir is not None else cache_dir()
+    dest = Path(expand_path(data_dir)) if data_dir is not None else cache_dir()
     for name in SHA256:
         path = dest / name
         if path.is_file():
@@ -235,7 +230,7 @@ def download(data_dir=None, base_url=None):
 
 def _file_bytes(name, data_dir=None):
     if data_dir is not None:
-        folder = Path(data_dir).expanduser()
+        folder = Path(expand_path(data_dir))
         path = folder / name
         if not path.is_file():
             raise FileNotFoundError(

@@ -11,10 +11,11 @@ With no such file, ``addition.txt`` is generated (a, b uniform in 0..999, seeded
 """
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from .._safefile import FastseqFileError, open_regular
+from ..files.core import FastseqFileError, expand_path, open_regular
 from ..functions import true_lengths
 
 
@@ -32,6 +33,11 @@ class Vocabulary:
     def __len__(self):
         return len(self.char_to_id)
 
+    @cached_property
+    def _symbols(self):
+        """id -> symbol as an object array (built once: decode indexes it with whole batches)."""
+        return np.array([self.id_to_char[i] for i in range(len(self))], dtype=object)
+
     def encode(self, questions, reverse=False):
         """Question strings -> (N, question_width) ids, padded with spaces as in the data."""
         if isinstance(questions, str):
@@ -45,11 +51,14 @@ class Vocabulary:
                 raise ValueError(f"question {q!r} has {len(q)} characters but the model's input "
                                  f"width is {self.question_width}")
             q = q.ljust(self.question_width)
-            bad = sorted({ch for ch in q if ch not in self.char_to_id})
-            if bad:
+            ids = [self.char_to_id.get(ch, -1) for ch in q]
+            if -1 in ids:
+                bad = sorted({ch for ch in q if ch not in self.char_to_id})
+                known = "".join(sorted(self.char_to_id)[:200])
                 raise ValueError(f"question {q.rstrip()!r} contains character(s) {bad} outside the "
-                                 f"vocabulary {''.join(sorted(self.char_to_id))!r}")
-            out[n] = [self.char_to_id[ch] for ch in q]
+                                 f"vocabulary {known!r}"
+                                 f"{' ...' if len(self) > 200 else ''}")
+            out[n] = ids
         return out[:, ::-1].copy() if reverse else out
 
     def decode(self, ids):
@@ -70,7 +79,7 @@ class Vocabulary:
         if lo < 0 or hi >= len(self):
             bad = lo if lo < 0 else hi
             raise ValueError(f"id {bad} is outside the vocabulary [0, {len(self)})")
-        table = np.array([self.id_to_char[i] for i in range(len(self))], dtype=object)
+        table = self._symbols
         if a.ndim == 1:
             return "".join(table[a])
         return ["".join(row) for row in table[a]]
@@ -233,7 +242,7 @@ def read_text_lines(path, max_bytes=MAX_DATA_BYTES):
 def load_dataset(file_name_or_path="addition.txt", seed=1984):
     """A SequenceData (arrays + its own Vocabulary) from a file, or generated when absent."""
     global _last
-    path = os.fspath(file_name_or_path)
+    path = expand_path(file_name_or_path)
     if os.path.lexists(path):
         q, a = parse_lines(read_text_lines(path), path)
         data = build(q, a, seed, path)

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 
 from .. import backend
-from ..io import check_params, read_npz, write_npz
+from ..files.weights import load_params as load_file, save_params as save_file
 
 
 def make_rng(seed):
@@ -208,32 +208,15 @@ class Model:
         self._check_ids(t, "t", ignore=getattr(getattr(self, "softmax", None), "ignore_label",
                                                 None))
 
-    def file_contents(self, meta=None):
-        """(arrays, meta) of this model's file now: host copies of the weights by name, and the
-        metadata (class, config, then ``meta``). save_params writes them; a trainer's writer
-        thread may write them later (training may go on meanwhile)."""
-        m = {"model": type(self).__name__, "config": self.config()}
-        if meta:
-            m.update(meta)
-        return {n: np.array(backend.to_cpu(p), copy=True)
-                for n, p in zip(self.param_names, self.params)}, m
-
     def save_params(self, path, meta=None):
         """Write the weights to ``path`` (.npz, atomically) with names, shapes, the model's class
-        and config, ``meta``, and one checksum over all of it (fastseq.io.write_npz)."""
-        write_npz(path, *self.file_contents(meta))
+        and config, ``meta``, and one checksum over all of it (fastseq.files.write_npz)."""
+        save_file(self, path, meta)
 
     def load_params(self, path):
         """Read weights saved by save_params. Everything is checked (names, shapes, float32/64,
         finite values, checksum) before the first parameter changes. Returns the metadata."""
-        names, params = self.param_names, self.params
-        arrays, meta = read_npz(path, expected={n: p.shape for n, p in zip(names, params)})
-        # onto each parameter's own device (weights saved on either engine load on the other)
-        ready = [backend.get_array_module(p).asarray(a)
-                 for p, a in zip(params, check_params(path, names, arrays.values(), params))]
-        for p, a in zip(params, ready):
-            p[...] = a
-        return meta
+        return load_file(self, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 
 ``params`` follow the textbook's order. BetterRnnlm holds the tied weight once, so its params have 8
 entries [embed W, Wx1, Wh1, b1, Wx2, Wh2, b2, affine b] (the textbook lists 9, with W.T at index 7;
-``textbook_tied = [(0, 7)]`` lets ``fastseq.io.load_textbook_params`` read its .pkl files).
+``textbook_tied = [(0, 7)]`` lets ``fastseq.files.load_textbook_params`` read its .pkl files).
 """
 import numpy as np
 

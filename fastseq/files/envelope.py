@@ -1,59 +1,46 @@
-"""Files: arrays + metadata as .npz (written atomically, read without pickle, bounded, checksummed)
-and the textbook's pickled weight files (restricted unpickler, in _textbook.py).
+"""The fastseq file: named arrays + JSON metadata + one checksum (see fastseq.files).
 
     write_npz(path, {"W": W, "b": b}, {"model": "Rnnlm", ...})
     arrays, meta = read_npz(path)                   # dict name -> ndarray, the meta dict
-
-File layout (a zip of stored ``.npy`` members, so ``np.load`` can still look inside):
-``__fastseq__.npy`` holds the JSON envelope ``{"format", "version", "arrays": [[name, dtype,
-shape], ...], "meta": {...}}`` as uint8 bytes, ``__fastseq_sha256__.npy`` the SHA-256 of that
-envelope followed by every array's bytes, and ``a000.npy``, ``a001.npy`` ... the arrays in order.
-The checksum catches corruption and edits of arrays *or* metadata; it is not a signature.
-
-Reading is all-or-nothing and bounded: the zip directory, every ``.npy`` header and the envelope are
-checked against ``Limits`` (and against the caller's expectations) before any array is allocated;
-only plain numeric dtypes are accepted; the result is returned only once every byte was read and
-the checksum matched. Every refusal is a ``FastseqFileError`` (a ValueError) naming the file.
-
-Writing touches regular files only: an existing target that is a directory, FIFO, device or socket
-is refused, and so is a symbolic link (policy: fastseq never writes through a link; give the
-target's own path). The data goes to a temporary file in the same folder, is fsync'ed and renamed
-over the target, so a reader sees the old file or the new one, never half of either.
 """
 import ast
 import hashlib
 import json
-import os
 import re
-import stat
 import struct
-import tempfile
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_cpu
-from ._safefile import (CheckpointError, FastseqFileError, NotRegularFileError,  # noqa: F401
-                        _kind, check_params, open_regular)
+from ..backend import to_cpu
+from . import jsontext
+from .core import FastseqFileError, atomic_write, expand_path, open_regular
+from .schema import Any, Const, Dict, Int, List, Str, Tuple, check_schema
 
 FORMAT = "fastseq.npz"
 VERSION = 2
 ENVELOPE = "__fastseq__.npy"
 DIGEST = "__fastseq_sha256__.npy"
-_OLD_META = "__fastseq_meta__.npy"  # version 1: metadata outside the checksum, no longer read
+MAX_NAME = 1024  # characters in an array name
 _ARRAY_NAME = re.compile(r"a(\d{3,6})\.npy")
 _DESCR = re.compile(r"[<>|=]?(b1|i1|i2|i4|i8|u1|u2|u4|u8|f2|f4|f8)")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Upper bounds checked before anything a file declares is allocated."""
+    """Upper bounds checked before anything a file declares is allocated. The metadata limits
+    leave room for a vocabulary of a few hundred thousand words and a long run's loss curve
+    (PTB's 10,000 words take 90 KB). Parsed objects cost up to ~140 bytes per value (an object
+    key), so max_values bounds what parsing allocates to ~150 MB, under 10x max_envelope_bytes:
+    tests/test_files_forged.py measures each costly shape at the limits."""
     max_file_bytes: int = 4 << 30      # the whole .npz on disk
     max_members: int = 4096            # zip members (arrays + 2)
     max_envelope_bytes: int = 16 << 20  # the JSON metadata
-    max_depth: int = 32                # nesting of lists/dicts in the metadata
+    max_values: int = 1_000_000        # JSON values in it (containers, numbers, strings)
+    max_depth: int = 32                # nesting of lists/dicts in it
     max_header_bytes: int = 4096       # one .npy header
     max_ndim: int = 8
     dtypes: tuple = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
@@ -61,81 +48,35 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def _envelope_schema(limits):
+    entry = Tuple(Str(MAX_NAME, 1), Str(8, 1), List(Int(0), limits.max_ndim))
+    return Dict({"format": Const(FORMAT), "version": Const(VERSION),
+                 "arrays": List(entry, limits.max_members), "meta": Dict(extra=Any())})
 
 
 # ---------------------------------------------------------------------------------------------
 # writing
 
-def _check_write_target(path):
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise NotRegularFileError(f"{path}: is a symbolic link; fastseq does not write through "
-                                  f"links "
-                                  f"(save to the target's own path, {os.path.realpath(path)})")
-    if not stat.S_ISREG(st.st_mode):
-        raise NotRegularFileError(f"{path}: is a {_kind(st.st_mode)}, not a regular file; "
-                                  f"refusing to replace it")
-
-
-def atomic_write(path, write):
-    """Call write(fileobj) on a temporary file next to ``path``, fsync it and rename it over
-    ``path`` (which must be absent or a regular file). Nothing is left behind on failure."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    _check_write_target(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        _check_write_target(path)  # again, just before the rename
-        os.replace(tmp, path)
-        tmp = None
-        try:
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass  # some filesystems cannot fsync a directory; the rename itself is done
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-
-
-def _npy_bytes_header(a):
-    return {"descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False,
-            "shape": a.shape}
-
-
-def _prepare(arrays, meta, path):
+def _prepare(arrays, meta, path, limits=DEFAULT_LIMITS):
+    """(envelope bytes, digest bytes, arrays) ready to write; refuses what read_npz would."""
     if not isinstance(arrays, dict):
         raise TypeError(f"{path}: arrays must be a dict name -> array, got {type(arrays).__name__}")
     if not isinstance(meta, dict):
         raise TypeError(f"{path}: meta must be a dict, got {type(meta).__name__}")
-    if len(arrays) + 2 > DEFAULT_LIMITS.max_members:
+    if len(arrays) + 2 > limits.max_members:
         raise ValueError(f"{path}: {len(arrays)} arrays is more than a fastseq file holds")
-    allowed = {np.dtype(d) for d in DEFAULT_LIMITS.dtypes}
+    allowed = {np.dtype(d) for d in limits.dtypes}
     names, prepared = [], []
     for name, a in arrays.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"{path}: array names must be non-empty strings, got {name!r}")
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME:
+            raise TypeError(f"{path}: array names must be strings of 1 to {MAX_NAME} characters, "
+                            f"got {str(name)[:60]!r}")
         a = np.asarray(to_cpu(a), order="C")  # GPU arrays are saved like any other
-        if a.dtype not in allowed or a.ndim > DEFAULT_LIMITS.max_ndim:
+        if a.dtype not in allowed or a.ndim > limits.max_ndim:
             raise TypeError(f"{path}: array {name!r} has dtype {a.dtype} and {a.ndim} dimensions; "
-                            f"only plain numeric arrays of up to {DEFAULT_LIMITS.max_ndim} "
+                            f"only plain numeric arrays of up to {limits.max_ndim} "
                             f"dimensions are stored")
         names.append(name)
         prepared.append(a)
@@ -143,10 +84,12 @@ def _prepare(arrays, meta, path):
                 "arrays": [[n, a.dtype.str, list(a.shape)] for n, a in zip(names, prepared)],
                 "meta": meta}
     try:
-        text = json.dumps(envelope, ensure_ascii=True, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
+        text = json.dumps(envelope, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    except (TypeError, ValueError, RecursionError) as e:
         raise TypeError(f"{path}: meta is not JSON-serialisable: {e}") from None
-    env = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    _check_text(text, limits, lambda problem: ValueError(f"{path}: metadata {problem}; a fastseq "
+                                                         f"file could not be read back"))
+    env = np.frombuffer(text, dtype=np.uint8)
     h = hashlib.sha256(env)
     for a in prepared:
         h.update(a.reshape(-1).view(np.uint8) if a.size else b"")
@@ -154,10 +97,20 @@ def _prepare(arrays, meta, path):
     return env, digest, prepared
 
 
+def _check_text(text, limits, fail):
+    if len(text) > limits.max_envelope_bytes:
+        raise fail(f"of {len(text)} bytes is over the limit of {limits.max_envelope_bytes}")
+    depth, values = jsontext.scan(text, limits.max_depth)
+    if depth > limits.max_depth:
+        raise fail(f"nests more than {limits.max_depth} levels deep (limit {limits.max_depth})")
+    if values > limits.max_values:
+        raise fail(f"holds about {values} values, more than the limit of {limits.max_values}")
+
+
 def write_npz(path, arrays, meta):
     """Write ``arrays`` (dict name -> numeric ndarray) and ``meta`` (a JSON-serialisable dict)
     to ``path`` atomically, with one checksum over both. Returns the path."""
-    path = os.fspath(path)
+    path = expand_path(path)
     env, digest, prepared = _prepare(arrays, meta, path)
     members = [(ENVELOPE, env), (DIGEST, digest)]
     members += [(f"a{i:03d}.npy", a) for i, a in enumerate(prepared)]
@@ -170,8 +123,37 @@ def write_npz(path, arrays, meta):
                 with zf.open(info, "w", force_zip64=a.nbytes > (1 << 30)) as out:
                     np.lib.format.write_array(out, a, allow_pickle=False)
 
-    atomic_write(path, write)
-    return path
+    return atomic_write(path, write)
+
+
+class Writer:
+    """Writes (path, arrays, meta) files with write_npz on one background thread, in the order
+    submitted. A failed write is raised by a later submit() or by flush()."""
+
+    max_pending = 2  # an epoch's model.npz and checkpoint.npz
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastseq-writer")
+        self._pending = []
+
+    def submit(self, path, arrays, meta):
+        """Queue a file; first wait for the files before it if ``max_pending`` are queued (the
+        snapshots' memory and how far the disk lags behind stay bounded)."""
+        if len(self._pending) >= self.max_pending:
+            self.flush()
+        self._pending.append(self._pool.submit(write_npz, path, arrays, meta))
+
+    def flush(self):
+        """Wait for every submitted file to be on disk."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def close(self):
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,9 +211,6 @@ class _Reader:
         if total > self.size:
             raise self.fail(f"its zip members declare {total} bytes in a {self.size}-byte file")
         if ENVELOPE not in by_name:
-            if _OLD_META in by_name:
-                raise self.fail("was written by an older fastseq whose checksum did not cover the "
-                                "metadata; it is no longer read (save the model again)")
             raise self.fail(f"no fastseq metadata ({ENVELOPE}); not a file written by fastseq")
         if DIGEST not in by_name:
             raise self.fail(f"no checksum member ({DIGEST})")
@@ -307,6 +286,8 @@ class _Reader:
 
     # -- envelope ------------------------------------------------------------------------------
     def envelope(self, info, n_arrays):
+        """(raw bytes, array entries, meta) of the metadata member, checked against the
+        envelope's schema and the limits before anything in it is used."""
         stream = self.zf.open(info)
         spec = self.header(info, stream)
         if spec.dtype != np.uint8 or len(spec.shape) != 1:
@@ -315,45 +296,19 @@ class _Reader:
             raise self.fail(f"metadata of {spec.nbytes} bytes is over the limit of "
                             f"{self.limits.max_envelope_bytes}")
         raw = bytes(self.data(stream, spec, "metadata"))
-        depth = _json_depth(raw)
-        if depth > self.limits.max_depth:
-            raise self.fail(f"metadata nests {depth} levels deep (limit {self.limits.max_depth})")
         try:
-            env = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError) as e:
-            raise self.fail(f"metadata is not valid JSON ({type(e).__name__}: "
-                            f"{str(e)[:100]})") from None
+            env = jsontext.loads(raw, self.limits.max_depth, self.limits.max_values)
+        except ValueError as e:
+            raise self.fail(f"metadata {e}") from None
         if not isinstance(env, dict) or env.get("format") != FORMAT:
             raise self.fail("metadata does not describe a fastseq .npz file")
-        if env.get("version") != VERSION:
-            raise self.fail(f"format version {env.get('version')!r:.40} is not supported "
-                            f"(this fastseq reads version {VERSION})")
-        listed, meta = env.get("arrays"), env.get("meta")
-        if not isinstance(meta, dict):
-            raise self.fail("metadata: 'meta' is not a JSON object")
-        if not isinstance(listed, list) or len(listed) != n_arrays:
-            raise self.fail(f"metadata lists {len(listed) if isinstance(listed, list) else 'no'} "
-                            f"arrays but the file holds {n_arrays}")
-        names = []
-        for i, entry in enumerate(listed):
-            if (not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str)
-                    or not entry[0] or not isinstance(entry[1], str)
-                    or not isinstance(entry[2], list)):
-                raise self.fail(f"metadata: array entry {i} is malformed: {str(entry)[:80]}")
-            names.append(entry[0])
-        if len(set(names)) != len(names):
+        check_schema(self.path, env, _envelope_schema(self.limits), "envelope")
+        listed = env["arrays"]
+        if len(listed) != n_arrays:
+            raise self.fail(f"metadata lists {len(listed)} arrays but the file holds {n_arrays}")
+        if len({e[0] for e in listed}) != len(listed):
             raise self.fail("metadata names an array twice")
-        return raw, listed, meta
-
-
-def _json_depth(raw):
-    """Deepest nesting of [ and { in JSON text (strings skipped), without recursion."""
-    stripped = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", raw)
-    b = np.frombuffer(stripped, dtype=np.uint8)
-    if not b.size:
-        return 0
-    step = np.isin(b, (ord("["), ord("{"))).astype(np.int64) - np.isin(b, (ord("]"), ord("}")))
-    return int(np.cumsum(step).max(initial=0))
+        return raw, listed, env["meta"]
 
 
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error, zlib.error,
@@ -368,11 +323,11 @@ def read_npz(path, limits=None, expected=None, check=None):
     expected  optional dict name -> shape: the file must hold exactly these arrays, in this order
     check     optional callable(meta, specs) run after the metadata and every .npy header were
               read and before any array data is: specs is a dict name -> ArraySpec; it raises
-              ValueError to refuse the file (the message gets the path in front)
+              FastseqFileError (or ValueError, which gets the path in front) to refuse the file
     Refusals are FastseqFileError; trouble opening or reading the file is an OSError.
     """
     limits = limits or DEFAULT_LIMITS
-    path = os.fspath(path)
+    path = expand_path(path)
     f, size = open_regular(path)
     with f:
         r = _Reader(path, f, size, limits)
@@ -443,8 +398,3 @@ def _check_expected(r, names, specs, expected, meta):
             raise r.fail(f"parameter {n!r} has shape {shape} but the model expects {es} "
                          f"(trained with another vocabulary or size?)")
 
-
-def load_textbook_params(model, path):
-    """Load the textbook's pickled weight list (e.g. BetterRnnlm.pkl) safely into ``model``."""
-    from ._textbook import load_textbook_params as _load
-    return _load(model, path)

@@ -1,0 +1,185 @@
+"""Declared schemas for JSON metadata, checked in one call before any field is used.
+
+    SCHEMA = Dict({"model": Str(64), "config": Dict(extra=Int(1, 2 ** 31))},
+                  optional={"reverse": Bool()}, extra=Any())
+    check_schema(path, meta, SCHEMA)   # FastseqFileError: "m.npz: metadata field 'config.x' ..."
+
+Types are exact (``true`` is not an integer, ``2.0`` is not ``2``), numbers finite and in range,
+strings and lists bounded in length. A refusal names the file and the field.
+"""
+import math
+
+from .core import FastseqFileError
+
+
+def check_schema(path, value, schema, what="metadata"):
+    """Raise FastseqFileError naming ``path`` and the field unless ``value`` fits ``schema``."""
+    problem = schema.problem(value, "")
+    if problem is not None:
+        raise FastseqFileError(f"{path}: {what} {problem}")
+
+
+def _got(v):
+    text = "null" if v is None else str(v).lower() if isinstance(v, bool) else repr(v)
+    return f"{type(v).__name__} {text[:40]}" if v is not None else text
+
+
+def _field(at):
+    return f"field {at!r}" if at else "(the whole object)"
+
+
+class Spec:
+    what = "a value"
+
+    def problem(self, v, at):
+        """None if v fits, else what is wrong with field ``at`` (a dotted path)."""
+        return None if self.fits(v) else f"{_field(at)} must be {self.what}, got {_got(v)}"
+
+    def fits(self, v):
+        return True
+
+
+class Any(Spec):
+    pass
+
+
+class Null(Spec):
+    what = "null"
+
+    def fits(self, v):
+        return v is None
+
+
+class Bool(Spec):
+    what = "true or false"
+
+    def fits(self, v):
+        return type(v) is bool
+
+
+class Const(Spec):
+    def __init__(self, value):
+        self.value, self.what = value, repr(value)
+
+    def fits(self, v):
+        return type(v) is type(self.value) and v == self.value
+
+
+class _Range(Spec):
+    types, kind = (), ""
+
+    def __init__(self, lo=None, hi=None):
+        self.lo, self.hi = lo, hi
+        bounds = f" in [{lo}, {hi}]" if lo is not None and hi is not None else \
+            f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""
+        self.what = self.kind + bounds
+
+    def problem(self, v, at):
+        if type(v) not in self.types or (type(v) is float and not math.isfinite(v)):
+            return f"{_field(at)} must be {self.what}, got {_got(v)}"
+        if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+            return f"{_field(at)} = {str(v)[:40]} is out of range ({self.what})"
+        return None
+
+
+class Int(_Range):
+    types, kind = (int,), "an integer"
+
+
+class Num(_Range):
+    types, kind = (int, float), "a finite number"
+
+
+class Float(_Range):
+    types, kind = (float,), "a finite floating-point number"
+
+
+class Str(Spec):
+    def __init__(self, max_len, min_len=0, blank=True):
+        self.max_len, self.min_len, self.blank = max_len, min_len, blank
+        self.what = (f"a string of {min_len} to {max_len} characters"
+                     + ("" if blank else ", not only whitespace"))
+
+    def fits(self, v):
+        return (type(v) is str and self.min_len <= len(v) <= self.max_len
+                and (self.blank or not v.isspace()))
+
+
+class OneOf(Spec):
+    def __init__(self, *specs):
+        self.specs = specs
+        self.what = " or ".join(s.what for s in specs)
+
+    def problem(self, v, at):
+        problems = [s.problem(v, at) for s in self.specs]
+        if None in problems:
+            return None
+        in_range = [p for p in problems if "out of range" in p]  # the type fits, the value not
+        return in_range[0] if in_range else f"{_field(at)} must be {self.what}, got {_got(v)}"
+
+
+class List(Spec):
+    def __init__(self, item, max_len, min_len=0, unique=False):
+        self.item, self.max_len, self.min_len, self.unique = item, max_len, min_len, unique
+        self.what = f"a list of {min_len} to {max_len} items, each {item.what}"
+
+    def problem(self, v, at):
+        if type(v) is not list:
+            return f"{_field(at)} must be {self.what}, got {_got(v)}"
+        if not self.min_len <= len(v) <= self.max_len:
+            return f"{_field(at)} has {len(v)} items (allowed: {self.min_len} to {self.max_len})"
+        for i, x in enumerate(v):
+            p = self.item.problem(x, f"{at}[{i}]")
+            if p is not None:
+                return p
+        if self.unique and len(set(v)) != len(v):
+            return f"{_field(at)} lists an item twice"
+        return None
+
+
+class Tuple(Spec):
+    """A list of fixed length whose items fit ``items`` in order."""
+
+    def __init__(self, *items):
+        self.items = items
+        self.what = f"a list [{', '.join(s.what for s in items)}]"
+
+    def problem(self, v, at):
+        if type(v) is not list or len(v) != len(self.items):
+            return f"{_field(at)} must be {self.what}, got {_got(v)}"
+        for i, (spec, x) in enumerate(zip(self.items, v)):
+            p = spec.problem(x, f"{at}[{i}]")
+            if p is not None:
+                return p
+        return None
+
+
+class Dict(Spec):
+    """A JSON object: ``fields`` must be present, ``optional`` may be; any other key must fit
+    ``extra`` (None: no other key is allowed)."""
+
+    def __init__(self, fields=None, optional=None, extra=None, max_len=1 << 16):
+        self.fields, self.optional = dict(fields or {}), dict(optional or {})
+        self.extra, self.max_len = extra, max_len
+        self.what = "a JSON object"
+
+    def problem(self, v, at):
+        if type(v) is not dict:
+            return f"{_field(at)} must be {self.what}, got {_got(v)}"
+        if len(v) > self.max_len:
+            return f"{_field(at)} has {len(v)} keys (at most {self.max_len})"
+        for k in self.fields:
+            if k not in v:
+                return f"{_field(_join(at, k))} is missing"
+        for k, x in v.items():
+            spec = self.fields.get(k) or self.optional.get(k) or self.extra
+            if spec is None:
+                return f"{_field(_join(at, k))} is not expected here"
+            p = spec.problem(x, _join(at, k))
+            if p is not None:
+                return p
+        return None
+
+
+def _join(at, key):
+    return f"{at}.{key}" if at else str(key)
