@@ -10,19 +10,32 @@ from fastseq.models.attention import AttentionSeq2seq
 V, START, PAD = 9, 1, 0
 
 
-def make(kind, seed=0):
+def _engine(name):
+    if name == "cupy":
+        return pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not backend.gpu_available(), reason="needs CuPy and a usable GPU")])
+    if name == "cython":
+        return pytest.param("cython", marks=pytest.mark.skipif(
+            not backend.cython_available(), reason="the Cython engine is not built here"))
+    return name
+
+
+ENGINES = [_engine(n) for n in ("numpy", "cython", "cupy")]
+
+
+def make(kind, seed=0, dtype=np.float32):
     """A small model with spread-out weights. AttentionSeq2seq with the textbook's initialisation:
     beam search does not promise a score >= greedy's on every row (greedy's prefix can fall out of
     the beam), and test_beam_scores_at_least_greedy relies on it holding for these models."""
     rng = np.random.default_rng(seed)
     if kind == "attention+pad":
-        model = AttentionSeq2seq(V, 5, 8, seed=seed, pad_id=PAD, init="textbook")
+        model = AttentionSeq2seq(V, 5, 8, seed=seed, pad_id=PAD, init="textbook", dtype=dtype)
     elif kind == "attention":
-        model = AttentionSeq2seq(V, 5, 8, seed=seed, init="textbook")
+        model = AttentionSeq2seq(V, 5, 8, seed=seed, init="textbook", dtype=dtype)
     else:
-        model = {"seq2seq": Seq2seq, "peeky": PeekySeq2seq}[kind](V, 5, 8, seed=seed)
+        model = {"seq2seq": Seq2seq, "peeky": PeekySeq2seq}[kind](V, 5, 8, seed=seed, dtype=dtype)
     for p in model.params:  # spread-out scores, so that beams differ from greedy
-        p[...] += rng.standard_normal(p.shape).astype(p.dtype) * 1.5
+        p[...] += backend.asarray(rng.standard_normal(p.shape).astype(p.dtype) * 1.5)
     return model
 
 
@@ -42,24 +55,6 @@ def test_greedy_search_equals_generate(kind):
     model, xs = make(kind), questions()
     np.testing.assert_array_equal(greedy_search(model, xs, START, 5, batch_size=7),
                                   model.generate(xs, START, 5))
-
-
-@pytest.mark.parametrize("engine", ["numpy", "cython"])
-@pytest.mark.parametrize("kind", ["seq2seq", "peeky"])
-def test_generate_is_the_argmax_of_teacher_forcing(kind, engine):
-    """generate's answers, fed back through the training forward, are its scores' argmax at
-    every step (up to near-ties, where rounding may pick either)."""
-    if not backend.cython_available() and engine == "cython":
-        pytest.skip("fastseq._ext is not importable here")
-    with backend.using(engine):
-        model, xs = make(kind), questions(200)
-        ys = model.generate(xs, START, 5)
-        h = model.encoder.forward(xs)
-        scores = model.decoder.forward(np.concatenate([np.full((200, 1), START), ys[:, :-1]], 1), h)
-    top2 = np.sort(scores, axis=2)[:, :, -2:]
-    sure = np.cumprod(top2[:, :, 1] - top2[:, :, 0] > 1e-4, axis=1).astype(bool)
-    assert sure.mean() > 0.9
-    np.testing.assert_array_equal(np.where(sure, scores.argmax(axis=2), -1), np.where(sure, ys, -1))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -117,3 +112,71 @@ def test_bad_arguments():
         beam_search(model, xs, START, 4, k=2, length_penalty=-1)
     with pytest.raises(ValueError, match="vocabulary"):
         beam_search(model, xs + V, START, 4, k=2)
+
+
+def teacher_forced_scores(model, xs, ys):
+    """The training forward's scores (N, S, V) for decoder inputs ys (N, S)."""
+    if isinstance(model, AttentionSeq2seq):
+        return model.decoder.forward(ys, *model.encode(xs))
+    return model.decoder.forward(ys, model.encoder.forward(xs))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_decoding_interface_gives_the_teacher_forced_scores(kind, k, engine):
+    """start / step / select (k rows per question, reordered within each question after two
+    steps) score as the training forward over each row's history of inputs."""
+    rng = np.random.default_rng(12)
+    with backend.using(engine):
+        model, xs = make(kind, dtype=np.float64), questions(12)
+        ys = rng.integers(0, V, (12 * k, 4))
+        perm = (np.arange(12)[:, None] * k + rng.permuted(np.tile(np.arange(k), (12, 1)),
+                                                          axis=1)).reshape(-1)
+        state = model.start(xs, k)
+        stepped = []
+        for t in range(4):
+            if t == 2:
+                state = model.select(state, backend.asarray(perm))
+            scores, state = model.step(backend.asarray(ys[:, t]), state)
+            stepped.append(backend.to_cpu(scores))
+        history = np.concatenate([ys[perm, :2], ys[:, 2:]], axis=1)  # the inputs after select
+        x_rows = backend.asarray(xs.repeat(k, axis=0))
+        before = backend.to_cpu(teacher_forced_scores(model, x_rows, backend.asarray(ys)))
+        after = backend.to_cpu(teacher_forced_scores(model, x_rows, backend.asarray(history)))
+    for t in range(4):
+        want = before[:, t] if t < 2 else after[:, t]
+        np.testing.assert_allclose(stepped[t], want, rtol=1e-10, atol=1e-12, err_msg=f"step {t}")
+    if k > 1:
+        with pytest.raises(ValueError, match="among its question's"):
+            model.select(state, np.arange(12 * k)[::-1].copy())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", ["seq2seq", "peeky", "attention"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_generate_feeds_back_the_argmax(kind, engine, dtype):
+    """generate's answers (greedy_search), fed back through the training forward, are its
+    scores' argmax at every step (up to near-ties, where rounding may pick either); 600
+    questions: several blocks of rows in the engines."""
+    with backend.using(engine):
+        model, xs = make(kind, dtype=dtype), questions(600)
+        ys = model.generate(xs, START, 5)
+        dec_in = np.concatenate([np.full((600, 1), START), ys[:, :-1]], 1)
+        scores = backend.to_cpu(teacher_forced_scores(model, backend.asarray(xs),
+                                                      backend.asarray(dec_in)))
+    top2 = np.sort(scores, axis=2)[:, :, -2:]
+    tol = 1e-3 if dtype == np.float32 else 1e-9
+    sure = np.cumprod(top2[:, :, 1] - top2[:, :, 0] > tol, axis=1).astype(bool)
+    assert sure.mean() > 0.9, "the test problem has too many near-ties"
+    np.testing.assert_array_equal(np.where(sure, scores.argmax(axis=2), -1), np.where(sure, ys, -1))
+
+
+def test_start_ids_are_checked():
+    model, xs = make("seq2seq"), questions(3)
+    with pytest.raises(ValueError, match="start id outside"):
+        greedy_search(model, xs, V, 4)
+    with pytest.raises(ValueError, match="one id or 3 ids"):
+        greedy_search(model, xs, [1, 2], 4)
+    np.testing.assert_array_equal(greedy_search(model, xs, [START] * 3, 4),
+                                  greedy_search(model, xs, START, 4))
