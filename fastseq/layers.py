@@ -252,10 +252,10 @@ class TimeLSTM:
         Wx, Wh, b = self.params
         kernel = get_kernel(Wx)
         if context is not None:
-            K = context.shape[1]
-            if context.ndim != 2 or K >= Wx.shape[0]:
+            if context.ndim != 2 or context.shape[1] >= Wx.shape[0]:
                 raise ValueError(f"TimeLSTM context must be (B, K) with K < {Wx.shape[0]}, "
                                  f"got {context.shape}")
+            K = context.shape[1]
             b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K]) + b   # (B, 4H)
             Wx = Wx[K:]
         if embed is None:

@@ -180,3 +180,35 @@ def test_start_ids_are_checked():
         greedy_search(model, xs, [1, 2], 4)
     np.testing.assert_array_equal(greedy_search(model, xs, [START] * 3, 4),
                                   greedy_search(model, xs, START, 4))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("context", [False, True])
+def test_lstm_cell_is_forward_one_step_at_a_time(engine, context):
+    """TimeLSTM.cell, reading the table E Wx (rows >= V) or gathering E's rows (rows < V), with
+    and without a context, gives the states of forward over the embedded ids; the layer's own
+    state is left alone."""
+    from fastseq.layers import TimeEmbedding, TimeLSTM
+    rng = np.random.default_rng(13)
+    N, T, V, D, K, H = 6, 3, 5, 4, 3, 7
+    with backend.using(engine):
+        dev = backend.asarray
+        E = dev(rng.standard_normal((V, D)))
+        lstm = TimeLSTM(dev(rng.standard_normal((D + K * context, 4 * H))),
+                        dev(rng.standard_normal((H, 4 * H)) / 3), dev(rng.standard_normal(4 * H)),
+                        stateful=True)
+        ids = rng.integers(0, V, (N, T))
+        c = dev(rng.standard_normal((N, K))) if context else None
+        h0 = dev(rng.standard_normal((N, H)))
+        lstm.set_state(h0, dev(np.zeros((N, H))))
+        want = backend.to_cpu(lstm.forward(E[dev(ids)], context=c))
+        lstm.set_state(None)
+        for rows in (N, 1):  # the table (V <= N) and the gather
+            run = lstm.cell(TimeEmbedding(E), context=c, rows=rows)
+            h, cc = h0, dev(np.zeros((N, H)))
+            for t in range(T):
+                h, cc = run(dev(ids[:, t]), h, cc)
+                np.testing.assert_allclose(backend.to_cpu(h), want[:, t], rtol=1e-10, atol=1e-12)
+        assert lstm.h is None
+    with pytest.raises(ValueError, match="embedding width"):
+        lstm.cell(TimeEmbedding(E[:, :2]), context=c)
