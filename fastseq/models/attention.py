@@ -186,7 +186,7 @@ class AttentionSeq2seq(EncoderDecoder):
         return self.pad_id
 
     def start(self, xs, k=1):
-        """The decoder's state for k rows per question xs (N, T) (nothing kept for backward)."""
+        """The decoder's state for k rows per question xs (N, T), attending over encode(xs)."""
         xs = self._check_ids(xs, "questions xs")
         return self.decoder.start(*self.encode(xs), k=k)
 
