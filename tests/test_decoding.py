@@ -212,3 +212,47 @@ def test_lstm_cell_is_forward_one_step_at_a_time(engine, context):
         assert lstm.h is None
     with pytest.raises(ValueError, match="embedding width"):
         lstm.cell(TimeEmbedding(E[:, :2]), context=c)
+
+
+class TableModel:
+    """The decoding interface and nothing else, over fixed tables: after symbol u, question n
+    scores symbol v with log-probability logp[n, u, v]."""
+
+    def __init__(self, logp, end_id=None):
+        self.logp, self.vocab_size, self.end_id = logp, logp.shape[1], end_id
+
+    def check_ids(self, ids, what):
+        return np.asarray(ids)
+
+    def length_order(self, xs):
+        return None
+
+    def start(self, xs, k=1):
+        return xs[:, 0].repeat(k)  # each row's question
+
+    def step(self, ids, state):
+        return self.logp[state, ids], state
+
+    def select(self, state, rows):
+        return state[rows]
+
+
+def test_searches_need_only_the_interface():
+    """Greedy follows the argmax; beam search of width V over two steps finds the best pair of
+    symbols (every first symbol stays in the beam); sequence_log_prob sums the tables."""
+    rng = np.random.default_rng(14)
+    N, V = 20, 4
+    s = rng.standard_normal((N, V, V)) * 2
+    logp = s - np.log(np.exp(s).sum(axis=2, keepdims=True))
+    model, xs = TableModel(logp), np.arange(N)[:, None]
+    pairs = logp[:, START][:, :, None] + logp[np.arange(N)[:, None], np.arange(V)]  # (N, V, V)
+    best = pairs.reshape(N, -1).argmax(axis=1)
+    beam, score = beam_search(model, xs, START, 2, k=V, return_scores=True)
+    np.testing.assert_array_equal(beam, np.stack([best // V, best % V], axis=1))
+    np.testing.assert_allclose(score, pairs.reshape(N, -1).max(axis=1))
+    first = logp[:, START].argmax(axis=1)
+    greedy = greedy_search(model, xs, START, 2)
+    np.testing.assert_array_equal(greedy[:, 0], first)
+    np.testing.assert_array_equal(greedy[:, 1], logp[np.arange(N), first].argmax(axis=1))
+    np.testing.assert_allclose(sequence_log_prob(model, xs, START, beam), score)
+    assert np.any(beam != greedy)  # the tables make greedy miss the best pair somewhere
