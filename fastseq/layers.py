@@ -213,16 +213,14 @@ class TimeLSTM:
         self._cache = None
         return dxs
 
-    def step(self, x, context=None, context_proj=None):
-        """One time step for generation and decoding: x (N, D) -> h (N, H), carrying (h, c) in
-        the layer (zeros when unset) as a stateful forward would. No backward follows. context
-        and context_proj as in forward."""
+    def step(self, x, context=None):
+        """One time step for generation: x (N, D) -> h (N, H), carrying (h, c) in the layer
+        (zeros when unset) as a stateful forward would. No backward follows. context as in
+        forward."""
         Wx, Wh, b = self.params
         if context is not None:
             K = context.shape[1]
-            if context_proj is None:
-                context_proj = matmul(context.astype(Wx.dtype, copy=False), Wx[:K])
-            b = context_proj + b
+            b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K]) + b
             Wx = Wx[K:]
         self._step_state(x, Wx)
         self.h, self.c = get_kernel(Wx).step(x.astype(Wx.dtype, copy=False), Wx, Wh, b,
@@ -241,6 +239,37 @@ class TimeLSTM:
             self.h, self.c = run(x.astype(Wx.dtype, copy=False), self.h, self.c)
             return self.h
         return step
+
+    def cell(self, embed=None, context=None, rows=None):
+        """Decoding's one step: a function run(x, h, c) -> (h, c) over B rows, with nothing kept
+        for backward and the layer's own state left alone; the weights' share of the work is done
+        here, once, so use it while they do not change.
+
+        embed: a TimeEmbedding; x is then ids (B,) into its table. Where the engine takes ids and
+        the table has no more rows than a step (V <= rows), each step reads x_t Wx from the table
+        E Wx made here (see forward's embed=); else it gathers E's rows. context (B, K): an input
+        held constant (as in forward), its share c Wx[:K] + b computed here."""
+        Wx, Wh, b = self.params
+        kernel = get_kernel(Wx)
+        if context is not None:
+            if context.ndim != 2 or context.shape[1] >= Wx.shape[0]:
+                raise ValueError(f"TimeLSTM context must be (B, K) with K < {Wx.shape[0]}, "
+                                 f"got {context.shape}")
+            K = context.shape[1]
+            b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K]) + b   # (B, 4H)
+            Wx = Wx[K:]
+        if embed is None:
+            run = kernel.stepper(Wx, Wh, b)
+            return lambda x, h, c: run(x.astype(Wx.dtype, copy=False), h, c)
+        E = embed.params[0]
+        if E.shape[1] != Wx.shape[0]:
+            raise ValueError(f"embedding width {E.shape[1]} does not match the LSTM input "
+                             f"width {Wx.shape[0]}")
+        if rows is not None and E.shape[0] <= rows and getattr(kernel, "TAKES_IDS", False):
+            table = matmul(E, Wx)                                             # (V, 4H)
+            return lambda ids, h, c: kernel.final_state(ids[:, None], table, Wh, b, h, c)
+        run = kernel.stepper(Wx, Wh, b)
+        return lambda ids, h, c: run(E[ids], h, c)
 
     def _step_state(self, x, Wx):
         """Check a step's input against Wx (its input rows) and set a missing state to zeros."""
@@ -284,25 +313,6 @@ class TimeLSTM:
             keys, prefix = xp.unique(prefix * V + ids[:, t], return_inverse=True)
             h, c = run((keys % V)[:, None], h, c, keys // V)
         return h[prefix], c[prefix]  # T == 0: the zero state
-
-    def greedy(self, ids, embed, h, Wout, bout, steps, context=None):
-        """Greedy decoding of ``steps`` ids (N, steps) from the state (h, 0): each step's input
-        is embed's vector of the previous id (of ids (N,) at the first step), and the next id
-        is the argmax of h_t Wout + bout (bout (V,) or (N, V)). context as in forward. Nothing
-        is kept, and the layer's own state is left alone."""
-        Wx, Wh, b = self.params
-        E = embed.params[0]
-        K = 0 if context is None else context.shape[1]
-        if E.shape[1] + K != Wx.shape[0]:
-            raise ValueError(f"embedding width {E.shape[1]} does not match the LSTM input "
-                             f"width {Wx.shape[0] - K}")
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= E.shape[0]):
-            raise ValueError(f"start id outside the vocabulary [0, {E.shape[0]})")
-        if context is not None:  # its share of every step's input, once (see forward)
-            b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K]) + b
-        xp = get_array_module(Wx)
-        return get_kernel(Wx).greedy(ids, matmul(E, Wx[K:]), Wh, b, h, xp.zeros_like(h), Wout, bout,
-                                     steps)
 
     def set_state(self, h, c=None):
         self.h, self.c = h, c

@@ -231,27 +231,6 @@ def test_cython_engine_matches_numpy(dtype):
     np.testing.assert_array_equal(results["numpy"][2], results["cython"][2])
 
 
-@pytest.mark.parametrize("kernel", ["numpy", "cython"])
-@pytest.mark.parametrize("k", [1, 3])
-def test_decoder_stepper_gives_the_teacher_forced_scores(kernel, k):
-    """Decoding's one-step path (the engine's step, nothing kept for backward) against the
-    training path's forward over the same inputs, with k beams per question."""
-    use_kernel(kernel)
-    rng = np.random.default_rng(11)
-    model = small_model(PAD, dtype=np.float64)
-    xs, _ = padded_batch(rng)
-    enc_hs, mask = model.encode(xs)
-    ys = rng.integers(1, 7, (len(xs) * k, 4))
-    dec = model.decoder
-    h0 = enc_hs[:, -1].repeat(k, axis=0)
-    dec.lstm.set_state(h0, np.zeros_like(h0))
-    step = dec.stepper(enc_hs, mask)
-    stepped = np.stack([step(ys[:, t]) for t in range(4)], axis=1)
-    dec.lstm.set_state(h0, np.zeros_like(h0))
-    forced = dec._step(ys, enc_hs, mask)
-    np.testing.assert_allclose(stepped, forced, rtol=1e-10, atol=1e-12)
-
-
 @pytest.mark.gpu
 def test_cupy_engine_matches_numpy():
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU test)")
@@ -287,13 +266,13 @@ def test_attention_map_matches_step_by_step_decoding(tmp_path):
     out, w = model.attention_map(xs, 1, 5)
     np.testing.assert_array_equal(out, model.generate(xs, 1, 5))
     enc_hs, mask = model.encode(xs)
-    model.decoder.lstm.set_state(enc_hs[:, -1])
-    ids = np.ones((len(xs), 1), dtype=np.int64)
+    state, ids = model.start(xs), np.ones(len(xs), dtype=np.int64)
     for t in range(5):  # the weights each step used while decoding greedily
-        ids = model.decoder._step(ids, enc_hs, mask).argmax(axis=2)
+        scores, state = model.step(ids, state)
+        np.testing.assert_array_equal(scores.argmax(axis=1), out[:, t])
         np.testing.assert_allclose(w[:, t], model.decoder.attention.attention_weights[:, 0],
                                    rtol=1e-10, atol=1e-14)
-        ids = out[:, t:t + 1]
+        ids = out[:, t]
     assert np.all(w[~np.broadcast_to(mask[:, None, :], w.shape)] == 0)
     pytest.importorskip("matplotlib", reason="matplotlib not installed (attention-map PNG)")
     from fastseq.plot import plot_attention_maps

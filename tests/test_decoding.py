@@ -10,19 +10,32 @@ from fastseq.models.attention import AttentionSeq2seq
 V, START, PAD = 9, 1, 0
 
 
-def make(kind, seed=0):
+def _engine(name):
+    if name == "cupy":
+        return pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not backend.gpu_available(), reason="needs CuPy and a usable GPU")])
+    if name == "cython":
+        return pytest.param("cython", marks=pytest.mark.skipif(
+            not backend.cython_available(), reason="the Cython engine is not built here"))
+    return name
+
+
+ENGINES = [_engine(n) for n in ("numpy", "cython", "cupy")]
+
+
+def make(kind, seed=0, dtype=np.float32):
     """A small model with spread-out weights. AttentionSeq2seq with the textbook's initialisation:
     beam search does not promise a score >= greedy's on every row (greedy's prefix can fall out of
     the beam), and test_beam_scores_at_least_greedy relies on it holding for these models."""
     rng = np.random.default_rng(seed)
     if kind == "attention+pad":
-        model = AttentionSeq2seq(V, 5, 8, seed=seed, pad_id=PAD, init="textbook")
+        model = AttentionSeq2seq(V, 5, 8, seed=seed, pad_id=PAD, init="textbook", dtype=dtype)
     elif kind == "attention":
-        model = AttentionSeq2seq(V, 5, 8, seed=seed, init="textbook")
+        model = AttentionSeq2seq(V, 5, 8, seed=seed, init="textbook", dtype=dtype)
     else:
-        model = {"seq2seq": Seq2seq, "peeky": PeekySeq2seq}[kind](V, 5, 8, seed=seed)
+        model = {"seq2seq": Seq2seq, "peeky": PeekySeq2seq}[kind](V, 5, 8, seed=seed, dtype=dtype)
     for p in model.params:  # spread-out scores, so that beams differ from greedy
-        p[...] += rng.standard_normal(p.shape).astype(p.dtype) * 1.5
+        p[...] += backend.asarray(rng.standard_normal(p.shape).astype(p.dtype) * 1.5)
     return model
 
 
@@ -42,24 +55,6 @@ def test_greedy_search_equals_generate(kind):
     model, xs = make(kind), questions()
     np.testing.assert_array_equal(greedy_search(model, xs, START, 5, batch_size=7),
                                   model.generate(xs, START, 5))
-
-
-@pytest.mark.parametrize("engine", ["numpy", "cython"])
-@pytest.mark.parametrize("kind", ["seq2seq", "peeky"])
-def test_generate_is_the_argmax_of_teacher_forcing(kind, engine):
-    """generate's answers, fed back through the training forward, are its scores' argmax at
-    every step (up to near-ties, where rounding may pick either)."""
-    if not backend.cython_available() and engine == "cython":
-        pytest.skip("fastseq._ext is not importable here")
-    with backend.using(engine):
-        model, xs = make(kind), questions(200)
-        ys = model.generate(xs, START, 5)
-        h = model.encoder.forward(xs)
-        scores = model.decoder.forward(np.concatenate([np.full((200, 1), START), ys[:, :-1]], 1), h)
-    top2 = np.sort(scores, axis=2)[:, :, -2:]
-    sure = np.cumprod(top2[:, :, 1] - top2[:, :, 0] > 1e-4, axis=1).astype(bool)
-    assert sure.mean() > 0.9
-    np.testing.assert_array_equal(np.where(sure, scores.argmax(axis=2), -1), np.where(sure, ys, -1))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -117,3 +112,147 @@ def test_bad_arguments():
         beam_search(model, xs, START, 4, k=2, length_penalty=-1)
     with pytest.raises(ValueError, match="vocabulary"):
         beam_search(model, xs + V, START, 4, k=2)
+
+
+def teacher_forced_scores(model, xs, ys):
+    """The training forward's scores (N, S, V) for decoder inputs ys (N, S)."""
+    if isinstance(model, AttentionSeq2seq):
+        return model.decoder.forward(ys, *model.encode(xs))
+    return model.decoder.forward(ys, model.encoder.forward(xs))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_decoding_interface_gives_the_teacher_forced_scores(kind, k, engine):
+    """start / step / select (k rows per question, reordered within each question after two
+    steps) score as the training forward over each row's history of inputs."""
+    rng = np.random.default_rng(12)
+    with backend.using(engine):
+        model, xs = make(kind, dtype=np.float64), questions(12)
+        ys = rng.integers(0, V, (12 * k, 4))
+        perm = (np.arange(12)[:, None] * k + rng.permuted(np.tile(np.arange(k), (12, 1)),
+                                                          axis=1)).reshape(-1)
+        state = model.start(xs, k)
+        stepped = []
+        for t in range(4):
+            if t == 2:
+                state = model.select(state, backend.asarray(perm))
+            scores, state = model.step(backend.asarray(ys[:, t]), state)
+            stepped.append(backend.to_cpu(scores))
+        history = np.concatenate([ys[perm, :2], ys[:, 2:]], axis=1)  # the inputs after select
+        x_rows = backend.asarray(xs.repeat(k, axis=0))
+        before = backend.to_cpu(teacher_forced_scores(model, x_rows, backend.asarray(ys)))
+        after = backend.to_cpu(teacher_forced_scores(model, x_rows, backend.asarray(history)))
+    for t in range(4):
+        want = before[:, t] if t < 2 else after[:, t]
+        np.testing.assert_allclose(stepped[t], want, rtol=1e-10, atol=1e-12, err_msg=f"step {t}")
+    if k > 1:
+        with pytest.raises(ValueError, match="among its question's"):
+            model.select(state, np.arange(12 * k)[::-1].copy())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", ["seq2seq", "peeky", "attention"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_generate_feeds_back_the_argmax(kind, engine, dtype):
+    """generate's answers (greedy_search), fed back through the training forward, are its
+    scores' argmax at every step (up to near-ties, where rounding may pick either); 600
+    questions: several blocks of rows in the engines."""
+    with backend.using(engine):
+        model, xs = make(kind, dtype=dtype), questions(600)
+        ys = model.generate(xs, START, 5)
+        dec_in = np.concatenate([np.full((600, 1), START), ys[:, :-1]], 1)
+        scores = backend.to_cpu(teacher_forced_scores(model, backend.asarray(xs),
+                                                      backend.asarray(dec_in)))
+    top2 = np.sort(scores, axis=2)[:, :, -2:]
+    tol = 1e-3 if dtype == np.float32 else 1e-9
+    sure = np.cumprod(top2[:, :, 1] - top2[:, :, 0] > tol, axis=1).astype(bool)
+    assert sure.mean() > 0.9, "the test problem has too many near-ties"
+    np.testing.assert_array_equal(np.where(sure, scores.argmax(axis=2), -1), np.where(sure, ys, -1))
+
+
+def test_start_ids_are_checked():
+    model, xs = make("seq2seq"), questions(3)
+    with pytest.raises(ValueError, match="start id outside"):
+        greedy_search(model, xs, V, 4)
+    with pytest.raises(ValueError, match="one id or 3 ids"):
+        greedy_search(model, xs, [1, 2], 4)
+    np.testing.assert_array_equal(greedy_search(model, xs, [START] * 3, 4),
+                                  greedy_search(model, xs, START, 4))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("context", [False, True])
+def test_lstm_cell_is_forward_one_step_at_a_time(engine, context):
+    """TimeLSTM.cell, reading the table E Wx (rows >= V) or gathering E's rows (rows < V), with
+    and without a context, gives the states of forward over the embedded ids; the layer's own
+    state is left alone."""
+    from fastseq.layers import TimeEmbedding, TimeLSTM
+    rng = np.random.default_rng(13)
+    N, T, V, D, K, H = 6, 3, 5, 4, 3, 7
+    with backend.using(engine):
+        dev = backend.asarray
+        E = dev(rng.standard_normal((V, D)))
+        lstm = TimeLSTM(dev(rng.standard_normal((D + K * context, 4 * H))),
+                        dev(rng.standard_normal((H, 4 * H)) / 3), dev(rng.standard_normal(4 * H)),
+                        stateful=True)
+        ids = rng.integers(0, V, (N, T))
+        c = dev(rng.standard_normal((N, K))) if context else None
+        h0 = dev(rng.standard_normal((N, H)))
+        lstm.set_state(h0, dev(np.zeros((N, H))))
+        want = backend.to_cpu(lstm.forward(E[dev(ids)], context=c))
+        lstm.set_state(None)
+        for rows in (N, 1):  # the table (V <= N) and the gather
+            run = lstm.cell(TimeEmbedding(E), context=c, rows=rows)
+            h, cc = h0, dev(np.zeros((N, H)))
+            for t in range(T):
+                h, cc = run(dev(ids[:, t]), h, cc)
+                np.testing.assert_allclose(backend.to_cpu(h), want[:, t], rtol=1e-10, atol=1e-12)
+        assert lstm.h is None
+    with pytest.raises(ValueError, match="embedding width"):
+        lstm.cell(TimeEmbedding(E[:, :2]), context=c)
+
+
+class TableModel:
+    """The decoding interface and nothing else, over fixed tables: after symbol u, question n
+    scores symbol v with log-probability logp[n, u, v]."""
+
+    def __init__(self, logp, end_id=None):
+        self.logp, self.vocab_size, self.end_id = logp, logp.shape[1], end_id
+
+    def check_ids(self, ids, what):
+        return np.asarray(ids)
+
+    def length_order(self, xs):
+        return None
+
+    def start(self, xs, k=1):
+        return xs[:, 0].repeat(k)  # each row's question
+
+    def step(self, ids, state):
+        return self.logp[state, ids], state
+
+    def select(self, state, rows):
+        return state[rows]
+
+
+def test_searches_need_only_the_interface():
+    """Greedy follows the argmax; beam search of width V over two steps finds the best pair of
+    symbols (every first symbol stays in the beam); sequence_log_prob sums the tables."""
+    rng = np.random.default_rng(14)
+    N, V = 20, 4
+    s = rng.standard_normal((N, V, V)) * 2
+    logp = s - np.log(np.exp(s).sum(axis=2, keepdims=True))
+    model, xs = TableModel(logp), np.arange(N)[:, None]
+    pairs = logp[:, START][:, :, None] + logp[np.arange(N)[:, None], np.arange(V)]  # (N, V, V)
+    best = pairs.reshape(N, -1).argmax(axis=1)
+    beam, score = beam_search(model, xs, START, 2, k=V, return_scores=True)
+    np.testing.assert_array_equal(beam, np.stack([best // V, best % V], axis=1))
+    np.testing.assert_allclose(score, pairs.reshape(N, -1).max(axis=1))
+    first = logp[:, START].argmax(axis=1)
+    greedy = greedy_search(model, xs, START, 2)
+    np.testing.assert_array_equal(greedy[:, 0], first)
+    np.testing.assert_array_equal(greedy[:, 1], logp[np.arange(N), first].argmax(axis=1))
+    np.testing.assert_allclose(sequence_log_prob(model, xs, START, beam), score)
+    assert np.any(beam != greedy)  # the tables make greedy miss the best pair somewhere

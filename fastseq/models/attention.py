@@ -16,10 +16,12 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
-from ..functions import true_lengths
+from ..decoding import start_ids
+from ..functions import matmul, true_lengths
 from ..layers import TimeAffine, TimeAttention, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
 from .base import Model, check_size, embed_lstm_params, make_rng, randn, register, zeros
-from .seq2seq import Encoder, _as_start_ids, embed_lstm_backward, embed_lstm_forward
+from .seq2seq import (DecoderState, Encoder, EncoderDecoder, embed_lstm_backward,
+                      embed_lstm_forward)
 
 
 class AttentionEncoder(Encoder):
@@ -74,36 +76,11 @@ class AttentionDecoder(Model):
                        ("affine", self.affine)]
         self.H = H
 
-    def _step(self, xs, enc_hs, mask=None):
-        """Scores for ids xs (B, T). B may be k * N for N encoder rows (k beams per question,
-        rows n * k .. n * k + k - 1): the k rows' states then attend to one copy of enc_hs."""
-        dec_hs = embed_lstm_forward(self.embed, self.lstm, xs)                   # (B, T, H)
-        B, T, H = dec_hs.shape
-        N = enc_hs.shape[0]
-        if B != N:  # beams: the k rows of one question act as k more queries of that question
-            q = dec_hs.reshape(N, (B // N) * T, H)
-            c = self.attention.forward(enc_hs, q, mask).reshape(B, T, H)
-        else:
-            c = self.attention.forward(enc_hs, dec_hs, mask)                     # (N, T, H)
-        return self.affine.forward(get_array_module(c).concatenate([c, dec_hs], axis=2))
-
     def forward(self, xs, enc_hs, mask=None):
         self.lstm.set_state(enc_hs[:, -1])
-        return self._step(xs, enc_hs, mask)
-
-    def stepper(self, enc_hs, mask=None):
-        """Inference: a function ids (B,) -> scores (B, V), one step from the LSTM's current state
-        on the engine's one-step path (TimeLSTM.stepper: nothing kept for backward, the weights
-        prepared once). B = k N rows attend as _step's."""
-        cell, E, N = self.lstm.stepper(), self.embed.params[0], enc_hs.shape[0]
-
-        def step(ids):
-            h = cell(E[ids])                                                   # (B, H)
-            B, H = h.shape
-            c = self.attention.forward(enc_hs, h.reshape(N, B // N, H), mask).reshape(B, H)
-            ch = get_array_module(h).concatenate([c, h], axis=1)
-            return self.affine.forward(ch[:, None, :])[:, 0]
-        return step
+        dec_hs = embed_lstm_forward(self.embed, self.lstm, xs)                   # (N, T, H)
+        c = self.attention.forward(enc_hs, dec_hs, mask)                         # (N, T, H)
+        return self.affine.forward(get_array_module(c).concatenate([c, dec_hs], axis=2))
 
     def backward(self, dscore):
         H = self.H
@@ -114,29 +91,34 @@ class AttentionDecoder(Model):
         denc_hs[:, -1] += self.lstm.dh
         return denc_hs
 
-    def generate(self, enc_hs, start_id, sample_size, mask=None):
-        """Greedy decoding of sample_size ids for every row at once -> (N, sample_size)."""
-        sample_size = check_size("sample_size", sample_size)
-        xp = get_array_module(enc_hs)
-        N = enc_hs.shape[0]
-        self.lstm.set_state(enc_hs[:, -1])
-        x = _as_start_ids(start_id, N, xp)
-        out = xp.empty((N, sample_size), dtype=np.int64)
-        x, step = x[:, 0], self.stepper(enc_hs, mask)
-        for t in range(sample_size):
-            x = step(x).argmax(axis=1)
-            out[:, t] = x
-        return out
+    def start(self, enc_hs, mask=None, k=1):
+        """Decoding state for k rows per question, from the encoder states enc_hs (N, T, H) (the
+        LSTM starts from the last one, c = 0) and their key mask."""
+        h = enc_hs[:, -1] if k == 1 else enc_hs[:, -1].repeat(k, axis=0)
+        W, b = self.affine.params
+        cell = self.lstm.cell(self.embed, rows=h.shape[0])
+        return DecoderState(h, get_array_module(h).zeros_like(h), k, (cell, enc_hs, mask, W, b))
+
+    def step(self, ids, state):
+        """Scores (B, V) after feeding ids (B,), and the next state: the k rows of a question
+        attend to one copy of its encoder states, as k more queries."""
+        cell, enc_hs, mask, W, b = state.fixed
+        h, c = cell(ids, state.h, state.c)                                       # (B, H)
+        (B, H), N = h.shape, enc_hs.shape[0]
+        ctx = self.attention.forward(enc_hs, h.reshape(N, B // N, H), mask).reshape(B, H)
+        scores = matmul(get_array_module(h).concatenate([ctx, h], axis=1), W)
+        scores += b
+        return scores, state.moved(h, c)
 
 
-class AttentionSeq2seq(Model):
+class AttentionSeq2seq(EncoderDecoder):
     """AttentionEncoder + AttentionDecoder. forward(xs, ts) -> loss: decoder input ts[:, :-1],
     targets ts[:, 1:]. ``pad_id``: the id that pads questions and answers at their end (None: no
     padding, every position is data). ``init``: 'unit' (N(0, 1) word vectors, forget- and
     output-gate biases 1: with the textbook's 0.01 word vectors this model stalls on addition) or
     'textbook' (models.base.embed_lstm_params)."""
 
-    GENERATE_CHUNK = 256  # rows per length-sorted batch in generate
+    decode_batch = 256  # questions per length-sorted batch in generate
 
     def __init__(self, vocab_size, wordvec_size=16, hidden_size=256, *, seed=None,
                  dtype=np.float32, ignore_label=-1, pad_id=None, init="unit"):
@@ -198,38 +180,25 @@ class AttentionSeq2seq(Model):
     def backward(self, dout=1):
         self.encoder.backward(self.decoder.backward(self.softmax.backward(dout)))
 
+    @property
+    def end_id(self):
+        """The first trailing pad ends an answer (None without a pad id)."""
+        return self.pad_id
+
+    def start(self, xs, k=1):
+        """The decoder's state for k rows per question xs (N, T), attending over encode(xs)."""
+        xs = self._check_ids(xs, "questions xs")
+        return self.decoder.start(*self.encode(xs), k=k)
+
+    def step(self, ids, state):
+        return self.decoder.step(ids, state)
+
     def length_order(self, xs):
         """Row order by true question length (None without a pad id): decoding rows of similar
         length together lets each batch drop the columns past its longest question."""
         if self.pad_id is None:
             return None
         return backend.to_cpu(true_lengths(xs, self.pad_id)).argsort(kind="stable")
-
-    def generate(self, xs, start_id, sample_size):
-        """Greedy answers: a list of ids for one (1, T) question (as the textbook), else an
-        (N, sample_size) NumPy array. With a pad id, everything after the first pad is pad."""
-        sample_size = check_size("sample_size", sample_size)
-        xs = self._check_ids(xs, "questions xs")
-        xp = get_array_module(xs)
-        starts = _as_start_ids(backend.asarray(start_id), xs.shape[0], xp)
-        order = self.length_order(xs)
-        parts = [slice(None)]
-        if order is not None and xs.shape[0] >= 2 * self.GENERATE_CHUNK:
-            parts = np.array_split(order, xs.shape[0] // self.GENERATE_CHUNK)
-        out = np.empty((xs.shape[0], sample_size), dtype=np.int64)
-        for rows in parts:
-            r = rows if isinstance(rows, slice) else backend.asarray(rows)
-            enc_hs, mask = self.encode(xs[r])
-            out[rows] = backend.to_cpu(self.decoder.generate(enc_hs, starts[r], sample_size, mask))
-        self._fill_after_end(out)
-        if xs.shape[0] == 1:
-            return [int(i) for i in out[0]]
-        return out
-
-    def _fill_after_end(self, out):
-        if self.pad_id is not None:
-            ended = np.cumsum(out == self.pad_id, axis=1) > 0
-            out[ended] = self.pad_id
 
     def attention_map(self, xs, start_id, sample_size):
         """Greedy answers (N, sample_size) and the attention weights (N, sample_size, T) each
@@ -238,7 +207,7 @@ class AttentionSeq2seq(Model):
         out = self.generate(xs, start_id, sample_size)
         out = np.asarray(out).reshape(xs.shape[0], sample_size)
         xp = get_array_module(xs)
-        dec_in = xp.concatenate([_as_start_ids(backend.asarray(start_id), xs.shape[0], xp),
+        dec_in = xp.concatenate([start_ids(start_id, xs.shape[0], xp)[:, None],
                                  backend.asarray(out[:, :-1])], axis=1)
         enc_hs, mask = self.encode(xs)
         self.decoder.forward(dec_in, enc_hs, mask)  # teacher-forced on its own answers: same weights

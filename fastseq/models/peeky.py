@@ -10,11 +10,11 @@ from ..backend import get_array_module
 from ..functions import matmul
 from ..layers import TimeAffine, TimeEmbedding, TimeLSTM
 from .base import lstm_params, make_rng, randn, register, zeros
-from .seq2seq import Decoder, Seq2seq, embed_lstm_backward, embed_lstm_forward
+from .seq2seq import Decoder, DecoderState, Seq2seq, embed_lstm_backward, embed_lstm_forward
 
 
 class PeekyDecoder(Decoder):
-    """Decoder whose every step also sees the encoder state h (forward/generate from Decoder)."""
+    """Decoder whose every step also sees the encoder state h (its step is Decoder's)."""
 
     def __init__(self, vocab_size, wordvec_size, hidden_size, *, rng=None, dtype=np.float32):
         rng = rng if rng is not None else make_rng(None)
@@ -25,18 +25,14 @@ class PeekyDecoder(Decoder):
                                  zeros(V, dtype=dtype))
         self.layers = [("embed", self.embed), ("lstm", self.lstm), ("affine", self.affine)]
         self.H = H
-        self._proj = None  # (h, h Wx[:H]) during generate
 
-    def _step(self, xs, h):
+    def forward(self, xs, h):
         xp = get_array_module(h)
         N, T = xs.shape
-        # the LSTM's step input is [h ; embedding]; h's share is computed once per sequence
-        # (once per generate call: _proj caches it while generate decodes step by step)
-        proj = self._proj[1] if self._proj is not None and self._proj[0] is h else None
-        out = embed_lstm_forward(self.embed, self.lstm, xs, context=h, context_proj=proj)
+        self.lstm.set_state(h)
+        out = embed_lstm_forward(self.embed, self.lstm, xs, context=h)  # input [h ; embedding]
         hs = xp.broadcast_to(h[:, None, :], (N, T, self.H))
-        out = xp.concatenate([hs, out], axis=2)
-        return self.affine.forward(out)
+        return self.affine.forward(xp.concatenate([hs, out], axis=2))
 
     def backward(self, dscore):
         H = self.H
@@ -45,11 +41,17 @@ class PeekyDecoder(Decoder):
         embed_lstm_backward(self.embed, self.lstm, dout)
         return self.lstm.dh + dhs_affine.sum(axis=1) + self.lstm.dcontext
 
-    def generate(self, h, start_id, sample_size):
+    def start(self, h, k=1):
+        """Decoding state for k rows per encoder state h (N, H). h's shares of the LSTM input
+        and of the scores are the same at every step: both are computed here, once per call,
+        and the steps score h_t W[H:] + (h W[:H] + b)."""
         H = self.H
+        h = h if k == 1 else h.repeat(k, axis=0)
         W, b = self.affine.params
-        # the affine's input is [h ; LSTM output]: h's share of the scores is the same every step
-        return self._greedy(h, start_id, sample_size, W[H:], matmul(h, W[:H]) + b, context=h)
+        bias = matmul(h, W[:H])
+        bias += b
+        cell = self.lstm.cell(self.embed, context=h, rows=h.shape[0])
+        return DecoderState(h, get_array_module(h).zeros_like(h), k, (cell, W[H:], bias))
 
 
 class PeekySeq2seq(Seq2seq):

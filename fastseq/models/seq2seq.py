@@ -1,19 +1,22 @@
-"""Encoder, Decoder, Seq2seq (chapter 7): teacher forcing, batched greedy generation."""
+"""Encoder, Decoder, Seq2seq (chapter 7): teacher forcing, and the decoding interface every
+seq2seq model implements (EncoderDecoder; the searches over it live in fastseq.decoding)."""
 import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
+from ..decoding import greedy_search
+from ..functions import matmul
 from ..layers import TimeAffine, TimeEmbedding, TimeLSTM, TimeSoftmaxWithLoss
 from .base import (Model, check_dtype, check_size, embed_lstm_params, lstm_params, make_rng, randn,
                    register, zeros)
 
 
-def embed_lstm_forward(embed, lstm, ids, context=None, context_proj=None):
+def embed_lstm_forward(embed, lstm, ids, context=None):
     """lstm.forward(embed.forward(ids)); computed as one step (TimeLSTM's embed= input: row
     gathers from the table E Wx instead of per-step products) where that pays."""
     if lstm.fuse_embedding(embed, ids):
-        return lstm.forward(ids, context=context, embed=embed, context_proj=context_proj)
-    return lstm.forward(embed.forward(ids), context=context, context_proj=context_proj)
+        return lstm.forward(ids, context=context, embed=embed)
+    return lstm.forward(embed.forward(ids), context=context)
 
 
 def embed_lstm_backward(embed, lstm, dhs):
@@ -52,11 +55,63 @@ class Encoder(Model):
         embed_lstm_backward(self.embed, self.lstm, dhs)
 
 
-def _as_start_ids(start_id, N, xp):
-    s = xp.asarray(start_id)
-    if s.ndim == 0:
-        s = xp.full((N,), int(s))
-    return s.reshape(N, 1).astype(np.int64)
+class DecoderState:
+    """A decoder while decoding B = N k rows, k per question (rows n k .. n k + k - 1): its
+    LSTM's (h, c) (B, H) and ``fixed``, what stays the same for the call (the one-step function
+    with the weights prepared, per-row constants), made once by the decoder's start."""
+
+    __slots__ = ("h", "c", "k", "fixed")
+
+    def __init__(self, h, c, k, fixed):
+        self.h, self.c, self.k, self.fixed = h, c, k, fixed
+
+    def moved(self, h, c):
+        return DecoderState(h, c, self.k, self.fixed)
+
+    def select(self, rows):
+        """Row i of the result is row rows[i] of this state; every row stays among its
+        question's k rows (beam search reorders a question's beams)."""
+        xp = get_array_module(self.h)
+        rows = xp.asarray(rows)
+        B = self.h.shape[0]
+        if rows.shape != (B,) or not bool((rows // self.k == xp.arange(B) // self.k).all()):
+            raise ValueError(f"select needs {B} rows, each among its question's {self.k}")
+        return self.moved(self.h[rows], self.c[rows])
+
+
+class EncoderDecoder(Model):
+    """What every seq2seq model shares: the decoding interface that fastseq.decoding's greedy
+    and beam search use, and the textbook's generate.
+
+        state = model.start(xs, k=1)            encode questions xs (N, T), k rows for each
+        scores, state = model.step(ids, state)  one decoder step: ids (B,) -> scores (B, V)
+        state = model.select(state, rows)       rows reordered within each question's k rows
+        model.end_id                            the id that ends an answer (None: none)
+        model.length_order(xs)                  a row order batching similar questions, or None
+    """
+
+    end_id = None
+    decode_batch = None  # questions per batch in generate (None: all at once)
+
+    def check_ids(self, ids, what):
+        """ids as a 2-D integer array on the current device, each in [0, vocab_size)."""
+        return self._check_ids(ids, what)
+
+    def select(self, state, rows):
+        return state.select(rows)
+
+    def length_order(self, xs):
+        return None
+
+    def generate(self, xs, start_id, sample_size):
+        """Greedy answers (fastseq.decoding.greedy_search): a list of ids for one (1, T)
+        question (as the textbook), else an (N, sample_size) NumPy array for N questions decoded
+        together. After an end symbol (end_id), only end symbols."""
+        sample_size = check_size("sample_size", sample_size)
+        out = greedy_search(self, xs, start_id, sample_size, batch_size=self.decode_batch)
+        if out.shape[0] == 1:
+            return [int(i) for i in out[0]]
+        return out
 
 
 class Decoder(Model):
@@ -71,30 +126,31 @@ class Decoder(Model):
                                  zeros(V, dtype=dtype))
         self.layers = [("embed", self.embed), ("lstm", self.lstm), ("affine", self.affine)]
 
-    def _step(self, xs, h):
-        return self.affine.forward(embed_lstm_forward(self.embed, self.lstm, xs))
-
     def forward(self, xs, h):
         self.lstm.set_state(h)
-        return self._step(xs, h)
+        return self.affine.forward(embed_lstm_forward(self.embed, self.lstm, xs))
 
     def backward(self, dscore):
         embed_lstm_backward(self.embed, self.lstm, self.affine.backward(dscore))
         return self.lstm.dh
 
-    def generate(self, h, start_id, sample_size):
-        """Greedy decoding of sample_size ids for every row of h at once -> (N, sample_size)."""
+    def start(self, h, k=1):
+        """Decoding state for k rows per encoder state h (N, H): scores h_t W + b."""
+        h = h if k == 1 else h.repeat(k, axis=0)
         W, b = self.affine.params
-        return self._greedy(h, start_id, sample_size, W, b)
+        cell = self.lstm.cell(self.embed, rows=h.shape[0])
+        return DecoderState(h, get_array_module(h).zeros_like(h), k, (cell, W, b))
 
-    def _greedy(self, h, start_id, sample_size, Wout, bout, context=None):
-        """The LSTM's greedy decoding with scores h_t Wout + bout."""
-        sample_size = check_size("sample_size", sample_size)
-        ids = _as_start_ids(start_id, h.shape[0], get_array_module(h))[:, 0]
-        return self.lstm.greedy(ids, self.embed, h, Wout, bout, sample_size, context=context)
+    def step(self, ids, state):
+        """Scores (B, V) after feeding ids (B,), and the next state."""
+        cell, W, b = state.fixed
+        h, c = cell(ids, state.h, state.c)
+        scores = matmul(h, W)
+        scores += b
+        return scores, state.moved(h, c)
 
 
-class Seq2seq(Model):
+class Seq2seq(EncoderDecoder):
     """Encoder + Decoder. forward(xs, ts) -> loss: decoder input ts[:, :-1], targets ts[:, 1:]."""
 
     decoder_class = Decoder
@@ -134,16 +190,13 @@ class Seq2seq(Model):
         dh = self.decoder.backward(self.softmax.backward(dout))
         self.encoder.backward(dh)
 
-    def generate(self, xs, start_id, sample_size):
-        """Greedy answers: a list of ids for one (1, T) question (as the textbook), else an
-        (N, sample_size) NumPy array for N questions decoded together."""
-        sample_size = check_size("sample_size", sample_size)
+    def start(self, xs, k=1):
+        """The decoder's state for k rows per question xs (N, T) (nothing kept for backward)."""
         xs = self._check_ids(xs, "questions xs")
-        h = self.encoder.infer(xs)
-        out = backend.to_cpu(self.decoder.generate(h, start_id, sample_size))
-        if xs.shape[0] == 1:
-            return [int(i) for i in out[0]]
-        return out
+        return self.decoder.start(self.encoder.infer(xs), k)
+
+    def step(self, ids, state):
+        return self.decoder.step(ids, state)
 
 
 register("seq2seq", Seq2seq, family="seq2seq", defaults={"wordvec_size": 16, "hidden_size": 128},
