@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 
-import fastseq.lstm._numpy as _numpy
+import fastseq.ops._numpy as _numpy
 
 try:
-    import fastseq.lstm._cython as _cython
+    import fastseq.ops._cython as _cython
 except ImportError:  # extension not built
     _cython = None
 
@@ -49,8 +49,8 @@ def main():
     a = p.parse_args()
     engines = [("numpy", _numpy)] + ([("cython", _cython)] if _cython else [])
     if _cython:
-        print(f"cython engine BLAS: {_cython.BLAS}; threads: {_cython._threads()}; "
-              f"row chunks at N={a.n}: {_cython._lstm_cpu.chunks(a.n)}")
+        print(f"cython engine threads: {_cython._threads()}; "
+              f"row chunks at N={a.n}: {_cython._cpu.chunks(a.n)}")
     for name, eng in engines:
         f, fb = bench(eng, a.n, a.t, a.d, a.h, np.dtype(a.dtype), a.reps)
         print(f"{name:7s} N={a.n} T={a.t} D={a.d} H={a.h} {a.dtype}: "

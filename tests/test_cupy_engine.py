@@ -10,7 +10,7 @@ cupy = pytest.importorskip("cupy")
 
 from fastseq import backend  # noqa: E402
 from fastseq.layers import TimeLSTM  # noqa: E402
-from fastseq.lstm import _cupy, _numpy, get_kernel  # noqa: E402
+from fastseq.ops import _cupy, _numpy, engine_for  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -110,7 +110,7 @@ def test_timelstm_stateful_continuation(dtype):
     h0[...] = 0
     c0[...] = 0
     layer = TimeLSTM(*[backend.to_gpu(p) for p in (Wx, Wh, b)], stateful=True)
-    assert get_kernel(layer.params[0]) is _cupy
+    assert engine_for(layer.params[0]) is _cupy
     xs_gpu = backend.to_gpu(xs)
     hs1 = layer.forward(xs_gpu[:, :4])
     h1, c1 = backend.to_cpu(layer.h), backend.to_cpu(layer.c)

@@ -1,4 +1,4 @@
-"""CPU checks of the CuPy LSTM engine (fastseq/lstm/_cupy.py) without CuPy or a GPU.
+"""CPU checks of the cupy engine (fastseq/ops/_cupy.py) without CuPy or a GPU.
 
 The very kernel strings that the engine hands to ``cupy.ElementwiseKernel`` are wrapped in a
 host C++ harness that mirrors the code CuPy generates around them:
@@ -23,7 +23,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from fastseq.lstm import _cupy, _numpy
+from fastseq.ops import _cupy, _numpy
 
 _CXX = (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
         or shutil.which("clang++"))
@@ -456,25 +456,6 @@ def test_engine_row_bias_matches_numpy_reference(kernel, dtype, N, T, D, H):
         np.testing.assert_allclose(g, rg, **gtol)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("row_bias", [False, True])
-def test_engine_greedy_matches_numpy_reference(kernel, dtype, row_bias):
-    """Greedy decoding with the forward step kernel: the reference's ids, the inputs untouched."""
-    rng = np.random.default_rng(7 + row_bias)
-    N, V, H, S = 9, 5, 4, 6
-    ids = rng.integers(0, V, N)
-    Wx, Wh = rng.standard_normal((V, 4 * H)), rng.standard_normal((H, 4 * H)) / 2
-    b = rng.standard_normal((N, 4 * H) if row_bias else 4 * H)
-    h, c = np.tanh(rng.standard_normal((N, H))), rng.standard_normal((N, H))
-    Wout, bout = rng.standard_normal((H, V)) * 3, rng.standard_normal(V)
-    args = [a.astype(dtype) for a in (Wx, Wh, b, h, c, Wout, bout)]
-    before = [a.copy() for a in args]
-    got = _cupy._greedy(np, kernel, ids, *args, S)
-    np.testing.assert_array_equal(got, _numpy.greedy(ids, *args, S))
-    for a, a0 in zip(args, before):
-        np.testing.assert_array_equal(a, a0)
-
-
 # ------------------------------------------------- optimiser and clipping kernels, products
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -486,24 +467,21 @@ def test_adam_kernels_match_numpy_adam(kernel, dtype):
     shapes = [(3, 4), (5,), (2, 3, 2)]
     params = [rng.standard_normal(s).astype(dtype) for s in shapes]
     ref = [p.copy() for p in params]
-    dev_opt, ref_opt = Adam(lr=0.01), Adam(lr=0.01, fused=False)
-    for step in range(3):
+    ref_opt = Adam(lr=0.01, fused=False)
+    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    state = None
+    for step in range(1, 4):
         grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
         ref_opt.update(ref, grads)
-        if dev_opt.m is None:
-            dev_opt.m = [np.zeros_like(p) for p in params]
-            dev_opt.v = [np.zeros_like(p) for p in params]
-        dev_opt.iter += 1
-        _cupy._adam_update(np, kernel, dev_opt, params, grads)
-        assert dev_opt._device_state[0][0] == dev_opt.iter
+        state = _cupy._adam_update(np, kernel, params, grads, m, v, 0.01, 0.9, 0.999, step, state)
+        assert state[0][0] == step and state[1] == step
         for p, r in zip(params, ref):
             np.testing.assert_allclose(p, r, **TOL[dtype])
-    dev_opt.iter = ref_opt.iter = 10  # resumed elsewhere: the device counter follows the host's
+    ref_opt.iter = 10  # resumed elsewhere: the device counter follows the host's step
     grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
     ref_opt.update(ref, grads)
-    dev_opt.iter += 1
-    _cupy._adam_update(np, kernel, dev_opt, params, grads)
-    assert dev_opt._device_state[0][0] == 11
+    state = _cupy._adam_update(np, kernel, params, grads, m, v, 0.01, 0.9, 0.999, 11, state)
+    assert state[0][0] == 11
     for p, r in zip(params, ref):
         np.testing.assert_allclose(p, r, **TOL[dtype])
 
@@ -624,10 +602,10 @@ def test_engine_with_direct_products(kernel, monkeypatch):
     want_dxs, want_dh0 = _cupy._backward(np, kernel, dhs, cache, grads)
     want_grads = [g.copy() for g in grads]
 
-    monkeypatch.setattr(_cupy, "matmul", lambda a, b, out=None: _cupy._matmul(
+    monkeypatch.setattr(_cupy, "cublas_matmul", lambda a, b, out=None: _cupy._matmul(
         np, _emulated_gemm, a, b, out))
     monkeypatch.setattr(_cupy, "_is_device", lambda xp: True)
-    monkeypatch.setattr(_cupy._direct, "on", True)
+    monkeypatch.setattr(_cupy, "_capturing", lambda: True)
     hs, _, _, cache = _cupy._forward(np, kernel, xs, Wx, Wh, b, h0, c0)
     np.testing.assert_allclose(hs, want_hs, rtol=1e-13, atol=1e-14)
     grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
@@ -664,10 +642,11 @@ def test_dropout_mask_kernel(kernel, dtype):
                                   "attention-pad"])
 def test_layer_products_through_the_direct_path(name, monkeypatch):
     """Every product the layers make in a training step (TimeAffine, TimeLSTM's context,
-    TimeAffineSoftmaxWithLoss, TiedAffine), sent through matmul's direct cuBLAS path as while a
-    graph is captured (gemm emulated in column-major order), gives the same loss and grads."""
+    TimeAffineSoftmaxWithLoss, TiedAffine), sent through the cupy engine's matmul as while a
+    graph is captured (cuBLAS directly; gemm emulated in column-major order), gives the same loss
+    and grads."""
     import fastseq
-    from fastseq import functions
+    from fastseq.ops import _numpy as numpy_engine
     from fastseq.models.attention import AttentionSeq2seq
     rng = np.random.default_rng(6)
     lm = name in ("rnnlm", "better")
@@ -699,8 +678,9 @@ def test_layer_products_through_the_direct_path(name, monkeypatch):
         calls.append((a.shape, b.shape))
         return _cupy._matmul(np, _emulated_gemm, a, b, out)
 
-    monkeypatch.setattr(functions, "_direct_products", lambda a: True)
-    monkeypatch.setattr(_cupy, "matmul", direct)
+    monkeypatch.setattr(_cupy, "_capturing", lambda: True)
+    monkeypatch.setattr(_cupy, "cublas_matmul", direct)
+    monkeypatch.setattr(numpy_engine, "matmul", _cupy.matmul)  # the layers' products
     got = run()
     assert calls  # the layers' products did take the direct path
     np.testing.assert_allclose(got[0], want[0], rtol=1e-13)

@@ -68,7 +68,7 @@ class DownloadError(OSError):
 
 def cache_dir():
     """The folder the downloader fills: ``$FASTSEQ_DATA/ptb`` or ``~/.cache/fastseq/ptb``."""
-    root = backend.config.data_dir
+    root = backend.DATA_DIR
     root = Path(root).expanduser() if root else Path.home() / ".cache" / "fastseq"
     return root / "ptb"
 
@@ -76,8 +76,8 @@ def cache_dir():
 def _base_urls(base_url=None):
     if base_url:
         return [base_url]
-    if backend.config.ptb_url:
-        return [backend.config.ptb_url]
+    if backend.PTB_URL:
+        return [backend.PTB_URL]
     return list(MIRRORS)
 
 

@@ -1,28 +1,17 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Small fused CPU kernels for the layers around the LSTM: each replaces a handful of NumPy calls
-(whose fixed cost, a few microseconds each, dominates at these sizes) by one pass.
-
-NumPy equivalents (see fastseq.functions.softmax_cross_entropy and fastseq.layers.TimeEmbedding,
-which fall back to them):
-    softmax_shift(S, labels, ignore) -> (picked, n_valid):
-        S -= S.max(1)[:, None];  picked[i] = S[i, labels[i]] (0 on ignored rows)
-    softmax_finish(E, labels, picked, ignore, n_valid) -> loss, where E = exp(shifted S):
-        z = E.sum(1);  loss = sum over valid rows of (log(z) - picked) / n_valid
-        E[...] = E / z / n_valid, minus 1 / n_valid at each label; 0 on ignored rows
-    embed_gather(W, ids, out) -> -1:              out[...] = W[ids]   (or the flat position of
-                                                  the first id outside [0, V), nothing written)
-    embed_scatter(dW, ids, d, accumulate):        dW[...] = 0 unless accumulate;
-                                                  np.add.at(dW, ids.ravel(), d.reshape(-1, D))
-"""
-import numpy as np
-
-from libc.math cimport log
-from libc.stdint cimport int64_t
-from libc.string cimport memcpy, memset
-
-ctypedef fused floating:
-    float
-    double
+# Small fused CPU kernels for the layers around the LSTM: each replaces a handful of NumPy calls
+# (whose fixed cost, a few microseconds each, dominates at these sizes) by one pass.
+#
+# NumPy equivalents (see fastseq.functions.softmax_cross_entropy and fastseq.layers.TimeEmbedding,
+# which fall back to them):
+#     softmax_shift(S, labels, ignore) -> (picked, n_valid):
+#         S -= S.max(1)[:, None];  picked[i] = S[i, labels[i]] (0 on ignored rows)
+#     softmax_finish(E, labels, picked, ignore, n_valid) -> loss, where E = exp(shifted S):
+#         z = E.sum(1);  loss = sum over valid rows of (log(z) - picked) / n_valid
+#         E[...] = E / z / n_valid, minus 1 / n_valid at each label; 0 on ignored rows
+#     embed_gather(W, ids, out) -> -1:              out[...] = W[ids]   (or the flat position of
+#                                                   the first id outside [0, V), nothing written)
+#     embed_scatter(dW, ids, d, accumulate):        dW[...] = 0 unless accumulate;
+#                                                   np.add.at(dW, ids.ravel(), d.reshape(-1, D))
 
 
 def softmax_shift(floating[:, ::1] S, const int64_t[::1] labels, int64_t ignore,
@@ -121,3 +110,4 @@ def embed_scatter(floating[:, ::1] dW, const int64_t[:, :] ids, const floating[:
                     continue  # cannot happen after embed_gather; never write out of bounds
                 for j in range(D):
                     dW[k, j] += d[n, t, j]
+

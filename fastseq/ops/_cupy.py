@@ -1,10 +1,9 @@
-"""CuPy LSTM engine (NVIDIA GPU): same math and interface as ``_numpy``, fused per-step kernels.
+"""The cupy engine (NVIDIA GPU): same math and interface as ``_numpy``, fused per-step kernels.
 
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
     backward(dhs, cache, grads)    -> dxs, dh0                 grads = [dWx, dWh, db] (in place)
     step(x, Wx, Wh, b, h, c)       -> h, c                     one step, no cache
     final_state(xs, Wx, Wh, b, h0, c0, start=None) -> hT, cT   forward's last state alone
-    greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps) -> ids     greedy decoding (see _numpy)
 
 Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g | i | o].
 
@@ -15,7 +14,8 @@ each over all time steps. Every buffer is time-major (T, N, ...) and allocated o
 
 Also here, for the rest of a training step on the GPU without a value read back per step (and
 so capturable in a CUDA graph, see fastseq.cuda_graph): ``matmul`` (cuBLAS called directly while
-a graph is captured), ``adam_update``, ``clip_grads`` and ``dropout_mask``.
+a graph is captured), ``softmax_cross_entropy``, ``adam_update``, ``clip_grads`` and
+``dropout_mask``; exp_rows and the embedding ops are the numpy engine's array calls.
 
 The kernel sources are plain C++ expressions over ``T`` (float or double), so
 ``tests/test_cupy_source.py`` compiles these very strings with a host C++ compiler and runs them
@@ -23,13 +23,18 @@ on the CPU (``_forward``, ``_backward`` and the other ``_name`` functions take t
 and the kernel factory as arguments). Importing this module never needs CuPy; calling ``forward``
 does.
 """
+import contextlib
+import contextvars
 import sys
 
 import numpy
 
 from .. import backend
+from ._numpy_math import _matmul as _xp_matmul
+from ._numpy_math import embed_gather, embed_scatter, exp_rows  # noqa: F401  (array calls)
 
 DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+TAKES_IDS = False  # xs are float inputs (N, T, D); integer ids are for the CPU engines
 
 # name -> (in_params, out_params, operation) in cupy.ElementwiseKernel syntax; filled below.
 _STEP_KERNELS = {}
@@ -50,8 +55,8 @@ def _elementwise(name):
 
 def _matmul_into(xp, a, b, out):
     """``out[...] = a @ b`` without a temporary when the array module allows it."""
-    if _direct.on and _is_device(xp):  # a CUDA graph is being captured: see matmul
-        return matmul(a, b, out=out)
+    if _capturing() and _is_device(xp):  # a CUDA graph is being captured: see cublas_matmul
+        return cublas_matmul(a, b, out=out)
     if out.flags.c_contiguous and out.dtype == a.dtype == b.dtype:
         try:
             xp.matmul(a, b, out=out)
@@ -64,8 +69,8 @@ def _matmul_into(xp, a, b, out):
 
 def _product(xp, a, b):
     """a @ b (a new array)."""
-    if _direct.on and _is_device(xp):
-        return matmul(a, b)
+    if _capturing() and _is_device(xp):
+        return cublas_matmul(a, b)
     return xp.matmul(a, b)
 
 
@@ -219,42 +224,6 @@ def final_state(xs, Wx, Wh, b, h0, c0, start=None):
     return hT, cT
 
 
-def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
-    """Greedy decoding (see _numpy.greedy) with forward's fused step kernel.
-
-    NumPy equivalent, per step: a = Wx[ids] + b + h Wh, (h, c) from the gates as in forward,
-    ids = argmax(h Wout + bout, axis=1), one column of the (N, steps) result.
-    """
-    _require_gpu_arrays((Wx, Wh, b, h, c, Wout, bout), "LSTM greedy inputs")
-    import cupy
-    return _greedy(cupy, _elementwise, cupy.asarray(ids), Wx, Wh, b, h, c, Wout, bout, steps)
-
-
-def _greedy(xp, kernel, ids, Wx, Wh, b, h, c, Wout, bout, steps):
-    dtype = _check_dtype(Wx.dtype)
-    N, H, V = h.shape[0], Wh.shape[0], Wout.shape[1]
-    if V > Wx.shape[0]:
-        raise ValueError(f"{V} output symbols cannot all be fed back into {Wx.shape[0]} inputs")
-    b_rs = 4 * H if b.ndim == 2 else 0
-    Wx, Wh, Wout = (xp.ascontiguousarray(w, dtype=dtype) for w in (Wx, Wh, Wout))
-    b = xp.ascontiguousarray(b, dtype=dtype).reshape(-1)
-    h, c = xp.array(h, dtype=dtype), xp.array(c, dtype=dtype)  # copies: updated in place
-    gates, HW = xp.empty((N, 4 * H), dtype), xp.empty((N, 4 * H), dtype)
-    h_next, c_next, tc = (xp.empty((N, H), dtype) for _ in range(3))
-    scores = xp.empty((N, V), dtype)
-    out = xp.empty((N, steps), dtype=numpy.int64)
-    step = kernel("fastseq_lstm_fwd_step")
-    for t in range(steps):
-        xp.take(Wx, ids, axis=0, out=gates)
-        _matmul_into(xp, h, Wh, HW)
-        step(HW.reshape(-1), b, c, H, b_rs, gates.reshape(-1), c_next, tc, h_next)
-        h, h_next, c, c_next = h_next, h, c_next, c
-        _matmul_into(xp, h, Wout, scores)
-        scores += bout
-        ids = out[:, t] = scores.argmax(axis=1)
-    return out
-
-
 def backward(dhs, cache, grads, need_dh0=True):
     """Backpropagation through time for ``forward``; grads = [dWx, dWh, db] written in place.
 
@@ -312,11 +281,23 @@ def _backward(xp, kernel, dhs, cache, grads, need_dh0=True):
 # has loaded), with its stream and a workspace of its own set before the capture begins.
 
 
-class _Direct:
-    on = False  # True while fastseq.cuda_graph captures a step
+_capture = contextvars.ContextVar("fastseq_cuda_capture", default=False)
 
 
-_direct = _Direct()
+@contextlib.contextmanager
+def capturing():
+    """Inside, in this thread only, every product goes to cuBLAS directly (fastseq.cuda_graph
+    captures a step in it)."""
+    token = _capture.set(True)
+    try:
+        yield
+    finally:
+        _capture.reset(token)
+
+
+def _capturing():
+    return _capture.get()
+
 _OP_N, _OP_T = 0, 1  # cublasOperation_t
 
 
@@ -398,6 +379,14 @@ def _matmul(xp, gemm, a, b, out=None):
 
 
 def matmul(a, b, out=None):
+    """a @ b, written into out when given: cuBLAS directly while a graph is captured, else
+    CuPy's own product."""
+    if _capturing():
+        return cublas_matmul(a, b, out)
+    return _xp_matmul(a, b, out)
+
+
+def cublas_matmul(a, b, out=None):
     """``a @ b`` (1-D, 2-D or stacked 3-D CuPy arrays, float32 or float64) by cublas<t>gemm (or
     cublas<t>gemmStridedBatched for stacks) on fastseq's own handle: what the engine and the
     layers use while a CUDA graph is captured.
@@ -554,36 +543,36 @@ def _reduction(name):
     return kern
 
 
-def adam_update(opt, params, grads):
+def adam_update(params, grads, ms, vs, lr, beta1, beta2, step, state=None):
     """Adam on CuPy arrays: one kernel for the step counter, one fused kernel per parameter.
 
-    NumPy equivalent (fastseq.optim.Adam), with lr_t from the device counter::
+    NumPy equivalent (_numpy_math.adam_update), with lr_t from the device counter::
 
         m += (1 - b1) (g - m);  v += (1 - b2) (g^2 - v);  p -= lr_t m / (sqrt(v) + 1e-7)
 
-    ``opt.iter`` (already advanced by the caller) stays the host's count; the device counter
-    is rebuilt from it whenever the two disagree (first use, a resumed checkpoint).
+    state: (device counter [t, lr_t], the step it was made for), as returned by the previous
+    call; rebuilt from step whenever the two disagree (first use, a resumed checkpoint).
     """
     import cupy
-    _adam_update(cupy, _elementwise, opt, params, grads)
+    return _adam_update(cupy, _elementwise, params, grads, ms, vs, lr, beta1, beta2, step, state)
 
 
-def _adam_update(xp, kernel, opt, params, grads):
-    state = _adam_state(xp, opt)
-    kernel("fastseq_adam_count")(float(opt.lr), float(opt.beta1), float(opt.beta2), state, size=1)
+def _adam_update(xp, kernel, params, grads, ms, vs, lr, beta1, beta2, step, state):
+    counter = _adam_counter(xp, step, state)
+    kernel("fastseq_adam_count")(float(lr), float(beta1), float(beta2), counter, size=1)
     update = kernel("fastseq_adam_update")
-    for p, g, m, v in zip(params, grads, opt.m, opt.v):
-        update(g, state, 1.0 - opt.beta1, 1.0 - opt.beta2, 1e-7, p, m, v)
-    opt._device_state = (state, opt.iter)
+    for p, g, m, v in zip(params, grads, ms, vs):
+        update(g, counter, 1.0 - beta1, 1.0 - beta2, 1e-7, p, m, v)
+    return counter, step
 
 
-def _adam_state(xp, opt):
-    """The device counter [t, lr_t] for opt, valid for the step opt.iter (t = opt.iter - 1
-    before the count kernel runs)."""
-    held = getattr(opt, "_device_state", None)
-    if held is not None and held[1] == opt.iter - 1 and backend.get_array_module(held[0]) is xp:
-        return held[0]
-    return xp.asarray(numpy.array([opt.iter - 1, 0.0]))
+def _adam_counter(xp, step, state):
+    """The device counter [t, lr_t] valid for this step (t = step - 1 before the count kernel
+    runs)."""
+    if isinstance(state, tuple) and state[1] == step - 1 \
+            and backend.get_array_module(state[0]) is xp:
+        return state[0]
+    return xp.asarray(numpy.array([step - 1, 0.0]))
 
 
 def clip_grads(grads, max_norm):
@@ -653,3 +642,31 @@ def _dropout_mask(xp, kernel, shape, dtype, keep, state):
     kernel("fastseq_dropout_mask")(state, float(keep), mask)
     kernel("fastseq_dropout_next")(1.0, state, size=1)
     return mask
+
+
+def softmax_cross_entropy(scores, labels, ignore_label=-1):
+    """The numpy engine's (see fastseq.functions.softmax_cross_entropy) without reading anything
+    back to the host: the loss is a 0-d device array; per-row maxima always (the global shift's
+    underflow test would be a host read); the masked formula always. Labels are range-checked
+    unless the ids were checked already (backend.ids_checked)."""
+    xp = backend.get_array_module(scores)
+    M, V = scores.shape
+    mask = labels != ignore_label if ignore_label is not None else xp.ones(M, dtype=bool)
+    if M and not backend.skip_id_check(labels):
+        wrong = mask & ((labels < 0) | (labels >= V))
+        if bool(wrong.any()):
+            bad = int(xp.flatnonzero(wrong)[0])
+            raise ValueError(f"label {int(labels[bad])} at position {bad} is outside [0, {V}) "
+                             f"(and is not the ignore label {ignore_label})")
+    safe = xp.where(mask, labels, 0)
+    scores -= scores.max(axis=1, keepdims=True)
+    flat = scores.reshape(-1)
+    at_label = xp.arange(M) * V + safe
+    picked = flat[at_label]                  # log-softmax numerator
+    xp.exp(scores, out=scores)
+    z = scores.sum(axis=1)
+    w = mask.astype(scores.dtype) / xp.maximum(mask.sum(), 1).astype(scores.dtype)
+    loss = ((xp.log(z) - picked) * w).sum()
+    scores *= (w / z)[:, None]
+    flat[at_label] -= w
+    return loss, scores
