@@ -170,24 +170,28 @@ def cython_available():
 
 # --- BLAS threads (threadpoolctl) ------------------------------------------------------------------
 
+try:
+    import threadpoolctl
+except ImportError:  # then the BLAS keeps its own thread counts
+    threadpoolctl = None
+
+
 def _blas_controllers():
     """threadpoolctl's controllers of the BLAS libraries loaded so far."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
+    if threadpoolctl is None:
         return []
-    return ThreadpoolController().select(user_api="blas").lib_controllers
+    return threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
 
 
 def _set_blas_threads(lib, n):
     """Set a BLAS library's process-wide thread count from whichever thread calls (threadpoolctl
     lets only the first thread that sets an OpenBLAS pool set it again: take and give back that
     role around the call)."""
-    from threadpoolctl import OpenBLASController
-    if isinstance(lib, OpenBLASController):
-        OpenBLASController.clear_controlling_thread(force=True)
+    openblas = threadpoolctl.OpenBLASController
+    if isinstance(lib, openblas):
+        openblas.clear_controlling_thread(force=True)
         lib.set_num_threads(n)
-        OpenBLASController.clear_controlling_thread()
+        openblas.clear_controlling_thread()
     else:
         lib.set_num_threads(n)
 
@@ -226,21 +230,20 @@ class _SingleBlasThread:
     """Context manager: every BLAS on one thread inside (nested and concurrent uses share one
     setting, restored when the last one leaves). Small products (the numpy engine's per-step
     ones, one row times a matrix) run faster on one thread, avoid a hand-off to workers that may
-    not be running on a busy machine, and give the same bits at any thread count."""
+    not be running on a busy machine, and give the same bits at any thread count. The counts it
+    restores are read once after each change of the configuration (_limit_blas)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.depth = 0
-        self.saved = []
-        self.libs = None
+        self.libs = None  # [(controller, its thread count outside), ...]
 
     def __enter__(self):
         with self.lock:
             if self.depth == 0:
                 if self.libs is None:
-                    self.libs = _blas_controllers()
-                self.saved = [lib.num_threads for lib in self.libs]
-                for lib, n in zip(self.libs, self.saved):
+                    self.libs = [(lib, lib.num_threads) for lib in _blas_controllers()]
+                for lib, n in self.libs:
                     if n != 1:
                         _set_blas_threads(lib, 1)
             self.depth += 1
@@ -250,10 +253,9 @@ class _SingleBlasThread:
         with self.lock:
             self.depth -= 1
             if self.depth == 0:
-                for lib, n in zip(self.libs or (), self.saved):
+                for lib, n in self.libs:
                     if n != 1:
                         _set_blas_threads(lib, n)
-                self.saved = []
         return False
 
 
@@ -432,12 +434,10 @@ def check_same_device(*arrays, what="arrays"):
 
 def _blas_pools():
     """[(library (owning package), threads), ...] for the BLAS and OpenMP pools loaded here."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
+    if threadpoolctl is None:
         return []
     pools = []
-    for d in threadpool_info():
+    for d in threadpoolctl.threadpool_info():
         folder = os.path.basename(os.path.dirname(d.get("filepath", "")))
         owner = f" ({folder[:-5]})" if folder.endswith(".libs") else ""  # a wheel's bundled copy
         name = d.get("internal_api", "?") + owner
