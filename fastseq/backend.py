@@ -253,7 +253,7 @@ class _SingleBlasThread:
         with self.lock:
             self.depth -= 1
             if self.depth == 0:
-                for lib, n in self.libs:
+                for lib, n in self.libs or ():  # None: use() re-read the libraries meanwhile
                     if n != 1:
                         _set_blas_threads(lib, n)
         return False
