@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import importlib
 import math
+import numbers
 import os
 import sys
 import threading
@@ -209,9 +210,9 @@ _capped = False  # whether _limit_blas capped the other BLAS libraries
 
 
 def _limit_blas():
-    """SciPy's BLAS (the kernels') on one thread, fastseq's threads cutting the work instead;
-    every other BLAS capped at config.threads when that is below the CPU count (by default it
-    keeps its own)."""
+    """SciPy's BLAS (the kernels') on one thread, fastseq's threads cutting the work instead (a
+    NumPy that shares it then runs its own products on one thread too); every other BLAS capped
+    at config.threads when that is below the CPU count (by default it keeps its own)."""
     global _capped
     serial, cap = False, config.threads < CPUS
     for lib in _blas_controllers():
@@ -295,9 +296,9 @@ def _check_engine(name):
 def _check_threads(n):
     if n == "auto":
         return _ENV_THREADS or CPUS
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"threads must be an integer >= 1 or 'auto', got {n!r}")
-    return n
+    return int(n)
 
 
 def use(engine=None, threads=None):

@@ -350,3 +350,39 @@ def test_readme_table_lists_every_variable_backend_reads():
     table = set(re.findall(r"^\| `([A-Z_]+)` \|", (ROOT / "README.md").read_text(), re.M))
     assert read and read <= table, f"missing from README's table: {read - table}"
     assert table - read <= {"FASTSEQ_REQUIRE_EXT"}  # read by setup.py and the tests only
+
+
+# --- BLAS threads ------------------------------------------------------------------------------------
+
+def test_single_blas_thread_covers_every_thread_and_restores():
+    """Inside single_blas_thread every BLAS runs on one thread, seen from any thread (nested and
+    concurrent uses included); the counts come back when the last use leaves."""
+    import threading
+    libs = backend._blas_controllers()
+    if not libs:
+        pytest.skip("threadpoolctl finds no BLAS here")
+    before = [lib.num_threads for lib in libs]
+    seen = []
+    with backend.single_blas_thread():
+        def other():
+            with backend.single_blas_thread():
+                seen.append([lib.num_threads for lib in libs])
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        seen.append([lib.num_threads for lib in libs])
+    assert seen == [[1] * len(libs)] * 2
+    assert [lib.num_threads for lib in libs] == before
+
+
+def test_kernels_blas_is_scipys_on_one_thread(cython_engine):
+    """The compiled kernels call SciPy's BLAS; it runs each call on one thread (fastseq's
+    workers split the work), so the kernels may use their worker threads."""
+    kernel = backend.compiled()
+    scipys = [lib for lib in backend._blas_controllers() if backend._is_scipys(lib)]
+    if not scipys:
+        pytest.skip("threadpoolctl does not see SciPy's BLAS here")
+    assert [lib.num_threads for lib in scipys] == [1] * len(scipys)
+    assert kernel.can_thread()
+    with backend.using(threads=1):
+        assert [lib.num_threads for lib in scipys] == [1] * len(scipys)

@@ -686,3 +686,16 @@ def test_layer_products_through_the_direct_path(name, monkeypatch):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-13)
     for g, w in zip(got[1], want[1]):
         np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-13)
+
+
+def test_capture_switch_is_scoped_to_the_capturing_thread():
+    """capturing() sends products to cuBLAS in its own thread only, and ends with its block."""
+    import threading
+    seen = []
+    assert not _cupy._capturing()
+    with _cupy.capturing():
+        t = threading.Thread(target=lambda: seen.append(_cupy._capturing()))
+        t.start()
+        t.join()
+        seen.append(_cupy._capturing())
+    assert seen == [False, True] and not _cupy._capturing()

@@ -102,14 +102,14 @@ def embed_scatter(dW, idx, dout, accumulate=False):
         xp.add.at(dW, ids, d)
         return
     V = dW.shape[0]
-    if V <= 64:  # small vocabulary: dW (+)= onehot(ids)^T d, one small product
+    if V <= 64:  # a small table: dW (+)= onehot(ids)^T d, one small product
         onehot = np.zeros((ids.size, V), dtype=d.dtype)
         onehot[np.arange(ids.size), ids] = 1
         if accumulate:
             dW += onehot.T @ d
         else:
             np.matmul(onehot.T, d, out=dW)
-    elif ids.size * 4 < V:  # few ids, big vocabulary: add.at over rows only
+    elif ids.size * 4 < V:  # few ids, a big table: add.at over rows only
         xp.add.at(dW, ids, d)
     else:
         order = xp.argsort(ids, kind="stable")
