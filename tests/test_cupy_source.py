@@ -1,4 +1,4 @@
-"""CPU checks of the cupy engine (fastseq/ops/_cupy.py) without CuPy or a GPU.
+"""CPU checks of the cupy engine (fastseq/ops/_cupy.py, _cupy_math.py) without CuPy or a GPU.
 
 The very kernel strings that the engine hands to ``cupy.ElementwiseKernel`` are wrapped in a
 host C++ harness that mirrors the code CuPy generates around them:
@@ -23,7 +23,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from fastseq.ops import _cupy, _numpy
+from fastseq.ops import _cupy, _cupy_math, _numpy
 
 _CXX = (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
         or shutil.which("clang++"))
@@ -126,7 +126,7 @@ def _harness_source():
             parts.append(f'extern "C" void {kname}_{ctype}({", ".join(cdecl)}) {{\n'
                          f"  {kname}_impl<{ctype}>({', '.join(cargs)});\n}}\n")
     for kname, (ins, outs, map_expr, reduce_expr, post, identity) in \
-            _cupy._REDUCTION_KERNELS.items():
+            _cupy_math._REDUCTION_KERNELS.items():
         (xname, _, xt, _), = _parse_params(ins, True)
         (yname, _, yt, _), = _parse_params(outs, False)
         assert xt == "T" and yt == "float64", "harness: reductions T -> float64 only"
@@ -473,14 +473,14 @@ def test_adam_kernels_match_numpy_adam(kernel, dtype):
     for step in range(1, 4):
         grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
         ref_opt.update(ref, grads)
-        state = _cupy._adam_update(np, kernel, params, grads, m, v, 0.01, 0.9, 0.999, step, state)
+        state = _cupy_math._adam_update(np, kernel, params, grads, m, v, 0.01, 0.9, 0.999, step, state)
         assert state[0][0] == step and state[1] == step
         for p, r in zip(params, ref):
             np.testing.assert_allclose(p, r, **TOL[dtype])
     ref_opt.iter = 10  # resumed elsewhere: the device counter follows the host's step
     grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
     ref_opt.update(ref, grads)
-    state = _cupy._adam_update(np, kernel, params, grads, m, v, 0.01, 0.9, 0.999, 11, state)
+    state = _cupy_math._adam_update(np, kernel, params, grads, m, v, 0.01, 0.9, 0.999, 11, state)
     assert state[0][0] == 11
     for p, r in zip(params, ref):
         np.testing.assert_allclose(p, r, **TOL[dtype])
@@ -496,7 +496,7 @@ def test_clip_kernels_match_numpy(kernel, reduction, dtype, max_norm):
     grads = [rng.standard_normal(s).astype(dtype) for s in [(4, 6), (7,), (3, 2, 5)]]
     ref = [g.copy() for g in grads]
     want = functions.clip_grads(ref, max_norm)
-    got = _cupy._clip_grads(np, kernel, reduction, grads, max_norm)
+    got = _cupy_math._clip_grads(np, kernel, reduction, grads, max_norm)
     assert got.shape == ()
     np.testing.assert_allclose(float(got), want, rtol=1e-6 if dtype == np.float32 else 1e-12)
     for g, r in zip(grads, ref):
@@ -536,13 +536,13 @@ def test_direct_matmul_plan(dtype, M, K, N, a_order, b_order):
     a_op = a if a_order == "C" else np.ascontiguousarray(a.T).T
     b_op = b if b_order == "C" else np.ascontiguousarray(b.T).T
     want = a @ b
-    got = _cupy._matmul(np, _emulated_gemm, a_op, b_op)
+    got = _cupy_math._matmul(np, _emulated_gemm, a_op, b_op)
     np.testing.assert_allclose(got, want, **TOL[dtype])
     out = np.full((M, N), np.nan, dtype)
-    assert _cupy._matmul(np, _emulated_gemm, a_op, b_op, out=out) is out
+    assert _cupy_math._matmul(np, _emulated_gemm, a_op, b_op, out=out) is out
     np.testing.assert_allclose(out, want, **TOL[dtype])
     outT = np.full((N, M), np.nan, dtype).T  # not C-ordered: computed, then copied in
-    _cupy._matmul(np, _emulated_gemm, a_op, b_op, out=outT)
+    _cupy_math._matmul(np, _emulated_gemm, a_op, b_op, out=outT)
     np.testing.assert_allclose(outT, want, **TOL[dtype])
 
 
@@ -550,16 +550,16 @@ def test_direct_matmul_vectors_and_strided():
     rng = np.random.default_rng(3)
     A = rng.standard_normal((6, 8))
     v = rng.standard_normal(6)
-    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, v, A), v @ A)
+    np.testing.assert_allclose(_cupy_math._matmul(np, _emulated_gemm, v, A), v @ A)
     w = rng.standard_normal(8)
-    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, A, w), A @ w)
+    np.testing.assert_allclose(_cupy_math._matmul(np, _emulated_gemm, A, w), A @ w)
     S = A[::2, 1:5]  # neither C- nor F-ordered: copied first
     B = rng.standard_normal((4, 3))
-    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, S, B), S @ B)
+    np.testing.assert_allclose(_cupy_math._matmul(np, _emulated_gemm, S, B), S @ B)
     with pytest.raises(ValueError, match="do not match"):
-        _cupy._matmul(np, _emulated_gemm, A, B)
+        _cupy_math._matmul(np, _emulated_gemm, A, B)
     with pytest.raises(TypeError, match="float32/float64"):
-        _cupy._matmul(np, _emulated_gemm, A.astype(np.float32), A.T)
+        _cupy_math._matmul(np, _emulated_gemm, A.astype(np.float32), A.T)
 
 
 @pytest.mark.parametrize("a_order,b_order", [("C", "C"), ("F", "C"), ("C", "F"), ("F", "F"),
@@ -582,12 +582,12 @@ def test_direct_matmul_stacks(a_order, b_order, B, M, K, N):
 
     a, b = operand(a_order, M, K), operand(b_order, K, N)
     want = np.matmul(a, b)
-    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, a, b), want, rtol=1e-12)
+    np.testing.assert_allclose(_cupy_math._matmul(np, _emulated_gemm, a, b), want, rtol=1e-12)
     out = np.full(want.shape, np.nan)
-    _cupy._matmul(np, _emulated_gemm, a, b, out=out)
+    _cupy_math._matmul(np, _emulated_gemm, a, b, out=out)
     np.testing.assert_allclose(out, want, rtol=1e-12)
     outT = np.full(want.shape[::-1], np.nan).T  # not C-ordered: through a copy
-    _cupy._matmul(np, _emulated_gemm, a, b, out=outT)
+    _cupy_math._matmul(np, _emulated_gemm, a, b, out=outT)
     np.testing.assert_allclose(outT, want, rtol=1e-12)
 
 
@@ -602,10 +602,10 @@ def test_engine_with_direct_products(kernel, monkeypatch):
     want_dxs, want_dh0 = _cupy._backward(np, kernel, dhs, cache, grads)
     want_grads = [g.copy() for g in grads]
 
-    monkeypatch.setattr(_cupy, "cublas_matmul", lambda a, b, out=None: _cupy._matmul(
+    monkeypatch.setattr(_cupy_math, "cublas_matmul", lambda a, b, out=None: _cupy_math._matmul(
         np, _emulated_gemm, a, b, out))
-    monkeypatch.setattr(_cupy, "_is_device", lambda xp: True)
-    monkeypatch.setattr(_cupy, "_capturing", lambda: True)
+    monkeypatch.setattr(_cupy_math, "_is_device", lambda xp: True)
+    monkeypatch.setattr(_cupy_math, "_capturing", lambda: True)
     hs, _, _, cache = _cupy._forward(np, kernel, xs, Wx, Wh, b, h0, c0)
     np.testing.assert_allclose(hs, want_hs, rtol=1e-13, atol=1e-14)
     grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
@@ -623,16 +623,16 @@ def test_dropout_mask_kernel(kernel, dtype):
     same seed, other masks from another seed."""
     keep = 0.6
     state = np.array([7.0, 0.0])
-    m1 = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, state)
-    m2 = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, state)
+    m1 = _cupy_math._dropout_mask(np, kernel, (50, 40), dtype, keep, state)
+    m2 = _cupy_math._dropout_mask(np, kernel, (50, 40), dtype, keep, state)
     assert state[1] == 2 and m1.dtype == dtype
     assert set(np.unique(m1)) <= {0, dtype(1) / dtype(keep)}
     for m in (m1, m2):
         assert abs((m > 0).mean() - keep) < 0.035  # 2000 draws: 3.2 standard deviations
     assert abs(((m1 > 0) & (m2 > 0)).mean() - keep * keep) < 0.04  # independent draws
-    again = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, np.array([7.0, 0.0]))
+    again = _cupy_math._dropout_mask(np, kernel, (50, 40), dtype, keep, np.array([7.0, 0.0]))
     np.testing.assert_array_equal(again, m1)
-    other = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, np.array([8.0, 0.0]))
+    other = _cupy_math._dropout_mask(np, kernel, (50, 40), dtype, keep, np.array([8.0, 0.0]))
     assert not np.array_equal(other, m1)
     rows = (m1 > 0).mean(axis=1)  # no stripes along the index
     assert rows.min() > 0.2 and rows.max() < 0.95
@@ -676,11 +676,11 @@ def test_layer_products_through_the_direct_path(name, monkeypatch):
 
     def direct(a, b, out=None):
         calls.append((a.shape, b.shape))
-        return _cupy._matmul(np, _emulated_gemm, a, b, out)
+        return _cupy_math._matmul(np, _emulated_gemm, a, b, out)
 
-    monkeypatch.setattr(_cupy, "_capturing", lambda: True)
-    monkeypatch.setattr(_cupy, "cublas_matmul", direct)
-    monkeypatch.setattr(numpy_engine, "matmul", _cupy.matmul)  # the layers' products
+    monkeypatch.setattr(_cupy_math, "_capturing", lambda: True)
+    monkeypatch.setattr(_cupy_math, "cublas_matmul", direct)
+    monkeypatch.setattr(numpy_engine, "matmul", _cupy_math.matmul)  # the layers' products
     got = run()
     assert calls  # the layers' products did take the direct path
     np.testing.assert_allclose(got[0], want[0], rtol=1e-13)
@@ -692,10 +692,10 @@ def test_capture_switch_is_scoped_to_the_capturing_thread():
     """capturing() sends products to cuBLAS in its own thread only, and ends with its block."""
     import threading
     seen = []
-    assert not _cupy._capturing()
-    with _cupy.capturing():
-        t = threading.Thread(target=lambda: seen.append(_cupy._capturing()))
+    assert not _cupy_math._capturing()
+    with _cupy_math.capturing():
+        t = threading.Thread(target=lambda: seen.append(_cupy_math._capturing()))
         t.start()
         t.join()
-        seen.append(_cupy._capturing())
-    assert seen == [False, True] and not _cupy._capturing()
+        seen.append(_cupy_math._capturing())
+    assert seen == [False, True] and not _cupy_math._capturing()

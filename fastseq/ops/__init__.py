@@ -3,7 +3,8 @@
     _numpy   NumPy (the LSTM in _numpy.py, the other ops in _numpy_math.py); CuPy arrays run
              through the same calls where the cupy engine has no code of its own
     _cython  the compiled CPU kernels (fastseq/_ext/_cpu), NumPy's code for what they do not take
-    _cupy    fused CUDA kernels and cuBLAS (GPU)
+    _cupy    fused CUDA kernels and cuBLAS (GPU): the LSTM in _cupy.py, the other ops in
+             _cupy_math.py
 
 ``engine_for(*arrays)`` is the one way to pick the code that runs an op: CuPy arrays go to _cupy,
 float32 and float64 host arrays to _cython when fastseq.backend's engine is cython, everything
