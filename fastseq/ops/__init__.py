@@ -8,8 +8,8 @@
 
 ``engine_for(*arrays)`` is the one way to pick the code that runs an op: CuPy arrays go to _cupy,
 float32 and float64 host arrays to _cython when fastseq.backend's engine is cython, everything
-else to _numpy. Every engine
-module has the same functions, with the same signatures and results (up to rounding):
+else to _numpy. Every engine module has the same functions, with the same signatures and
+results (up to rounding):
 
     LSTM      forward, backward, step, stepper, final_state    (protocol stated in _numpy.py)
     products  matmul(a, b, out=None)
