@@ -1,4 +1,4 @@
-"""Builds the optional Cython LSTM kernel (fastseq/_ext). If it cannot be compiled the package
+"""Builds the optional compiled CPU kernels (fastseq/_ext/_cpu). If it cannot be compiled the package
 still installs and runs on the NumPy engine, unless FASTSEQ_REQUIRE_EXT=1 (CI sets it)."""
 import os
 import sys
@@ -17,41 +17,25 @@ def extensions():
     except ImportError as e:
         if REQUIRE:
             raise
-        print(f"fastseq: not building the Cython kernel ({e}); the NumPy engine will be used",
+        print(f"fastseq: not building the compiled kernels ({e}); the NumPy engine will be used",
               file=sys.stderr)
         return []
-    # OpenMP's simd directives only (no OpenMP runtime: threads come from fastseq/_ext/fs_pool.h)
-    simd = ["-fopenmp-simd", "-pthread"]
-    simd_macro = [("FS_OMP_SIMD", "1")]
+    # OpenMP's simd directives only (no OpenMP runtime: threads come from fastseq/_ext/fs_pool.h).
+    # No -ffast-math: the kernels' exp/tanh rely on IEEE evaluation order (reassociating
+    # 2^k*p + (2^k - 1) would destroy the accuracy of tanh and sigmoid near 0);
+    # -fno-trapping-math lets the branch-free clamps of the gate math vectorise.
     ext = Extension(
-        "fastseq._ext._lstm_cpu",
-        ["fastseq/_ext/_lstm_cpu.pyx"],
+        "fastseq._ext._cpu",
+        ["fastseq/_ext/_cpu.pyx"],
         include_dirs=[numpy.get_include(), "fastseq/_ext"],
-        depends=["fastseq/_ext/fs_lstm.h", "fastseq/_ext/fs_bmm.h", "fastseq/_ext/fs_pool.h",
-                 "fastseq/_ext/fs_simd.h"],
-        # no -ffast-math: the kernel's exp/tanh rely on IEEE evaluation order (reassociating
-        # 2^k*p + (2^k - 1) would destroy the accuracy of tanh and sigmoid near 0);
-        # -fno-trapping-math lets the branch-free clamps of the gate math vectorise
-        extra_compile_args=["-O3", "-fno-trapping-math"] + simd,
+        depends=[os.path.join("fastseq/_ext", f) for f in sorted(os.listdir("fastseq/_ext"))
+                 if f.endswith((".h", ".pxi"))],
+        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd",
+                            "-pthread"],
         extra_link_args=["-pthread"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")] + simd_macro,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("FS_OMP_SIMD", "1")],
     )
-    optim = Extension(
-        "fastseq._ext._optim_cpu",
-        ["fastseq/_ext/_optim_cpu.pyx"],
-        include_dirs=[numpy.get_include(), "fastseq/_ext"],
-        depends=["fastseq/_ext/fs_simd.h"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")] + simd_macro,
-        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"] + simd,
-        extra_link_args=["-pthread"],
-    )
-    ops = Extension(
-        "fastseq._ext._ops_cpu",
-        ["fastseq/_ext/_ops_cpu.pyx"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],
-    )
-    return cythonize([ext, optim, ops], language_level=3, compiler_directives={
+    return cythonize([ext], language_level=3, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True, "initializedcheck": False})
 
 
@@ -62,7 +46,7 @@ class OptionalBuildExt(build_ext):
         except Exception as e:
             if REQUIRE:
                 raise
-            print(f"fastseq: Cython kernel build failed ({e}); the NumPy engine will be used",
+            print(f"fastseq: compiled kernels' build failed ({e}); the NumPy engine will be used",
                   file=sys.stderr)
 
     def build_extension(self, ext):
@@ -75,5 +59,5 @@ class OptionalBuildExt(build_ext):
                   file=sys.stderr)
 
 
-ext_modules = extensions() if os.path.exists("fastseq/_ext/_lstm_cpu.pyx") else []
+ext_modules = extensions() if os.path.exists("fastseq/_ext/_cpu.pyx") else []
 setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})

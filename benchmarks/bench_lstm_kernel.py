@@ -7,11 +7,11 @@ import argparse
 
 import numpy as np
 
-import fastseq.lstm._numpy as _numpy
+import fastseq.ops._numpy as _numpy
 from benchmarks.common import take_turns, timed
 
 try:
-    import fastseq.lstm._cython as _cython
+    import fastseq.ops._cython as _cython
 except ImportError:  # extension not built
     _cython = None
 
@@ -46,8 +46,8 @@ def main():
     a = p.parse_args()
     engines = [("numpy", _numpy)] + ([("cython", _cython)] if _cython else [])
     if _cython:
-        print(f"cython engine BLAS: {_cython.BLAS}; threads: {_cython._threads()}; "
-              f"row chunks at N={a.n}: {_cython._lstm_cpu.chunks(a.n)}")
+        print(f"cython engine threads: {_cython._threads()}; "
+              f"row chunks at N={a.n}: {_cython._cpu.chunks(a.n)}")
     run = case(a.n, a.t, a.d, a.h, np.dtype(a.dtype))
     times = take_turns(lambda name: run(dict(engines)[name]), dict(engines), a.reps, pause=0)
     for name, _ in engines:

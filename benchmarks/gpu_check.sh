@@ -111,25 +111,23 @@ k = cupy.ElementwiseKernel("T x", "T y", "y = tanh(x)", "fastseq_smoke")
 print("ElementwiseKernel:", k(cupy.linspace(-2, 2, 5, dtype=cupy.float32)),
       f"({time.time() - t:.2f}s incl. NVRTC)")
 from fastseq import backend
-from fastseq.lstm import _cupy
+from fastseq.ops import _cupy
 backend.use("cupy")
 print(backend.describe())
 a = cupy.asarray(np.random.default_rng(0).standard_normal((64, 32)), dtype=cupy.float32)
 b = cupy.asarray(np.random.default_rng(1).standard_normal((32, 48)), dtype=cupy.float32)
 for x, y in ((a, b), (a.T.copy().T, b), (a, b.T.copy().T)):
-    err = float(abs(_cupy.matmul(x, y) - x @ y).max())
+    err = float(abs(_cupy.cublas_matmul(x, y) - x @ y).max())
     print("direct cuBLAS matmul vs cupy.matmul: max abs diff", err)
     assert err < 1e-4
 s = cupy.cuda.Stream(non_blocking=True)
 _cupy.prepare_direct_products(s.ptr)
 out = cupy.empty((64, 48), cupy.float32)
-with s:
-    _cupy._direct.on = True
+with s, _cupy.capturing():
     s.begin_capture()
     _cupy.matmul(a, b, out=out)
     out *= 2
     g = s.end_capture()
-    _cupy._direct.on = False
 out[...] = 0
 g.launch(stream=cupy.cuda.get_current_stream())
 err = float(abs(out - 2 * (a @ b)).max())

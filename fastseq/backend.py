@@ -1,4 +1,4 @@
-"""The engine configuration: which array module, which kernels, how many threads.
+"""The engine configuration: which engine runs, on how many threads.
 
 This is the only module that reads fastseq's environment variables (once, at import):
 
@@ -7,50 +7,38 @@ This is the only module that reads fastseq's environment variables (once, at imp
                              GPU=1 means cupy whatever FASTSEQ_KERNEL says)
     FASTSEQ_THREADS=n        most threads fastseq's own kernels and the BLAS may use
                              (default: the CPUs this process may use)
-    FASTSEQ_DATA=dir         download cache (default ~/.cache/fastseq)
-    FASTSEQ_PTB_URL=url      base URL to download PTB from (default: the built-in mirrors)
+    FASTSEQ_DATA=dir         download cache (default ~/.cache/fastseq): DATA_DIR
+    FASTSEQ_PTB_URL=url      base URL to download PTB from (default: the built-in mirrors): PTB_URL
 
-An engine is an array module plus the kernels that go with it: ``numpy`` is NumPy alone (no
-compiled extension is ever imported), ``cython`` adds every compiled CPU kernel of fastseq/_ext,
-``cupy`` runs everything on the GPU. ``use(name)`` switches at run time; ``config`` holds the
-resolved choice, ``info()``/``describe()`` report it. Other modules ask ``get_array_module(x)``
-for math on arrays they were given, ``xp`` for new arrays, and ``ext(name)`` for a compiled
-kernel module (None where the engine is not cython).
+An engine is an array module plus the kernels that go with it: ``numpy`` is NumPy alone (the
+compiled extension is never imported), ``cython`` adds the compiled CPU kernels of
+fastseq/_ext/_cpu, ``cupy`` runs everything on the GPU. ``config`` is an immutable Config;
+``use(engine, threads)`` replaces it, ``using(...)`` does so for a block, ``describe()`` reports
+it. Which engine's code runs an op is decided in one place, fastseq.ops.
 """
 import contextlib
 import dataclasses
 import importlib
 import math
+import numbers
 import os
 import sys
+import threading
 import warnings
 
 import numpy as np
 
 ENGINES = ("numpy", "cython", "cupy")
 
-xp = np  # the array module new arrays are created with (follows config.array)
-
 
 class BackendError(RuntimeError):
     """The requested engine cannot run here (message says what is missing)."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
-    array: str = "numpy"          # array module: 'numpy' or 'cupy'
-    kernel: str = "numpy"         # engine whose kernels run: 'numpy', 'cython' or 'cupy'
-    cpus: int = 1                 # CPUs this process may use (affinity and cgroup quota)
-    threads: int = 1              # most threads fastseq's kernels may use (FASTSEQ_THREADS)
-    # thread policy of the CPU kernels, derived from threads (see _thread_policy)
-    lstm_threads: int = 1         # threads taking the Cython LSTM's row chunks
-    optim_threads: int = 1        # threads for the fused optimiser / clipping kernels
-    blas_threads: int = 1         # threads the BLAS may use for fastseq's products
-    small_blas_threads: int = 1   # BLAS threads for the numpy engine's small products (_thread_policy)
-    blas: str = "auto"            # BLAS the Cython LSTM calls: 'auto', 'numpy' or 'scipy'
-    data_dir: str = ""            # download cache (FASTSEQ_DATA)
-    ptb_url: str = ""             # PTB base URL override (FASTSEQ_PTB_URL)
-    gpu_requested: bool = False   # GPU=1 (or FASTSEQ_KERNEL=cupy) was set
+    engine: str = "numpy"  # whose kernels run: 'numpy', 'cython' or 'cupy'
+    threads: int = 1       # most threads fastseq's kernels and the BLAS may use
 
 
 # --- CPUs ------------------------------------------------------------------------------------
@@ -87,6 +75,9 @@ def available_cpus():
     return max(1, min(n, quota) if quota else n)
 
 
+CPUS = available_cpus()
+
+
 # --- environment (read once) -------------------------------------------------------------------
 
 _problems = []  # invalid environment settings: warned at import, raised by require_requested_engine
@@ -97,10 +88,10 @@ def _flag(value):
 
 
 def _read_env(env):
-    kernel = env.get("FASTSEQ_KERNEL", "").strip().lower() or None
-    if kernel is not None and kernel not in ENGINES:
+    engine = env.get("FASTSEQ_KERNEL", "").strip().lower() or None
+    if engine is not None and engine not in ENGINES:
         _problems.append(f"FASTSEQ_KERNEL={env['FASTSEQ_KERNEL']!r}: expected numpy, cython or cupy")
-        kernel = None
+        engine = None
     threads = None
     raw = env.get("FASTSEQ_THREADS", "").strip()
     if raw:
@@ -113,33 +104,12 @@ def _read_env(env):
             threads = None
     gpu = _flag(env.get("GPU", ""))
     if gpu:  # GPU=1 is the documented switch: it wins over FASTSEQ_KERNEL
-        kernel = "cupy"
-    return dict(kernel=kernel, threads=threads, gpu=gpu,
-                data_dir=env.get("FASTSEQ_DATA", "").strip(),
-                ptb_url=env.get("FASTSEQ_PTB_URL", "").strip())
+        engine = "cupy"
+    return engine, threads, gpu, env.get("FASTSEQ_DATA", "").strip(), \
+        env.get("FASTSEQ_PTB_URL", "").strip()
 
 
-_ENV = _read_env(os.environ)
-
-
-SMALL_PRODUCT = 1 << 26  # multiply-adds: the numpy engine's smaller products use small_blas_threads
-
-
-def blas_threads_for(macs):
-    """BLAS threads for a NumPy product of ``macs`` multiply-adds (numpy engine)."""
-    return config.small_blas_threads if macs < SMALL_PRODUCT else config.blas_threads
-
-
-def _thread_policy(cfg):
-    """Fill the per-kernel thread fields from cfg.threads."""
-    cfg.lstm_threads = cfg.threads
-    cfg.optim_threads = cfg.threads  # the kernels use them only for lists large enough to pay
-    cfg.blas_threads = cfg.threads
-    # The numpy engine's LSTM products (N x H x 4H per step) and others below SMALL_PRODUCT: split
-    # over OpenBLAS's threads they gain a little when the machine is idle and lose several times
-    # over when another process holds a core a thread waits on. One thread also gives the same
-    # bits at any thread count or load.
-    cfg.small_blas_threads = 1
+_ENV_ENGINE, _ENV_THREADS, _ENV_GPU, DATA_DIR, PTB_URL = _read_env(os.environ)
 
 
 # --- CuPy (optional) ----------------------------------------------------------------------------
@@ -174,119 +144,208 @@ def gpu_available():
     return _load_cupy() is not None
 
 
-# --- compiled kernels ---------------------------------------------------------------------------
+# --- the compiled extension ----------------------------------------------------------------------
 
-_compiled = {}  # name -> module or None (not importable)
-_compiled_errors = {}
+_ext = []          # [fastseq._ext._cpu or None], once tried
+_ext_error = None
 
 
-def compiled(name):
-    """The built extension module fastseq._ext.<name>, or None when it cannot be imported,
-    whatever the engine (the engine tests compare it with the NumPy path)."""
-    if name not in _compiled:
+def compiled():
+    """The compiled extension fastseq._ext._cpu, or None when it cannot be imported, whatever the
+    engine (the engine tests compare it with the NumPy code)."""
+    global _ext_error
+    if not _ext:
         try:
-            _compiled[name] = importlib.import_module(f"fastseq._ext.{name}")
+            _ext.append(importlib.import_module("fastseq._ext._cpu"))
         except ImportError as e:
-            _compiled[name] = None
-            _compiled_errors[name] = f"{type(e).__name__}: {e}"
+            _ext.append(None)
+            _ext_error = f"{type(e).__name__}: {e}"
         else:
-            _limit_blas()  # the extension may have loaded another BLAS (SciPy's)
-            if name == "_optim_cpu" and compiled("_lstm_cpu") is not None:
-                # one set of worker threads per process: the LSTM kernel's
-                _compiled[name].set_pool(_compiled["_lstm_cpu"].pool_address())
-    return _compiled[name]
-
-
-def ext(name):
-    """fastseq._ext.<name> when the engine is cython and it is built, else None (then the caller
-    runs its NumPy code)."""
-    if config.kernel != "cython":
-        return None
-    return compiled(name)
+            _limit_blas()  # it loaded SciPy's BLAS: one thread per call, the kernels split the work
+    return _ext[0]
 
 
 def cython_available():
-    return compiled("_lstm_cpu") is not None
+    return compiled() is not None
+
+
+# --- BLAS threads (threadpoolctl) ------------------------------------------------------------------
+
+try:
+    import threadpoolctl
+except ImportError:  # then the BLAS keeps its own thread counts
+    threadpoolctl = None
+
+
+def _blas_controllers():
+    """threadpoolctl's controllers of the BLAS libraries loaded so far."""
+    if threadpoolctl is None:
+        return []
+    return threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+
+
+def _set_blas_threads(lib, n):
+    """Set a BLAS library's process-wide thread count from whichever thread calls (threadpoolctl
+    lets only the first thread that sets an OpenBLAS pool set it again: take and give back that
+    role around the call)."""
+    openblas = threadpoolctl.OpenBLASController
+    if isinstance(lib, openblas):
+        openblas.clear_controlling_thread(force=True)
+        lib.set_num_threads(n)
+        openblas.clear_controlling_thread()
+    else:
+        lib.set_num_threads(n)
+
+
+def _is_scipys(lib):
+    """Whether a BLAS is the one SciPy's cython_blas (and so the compiled kernels) calls."""
+    scipy = sys.modules.get("scipy")
+    if scipy is None or not lib.filepath:
+        return False
+    root = os.path.dirname(os.path.abspath(scipy.__file__))
+    return os.path.abspath(lib.filepath).startswith((root + os.sep, root + ".libs" + os.sep))
+
+
+_capped = False  # whether _limit_blas capped the other BLAS libraries
+
+
+def _limit_blas():
+    """SciPy's BLAS (the kernels') on one thread, fastseq's threads cutting the work instead (a
+    NumPy that shares it then runs its own products on one thread too); every other BLAS capped
+    at config.threads when that is below the CPU count (by default it keeps its own)."""
+    global _capped
+    serial, cap = False, config.threads < CPUS
+    for lib in _blas_controllers():
+        if _is_scipys(lib):
+            _set_blas_threads(lib, 1)
+            serial = True
+        elif cap or _capped:  # capped, or back to the CPU count after a cap
+            _set_blas_threads(lib, min(config.threads, CPUS))
+    _capped = cap
+    if _ext and _ext[0] is not None:
+        _ext[0].set_blas_serial(serial)
+    _single.libs = None  # loaded libraries may have changed
+
+
+class _SingleBlasThread:
+    """Context manager: every BLAS on one thread inside (nested and concurrent uses share one
+    setting, restored when the last one leaves). Small products (the numpy engine's per-step
+    ones, one row times a matrix) run faster on one thread, avoid a hand-off to workers that may
+    not be running on a busy machine, and give the same bits at any thread count. The counts it
+    restores are read once after each change of the configuration (_limit_blas)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.libs = None  # [(controller, its thread count outside), ...]
+
+    def __enter__(self):
+        with self.lock:
+            if self.depth == 0:
+                if self.libs is None:
+                    self.libs = [(lib, lib.num_threads) for lib in _blas_controllers()]
+                for lib, n in self.libs:
+                    if n != 1:
+                        _set_blas_threads(lib, 1)
+            self.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                for lib, n in self.libs or ():  # None: use() re-read the libraries meanwhile
+                    if n != 1:
+                        _set_blas_threads(lib, n)
+        return False
+
+
+_single = _SingleBlasThread()
+
+
+def single_blas_thread():
+    """A context in which every BLAS runs on one thread (see _SingleBlasThread)."""
+    return _single
 
 
 # --- choosing the engine ------------------------------------------------------------------------
 
 def _default_engine():
-    if _ENV["kernel"] is not None:
-        return _ENV["kernel"]
-    if _ENV["gpu"]:
-        return "cupy"
+    if _ENV_ENGINE is not None:
+        return _ENV_ENGINE
     return "cython" if cython_available() else "numpy"
 
 
-def use(name="auto"):
-    """Select the engine: 'numpy', 'cython', 'cupy', or 'auto' (the environment's choice).
-    Raises BackendError when it cannot run here. Returns the array module."""
-    global xp
+def _check_engine(name):
+    """name resolved ('auto': the environment's choice, falling back from an unusable GPU; the
+    fallback is recorded for require_requested_engine), or BackendError."""
     if name in (None, "auto"):
         name = _default_engine()
-        if name == "cupy" and not gpu_available():  # recorded; require_requested_engine raises
+        if name == "cupy" and not gpu_available():
             name = "cython" if cython_available() else "numpy"
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; expected numpy, cython, cupy or auto")
-    if name == "cupy":
-        cp = _load_cupy()
-        if cp is None:
-            raise BackendError(f"GPU requested but unavailable: {_cupy_error}")
-        xp = cp
-    else:
-        if name == "cython" and not cython_available():
-            raise BackendError(f"the cython engine is not built here "
-                               f"({_compiled_errors.get('_lstm_cpu', 'not importable')}); "
-                               f"reinstall with a C compiler, or use the numpy engine")
-        xp = np
-    config.array = "cupy" if name == "cupy" else "numpy"
-    config.kernel = name
-    return xp
+    if name == "cupy" and _load_cupy() is None:
+        raise BackendError(f"GPU requested but unavailable: {_cupy_error}")
+    if name == "cython" and not cython_available():
+        raise BackendError(f"the cython engine is not built here ({_ext_error}); "
+                           f"reinstall with a C compiler, or use the numpy engine")
+    return name
+
+
+def _check_threads(n):
+    if n == "auto":
+        return _ENV_THREADS or CPUS
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"threads must be an integer >= 1 or 'auto', got {n!r}")
+    return int(n)
+
+
+def use(engine=None, threads=None):
+    """Select the engine ('numpy', 'cython', 'cupy', or 'auto': the environment's choice) and the
+    thread count (an integer, or 'auto': FASTSEQ_THREADS or the CPU count); None keeps the
+    current one. Raises BackendError when the engine cannot run here. Returns the array module."""
+    _apply(Config(config.engine if engine is None else _check_engine(engine),
+                  config.threads if threads is None else _check_threads(threads)))
+    return array_module()
+
+
+def _apply(new):
+    global config
+    old, config = config, new
+    if new.threads != old.threads:
+        _limit_blas()
 
 
 @contextlib.contextmanager
-def using(name):
-    """Run a block on another engine, then restore the previous configuration."""
-    global xp
-    saved, saved_xp = dataclasses.replace(config), xp
+def using(engine=None, threads=None):
+    """Run a block with another engine and/or thread count, then restore the configuration."""
+    saved = config
     try:
-        use(name)
+        use(engine, threads)
         yield config
     finally:
-        for f in dataclasses.fields(Config):
-            setattr(config, f.name, getattr(saved, f.name))
-        xp = saved_xp
+        _apply(saved)
 
 
-def _limit_blas():
-    """Cap the BLAS pools loaded so far at config.blas_threads when that is below the CPU count
-    (FASTSEQ_THREADS=1: every product single-threaded too); by default the BLAS keeps its own."""
-    if config.blas_threads >= config.cpus:
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    threadpool_limits(config.blas_threads, user_api="blas")
+def array_module():
+    """The module new arrays are created with: cupy on the cupy engine, else numpy."""
+    return _cupy if config.engine == "cupy" else np
 
 
-def set_threads(n=None):
-    """Change config.threads (None: back to FASTSEQ_THREADS or the CPU count) and the per-kernel
-    thread fields derived from it."""
-    if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
-        raise ValueError(f"threads must be an integer >= 1, got {n!r}")
-    config.threads = int(n) if n is not None else (_ENV["threads"] or config.cpus)
-    _thread_policy(config)
-    _limit_blas()
+def __getattr__(name):
+    if name == "xp":  # backend.xp: array_module()
+        return array_module()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_gpu():
-    return xp is not np
+    return config.engine == "cupy"
 
 
 def requested_gpu():
-    return config.gpu_requested
+    """Whether GPU=1 (or FASTSEQ_KERNEL=cupy) was set."""
+    return _ENV_GPU or _ENV_ENGINE == "cupy"
 
 
 def require_requested_engine():
@@ -299,7 +358,7 @@ def require_requested_engine():
         raise BackendError(f"GPU=1 was set but the GPU engine is unavailable: {_cupy_error}")
     if wanted == "cython" and not cython_available():
         raise BackendError(f"FASTSEQ_KERNEL=cython but the cython engine is not built here "
-                           f"({_compiled_errors.get('_lstm_cpu', 'not importable')})")
+                           f"({_ext_error})")
 
 
 # --- arrays ---------------------------------------------------------------------------------------
@@ -335,9 +394,9 @@ def to_gpu(a):
 
 def asarray(a, dtype=None):
     """An array on the current engine's device."""
-    if xp is np:
+    if not is_gpu():
         return np.asarray(to_cpu(a), dtype=dtype)
-    return xp.asarray(a, dtype=dtype)
+    return _cupy.asarray(a, dtype=dtype)
 
 
 _ids_checked = 0  # > 0 inside ids_checked()
@@ -376,12 +435,10 @@ def check_same_device(*arrays, what="arrays"):
 
 def _blas_pools():
     """[(library (owning package), threads), ...] for the BLAS and OpenMP pools loaded here."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
+    if threadpoolctl is None:
         return []
     pools = []
-    for d in threadpool_info():
+    for d in threadpoolctl.threadpool_info():
         folder = os.path.basename(os.path.dirname(d.get("filepath", "")))
         owner = f" ({folder[:-5]})" if folder.endswith(".libs") else ""  # a wheel's bundled copy
         name = d.get("internal_api", "?") + owner
@@ -390,22 +447,21 @@ def _blas_pools():
 
 
 def info():
-    """The resolved configuration as a dict (engine, kernel, cpus, threads, BLAS pools...)."""
+    """The configuration and what it runs on, as a dict (engine, threads, cpus, BLAS pools...)."""
     d = dataclasses.asdict(config)
-    d["engine"] = config.kernel
-    d["lstm"] = config.kernel  # the LSTM engine (kept for older readers of metrics.json)
-    d["cython_built"] = cython_available() if config.kernel != "numpy" else None
+    d["cpus"] = CPUS
+    d["cython_built"] = cython_available() if config.engine != "numpy" else None
     d["blas_pools"] = _blas_pools()
     if is_gpu():
-        dev = xp.cuda.Device()
-        d["device"] = xp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
+        dev = _cupy.cuda.Device()
+        d["device"] = _cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
     return d
 
 
 def describe():
     """One line for logs: engine, CPUs, threads and BLAS pools."""
     d = info()
-    s = f"engine: {d['engine']} ({d['array']} arrays)"
+    s = f"engine: {d['engine']} ({'cupy' if is_gpu() else 'numpy'} arrays)"
     if "device" in d:
         s += f" on {d['device']}"
     s += f"; {d['cpus']} CPUs, {d['threads']} threads"
@@ -414,9 +470,8 @@ def describe():
     return s
 
 
-config = Config(cpus=available_cpus(), data_dir=_ENV["data_dir"], ptb_url=_ENV["ptb_url"],
-                gpu_requested=_ENV["gpu"] or _ENV["kernel"] == "cupy")
-set_threads()
+config = Config(threads=_ENV_THREADS or CPUS)
+_limit_blas()
 try:
     use("auto")
 except BackendError as e:  # FASTSEQ_KERNEL=cython without the build: NumPy runs meanwhile

@@ -13,11 +13,11 @@ What capture needs from the step, and how fastseq's CuPy path provides it:
   device, Adam's step size comes from a device counter, and the trainer checks the ids of the
   whole data set once instead of every batch (``backend.ids_checked``);
 - cuBLAS products: CuPy refuses cuBLAS while a stream captures, so during capture the products go
-  to cuBLAS directly through a handle of fastseq's own (``fastseq.lstm._cupy.matmul``);
+  to cuBLAS directly through a handle of fastseq's own (``fastseq.ops._cupy.cublas_matmul``);
 - memory: what the step allocates while it is captured comes from a memory pool of the graph's
   own, kept with the graph, so no other array is ever given an address the graph writes to;
 - random numbers: cuRAND calls cannot be captured, so dropout masks on the device are hashed
-  from a seed and a draw counter kept on the device (``fastseq.lstm._cupy.dropout_mask``);
+  from a seed and a draw counter kept on the device (``fastseq.ops._cupy.dropout_mask``);
 - state carried from step to step (the language models' LSTM h and c, truncated BPTT): the
   graph reads the state from buffers of its own and writes the new state back into them at the
   end; a state set or reset between steps is copied into them before the next launch.
@@ -165,7 +165,7 @@ class CupyGraphApi:
 
     def __init__(self):
         import cupy
-        from .lstm import _cupy
+        from .ops import _cupy
         self.cupy, self._cupy_engine = cupy, _cupy
         self.stream = cupy.cuda.Stream(non_blocking=True)
 
@@ -183,7 +183,7 @@ class CupyGraphApi:
             b = cupy.asarray(rng.standard_normal((3, 4)).astype(dtype))
             for x, y in ((a, b), (cupy.asfortranarray(a), b), (a, cupy.asfortranarray(b))):
                 with self.direct_products():
-                    got = engine.matmul(x, y)
+                    got = engine.cublas_matmul(x, y)
                 if not bool(cupy.allclose(got, cupy.matmul(x, y), rtol=1e-4, atol=1e-5)):
                     raise RuntimeError("direct cuBLAS products disagree with CuPy's")
 
@@ -195,12 +195,8 @@ class CupyGraphApi:
 
     @contextlib.contextmanager
     def direct_products(self):
-        engine = self._cupy_engine
-        old, engine._direct.on = engine._direct.on, True
-        try:
+        with self._cupy_engine.capturing():
             yield
-        finally:
-            engine._direct.on = old
 
     @contextlib.contextmanager
     def capture(self):

@@ -5,12 +5,9 @@ concatenated ``grads`` list stays valid across steps.
 """
 import numpy as np
 
-from . import backend
+from . import backend, ops
 from .backend import get_array_module
 from .functions import exp_rows, matmul, softmax_cross_entropy
-from .lstm import get_kernel
-
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class TimeEmbedding:
@@ -29,72 +26,20 @@ class TimeEmbedding:
         idx = xp.asarray(idx)
         if idx.dtype.kind not in "iu":
             raise TypeError(f"TimeEmbedding expects integer ids, got dtype {idx.dtype}")
-        ops = backend.ext("_ops_cpu")
-        if ops is not None and xp is np and W.flags.c_contiguous and W.dtype in _FLOATS:
-            # one pass that checks the ids and copies the rows (fastseq/_ext/_ops_cpu)
-            ids = np.ascontiguousarray(idx, dtype=np.int64)
-            out = np.empty(ids.shape + (W.shape[1],), dtype=W.dtype)
-            if ops.embed_gather(W, ids.reshape(-1), out.reshape(-1, W.shape[1])) >= 0:
-                self._out_of_range(ids, W.shape[0])
-            self.idx = ids
-            return out
-        if idx.size and not backend.skip_id_check(idx) and \
-                (int(idx.min()) < 0 or int(idx.max()) >= W.shape[0]):
-            self._out_of_range(idx, W.shape[0])
-        self.idx = idx
-        return W[idx]
-
-    @staticmethod
-    def _out_of_range(idx, V):
-        raise ValueError(f"token id out of range: ids must be in [0, {V}), "
-                         f"got min {int(idx.min())}, max {int(idx.max())}")
+        out, self.idx = ops.engine_for(W).embed_gather(W, idx)
+        return out
 
     def backward(self, dout, accumulate=False):
         """Scatter-add dout into the rows of dW (zeroed first unless ``accumulate``: then the rows
         are added to what dW already holds, e.g. a tied output layer's gradient)."""
         dW, = self.grads
-        xp = get_array_module(dW)
-        D = dW.shape[1]
-        ops = backend.ext("_ops_cpu")
-        if (ops is not None and xp is np and dout.ndim == 3 and self.idx.ndim == 2
-                and dout.dtype == dW.dtype and dW.dtype in _FLOATS and dW.flags.c_contiguous
-                and self.idx.dtype == np.int64 and dout.strides[2] == dout.itemsize):
-            ops.embed_scatter(dW, self.idx, dout, accumulate)  # ids checked in forward
-            return None
-        if not accumulate and not (xp is np and dW.shape[0] <= 64):
-            dW[...] = 0
-        # scatter-add of rows: add.at is slow on NumPy, so sort and reduce, or one small product
-        ids = self.idx.ravel()
-        d = dout.reshape(-1, D)
-        if xp is np:
-            V = dW.shape[0]
-            if V <= 64:  # small vocabulary: dW (+)= onehot(ids)^T d, one small product
-                onehot = np.zeros((ids.size, V), dtype=d.dtype)
-                onehot[np.arange(ids.size), ids] = 1
-                if accumulate:
-                    dW += onehot.T @ d
-                else:
-                    np.matmul(onehot.T, d, out=dW)
-            elif ids.size * 4 < V:  # few ids, big vocabulary: add.at over rows only
-                xp.add.at(dW, ids, d)
-            else:
-                order = xp.argsort(ids, kind="stable")
-                sids = ids[order]
-                starts = xp.flatnonzero(xp.r_[True, sids[1:] != sids[:-1]])
-                rows = sids[starts]
-                sums = xp.add.reduceat(d[order], starts, axis=0)
-                if accumulate:
-                    dW[rows] += sums  # rows are unique here
-                else:
-                    dW[rows] = sums
-        else:
-            xp.add.at(dW, ids, d)
+        ops.engine_for(dW).embed_scatter(dW, self.idx, dout, accumulate)
         return None
 
 
 class TimeLSTM:
     """LSTM over a whole sequence. params = [Wx (D, 4H), Wh (H, 4H), b (4H,)], gates [f|g|i|o].
-    The arithmetic is the engine's (fastseq.lstm.get_kernel); step(x) advances one time step for
+    The arithmetic is the engine's (fastseq.ops.engine_for); step(x) advances one time step for
     generation and decoding.
 
     stateful=True carries (h, c) from one forward to the next (truncated BPTT); set_state(h, c)
@@ -138,7 +83,7 @@ class TimeLSTM:
         N T positions, and an engine that takes ids (the NumPy and Cython ones)."""
         V = embed.params[0].shape[0]
         return (ids.ndim == 2 and 4 * V <= ids.size
-                and getattr(get_kernel(self.params[0]), "TAKES_IDS", False))
+                and ops.engine_for(self.params[0]).TAKES_IDS)
 
     def forward(self, xs, context=None, embed=None, context_proj=None):
         Wx, Wh, b = self.params
@@ -182,7 +127,7 @@ class TimeLSTM:
             self.c = xp.zeros((N, H), dtype=Wx.dtype)
         if self.h.shape != (N, H):
             raise ValueError(f"TimeLSTM state has shape {self.h.shape} but the batch needs {(N, H)}")
-        self._kernel = get_kernel(Wx)
+        self._kernel = ops.engine_for(Wx)
         if embed is None:
             xs = xs.astype(Wx.dtype, copy=False)
         hs, self.h, self.c, self._cache = self._kernel.forward(xs, Wx, Wh, b, self.h, self.c)
@@ -223,8 +168,8 @@ class TimeLSTM:
             b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K]) + b
             Wx = Wx[K:]
         self._step_state(x, Wx)
-        self.h, self.c = get_kernel(Wx).step(x.astype(Wx.dtype, copy=False), Wx, Wh, b,
-                                             self.h, self.c)
+        self.h, self.c = ops.engine_for(Wx).step(x.astype(Wx.dtype, copy=False), Wx, Wh, b,
+                                                 self.h, self.c)
         return self.h
 
     def stepper(self):
@@ -232,7 +177,7 @@ class TimeLSTM:
         meanwhile (generation): a function x (N, D) -> h, with the engine's per-weights work
         (see the engines' stepper) done here once."""
         Wx, Wh, b = self.params
-        run = get_kernel(Wx).stepper(Wx, Wh, b)
+        run = ops.engine_for(Wx).stepper(Wx, Wh, b)
 
         def step(x):
             self._step_state(x, Wx)
@@ -250,7 +195,7 @@ class TimeLSTM:
         E Wx made here (see forward's embed=); else it gathers E's rows. context (B, K): an input
         held constant (as in forward), its share c Wx[:K] + b computed here."""
         Wx, Wh, b = self.params
-        kernel = get_kernel(Wx)
+        kernel = ops.engine_for(Wx)
         if context is not None:
             if context.ndim != 2 or context.shape[1] >= Wx.shape[0]:
                 raise ValueError(f"TimeLSTM context must be (B, K) with K < {Wx.shape[0]}, "
@@ -265,7 +210,7 @@ class TimeLSTM:
         if E.shape[1] != Wx.shape[0]:
             raise ValueError(f"embedding width {E.shape[1]} does not match the LSTM input "
                              f"width {Wx.shape[0]}")
-        if rows is not None and E.shape[0] <= rows and getattr(kernel, "TAKES_IDS", False):
+        if rows is not None and E.shape[0] <= rows and kernel.TAKES_IDS:
             table = matmul(E, Wx)                                             # (V, 4H)
             return lambda ids, h, c: kernel.final_state(ids[:, None], table, Wh, b, h, c)
         run = kernel.stepper(Wx, Wh, b)
@@ -295,7 +240,7 @@ class TimeLSTM:
             raise ValueError(f"final_state expects integer ids (N, T) for an embedding of width "
                              f"{Wx.shape[0]}, got {ids.dtype} {ids.shape} and width {E.shape[1]}")
         xp = get_array_module(Wx)
-        kernel = get_kernel(Wx)
+        kernel = ops.engine_for(Wx)
         (N, T), V, H = ids.shape, E.shape[0], Wh.shape[0]
         fused = self.fuse_embedding(embed, ids)
         if fused:  # ids into the table E Wx (see forward's embed=)
@@ -412,7 +357,7 @@ class TimeDropout:
         self.mask = None
         self._seed = seed
         self._rng = None
-        self._device_state = None  # CuPy: [seed, draws] on the device (lstm._cupy.dropout_mask)
+        self._device_state = None  # CuPy: [seed, draws] on the device (ops._cupy.dropout_mask)
 
     def reseed(self, seed=None):
         """Restart the mask generator (same seed -> same masks again)."""
@@ -442,11 +387,11 @@ class TimeDropout:
         self._rng = None if rng is None else (np, rng)
         self._device_state = device
 
-    def _random(self, shape, xp):
+    def _generator(self, xp):
         if self._rng is None or self._rng[0] is not xp:
             self._rng = (xp, xp.random.RandomState(self._seed) if self._seed is not None
                          else xp.random)
-        return self._rng[1].random_sample(shape)
+        return self._rng[1]
 
     def forward(self, xs):
         if not self.train_flg or self.dropout_ratio == 0:
@@ -455,13 +400,13 @@ class TimeDropout:
         xp = get_array_module(xs)
         keep = 1.0 - self.dropout_ratio
         if xp is not np:  # masks hashed on the device: nothing from the host, capturable
-            from .lstm import _cupy
             if self._device_state is None:
                 seed = self._seed if self._seed is not None else np.random.randint(2 ** 31 - 1)
                 self._device_state = xp.asarray(np.array([seed, 0.0]))
-            self.mask = _cupy.dropout_mask(xs.shape, xs.dtype, keep, self._device_state)
-            return xs * self.mask
-        self.mask = (self._random(xs.shape, xp) < keep).astype(xs.dtype) / xs.dtype.type(keep)
+            state = self._device_state
+        else:
+            state = self._generator(xp)
+        self.mask = ops.engine_for(xs).dropout_mask(xs.shape, xs.dtype, keep, state)
         return xs * self.mask
 
     def backward(self, dout):

@@ -3,9 +3,7 @@ carry everything a resumed run needs (the learning rate, Adam's moments and step
 import math
 import numbers
 
-import numpy as np
-
-from . import backend
+from . import backend, ops
 from .backend import get_array_module
 
 
@@ -54,19 +52,24 @@ class Adam:
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, fused=True):
         self.lr = _check_lr(lr)
         self.beta1, self.beta2 = _check_beta("beta1", beta1), _check_beta("beta2", beta2)
-        self.fused = fused  # one pass of fastseq/_ext/_optim_cpu on the cython engine
+        self.fused = fused  # the engine's kernels (False: the numpy engine's code, for tests)
         self.iter = 0
         self.m = self.v = None
-        # CuPy: (counter [t, lr_t] on the device, the step it belongs to), kept by the GPU update
-        self.device_state = None
-        self._buf = None
+        # the engine's working state (fastseq.ops adam_update): on the GPU (counter [t, lr_t] on
+        # the device, the step it belongs to), which a checkpoint keeps; elsewhere scratch memory
+        self._work = None
+
+    @property
+    def device_state(self):
+        """The GPU step counter (counter array, its step), or None off the GPU."""
+        return self._work if isinstance(self._work, tuple) else None
 
     def count_step(self):
         """Account for one update that ran inside a replayed CUDA graph: the host's step count
         advances, and the device counter (advanced by the graph) belongs to the new step."""
         self.iter += 1
         if self.device_state is not None:
-            self.device_state = (self.device_state[0], self.iter)
+            self._work = (self._work[0], self.iter)
 
     def state_dict(self):
         """The settings, the step count and the moments (references: copy before training on);
@@ -93,7 +96,7 @@ class Adam:
         held = state["device_state"]
         self.lr, self.beta1, self.beta2, self.iter = lr, beta1, beta2, step
         self.m, self.v = moments
-        self.device_state = None if held is None or not backend.is_gpu() else \
+        self._work = None if held is None or not backend.is_gpu() else \
             (backend.asarray(held["counter"]), _check_count("device iter", held["iter"]))
 
     def update(self, params, grads):
@@ -101,40 +104,12 @@ class Adam:
             self.m = [get_array_module(p).zeros_like(p) for p in params]
             self.v = [get_array_module(p).zeros_like(p) for p in params]
         self.iter += 1
-        if params and get_array_module(params[0]) is not np:
-            # CuPy: one fused kernel per parameter; lr_t comes from a step counter on the device,
-            # so nothing is sent per step (and the update can be captured in a CUDA graph)
-            from .lstm import _cupy
-            return _cupy.adam_update(self, params, grads)
-        lr_t = self.lr * (1.0 - self.beta2 ** self.iter) ** 0.5 / (1.0 - self.beta1 ** self.iter)
-        kernel = backend.ext("_optim_cpu") if self.fused else None
-        if kernel is not None and kernel.adam_update(list(params), list(grads), self.m, self.v,
-                                                     lr_t, 1 - self.beta1, 1 - self.beta2, 1e-7,
-                                                     backend.config.optim_threads):
-            return  # all host arrays, contiguous: done in one fused pass
-        for p, g, m, v in zip(params, grads, self.m, self.v):
-            xp = get_array_module(p)
-            d = self._scratch(p, params)  # in place: no temporaries
-            xp.subtract(g, m, out=d)
-            d *= 1 - self.beta1
-            m += d
-            xp.multiply(g, g, out=d)
-            d -= v
-            d *= 1 - self.beta2
-            v += d
-            xp.sqrt(v, out=d)
-            d += 1e-7
-            xp.divide(m, d, out=d)
-            d *= lr_t
-            p -= d
-
-    def _scratch(self, p, params):
-        """A buffer shaped like p, reused across parameters and steps."""
-        buf = self._buf
-        if buf is None or buf.dtype != p.dtype or get_array_module(buf) is not get_array_module(p) \
-                or buf.size < p.size:
-            buf = self._buf = get_array_module(p).empty(max(q.size for q in params), p.dtype)
-        return buf[:p.size].reshape(p.shape)
+        if not params:
+            return
+        engine = ops.engine_for(params[0]) if self.fused else ops.engine("numpy")
+        self._work = engine.adam_update(list(params), list(grads), self.m, self.v,
+                                        self.lr, self.beta1, self.beta2, self.iter,
+                                        self._work)
 
 
 def _check_like(name, arrays, params):

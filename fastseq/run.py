@@ -82,7 +82,7 @@ def select_engine(name):
     if name == "auto":
         backend.require_requested_engine()
     backend.use(name)
-    return backend.config.kernel
+    return backend.config.engine
 
 
 def check_out(out):

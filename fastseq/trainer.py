@@ -347,12 +347,11 @@ def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_
     else:
         from concurrent.futures import ThreadPoolExecutor
 
-        from .lstm._blas import blas_threads
         parts = np.array_split(np.arange(N), workers)
         models = [model] + [model.inference_copy() for _ in range(workers - 1)]
 
         def work(k):
-            with blas_threads(1):  # each decoding thread runs its own products
+            with backend.single_blas_thread():  # each decoding thread runs its own products
                 decode(models[k], parts[k])
 
         with ThreadPoolExecutor(workers) as pool:

@@ -97,7 +97,7 @@ def find_cycle(graph):
 
 def test_no_import_cycle_in_fastseq():
     graph = import_graph()
-    assert "fastseq.layers" in graph and "fastseq.lstm" in graph["fastseq.layers"]
+    assert "fastseq.layers" in graph and "fastseq.ops" in graph["fastseq.layers"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -129,15 +129,18 @@ def test_only_backend_reads_the_environment_or_imports_ext():
 # --- configuration -------------------------------------------------------------------------------
 
 def test_config_fields():
+    import dataclasses
     c = backend.config
-    assert c.array in ("numpy", "cupy") and c.kernel in backend.ENGINES
-    assert 1 <= c.cpus <= len(os.sched_getaffinity(0))
-    assert c.threads >= 1
+    assert [f.name for f in dataclasses.fields(c)] == ["engine", "threads"]
+    assert c.engine in backend.ENGINES and c.threads >= 1
+    assert 1 <= backend.CPUS <= len(os.sched_getaffinity(0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.threads = 2  # replaced by use(), never changed in place
     info = backend.info()
-    for key in ("engine", "array", "kernel", "cpus", "threads", "blas_threads", "blas_pools"):
+    for key in ("engine", "cpus", "threads", "blas_pools"):
         assert key in info
     line = backend.describe()
-    assert f"engine: {c.kernel}" in line and f"{c.threads} threads" in line
+    assert f"engine: {c.engine}" in line and f"{c.threads} threads" in line
 
 
 def test_cgroup_quota_caps_cpus(monkeypatch):
@@ -171,7 +174,7 @@ def test_environment_is_read_once_at_import():
         import os
         from fastseq import backend
         os.environ["FASTSEQ_THREADS"] = "7"   # too late: the configuration is already resolved
-        print(backend.config.threads, backend.config.data_dir)
+        print(backend.config.threads, backend.DATA_DIR)
         """, FASTSEQ_THREADS="3", FASTSEQ_DATA="/tmp/fsdata")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["3", "/tmp/fsdata"]
@@ -180,11 +183,10 @@ def test_environment_is_read_once_at_import():
 def test_single_thread_setting():
     r = _run("""
         from fastseq import backend
-        c = backend.config
-        print(c.threads, c.lstm_threads, c.blas_threads)
+        print(backend.config.threads)
         """, FASTSEQ_THREADS="1")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["1", "1", "1"]
+    assert r.stdout.split() == ["1"]
 
 
 def test_one_thread_caps_the_blas_pools():
@@ -213,28 +215,27 @@ def test_invalid_setting_warns_and_cli_exits_2(var, value):
 
 def test_gpu_wins_over_fastseq_kernel():
     r = _run("import sys; sys.modules['cupy'] = None\n"
-             "from fastseq import backend; print(backend.config.gpu_requested)\n"
+             "from fastseq import backend; print(backend.requested_gpu())\n"
              "backend.require_requested_engine()", GPU="1", FASTSEQ_KERNEL="numpy")
     assert r.returncode == 1 and r.stdout.strip() == "True" and "GPU=1" in r.stderr
 
 
-def test_set_threads_validates():
-    old = backend.config.threads
-    try:
-        backend.set_threads(1)
-        assert backend.config.threads == 1 and backend.config.lstm_threads == 1
-        with pytest.raises(ValueError, match="threads"):
-            backend.set_threads(0)
-    finally:
-        backend.set_threads(old)
-    assert backend.config.threads == old
+def test_use_threads_validates():
+    old = backend.config
+    with backend.using(threads=1):
+        assert backend.config.threads == 1 and backend.config.engine == old.engine
+        for bad in (0, -1, 1.5, True, "two"):
+            with pytest.raises(ValueError, match="threads"):
+                backend.use(threads=bad)
+    assert backend.config == old
 
 
 def test_use_switches_and_using_restores():
-    before = (backend.config.kernel, backend.xp)
+    from fastseq import ops
+    before = (backend.config, backend.xp)
     with backend.using("numpy"):
-        assert backend.config.kernel == "numpy" and backend.ext("_ops_cpu") is None
-    assert (backend.config.kernel, backend.xp) == before
+        assert backend.config.engine == "numpy" and ops.engine_for(np.zeros(1)) is ops._numpy
+    assert (backend.config, backend.xp) == before
     with pytest.raises(ValueError, match="unknown engine"):
         backend.use("fortran")
 
@@ -242,15 +243,16 @@ def test_use_switches_and_using_restores():
 def test_cython_engine_uses_the_extension():
     if not backend.cython_available():
         pytest.skip("the cython engine is not built here")
+    from fastseq import ops
     with backend.using("cython"):
-        assert backend.ext("_lstm_cpu") is backend.compiled("_lstm_cpu") is not None
+        assert ops.engine_for(np.zeros(1))._cpu is backend.compiled() is not None
 
 
 def test_numpy_engine_never_touches_the_extension(monkeypatch, numpy_kernel):
     """In process: with the numpy engine nobody asks for a compiled module."""
     from fastseq import Adam, Seq2seq, clip_grads
     calls = []
-    monkeypatch.setattr(backend, "compiled", lambda name: calls.append(name))
+    monkeypatch.setattr(backend, "compiled", lambda: calls.append("compiled"))
     m = Seq2seq(13, 8, 16, seed=0)
     rng = np.random.default_rng(0)
     loss = m.forward(rng.integers(0, 13, (4, 5)), rng.integers(0, 13, (4, 4)))
@@ -296,7 +298,7 @@ PURE = """
     import numpy as np
     import fastseq
     from fastseq import backend
-    assert backend.config.kernel == "numpy", backend.config
+    assert backend.config.engine == "numpy", backend.config
     rng = np.random.default_rng(0)
 
     m = fastseq.PeekySeq2seq(13, 8, 16, seed=0)
@@ -348,3 +350,39 @@ def test_readme_table_lists_every_variable_backend_reads():
     table = set(re.findall(r"^\| `([A-Z_]+)` \|", (ROOT / "README.md").read_text(), re.M))
     assert read and read <= table, f"missing from README's table: {read - table}"
     assert table - read <= {"FASTSEQ_REQUIRE_EXT"}  # read by setup.py and the tests only
+
+
+# --- BLAS threads ------------------------------------------------------------------------------------
+
+def test_single_blas_thread_covers_every_thread_and_restores():
+    """Inside single_blas_thread every BLAS runs on one thread, seen from any thread (nested and
+    concurrent uses included); the counts come back when the last use leaves."""
+    import threading
+    libs = backend._blas_controllers()
+    if not libs:
+        pytest.skip("threadpoolctl finds no BLAS here")
+    before = [lib.num_threads for lib in libs]
+    seen = []
+    with backend.single_blas_thread():
+        def other():
+            with backend.single_blas_thread():
+                seen.append([lib.num_threads for lib in libs])
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        seen.append([lib.num_threads for lib in libs])
+    assert seen == [[1] * len(libs)] * 2
+    assert [lib.num_threads for lib in libs] == before
+
+
+def test_kernels_blas_is_scipys_on_one_thread(cython_engine):
+    """The compiled kernels call SciPy's BLAS; it runs each call on one thread (fastseq's
+    workers split the work), so the kernels may use their worker threads."""
+    kernel = backend.compiled()
+    scipys = [lib for lib in backend._blas_controllers() if backend._is_scipys(lib)]
+    if not scipys:
+        pytest.skip("threadpoolctl does not see SciPy's BLAS here")
+    assert [lib.num_threads for lib in scipys] == [1] * len(scipys)
+    assert kernel.can_thread()
+    with backend.using(threads=1):
+        assert [lib.num_threads for lib in scipys] == [1] * len(scipys)

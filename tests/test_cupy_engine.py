@@ -10,7 +10,7 @@ cupy = pytest.importorskip("cupy")
 
 from fastseq import backend  # noqa: E402
 from fastseq.layers import TimeLSTM  # noqa: E402
-from fastseq.lstm import _cupy, _numpy, get_kernel  # noqa: E402
+from fastseq.ops import _cupy, _cupy_math, _numpy, engine_for  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -110,7 +110,7 @@ def test_timelstm_stateful_continuation(dtype):
     h0[...] = 0
     c0[...] = 0
     layer = TimeLSTM(*[backend.to_gpu(p) for p in (Wx, Wh, b)], stateful=True)
-    assert get_kernel(layer.params[0]) is _cupy
+    assert engine_for(layer.params[0]) is _cupy
     xs_gpu = backend.to_gpu(xs)
     hs1 = layer.forward(xs_gpu[:, :4])
     h1, c1 = backend.to_cpu(layer.h), backend.to_cpu(layer.c)
@@ -140,13 +140,13 @@ def test_kernels_are_built_once():
     args, _ = _problem(1, 2, 3, 4, 5, np.float32)
     gpu = [backend.to_gpu(a) for a in args]
     _cupy.forward(*gpu)
-    kernels = dict(_cupy._compiled)
+    kernels = dict(_cupy_math._compiled)
     _, _, _, cache = _cupy.forward(*gpu)
     _cupy.backward(cupy.ones((2, 3, 5), np.float32), cache,
                    [cupy.zeros_like(a) for a in gpu[1:4]])
-    assert set(_cupy._compiled) == {"fastseq_lstm_fwd_step", "fastseq_lstm_bwd_step"}
+    assert set(_cupy_math._compiled) == {"fastseq_lstm_fwd_step", "fastseq_lstm_bwd_step"}
     for name, k in kernels.items():
-        assert _cupy._compiled[name] is k
+        assert _cupy_math._compiled[name] is k
 
 
 def test_mixing_host_and_device_arrays_raises():

@@ -1,4 +1,4 @@
-"""CPU checks of the CuPy LSTM engine (fastseq/lstm/_cupy.py) without CuPy or a GPU.
+"""CPU checks of the cupy engine (fastseq/ops/_cupy.py, _cupy_math.py) without CuPy or a GPU.
 
 The very kernel strings that the engine hands to ``cupy.ElementwiseKernel`` are wrapped in a
 host C++ harness that mirrors the code CuPy generates around them:
@@ -23,7 +23,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from fastseq.lstm import _cupy, _numpy
+from fastseq.ops import _cupy, _cupy_math, _numpy
 
 _CXX = (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
         or shutil.which("clang++"))
@@ -126,7 +126,7 @@ def _harness_source():
             parts.append(f'extern "C" void {kname}_{ctype}({", ".join(cdecl)}) {{\n'
                          f"  {kname}_impl<{ctype}>({', '.join(cargs)});\n}}\n")
     for kname, (ins, outs, map_expr, reduce_expr, post, identity) in \
-            _cupy._REDUCTION_KERNELS.items():
+            _cupy_math._REDUCTION_KERNELS.items():
         (xname, _, xt, _), = _parse_params(ins, True)
         (yname, _, yt, _), = _parse_params(outs, False)
         assert xt == "T" and yt == "float64", "harness: reductions T -> float64 only"
@@ -456,25 +456,6 @@ def test_engine_row_bias_matches_numpy_reference(kernel, dtype, N, T, D, H):
         np.testing.assert_allclose(g, rg, **gtol)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("row_bias", [False, True])
-def test_engine_greedy_matches_numpy_reference(kernel, dtype, row_bias):
-    """Greedy decoding with the forward step kernel: the reference's ids, the inputs untouched."""
-    rng = np.random.default_rng(7 + row_bias)
-    N, V, H, S = 9, 5, 4, 6
-    ids = rng.integers(0, V, N)
-    Wx, Wh = rng.standard_normal((V, 4 * H)), rng.standard_normal((H, 4 * H)) / 2
-    b = rng.standard_normal((N, 4 * H) if row_bias else 4 * H)
-    h, c = np.tanh(rng.standard_normal((N, H))), rng.standard_normal((N, H))
-    Wout, bout = rng.standard_normal((H, V)) * 3, rng.standard_normal(V)
-    args = [a.astype(dtype) for a in (Wx, Wh, b, h, c, Wout, bout)]
-    before = [a.copy() for a in args]
-    got = _cupy._greedy(np, kernel, ids, *args, S)
-    np.testing.assert_array_equal(got, _numpy.greedy(ids, *args, S))
-    for a, a0 in zip(args, before):
-        np.testing.assert_array_equal(a, a0)
-
-
 # ------------------------------------------------- optimiser and clipping kernels, products
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -486,24 +467,21 @@ def test_adam_kernels_match_numpy_adam(kernel, dtype):
     shapes = [(3, 4), (5,), (2, 3, 2)]
     params = [rng.standard_normal(s).astype(dtype) for s in shapes]
     ref = [p.copy() for p in params]
-    dev_opt, ref_opt = Adam(lr=0.01), Adam(lr=0.01, fused=False)
-    for step in range(3):
+    ref_opt = Adam(lr=0.01, fused=False)
+    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    state = None
+    for step in range(1, 4):
         grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
         ref_opt.update(ref, grads)
-        if dev_opt.m is None:
-            dev_opt.m = [np.zeros_like(p) for p in params]
-            dev_opt.v = [np.zeros_like(p) for p in params]
-        dev_opt.iter += 1
-        _cupy._adam_update(np, kernel, dev_opt, params, grads)
-        assert dev_opt.device_state[0][0] == dev_opt.iter
+        state = _cupy_math._adam_update(np, kernel, params, grads, m, v, 0.01, 0.9, 0.999, step, state)
+        assert state[0][0] == step and state[1] == step
         for p, r in zip(params, ref):
             np.testing.assert_allclose(p, r, **TOL[dtype])
-    dev_opt.iter = ref_opt.iter = 10  # resumed elsewhere: the device counter follows the host's
+    ref_opt.iter = 10  # resumed elsewhere: the device counter follows the host's step
     grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
     ref_opt.update(ref, grads)
-    dev_opt.iter += 1
-    _cupy._adam_update(np, kernel, dev_opt, params, grads)
-    assert dev_opt.device_state[0][0] == 11
+    state = _cupy_math._adam_update(np, kernel, params, grads, m, v, 0.01, 0.9, 0.999, 11, state)
+    assert state[0][0] == 11
     for p, r in zip(params, ref):
         np.testing.assert_allclose(p, r, **TOL[dtype])
 
@@ -518,7 +496,7 @@ def test_clip_kernels_match_numpy(kernel, reduction, dtype, max_norm):
     grads = [rng.standard_normal(s).astype(dtype) for s in [(4, 6), (7,), (3, 2, 5)]]
     ref = [g.copy() for g in grads]
     want = functions.clip_grads(ref, max_norm)
-    got = _cupy._clip_grads(np, kernel, reduction, grads, max_norm)
+    got = _cupy_math._clip_grads(np, kernel, reduction, grads, max_norm)
     assert got.shape == ()
     np.testing.assert_allclose(float(got), want, rtol=1e-6 if dtype == np.float32 else 1e-12)
     for g, r in zip(grads, ref):
@@ -558,13 +536,13 @@ def test_direct_matmul_plan(dtype, M, K, N, a_order, b_order):
     a_op = a if a_order == "C" else np.ascontiguousarray(a.T).T
     b_op = b if b_order == "C" else np.ascontiguousarray(b.T).T
     want = a @ b
-    got = _cupy._matmul(np, _emulated_gemm, a_op, b_op)
+    got = _cupy_math._matmul(np, _emulated_gemm, a_op, b_op)
     np.testing.assert_allclose(got, want, **TOL[dtype])
     out = np.full((M, N), np.nan, dtype)
-    assert _cupy._matmul(np, _emulated_gemm, a_op, b_op, out=out) is out
+    assert _cupy_math._matmul(np, _emulated_gemm, a_op, b_op, out=out) is out
     np.testing.assert_allclose(out, want, **TOL[dtype])
     outT = np.full((N, M), np.nan, dtype).T  # not C-ordered: computed, then copied in
-    _cupy._matmul(np, _emulated_gemm, a_op, b_op, out=outT)
+    _cupy_math._matmul(np, _emulated_gemm, a_op, b_op, out=outT)
     np.testing.assert_allclose(outT, want, **TOL[dtype])
 
 
@@ -572,16 +550,16 @@ def test_direct_matmul_vectors_and_strided():
     rng = np.random.default_rng(3)
     A = rng.standard_normal((6, 8))
     v = rng.standard_normal(6)
-    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, v, A), v @ A)
+    np.testing.assert_allclose(_cupy_math._matmul(np, _emulated_gemm, v, A), v @ A)
     w = rng.standard_normal(8)
-    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, A, w), A @ w)
+    np.testing.assert_allclose(_cupy_math._matmul(np, _emulated_gemm, A, w), A @ w)
     S = A[::2, 1:5]  # neither C- nor F-ordered: copied first
     B = rng.standard_normal((4, 3))
-    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, S, B), S @ B)
+    np.testing.assert_allclose(_cupy_math._matmul(np, _emulated_gemm, S, B), S @ B)
     with pytest.raises(ValueError, match="do not match"):
-        _cupy._matmul(np, _emulated_gemm, A, B)
+        _cupy_math._matmul(np, _emulated_gemm, A, B)
     with pytest.raises(TypeError, match="float32/float64"):
-        _cupy._matmul(np, _emulated_gemm, A.astype(np.float32), A.T)
+        _cupy_math._matmul(np, _emulated_gemm, A.astype(np.float32), A.T)
 
 
 @pytest.mark.parametrize("a_order,b_order", [("C", "C"), ("F", "C"), ("C", "F"), ("F", "F"),
@@ -604,12 +582,12 @@ def test_direct_matmul_stacks(a_order, b_order, B, M, K, N):
 
     a, b = operand(a_order, M, K), operand(b_order, K, N)
     want = np.matmul(a, b)
-    np.testing.assert_allclose(_cupy._matmul(np, _emulated_gemm, a, b), want, rtol=1e-12)
+    np.testing.assert_allclose(_cupy_math._matmul(np, _emulated_gemm, a, b), want, rtol=1e-12)
     out = np.full(want.shape, np.nan)
-    _cupy._matmul(np, _emulated_gemm, a, b, out=out)
+    _cupy_math._matmul(np, _emulated_gemm, a, b, out=out)
     np.testing.assert_allclose(out, want, rtol=1e-12)
     outT = np.full(want.shape[::-1], np.nan).T  # not C-ordered: through a copy
-    _cupy._matmul(np, _emulated_gemm, a, b, out=outT)
+    _cupy_math._matmul(np, _emulated_gemm, a, b, out=outT)
     np.testing.assert_allclose(outT, want, rtol=1e-12)
 
 
@@ -624,10 +602,10 @@ def test_engine_with_direct_products(kernel, monkeypatch):
     want_dxs, want_dh0 = _cupy._backward(np, kernel, dhs, cache, grads)
     want_grads = [g.copy() for g in grads]
 
-    monkeypatch.setattr(_cupy, "matmul", lambda a, b, out=None: _cupy._matmul(
+    monkeypatch.setattr(_cupy_math, "cublas_matmul", lambda a, b, out=None: _cupy_math._matmul(
         np, _emulated_gemm, a, b, out))
-    monkeypatch.setattr(_cupy, "_is_device", lambda xp: True)
-    monkeypatch.setattr(_cupy._direct, "on", True)
+    monkeypatch.setattr(_cupy_math, "_is_device", lambda xp: True)
+    monkeypatch.setattr(_cupy_math, "_capturing", lambda: True)
     hs, _, _, cache = _cupy._forward(np, kernel, xs, Wx, Wh, b, h0, c0)
     np.testing.assert_allclose(hs, want_hs, rtol=1e-13, atol=1e-14)
     grads = [np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)]
@@ -645,16 +623,16 @@ def test_dropout_mask_kernel(kernel, dtype):
     same seed, other masks from another seed."""
     keep = 0.6
     state = np.array([7.0, 0.0])
-    m1 = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, state)
-    m2 = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, state)
+    m1 = _cupy_math._dropout_mask(np, kernel, (50, 40), dtype, keep, state)
+    m2 = _cupy_math._dropout_mask(np, kernel, (50, 40), dtype, keep, state)
     assert state[1] == 2 and m1.dtype == dtype
     assert set(np.unique(m1)) <= {0, dtype(1) / dtype(keep)}
     for m in (m1, m2):
         assert abs((m > 0).mean() - keep) < 0.035  # 2000 draws: 3.2 standard deviations
     assert abs(((m1 > 0) & (m2 > 0)).mean() - keep * keep) < 0.04  # independent draws
-    again = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, np.array([7.0, 0.0]))
+    again = _cupy_math._dropout_mask(np, kernel, (50, 40), dtype, keep, np.array([7.0, 0.0]))
     np.testing.assert_array_equal(again, m1)
-    other = _cupy._dropout_mask(np, kernel, (50, 40), dtype, keep, np.array([8.0, 0.0]))
+    other = _cupy_math._dropout_mask(np, kernel, (50, 40), dtype, keep, np.array([8.0, 0.0]))
     assert not np.array_equal(other, m1)
     rows = (m1 > 0).mean(axis=1)  # no stripes along the index
     assert rows.min() > 0.2 and rows.max() < 0.95
@@ -664,10 +642,11 @@ def test_dropout_mask_kernel(kernel, dtype):
                                   "attention-pad"])
 def test_layer_products_through_the_direct_path(name, monkeypatch):
     """Every product the layers make in a training step (TimeAffine, TimeLSTM's context,
-    TimeAffineSoftmaxWithLoss, TiedAffine), sent through matmul's direct cuBLAS path as while a
-    graph is captured (gemm emulated in column-major order), gives the same loss and grads."""
+    TimeAffineSoftmaxWithLoss, TiedAffine), sent through the cupy engine's matmul as while a
+    graph is captured (cuBLAS directly; gemm emulated in column-major order), gives the same loss
+    and grads."""
     import fastseq
-    from fastseq import functions
+    from fastseq.ops import _numpy as numpy_engine
     from fastseq.models.attention import AttentionSeq2seq
     rng = np.random.default_rng(6)
     lm = name in ("rnnlm", "better")
@@ -697,12 +676,26 @@ def test_layer_products_through_the_direct_path(name, monkeypatch):
 
     def direct(a, b, out=None):
         calls.append((a.shape, b.shape))
-        return _cupy._matmul(np, _emulated_gemm, a, b, out)
+        return _cupy_math._matmul(np, _emulated_gemm, a, b, out)
 
-    monkeypatch.setattr(functions, "_direct_products", lambda a: True)
-    monkeypatch.setattr(_cupy, "matmul", direct)
+    monkeypatch.setattr(_cupy_math, "_capturing", lambda: True)
+    monkeypatch.setattr(_cupy_math, "cublas_matmul", direct)
+    monkeypatch.setattr(numpy_engine, "matmul", _cupy_math.matmul)  # the layers' products
     got = run()
     assert calls  # the layers' products did take the direct path
     np.testing.assert_allclose(got[0], want[0], rtol=1e-13)
     for g, w in zip(got[1], want[1]):
         np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-13)
+
+
+def test_capture_switch_is_scoped_to_the_capturing_thread():
+    """capturing() sends products to cuBLAS in its own thread only, and ends with its block."""
+    import threading
+    seen = []
+    assert not _cupy_math._capturing()
+    with _cupy_math.capturing():
+        t = threading.Thread(target=lambda: seen.append(_cupy_math._capturing()))
+        t.start()
+        t.join()
+        seen.append(_cupy_math._capturing())
+    assert seen == [False, True] and not _cupy_math._capturing()

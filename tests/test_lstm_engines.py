@@ -1,8 +1,8 @@
 """LSTM engine conformance: every engine present (numpy, cython, cupy) against the textbook's LSTM
 written plainly (tests/reference_lstm.py, float64) and central differences, through the one
-protocol stated in fastseq/lstm/_numpy.py (forward, backward, step; per-row biases; integer ids
+protocol stated in fastseq/ops/_numpy.py (forward, backward, step; per-row biases; integer ids
 as one-hot inputs; need_dh0), directly and through TimeLSTM. The Cython engine's own machinery
-(BLAS choice, buffer pool, split path) is tested after that.
+(buffer pool, split path) is tested after that.
 
 The cython engine is skipped where fastseq._ext is not importable (a failure instead under
 FASTSEQ_REQUIRE_EXT=1, unless FASTSEQ_KERNEL=numpy blocked it on purpose); the cupy engine needs
@@ -23,7 +23,7 @@ import reference_lstm as reference
 from conftest import numerical_grad
 from fastseq import backend
 from fastseq.layers import TimeLSTM
-from fastseq.lstm import _blas, _numpy, _pool, get_kernel
+from fastseq.ops import _numpy, _pool, engine_for
 
 REQUIRE_EXT = os.environ.get("FASTSEQ_REQUIRE_EXT", "0") == "1"
 
@@ -59,10 +59,10 @@ def load_engine(name):
                 pytest.fail("FASTSEQ_REQUIRE_EXT=1 but the Cython LSTM engine is not importable",
                             pytrace=False)
             pytest.skip("cython engine: fastseq._ext is not importable here")
-        return Engine("cython", importlib.import_module("fastseq.lstm._cython"), np)
+        return Engine("cython", importlib.import_module("fastseq.ops._cython"), np)
     if not backend.gpu_available():
         pytest.skip(f"cupy engine: no usable GPU ({backend._cupy_error})")
-    return Engine("cupy", importlib.import_module("fastseq.lstm._cupy"), importlib.import_module("cupy"))
+    return Engine("cupy", importlib.import_module("fastseq.ops._cupy"), importlib.import_module("cupy"))
 
 
 ALL = ["numpy", "cython", pytest.param("cupy", marks=pytest.mark.gpu)]
@@ -334,65 +334,7 @@ def test_numpy_step_is_forwards_arithmetic(N, H, dtype):
     np.testing.assert_array_equal(c, cT)
 
 
-# --- inference: final_state and greedy ----------------------------------------------------------
-
-def greedy_reference(ids, Wx, Wh, b, h, c, Wout, bout, steps):
-    """Greedy decoding step by step through the reference forward on explicit one-hot rows, in
-    float64: the ids (N, steps) and, per step, the gap between the two best scores."""
-    f64 = [np.asarray(a, np.float64) for a in (Wx, Wh, b, h, c, Wout, bout)]
-    Wx, Wh, b, h, c, Wout, bout = f64
-    out, gaps = [], []
-    for _ in range(steps):
-        _, h, c, _ = _numpy.forward(np.eye(Wx.shape[0])[ids][:, None], Wx, Wh, b, h, c)
-        scores = h @ Wout + bout
-        top2 = np.sort(scores, axis=1)[:, -2:]
-        ids = scores.argmax(axis=1)
-        out.append(ids)
-        gaps.append(top2[:, 1] - top2[:, 0])
-    return np.stack(out, axis=1), np.stack(gaps, axis=1)
-
-
-def assert_same_choices(got, want, gaps, tol):
-    """got == want up to each row's first near-tie (a gap below tol) in the reference, after
-    which rounding may rightly pick the other symbol."""
-    sure = np.cumprod(gaps >= tol, axis=1).astype(bool)
-    assert sure.mean() > 0.9, "the test problem has too many near-ties"
-    np.testing.assert_array_equal(np.where(sure, got, -1), np.where(sure, want, -1))
-
-
-def greedy_case(rng, N, S, V, H, dtype, row_bias, out_row_bias):
-    ids = rng.integers(0, V, N)
-    Wx = rng.standard_normal((V, 4 * H))
-    Wh = rng.standard_normal((H, 4 * H)) / np.sqrt(H)
-    b = rng.standard_normal((N, 4 * H) if row_bias else 4 * H) * 0.5
-    h, c = np.tanh(rng.standard_normal((N, H))), rng.standard_normal((N, H))
-    Wout = rng.standard_normal((H, V)) * 3  # well-separated scores
-    bout = rng.standard_normal((N, V) if out_row_bias else V)
-    return [ids] + [a.astype(dtype) for a in (Wx, Wh, b, h, c, Wout, bout)] + [S]
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("row_bias", [False, True])
-@pytest.mark.parametrize("out_row_bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1, 2, 1), (5, 3, 4, 6), (200, 5, 13, 16), (600, 3, 13, 8)])
-def test_greedy_matches_reference(engine, shape, dtype, row_bias, out_row_bias):
-    """greedy's ids are forward's one-hot steps with the argmax fed back (the larger shapes
-    run in several blocks of rows)."""
-    rng = np.random.default_rng(sum(shape) + 2 * row_bias + out_row_bias)
-    case = greedy_case(rng, *shape, dtype, row_bias, out_row_bias)
-    got = engine.host(engine.module.greedy(*[engine.dev(a) for a in case[:-1]], case[-1]))
-    assert got.dtype == np.int64 and got.shape == (shape[0], shape[1])
-    want, gaps = greedy_reference(*case)
-    assert_same_choices(got, want, gaps, 1e-3 if dtype == np.float32 else 1e-9)
-
-
-def test_greedy_zero_steps_and_bad_sizes(cpu_engine):
-    case = greedy_case(np.random.default_rng(3), 4, 2, 5, 3, np.float32, False, False)
-    assert cpu_engine.module.greedy(*case[:-1], 0).shape == (4, 0)
-    Wout, bout = np.zeros((3, 6), np.float32), np.zeros(6, np.float32)  # 6 symbols, 5 inputs
-    with pytest.raises(ValueError, match="cannot all be fed back"):
-        cpu_engine.module.greedy(*case[:6], Wout, bout, 2)
-
+# --- inference: final_state ----------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("row_bias", [False, True])
@@ -431,34 +373,25 @@ def test_final_state_start_rows(engine, dtype, zero_state):
 
 @pytest.mark.parametrize("H,dtype", [(6, np.float64), (128, np.float32)])
 def test_numpy_inference_is_forwards_arithmetic(H, dtype):
-    """The reference final_state and greedy do forward's operations in forward's order (ids):
-    identical bits to forward, and to forward one step at a time with the argmax fed back
-    (forward's two pieces of rows and inference's blocks cut the products alike)."""
+    """The reference final_state does forward's operations in forward's order (ids): identical
+    bits to forward (forward's two pieces of rows and inference's blocks cut the products
+    alike)."""
     rng = np.random.default_rng(33)
     ids, Wx, Wh, b, h0, c0, _ = ids_case(rng, 700, 4, 7, H, dtype, False)
     _, hT, cT, _ = _numpy.forward(ids, Wx, Wh, b, h0, c0)
     for got, want in zip(_numpy.final_state(ids, Wx, Wh, b, h0, c0), (hT, cT)):
         np.testing.assert_array_equal(got, want)
-    ids, Wx, Wh, b, h, c, Wout, bout, steps = greedy_case(rng, 700, 4, 7, H, dtype, True, True)
-    got = _numpy.greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps)
-    for t in range(steps):
-        _, h, c, _ = _numpy.forward(ids[:, None], Wx, Wh, b, h, c)
-        scores = h @ Wout
-        scores += bout
-        ids = scores.argmax(axis=1)
-        np.testing.assert_array_equal(got[:, t], ids)
 
 
-def test_numpy_inference_blocks_on_threads(monkeypatch):
+def test_numpy_inference_blocks_on_threads():
     """The reference's blocks of rows may run on several threads: same bits for 1, 2, 3."""
     rng = np.random.default_rng(34)
     N = 2 * _numpy.BLOCK_ROWS + 37
     fcase = ids_case(rng, N, 3, 7, 6, np.float32, False)[:6]
-    gcase = greedy_case(rng, N, 3, 7, 6, np.float32, True, False)
     runs = []
     for n in (1, 2, 3):
-        monkeypatch.setattr(backend.config, "threads", n)
-        runs.append((*_numpy.final_state(*fcase), _numpy.greedy(*gcase)))
+        with backend.using(threads=n):
+            runs.append(_numpy.final_state(*fcase))
     for other in runs[1:]:
         for a, b in zip(other, runs[0]):
             np.testing.assert_array_equal(a, b)
@@ -469,10 +402,6 @@ def test_inference_ids_out_of_range_rejected(cpu_engine):
     ids[1, 1] = 4
     with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
         cpu_engine.module.final_state(ids, Wx, Wh, b, h0, c0)
-    case = greedy_case(np.random.default_rng(4), 4, 2, 5, 3, np.float32, False, False)
-    case[0][2] = 5
-    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
-        cpu_engine.module.greedy(*case)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -542,7 +471,7 @@ def ids_case(rng, N, T, V, H, dtype, zero_state):
 
 
 def ids_engine(engine):
-    if not getattr(engine.module, "TAKES_IDS", False):
+    if not engine.module.TAKES_IDS:
         pytest.skip(f"the {engine} engine takes no ids (TimeLSTM gathers the embedding first)")
     return engine
 
@@ -699,11 +628,11 @@ def test_timelstm_context(engine, dtype, N):
         assert_close(a, b, engine.tol(dtype) * 10, what)
 
 
-def test_get_kernel_follows_the_configuration(cpu_engine):
+def test_engine_for_follows_the_configuration(cpu_engine):
     x = np.zeros((1, 1, 1), np.float32)
     with backend.using(cpu_engine.name):
-        assert get_kernel(x) is cpu_engine.module
-        assert get_kernel(x.astype(np.float16)) is _numpy  # the Cython engine: float32/64 only
+        assert engine_for(x) is cpu_engine.module
+        assert engine_for(x.astype(np.float16)) is _numpy  # the Cython engine: float32/64 only
 
 
 def test_encoder_skips_dh():
@@ -742,21 +671,12 @@ def test_models_fused_embedding_same_results(cpu_engine, model_name, monkeypatch
 
 def test_default_engine_is_cython_when_built(cy):
     """A fresh process picks the built extension by itself (no FASTSEQ_KERNEL)."""
-    code = "import fastseq.backend as b; print(b.config.kernel)"
+    code = "import fastseq.backend as b; print(b.config.engine)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in ("FASTSEQ_KERNEL", "GPU")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                        env={**env, "PYTHONPATH": root})
     assert r.stdout.strip() == "cython", r.stderr
-
-
-@pytest.fixture(params=["scipy", "auto"])
-def blas(cy, request):
-    """Run with SciPy's BLAS (what the kernel is compiled against) and with the automatic choice
-    (NumPy's OpenBLAS where it can be found); restore the automatic choice after."""
-    used = cy.use_blas(request.param)
-    yield used
-    cy.use_blas("auto")
 
 
 @pytest.fixture
@@ -765,37 +685,11 @@ def cyeng(cy):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_blas_sources_match(cyeng, dtype, blas):
+def test_cython_engine_matches(cyeng, dtype):
     rng = np.random.default_rng(2)
     for shape in [(1, 1, 1, 1), (1, 4, 5, 6), (5, 3, 4, 6), (128, 7, 16, 128), (40, 2, 300, 9)]:
         for zero_state in (False, True):
             compare(cyeng, make_case(rng, *shape, dtype, zero_state), dtype)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_one_row_products_without_gemv(cy, cyeng, dtype):
-    """A BLAS known by its gemm alone: one-row products (gemv elsewhere) go through gemm."""
-    found = _blas.numpy_blas()
-    if found is None or not found.sgemv:
-        pytest.skip("NumPy's OpenBLAS (with gemv) not in use")
-    cy._lstm_cpu.set_blas(found.sgemm, found.dgemm, found.ilp64)
-    try:
-        rng = np.random.default_rng(4)
-        for zero_state in (False, True):
-            case = make_case(rng, 1, 4, 5, 6, dtype, zero_state)
-            compare(cyeng, case, dtype)
-            h, c = cy.step(case[0][:, 0], *case[1:6])
-            ref = reference.step(case[0][:, 0], *case[1:6])
-            assert_close(h, ref[0], cyeng.tol(dtype), "h")
-            assert_close(c, ref[1], cyeng.tol(dtype), "c")
-    finally:
-        cy.use_blas("auto")
-
-
-def test_use_blas_rejects_unknown(cy):
-    with pytest.raises(ValueError):
-        cy.use_blas("mkl")
-    assert cy.BLAS == cy.use_blas("auto")
 
 
 def test_noncontiguous_inputs_and_grads(cy):
@@ -893,11 +787,11 @@ def test_kernel_final_state_checks_shapes(cy):
     ok = dict(xs=np.zeros((N, 1, D), f32), Wx=np.zeros((D, 4 * H), f32),
               Wh=np.zeros((H, 4 * H), f32), b=np.zeros(4 * H, f32), h0=np.zeros((N, H), f32),
               c0=np.zeros((N, H), f32), h=np.empty((N, H), f32), c=np.empty((N, H), f32))
-    scratch = np.empty(cy._lstm_cpu.infer_scratch_size(N, H, 0, 1), f32)
+    scratch = np.empty(cy._cpu.infer_scratch_size(N, H, 1), f32)
 
     def run(**bad):
         a = {**ok, **bad}
-        cy._lstm_cpu.final_state(a["xs"], a["Wx"], a["Wh"], a["b"], a["h0"], a["c0"], a["h"],
+        cy._cpu.final_state(a["xs"], a["Wx"], a["Wh"], a["b"], a["h0"], a["c0"], a["h"],
                                  a["c"], scratch, 1)
 
     run()
@@ -965,10 +859,10 @@ def test_pool_is_bounded(cy, monkeypatch):
 @pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
 def forced_split(cy, request, monkeypatch):
     """Chunks of 2 rows or more (so small batches run chunked too), on 1, 2 or 3 threads."""
-    default = cy._lstm_cpu.set_min_chunk_rows(2)
+    default = cy._cpu.set_min_chunk_rows(2)
     monkeypatch.setattr(cy, "_threads", lambda: request.param)
     yield request.param
-    cy._lstm_cpu.set_min_chunk_rows(default)
+    cy._cpu.set_min_chunk_rows(default)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -976,7 +870,7 @@ def forced_split(cy, request, monkeypatch):
 def test_split_path_matches(cy, cyeng, dtype, zero_state, forced_split):
     rng = np.random.default_rng(11)
     for shape in [(6, 1, 1, 1), (7, 3, 4, 6), (65, 7, 16, 32), (128, 7, 16, 128), (131, 2, 300, 9)]:
-        assert cy._lstm_cpu.chunks(shape[0]) >= 2
+        assert cy._cpu.chunks(shape[0]) >= 2
         compare(cyeng, make_case(rng, *shape, dtype, zero_state), dtype)
 
 
@@ -986,7 +880,7 @@ def test_split_path_noncontiguous_dhs(cyeng, dtype, forced_split):
 
 
 def test_chunks_depend_on_the_batch_only(cy):
-    chunks = cy._lstm_cpu.chunks
+    chunks = cy._cpu.chunks
     assert chunks(63) == 1 and chunks(20) == 1
     assert chunks(64) == 2 and chunks(128) == 2 and chunks(191) == 2 and chunks(256) == 4
     assert chunks(5000) == 8  # bounded: each chunk keeps its own dWx, dWh shares
@@ -1006,47 +900,25 @@ def test_chunks_bit_identical_for_any_thread_count(cy, cyeng, monkeypatch):
 
 
 def test_inference_bit_identical_for_any_thread_count_and_batch(cy, monkeypatch):
-    """final_state and greedy run in blocks of rows fixed by the batch: 1, 2 or 3 threads give
-    the same bits, and a block's results do not depend on the other blocks. (BLAS may round a
-    row differently at another position in a block.)"""
+    """final_state runs in blocks of rows fixed by the batch: 1, 2 or 3 threads give the same
+    bits, and a block's results do not depend on the other blocks. (BLAS may round a row
+    differently at another position in a block.)"""
     rng = np.random.default_rng(14)
-    N = 4 * cy._lstm_cpu.infer_rows() + 44
+    N = 4 * cy._cpu.infer_rows() + 44
     fcase = ids_case(rng, N, 6, 13, 24, np.float32, False)[:6]
-    gcase = greedy_case(rng, N, 4, 13, 24, np.float32, True, True)
     runs = []
     for n in (1, 2, 3):
         monkeypatch.setattr(cy, "_threads", lambda n=n: n)
-        runs.append((*cy.final_state(*fcase), cy.greedy(*gcase)))
+        runs.append(cy.final_state(*fcase))
     for other in runs[1:]:
         for a, b in zip(other, runs[0]):
             np.testing.assert_array_equal(a, b)
-    B = cy._lstm_cpu.infer_rows()
+    B = cy._cpu.infer_rows()
     rows = slice(B, 3 * B)  # blocks 1 and 2
     ids, Wx, Wh, b, h0, c0 = fcase
     part_f = [ids[rows], Wx, Wh, b, h0[rows], c0[rows]]
-    ids, Wx, Wh, b, h, c, Wout, bout, steps = gcase
-    part_g = [ids[rows], Wx, Wh, b[rows], h[rows], c[rows], Wout, bout[rows], steps]
-    for a, b in zip((*cy.final_state(*part_f), cy.greedy(*part_g)), runs[0]):
+    for a, b in zip(cy.final_state(*part_f), runs[0]):
         np.testing.assert_array_equal(a, b[rows])
-
-
-def test_split_path_with_global_thread_setter(cy, cyeng, monkeypatch):
-    """Only a global BLAS thread setter known: set to 1 around the loop, restored after."""
-    found = _blas.numpy_blas()
-    if found is None or not found.set_global or not cy._lstm_cpu.can_thread():
-        pytest.skip("NumPy's OpenBLAS (with a global thread setter) not in use")
-    import ctypes
-    getter = ctypes.CFUNCTYPE(ctypes.c_int)(found.get_global)
-    before = getter()
-    monkeypatch.setattr(cy, "_threads", lambda: 2)
-    cy._lstm_cpu.set_blas_threads(0, found.set_global, found.get_global)
-    try:
-        rng = np.random.default_rng(13)
-        for dtype in (np.float32, np.float64):
-            compare(cyeng, make_case(rng, 70, 5, 8, 16, dtype), dtype)
-        assert getter() == before
-    finally:
-        cy._lstm_cpu.set_blas_threads(found.set_local, found.set_global, found.get_global)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -1054,7 +926,7 @@ def test_split_path_with_global_thread_setter(cy, cyeng, monkeypatch):
 def test_no_dh0_split_path_matches(cy, cyeng, dtype, zero_state, forced_split):
     rng = np.random.default_rng(22)
     for shape in [(4, 1, 1, 1), (5, 3, 4, 6), (128, 7, 16, 128)]:
-        assert cy._lstm_cpu.chunks(shape[0]) >= 2
+        assert cy._cpu.chunks(shape[0]) >= 2
         case = make_case(rng, *shape, dtype, zero_state)
         full = compare(cyeng, case, dtype)
         out = run_engine(cyeng, *case, need_dh0=False)

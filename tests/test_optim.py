@@ -4,7 +4,7 @@ import pytest
 
 from fastseq import SGD, Adam, backend, clip_grads
 
-OPTIM_EXT = backend.compiled("_optim_cpu")
+OPTIM_EXT = backend.compiled()
 
 
 def _params(dtype, seed=0):
@@ -69,9 +69,9 @@ def _big(dtype, seed, sizes=((129, 511), (7,), (40_001,), (3, 5, 7), (1,))):
 
 
 @pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
-def optim_threads(request, monkeypatch, cython_engine):
-    monkeypatch.setattr(backend.config, "optim_threads", request.param)
-    return request.param
+def optim_threads(request, cython_engine):
+    with backend.using(threads=request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float32, 2e-6), (np.float64, 1e-13)])
@@ -123,10 +123,11 @@ def test_clip_grads_fast_path_matches_numpy(cython_engine, dtype):
         assert a.dtype == dtype
 
 
-def test_optimiser_threads_come_from_the_configuration(monkeypatch):
-    """Whatever ran before (an LSTM on any engine, split or not), Adam and clip_grads use
-    backend.config.optim_threads."""
+def test_optimiser_threads_come_from_the_configuration(monkeypatch, cython_engine):
+    """Whatever ran before (an LSTM split or not), Adam and clip_grads use
+    backend.config.threads."""
     from fastseq import Seq2seq
+    from fastseq.ops import _cython
     seen = []
 
     class Spy:
@@ -142,19 +143,16 @@ def test_optimiser_threads_come_from_the_configuration(monkeypatch):
             seen.append(threads)
             return False
 
-    monkeypatch.setattr(backend.config, "optim_threads", 3)
     rng = np.random.default_rng(0)
-    for engine in ["numpy"] + (["cython"] if backend.cython_available() else []):
+    with backend.using(threads=3):
         for N in (4, 256):  # below and above the Cython engine's split threshold
-            with backend.using(engine):
-                m = Seq2seq(13, 8, 16, seed=0)
-                m.forward(rng.integers(0, 13, (N, 5)), rng.integers(0, 13, (N, 4)))
-                m.backward()
-                monkeypatch.setattr(backend, "ext", lambda name: Spy())
-                Adam(0.01).update(m.params, m.grads)
-                clip_grads(m.grads, 1e-9)
-                monkeypatch.undo()
-                monkeypatch.setattr(backend.config, "optim_threads", 3)
+            m = Seq2seq(13, 8, 16, seed=0)
+            m.forward(rng.integers(0, 13, (N, 5)), rng.integers(0, 13, (N, 4)))
+            m.backward()
+            monkeypatch.setattr(_cython, "_cpu", Spy())
+            Adam(0.01).update(m.params, m.grads)
+            clip_grads(m.grads, 1e-9)
+            monkeypatch.undo()
     assert seen and set(seen) == {3}
 
 

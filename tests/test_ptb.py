@@ -51,8 +51,8 @@ def sha256(path):
 def cache(tmp_path, monkeypatch):
     """A fresh, empty cache root; returns the ptb/ folder inside it."""
     root = tmp_path / "cache"
-    monkeypatch.setattr(backend.config, "data_dir", str(root))
-    monkeypatch.setattr(backend.config, "ptb_url", "")
+    monkeypatch.setattr(backend, "DATA_DIR", str(root))
+    monkeypatch.setattr(backend, "PTB_URL", "")
     return root / "ptb"
 
 
@@ -184,7 +184,7 @@ def test_offline_data_dir_checksum_mismatch(tmp_path, bad_mirror):
 
 def test_download_into_fresh_cache(cache, corpus, monkeypatch):
     with serve(corpus) as url:
-        monkeypatch.setattr(backend.config, "ptb_url", url)
+        monkeypatch.setattr(backend, "PTB_URL", url)
         test, w2i, _ = ptb.load_data("test")
         assert len(test) == SYNTH_TEST_TOKENS and len(w2i) == SYNTH_VOCAB
         assert cache_listing(cache) == ["ptb.test.txt", "ptb.train.txt"]  # only what was needed
@@ -193,12 +193,12 @@ def test_download_into_fresh_cache(cache, corpus, monkeypatch):
     for name in NAMES:
         assert sha256(cache / name) == ptb.SHA256[name]
     # the server is gone: the cache alone serves every split now
-    monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)
+    monkeypatch.setattr(backend, "PTB_URL", UNREACHABLE)
     assert len(ptb.load_data("val")[0]) == SYNTH_VAL_TOKENS
 
 
 def test_download_helper_arguments(tmp_path, corpus, monkeypatch):
-    monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)  # the argument wins over the environment
+    monkeypatch.setattr(backend, "PTB_URL", UNREACHABLE)  # the argument wins over the environment
     with serve(corpus) as url:
         assert ptb.download(data_dir=tmp_path / "d", base_url=url) == tmp_path / "d"
     assert cache_listing(tmp_path / "d") == sorted(NAMES)
@@ -207,7 +207,7 @@ def test_download_helper_arguments(tmp_path, corpus, monkeypatch):
 
 def test_corrupt_download_is_refused(cache, bad_mirror, monkeypatch):
     with serve(bad_mirror) as url:
-        monkeypatch.setattr(backend.config, "ptb_url", url)
+        monkeypatch.setattr(backend, "PTB_URL", url)
         with pytest.raises(ptb.DownloadError) as e:
             ptb.load_data("val")
     msg = str(e.value)
@@ -218,7 +218,7 @@ def test_corrupt_download_is_refused(cache, bad_mirror, monkeypatch):
 
 def test_truncated_download_is_refused(cache, bad_mirror, monkeypatch):
     with serve(bad_mirror) as url:
-        monkeypatch.setattr(backend.config, "ptb_url", url)
+        monkeypatch.setattr(backend, "PTB_URL", url)
         with pytest.raises(ptb.DownloadError) as e:
             ptb.load_data("test")
     msg = str(e.value)
@@ -242,14 +242,14 @@ def test_http_error_is_reported(cache, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     with serve(empty) as url:
-        monkeypatch.setattr(backend.config, "ptb_url", url)
+        monkeypatch.setattr(backend, "PTB_URL", url)
         with pytest.raises(ptb.DownloadError, match=r"ptb\.train\.txt.*404"):
             ptb.load_data("train")
     assert cache_listing(cache) == []
 
 
 def test_unreachable_mirror_is_reported(cache, monkeypatch):
-    monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)
+    monkeypatch.setattr(backend, "PTB_URL", UNREACHABLE)
     with pytest.raises(ptb.DownloadError, match=r"ptb\.train\.txt"):
         ptb.load_data("train")
     assert cache_listing(cache) == []
@@ -262,14 +262,14 @@ def test_corrupt_cached_file_is_downloaded_again(cache, corpus, monkeypatch):
     (cache / "ptb.test.txt").write_bytes(bytes(data))
     shutil.copy(corpus / "ptb.train.txt", cache)
 
-    monkeypatch.setattr(backend.config, "ptb_url", UNREACHABLE)  # offline: a clear error naming the cache
+    monkeypatch.setattr(backend, "PTB_URL", UNREACHABLE)  # offline: a clear error naming the cache
     with pytest.raises(ptb.DownloadError) as e:
         ptb.load_data("test")
     assert "ptb.test.txt" in str(e.value) and str(cache) in str(e.value)
     assert ptb.SHA256["ptb.test.txt"] in str(e.value)
 
     with serve(corpus) as url:  # online: replaced by an intact copy
-        monkeypatch.setattr(backend.config, "ptb_url", url)
+        monkeypatch.setattr(backend, "PTB_URL", url)
         assert len(ptb.load_data("test")[0]) == SYNTH_TEST_TOKENS
     assert sha256(cache / "ptb.test.txt") == ptb.SHA256["ptb.test.txt"]
     assert cache_listing(cache) == ["ptb.test.txt", "ptb.train.txt"]

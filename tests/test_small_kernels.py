@@ -1,4 +1,4 @@
-"""The fused CPU kernels around the LSTM (fastseq/_ext/_ops_cpu, the cython engine) against the
+"""The fused CPU kernels around the LSTM (fastseq/_ext/_cpu, the cython engine) against the
 NumPy code they replace (the numpy engine): softmax + cross-entropy, the embedding's gather and
 scatter-add. Also TimeAffine on a strided view against a contiguous copy."""
 import numpy as np
@@ -48,7 +48,7 @@ def test_softmax_all_rows_ignored_gives_zero():
 
 @pytest.mark.parametrize("engine", ["cython", "numpy"])
 def test_softmax_label_out_of_range_is_named(engine):
-    if engine == "cython" and not backend.compiled("_ops_cpu"):
+    if engine == "cython" and not backend.cython_available():
         pytest.skip("the cython engine (fastseq._ext) is not importable here")
     with backend.using(engine):
         for labels, bad in (([0, 9, 2], "label 9 at position 1"), ([0, 1, -2], "label -2 at position 2")):

@@ -33,7 +33,7 @@ TRAIN = textwrap.dedent("""
         loop.step(ids[i, :, :-1], ids[i, :, 1:], 0.25)
     for p in lm.params:
         h.update(np.ascontiguousarray(p).tobytes())
-    print(fastseq.backend.config.kernel, h.hexdigest())
+    print(fastseq.backend.config.engine, h.hexdigest())
 """)
 
 
@@ -61,7 +61,7 @@ def test_same_bits_with_one_thread_two_threads_and_under_load(cython_engine):
 
 def test_numpy_engine_same_bits_with_one_thread_two_threads_and_under_load():
     """The pure numpy engine too: its products this small run on one BLAS thread whatever the
-    thread setting (backend.config.small_blas_threads), so OpenBLAS's splits never enter."""
+    thread setting (backend.single_blas_thread), so OpenBLAS's splits never enter."""
     code = "import sys; sys.modules['fastseq._ext'] = None\n" + TRAIN
     env = {"FASTSEQ_KERNEL": "numpy"}
     one = _train(1, {**env, "OPENBLAS_NUM_THREADS": "1"}, code)
@@ -93,7 +93,7 @@ def test_chunked_matmul_matches_numpy_for_any_thread_count(M, K, N, cython_engin
     same bits on 1, 2 and 3 threads."""
     np = pytest.importorskip("numpy")
     from fastseq import backend
-    kernel = backend.compiled("_lstm_cpu")
+    kernel = backend.compiled()
     rng = np.random.default_rng(M + K + N)
     for dtype, tol in ((np.float32, 1e-4), (np.float64, 1e-12)):
         for a_t in (False, True):
@@ -122,7 +122,7 @@ def test_stacked_matmul_matches_numpy_for_any_thread_count(B, M, K, N, cython_en
     np = pytest.importorskip("numpy")
     from fastseq import backend
     from fastseq.functions import matmul
-    kernel = backend.compiled("_lstm_cpu")
+    kernel = backend.compiled()
     rng = np.random.default_rng(B + M + K + N)
     for dtype, tol in ((np.float32, 1e-4), (np.float64, 1e-12)):
         for a_t in (False, True):
@@ -147,7 +147,7 @@ def test_stacked_matmul_matches_numpy_for_any_thread_count(B, M, K, N, cython_en
 
 def _kernel():
     from fastseq import backend
-    kernel = backend.compiled("_lstm_cpu")
+    kernel = backend.compiled()
     if kernel is None or not kernel.can_thread():
         pytest.skip("the Cython kernel is not built here or cannot thread")
     return kernel
@@ -176,7 +176,7 @@ def test_no_openmp_runtime_is_loaded():
     code = textwrap.dedent("""
         import numpy as np, fastseq
         from fastseq import backend
-        if backend.compiled("_lstm_cpu") is None:
+        if backend.compiled() is None:
             print("skip"); raise SystemExit
         backend.use("cython")
         m = fastseq.Seq2seq(13, 16, 64, seed=0)
@@ -233,5 +233,5 @@ def _child_matmul(a, b):
     import numpy as np
     from fastseq import backend
     out = np.empty((a.shape[0], b.shape[1]))
-    assert backend.compiled("_lstm_cpu").matmul(a, b, out, 2)
+    assert backend.compiled().matmul(a, b, out, 2)
     return out

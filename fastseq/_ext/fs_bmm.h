@@ -1,4 +1,4 @@
-/* Small matrix products for the stacks of fastseq/_ext/_lstm_cpu.pyx's bmatmul (attention's
+/* Small matrix products for the stacks of fastseq/_ext/_products.pxi's bmatmul (attention's
    scores and contexts): out (M x N, row-major) = A (M x K) B (K x N) for one matrix of a stack,
    in plain loops, because a BLAS call costs microseconds of set-up that a product this small
    (one decoder query against a few dozen keys) does not amortise.

@@ -1,4 +1,4 @@
-/* The LSTM's per-step math for fastseq/_ext/_lstm_cpu.pyx: gate nonlinearities, cell update and
+/* The LSTM's per-step math for fastseq/_ext/_lstm.pxi: gate nonlinearities, cell update and
    their derivatives, one pass over a block of rows per time step (float32 suffix f, float64 d).
 
    Gate layout [f | g | i | o]: f, i, o = sigmoid, g = tanh; c = f c_prev + g i; h = o tanh(c).
@@ -224,25 +224,6 @@ FS_KERNEL static T fs_exp_row##SFX(T *FS_RESTRICT s, Py_ssize_t n) \
     return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])); \
 }
 
-/* greedy decoding: the index of the largest s[j] + b[j], j < V: the first on ties, the first
-   NaN if there is one (NumPy's argmax of the row s + b). */
-#define FS_ARGMAX(T, SFX) \
-static Py_ssize_t fs_argmax_sum##SFX(const T *s, const T *b, Py_ssize_t V) \
-{ \
-    Py_ssize_t best = 0; \
-    T top = s[0] + b[0]; \
-    for (Py_ssize_t j = 1; j < V && top == top; ++j) { \
-        T x = s[j] + b[j]; \
-        if (x > top || x != x) { \
-            top = x; \
-            best = j; \
-        } \
-    } \
-    return best; \
-}
-
-FS_ARGMAX(float, f)
-FS_ARGMAX(double, d)
 FS_EXPROW(float, f, -86.0f)
 FS_EXPROW(double, d, -700.0)
 FS_FWD(float, f)

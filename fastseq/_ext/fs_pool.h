@@ -1,5 +1,5 @@
-/* fastseq's worker threads for the chunked kernels of _lstm_cpu.pyx (and of _optim_cpu.pyx,
-   which is handed fs_pool_run's address: one set of workers per process).
+/* fastseq's worker threads for the chunked kernels of _cpu.pyx (one set of workers per
+   process).
 
    fs_pool_run(team, ntask, fn, ctx) calls fn(NULL, ctx, k, tid) once for every chunk k in
    [0, ntask) on the calling thread (tid 0) and up to team - 1 workers (tid 1...), and returns

@@ -66,15 +66,14 @@ class DownloadError(OSError):
 
 def cache_dir():
     """The folder the downloader fills: ``$FASTSEQ_DATA/ptb`` or ``~/.cache/fastseq/ptb``."""
-    root = backend.config.data_dir
-    return Path(expand_path(root or "~/.cache/fastseq")) / "ptb"
+    return Path(expand_path(backend.DATA_DIR or "~/.cache/fastseq")) / "ptb"
 
 
 def _base_urls(base_url=None):
     if base_url:
         return [base_url]
-    if backend.config.ptb_url:
-        return [backend.config.ptb_url]
+    if backend.PTB_URL:
+        return [backend.PTB_URL]
     return list(MIRRORS)
 
 

@@ -15,7 +15,6 @@ from ..backend import get_array_module
 from ..functions import matmul
 from ..layers import (TimeAffine, TimeAffineSoftmaxWithLoss, TimeDropout, TimeEmbedding,
                       TimeLSTM, TimeSoftmaxWithLoss)
-from ..lstm._blas import blas_threads
 from ..sampling import make_sampler
 from .base import Model, check_dtype, check_size, lstm_params, make_rng, randn, register, zeros
 
@@ -144,7 +143,7 @@ class _LanguageModel(Model):
             d.train_flg = False
         xp = backend.xp
         out = list(ids)
-        with blas_threads(1):  # one-row products: threads only cost hand-off time
+        with backend.single_blas_thread():  # one-row products: threads only cost hand-off time
             if len(ids) > 1:
                 self._scores(xp.asarray(np.array(ids[:-1], dtype=np.int64).reshape(1, -1)), False)
             step = self._stepper()

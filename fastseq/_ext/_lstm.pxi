@@ -1,47 +1,26 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Fused LSTM kernel for the CPU (float32 and float64), used by fastseq.lstm._cython; and, chunked
-the same way, matmul and exp_rows for the layers around it (fastseq.functions). For inference,
-final_state and greedy run the recurrence alone, in small blocks of rows (see their section).
-
-Layout (all buffers are allocated by the caller, time-major so that per-step slices are contiguous):
-
-    X  (T, N, D)      time-major copy of the input xs (N, T, D)
-    A  (T, N, 4H)     x_t Wx, then h_{t-1} Wh and b added, then overwritten in place by the
-                      activated gates [f | g | i | o]; backward overwrites them by dA
-    Hb (T+1, N, H)    Hb[0] = h0, Hb[t+1] = h_t     (Hb[:-1] is h_{t-1} for every t: one dWh product)
-    Cb (T+1, N, H)    Cb[0] = c0, Cb[t+1] = c_t
-    TC (T, N, H)      tanh(c_t)
-
-Two input variants: b may hold one bias per row (row_bias: (N, 4H) flattened, for a per-sequence
-input term such as PeekyDecoder's h Wx[:H]; backward then also sums dA_t per row), and the inputs
-may be one-hot rows given as ids (N, T), so that x_t Wx is a gather of Wx's rows and dWx a
-scatter-add of dA's rows (no dX).
-
-Chunks: rows are independent in the recurrence, so a batch of N >= 2 * min_chunk_rows rows is cut
-into chunks(N) chunks (2, or about N / (2 * min_chunk_rows), at most 8), a number fixed by N
-alone, and each chunk runs the whole time loop with single-threaded BLAS (x_t Wx, h_{t-1} Wh, the
-gate math; backward also its dX rows and its own shares of dWx, dWh, db). Threads take chunks one
-at a time from a shared counter (fs_pool.h): a thread the OS deschedules just takes fewer chunks,
-and nobody waits at a barrier per step. The shares are added in chunk order, so results are bit-identical whatever the thread count
-or the machine's load. Smaller batches run as one chunk, with the once-per-sequence products
-(x Wx, dWx, dWh, dX) as single calls over all steps.
-
-Products go through the Fortran sgemm_/dgemm_ (one-row ones through sgemv_/dgemv_) that
-set_blas() points at (fastseq.lstm._blas finds NumPy's own OpenBLAS, so that a process runs one
-BLAS thread pool, not two), else through scipy.linalg.cython_blas. BLAS is column-major: a row-major C = A B is computed as the
-column-major C^T = B^T A^T, so every call below passes its operands swapped. The gate math is in
-fs_lstm.h.
-"""
-from libc.string cimport memcpy, memset
-from libc.stdlib cimport calloc, free
-from libc.stdint cimport int64_t
-from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
-
-
-ctypedef fused floating:
-    float
-    double
-
+# The fused LSTM. Layout (all buffers are allocated by the caller, time-major so that per-step
+# slices are contiguous):
+#
+#     X  (T, N, D)      time-major copy of the input xs (N, T, D)
+#     A  (T, N, 4H)     x_t Wx, then h_{t-1} Wh and b added, then overwritten in place by the
+#                       activated gates [f | g | i | o]; backward overwrites them by dA
+#     Hb (T+1, N, H)    Hb[0] = h0, Hb[t+1] = h_t  (Hb[:-1] is h_{t-1} for every t: one dWh product)
+#     Cb (T+1, N, H)    Cb[0] = c0, Cb[t+1] = c_t
+#     TC (T, N, H)      tanh(c_t)
+#
+# Two input variants: b may hold one bias per row (row_bias: (N, 4H) flattened, for a per-sequence
+# input term such as PeekyDecoder's h Wx[:H]; backward then also sums dA_t per row), and the inputs
+# may be one-hot rows given as ids (N, T), so that x_t Wx is a gather of Wx's rows and dWx a
+# scatter-add of dA's rows (no dX).
+#
+# Chunks: rows are independent in the recurrence, so a batch of N >= 2 * min_chunk_rows rows is cut
+# into chunks(N) chunks (2, or about N / (2 * min_chunk_rows), at most 8), a number fixed by N
+# alone, and each chunk runs the whole time loop (x_t Wx, h_{t-1} Wh, the gate math; backward also
+# its dX rows and its own shares of dWx, dWh, db). Threads take chunks one at a time from a shared
+# counter (fs_pool.h): a thread the OS deschedules just takes fewer chunks, and nobody waits at a
+# barrier per step. The shares are added in chunk order. Smaller batches run as one chunk, with
+# the once-per-sequence products (x Wx, dWx, dWh, dX) as single calls over all steps. The gate
+# math is in fs_lstm.h.
 
 cdef extern from "fs_lstm.h":
     void fs_fwd_rowsf(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, float *A, const float *b,
@@ -56,198 +35,8 @@ cdef extern from "fs_lstm.h":
     void fs_bwd_rowsd(Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t H, double *A, const double *dy,
                       Py_ssize_t dy_rs, const double *dhn, double *dc, const double *cprev,
                       const double *tc, double *dbacc) noexcept nogil
-    Py_ssize_t fs_argmax_sumf(const float *s, const float *b, Py_ssize_t V) noexcept nogil
-    Py_ssize_t fs_argmax_sumd(const double *s, const double *b, Py_ssize_t V) noexcept nogil
     float fs_exp_rowf(float *s, Py_ssize_t n) noexcept nogil
     double fs_exp_rowd(double *s, Py_ssize_t n) noexcept nogil
-
-cdef extern from "fs_pool.h":
-    ctypedef void (*fs_task)(void *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil
-    void fs_pool_run(int team, Py_ssize_t ntask, fs_task fn, void *ctx) noexcept nogil
-    int FS_HAVE_POOL
-    long fs_pool_helped() noexcept nogil
-
-
-cdef extern from "fs_bmm.h":
-    void fs_mm_rowsf(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t a_rs,
-                     Py_ssize_t a_cs, const float *B, Py_ssize_t b_rs, float *out) noexcept nogil
-    void fs_mm_rowsd(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const double *A, Py_ssize_t a_rs,
-                     Py_ssize_t a_cs, const double *B, Py_ssize_t b_rs, double *out) noexcept nogil
-    void fs_mm_dotsf(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *A, Py_ssize_t a_rs,
-                     const float *B, Py_ssize_t b_cs, float *out) noexcept nogil
-    void fs_mm_dotsd(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const double *A, Py_ssize_t a_rs,
-                     const double *B, Py_ssize_t b_cs, double *out) noexcept nogil
-
-
-# --- BLAS ----------------------------------------------------------------------------------------
-# Fortran sgemm_/dgemm_ entry points with 32-bit (LP64) or 64-bit (ILP64) integers.
-ctypedef void (*sgemm32_t)(char *, char *, int *, int *, int *, float *, float *, int *, float *,
-                           int *, float *, float *, int *) noexcept nogil
-ctypedef void (*dgemm32_t)(char *, char *, int *, int *, int *, double *, double *, int *, double *,
-                           int *, double *, double *, int *) noexcept nogil
-ctypedef void (*sgemm64_t)(char *, char *, int64_t *, int64_t *, int64_t *, float *, float *,
-                           int64_t *, float *, int64_t *, float *, float *, int64_t *) noexcept nogil
-ctypedef void (*dgemm64_t)(char *, char *, int64_t *, int64_t *, int64_t *, double *, double *,
-                           int64_t *, double *, int64_t *, double *, double *, int64_t *) noexcept nogil
-# sgemv_/dgemv_ likewise
-ctypedef void (*sgemv32_t)(char *, int *, int *, float *, float *, int *, float *, int *, float *,
-                           float *, int *) noexcept nogil
-ctypedef void (*dgemv32_t)(char *, int *, int *, double *, double *, int *, double *, int *,
-                           double *, double *, int *) noexcept nogil
-ctypedef void (*sgemv64_t)(char *, int64_t *, int64_t *, float *, float *, int64_t *, float *,
-                           int64_t *, float *, float *, int64_t *) noexcept nogil
-ctypedef void (*dgemv64_t)(char *, int64_t *, int64_t *, double *, double *, int64_t *, double *,
-                           int64_t *, double *, double *, int64_t *) noexcept nogil
-ctypedef int (*set_local_t)(int) noexcept nogil
-ctypedef void (*set_global_t)(int) noexcept nogil
-ctypedef int (*get_global_t)() noexcept nogil
-
-cdef void *_ext_sgemm = NULL
-cdef void *_ext_dgemm = NULL
-cdef void *_ext_sgemv = NULL
-cdef void *_ext_dgemv = NULL
-cdef bint _ext_ilp64 = False
-cdef void *_set_local = NULL
-cdef void *_set_global = NULL
-cdef void *_get_global = NULL
-
-
-def set_blas(size_t sgemm_addr=0, size_t dgemm_addr=0, bint ilp64=False, size_t sgemv_addr=0,
-             size_t dgemv_addr=0):
-    """Route the products to Fortran sgemm_/dgemm_ (and the one-row ones to sgemv_/dgemv_) at
-    these addresses (all 0: SciPy's BLAS; gemv 0 with gemm given: one-row products go to gemm).
-    The caller vouches for the signatures: reference BLAS, LP64 or (ilp64=True) ILP64."""
-    global _ext_sgemm, _ext_dgemm, _ext_sgemv, _ext_dgemv, _ext_ilp64
-    if (sgemm_addr == 0) != (dgemm_addr == 0) or (sgemv_addr == 0) != (dgemv_addr == 0):
-        raise ValueError("give both sgemm and dgemm (and both sgemv and dgemv), or neither")
-    if sgemm_addr == 0 and sgemv_addr != 0:
-        raise ValueError("gemv addresses need the gemm ones of the same BLAS")
-    _ext_sgemm, _ext_dgemm, _ext_ilp64 = <void *>sgemm_addr, <void *>dgemm_addr, ilp64
-    _ext_sgemv, _ext_dgemv = <void *>sgemv_addr, <void *>dgemv_addr
-
-
-def set_blas_threads(size_t set_local_addr=0, size_t set_global_addr=0, size_t get_global_addr=0):
-    """Functions that set the thread count of the BLAS set_blas() chose: the thread-local
-    int openblas_set_num_threads_local(int), and/or void set_num_threads(int) with
-    int get_num_threads(). All 0: none known (the chunks then run on the calling thread)."""
-    global _set_local, _set_global, _get_global
-    if (set_global_addr == 0) != (get_global_addr == 0):
-        raise ValueError("give both the global setter and getter, or neither")
-    _set_local, _set_global, _get_global = (<void *>set_local_addr, <void *>set_global_addr,
-                                            <void *>get_global_addr)
-
-
-def pool_address():
-    """The address of fs_pool_run, for the other extensions (one set of worker threads)."""
-    return <size_t>&fs_pool_run
-
-
-def chunks_helped():
-    """How many chunks fastseq's worker threads (not the calling threads) have run so far."""
-    return fs_pool_helped()
-
-
-def can_thread():
-    """Whether chunks can run on several threads: POSIX threads (fs_pool.h), and a way to make
-    the BLAS single-threaded per thread is known."""
-    return bool(FS_HAVE_POOL) and (_set_local != NULL or _set_global != NULL)
-
-
-cdef int _blas_enter() noexcept nogil:
-    """One BLAS thread for the calling thread, around a kernel call; returns what _blas_leave
-    restores. (Some OpenBLAS builds implement the "thread-local" setter with the process-wide
-    count: so only the calling thread restores, once all chunks are done.)"""
-    cdef int old
-    if _set_local != NULL:
-        return (<set_local_t>_set_local)(1)
-    if _set_global != NULL:
-        old = (<get_global_t>_get_global)()
-        (<set_global_t>_set_global)(1)
-        return old
-    return -1
-
-
-cdef void _blas_leave(int old) noexcept nogil:
-    if old < 0:
-        return
-    if _set_local != NULL:
-        (<set_local_t>_set_local)(old)
-    else:
-        (<set_global_t>_set_global)(old)
-
-
-cdef inline void _blas_worker() noexcept nogil:
-    """One BLAS thread for a thread that runs chunks (never restored: the calling thread's
-    _blas_leave does that once the region is over)."""
-    if _set_local != NULL:
-        (<set_local_t>_set_local)(1)
-
-
-cdef inline bint _gemv(char ta, char tb, int m, int k, floating alpha, const floating *a,
-                       int lda, const floating *b, int ldb, floating beta,
-                       floating *c) noexcept nogil:
-    """_gemm for one column of C (one row of the row-major result: generation's step) as a
-    matrix-vector product: gemm would first copy all of A into its packed layout, which for a
-    single column costs several times the product. False (nothing done) where no gemv of the
-    gemm's BLAS is known."""
-    cdef char t = ta
-    cdef int rows = m, cols = k, inc = 1 if tb == c'N' else ldb, one = 1
-    cdef int64_t rows8, cols8, lda8 = lda, inc8, one8 = 1
-    if ta != c'N':  # op(A) = A^T: A is stored k x m
-        rows, cols = k, m
-    rows8, cols8, inc8 = rows, cols, inc
-    if beta == 0:  # gemv may scale y by beta (0 * NaN is NaN); gemm never reads C then
-        memset(c, 0, m * sizeof(floating))
-    if floating is float:
-        if _ext_sgemm == NULL:
-            sgemv(&t, &rows, &cols, &alpha, <float *>a, &lda, <float *>b, &inc, &beta, c, &one)
-        elif _ext_sgemv == NULL:
-            return False
-        elif _ext_ilp64:
-            (<sgemv64_t>_ext_sgemv)(&t, &rows8, &cols8, &alpha, <float *>a, &lda8, <float *>b,
-                                    &inc8, &beta, c, &one8)
-        else:
-            (<sgemv32_t>_ext_sgemv)(&t, &rows, &cols, &alpha, <float *>a, &lda, <float *>b, &inc,
-                                    &beta, c, &one)
-    else:
-        if _ext_dgemm == NULL:
-            dgemv(&t, &rows, &cols, &alpha, <double *>a, &lda, <double *>b, &inc, &beta, c, &one)
-        elif _ext_dgemv == NULL:
-            return False
-        elif _ext_ilp64:
-            (<dgemv64_t>_ext_dgemv)(&t, &rows8, &cols8, &alpha, <double *>a, &lda8, <double *>b,
-                                    &inc8, &beta, c, &one8)
-        else:
-            (<dgemv32_t>_ext_dgemv)(&t, &rows, &cols, &alpha, <double *>a, &lda, <double *>b,
-                                    &inc, &beta, c, &one)
-    return True
-
-
-cdef inline void _gemm(char ta, char tb, int m, int n, int k, floating alpha, const floating *a,
-                       int lda, const floating *b, int ldb, floating beta, floating *c,
-                       int ldc) noexcept nogil:
-    """Column-major C = alpha op(A) op(B) + beta C (one column of C: _gemv)."""
-    cdef int64_t m8 = m, n8 = n, k8 = k, lda8 = lda, ldb8 = ldb, ldc8 = ldc
-    if n == 1 and m > 0 and k > 0 and _gemv(ta, tb, m, k, alpha, a, lda, b, ldb, beta, c):
-        return
-    if floating is float:
-        if _ext_sgemm == NULL:
-            sgemm(&ta, &tb, &m, &n, &k, &alpha, <float *>a, &lda, <float *>b, &ldb, &beta, c, &ldc)
-        elif _ext_ilp64:
-            (<sgemm64_t>_ext_sgemm)(&ta, &tb, &m8, &n8, &k8, &alpha, <float *>a, &lda8,
-                                    <float *>b, &ldb8, &beta, c, &ldc8)
-        else:
-            (<sgemm32_t>_ext_sgemm)(&ta, &tb, &m, &n, &k, &alpha, <float *>a, &lda, <float *>b,
-                                    &ldb, &beta, c, &ldc)
-    else:
-        if _ext_dgemm == NULL:
-            dgemm(&ta, &tb, &m, &n, &k, &alpha, <double *>a, &lda, <double *>b, &ldb, &beta, c, &ldc)
-        elif _ext_ilp64:
-            (<dgemm64_t>_ext_dgemm)(&ta, &tb, &m8, &n8, &k8, &alpha, <double *>a, &lda8,
-                                    <double *>b, &ldb8, &beta, c, &ldc8)
-        else:
-            (<dgemm32_t>_ext_dgemm)(&ta, &tb, &m, &n, &k, &alpha, <double *>a, &lda, <double *>b,
-                                    &ldb, &beta, c, &ldc)
 
 
 # --- chunks --------------------------------------------------------------------------------------
@@ -290,7 +79,7 @@ def chunks(Py_ssize_t N):
 
 cdef inline int _team(int nthreads, Py_ssize_t nc) noexcept nogil:
     """Threads for nc chunks."""
-    if nthreads < 2 or nc < 2 or not FS_HAVE_POOL or (_set_local == NULL and _set_global == NULL):
+    if nthreads < 2 or nc < 2 or not FS_HAVE_POOL or not _blas_serial:
         return 1
     return nthreads if nthreads < nc else <int>nc
 
@@ -386,7 +175,6 @@ cdef struct FwdJob:
 cdef void _fwd_task(floating *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil:
     """Chunk k of forward (fs_pool.h task)."""
     cdef FwdJob *j = <FwdJob *>ctx
-    _blas_worker()
     _fwd_rows(k * j.N // j.nc, (k + 1) * j.N // j.nc, j.T, j.N, j.H, j.D, <const floating *>j.X,
               <const floating *>j.Wx, <const floating *>j.W, <const floating *>j.bias, j.b_rs,
               <floating *>j.A, <floating *>j.Hb, <floating *>j.Cb, <floating *>j.TC, j.h0_zero,
@@ -416,7 +204,7 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
     leaves step 0 out of dWh)."""
     cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
     cdef Py_ssize_t G = 4 * H, t, n, k, nc = _nchunks(N)
-    cdef int team = _team(nthreads, nc), old
+    cdef int team = _team(nthreads, nc)
     cdef bint h0_zero
     cdef const int64_t *idp = NULL
     cdef FwdJob job
@@ -436,7 +224,6 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
         memcpy(&Hb[0, 0, 0], &h0[0, 0], N * H * sizeof(floating))
         memcpy(&Cb[0, 0, 0], &c0[0, 0], N * H * sizeof(floating))
         h0_zero = _all_zero(&h0[0, 0], N * H)
-        old = _blas_enter()
         if nc == 1:
             if ids is None:  # A = X Wx for all steps:  A^T (4H x TN) = Wx^T (4H x D) X^T (D x TN)
                 _gemm(c'N', c'N', <int>G, <int>(T * N), <int>D, <floating>1, &Wx[0, 0], <int>G,
@@ -447,7 +234,6 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
             job = FwdJob(nc, T, N, H, D, b_rs, &X[0, 0, 0], &Wx[0, 0], W, bias, &A[0, 0, 0],
                          &Hb[0, 0, 0], &Cb[0, 0, 0], &TC[0, 0, 0], h0_zero, idp)
             fs_pool_run(team, nc, <fs_task>_fwd_task[floating], &job)
-        _blas_leave(old)
     return h0_zero
 
 
@@ -537,7 +323,6 @@ cdef void _bwd_task(floating *tag, void *ctx, Py_ssize_t k, int tid) noexcept no
     cdef Py_ssize_t G = 4 * j.H
     cdef Grads g = j.g
     cdef floating *shares = <floating *>j.shares
-    _blas_worker()
     g.pdWx = shares + k * (j.D + j.H) * G
     g.pdWh = shares + k * (j.D + j.H) * G + j.D * G
     g.dbacc = g.dbacc + k * G
@@ -612,7 +397,7 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     cdef Py_ssize_t N = A.shape[1], T = A.shape[0], H = Wh.shape[0], D = Wx.shape[0]
     cdef Py_ssize_t G = 4 * H, j, k, nc = _nchunks(N), PW = (D + H) * G
     cdef Py_ssize_t isz = sizeof(floating)
-    cdef int team = _team(nthreads, nc), old
+    cdef int team = _team(nthreads, nc)
     if dhs.shape[0] != N or dhs.shape[1] != T or dhs.shape[2] != H:
         raise ValueError(f"dhs has shape {tuple(dhs.shape)[:3]}, expected {(N, T, H)}")
     if dhs.strides[2] != isz or dhs.strides[0] % isz or dhs.strides[1] % isz:
@@ -641,7 +426,6 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
     with nogil:
         memset(dc, 0, N * H * isz)
         memset(&dh0[0, 0], 0, N * H * isz)
-        old = _blas_enter()
         if nc == 1:
             _bwd_rows(0, N, T, N, H, D, &Wh[0, 0], &A[0, 0, 0], dy0, dy_ts, dy_rs, &dh0[0, 0], dc,
                       &Cb[0, 0, 0], &TC[0, 0, 0], &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], g,
@@ -657,7 +441,6 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
             for k in range(1, nc):  # db accumulators in chunk order
                 for j in range(G):
                     g.dbacc[j] += g.dbacc[k * G + j]
-        _blas_leave(old)
         for j in range(G):
             db[j] = <floating>g.dbacc[j]
     free(g.dbacc)
@@ -688,17 +471,17 @@ cdef inline Py_ssize_t _block_rows(Py_ssize_t N) noexcept nogil:
 
 
 def infer_rows():
-    """Rows per block of final_state and greedy."""
+    """Rows per block of final_state."""
     return INFER_ROWS
 
 
-def infer_scratch_size(Py_ssize_t N, Py_ssize_t H, Py_ssize_t V, int nthreads):
-    """Elements of scratch that final_state and greedy need for N rows (V: greedy's output
-    width): per thread and row of a block, the gates (4H), h, c, the next c and tanh(c) (4H
-    together), the scores (V). Sized by the rows a block really has: one row (a generation
-    step) needs a few KiB, not a full block's worth that malloc would map and unmap per call."""
+def infer_scratch_size(Py_ssize_t N, Py_ssize_t H, int nthreads):
+    """Elements of scratch that final_state needs for N rows: per thread and row of a block, the
+    gates (4H), the next c and tanh(c) (4H together). Sized by the rows a block really has: one
+    row (a generation step) needs a few KiB, not a full block's worth that malloc would map and
+    unmap per call."""
     cdef Py_ssize_t team = min(max(nthreads, 1), max(_blocks(N), 1))
-    return team * _block_rows(N) * (8 * H + V)
+    return team * _block_rows(N) * 8 * H
 
 
 cdef void _cell_rows(Py_ssize_t rows, Py_ssize_t H, const floating *Wh, const floating *bias,
@@ -728,7 +511,6 @@ cdef void _final_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t D,
     cdef floating *nxt = work + rows * G
     cdef floating *tc = nxt + rows * H
     cdef floating *swap
-    _blas_worker()
     if start == NULL:
         memcpy(h + r0 * H, h0 + r0 * H, rows * H * sizeof(floating))
         memcpy(cur, c0 + r0 * H, rows * H * sizeof(floating))
@@ -751,8 +533,8 @@ cdef void _final_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t D,
 
 
 cdef struct InferJob:
-    # final_state (_final_task) and greedy (_greedy_task): block k, scratch slot tid
-    Py_ssize_t N, T, S, D, H, V, b_rs, bo_rs, slot
+    # final_state (_final_task): block k, scratch slot tid
+    Py_ssize_t N, T, D, H, b_rs, slot
     const void *xs
     const int64_t *ids
     const void *Wx
@@ -764,9 +546,6 @@ cdef struct InferJob:
     void *h
     void *c
     bint h0_zero
-    const void *Wo
-    const void *bo
-    int64_t *out
     void *scratch
 
 
@@ -805,10 +584,10 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
                 const int64_t[:, ::1] ids=None, const int64_t[::1] start=None):
     """h_T and c_T of forward over xs (N, T, D) (or one-hot ids (N, T), xs then (N, T, 0))
     from (h0, c0), written to h and c (N, H). start (N,): row n starts from row start[n] of
-    h0 and c0 (M, H) instead of row n. scratch: infer_scratch_size(N, H, 0, nthreads) elements."""
+    h0 and c0 (M, H) instead of row n. scratch: infer_scratch_size(N, H, nthreads) elements."""
     cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
     cdef Py_ssize_t G = 4 * H, n, nb = _blocks(N), slot = _block_rows(N) * (2 * G)
-    cdef int team = _team(nthreads, nb), old
+    cdef int team = _team(nthreads, nb)
     cdef bint h0_zero
     cdef const int64_t *idp = NULL
     cdef const int64_t *stp = NULL
@@ -835,293 +614,10 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
     cdef const floating *X = &xs[0, 0, 0] if idp == NULL else NULL
     with nogil:
         h0_zero = _all_zero(&h0[0, 0], h0.shape[0] * H)
-        old = _blas_enter()
         job.N, job.T, job.D, job.H, job.b_rs, job.slot = N, T, D, H, G if row_bias else 0, slot
         job.xs, job.ids, job.Wx, job.Wh, job.bias = X, idp, &Wx[0, 0], &Wh[0, 0], &b[0]
         job.h0, job.c0, job.start, job.h, job.c = &h0[0, 0], &c0[0, 0], stp, &h[0, 0], &c[0, 0]
         job.h0_zero, job.scratch = h0_zero, &scratch[0]
         fs_pool_run(team, nb, <fs_task>_final_task[floating], &job)  # team 1: this thread
-        _blas_leave(old)
 
 
-cdef void _greedy_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t S, Py_ssize_t H, Py_ssize_t V,
-                        const int64_t *ids0, const floating *Wx, const floating *Wh,
-                        const floating *bias, Py_ssize_t b_rs, const floating *h0,
-                        const floating *c0, const floating *Wo, const floating *bo,
-                        Py_ssize_t bo_rs, int64_t *out, floating *work) noexcept nogil:
-    """Rows [r0, r1) of greedy: S steps, each feeding the previous step's argmax (out's column
-    t - 1; ids0 at t = 0)."""
-    cdef Py_ssize_t t, n, rows = r1 - r0, G = 4 * H
-    cdef floating *a = work
-    cdef floating *h = a + rows * G
-    cdef floating *cur = h + rows * H
-    cdef floating *nxt = cur + rows * H
-    cdef floating *tc = nxt + rows * H
-    cdef floating *s = tc + rows * H
-    cdef floating *swap
-    _blas_worker()
-    memcpy(h, h0 + r0 * H, rows * H * sizeof(floating))
-    memcpy(cur, c0 + r0 * H, rows * H * sizeof(floating))
-    for t in range(S):
-        if t == 0:
-            _gather_rows(a, Wx, ids0, 1, r0, r1, G)
-        else:
-            _gather_rows(a, Wx, out + t - 1, S, r0, r1, G)
-        _cell_rows(rows, H, Wh, bias + r0 * b_rs, b_rs, a, h, cur, nxt, tc, False)
-        swap = cur
-        cur = nxt
-        nxt = swap
-        # scores s = h_t Wo:  s^T (V x rows) = Wo^T (V x H) h^T
-        _gemm(c'N', c'N', <int>V, <int>rows, <int>H, <floating>1, Wo, <int>V, h, <int>H,
-              <floating>0, s, <int>V)
-        for n in range(rows):
-            if floating is float:
-                out[(r0 + n) * S + t] = fs_argmax_sumf(s + n * V, bo + (r0 + n) * bo_rs, V)
-            else:
-                out[(r0 + n) * S + t] = fs_argmax_sumd(s + n * V, bo + (r0 + n) * bo_rs, V)
-
-
-cdef void _greedy_task(floating *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil:
-    cdef InferJob *j = <InferJob *>ctx
-    _greedy_block(k * INFER_ROWS, min((k + 1) * INFER_ROWS, j.N), j.S, j.H, j.V, j.ids,
-                  <const floating *>j.Wx, <const floating *>j.Wh, <const floating *>j.bias,
-                  j.b_rs, <const floating *>j.h0, <const floating *>j.c0,
-                  <const floating *>j.Wo, <const floating *>j.bo, j.bo_rs, j.out,
-                  <floating *>j.scratch + tid * j.slot)
-
-
-def greedy(const int64_t[::1] ids, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
-           const floating[::1] b, const floating[:, ::1] h0, const floating[:, ::1] c0,
-           const floating[:, ::1] Wo, const floating[::1] bo, int64_t[:, ::1] out,
-           floating[::1] scratch, int nthreads=1, bint row_bias=False, bint out_row_bias=False):
-    """Greedy decoding of out.shape[1] steps from (h0, c0) (N, H): the input at each step is
-    the one-hot id ids (N,) at the first, then the previous step's argmax of h_t Wo + bo,
-    written to out (N, steps). Wx (V_in, 4H) is the one-hot table; b is (4H,) or, with
-    row_bias, (N, 4H) flattened; bo (V,) or, with out_row_bias, (N, V) flattened. scratch:
-    infer_scratch_size(N, H, V, nthreads) elements."""
-    cdef Py_ssize_t N = h0.shape[0], H = Wh.shape[0], V = Wo.shape[1], S = out.shape[1]
-    cdef Py_ssize_t G = 4 * H, k, n, nb = _blocks(N), slot = _block_rows(N) * (2 * G + V)
-    cdef int team = _team(nthreads, nb), old
-    cdef InferJob job
-    if b.shape[0] != (N * G if row_bias else G):
-        raise ValueError(f"b has {b.shape[0]} elements, expected {N * G if row_bias else G}")
-    if bo.shape[0] != (N * V if out_row_bias else V):
-        raise ValueError(f"bo has {bo.shape[0]} elements, expected {N * V if out_row_bias else V}")
-    if ids.shape[0] != N or out.shape[0] != N or c0.shape[0] != N or Wo.shape[0] != H:
-        raise ValueError("greedy: ids, out, h0, c0 need N rows and Wo H rows")
-    if V > Wx.shape[0] or V == 0:
-        raise ValueError(f"{V} output symbols cannot all be fed back into {Wx.shape[0]} inputs")
-    for n in range(N):
-        if ids[n] < 0 or ids[n] >= Wx.shape[0]:
-            raise ValueError(f"input id {ids[n]} outside [0, {Wx.shape[0]})")
-    if scratch.shape[0] < team * slot:
-        raise ValueError(f"scratch has {scratch.shape[0]} elements, needs {team * slot}")
-    if N == 0 or S == 0:
-        return
-    with nogil:
-        old = _blas_enter()
-        job.N, job.S, job.H, job.V, job.slot = N, S, H, V, slot
-        job.b_rs, job.bo_rs = G if row_bias else 0, V if out_row_bias else 0
-        job.ids, job.Wx, job.Wh, job.bias = &ids[0], &Wx[0, 0], &Wh[0, 0], &b[0]
-        job.h0, job.c0, job.Wo, job.bo = &h0[0, 0], &c0[0, 0], &Wo[0, 0], &bo[0]
-        job.out, job.scratch = &out[0, 0], &scratch[0]
-        fs_pool_run(team, nb, <fs_task>_greedy_task[floating], &job)
-        _blas_leave(old)
-
-
-# --- products for the layers around the LSTM -----------------------------------------------------
-
-cdef enum:
-    MATMUL_CHUNK_WORK = 1 << 18  # multiply-adds per chunk at least: hand-offs cost less
-    MATMUL_MAX_CHUNKS = 4        # each chunk's BLAS call packs the whole other operand again
-
-
-cdef void _matmul_chunk(Py_ssize_t q, Py_ssize_t nq, bint by_rows, Py_ssize_t M, Py_ssize_t N,
-                        Py_ssize_t K, const floating *a, bint a_t, Py_ssize_t lda,
-                        const floating *b, bint b_t, Py_ssize_t ldb,
-                        floating *out) noexcept nogil:
-    """Rows (by_rows) or columns [q*X/nq, (q+1)*X/nq) of out (M, N) = a (M, K) @ b (K, N), as
-    the column-major out^T = b^T a^T; a_t / b_t: the operand is a transposed (F-ordered) view."""
-    cdef Py_ssize_t X = M if by_rows else N
-    cdef Py_ssize_t i0 = q * X // nq, i1 = (q + 1) * X // nq
-    _blas_worker()
-    if by_rows:
-        _gemm(c'T' if b_t else c'N', c'T' if a_t else c'N', <int>N, <int>(i1 - i0), <int>K,
-              <floating>1, b, <int>ldb, a + (i0 if a_t else i0 * lda), <int>lda, <floating>0,
-              out + i0 * N, <int>N)
-    else:
-        _gemm(c'T' if b_t else c'N', c'T' if a_t else c'N', <int>(i1 - i0), <int>M, <int>K,
-              <floating>1, b + (i0 * ldb if b_t else i0), <int>ldb, a, <int>lda, <floating>0,
-              out + i0, <int>N)
-
-
-cdef struct MmJob:
-    # matmul (_matmul_task), bmatmul (_bmatmul_task), exp_rows (_exp_rows_task): nq chunks
-    Py_ssize_t nq, B, M, N, K, sa, sb
-    bint by_rows, a_t, b_t
-    Py_ssize_t lda, ldb
-    const void *a
-    const void *b
-    void *out
-    void *z
-
-
-cdef void _matmul_task(floating *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
-    cdef MmJob *j = <MmJob *>ctx
-    _matmul_chunk(q, j.nq, j.by_rows, j.M, j.N, j.K, <const floating *>j.a, j.a_t, j.lda,
-                  <const floating *>j.b, j.b_t, j.ldb, <floating *>j.out)
-
-
-cdef inline bint _operand(const floating[:, :] x, bint *trans, Py_ssize_t *ld) noexcept:
-    """Whether x (rows, cols) is C-ordered (trans False, ld = its row stride) or an F-ordered
-    transposed view (trans True, ld = its column stride), as BLAS can read it."""
-    cdef Py_ssize_t isz = sizeof(floating)
-    if x.strides[1] == isz and x.strides[0] % isz == 0 and x.strides[0] >= x.shape[1] * isz:
-        trans[0], ld[0] = False, x.strides[0] // isz if x.shape[0] > 1 else max(x.shape[1], 1)
-        return True
-    if x.strides[0] == isz and x.strides[1] % isz == 0 and x.strides[1] >= x.shape[0] * isz:
-        trans[0], ld[0] = True, x.strides[1] // isz if x.shape[1] > 1 else max(x.shape[0], 1)
-        return True
-    return False
-
-
-def matmul(const floating[:, :] a, const floating[:, :] b, floating[:, ::1] out, int nthreads=1):
-    """out = a @ b in chunks of rows (or of columns, for a wide out) fixed by the shapes, taken by
-    up to nthreads threads with single-threaded BLAS: the sum over K is never split, so the
-    result is the same whatever the thread count. a and b may be C-ordered or transposed views.
-    Returns False (nothing written) when an operand's strides do not suit BLAS."""
-    cdef Py_ssize_t M = a.shape[0], K = a.shape[1], N = b.shape[1], q, nq
-    cdef bint a_t, b_t, by_rows = a.shape[0] >= b.shape[1]
-    cdef Py_ssize_t lda, ldb
-    if b.shape[0] != K or out.shape[0] != M or out.shape[1] != N:
-        raise ValueError(f"matmul: shapes {(M, K)} @ {tuple(b.shape)[:2]} -> {tuple(out.shape)[:2]}")
-    if M == 0 or N == 0:
-        return True
-    if K == 0:
-        memset(&out[0, 0], 0, M * N * sizeof(floating))
-        return True
-    if not _operand(a, &a_t, &lda) or not _operand(b, &b_t, &ldb):
-        return False
-    nq = min(M * N * K // MATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, M if by_rows else N)
-    nq = _even(nq)
-    cdef int team = _team(nthreads, nq), old
-    cdef MmJob job
-    job.nq, job.M, job.N, job.K, job.by_rows = nq, M, N, K, by_rows
-    job.a, job.a_t, job.lda, job.b, job.b_t, job.ldb = &a[0, 0], a_t, lda, &b[0, 0], b_t, ldb
-    job.out = &out[0, 0]
-    with nogil:
-        old = _blas_enter()
-        fs_pool_run(team, nq, <fs_task>_matmul_task[floating], &job)
-        _blas_leave(old)
-    return True
-
-
-cdef enum:
-    BMATMUL_CHUNK_WORK = 1 << 19  # stacked products are small and memory-bound: split them sooner
-    SMALL_MM_WORK = 1 << 15       # multiply-adds per matrix below which plain loops beat a BLAS call
-
-
-cdef void _bmatmul_chunk(Py_ssize_t q, Py_ssize_t nq, Py_ssize_t B, int M, int N, int K,
-                         const floating *a, Py_ssize_t sa, bint a_t, int lda,
-                         const floating *b, Py_ssize_t sb, bint b_t, int ldb,
-                         floating *out) noexcept nogil:
-    """Matrices [q*B/nq, (q+1)*B/nq) of the stack out[i] = a[i] @ b[i] (a[i] starts sa elements
-    after a[i-1], b[i] sb after b[i-1]), each as the column-major out^T = b^T a^T."""
-    cdef Py_ssize_t i, a_rs = 1 if a_t else lda, a_cs = lda if a_t else 1
-    cdef int form = 0  # 0: BLAS, 1: rows, 2: dots (fs_bmm.h)
-    if <Py_ssize_t>M * N * K < SMALL_MM_WORK:
-        form = 1 if not b_t else (2 if not a_t else 0)
-    if form == 0:
-        _blas_worker()
-    for i in range(q * B // nq, (q + 1) * B // nq):
-        if form == 1:
-            if floating is float:
-                fs_mm_rowsf(M, N, K, a + i * sa, a_rs, a_cs, b + i * sb, ldb, out + i * M * N)
-            else:
-                fs_mm_rowsd(M, N, K, a + i * sa, a_rs, a_cs, b + i * sb, ldb, out + i * M * N)
-        elif form == 2:
-            if floating is float:
-                fs_mm_dotsf(M, N, K, a + i * sa, lda, b + i * sb, ldb, out + i * M * N)
-            else:
-                fs_mm_dotsd(M, N, K, a + i * sa, lda, b + i * sb, ldb, out + i * M * N)
-        else:
-            _gemm(c'T' if b_t else c'N', c'T' if a_t else c'N', N, M, K, <floating>1, b + i * sb,
-                  ldb, a + i * sa, lda, <floating>0, out + i * M * N, N)
-
-
-cdef void _bmatmul_task(floating *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
-    cdef MmJob *j = <MmJob *>ctx
-    _bmatmul_chunk(q, j.nq, j.B, <int>j.M, <int>j.N, <int>j.K, <const floating *>j.a, j.sa,
-                   j.a_t, <int>j.lda, <const floating *>j.b, j.sb, j.b_t, <int>j.ldb,
-                   <floating *>j.out)
-
-
-def bmatmul(const floating[:, :, :] a, const floating[:, :, :] b, floating[:, :, ::1] out,
-            int nthreads=1):
-    """out[i] = a[i] @ b[i] for a stack of B matrices, in chunks of whole matrices fixed by the
-    shapes on up to nthreads threads (so the same bits for any thread count). Each a[i], b[i] may
-    be C-ordered or a transposed view. NumPy: np.matmul(a, b, out=out). Returns False (nothing
-    written) when an operand's strides do not suit BLAS."""
-    cdef Py_ssize_t B = a.shape[0], M = a.shape[1], K = a.shape[2], N = b.shape[2], q, nq
-    cdef Py_ssize_t isz = sizeof(floating)
-    cdef bint a_t, b_t
-    cdef Py_ssize_t lda, ldb
-    if b.shape[0] != B or b.shape[1] != K or out.shape[0] != B or out.shape[1] != M \
-            or out.shape[2] != N:
-        raise ValueError(f"bmatmul: shapes {(B, M, K)} @ {tuple(b.shape)[:3]} -> "
-                         f"{tuple(out.shape)[:3]}")
-    if B == 0 or M == 0 or N == 0:
-        return True
-    if K == 0:
-        memset(&out[0, 0, 0], 0, B * M * N * isz)
-        return True
-    if a.strides[0] % isz or b.strides[0] % isz:
-        return False
-    if not _operand(a[0], &a_t, &lda) or not _operand(b[0], &b_t, &ldb):
-        return False
-    nq = min(B * M * N * K // BMATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, B)
-    nq = _even(nq)
-    cdef int team = _team(nthreads, nq), old
-    cdef MmJob job
-    job.nq, job.B, job.M, job.N, job.K = nq, B, M, N, K
-    job.a, job.sa, job.a_t, job.lda = &a[0, 0, 0], a.strides[0] // isz, a_t, lda
-    job.b, job.sb, job.b_t, job.ldb = &b[0, 0, 0], b.strides[0] // isz, b_t, ldb
-    job.out = &out[0, 0, 0]
-    with nogil:
-        old = _blas_enter()
-        fs_pool_run(team, nq, <fs_task>_bmatmul_task[floating], &job)
-        _blas_leave(old)
-    return True
-
-
-cdef void _exp_rows_chunk(Py_ssize_t q, Py_ssize_t nq, floating *S, Py_ssize_t M, Py_ssize_t V,
-                          floating *z) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(q * M // nq, (q + 1) * M // nq):
-        if floating is float:
-            z[i] = fs_exp_rowf(S + i * V, V)
-        else:
-            z[i] = fs_exp_rowd(S + i * V, V)
-
-
-cdef void _exp_rows_task(floating *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
-    cdef MmJob *j = <MmJob *>ctx
-    _exp_rows_chunk(q, j.nq, <floating *>j.out, j.M, j.N, <floating *>j.z)
-
-
-def exp_rows(floating[:, ::1] S, floating[::1] z, int nthreads=1):
-    """S = exp(S) in place and z = S.sum(1), for scores shifted to <= 0 (a softmax's numerator
-    and denominator), in row chunks fixed by the shape on up to nthreads threads."""
-    cdef Py_ssize_t M = S.shape[0], V = S.shape[1], q
-    cdef Py_ssize_t nq = min(M * V // MATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, M)
-    nq = _even(nq)
-    if z.shape[0] != M:
-        raise ValueError(f"z has {z.shape[0]} elements, expected {M}")
-    if M == 0 or V == 0:
-        for q in range(M):
-            z[q] = 0
-        return
-    cdef MmJob job
-    job.nq, job.M, job.N, job.out, job.z = nq, M, V, &S[0, 0], &z[0]
-    with nogil:
-        fs_pool_run(nthreads, nq, <fs_task>_exp_rows_task[floating], &job)

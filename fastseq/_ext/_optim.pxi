@@ -1,76 +1,22 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Fused optimiser kernels over a whole parameter list: one call, one pass per array, vectorised
-(AVX-512 / AVX2 clones) and, for large lists, split over fastseq's worker threads.
+# Fused optimiser kernels over a whole parameter list: one call, one pass per array, vectorised
+# (AVX-512 / AVX2 clones) and, for large lists, split over fastseq's worker threads.
+#
+# NumPy equivalents:
+#     adam_update:   for each (p, g, m, v):
+#                        m += (1 - beta1) * (g - m)
+#                        v += (1 - beta2) * (g * g - v)
+#                        p -= lr_t * m / (sqrt(v) + eps)
+#     sum_squares:   sum(float((g.astype(float64) ** 2).sum()) for g in gs)
+#     scale:         for g in gs: g *= rate
+#
+# The elements of a list, concatenated, are cut into chunks of CHUNK elements. Each function takes
+# nthreads (default 1): threads, used for lists of at least PARALLEL_MIN elements, take the chunks
+# one at a time (a descheduled thread just takes fewer), and sum_squares adds the chunks' sums in
+# chunk order, so every result is the same whatever the thread count. Each touches nothing
+# and returns False (sum_squares: None) unless all arrays are C-contiguous, writeable float32 or
+# float64 NumPy arrays with matching sizes and dtypes; the caller then uses NumPy.
 
-NumPy equivalents:
-    adam_update:   for each (p, g, m, v):
-                       m += (1 - beta1) * (g - m)
-                       v += (1 - beta2) * (g * g - v)
-                       p -= lr_t * m / (sqrt(v) + eps)
-    sum_squares:   sum(float((g.astype(float64) ** 2).sum()) for g in gs)
-    scale:         for g in gs: g *= rate
-
-The elements of a list, concatenated, are cut into chunks of CHUNK elements. Each function takes
-nthreads (default 1): threads, used for lists of at least PARALLEL_MIN elements once set_pool()
-has given the worker pool of fastseq._ext._lstm_cpu (fs_pool.h), take the chunks one at a time
-(a descheduled thread just takes fewer), and sum_squares adds the chunks'
-sums in chunk order, so every result is the same whatever the thread count. Each touches nothing
-and returns False (sum_squares: None) unless all arrays are C-contiguous, writeable float32 or
-float64 NumPy arrays with matching sizes and dtypes; the caller then uses NumPy.
-"""
-from libc.stdlib cimport malloc, free
-
-cimport numpy as cnp
-
-cnp.import_array()
-
-
-cdef extern from "fs_simd.h":
-    """
-    #include <math.h>
-
-    /* elements [i0, i1) of one array, one function per precision (suffix f, d); the loops are
-       written for the vectoriser */
-    #define FS_ADAM(T, SFX, SQRT) \
-    FS_KERNEL static void fs_adam_##SFX(Py_ssize_t i0, Py_ssize_t i1, T *FS_RESTRICT p, \
-            const T *FS_RESTRICT g, T *FS_RESTRICT m, T *FS_RESTRICT v, T a, T b, T lr, T eps) \
-    { \
-        for (Py_ssize_t i = i0; i < i1; ++i) { \
-            T x = g[i]; \
-            T mi = m[i] + a * (x - m[i]); \
-            T vi = v[i] + b * (x * x - v[i]); \
-            m[i] = mi; \
-            v[i] = vi; \
-            p[i] -= lr * mi / (SQRT(vi) + eps); \
-        } \
-    }
-
-    /* sum of squares, accumulated in double in 8 fixed lanes (vectorised), so that the order of
-       the additions, and the result's bits, do not depend on where the array sits in memory */
-    #define FS_SUMSQ(T, SFX) \
-    FS_KERNEL static double fs_sumsq_##SFX(Py_ssize_t i0, Py_ssize_t i1, const T *FS_RESTRICT g) \
-    { \
-        double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
-        Py_ssize_t i = i0; \
-        for (; i + 8 <= i1; i += 8) \
-            for (int k = 0; k < 8; ++k) lane[k] += (double)g[i + k] * (double)g[i + k]; \
-        for (int k = 0; i < i1; ++i, ++k) lane[k] += (double)g[i] * (double)g[i]; \
-        return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])); \
-    }
-
-    #define FS_SCALE(T, SFX) \
-    FS_KERNEL static void fs_scale_##SFX(Py_ssize_t i0, Py_ssize_t i1, T *FS_RESTRICT g, T r) \
-    { \
-        for (Py_ssize_t i = i0; i < i1; ++i) g[i] *= r; \
-    }
-
-    FS_ADAM(float, f, sqrtf)
-    FS_ADAM(double, d, sqrt)
-    FS_SUMSQ(float, f)
-    FS_SUMSQ(double, d)
-    FS_SCALE(float, f)
-    FS_SCALE(double, d)
-    """
+cdef extern from "fs_optim.h":
     void fs_adam_f(Py_ssize_t i0, Py_ssize_t i1, float *p, const float *g, float *m, float *v,
                    float a, float b, float lr, float eps) noexcept nogil
     void fs_adam_d(Py_ssize_t i0, Py_ssize_t i1, double *p, const double *g, double *m,
@@ -84,8 +30,6 @@ cdef extern from "fs_simd.h":
 cdef enum:
     CHUNK = 1 << 15
     PARALLEL_MIN = 2 * CHUNK
-
-
 
 
 cdef bint _ok(object a, int typenum, Py_ssize_t n):
@@ -158,25 +102,13 @@ cdef void _free(Lists *L) noexcept:
     L.start, L.ptr = NULL, NULL
 
 
-cdef inline Py_ssize_t _nchunks(Lists *L) noexcept nogil:
+cdef inline Py_ssize_t _list_chunks(Lists *L) noexcept nogil:
     return (L.total + CHUNK - 1) // CHUNK
 
 
 cdef inline Py_ssize_t _end(Lists *L, Py_ssize_t q) noexcept nogil:
     """End of chunk q."""
     return (q + 1) * CHUNK if (q + 1) * CHUNK < L.total else L.total
-
-
-ctypedef void (*task_t)(void *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil
-ctypedef void (*pool_run_t)(int team, Py_ssize_t ntask, task_t fn, void *ctx) noexcept nogil
-cdef pool_run_t _pool_run = NULL
-
-
-def set_pool(size_t run_addr=0):
-    """Run chunks through this fs_pool_run (fastseq._ext._lstm_cpu.pool_address(): one set of
-    worker threads per process); 0: every chunk on the calling thread."""
-    global _pool_run
-    _pool_run = <pool_run_t>run_addr
 
 
 cdef struct Job:
@@ -186,13 +118,8 @@ cdef struct Job:
     double *parts
 
 
-cdef void _run(Lists *L, int nthreads, task_t fn, Job *job) noexcept nogil:
-    cdef Py_ssize_t q, n = _nchunks(L)
-    if _pool_run != NULL and nthreads > 1 and L.total >= PARALLEL_MIN:
-        _pool_run(nthreads, n, fn, job)
-    else:
-        for q in range(n):
-            fn(NULL, job, q, 0)
+cdef void _run(Lists *L, int nthreads, fs_task fn, Job *job) noexcept nogil:
+    fs_pool_run(nthreads if L.total >= PARALLEL_MIN else 1, _list_chunks(L), fn, job)
 
 
 # Each kernel below runs over a share [e0, e1) of the concatenated elements: it walks the arrays
@@ -269,14 +196,14 @@ def sum_squares(list gs, int nthreads=1):
     cdef Job job
     if not gs or _lists(&L, [gs], &typenum):
         return None
-    parts = <double *>malloc(_nchunks(&L) * sizeof(double))
+    parts = <double *>malloc(_list_chunks(&L) * sizeof(double))
     job.L, job.f32, job.parts = &L, typenum == cnp.NPY_FLOAT32, parts
     try:
         if parts == NULL:
             raise MemoryError()
         with nogil:
             _run(&L, nthreads, _sumsq_task, &job)
-            for q in range(_nchunks(&L)):  # in chunk order
+            for q in range(_list_chunks(&L)):  # in chunk order
                 total += parts[q]
     finally:
         free(parts)
@@ -313,3 +240,4 @@ def scale(list gs, double rate, int nthreads=1):
     finally:
         _free(&L)
     return True
+

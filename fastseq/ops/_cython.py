@@ -1,55 +1,32 @@
-"""Cython LSTM engine (CPU, float32 and float64): fastseq/_ext/_lstm_cpu.pyx does the work.
+"""The cython engine (CPU, float32 and float64): the compiled kernels of fastseq/_ext/_cpu, with
+the numpy engine's code for operands they do not take (empty, or odd-strided).
+Same signatures as the numpy engine (see fastseq.ops). Importing this module raises ImportError
+when the extension is not built.
 
-Same interface as the NumPy reference engine (_numpy.py), where the protocol is stated. Importing
-this module raises ImportError when the extension is not built.
+LSTM buffers are time-major (hs and dxs come back as transposed views of them) and backward
+overwrites the cached gates with their gradients, so a cache serves one backward only. The
+internal buffers (gates, cells, tanh(cells), time-major inputs, backward's scratch: never handed
+to the caller) go back to the buffer pool (_pool.py) when their cache is used up or dropped.
 
-Buffers are time-major (hs and dxs come back as transposed views of them) and backward overwrites
-the cached gates with their gradients, so a cache serves one backward only. The internal buffers
-(gates, cells, tanh(cells), time-major inputs, backward's scratch: never handed to the caller)
-go back to the buffer pool (_pool.py) when their cache is used up or dropped.
-
-Threads: batches of at least 2 * 32 rows run in chunks (of about 64 rows) fixed by the batch size, on up to
-fastseq.backend's thread count (see the kernel's docstring); the results do not depend on it.
+Threads: the kernels cut their work into chunks fixed by the shapes and run them on up to
+fastseq.backend's thread count; the results do not depend on it.
 """
-import os
-
 import numpy as np
 
 from .. import backend
-from . import _blas, _numpy, _pool
+from . import _numpy, _numpy_math, _pool
+from ._numpy import dropout_mask  # noqa: F401  (no kernel of its own)
 
-_lstm_cpu = backend.compiled("_lstm_cpu")
-if _lstm_cpu is None:
-    raise ImportError("fastseq._ext._lstm_cpu is not built")
+_cpu = backend.compiled()
+if _cpu is None:
+    raise ImportError("fastseq._ext._cpu is not built")
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 TAKES_IDS = True  # xs may be integer ids standing for one-hot rows (see _numpy)
 
 
-def use_blas(which):
-    """Which BLAS the kernel calls: 'numpy' (NumPy's OpenBLAS; RuntimeError when it cannot be
-    identified), 'scipy' (the one the kernel is compiled against) or 'auto' (NumPy's when
-    found). Returns the choice in use."""
-    global BLAS
-    if which not in ("auto", "numpy", "scipy"):
-        raise ValueError(f"unknown BLAS choice {which!r}; expected auto, numpy or scipy")
-    found = _blas.numpy_blas() if which != "scipy" else None
-    if found is None and which == "numpy":
-        raise RuntimeError("NumPy's OpenBLAS could not be identified among the loaded libraries")
-    if found is None:  # SciPy's BLAS: its thread count is not ours to set
-        _lstm_cpu.set_blas(0, 0)
-        _lstm_cpu.set_blas_threads(0, 0, 0)
-        BLAS = "scipy"
-    else:
-        _lstm_cpu.set_blas(found.sgemm, found.dgemm, found.ilp64, found.sgemv, found.dgemv)
-        _lstm_cpu.set_blas_threads(found.set_local, found.set_global, found.get_global)
-        BLAS = f"numpy ({os.path.basename(found.path)})"
-    return BLAS
-
-
 def _threads():
-    """Threads for the chunks (fastseq.backend's thread policy)."""
-    return backend.config.lstm_threads
+    return backend.config.threads
 
 
 def _check(name, a, dtype, shape, cast=False):
@@ -106,10 +83,10 @@ def forward(xs, Wx, Wh, b, h0, c0):
     if work is None:
         work = (np.empty((T, N, 0 if one_hot else D), dtype), np.empty((T, N, 4 * H), dtype),
                 np.empty((T + 1, N, H), dtype), np.empty((T, N, H), dtype),
-                np.empty(_lstm_cpu.scratch_size(N, D, H), dtype))  # backward's
+                np.empty(_cpu.scratch_size(N, D, H), dtype))  # backward's
     X, A, Cb, TC, _ = work
     Hb = np.empty((T + 1, N, H), dtype)  # hs is a view of it: never pooled
-    h0_zero = _lstm_cpu.forward(xs, Wx, Wh, b.reshape(-1), h0, c0, X, A, Hb, Cb, TC, _threads(),
+    h0_zero = _cpu.forward(xs, Wx, Wh, b.reshape(-1), h0, c0, X, A, Hb, Cb, TC, _threads(),
                                 row_bias, ids)
     cache = _Cache(key, work, Wx, Wh, Hb, h0_zero, row_bias, ids)
     return Hb[1:].transpose(1, 0, 2), Hb[T].copy(), Cb[T].copy(), cache
@@ -150,9 +127,9 @@ def backward(dhs, cache, grads, need_dh0=True):
     try:
         # with per-row biases the kernel's shared db goes to a scratch vector
         db_shared = np.empty(4 * H, dtype) if row_bias else outs[2]
-        _lstm_cpu.backward(dhs, X, Wx, Wh, A, Hb, Cb, TC, outs[0], outs[1], db_shared, dX, dh0,
-                           scratch, h0_zero, _threads(), bool(need_dh0),
-                           outs[2].reshape(-1) if row_bias else None, ids)
+        _cpu.backward(dhs, X, Wx, Wh, A, Hb, Cb, TC, outs[0], outs[1], db_shared, dX, dh0,
+                      scratch, h0_zero, _threads(), bool(need_dh0),
+                      outs[2].reshape(-1) if row_bias else None, ids)
     finally:
         cache.release()  # A now holds dA: the cache is used up either way
     for g, o in zip(grads, outs):
@@ -171,8 +148,8 @@ def step(x, Wx, Wh, b, h, c):
         N, H, dtype = x.shape[0], Wh.shape[0], Wx.dtype
         h_next, c_next = np.empty((N, H), dtype), np.empty((N, H), dtype)
         threads = _threads()
-        _lstm_cpu.final_state(x[:, None, :], Wx, Wh, b.reshape(-1), h, c, h_next, c_next,
-                              _scratch(N, H, 0, dtype, threads), threads, b.ndim == 2)
+        _cpu.final_state(x[:, None, :], Wx, Wh, b.reshape(-1), h, c, h_next, c_next,
+                         _scratch(N, H, dtype, threads), threads, b.ndim == 2)
         return h_next, c_next
     except (TypeError, ValueError, AttributeError, IndexError):
         return final_state(x[:, None, :], Wx, Wh, b, h, c)
@@ -193,39 +170,14 @@ def final_state(xs, Wx, Wh, b, h0, c0, start=None):
         start = np.ascontiguousarray(start, dtype=np.int64)
     h, c = np.empty((N, H), Wx.dtype), np.empty((N, H), Wx.dtype)
     threads = _threads()
-    _lstm_cpu.final_state(xs, Wx, Wh, b.reshape(-1), h0, c0, h, c,
-                          _scratch(N, H, 0, Wx.dtype, threads), threads, row_bias, ids, start)
+    _cpu.final_state(xs, Wx, Wh, b.reshape(-1), h0, c0, h, c,
+                     _scratch(N, H, Wx.dtype, threads), threads, row_bias, ids, start)
     return h, c
 
 
-def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
-    """Greedy decoding (see _numpy.greedy), in blocks of rows kept in cache."""
-    dtype = np.dtype(Wx.dtype)
-    if dtype not in DTYPES:
-        raise TypeError(f"the Cython LSTM engine supports float32 and float64, not {dtype}")
-    N, H, V = h.shape[0], Wh.shape[0], Wout.shape[1]
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if ids.shape != (N,):
-        raise ValueError(f"ids has shape {ids.shape}, expected {(N,)}")
-    Wx = _check("Wx", Wx, dtype, (Wx.shape[0], 4 * H))
-    Wh = _check("Wh", Wh, dtype, (H, 4 * H))
-    b = _check("b", b, dtype, (N, 4 * H) if b.ndim == 2 else (4 * H,))
-    h = _check("h", h, dtype, (N, H), cast=True)
-    c = _check("c", c, dtype, (N, H), cast=True)
-    Wout = _check("Wout", Wout, dtype, (H, V))
-    bout = _check("bout", bout, dtype, (N, V) if bout.ndim == 2 else (V,))
-    out = np.empty((N, steps), np.int64)
-    if H == 0:
-        return _numpy.greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps)
-    threads = _threads()
-    _lstm_cpu.greedy(ids, Wx, Wh, b.reshape(-1), h, c, Wout, bout.reshape(-1), out,
-                     _scratch(N, H, V, dtype, threads), threads, b.ndim == 2, bout.ndim == 2)
-    return out
-
-
-def _scratch(N, H, V, dtype, threads):
-    """Working memory of final_state and greedy over N rows: one small slot per thread."""
-    return np.empty(_lstm_cpu.infer_scratch_size(N, H, V, threads), dtype)
+def _scratch(N, H, dtype, threads):
+    """Working memory of final_state over N rows: one small slot per thread."""
+    return np.empty(_cpu.infer_scratch_size(N, H, threads), dtype)
 
 
 class _Cache:
@@ -251,4 +203,103 @@ class _Cache:
 
 
 clear_pool = _pool.clear
-use_blas(backend.config.blas)
+
+
+# --- the ops around the LSTM ----------------------------------------------------------------------
+
+def matmul(a, b, out=None):
+    """a @ b by the chunked kernel (chunks fixed by the shapes on fastseq's threads: the same
+    bits for any thread count); NumPy's for operands it does not take."""
+    if type(a) is np.ndarray and type(b) is np.ndarray and a.dtype in DTYPES \
+            and b.dtype == a.dtype:
+        done = _matmul_chunked(a, b, out)
+        if done is not None:
+            return done
+    return _numpy.matmul(a, b, out)
+
+
+def _matmul_chunked(a, b, out):
+    if a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0] and a.shape[2] == b.shape[1]:
+        res = out if out is not None else np.empty(a.shape[:2] + b.shape[2:], a.dtype)
+        if (res.shape != a.shape[:2] + b.shape[2:] or res.dtype != a.dtype
+                or not res.flags.c_contiguous):
+            return None
+        return res if _cpu.bmatmul(a, b, res, _threads()) else None
+    if b.ndim != 2 or a.ndim not in (1, 2) or a.shape[-1] != b.shape[0]:
+        return None
+    shape = a.shape[:-1] + b.shape[1:]
+    res = out if out is not None else np.empty(shape, a.dtype)
+    if res.shape != shape or res.dtype != a.dtype or not res.flags.c_contiguous:
+        return None
+    if not _cpu.matmul(a if a.ndim == 2 else a[None], b, res if res.ndim == 2 else res[None],
+                       _threads()):
+        return None
+    return res
+
+
+def exp_rows(S):
+    """S = exp(S) in place for scores already shifted to <= 0; returns the row sums."""
+    if (type(S) is np.ndarray and S.dtype in DTYPES and S.ndim == 2 and S.flags.c_contiguous
+            and S.flags.writeable):
+        z = np.empty(S.shape[0], S.dtype)
+        _cpu.exp_rows(S, z, _threads())
+        return z
+    return _numpy.exp_rows(S)
+
+
+def softmax_cross_entropy(scores, labels, ignore_label=-1):
+    """The numpy engine's in three passes: row max and shift, exp (NumPy's SIMD), then sums,
+    loss and gradient."""
+    M, V = scores.shape
+    if not (type(scores) is np.ndarray and scores.dtype in DTYPES and scores.flags.c_contiguous
+            and scores.flags.writeable and M and V):
+        return _numpy.softmax_cross_entropy(scores, labels, ignore_label)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    has_ignore = ignore_label is not None
+    ignore = int(ignore_label) if has_ignore else 0
+    picked, n_valid = _cpu.softmax_shift(scores, labels, ignore, has_ignore)
+    np.exp(scores, out=scores)
+    loss = _cpu.softmax_finish(scores, labels, picked, ignore, n_valid, has_ignore)
+    return float(loss), scores
+
+
+def embed_gather(W, idx):
+    """One pass that checks the ids and copies the rows (see _numpy_math.embed_gather)."""
+    if not (type(W) is np.ndarray and W.flags.c_contiguous and W.dtype in DTYPES):
+        return _numpy.embed_gather(W, idx)
+    ids = np.ascontiguousarray(idx, dtype=np.int64)
+    out = np.empty(ids.shape + (W.shape[1],), dtype=W.dtype)
+    if _cpu.embed_gather(W, ids.reshape(-1), out.reshape(-1, W.shape[1])) >= 0:
+        _numpy_math._out_of_range(ids, W.shape[0])
+    return out, ids
+
+
+def embed_scatter(dW, idx, dout, accumulate=False):
+    """dW (+)= the rows of dout added at idx (ids checked by embed_gather)."""
+    if (type(dW) is np.ndarray and dout.ndim == 3 and idx.ndim == 2 and dout.dtype == dW.dtype
+            and dW.dtype in DTYPES and dW.flags.c_contiguous and idx.dtype == np.int64
+            and dout.strides[2] == dout.itemsize):
+        _cpu.embed_scatter(dW, idx, dout, accumulate)
+    else:
+        _numpy.embed_scatter(dW, idx, dout, accumulate)
+
+
+def clip_grads(grads, max_norm):
+    """One fused pass for the norm and one for the scaling (see _numpy_math.clip_grads)."""
+    total = _cpu.sum_squares(grads, _threads())
+    if total is None:
+        return _numpy.clip_grads(grads, max_norm)
+    total = total ** 0.5
+    rate = max_norm / (total + 1e-6)
+    if rate < 1 and not _cpu.scale(grads, rate, _threads()):
+        for g in grads:
+            g *= rate
+    return total
+
+
+def adam_update(params, grads, ms, vs, lr, beta1, beta2, step, state=None):
+    """One fused pass over every parameter (see _numpy_math.adam_update)."""
+    lr_t = lr * (1.0 - beta2 ** step) ** 0.5 / (1.0 - beta1 ** step)
+    if _cpu.adam_update(params, grads, ms, vs, lr_t, 1 - beta1, 1 - beta2, 1e-7, _threads()):
+        return state
+    return _numpy.adam_update(params, grads, ms, vs, lr, beta1, beta2, step, state)

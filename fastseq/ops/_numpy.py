@@ -1,4 +1,5 @@
-"""Reference LSTM engine (NumPy, or CuPy through the same array calls).
+"""The numpy engine: the LSTM here, the ops around it in _numpy_math (NumPy, or CuPy arrays
+through the same calls).
 
 Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g | i | o].
 
@@ -19,8 +20,8 @@ the same bits); backward's products run per gate. The internal buffers come from
 (_pool.py) and go back to it with the cache, so training reuses the same memory every step.
 Work comes in pieces fixed by the shapes (halves of the rows for the recurrences, groups of gates
 for the weight gradients) that a second thread may take when fastseq.backend allows two (NumPy
-releases the GIL inside its products and loops); every product runs on
-backend.config.small_blas_threads BLAS threads, so the bits never depend on the thread count.
+releases the GIL inside its products and loops); every product runs on one BLAS thread
+(backend.single_blas_thread), so the bits never depend on the thread count.
 
 Interface shared by every engine (numpy, cython, cupy):
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
@@ -31,10 +32,6 @@ Interface shared by every engine (numpy, cython, cupy):
         the same for a run of steps (generation): the per-weights work done once, same bits
     final_state(xs, Wx, Wh, b, h0, c0, start=None) -> hT, cT   forward's last state alone
         (inference: an encoder); with start (N,), row n starts from h0[start[n]], c0[start[n]]
-    greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps) -> (N, steps) int64
-        greedy decoding from (h, c): step t's input is onehot(id_t) (Wx is the one-hot table,
-        see below), with id_0 = ids (N,) and id_{t+1} = argmax(h_{t+1} Wout + bout), the
-        first index on ties; bout is (V,) or (N, V). Returns id_1 .. id_steps.
 
 need_dh0=False skips the product dA_0 Wh^T at t = 0 (N x 4H x H) and returns dh0 = None: for a
 layer whose initial state is a constant (the Encoder's zero state) nobody needs that gradient.
@@ -56,7 +53,8 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 from . import _pool
-from ._blas import blas_threads
+from ._numpy_math import (adam_update, clip_grads, dropout_mask, embed_gather,  # noqa: F401
+                          embed_scatter, exp_rows, matmul, softmax_cross_entropy)
 
 TAKES_IDS = True  # xs may be integer ids standing for one-hot rows (see forward)
 
@@ -92,7 +90,7 @@ def _activate(a, g, num):
 
 
 # Rows per h_{t-1} Wh product. OpenBLAS's bits for a row depend on how many rows the call has,
-# so every path (forward, step, final_state, greedy) cuts its rows at the same multiples of
+# so every path (forward, step, final_state) cuts its rows at the same multiples of
 # PRODUCT_ROWS: a row's h_t then has the same bits whatever the batch or the path.
 PRODUCT_ROWS = 64
 MIN_PIECE_ROWS = 32  # fewest rows in the second piece of a split recurrence
@@ -175,7 +173,7 @@ def _input_gates(xs, Wxs, bs, A):
 
 
 def forward(xs, Wx, Wh, b, h0, c0):
-    with blas_threads(backend.config.small_blas_threads):
+    with backend.single_blas_thread():
         return _forward(xs, Wx, Wh, b, h0, c0)
 
 
@@ -251,7 +249,7 @@ def _set_gates(g, parts):
 
 
 def backward(dhs, cache, grads, need_dh0=True):
-    with blas_threads(backend.config.small_blas_threads):
+    with backend.single_blas_thread():
         return _backward(dhs, cache, grads, need_dh0)
 
 
@@ -345,10 +343,9 @@ def _in_pieces(pieces, xp):
         return
     if _helper is None:
         _helper = ThreadPoolExecutor(1, thread_name_prefix="fastseq-numpy")
-    threads = backend.config.small_blas_threads  # a BLAS thread count holds per calling thread
 
     def helped(run):
-        with blas_threads(threads):
+        with backend.single_blas_thread():
             run()
 
     futures = [_helper.submit(helped, run) for run in pieces[1:]]
@@ -377,7 +374,7 @@ def stepper(Wx, Wh, b):
     num = _numerators(H, Wx.dtype, xp, False)
 
     def run(x, h, c):
-        with blas_threads(backend.config.small_blas_threads):
+        with backend.single_blas_thread():
             a = x @ Wxs
             a += bs
             a += _matmul_rows(h.astype(Wx.dtype, copy=False), Whs,
@@ -392,7 +389,7 @@ def stepper(Wx, Wh, b):
     return run
 
 
-# rows per block in final_state and greedy: a block's step arrays stay in cache (a multiple of
+# rows per block in final_state: a block's step arrays stay in cache (a multiple of
 # PRODUCT_ROWS, so that blocks cut the products where forward does)
 BLOCK_ROWS = 8 * PRODUCT_ROWS
 
@@ -405,7 +402,7 @@ def _by_blocks(N, xp, run):
     workers = min(len(blocks), backend.config.threads) if xp is np else 1
 
     def work(rows):
-        with blas_threads(1):
+        with backend.single_blas_thread():
             run(rows)
 
     if workers < 2:
@@ -444,28 +441,6 @@ def final_state(xs, Wx, Wh, b, h0, c0, start=None):
 
     _by_blocks(xs.shape[0], xp, run)
     return hT, cT
-
-
-def greedy(ids, Wx, Wh, b, h, c, Wout, bout, steps):
-    """Greedy decoding (see the protocol above), block by block."""
-    if Wout.shape[1] > Wx.shape[0]:
-        raise ValueError(f"{Wout.shape[1]} output symbols cannot all be fed back into "
-                         f"{Wx.shape[0]} inputs")
-    _check_range(ids, Wx.shape[0])
-    xp = get_array_module(Wx)
-    out = xp.empty((h.shape[0], steps), dtype=xp.int64)
-
-    def run(r):
-        cell, bo = _Cell(Wx, Wh, _block(b, r), h[r], c[r]), _block(bout, r)
-        scores = xp.empty((cell.h.shape[0], Wout.shape[1]), Wx.dtype)
-        next_ids = ids[r]
-        for t in range(steps):
-            xp.matmul(cell.step(next_ids), Wout, out=scores)
-            scores += bo
-            next_ids = out[r, t] = scores.argmax(axis=1)
-
-    _by_blocks(h.shape[0], xp, run)
-    return out
 
 
 class _Cell:

@@ -1,0 +1,44 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""fastseq's compiled CPU kernels (float32 and float64), one module: the cython engine of
+fastseq.ops calls them; nothing else imports this module but fastseq.backend.
+
+    _blas.pxi       BLAS products (SciPy's cython_blas) and the threads that may run them
+    _lstm.pxi       the fused LSTM: forward, backward, final_state (the recurrence alone)
+    _products.pxi   chunked products and exp_rows for the layers around the LSTM
+    _ops.pxi        softmax cross-entropy passes, embedding gather and scatter-add
+    _optim.pxi      Adam, the gradients' sum of squares and scaling (clipping)
+
+The element-wise math is C in the fs_*.h headers. Work is cut into chunks whose number and
+bounds depend on the shapes alone; fastseq's worker threads (fs_pool.h, one set per process)
+take them from a shared counter, and partial sums are added in chunk order, so every result has
+the same bits whatever the thread count or the machine's load.
+"""
+import numpy as np
+
+cimport numpy as cnp
+from libc.math cimport log
+from libc.stdint cimport int64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
+from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
+
+cnp.import_array()
+
+
+ctypedef fused floating:
+    float
+    double
+
+
+cdef extern from "fs_pool.h":
+    ctypedef void (*fs_task)(void *tag, void *ctx, Py_ssize_t k, int tid) noexcept nogil
+    void fs_pool_run(int team, Py_ssize_t ntask, fs_task fn, void *ctx) noexcept nogil
+    int FS_HAVE_POOL
+    long fs_pool_helped() noexcept nogil
+
+
+include "_blas.pxi"
+include "_lstm.pxi"
+include "_products.pxi"
+include "_ops.pxi"
+include "_optim.pxi"
