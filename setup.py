@@ -12,6 +12,7 @@ REQUIRE = os.environ.get("FASTSEQ_REQUIRE_EXT", "0") == "1"
 def extensions():
     try:
         import numpy
+        import scipy_openblas32  # the kernels' BLAS: its header here, its library loaded at import
         from Cython.Build import cythonize
         from setuptools import Extension
     except ImportError as e:
@@ -27,7 +28,7 @@ def extensions():
     ext = Extension(
         "fastseq._ext._cpu",
         ["fastseq/_ext/_cpu.pyx"],
-        include_dirs=[numpy.get_include(), "fastseq/_ext"],
+        include_dirs=[numpy.get_include(), "fastseq/_ext", scipy_openblas32.get_include_dir()],
         depends=[os.path.join("fastseq/_ext", f) for f in sorted(os.listdir("fastseq/_ext"))
                  if f.endswith((".h", ".pxi"))],
         extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd",

@@ -161,7 +161,7 @@ def compiled():
             _ext.append(None)
             _ext_error = f"{type(e).__name__}: {e}"
         else:
-            _limit_blas()  # it loaded SciPy's BLAS: one thread per call, the kernels split the work
+            _limit_blas()  # it loaded its BLAS: one thread per call, the kernels split the work
     return _ext[0]
 
 
@@ -197,26 +197,25 @@ def _set_blas_threads(lib, n):
         lib.set_num_threads(n)
 
 
-def _is_scipys(lib):
-    """Whether a BLAS is the one SciPy's cython_blas (and so the compiled kernels) calls."""
-    scipy = sys.modules.get("scipy")
-    if scipy is None or not lib.filepath:
+def _is_kernels(lib):
+    """Whether a BLAS is the one the compiled kernels call (scipy-openblas32's library)."""
+    package = sys.modules.get("scipy_openblas32")
+    if package is None or not lib.filepath:
         return False
-    root = os.path.dirname(os.path.abspath(scipy.__file__))
-    return os.path.abspath(lib.filepath).startswith((root + os.sep, root + ".libs" + os.sep))
+    return os.path.abspath(lib.filepath).startswith(os.path.abspath(package.get_lib_dir()) + os.sep)
 
 
 _capped = False  # whether _limit_blas capped the other BLAS libraries
 
 
 def _limit_blas():
-    """SciPy's BLAS (the kernels') on one thread, fastseq's threads cutting the work instead (a
+    """The kernels' BLAS on one thread, fastseq's threads cutting the work instead (a
     NumPy that shares it then runs its own products on one thread too); every other BLAS capped
     at config.threads when that is below the CPU count (by default it keeps its own)."""
     global _capped
     serial, cap = False, config.threads < CPUS
     for lib in _blas_controllers():
-        if _is_scipys(lib):
+        if _is_kernels(lib):
             _set_blas_threads(lib, 1)
             serial = True
         elif cap or _capped:  # capped, or back to the CPU count after a cap

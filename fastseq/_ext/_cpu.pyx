@@ -2,7 +2,7 @@
 """fastseq's compiled CPU kernels (float32 and float64), one module: the cython engine of
 fastseq.ops calls them; nothing else imports this module but fastseq.backend.
 
-    _blas.pxi       BLAS products (SciPy's cython_blas) and the threads that may run them
+    _blas.pxi       BLAS products (the scipy-openblas32 library) and the threads that may run them
     _lstm.pxi       the fused LSTM: forward, backward, final_state (the recurrence alone)
     _products.pxi   chunked products and exp_rows for the layers around the LSTM
     _ops.pxi        softmax cross-entropy passes, embedding gather and scatter-add
@@ -20,7 +20,6 @@ from libc.math cimport log
 from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
-from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
 cnp.import_array()
 
