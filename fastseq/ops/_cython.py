@@ -11,6 +11,8 @@ to the caller) go back to the buffer pool (_pool.py) when their cache is used up
 Threads: the kernels cut their work into chunks fixed by the shapes and run them on up to
 fastseq.backend's thread count; the results do not depend on it.
 """
+import threading
+
 import numpy as np
 
 from .. import backend
@@ -175,9 +177,18 @@ def final_state(xs, Wx, Wh, b, h0, c0, start=None):
     return h, c
 
 
+_local = threading.local()  # per thread: final_state's scratch, reused from call to call
+
+
 def _scratch(N, H, dtype, threads):
-    """Working memory of final_state over N rows: one small slot per thread."""
-    return np.empty(_cpu.infer_scratch_size(N, H, threads), dtype)
+    """Working memory of final_state over N rows: one small slot per thread. Nothing outlives
+    the call, so each calling thread keeps its largest one (a fresh buffer of this size would
+    cost page faults at every decoding step)."""
+    size = _cpu.infer_scratch_size(N, H, threads)
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.dtype != dtype or buf.size < size:
+        buf = _local.scratch = np.empty(size, dtype)
+    return buf[:size]
 
 
 class _Cache:
