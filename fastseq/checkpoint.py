@@ -117,8 +117,9 @@ def _join(tree, arrays, where, path):
                                       f"{tree['array'][:80]!r}, which the file does not hold")
             return arrays[tree["array"]]
         return {k: _join(v, arrays, f"{where}.{k}", path) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_join(v, arrays, f"{where}[{i}]", path) for i, v in enumerate(tree)]
+    if isinstance(tree, list):  # (a loss curve's numbers are returned as they are)
+        return [_join(v, arrays, f"{where}[{i}]", path) if isinstance(v, (dict, list)) else v
+                for i, v in enumerate(tree)]
     return tree
 
 

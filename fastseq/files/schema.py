@@ -44,6 +44,10 @@ class Spec:
     def fits(self, v):
         return True
 
+    def fits_all(self, items):
+        """Whether every item fits: the quick pass over a long list (no field paths built)."""
+        return all(self.problem(x, "") is None for x in items)
+
 
 class Any(Spec):
     pass
@@ -131,6 +135,18 @@ class _Range(Spec):
             return f"{_field(at)} = {str(v)[:40]} is out of range ({self.what})"
         return None
 
+    def fits_all(self, items):
+        """One pass in C over the types and NaNs, then only the extremes need checking."""
+        if not set(map(type, items)) <= set(self.types):
+            return False
+        try:
+            if float in self.types and any(map(math.isnan, items)):
+                return False
+        except OverflowError:  # an integer too large to be a float
+            return False
+        return not items or (self.problem(min(items), "") is None
+                             and self.problem(max(items), "") is None)
+
 
 class Int(_Range):
     types, kind = (int,), "an integer"
@@ -153,6 +169,16 @@ class Str(Spec):
     def fits(self, v):
         return (type(v) is str and self.min_len <= len(v) <= self.max_len
                 and (self.blank or not v.isspace()))
+
+    def fits_all(self, items):
+        """One pass in C each over the types, the lengths and (if refused) blank strings."""
+        if not items:
+            return True
+        if set(map(type, items)) != {str}:
+            return False
+        lengths = list(map(len, items))
+        return (self.min_len <= min(lengths) and max(lengths) <= self.max_len
+                and (self.blank or not any(map(str.isspace, items))))
 
 
 class OneOf(Spec):
@@ -178,10 +204,11 @@ class List(Spec):
             return f"{_field(at)} must be {self.what}, got {_got(v)}"
         if not self.min_len <= len(v) <= self.max_len:
             return f"{_field(at)} has {len(v)} items (allowed: {self.min_len} to {self.max_len})"
-        for i, x in enumerate(v):
-            p = self.item.problem(x, f"{at}[{i}]")
-            if p is not None:
-                return p
+        if not self.item.fits_all(v):
+            for i, x in enumerate(v):  # the first item that does not fit, named
+                p = self.item.problem(x, f"{at}[{i}]")
+                if p is not None:
+                    return p
         if self.unique and len(set(v)) != len(v):
             return f"{_field(at)} lists an item twice"
         return None
