@@ -293,9 +293,9 @@ def load_textbook_params(model, path):
     Entries are matched by position. ``model`` is a fastseq Model, or anything with ``params``
     and ``textbook_tied``: ``(kept_index, textbook_index)`` pairs (empty for most models), meaning
     the file's entry ``textbook_index`` is entry ``kept_index`` transposed. If the file holds more
-    entries than the model has params, those duplicates are checked and dropped first. Every count, shape and value is checked before anything is copied;
-    the file may hold at most what the model's weights need in any pickle protocol.
-    Returns the model.
+    entries than the model has params, those duplicates are checked and dropped first. Every
+    count, shape and value is checked before anything is copied; the file may hold at most what
+    the model's weights need in any pickle protocol. Returns the model.
     """
     source = getattr(path, "name", "<file object>") if hasattr(path, "read") else os.fspath(path)
     params = list(model.params)
