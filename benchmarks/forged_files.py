@@ -7,7 +7,7 @@ Every file carries a valid checksum (anyone can compute one). The promise measur
 fastseq.files and docs/RELIABILITY.md): any envelope under the metadata limit loads or is refused
 in under 2 s and under 500 MB above the process's baseline. Each case is read in a fresh child
 process (fastseq imported first, then the baseline taken): seconds are the median over the
-rounds, memory the largest peak RSS above that baseline. The envelope cases go through
+rounds, memory the largest peak RSS above that baseline (read from Linux's /proc). The envelope cases go through
 ``fastseq.files.read_npz``; the checkpoint cases through ``--resume``'s loader
 (``fastseq.run.load_resume``: the file, then the checkpoint's and the run's schemas).
 """
