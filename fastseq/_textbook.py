@@ -290,12 +290,12 @@ def _drop_tied(arrays, tied, source):
 def load_textbook_params(model, path):
     """Load a textbook weight file into ``model.params`` in place (with float conversion).
 
-    Entries are matched by position. If the file holds more entries than the model has params
-    and the model declares ``textbook_tied`` -- ``(kept_index, textbook_index)`` pairs, meaning
-    the file's entry ``textbook_index`` is entry ``kept_index`` transposed -- those duplicates are
-    checked and dropped first. Every count, shape and value is checked before anything is copied;
-    the file may hold at most what the model's weights need in any pickle protocol.
-    Returns the model.
+    Entries are matched by position. ``model`` is a fastseq Model, or anything with ``params``
+    and ``textbook_tied``: ``(kept_index, textbook_index)`` pairs (empty for most models), meaning
+    the file's entry ``textbook_index`` is entry ``kept_index`` transposed. If the file holds more
+    entries than the model has params, those duplicates are checked and dropped first. Every
+    count, shape and value is checked before anything is copied; the file may hold at most what
+    the model's weights need in any pickle protocol. Returns the model.
     """
     source = getattr(path, "name", "<file object>") if hasattr(path, "read") else os.fspath(path)
     params = list(model.params)
@@ -304,7 +304,7 @@ def load_textbook_params(model, path):
     arrays = restricted_load(path, max_bytes=min(budget, MAX_FILE_BYTES))
     index = list(range(len(arrays)))
     n_file = len(arrays)
-    tied = getattr(model, "textbook_tied", None)
+    tied = model.textbook_tied
     if len(arrays) != len(params) and tied:
         arrays, index = _drop_tied(arrays, tied, source)
     if len(arrays) != len(params):

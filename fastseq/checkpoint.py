@@ -16,7 +16,8 @@ and ``state/<path>`` (every other array of the state); the metadata holds
     format, fastseq_version, model_class, model_config, param_names, optimizer_class,
     trainer_class, state: the state_dict() tree, each array replaced by {"array": its name}
 
-and is checked as a whole against SCHEMA (fastseq.schema) before anything is restored.
+and is checked as a whole against schema() (declared with fastseq.files.schema) before anything
+is restored.
 """
 import json
 
@@ -24,55 +25,70 @@ import numpy as np
 
 from . import backend, files
 from .files import CHECKPOINT_FORMAT as FORMAT
-from .files import CheckpointError
-from .schema import Fields, Float, Int, List, Mapping, Optional, SchemaError, Str, check
+from .files import CheckpointError, check_schema
+from .files.envelope import DEFAULT_LIMITS, MAX_NAME
+from .files.schema import Any, Choice, Dict, Float, Int, List, Num, Optional, Str
+from .files.weights import CONFIG
 
 FILE_NAME = "checkpoint.npz"
+REFUSED = "not a usable checkpoint:"  # what every refusal of validate() says after the path
 
 
 # ---------------------------------------------------------------------------------------------
-# the declared metadata
+# the declared metadata (lists are bounded by what an envelope may hold at all)
 
-ARRAY = Fields({"array": Str(max_len=1000)})
-RNG = Fields({"keys": ARRAY, "pos": Int(0, 624), "has_gauss": Int(0, 1), "gauss": Float()})
+MAX_ITEMS, MAX_ARRAYS = DEFAULT_LIMITS.max_values, DEFAULT_LIMITS.max_members
+ARRAY = Dict({"array": Str(MAX_NAME, 1)})
+RNG = Dict({"keys": ARRAY, "pos": Int(0, 624), "has_gauss": Int(0, 1), "gauss": Float()})
 COUNT = Int(0)
-LOSSES = List(Float())
-MODEL_STATE = Fields({
-    "params": Mapping(ARRAY),
-    "lstm_state": List(Optional(Fields({"h": ARRAY, "c": ARRAY}))),
-    "dropout": List(Fields({"rng": Optional(RNG), "device": Optional(ARRAY)}))})
+FIGURES = List(Num(), MAX_ITEMS)
+MODEL_STATE = Dict({
+    "params": Dict(extra=ARRAY, max_len=MAX_ARRAYS),
+    "lstm_state": List(Optional(Dict({"h": ARRAY, "c": ARRAY})), MAX_ARRAYS),
+    "dropout": List(Dict({"rng": Optional(RNG), "device": Optional(ARRAY)}), MAX_ARRAYS)})
+LR, BETA = Num(above=0), Num(0, below=1)  # as strict as the optimisers themselves (fastseq.optim)
+MOMENTS = Optional(List(ARRAY, MAX_ARRAYS))
 OPTIMIZERS = {
-    "SGD": Fields({"lr": Float(0, positive=True)}),
-    "Adam": Fields({"lr": Float(0, positive=True), "beta1": Float(0, 1), "beta2": Float(0, 1),
-                    "iter": COUNT, "m": Optional(List(ARRAY)), "v": Optional(List(ARRAY)),
-                    "device_state": Optional(Fields({"counter": ARRAY, "iter": COUNT}))})}
-LOOP = {"epoch": COUNT, "iteration": COUNT, "total_iters": COUNT, "loss_list": LOSSES,
-        "epoch_losses": LOSSES, "window": List(Float(), length=2), "epoch_loss_sum": Float(),
-        "global_rng": RNG, "callbacks": Mapping()}
+    "SGD": Dict({"lr": LR}),
+    "Adam": Dict({"lr": LR, "beta1": BETA, "beta2": BETA, "iter": COUNT, "m": MOMENTS,
+                  "v": MOMENTS, "device_state": Optional(Dict({"counter": ARRAY, "iter": COUNT}))})}
+LOOP = {"epoch": COUNT, "iteration": COUNT, "total_iters": COUNT, "loss_list": FIGURES,
+        "epoch_losses": FIGURES, "window": List(Num(), 2, 2), "epoch_loss_sum": Num(),
+        "global_rng": RNG, "callbacks": Dict(extra=Any())}
 TRAINERS = {
-    "Trainer": Fields(dict(LOOP, order=Optional(ARRAY), shuffle_rng=Optional(RNG))),
-    "RnnlmTrainer": Fields(dict(LOOP, time_idx=COUNT, ppl_list=LOSSES))}
-SCHEMA = Fields({
-    "format": Str(choices={FORMAT}), "fastseq_version": Str(), "model_class": Str(),
-    "model_config": Mapping(), "param_names": List(Str()),
-    "optimizer_class": Str(choices=set(OPTIMIZERS)), "trainer_class": Str(choices=set(TRAINERS)),
-    "state": Fields({"model": MODEL_STATE, "optimizer": Mapping(), "loop": Mapping()})})
+    "Trainer": Dict(dict(LOOP, order=Optional(ARRAY), shuffle_rng=Optional(RNG))),
+    "RnnlmTrainer": Dict(dict(LOOP, time_idx=COUNT, ppl_list=FIGURES))}
+CLASSES = Dict({"optimizer_class": Choice(*OPTIMIZERS), "trainer_class": Choice(*TRAINERS)},
+               extra=Any())
+
+
+def schema(optimizer_class, trainer_class):
+    """The whole metadata of a checkpoint written by that optimiser and trainer class (other
+    top-level keys are the caller's: configuration, metrics, vocabulary)."""
+    return Dict({"format": Choice(FORMAT), "fastseq_version": Str(64),
+                 "model_class": Str(64, 1), "model_config": CONFIG,
+                 "param_names": List(Str(MAX_NAME, 1), MAX_ARRAYS, unique=True),
+                 "optimizer_class": Choice(optimizer_class),
+                 "trainer_class": Choice(trainer_class),
+                 "state": Dict({"model": MODEL_STATE, "optimizer": OPTIMIZERS[optimizer_class],
+                                "loop": TRAINERS[trainer_class]})}, extra=Any())
+
+
+def check(path, meta, spec):
+    """CheckpointError "<path>: not a usable checkpoint: metadata field ..." unless meta fits."""
+    check_schema(path, meta, spec, f"{REFUSED} metadata", CheckpointError)
 
 
 def validate(meta, arrays, path="checkpoint"):
-    """Check a checkpoint's metadata as a whole (SCHEMA, then the optimiser's and the loop's
-    parts for their classes, then that every array it names is there): CheckpointError naming
-    the file and the first bad field."""
-    try:
-        check(meta, SCHEMA)
-        state = meta["state"]
-        check(state["optimizer"], OPTIMIZERS[meta["optimizer_class"]], "state.optimizer")
-        check(state["loop"], TRAINERS[meta["trainer_class"]], "state.loop")
-        if list(state["model"]["params"]) != meta["param_names"]:
-            raise SchemaError("state.model.params", "does not list param_names in order")
-        _join(state, arrays, "state")
-    except SchemaError as e:
-        raise CheckpointError(f"{path}: not a usable checkpoint: {e}") from None
+    """Check a checkpoint's metadata as a whole (its classes, then schema() for them, then that
+    every array it names is there): CheckpointError naming the file and the first bad field."""
+    check(path, meta, CLASSES)
+    check(path, meta, schema(meta["optimizer_class"], meta["trainer_class"]))
+    state = meta["state"]
+    if list(state["model"]["params"]) != meta["param_names"]:
+        raise CheckpointError(f"{path}: {REFUSED} metadata field 'state.model.params' does not "
+                              f"list param_names in order")
+    _join(state, arrays, "state", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,17 +108,18 @@ def _split(tree, name, arrays):
     return {"array": name}
 
 
-def _join(tree, arrays, where):
-    """The inverse of _split (SchemaError for an array name that is not in arrays)."""
+def _join(tree, arrays, where, path):
+    """The inverse of _split (CheckpointError for an array name that is not in arrays)."""
     if isinstance(tree, dict):
         if set(tree) == {"array"} and isinstance(tree["array"], str):
             if tree["array"] not in arrays:
-                raise SchemaError(where, f"names array {tree['array'][:80]!r}, which the file "
-                                         f"does not hold")
+                raise CheckpointError(f"{path}: {REFUSED} metadata field {where!r} names array "
+                                      f"{tree['array'][:80]!r}, which the file does not hold")
             return arrays[tree["array"]]
-        return {k: _join(v, arrays, f"{where}.{k}") for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_join(v, arrays, f"{where}[{i}]") for i, v in enumerate(tree)]
+        return {k: _join(v, arrays, f"{where}.{k}", path) for k, v in tree.items()}
+    if isinstance(tree, list):  # (a loss curve's numbers are returned as they are)
+        return [_join(v, arrays, f"{where}[{i}]", path) if isinstance(v, (dict, list)) else v
+                for i, v in enumerate(tree)]
     return tree
 
 
@@ -153,6 +170,6 @@ def restore(loop, arrays, meta, path="checkpoint"):
                                   f"{str(meta[field])[:200]}) but the run built a "
                                   f"{type(model).__name__} ({field} {str(value)[:200]})")
     try:
-        loop.load_state_dict(_join(meta["state"], arrays, "state"))
+        loop.load_state_dict(_join(meta["state"], arrays, "state", path))
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: does not fit the run: {e}") from None

@@ -89,14 +89,7 @@ class GraphStep:
         api.copy(entry.x, x)
         api.copy(entry.t, t)
         for lstm, h, c in entry.states:  # a state set or reset since the last step
-            for name, buf in (("h", h), ("c", c)):
-                now = getattr(lstm, name)
-                if now is not buf:
-                    if now is None:
-                        api.copy(buf, 0)
-                    else:
-                        api.copy(buf, now)
-                    setattr(lstm, name, buf)
+            lstm.h, lstm.c = _into(api, lstm.h, h), _into(api, lstm.c, c)
         api.launch(entry.graph)
         self.optimizer.count_step()  # what the update did on the host while it was recorded
         self.counts["replayed"] += 1
@@ -157,6 +150,14 @@ def _states_ready(model, N):
     """Whether every carried state exists with N rows (else: one more eager step first)."""
     return all(m.h is not None and m.c is not None and m.h.shape[0] == N and m.c.shape[0] == N
                for m in _stateful(model))
+
+
+def _into(api, now, buf):
+    """The graph's state buffer ``buf``, first made to hold ``now`` (a state set or reset since
+    the last step; None: zeros) unless ``now`` is that buffer already."""
+    if now is not buf:
+        api.copy(buf, 0 if now is None else now)
+    return buf
 
 
 class CupyGraphApi:

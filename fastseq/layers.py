@@ -302,6 +302,8 @@ class TimeSoftmaxWithLoss:
     """Mean cross-entropy over all (n, t) whose label is not ``ignore_label``; masked in the
     gradient too. forward(xs (N, T, V), ts (N, T)) -> float loss."""
 
+    param_names = ()
+
     def __init__(self, ignore_label=-1, overwrite_input=False):
         self.params, self.grads = [], []
         self.ignore_label = ignore_label
@@ -349,6 +351,8 @@ class TimeDropout:
 
     Masks come from a generator seeded with ``seed`` (NumPy's global one when None); on the GPU
     from a hash of the seed and a draw counter kept on the device. state_dict() holds both."""
+
+    param_names = ()
 
     def __init__(self, dropout_ratio=0.5, seed=None):
         self.params, self.grads = [], []
@@ -435,6 +439,7 @@ class TimeAffineSoftmaxWithLoss:
     """
 
     SHIFT_BOUND = {"float32": 40.0, "float64": 300.0}
+    param_names = ()  # the weights are the wrapped TimeAffine's
 
     def __init__(self, affine, ignore_label=-1):
         W, b = affine.params
@@ -537,6 +542,8 @@ class TimeAttention:
     ``mask`` (N, Te) bool: True for real keys, at least one per row. ``attention_weights`` holds
     the last forward's a, for attention maps.
     """
+
+    param_names = ()
 
     def __init__(self):
         self.params, self.grads = [], []

@@ -24,7 +24,7 @@ import numpy as np
 from . import backend, checkpoint, files
 from . import trainer as trainer_mod
 from .callbacks import Callback, EveryIterations, LRSchedule, SaveBest, StopOnSignal
-from .schema import Any, Bool, Fields, Float, Int, List, Mapping, Optional, SchemaError, Str, check
+from .files.schema import Any, Bool, Choice, Dict, Int, List, Num, Optional, Str
 
 # Per-task defaults. A key here (or in the model's registry defaults) is a setting the task uses;
 # its flag is refused on tasks that lack it. None means "not set" (e.g. no cap on iterations).
@@ -51,14 +51,14 @@ TASK_HELP = {"addition": "seq2seq on 'a+b' -> sum (default; data generated, no d
 EVAL_BATCH_SIZE = 10  # rows of each perplexity evaluation batch
 
 # every setting a run's configuration may hold, declared (resumed configurations are checked)
-POSITIVE, RATE = Int(1), Float(0, positive=True)
+POSITIVE, RATE, PATH = Int(1), Num(above=0), Str(4096)
 SETTING_SCHEMAS = {"epochs": POSITIVE, "batch_size": POSITIVE, "hidden_size": POSITIVE,
                    "wordvec_size": POSITIVE, "lr": RATE, "max_grad": RATE,
                    "beam": Optional(POSITIVE),
-                   "time_size": POSITIVE, "dropout_ratio": Float(0, 1),
+                   "time_size": POSITIVE, "dropout_ratio": Num(0, below=1),
                    "max_iters": Optional(POSITIVE), "eval_max_iters": Optional(POSITIVE),
-                   "data": Optional(Str()), "data_dir": Optional(Str()), "reverse": Bool(),
-                   "mask": Bool(), "optimizer": Str(choices={"adam", "sgd"})}
+                   "data": Optional(PATH), "data_dir": Optional(PATH), "reverse": Bool(),
+                   "mask": Bool(), "optimizer": Choice("adam", "sgd")}
 TRAINING_KEYS = {k for t in TASKS.values() for k in t} - {"family", "model"}
 
 
@@ -115,19 +115,36 @@ def write_json(path, obj):
     files.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def _run_meta_schema(REGISTRY):
+def _run_head(REGISTRY):
     """What a checkpoint holds for the run besides the training state: the run's configuration
-    (its task's and model's settings checked after these), metrics and vocabulary."""
-    return {"config": {"task": Str(choices=set(TASKS)), "model": Str(choices=set(REGISTRY)),
-                       "family": Str(choices={"seq2seq", "lm"}), "seed": Int(0),
-                       "checkpoint_every": Optional(POSITIVE),
-                       "engine": Str(choices={"numpy", "cython", "cupy"})},
-            "metrics": {"config": Mapping(), "engine": Mapping(),
-                        "epochs": List(Fields({"epoch": POSITIVE, "loss": Float()}))},
-            "vocabulary": Mapping()}
+    (its task's and model's settings are checked by _run_schema, once these are known), metrics
+    and vocabulary."""
+    config = {"task": Choice(*TASKS), "model": Choice(*REGISTRY),
+              "family": Choice("seq2seq", "lm"), "seed": Int(0),
+              "checkpoint_every": Optional(POSITIVE),
+              "engine": Choice("numpy", "cython", "cupy")}
+    epochs = List(Dict({"epoch": POSITIVE, "loss": Num()}, extra=Any()), checkpoint.MAX_ITEMS)
+    return Dict({"config": Dict(config, extra=Any()),
+                 "metrics": Dict({"config": Dict(extra=Any()), "engine": Dict(extra=Any()),
+                                  "epochs": epochs}, extra=Any()),
+                 "vocabulary": Dict(extra=Any())}, extra=Any())
 
 
 EPOCH_FIGURES = {"lm": ("train_perplexity", "val_perplexity"), "seq2seq": ("test_accuracy",)}
+
+
+def _run_schema(family, settings):
+    """The settings of the run's task and model, the figures of each epoch and, for a language
+    model, the state of the callbacks that follow the validation perplexity."""
+    config = Dict({k: SETTING_SCHEMAS.get(k, Any()) for k in settings}, extra=Any())
+    epoch = Dict({k: Num() for k in EPOCH_FIGURES[family]}, extra=Any())
+    fields = {"config": config,
+              "metrics": Dict({"epochs": List(epoch, checkpoint.MAX_ITEMS)}, extra=Any())}
+    if family == "lm":  # the best model and the schedule follow the val perplexity
+        best = Dict({"best": Optional(Num())})
+        callbacks = Dict({"save_best": best, "lr_schedule": best}, extra=Any())
+        fields["state"] = Dict({"loop": Dict({"callbacks": callbacks}, extra=Any())}, extra=Any())
+    return Dict(fields, extra=Any())
 
 
 def load_resume(folder):
@@ -139,22 +156,15 @@ def load_resume(folder):
         raise RunError(f"--resume {folder}: no {checkpoint.FILE_NAME} there")
     arrays, meta = files.load_checkpoint(path)
     checkpoint.validate(meta, arrays, path)
-    try:
-        check(meta, _run_meta_schema(REGISTRY))
-        cfg = meta["config"]
-        tdef, entry = TASKS[cfg["task"]], REGISTRY[cfg["model"]]
-        if entry.task != tdef["family"] or cfg["family"] != tdef["family"]:
-            raise SchemaError("config.model", f"{cfg['model']} is not a model for {cfg['task']}")
-        check(cfg, {k: SETTING_SCHEMAS.get(k, Any()) for k in [*tdef, *entry.defaults]
-                    if k not in ("family", "model")}, "config")
-        check(meta["metrics"]["epochs"],
-              List(Fields({k: Float() for k in EPOCH_FIGURES[tdef["family"]]})), "metrics.epochs")
-        if tdef["family"] == "lm":  # the best model and the schedule follow the val perplexity
-            best = {"best": Optional(Float())}
-            check(meta["state"]["loop"]["callbacks"], {"save_best": best, "lr_schedule": best},
-                  "state.loop.callbacks")
-    except SchemaError as e:
-        raise checkpoint.CheckpointError(f"{path}: not a usable checkpoint: {e}") from None
+    checkpoint.check(path, meta, _run_head(REGISTRY))
+    cfg = meta["config"]
+    tdef, entry = TASKS[cfg["task"]], REGISTRY[cfg["model"]]
+    if entry.task != tdef["family"] or cfg["family"] != tdef["family"]:
+        raise checkpoint.CheckpointError(
+            f"{path}: {checkpoint.REFUSED} metadata field 'config.model' is {cfg['model']!r}, "
+            f"which is not a model for the task {cfg['task']!r}")
+    settings = [k for k in [*tdef, *entry.defaults] if k not in ("family", "model")]
+    checkpoint.check(path, meta, _run_schema(tdef["family"], settings))
     return cfg, (arrays, meta)
 
 

@@ -84,6 +84,23 @@ def test_model_rejects_out_of_vocabulary_ids():
         m.forward(np.zeros((2, 7)), np.zeros((2, 5), dtype=np.int64))
 
 
+def test_check_data_accepts_the_ignore_label_only_where_the_loss_skips_it():
+    from fastseq import AttentionSeq2seq, Rnnlm
+    x, t = np.zeros((2, 7), dtype=np.int64), np.full((2, 5), 3)
+    t[:, 3:] = -1  # padding the seq2seq losses skip
+    for m in (Seq2seq(13, 8, 8, seed=0), AttentionSeq2seq(13, 8, 8, seed=0)):
+        assert m.ignore_label == -1
+        m.check_data(x, t)
+    m = Seq2seq(13, 8, 8, seed=0, ignore_label=None)
+    assert m.ignore_label is None
+    with pytest.raises(ValueError, match="negative id -1"):
+        m.check_data(x, t)
+    lm = Rnnlm(13, 8, 8, seed=0)
+    assert lm.ignore_label is None
+    with pytest.raises(ValueError, match="negative id -1"):
+        lm.check_data(np.zeros(10, dtype=np.int64), np.r_[np.zeros(9, dtype=np.int64), -1])
+
+
 def test_generate_single_and_batched_agree():
     m = PeekySeq2seq(13, 8, 16, seed=0)
     xs = np.random.RandomState(0).randint(0, 13, (6, 7))

@@ -21,7 +21,7 @@ from fastseq.datasets import ptb
 from fastseq.datasets.sequence import Vocabulary
 from fastseq.files import DEFAULT_LIMITS, FastseqFileError, check_schema, read_npz, write_npz
 from fastseq.files import jsontext
-from fastseq.files.schema import Any, Bool, Dict, Int, List, Str
+from fastseq.files.schema import Any, Bool, Dict, Float, Int, List, Num, Str
 
 WORDS = [f"w{i}" for i in range(12)]
 CHARS = list("0123456789+_ ")
@@ -77,25 +77,33 @@ AT_THE_LIMIT = {
     "one long string of escapes": (b'"' + b"\\n" * ((ROOM - 2) // 2) + b'"', True),
     "millions of tiny values": (b"[" + b",".join([b"0"] * ((ROOM - 1) // 2)) + b"]", False),
     "as many empty objects as allowed": (b"[" + b",".join([b"{}"] * N) + b"]", True),
-    "as many distinct keys as allowed": (_keys(DEFAULT_LIMITS.max_values - 10), True),
+    "as many distinct keys as allowed": (_keys(DEFAULT_LIMITS.max_keys - 10), True),
+    "more distinct keys than allowed": (_keys(DEFAULT_LIMITS.max_values - 10), False),
     "deep nesting": (b"[" * ROOM, False),
     "one long number": (b"1" * ROOM, False),
 }
 
 CHILD = """
-import resource, sys
+import sys
 from fastseq.files import FastseqFileError, read_npz
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def kb(field):  # this process's own figures (ru_maxrss would count the parent's before exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from here
+before = kb("VmRSS:")
 try:
     read_npz(sys.argv[1])
     outcome = "loaded"
 except FastseqFileError as e:
     outcome = "refused " + str(e)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) // 1024, outcome)
+print((kb("VmHWM:") - before) // 1024, outcome)
 """
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"),
+                    reason="measures a process's own peak memory through Linux's /proc")
 @pytest.mark.parametrize("case", sorted(AT_THE_LIMIT))
 def test_memory_at_the_metadata_limit(tmp_path, case):
     value, loads = AT_THE_LIMIT[case]
@@ -118,30 +126,40 @@ def test_metadata_limits_refuse_before_parsing(tmp_path):
     with pytest.raises(FastseqFileError, match=r"m.npz: metadata holds about 100000\d values, "
                                                r"more than the limit of 1000000"):
         read_npz(path)
+    path = forge(tmp_path / "m.npz", meta_text(_keys(DEFAULT_LIMITS.max_keys + 1)))
+    # the envelope adds 5 keys of its own
+    with pytest.raises(FastseqFileError, match=r"m.npz: metadata holds 262150 object keys, "
+                                               r"more than the limit of 262144"):
+        read_npz(path)
     path = forge(tmp_path / "m.npz", meta_text(b'"[[[[\\"[[[["') + b" ")
     assert read_npz(path)[1] == {"x": '[[[["[[[['}  # brackets inside strings do not count
 
 
-def _depth_and_values(v):
+def _depth_values_keys(v):
     if isinstance(v, (list, dict)):
-        children = [_depth_and_values(c) for c in (v.values() if isinstance(v, dict) else v)]
-        return 1 + max([d for d, _ in children], default=0), 1 + sum(n for _, n in children)
-    return 0, 1
+        children = [_depth_values_keys(c) for c in (v.values() if isinstance(v, dict) else v)]
+        return (1 + max([d for d, _, _ in children], default=0),
+                1 + sum(n for _, n, _ in children),
+                (len(v) if isinstance(v, dict) else 0) + sum(k for _, _, k in children))
+    return 0, 1, 0
 
 
 any_json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) |
     st.text(alphabet='[]{}",:\\ab\n\u00e9', max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.text(alphabet='[]{}"\\a', max_size=4), inner, max_size=4), max_leaves=20)
+        st.text(alphabet='[]{}":\\a', max_size=4), inner, max_size=4), max_leaves=20)
 
 
 @given(value=any_json, chunk=st.sampled_from([1, 2, 3, 7, 1 << 18]), ascii=st.booleans())
-def test_scan_depth_is_exact_and_values_an_upper_bound(value, chunk, ascii):
-    """Brackets, quotes and runs of backslashes inside strings, split across chunk edges."""
-    depth, values = jsontext.scan(json.dumps(value, ensure_ascii=ascii).encode(), chunk=chunk)
-    want_depth, want_values = _depth_and_values(value)
+def test_scan_depth_and_keys_are_exact_and_values_an_upper_bound(value, chunk, ascii):
+    """Brackets, colons, quotes and runs of backslashes inside strings, split across chunk
+    edges."""
+    depth, values, keys = jsontext.scan(json.dumps(value, ensure_ascii=ascii).encode(),
+                                        chunk=chunk)
+    want_depth, want_values, want_keys = _depth_values_keys(value)
     assert depth == want_depth and want_values <= values <= 2 * want_values + 1
+    assert keys == want_keys
 
 
 def test_writer_refuses_metadata_the_reader_would_refuse(tmp_path):
@@ -150,6 +168,8 @@ def test_writer_refuses_metadata_the_reader_would_refuse(tmp_path):
         write_npz(path, {}, {"x": json.loads("[" * 34 + "0" + "]" * 34)})
     with pytest.raises(ValueError, match="values, more than the limit"):
         write_npz(path, {}, {"x": [0] * 1_000_001})
+    with pytest.raises(ValueError, match="object keys, more than the limit"):
+        write_npz(path, {}, {"x": {str(i): 0 for i in range(DEFAULT_LIMITS.max_keys)}})
     assert os.listdir(tmp_path) == []
 
 
@@ -327,3 +347,45 @@ def test_vocabulary_builds_its_table_once():
     assert CountingDict.reads == first  # no rebuild on later calls
     with pytest.raises(ValueError, match=r"outside the vocabulary ' \u4e00.* \.\.\.$"):
         v.encode(["x"])
+
+
+scalars = st.none() | st.booleans() | st.integers(-2 ** 1100, 2 ** 1100) | st.floats() | \
+    st.text(alphabet=" ab\t", max_size=5)
+NUMBERS = [0, 1, 0.5, -3, 12, 2 ** 1100, 1e308, float("nan"), float("inf"), -float("inf"), True]
+STRINGS = ["", " ", "ab", "abcde", "\t"]
+SPECS = [(Int(0, 10), NUMBERS), (Num(), NUMBERS), (Num(above=0, below=1), NUMBERS),
+         (Float(-1, 1), NUMBERS), (Str(3), STRINGS), (Str(4, 1, blank=False), STRINGS),
+         (Bool(), [True, False, 0]), (Any(), NUMBERS)]
+
+
+def _same_first_problem(spec, items):
+    first = next((p for i, x in enumerate(items) if (p := spec.problem(x, f"a[{i}]"))), None)
+    assert List(spec, 10).problem(items, "a") == first
+    assert spec.fits_all(items) == (first is None)
+    return first
+
+
+@pytest.mark.parametrize("spec,pool", SPECS)
+@settings(max_examples=200)
+@given(data=st.data())
+def test_long_list_pass_finds_the_same_first_problem(spec, pool, data):
+    """List's quick pass over every item (fits_all) agrees with checking them one by one."""
+    _same_first_problem(spec, data.draw(st.lists(st.sampled_from(pool + [None]), max_size=6) |
+                                        st.lists(scalars, max_size=6)))
+
+
+@pytest.mark.parametrize("spec,items,problem", [
+    (Num(), [0, float("nan")], "'a[1]' must be a finite number"),
+    (Num(), [0.5, float("inf")], "'a[1]' must be a finite number"),
+    (Num(), [0, 2 ** 1100], "'a[1]' must be a finite number"),
+    (Int(0, 10), [1, -3], "'a[1]' = -3 is out of range"),
+    (Int(0, 10), [1, 12], "'a[1]' = 12 is out of range"),
+    (Int(0, 10), [1, True], "'a[1]' must be an integer"),
+    (Float(-1, 1), [0.5, 0], "'a[1]' must be a finite floating-point number"),
+    (Str(4, 1, blank=False), ["ab", " "], "'a[1]' must be a string of 1 to 4 characters, not"),
+    (Str(4, 1), ["ab", ""], "'a[1]' must be a string of 1 to 4"),
+    (Str(4, 1), ["ab", "abcde"], "'a[1]' must be a string of 1 to 4"),
+    (Str(4), ["ab", 1], "'a[1]' must be a string of 0 to 4"),
+])
+def test_long_list_pass_refuses_what_one_item_would(spec, items, problem):
+    assert problem in _same_first_problem(spec, items)

@@ -98,6 +98,7 @@ def test_non_float_arrays_refused_not_cast(dtype, protocol):
 
 def test_nan_weights_refused_by_the_model_loader(tmp_path):
     class M:
+        textbook_tied = ()
         params = [np.zeros(3, np.float32), np.zeros(2, np.float32)]
     path = tmp_path / "w.pkl"
     path.write_bytes(pickle.dumps([np.ones(3, np.float16), np.array([1, np.nan], np.float16)]))
@@ -108,6 +109,7 @@ def test_nan_weights_refused_by_the_model_loader(tmp_path):
 
 def test_file_larger_than_the_model_needs_is_refused_before_reading(tmp_path):
     class M:
+        textbook_tied = ()
         params = [np.zeros(3, np.float32)]
     path = tmp_path / "w.pkl"
     path.write_bytes(pickle.dumps([np.zeros(3, np.float16)]) + b"\x00" * (2 << 20))

@@ -322,6 +322,9 @@ FORGERIES = [  # (what is changed, the field the one error line must name)
     (lambda m, a: m["state"]["optimizer"].update(lr=0), "state.optimizer.lr"),
     (lambda m, a: m["state"]["optimizer"].update(iter=1.5), "state.optimizer.iter"),
     (lambda m, a: m["state"]["optimizer"].update(beta1=2), "state.optimizer.beta1"),
+    (lambda m, a: m["state"]["optimizer"].update(beta2=1), "state.optimizer.beta2"),
+    (lambda m, a: m["state"]["optimizer"].update(lr=10 ** 400), "state.optimizer.lr"),
+    (lambda m, a: m["state"]["optimizer"].update(extra=1), "state.optimizer.extra"),
     (lambda m, a: m.pop("model_class"), "model_class"),
     (lambda m, a: m.update(trainer_class="Other"), "trainer_class"),
     (lambda m, a: m.update(state=[]), "state"),
@@ -410,4 +413,4 @@ def test_resume_of_a_language_model_checkpoint_without_its_schedule_is_refused(d
     capsys.readouterr()
     assert main(["--resume", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "state.loop.callbacks.save_best: missing" in err[0]
+    assert len(err) == 1 and "field 'state.loop.callbacks.save_best' is missing" in err[0]

@@ -33,6 +33,8 @@ class _Command:
 
 
 class DummyModel:
+    textbook_tied = ()
+
     def __init__(self, shapes, dtype=np.float32, tied=None):
         self.params = [np.full(s, -1.0, dtype) for s in shapes]
         if tied is not None:

@@ -33,13 +33,17 @@ _DESCR = re.compile(r"[<>|=]?(b1|i1|i2|i4|i8|u1|u2|u4|u8|f2|f4|f8)")
 class Limits:
     """Upper bounds checked before anything a file declares is allocated. The metadata limits
     leave room for a vocabulary of a few hundred thousand words and a long run's loss curve
-    (PTB's 10,000 words take 90 KB). Parsed objects cost up to ~140 bytes per value (an object
-    key), so max_values bounds what parsing allocates to ~150 MB, under 10x max_envelope_bytes:
-    tests/test_files_forged.py measures each costly shape at the limits."""
+    (PTB's 10,000 words take 90 KB; fastseq's own metadata holds a few hundred object keys, a
+    vocabulary is a list). Parsed objects cost up to ~140 bytes per value (an object key), so
+    max_values bounds what parsing allocates to ~150 MB, under 10x max_envelope_bytes; object
+    keys cost the most time, so max_keys bounds them lower: every envelope under these limits
+    loads or is refused in well under 2 s and 500 MB. tests/test_files_forged.py measures the
+    memory of each costly shape at the limits, benchmarks/forged_files.py its time."""
     max_file_bytes: int = 4 << 30      # the whole .npz on disk
     max_members: int = 4096            # zip members (arrays + 2)
     max_envelope_bytes: int = 16 << 20  # the JSON metadata
     max_values: int = 1_000_000        # JSON values in it (containers, numbers, strings)
+    max_keys: int = 1 << 18            # object keys in it (262,144)
     max_depth: int = 32                # nesting of lists/dicts in it
     max_header_bytes: int = 4096       # one .npy header
     max_ndim: int = 8
@@ -100,11 +104,10 @@ def _prepare(arrays, meta, path, limits=DEFAULT_LIMITS):
 def _check_text(text, limits, fail):
     if len(text) > limits.max_envelope_bytes:
         raise fail(f"of {len(text)} bytes is over the limit of {limits.max_envelope_bytes}")
-    depth, values = jsontext.scan(text, limits.max_depth)
-    if depth > limits.max_depth:
-        raise fail(f"nests more than {limits.max_depth} levels deep (limit {limits.max_depth})")
-    if values > limits.max_values:
-        raise fail(f"holds about {values} values, more than the limit of {limits.max_values}")
+    try:
+        jsontext.check(text, limits.max_depth, limits.max_values, limits.max_keys)
+    except ValueError as e:
+        raise fail(str(e)) from None
 
 
 def write_npz(path, arrays, meta):
@@ -297,7 +300,8 @@ class _Reader:
                             f"{self.limits.max_envelope_bytes}")
         raw = bytes(self.data(stream, spec, "metadata"))
         try:
-            env = jsontext.loads(raw, self.limits.max_depth, self.limits.max_values)
+            lim = self.limits
+            env = jsontext.loads(raw, lim.max_depth, lim.max_values, lim.max_keys)
         except ValueError as e:
             raise self.fail(f"metadata {e}") from None
         if not isinstance(env, dict) or env.get("format") != FORMAT:

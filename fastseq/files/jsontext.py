@@ -1,9 +1,12 @@
-"""JSON text parsed in memory bounded by a small multiple of its size.
+"""JSON text parsed in memory bounded by a small multiple of its size, and in bounded time.
 
 ``json.loads`` itself needs memory in proportion to the values it builds: about 90 bytes for an
 empty ``{}`` written in 3 bytes. So the text is first scanned in fixed-size chunks (memory
-independent of its length, no regular expression, no recursion) for its nesting depth and the
-number of values it holds, and parsed only when both are within the limits.
+independent of its length, no regular expression, no recursion) for its nesting depth, the
+number of values and the number of object keys it holds, and parsed only when all three are
+within the limits. Keys have their own, lower limit because they cost the most time: each
+distinct key is a new string hashed into the object and into the parser's key memo, about
+three times the time of a list item (benchmarks/forged_files.py measures each worst case).
 """
 import json
 
@@ -14,16 +17,17 @@ MAX_DIGITS = 4300  # Python's own default limit for str -> int
 _OPEN, _CLOSE = np.zeros(256, bool), np.zeros(256, bool)
 _OPEN[[ord("["), ord("{")]] = True
 _CLOSE[[ord("]"), ord("}")]] = True
-_QUOTE, _BACKSLASH, _COMMA = ord('"'), ord("\\"), ord(",")
+_QUOTE, _BACKSLASH, _COMMA, _COLON = ord('"'), ord("\\"), ord(","), ord(":")
 
 
 def scan(raw, max_depth=None, chunk=CHUNK):
-    """(depth, values) of JSON text ``raw`` (bytes): the deepest nesting of [ and {, and an upper
-    bound on the number of values (one per opening bracket and per comma, plus one), counting
-    only what lies outside strings. Stops early once the depth passes ``max_depth``."""
+    """(depth, values, keys) of JSON text ``raw`` (bytes): the deepest nesting of [ and {, an
+    upper bound on the number of values (one per opening bracket and per comma, plus one) and the
+    number of object keys (one per colon), counting only what lies outside strings. Stops early
+    once the depth passes ``max_depth``."""
     b = np.frombuffer(raw, dtype=np.uint8)
     depth = deepest = 0
-    values = 1
+    values, keys = 1, 0
     quotes = 0      # unescaped quotes so far (odd: inside a string)
     backslashes = 0  # the run of backslashes that ends the previous chunk
     for start in range(0, len(b), chunk):
@@ -42,11 +46,12 @@ def scan(raw, max_depth=None, chunk=CHUNK):
         deepest = max(deepest, int(level.max(initial=depth)))
         depth = int(level[-1])
         values += int(opens.sum()) + int(((c == _COMMA) & outside).sum())
+        keys += int(((c == _COLON) & outside).sum())
         quotes += int(quote.sum())
         backslashes = int(run[-1])
         if max_depth is not None and deepest > max_depth:
             break
-    return deepest, values
+    return deepest, values, keys
 
 
 def _int(text):
@@ -56,14 +61,21 @@ def _int(text):
     return int(text)
 
 
-def loads(raw, max_depth, max_values):
-    """The value of JSON text ``raw`` (UTF-8 bytes), or a ValueError saying why not (too deep,
-    too many values, not JSON)."""
-    depth, values = scan(raw, max_depth)
+def check(raw, max_depth, max_values, max_keys):
+    """A ValueError saying which limit JSON text ``raw`` (bytes) is over, if any."""
+    depth, values, keys = scan(raw, max_depth)
     if depth > max_depth:
         raise ValueError(f"nests more than {max_depth} levels deep (limit {max_depth})")
     if values > max_values:
         raise ValueError(f"holds about {values} values, more than the limit of {max_values}")
+    if keys > max_keys:
+        raise ValueError(f"holds {keys} object keys, more than the limit of {max_keys}")
+
+
+def loads(raw, max_depth, max_values, max_keys):
+    """The value of JSON text ``raw`` (UTF-8 bytes), or a ValueError saying why not (too deep,
+    too many values or keys, not JSON)."""
+    check(raw, max_depth, max_values, max_keys)
     try:
         return json.loads(raw.decode("utf-8"), parse_int=_int)
     except (ValueError, RecursionError) as e:

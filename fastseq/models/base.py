@@ -87,6 +87,8 @@ class Model:
     lstm_layers = ()
     dropout_layers = ()
     training = True
+    ignore_label = None  # the label in t that the loss skips (None: every label must be an id)
+    textbook_tied = ()  # (kept, textbook) index pairs of the textbook's tied duplicates (.pkl)
 
     @property
     def params(self):
@@ -98,11 +100,7 @@ class Model:
 
     @property
     def param_names(self):
-        names = []
-        for lname, layer in self.layers:
-            pnames = getattr(layer, "param_names", None)  # textbook layers have none: indices
-            names += [f"{lname}.{pnames[i] if pnames else i}" for i in range(len(layer.params))]
-        return names
+        return [f"{lname}.{n}" for lname, layer in self.layers for n in layer.param_names]
 
     def config(self):
         return {}
@@ -205,8 +203,7 @@ class Model:
         if x.ndim == 1:  # a language model's corpus
             x, t = x.reshape(1, -1), t.reshape(1, -1)
         self._check_ids(x, "x")
-        self._check_ids(t, "t", ignore=getattr(getattr(self, "softmax", None), "ignore_label",
-                                                None))
+        self._check_ids(t, "t", ignore=self.ignore_label)
 
     def save_params(self, path, meta=None):
         """Write the weights to ``path`` (.npz, atomically) with names, shapes, the model's class

@@ -93,6 +93,11 @@ class EncoderDecoder(Model):
     end_id = None
     decode_batch = None  # questions per batch in generate (None: all at once)
 
+    @property
+    def ignore_label(self):
+        """The answer label the loss skips (padding), as the loss layer ``softmax`` holds it."""
+        return self.softmax.ignore_label
+
     def check_ids(self, ids, what):
         """ids as a 2-D integer array on the current device, each in [0, vocab_size)."""
         return self._check_ids(ids, what)
