@@ -224,10 +224,15 @@ def _build_array(stub, i, source):
     return a.astype(dtype.newbyteorder("="), copy=True)
 
 
+def _is_file_object(path):
+    """A binary file object rather than a path (str, bytes or os.PathLike)."""
+    return isinstance(path, io.IOBase)
+
+
 def restricted_load(path, max_bytes=MAX_FILE_BYTES):
     """The list of float NumPy arrays pickled in ``path`` (a path or a binary file object), read
     without running anything from the file and without allocating more than it holds."""
-    if hasattr(path, "read"):
+    if _is_file_object(path):
         source = getattr(path, "name", "<file object>")
         data = path.read(max_bytes + 1)
     else:
@@ -297,7 +302,7 @@ def load_textbook_params(model, path):
     count, shape and value is checked before anything is copied; the file may hold at most what
     the model's weights need in any pickle protocol. Returns the model.
     """
-    source = getattr(path, "name", "<file object>") if hasattr(path, "read") else os.fspath(path)
+    source = getattr(path, "name", "<file object>") if _is_file_object(path) else os.fspath(path)
     params = list(model.params)
     # protocol 0 spells each byte as up to 6 characters; tied duplicates double a matrix
     budget = (1 << 20) + 16 * sum(int(p.size) * 8 for p in params)
