@@ -329,32 +329,37 @@ def _weight_grads(X, Wx, Hb, dA, h0_zero, row_bias, grads):
     return dX.reshape(T, N, Wx.shape[0]).transpose(1, 0, 2)
 
 
-_helper = None  # one thread (started on first use) that takes the pieces the caller has not begun
+_helpers = (0, None)  # (count, executor): threads, started on first use, that take pieces
 
 
 def _in_pieces(pieces, xp):
-    """Run every piece (a function writing its own outputs). The caller runs the first, then each
-    one the helper thread has not begun (rather than wait for a helper the OS has descheduled);
-    the pieces and their results are the same with one thread, two, or under load."""
-    global _helper
-    if len(pieces) < 2 or xp is not np or backend.config.threads < 2:
+    """Run every piece (a function writing its own outputs) on up to backend.config.threads
+    threads. The caller runs the first, then each one no helper thread has begun (rather than
+    wait for a helper the OS has descheduled); the pieces and their results are the same with one
+    thread, several, or under load."""
+    global _helpers
+    n = min(len(pieces), backend.config.threads) - 1
+    if n < 1 or xp is not np:
         for run in pieces:
             run()
         return
-    if _helper is None:
-        _helper = ThreadPoolExecutor(1, thread_name_prefix="fastseq-numpy")
+    if _helpers[0] < n:
+        _helpers = (n, ThreadPoolExecutor(n, thread_name_prefix="fastseq-numpy"))
 
     def helped(run):
         with backend.single_blas_thread():
             run()
 
-    futures = [_helper.submit(helped, run) for run in pieces[1:]]
+    futures = [_helpers[1].submit(helped, run) for run in pieces[1:]]
     pieces[0]()
-    for f, run in zip(futures, pieces[1:]):
+    begun = []
+    for f, run in zip(futures, pieces[1:]):  # the caller takes what no helper has begun
         if f.cancel():
             run()
         else:
-            f.result()
+            begun.append(f)
+    for f in begun:
+        f.result()
 
 
 def step(x, Wx, Wh, b, h, c):
@@ -396,21 +401,14 @@ BLOCK_ROWS = 8 * PRODUCT_ROWS
 
 def _by_blocks(N, xp, run):
     """run(rows) for every block of BLOCK_ROWS of the N rows. Blocks are independent: on the
-    host they go to up to backend.config.threads threads (NumPy releases the GIL in its loops),
-    each with a single-threaded BLAS, so a block's bits do not depend on the thread count."""
-    blocks = [slice(s, s + BLOCK_ROWS) for s in range(0, N, BLOCK_ROWS)]
-    workers = min(len(blocks), backend.config.threads) if xp is np else 1
-
+    host they go to the threads of _in_pieces (NumPy releases the GIL in its loops), each with a
+    single-threaded BLAS, so a block's bits do not depend on the thread count."""
     def work(rows):
         with backend.single_blas_thread():
             run(rows)
 
-    if workers < 2:
-        for rows in blocks:
-            work(rows)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(work, blocks))  # list(): re-raise a block's error
+    _in_pieces([functools.partial(work, slice(s, s + BLOCK_ROWS))
+                for s in range(0, N, BLOCK_ROWS)], xp)
 
 
 def _block(a, rows):
