@@ -119,20 +119,33 @@ def worker_setup():
         sys.meta_path.insert(0, _NoExtension())
 
 
-def worker_loop(run):
-    """Serve turns: read `run S` lines on stdin, run iterations for about S seconds (one at
-    least) and answer with the count and the seconds they took."""
-    run(5)  # warm-up
+def worker_serve(commands, ready=None):
+    """Serve a worker's commands: each stdin line `NAME ARG...` calls commands[NAME](*ARGS) and
+    answers its reply (a sequence, written space-separated on one line); `quit` or the end of
+    stdin ends the loop. ready() (a warm-up) runs before the worker says `ready`."""
+    if ready:
+        ready()
     print("ready", flush=True)
     for line in sys.stdin:
         cmd = line.split()
         if not cmd or cmd[0] == "quit":
             break
+        if cmd[0] not in commands:
+            raise SystemExit(f"worker: unknown command {cmd[0]!r} (known: {sorted(commands)})")
+        print(*commands[cmd[0]](*cmd[1:]), flush=True)
+
+
+def worker_loop(run):
+    """Serve turns: read `run S` lines on stdin, run iterations for about S seconds (one at
+    least) and answer with the count and the seconds they took."""
+    def turn(seconds):
         n, t0 = 0, time.perf_counter()
-        while n == 0 or time.perf_counter() - t0 < float(cmd[1]):
+        while n == 0 or time.perf_counter() - t0 < float(seconds):
             run(1)
             n += 1
-        print(n, f"{time.perf_counter() - t0:.9f}", flush=True)
+        return n, f"{time.perf_counter() - t0:.9f}"
+
+    worker_serve({"run": turn}, ready=lambda: run(5))  # 5 iterations' warm-up
 
 
 def start_load(n):
@@ -146,14 +159,13 @@ def stop_load(procs):
         p.wait()
 
 
-def interleaved(module, args, setups, rounds, turn, pause=0.1):
-    """take_turns over worker processes, one per setup (`python -m benchmarks.MODULE --worker
-    SETUP *args`, serving worker_loop in SETUPS' environment): each turn trains for about `turn`
-    seconds. Returns {setup: [seconds per iteration, per round]}; setups whose worker fails to
-    start are left out."""
+def start_workers(module, args, names, env_of=lambda name: SETUPS[name][0]):
+    """{name: worker process} for each name (`python -m benchmarks.MODULE --worker NAME *args`
+    in the environment env_of(name) on top of this one's), each started once it has said `ready`;
+    names whose worker fails to start are left out (with a note). Stop them with stop_workers."""
     procs = {}
-    for s in setups:
-        env = {**os.environ, **SETUPS[s][0]}
+    for s in names:
+        env = {**os.environ, **env_of(s)}
         p = subprocess.Popen([sys.executable, "-m", f"benchmarks.{module}", "--worker", s, *args],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
                              cwd=ROOT)
@@ -166,23 +178,45 @@ def interleaved(module, args, setups, rounds, turn, pause=0.1):
     if not procs:
         raise SystemExit("no setup could start (is fastseq importable? install it with "
                          "`pip install -e .` or set PYTHONPATH to the checkout)")
+    return procs
+
+
+def ask(proc, *command):
+    """Send one command line to a worker; its reply line, split into words."""
+    proc.stdin.write(" ".join(map(str, command)) + "\n")
+    proc.stdin.flush()
+    reply = proc.stdout.readline().split()
+    if not reply:
+        raise RuntimeError(f"a benchmark worker ended without answering {command!r} "
+                           f"(exit status {proc.wait()}; its error output is above)")
+    return reply
+
+
+def stop_workers(procs):
+    for p in procs.values():
+        try:
+            p.stdin.write("quit\n")
+            p.stdin.close()
+        except OSError:
+            pass
+        p.wait()
+
+
+def interleaved(module, args, setups, rounds, turn, pause=0.1):
+    """take_turns over worker processes, one per setup (`python -m benchmarks.MODULE --worker
+    SETUP *args`, serving worker_loop in SETUPS' environment): each turn trains for about `turn`
+    seconds. Returns {setup: [seconds per iteration, per round]}; setups whose worker fails to
+    start are left out."""
+    procs = start_workers(module, args, setups)
 
     def one_turn(s):
-        procs[s].stdin.write(f"run {turn}\n")
-        procs[s].stdin.flush()
-        n, seconds = procs[s].stdout.readline().split()
+        n, seconds = ask(procs[s], "run", turn)
         return float(seconds) / int(n)
 
     try:
         return take_turns(one_turn, procs, rounds, pause)
     finally:
-        for p in procs.values():
-            try:
-                p.stdin.write("quit\n")
-                p.stdin.close()
-            except OSError:
-                pass
-            p.wait()
+        stop_workers(procs)
 
 
 def machine_line():
@@ -192,7 +226,21 @@ def machine_line():
         ncpu = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         ncpu = os.cpu_count()
-    return f"machine: {cpu}, {ncpu} CPUs; numpy {np.__version__}"
+    return f"machine: {cpu}{cpu_flags()}, {ncpu} CPUs; numpy {np.__version__}"
+
+
+def cpu_flags():
+    """' (avx2 avx512f fma)': the vector-instruction flags /proc/cpuinfo lists for this CPU (those
+    it lacks marked 'no'), for a machine line; '' where /proc/cpuinfo has no flags line."""
+    try:
+        flags = next((set(l.split(":", 1)[1].split()) for l in open("/proc/cpuinfo")
+                      if l.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        return ""
+    words = [f if f in flags else f"no {f}" for f in ("avx2", "avx512f", "fma")]
+    return f" ({', '.join(words)})"
 
 
 def torch_seq2seq(torch, V, D, H, peeky):

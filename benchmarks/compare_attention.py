@@ -1,8 +1,11 @@
-"""AttentionSeq2seq on the date task, side by side in one process: fastseq engines and PyTorch CPU.
+"""AttentionSeq2seq on the date task, side by side: fastseq engines and PyTorch CPU, each in its own
+worker process.
 
     python -m benchmarks.compare_attention [--rounds 12] [--chunk 10] [--eval-rounds 5]
-        [--engines numpy cython torch]
+        [--engines numpy cython torch] [--hidden 256]
 
+Every engine runs in a worker process of its own (benchmarks.common.start_workers: PyTorch's
+threads and fastseq's helper threads never share a process); the processes take turns.
 Training: the engines take turns of --chunk iterations (batch 128, wordvec 16, hidden 256,
 Adam 0.001, clip 5.0, reversed questions, padding masked) for --rounds rounds, in an order that
 rotates from round to round; reported is the median of the per-round time ratios (turns seconds
@@ -19,8 +22,9 @@ import os
 
 import numpy as np
 
-from benchmarks.common import (machine_line, ratio_stats, set_engine, take_turns, textbook_file,
-                               timed, torch_attention_seq2seq)
+from benchmarks.common import (ask, machine_line, ratio_stats, set_engine, start_workers,
+                               stop_workers, take_turns, textbook_file, timed,
+                               torch_attention_seq2seq, worker_serve)
 
 BATCH, D, H = 128, 16, 256
 
@@ -32,7 +36,7 @@ def date_data():
     return data, pad, reverse_padded(data.x_train, pad), reverse_padded(data.x_test, pad)
 
 
-def fastseq_runners(engine, data):
+def fastseq_runners(engine, data, hidden=H):
     """(train(n_iters) -> mean loss, evaluate() -> greedy answers) on one engine, or None."""
     from fastseq.decoding import greedy_search
     from fastseq.models.attention import AttentionSeq2seq
@@ -41,7 +45,7 @@ def fastseq_runners(engine, data):
     if not set_engine(engine):
         return None
     d, pad, x, x_test = data
-    model = AttentionSeq2seq(len(d.vocab), D, H, seed=0, pad_id=pad)
+    model = AttentionSeq2seq(len(d.vocab), D, hidden, seed=0, pad_id=pad)
     trainer = Trainer(model, Adam(1e-3), seed=0, progress=False)  # its step: the epoch's work
     perm = np.random.RandomState(0).permutation(len(x))
     state = {"i": 0}
@@ -63,7 +67,7 @@ def fastseq_runners(engine, data):
     return train, evaluate
 
 
-def torch_runners(data, eval_batch):
+def torch_runners(data, eval_batch, hidden=H):
     try:
         import torch
     except ImportError:
@@ -74,7 +78,7 @@ def torch_runners(data, eval_batch):
     d, pad, x_np, x_test_np = data
     Vs = len(d.vocab)
 
-    model = torch_attention_seq2seq(torch, Vs, D, H, pad)
+    model = torch_attention_seq2seq(torch, Vs, D, hidden, pad)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     lossf = nn.CrossEntropyLoss()
     x = torch.from_numpy(x_np.astype(np.int64))
@@ -108,9 +112,31 @@ def torch_runners(data, eval_batch):
     return train, evaluate
 
 
-def turns(runners, rounds, call):
-    """{engine: seconds of call(runners[engine]) per round}, the engines taking turns."""
-    times = take_turns(lambda e: timed(lambda: call(runners[e]))[0], runners, rounds)
+def serve(engine, torch_eval_batch, hidden):
+    """The worker of one engine: `train N` -> seconds and mean loss of N training iterations;
+    `eval` -> seconds and greedy accuracy of one evaluation of the test questions."""
+    data = date_data()
+    r = (torch_runners(data, torch_eval_batch, hidden) if engine == "torch"
+         else fastseq_runners(engine, data, hidden))
+    if r is None:
+        raise SystemExit(f"{engine}: not available here")
+    train, evaluate = r
+    answers = data[0].t_test[:, 1:]
+
+    def train_turn(n):
+        seconds, loss = timed(lambda: train(int(n)))
+        return f"{seconds:.9f}", f"{loss:.6f}"
+
+    def eval_turn():
+        seconds, out = timed(evaluate)
+        return f"{seconds:.9f}", float((out == answers).all(axis=1).mean())
+
+    worker_serve({"train": train_turn, "eval": eval_turn}, ready=lambda: train(3))  # warm-up
+
+
+def turns(workers, rounds, command):
+    """{engine: seconds of its worker's reply to `command` per round}, the engines taking turns."""
+    times = take_turns(lambda e: float(ask(workers[e], *command)[0]), workers, rounds)
     return {e: np.array(v) for e, v in times.items()}
 
 
@@ -133,33 +159,41 @@ def main():
     ap.add_argument("--chunk", type=int, default=10, help="training iterations per turn")
     ap.add_argument("--eval-rounds", type=int, default=5)
     ap.add_argument("--torch-eval-batch", type=int, default=500)
+    ap.add_argument("--hidden", type=int, default=H, help="hidden size of both LSTMs")
+    ap.add_argument("--worker", metavar="ENGINE", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    data = date_data()
-    runners = {}
+    if args.hidden < 1:
+        ap.error("--hidden must be at least 1")
+    if args.worker:
+        return serve(args.worker, args.torch_eval_batch, args.hidden)
+    workers = start_workers("compare_attention", ["--torch-eval-batch", str(args.torch_eval_batch),
+                                                  "--hidden", str(args.hidden)],
+                            args.engines, env_of=lambda e: {})
+    try:
+        measure(args, workers)
+    finally:
+        stop_workers(workers)
+
+
+def measure(args, workers):
     for e in args.engines:
-        r = torch_runners(data, args.torch_eval_batch) if e == "torch" else fastseq_runners(e, data)
-        if r is None:
+        if e not in workers:
             print(f"{e}: not available here, skipped")
-            continue
-        runners[e] = r
-    iters = len(data[2]) // BATCH
-    print(f"{machine_line()}; date task, batch {BATCH}, D={D}, H={H}; {args.chunk} iterations "
-          f"per turn")
+    d = date_data()[0]
+    iters = len(d.x_train) // BATCH
+    print(f"{machine_line()}; date task, batch {BATCH}, D={D}, H={args.hidden}; "
+          f"{args.chunk} iterations per turn; each engine in its own process")
     if args.rounds:
-        for train, _ in runners.values():
-            train(3)  # warm-up
-        times = turns(runners, args.rounds, lambda r: r[0](args.chunk))
+        times = turns(workers, args.rounds, ("train", args.chunk))
         report(f"training, {args.rounds} rounds: seconds per epoch ({iters} iterations) implied",
                {e: v / args.chunk for e, v in times.items()}, iters, "s")
     if args.eval_rounds:
-        answers = data[0].t_test[:, 1:]
-        for e, (_, evaluate) in runners.items():
-            acc = float((evaluate() == answers).all(axis=1).mean())  # warm-up
+        for e, w in workers.items():
+            acc = float(ask(w, "eval")[1])  # warm-up
             print(f"{e}: greedy test accuracy {acc * 100:.2f}% after the training above")
-        times = turns(runners, args.eval_rounds, lambda r: r[1]())
-        report(f"greedy evaluation of {len(answers)} test questions, {args.eval_rounds} rounds",
+        times = turns(workers, args.eval_rounds, ("eval",))
+        report(f"greedy evaluation of {len(d.t_test)} test questions, {args.eval_rounds} rounds",
                times, 1.0, "s")
-
 
 if __name__ == "__main__":
     main()
