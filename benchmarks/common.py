@@ -229,14 +229,20 @@ def machine_line():
     return f"machine: {cpu}{cpu_flags()}, {ncpu} CPUs; numpy {np.__version__}"
 
 
+def cpuinfo_flags():
+    """The set of flags /proc/cpuinfo lists for this CPU, or None where it has no flags line."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")),
+                        None)
+    except OSError:
+        return None
+
+
 def cpu_flags():
     """' (avx2 avx512f fma)': the vector-instruction flags /proc/cpuinfo lists for this CPU (those
     it lacks marked 'no'), for a machine line; '' where /proc/cpuinfo has no flags line."""
-    try:
-        flags = next((set(l.split(":", 1)[1].split()) for l in open("/proc/cpuinfo")
-                      if l.startswith("flags")), None)
-    except OSError:
-        flags = None
+    flags = cpuinfo_flags()
     if flags is None:
         return ""
     words = [f if f in flags else f"no {f}" for f in ("avx2", "avx512f", "fma")]

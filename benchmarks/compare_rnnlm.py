@@ -98,27 +98,7 @@ def make_torch_better_runner(corpus, hidden=BETTER_H):
             hs, state = self.lstm(self.drop(self.embed(x)), state)
             return self.affine(self.drop(hs)), state
 
-    net = Net()
-    net.train()
-    opt = torch.optim.SGD(net.parameters(), lr=LR)
-    loss_fn = nn.CrossEntropyLoss()
-    data = batches(corpus)
-    state = [None]
-
-    def run(n):
-        for _ in range(n):
-            x, t = next(data)
-            x, t = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(t.astype(np.int64))
-            if state[0] is not None:
-                state[0] = tuple(s.detach() for s in state[0])
-            scores, state[0] = net(x, state[0])
-            loss = loss_fn(scores.reshape(-1, V), t.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), CLIP)
-            opt.step()
-
-    return run
+    return _torch_training(torch, Net(), corpus)
 
 
 def make_torch_runner(corpus):
@@ -137,7 +117,13 @@ def make_torch_runner(corpus):
             hs, state = self.lstm(self.embed(x), state)
             return self.affine(hs), state
 
-    net = Net()
+    return _torch_training(torch, Net(), corpus)
+
+
+def _torch_training(torch, net, corpus):
+    """run(n): n SGD iterations of net on the next truncated-BPTT batches, state carried over."""
+    from torch import nn
+    net.train()
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     loss_fn = nn.CrossEntropyLoss()
     data = batches(corpus)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from benchmarks.common import ROOT, TEXTBOOK_DATA, machine_line
+from benchmarks.common import ROOT, TEXTBOOK_DATA, cpuinfo_flags, machine_line
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -24,11 +24,7 @@ def run_script(module, *args):
 
 
 def test_machine_line_names_the_vector_flags():
-    try:
-        flags = next((set(l.split(":", 1)[1].split()) for l in open("/proc/cpuinfo")
-                      if l.startswith("flags")), None)
-    except OSError:
-        flags = None
+    flags = cpuinfo_flags()
     if flags is None:
         pytest.skip("no flags line in /proc/cpuinfo here")
     line = machine_line()
