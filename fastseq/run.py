@@ -56,6 +56,7 @@ SETTING_SCHEMAS = {"epochs": POSITIVE, "batch_size": POSITIVE, "hidden_size": PO
                    "wordvec_size": POSITIVE, "lr": RATE, "max_grad": RATE,
                    "beam": Optional(POSITIVE),
                    "time_size": POSITIVE, "dropout_ratio": Num(0, below=1),
+                   "encoder": Choice("uni", "bi"), "layers": POSITIVE,
                    "max_iters": Optional(POSITIVE), "eval_max_iters": Optional(POSITIVE),
                    "data": Optional(PATH), "data_dir": Optional(PATH), "reverse": Bool(),
                    "mask": Bool(), "optimizer": Choice("adam", "sgd")}

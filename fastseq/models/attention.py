@@ -112,7 +112,7 @@ class AttentionEncoder(Model):
         self.drops = []
         self.finals = None
         self._fill = self._flip = self._lengths = self._drops = None
-        self._dropped = False
+        self._fused = False
 
     def use_dropout(self, ratio, seeds):
         """Dropout on the word vectors and on the input of every layer above the first: one
@@ -131,19 +131,22 @@ class AttentionEncoder(Model):
         if self.directions == 2:
             self._flip = (xp.arange(N)[:, None], flip_index(N, T, lengths, xp))
         self._drops = drops
-        self._dropped = _active(drops[0])
-        x = drops[0].forward(self.embed.forward(xs)) if self._dropped else xs
+        # the first layer reads ids (E Wx's rows: TimeLSTM's embed=) where that pays and no
+        # dropout mask comes between the embedding and the LSTM
+        self._fused = not _active(drops[0]) and self.lstm.fuse_embedding(self.embed, xs)
+        if self._fused:
+            x = xs
+        else:
+            x = self.embed.forward(xs)
+            x = x if drops[0] is None else drops[0].forward(x)
         finals = []
         for l, lstms in enumerate(self.stack):
-            if l:
-                x = drops[l].forward(x) if drops[l] is not None else x
+            if l and drops[l] is not None:
+                x = drops[l].forward(x)
             outs, ends = [], []
             for d, lstm in enumerate(lstms):
                 inp = x if d == 0 else self._flipped(x)
-                if l == 0 and not self._dropped:  # ids: the LSTM may read E Wx's rows
-                    h = embed_lstm_forward(self.embed, lstm, inp)
-                else:
-                    h = lstm.forward(inp)
+                h = lstm.forward(inp, embed=self.embed if l == 0 and self._fused else None)
                 ends.append(_at_end(h, lengths))
                 outs.append(h if d == 0 else self._flipped(h))
             x = outs[0] if len(outs) == 1 else xp.concatenate(outs, axis=2)
@@ -186,8 +189,8 @@ class AttentionEncoder(Model):
                     else:
                         g[xp.arange(g.shape[0]), lengths - 1] += end
                 gs.append(g)
-            if l == 0 and not self._dropped:
-                self._ids_backward(gs)
+            if l == 0 and self._fused:
+                self._fused_backward(gs)
                 return
             dx = None
             for d, (lstm, g) in enumerate(zip(self.stack[l], gs)):
@@ -196,23 +199,17 @@ class AttentionEncoder(Model):
                 dx = dxi if dx is None else dx + dxi
             drop = self._drops[l]
             dhs = dx if drop is None else drop.backward(dx)
-        self.embed.backward(dhs)  # (dhs: the gradient of the dropped-out word vectors)
+        self.embed.backward(dhs)
 
-    def _ids_backward(self, gs):
-        """Backward of the first layer where it read ids (forward's embed_lstm_forward): each
-        direction's input gradient reaches the one embedding."""
+    def _fused_backward(self, gs):
+        """Backward of a first layer that read ids (TimeLSTM's embed=): each direction writes the
+        embedding's gradient itself, so the first direction's is kept and added."""
         lstms = self.stack[0]
-        if len(lstms) == 1:
-            embed_lstm_backward(self.embed, lstms[0], gs[0])
-            return
-        # both directions take the same path: the embedding's fusion depends on ids' shape only
-        dx = lstms[0].backward(gs[0])
-        if dx is None:  # fused: each direction writes the embedding's gradient itself
+        lstms[0].backward(gs[0])
+        if len(lstms) == 2:
             dE = self.embed.grads[0].copy()
             lstms[1].backward(gs[1])
             self.embed.grads[0] += dE
-        else:
-            self.embed.backward(dx + self._flipped(lstms[1].backward(gs[1])))
 
 
 class StackedState(DecoderState):
