@@ -165,6 +165,9 @@ def load_resume(folder):
             f"{path}: {checkpoint.REFUSED} metadata field 'config.model' is {cfg['model']!r}, "
             f"which is not a model for the task {cfg['task']!r}")
     settings = [k for k in [*tdef, *entry.defaults] if k not in ("family", "model")]
+    for k, v in entry.defaults.items():  # a model keyword newer than the run: its default is
+        if k not in TRAINING_KEYS:        # the model the run was built with
+            cfg.setdefault(k, v)
     checkpoint.check(path, meta, _run_schema(tdef["family"], settings))
     return cfg, (arrays, meta)
 

@@ -344,3 +344,32 @@ def test_flags_refused_where_they_do_not_apply(argv, words, tmp_path, capsys, mo
     with pytest.raises(SystemExit):
         main(["--task", "date", "--encoder", "both"])
     assert "expected one of uni, bi" in capsys.readouterr().err
+
+
+def test_train_cli_extended_model_and_a_run_saved_without_the_new_keys(tmp_path, capsys):
+    """--task date --encoder bi --layers 2 --dropout 0.3 trains and saves a model file that
+    rebuilds the same configuration; a checkpoint whose configuration predates these keys
+    resumes with their defaults (the model it was built with)."""
+    from fastseq.datasets.sequence import generate_date
+    from fastseq.files import load_checkpoint
+    from fastseq.files.envelope import write_npz
+    from fastseq.train import main
+    data = tmp_path / "date-small.txt"
+    data.write_text("\n".join(generate_date(600, seed=3)) + "\n")
+    small = ["--task", "date", "--data", str(data), "--hidden-size", "8", "--wordvec-size", "4",
+             "--batch-size", "100", "--epochs", "1", "--no-progress"]
+    out = tmp_path / "ext"
+    assert main(small + ["--encoder", "bi", "--layers", "2", "--dropout", "0.3", "--mask",
+                         "--out", str(out)]) == 0
+    config = fastseq.load(out / "model.npz").model.config()
+    assert (config["encoder"], config["layers"], config["dropout_ratio"]) == ("bi", 2, 0.3)
+    old = tmp_path / "old"
+    assert main(small + ["--out", str(old)]) == 0
+    arrays, meta = load_checkpoint(old / "checkpoint.npz")
+    for key in ("encoder", "layers", "dropout_ratio"):
+        del meta["config"][key], meta["model_config"][key]
+    meta["config"]["epochs"] = 2
+    write_npz(old / "checkpoint.npz", arrays, meta)
+    capsys.readouterr()
+    assert main(["--resume", str(old), "--no-progress"]) == 0
+    assert "epoch   2" in capsys.readouterr().out
