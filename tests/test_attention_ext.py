@@ -70,7 +70,8 @@ def check_grads(model, xs, ts):
 
 
 @pytest.mark.parametrize("kernel", ["numpy", "cython"])
-@pytest.mark.parametrize("options", EXTENDED, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("options", EXTENDED,
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_gradients(kernel, options):
     use_kernel(kernel)
     model = small_model(**options)
@@ -139,7 +140,8 @@ def test_cython_engine_matches_numpy():
 def test_flip_index_reverses_within_the_true_length():
     idx = flip_index(3, 5, np.array([5, 2, 1]), np)
     np.testing.assert_array_equal(idx, [[4, 3, 2, 1, 0], [1, 0, 2, 3, 4], [0, 1, 2, 3, 4]])
-    np.testing.assert_array_equal(np.take_along_axis(idx, idx, axis=1), np.tile(np.arange(5), (3, 1)))
+    twice = np.take_along_axis(idx, idx, axis=1)
+    np.testing.assert_array_equal(twice, np.tile(np.arange(5), (3, 1)))
 
 
 @pytest.mark.parametrize("kernel", ["numpy", "cython"])
@@ -199,7 +201,8 @@ def test_step_decoding_matches_teacher_forcing(options):
         scores, state = model.step(ids, state)
         np.testing.assert_allclose(scores, forced[:, t], rtol=1e-10, atol=1e-12)
         s = scores - scores.max(axis=1, keepdims=True)
-        logp = logp + (s - np.log(np.exp(s).sum(axis=1, keepdims=True)))[np.arange(len(xs)), out[:, t]]
+        s -= np.log(np.exp(s).sum(axis=1, keepdims=True))
+        logp = logp + s[np.arange(len(xs)), out[:, t]]
         ids = out[:, t]
     np.testing.assert_allclose(sequence_log_prob(model, xs, 1, out, end_id=None), logp, rtol=1e-10)
 
