@@ -376,3 +376,28 @@ def test_train_cli_extended_model_and_a_run_saved_without_the_new_keys(tmp_path,
     capsys.readouterr()
     assert main(["--resume", str(old), "--no-progress"]) == 0
     assert "epoch   2" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_cupy_engine_matches_numpy():
+    """bi + 2 layers on padded float64 batches on the GPU: loss, gradients and greedy answers
+    as on NumPy (no dropout: the device draws its masks from its own generator)."""
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (GPU test)")
+    if not backend.gpu_available():
+        pytest.skip(f"no usable GPU: {backend._cupy_error}")
+    rng = np.random.default_rng(10)
+    xs, ts = rng.integers(1, 13, (32, 9)), rng.integers(1, 13, (32, 5))
+    xs[::3, 5:] = PAD
+    ts[::4, 3:] = PAD
+    options = dict(seed=1, dtype=np.float64, pad_id=PAD, encoder="bi", layers=2)
+    backend.use("numpy")
+    ref = AttentionSeq2seq(13, 16, 32, **options)
+    want, want_gen = loss_and_grads(ref, xs, ts), ref.generate(xs, 1, 4)
+    backend.use("cupy")
+    model = AttentionSeq2seq(13, 16, 32, **options)
+    got = loss_and_grads(model, xs, ts)
+    assert isinstance(model.params[0], cupy.ndarray)
+    assert abs(float(got[0]) - want[0]) < 1e-9 * abs(want[0])
+    for name, a, b in zip(model.param_names, got[1], want[1]):
+        assert rel_error(a, b) < 1e-9, name
+    np.testing.assert_array_equal(model.generate(xs, 1, 4), want_gen)
