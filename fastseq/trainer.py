@@ -7,31 +7,15 @@ own state (position, the current epoch's order, random generators, loss figures,
 state), which is all a checkpoint holds (fastseq.checkpoint)."""
 import contextlib
 import math
-import numbers
 
 import numpy as np
 
 from . import backend
+from ._checks import check_count, check_positive
 from .callbacks import Bar, ProgressBar
 from .functions import clip_grads
 from .layers import rng_state, set_rng_state
 from .models.base import Model
-
-
-def check_count(name, value, minimum=1):
-    """value as an int >= minimum, else ValueError naming it (bools are not counts)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_max_grad(max_grad):
-    if max_grad is None:
-        return None
-    if isinstance(max_grad, bool) or not isinstance(max_grad, numbers.Real) \
-            or not math.isfinite(max_grad) or max_grad <= 0:
-        raise ValueError(f"max_grad must be a finite number > 0 or None, got {max_grad!r}")
-    return float(max_grad)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -232,7 +216,7 @@ class TrainLoop:
         check_count("batch_size", batch_size)
         if eval_interval is not None:
             check_count("eval_interval", eval_interval)
-        return check_max_grad(max_grad)
+        return check_positive("max_grad", max_grad, optional=True)
 
 
 class Trainer(TrainLoop):

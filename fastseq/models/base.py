@@ -6,6 +6,7 @@ import sys
 import numpy as np
 
 from .. import backend
+from .._checks import check_count as check_size  # noqa: F401  (the model files' size check)
 from ..files.weights import load_params as load_file, save_params as save_file
 
 
@@ -21,13 +22,6 @@ def randn(rng, *shape, scale=1.0, dtype=np.float32):
 
 def zeros(*shape, dtype=np.float32):
     return backend.xp.zeros(shape, dtype=dtype)
-
-
-def check_size(name, value):
-    """value as an int >= 1, else a ValueError naming it (every model checks its sizes here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 def check_dtype(dtype):

@@ -11,6 +11,7 @@ entries [embed W, Wx1, Wh1, b1, Wx2, Wh2, b2, affine b] (the textbook lists 9, w
 import numpy as np
 
 from .. import backend
+from .._checks import check_fraction
 from ..backend import get_array_module
 from ..functions import matmul
 from ..layers import (TimeAffine, TimeAffineSoftmaxWithLoss, TimeDropout, TimeEmbedding,
@@ -223,10 +224,7 @@ class BetterRnnlm(_LanguageModel):
         if D != H:
             raise ValueError(f"BetterRnnlm ties the affine weight to the embedding, so wordvec_size "
                              f"({D}) must equal hidden_size ({H})")
-        if isinstance(dropout_ratio, bool) or not isinstance(dropout_ratio, (int, float, np.floating)) \
-                or not 0 <= dropout_ratio < 1:
-            raise ValueError(f"dropout_ratio must be a number in [0, 1), got {dropout_ratio!r}")
-        self.dropout_ratio = float(dropout_ratio)
+        self.dropout_ratio = check_fraction("dropout_ratio", dropout_ratio)
         dtype = self.dtype = check_dtype(dtype)
         rng = make_rng(seed)
         self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))
