@@ -55,6 +55,7 @@ class TrainLoop:
         self.epoch_log = {}
         self.callbacks = [ProgressBar()] if progress else []
         self.stop_reason = None
+        self._data = None  # what batch() reads, during run()
 
     # subclasses: the batch of iteration ``it``, new-epoch setup, their own state
     def begin_epoch(self):
@@ -165,16 +166,25 @@ class TrainLoop:
         return "(the norm overflowed)"
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self, max_epoch, n_iters, max_grad, eval_interval):
-        self.eval_interval, self.n_iters = eval_interval, n_iters
-        if isinstance(self.model, Model):
-            self.model.train()
+    def run(self, data, max_epoch, n_iters, max_grad, eval_interval):
+        """Train on ``data`` ((x, t, ...) as ``batch`` reads it; x and t go to the device once)."""
+        if self.iteration >= n_iters:
+            raise ValueError(f"the epoch in progress is at iteration {self.iteration} but an "
+                             f"epoch now has {n_iters}")
+        self._data = (backend.asarray(data[0]), backend.asarray(data[1]), *data[2:])
         try:
-            for _ in range(max_epoch):
-                if self._run_epoch(n_iters, max_grad, eval_interval):
-                    break
+            with self.checked_once(*self._data[:2]):
+                self.eval_interval, self.n_iters = eval_interval, n_iters
+                if isinstance(self.model, Model):
+                    self.model.train()
+                try:
+                    for _ in range(max_epoch):
+                        if self._run_epoch(n_iters, max_grad, eval_interval):
+                            break
+                finally:
+                    self._call("on_fit_end")
         finally:
-            self._call("on_fit_end")
+            self._data = None
         return self
 
     def _run_epoch(self, n_iters, max_grad, eval_interval):
@@ -229,7 +239,6 @@ class Trainer(TrainLoop):
         self.rng = np.random.RandomState(seed) if seed is not None else np.random.mtrand._rand
         self.order = None
         self._order_on_device = None
-        self._data = None
 
     def fit(self, x, t, max_epoch=10, batch_size=32, max_grad=None, eval_interval=20):
         max_grad = self._check_fit_args(max_epoch, batch_size, max_grad, eval_interval)
@@ -238,17 +247,10 @@ class Trainer(TrainLoop):
         if len(x) < batch_size:
             raise ValueError(f"batch_size {batch_size} is larger than the data ({len(x)} rows)")
         shuffled = 0 if self.order is None else len(self.order)
-        if self.iteration >= len(x) // batch_size:
-            raise ValueError(f"the epoch in progress is at iteration {self.iteration} but an "
-                             f"epoch now has {len(x) // batch_size}")
-        if self.iteration and shuffled != len(x):
+        if 0 < self.iteration < len(x) // batch_size and shuffled != len(x):
             raise ValueError(f"the epoch in progress shuffled {shuffled} rows but x has {len(x)}")
-        self._data = (backend.asarray(x), backend.asarray(t), batch_size)  # on the device once
-        try:
-            with self.checked_once(*self._data[:2]):
-                return self.run(max_epoch, len(x) // batch_size, max_grad, eval_interval)
-        finally:
-            self._data = None
+        return self.run((x, t, batch_size), max_epoch, len(x) // batch_size, max_grad,
+                        eval_interval)
 
     def begin_epoch(self):
         self.order = self.rng.permutation(len(self._data[0]))
@@ -350,13 +352,6 @@ def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_
     return float(ok.mean())
 
 
-def _lm_batch(x, t, rows, time_idx, time_size):
-    """Batch (B, T) of x and t: row i reads positions (rows[i] + time_idx + j) % len(x), j < T."""
-    pos = rows[:, None] + (time_idx + np.arange(time_size))[None, :]
-    pos %= len(x)
-    return x[pos], t[pos]
-
-
 class RnnlmTrainer(TrainLoop):
     """Truncated-BPTT training of a stateful language model (textbook layout).
 
@@ -371,26 +366,20 @@ class RnnlmTrainer(TrainLoop):
     def __init__(self, model, optimizer, progress=True, cuda_graphs=None):
         super().__init__(model, optimizer, progress, cuda_graphs)
         self.time_idx = 0
-        self._rows_on_device = None
+        self._rows = None  # (key, each row's offset in the corpus)
         self.ppl_list = []
-        self._data = None
 
     def get_batch(self, x, t, batch_size, time_size):
-        """The next (batch_x, batch_t), advancing the running time index by time_size."""
-        jump = len(x) // batch_size
-        rows = np.arange(batch_size) * jump
-        if backend.get_array_module(x) is not np:
-            key = (len(x), batch_size)
-            if self._rows_on_device is None or self._rows_on_device[0] != key:
-                self._rows_on_device = (key, backend.xp.asarray(rows))  # once, not per batch
-            rows = self._rows_on_device[1]
-            pos = rows[:, None] + backend.xp.arange(self.time_idx, self.time_idx + time_size)[None, :]
-            pos %= len(x)
-            bx, bt = x[pos], t[pos]
-        else:
-            bx, bt = _lm_batch(x, t, rows, self.time_idx, time_size)
+        """The next (batch_x, batch_t), advancing the running time index by time_size: row i
+        reads positions (i * jump + time_idx + j) % len(x), j < time_size."""
+        xp = backend.get_array_module(x)
+        key = (len(x), batch_size, xp)
+        if self._rows is None or self._rows[0] != key:  # on the device once, not per batch
+            self._rows = (key, xp.asarray(np.arange(batch_size) * (len(x) // batch_size)))
+        pos = self._rows[1][:, None] + xp.arange(self.time_idx, self.time_idx + time_size)[None, :]
+        pos %= len(x)
         self.time_idx += time_size
-        return bx, bt
+        return x[pos], t[pos]
 
     def batch(self, it):
         return self.get_batch(*self._data)
@@ -404,7 +393,7 @@ class RnnlmTrainer(TrainLoop):
         self.ppl_list[:] = s["ppl_list"]
 
     def report(self, mean_loss):
-        self.loss_list.append(mean_loss)
+        super().report(mean_loss)
         ppl = float(np.exp(mean_loss))
         self.ppl_list.append(ppl)
         return "ppl", f"{ppl:.2f}"
@@ -423,15 +412,8 @@ class RnnlmTrainer(TrainLoop):
                              f"({batch_size} x {time_size} words)")
         if max_iters is not None:
             n_iters = min(n_iters, check_count("max_iters", max_iters))
-        if self.iteration >= n_iters:
-            raise ValueError(f"the epoch in progress is at iteration {self.iteration} but an "
-                             f"epoch now has {n_iters}")
-        self._data = (backend.asarray(xs), backend.asarray(ts), batch_size, time_size)
-        try:
-            with self.checked_once(*self._data[:2]):
-                return self.run(max_epoch, n_iters, max_grad, eval_interval)
-        finally:
-            self._data = None
+        return self.run((xs, ts, batch_size, time_size), max_epoch, n_iters, max_grad,
+                        eval_interval)
 
     def plot(self, path=None, ylim=None):
         from .plot import plot_curve
