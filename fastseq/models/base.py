@@ -1,13 +1,14 @@
 """What every model shares: params/grads lists, initialisation, the state protocol
 (state_dict / load_state_dict, train / eval), save/load as .npz."""
 import copy
+import dataclasses
 import sys
 
 import numpy as np
 
 from .. import backend
 from .._checks import check_count as check_size  # noqa: F401  (the model files' size check)
-from ..files.weights import load_params as load_file, save_params as save_file
+from ..files import weights
 
 
 def make_rng(seed):
@@ -199,15 +200,8 @@ class Model:
         self._check_ids(x, "x")
         self._check_ids(t, "t", ignore=self.ignore_label)
 
-    def save_params(self, path, meta=None):
-        """Write the weights to ``path`` (.npz, atomically) with names, shapes, the model's class
-        and config, ``meta``, and one checksum over all of it (fastseq.files.write_npz)."""
-        save_file(self, path, meta)
-
-    def load_params(self, path):
-        """Read weights saved by save_params. Everything is checked (names, shapes, float32/64,
-        finite values, checksum) before the first parameter changes. Returns the metadata."""
-        return load_file(self, path)
+    save_params = weights.save_params  # (self, path, meta=None): fastseq.files.weights
+    load_params = weights.load_params  # (self, path) -> the file's metadata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,18 +211,16 @@ class Model:
 FAMILIES = ("seq2seq", "lm")
 
 
+@dataclasses.dataclass
 class ModelEntry:
-    """One registered model: ``cls``, ``task`` family ('seq2seq' or 'lm'), ``defaults`` (CLI
-    defaults: constructor keywords such as hidden_size, and training settings such as epochs,
-    which override the task's), ``help`` (one line for --help), ``pads`` (whether the
-    constructor takes the data's ``pad_id``: a padding-aware model)."""
-
-    def __init__(self, name, cls, task, defaults, help, pads=False):
-        self.name, self.cls, self.task, self.defaults, self.help = name, cls, task, defaults, help
-        self.pads = pads
-
-    def __repr__(self):
-        return f"ModelEntry({self.name!r}, {self.cls.__name__}, task={self.task!r})"
+    """One registered model. ``defaults``: its CLI defaults, constructor keywords (hidden_size
+    ...) and training settings (epochs ..., which override the task's)."""
+    name: str
+    cls: type
+    task: str           # family: 'seq2seq' or 'lm'
+    defaults: dict
+    help: str           # one line for --help
+    pads: bool = False  # whether the constructor takes the data's pad_id (padding-aware)
 
 
 REGISTRY = {}

@@ -77,6 +77,10 @@ class _LanguageModel(Model):
     def _scores(self, xs, train_flg):
         raise NotImplementedError
 
+    def _loss_input(self, xs, train_flg):
+        """What loss_layer takes: the scores, unless it applies the output affine itself."""
+        return self._scores(xs, train_flg)
+
     def predict(self, xs, train_flg=False):
         """Scores (N, T, V) for word ids xs (N, T); carries the LSTM state (stateful)."""
         xs = self._check_ids(xs, "xs")
@@ -90,7 +94,7 @@ class _LanguageModel(Model):
         if xs.shape != ts.shape:
             raise ValueError(f"xs has shape {xs.shape} but ts has shape {ts.shape}")
         return self.loss_layer.forward(
-            self._scores(xs, self.training if train_flg is None else train_flg), ts)
+            self._loss_input(xs, self.training if train_flg is None else train_flg), ts)
 
     # --- generation -------------------------------------------------------------------------
 
@@ -186,15 +190,11 @@ class Rnnlm(_LanguageModel):
         return {"vocab_size": self.vocab_size, "wordvec_size": self.wordvec_size,
                 "hidden_size": self.hidden_size}
 
-    def _scores(self, xs, train_flg):
-        return self.affine.forward(self.lstm.forward(self.embed.forward(xs)))
+    def _loss_input(self, xs, train_flg):
+        return self.lstm.forward(self.embed.forward(xs))  # the loss layer applies the affine
 
-    def forward(self, xs, ts, train_flg=None):
-        xs = self._check_ids(xs, "xs")
-        ts = self._check_ids(ts, "ts")
-        if xs.shape != ts.shape:
-            raise ValueError(f"xs has shape {xs.shape} but ts has shape {ts.shape}")
-        return self.loss_layer.forward(self.lstm.forward(self.embed.forward(xs)), ts)
+    def _scores(self, xs, train_flg):
+        return self.affine.forward(self._loss_input(xs, train_flg))
 
     def _output_weight_vh(self):
         W = self.affine.params[0]
