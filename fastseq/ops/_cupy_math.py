@@ -12,6 +12,8 @@ Importing this module never needs CuPy.
 """
 import contextlib
 import contextvars
+import ctypes
+import functools
 
 import numpy
 
@@ -39,25 +41,16 @@ def _elementwise(name):
     return kern
 
 
-def _matmul_into(xp, a, b, out):
-    """``out[...] = a @ b`` without a temporary when the array module allows it."""
+def _product(xp, a, b, out=None):
+    """``a @ b``, into ``out`` when given (without a temporary where its layout allows)."""
     if _capturing() and _is_device(xp):  # a CUDA graph is being captured: see cublas_matmul
-        return cublas_matmul(a, b, out=out)
+        return cublas_matmul(a, b, out)
+    if out is None:
+        return xp.matmul(a, b)
     if out.flags.c_contiguous and out.dtype == a.dtype == b.dtype:
-        try:
-            xp.matmul(a, b, out=out)
-            return out
-        except TypeError:  # a CuPy too old for matmul(out=)
-            pass
+        return xp.matmul(a, b, out=out)
     out[...] = xp.matmul(a, b)
     return out
-
-
-def _product(xp, a, b):
-    """a @ b (a new array)."""
-    if _capturing() and _is_device(xp):
-        return cublas_matmul(a, b)
-    return xp.matmul(a, b)
 
 
 def _is_device(xp):
@@ -196,8 +189,6 @@ class _Cublas:
     WORKSPACE = 32 << 20  # bytes; what cuBLAS asks for on recent GPUs
 
     def __init__(self):
-        import ctypes
-
         import cupy
         cupy.cuda.device.get_cublas_handle()  # makes sure CuPy has loaded libcublas
         path = None
@@ -209,7 +200,6 @@ class _Cublas:
                     break
         if path is None:
             raise RuntimeError("could not find the libcublas that CuPy loaded")
-        self.ctypes = ctypes
         self.lib = lib = ctypes.CDLL(path)
         handle = ctypes.c_void_p()
         self._check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
@@ -235,7 +225,7 @@ class _Cublas:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
     def set_stream(self, stream_ptr):
-        c = self.ctypes
+        c = ctypes
         self._check(self.lib.cublasSetStream_v2(self.handle, c.c_void_p(stream_ptr)),
                     "cublasSetStream")
         # setting the stream resets the workspace to cuBLAS's own pool: set ours again
@@ -249,7 +239,7 @@ class _Cublas:
             self.set_stream(stream)
         op1, op2, m, n, k, ld1, ld2, ldo, batch, s1, s2, so = plan
         size = out.dtype.itemsize
-        c = self.ctypes
+        c = ctypes
         args = [self.handle, op1, op2, m, n, k, c.byref(self.one[size]), first.data.ptr, ld1]
         if out.ndim == 3:  # a stack: one strided batched call
             fn = self.lib.cublasSgemmStridedBatched if size == 4 else \
@@ -262,14 +252,9 @@ class _Cublas:
         self._check(fn(*args), "cublas gemm")
 
 
-_cublas_lib = None
-
-
+@functools.cache
 def _cublas():
-    global _cublas_lib
-    if _cublas_lib is None:
-        _cublas_lib = _Cublas()
-    return _cublas_lib
+    return _Cublas()
 
 
 def prepare_direct_products(stream_ptr):
