@@ -191,13 +191,9 @@ class _Cublas:
     def __init__(self):
         import cupy
         cupy.cuda.device.get_cublas_handle()  # makes sure CuPy has loaded libcublas
-        path = None
         with open("/proc/self/maps") as f:  # the very library CuPy uses (Linux)
-            for line in f:
-                name = line.split()[-1]
-                if "/libcublas.so" in name:
-                    path = name
-                    break
+            path = next((p for p in (line.split()[-1] for line in f) if "/libcublas.so" in p),
+                        None)
         if path is None:
             raise RuntimeError("could not find the libcublas that CuPy loaded")
         self.lib = lib = ctypes.CDLL(path)
@@ -225,12 +221,12 @@ class _Cublas:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
     def set_stream(self, stream_ptr):
-        c = ctypes
-        self._check(self.lib.cublasSetStream_v2(self.handle, c.c_void_p(stream_ptr)),
+        self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)),
                     "cublasSetStream")
         # setting the stream resets the workspace to cuBLAS's own pool: set ours again
-        self._check(self.lib.cublasSetWorkspace_v2(self.handle, c.c_void_p(self.workspace.data.ptr),
-                                                   c.c_size_t(self.WORKSPACE)), "cublasSetWorkspace")
+        self._check(self.lib.cublasSetWorkspace_v2(
+            self.handle, ctypes.c_void_p(self.workspace.data.ptr), ctypes.c_size_t(self.WORKSPACE)),
+            "cublasSetWorkspace")
         self.stream = stream_ptr
 
     def gemm(self, plan, first, second, out):
@@ -239,16 +235,15 @@ class _Cublas:
             self.set_stream(stream)
         op1, op2, m, n, k, ld1, ld2, ldo, batch, s1, s2, so = plan
         size = out.dtype.itemsize
-        c = ctypes
-        args = [self.handle, op1, op2, m, n, k, c.byref(self.one[size]), first.data.ptr, ld1]
+        t = "S" if size == 4 else "D"
+        one, zero = ctypes.byref(self.one[size]), ctypes.byref(self.zero[size])
+        args = [self.handle, op1, op2, m, n, k, one, first.data.ptr, ld1]
         if out.ndim == 3:  # a stack: one strided batched call
-            fn = self.lib.cublasSgemmStridedBatched if size == 4 else \
-                self.lib.cublasDgemmStridedBatched
-            args += [s1, second.data.ptr, ld2, s2, c.byref(self.zero[size]), out.data.ptr, ldo, so,
-                     batch]
+            fn = getattr(self.lib, f"cublas{t}gemmStridedBatched")
+            args += [s1, second.data.ptr, ld2, s2, zero, out.data.ptr, ldo, so, batch]
         else:
-            fn = self.lib.cublasSgemm_v2 if size == 4 else self.lib.cublasDgemm_v2
-            args += [second.data.ptr, ld2, c.byref(self.zero[size]), out.data.ptr, ldo]
+            fn = getattr(self.lib, f"cublas{t}gemm_v2")
+            args += [second.data.ptr, ld2, zero, out.data.ptr, ldo]
         self._check(fn(*args), "cublas gemm")
 
 
