@@ -20,6 +20,7 @@ parameters in place once all of them passed.
     load_textbook_params(model, "BetterRnnlm.pkl")
 """
 import io
+import math
 import os
 import pickle
 import pickletools
@@ -59,12 +60,7 @@ def _empty_bytes():
 
 # Stand-ins for the NumPy callables a pickled array names. They only record their arguments;
 # arrays are built afterwards from those records, once dtype, shape and byte count agree.
-class _Sentinel:
-    def __init__(self, name):
-        self.name = name
-
-
-_NDARRAY = _Sentinel("numpy.ndarray")
+_NDARRAY = object()  # numpy.ndarray
 
 
 class _DtypeStub:
@@ -214,9 +210,7 @@ def _build_array(stub, i, source):
         raise FastseqFileError(f"{source}: entry {i} has an invalid shape {str(shape)[:60]}")
     if not isinstance(raw, (bytes, bytearray)):
         raise FastseqFileError(f"{source}: entry {i} holds its data as a {type(raw).__name__}")
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
+    n = dtype.itemsize * math.prod(shape)
     if n != len(raw):
         raise FastseqFileError(f"{source}: entry {i} declares shape {shape} of {dtype} ({n} bytes) "
                                f"but holds {len(raw)} bytes")
