@@ -15,7 +15,7 @@ from ._checks import check_count, check_positive
 from .callbacks import Bar, ProgressBar
 from .functions import clip_grads
 from .layers import rng_state, set_rng_state
-from .models.base import Model
+from .models.base import Model, make_rng
 
 
 class TrainingDiverged(FloatingPointError):
@@ -236,7 +236,7 @@ class Trainer(TrainLoop):
 
     def __init__(self, model, optimizer, seed=None, progress=True, cuda_graphs=None):
         super().__init__(model, optimizer, progress, cuda_graphs)
-        self.rng = np.random.RandomState(seed) if seed is not None else np.random.mtrand._rand
+        self.rng = make_rng(seed)
         self.order = None
         self._order_on_device = None
 
@@ -296,11 +296,9 @@ def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_
 
     ``corrects`` rows start with the start symbol ('_'), as in the textbook; the rest of each row
     is the answer. With one question this returns 1.0 or 0.0 (textbook: 1 or 0). Batches bound
-    the memory (None = all at once); within a batch each engine keeps its steps' arrays in cache
-    and spreads the rows over its threads by itself.
-    ``workers`` threads decode disjoint slices, each on a copy of the model that shares its
-    weights and uses single-threaded BLAS (default 1: every engine spreads a batch's rows over
-    its threads by itself).
+    the memory (None = all at once); every engine spreads a batch's rows over its threads by
+    itself. ``workers`` threads (default 1) decode disjoint slices instead, each on a copy of the
+    model that shares its weights and uses single-threaded BLAS.
     """
     questions, corrects = np.asarray(backend.to_cpu(questions)), np.asarray(backend.to_cpu(corrects))
     if questions.ndim == 1 and corrects.ndim == 1:
