@@ -61,16 +61,6 @@ def embed_lstm_params(rng, V, D, H, init="textbook", dtype=np.float32):
     return [E, Wx, Wh, b]
 
 
-def _check_carried(lstm, h, c):
-    """A carried (h, c) must be two (N, H) arrays of the layer's dtype."""
-    Wh = lstm.params[1]
-    H = Wh.shape[0]
-    if h.ndim != 2 or h.shape[1] != H or c.shape != h.shape or h.dtype != Wh.dtype \
-            or c.dtype != Wh.dtype:
-        raise ValueError(f"a carried LSTM state must be two (N, {H}) {Wh.dtype} arrays, got "
-                         f"{h.dtype}{h.shape} and {c.dtype}{c.shape}")
-
-
 class Model:
     """Subclasses set self.layers = [(name, layer), ...]; params/grads follow that order.
 
@@ -158,8 +148,11 @@ class Model:
                              f"dropout states; {type(self).__name__} has "
                              f"{len(self.lstm_layers)} and {len(self.dropout_layers)}")
         for lstm, s in zip(self.lstm_layers, carried):
-            if s is not None:
-                _check_carried(lstm, s["h"], s["c"])
+            Wh, (h, c) = lstm.params[1], (None, None) if s is None else (s["h"], s["c"])
+            if h is not None and (h.ndim != 2 or h.shape[1] != Wh.shape[0] or c.shape != h.shape
+                                  or not h.dtype == c.dtype == Wh.dtype):
+                raise ValueError(f"a carried LSTM state must be two (N, {Wh.shape[0]}) {Wh.dtype} "
+                                 f"arrays, got {h.dtype}{h.shape} and {c.dtype}{c.shape}")
         for p, n in zip(params, names):
             p[...] = backend.get_array_module(p).asarray(given[n])
         self.set_state([(None, None) if s is None else

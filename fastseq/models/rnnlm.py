@@ -24,8 +24,8 @@ class TiedAffine:
     """x (N, T, H) -> x E^T + b, where E (V, H) is an embedding's weight, shared by identity.
 
     params = [b] only: the weight belongs to the embedding. backward() writes the weight's gradient
-    from this path into ``self.dW`` (a preallocated (V, H) buffer, or the embedding's own gradient
-    buffer when the owning model passes it, so the two paths are summed without a temporary).
+    from this path into the buffer it is given (the embedding's own gradient buffer, so the two
+    paths are summed without a temporary).
     """
 
     param_names = ("b",)
@@ -34,7 +34,6 @@ class TiedAffine:
         self.embed = embed
         self.params = [b]
         self.grads = [get_array_module(b).zeros_like(b)]
-        self.dW = None
         self.x = None
 
     @property
@@ -52,16 +51,11 @@ class TiedAffine:
         out += b
         return out.reshape(N, T, -1)
 
-    def backward(self, dout, dW_out=None):
-        """Returns dx; the weight gradient d^T x goes into dW_out (or self.dW)."""
+    def backward(self, dout, dW_out):
+        """Returns dx; the weight gradient d^T x goes into dW_out (V, H)."""
         E, = self.embed.params
-        xp = get_array_module(E)
         N, T, V = dout.shape
         d = dout.reshape(N * T, V)
-        if dW_out is None:
-            if self.dW is None:
-                self.dW = xp.empty_like(E)
-            dW_out = self.dW
         matmul(d.T, self.x, out=dW_out)
         d.sum(axis=0, out=self.grads[0])
         return matmul(d, E).reshape(N, T, -1)
