@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import backend
 from .._checks import check_count as check_size  # noqa: F401  (the model files' size check)
-from ..files import weights
+from ..files.weights import load_params as load_file, save_params as save_file
 
 
 def make_rng(seed):
@@ -193,8 +193,8 @@ class Model:
         self._check_ids(x, "x")
         self._check_ids(t, "t", ignore=self.ignore_label)
 
-    save_params = weights.save_params  # (self, path, meta=None): fastseq.files.weights
-    load_params = weights.load_params  # (self, path) -> the file's metadata
+    save_params = save_file  # (self, path, meta=None): fastseq.files.weights
+    load_params = load_file  # (self, path) -> the file's metadata
 
 
 # ---------------------------------------------------------------------------------------------
