@@ -272,8 +272,7 @@ def _drop_tied(arrays, tied, source):
         for idx in (kept, dup):
             if not 0 <= idx < len(arrays):
                 raise FastseqFileError(f"{source}: tied pair ({kept}, {dup}) refers to entry "
-                                       f"{idx}, "
-                                       f"but the file has {len(arrays)} arrays")
+                                       f"{idx}, but the file has {len(arrays)} arrays")
         a, b = arrays[kept], arrays[dup]
         if b.shape != a.T.shape:
             raise FastseqFileError(f"{source}: entry {dup} should be entry {kept} transposed (tied "

@@ -245,9 +245,7 @@ def single_blas_thread():
 # --- choosing the engine ------------------------------------------------------------------------
 
 def _default_engine():
-    if _ENV_ENGINE is not None:
-        return _ENV_ENGINE
-    return "cython" if cython_available() else "numpy"
+    return _ENV_ENGINE or ("cython" if cython_available() else "numpy")
 
 
 def _check_engine(name):
@@ -345,9 +343,7 @@ def _imported_cupy():
 def get_array_module(*arrays):
     """numpy or cupy, whichever owns the given arrays (numpy for plain Python values)."""
     cp = _imported_cupy()
-    if cp is not None:
-        return cp.get_array_module(*arrays)
-    return np
+    return np if cp is None else cp.get_array_module(*arrays)
 
 
 def to_cpu(a):
@@ -368,9 +364,7 @@ def to_gpu(a):
 
 def asarray(a, dtype=None):
     """An array on the current engine's device."""
-    if not is_gpu():
-        return np.asarray(to_cpu(a), dtype=dtype)
-    return _cupy.asarray(a, dtype=dtype)
+    return _cupy.asarray(a, dtype=dtype) if is_gpu() else np.asarray(to_cpu(a), dtype=dtype)
 
 
 _ids_checked = 0  # > 0 inside ids_checked()

@@ -13,12 +13,9 @@ gate gradients and dc_{t-1}) and one product (dA_t Wh^T). x Wx, dWx, dWh and dx 
 each over all time steps. Every buffer is time-major (T, N, ...) and allocated once per call.
 
 The ops around the LSTM (products, Adam, clipping, dropout masks, softmax) are in _cupy_math.py,
-imported here: this module is the engine.
-
-The kernel sources are plain C++ expressions over ``T`` (float or double), so
-``tests/test_cupy_source.py`` compiles these very strings with a host C++ compiler and runs them
-on the CPU (``_forward`` and ``_backward`` take the array module and the kernel factory as
-arguments). Importing this module never needs CuPy; calling ``forward`` does.
+imported here: this module is the engine. Its kernel sources are tested on the CPU as
+_cupy_math.py says (``_forward`` and ``_backward`` take the array module and the kernel factory).
+Importing this module never needs CuPy; calling ``forward`` does.
 """
 import sys
 
