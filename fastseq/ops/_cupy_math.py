@@ -26,17 +26,19 @@ DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 # name -> (in_params, out_params, operation) in cupy.ElementwiseKernel syntax; filled below and
 # by _cupy.py (the LSTM's step kernels).
 _STEP_KERNELS = {}
-_compiled = {}  # name -> cupy.ElementwiseKernel, built on first use (CuPy caches the binaries)
+_compiled = {}  # name -> CuPy kernel, built on first use (CuPy caches the binaries)
 
 
 def _elementwise(name):
-    """The memoised ``cupy.ElementwiseKernel`` for step kernel ``name`` (compiled on first call
-    for each dtype by CuPy itself)."""
+    """The memoised ``cupy.ElementwiseKernel`` for step kernel ``name``, or
+    ``cupy.ReductionKernel`` for a reduction (compiled on first call for each dtype by CuPy)."""
     kern = _compiled.get(name)
     if kern is None:
         import cupy  # lazy: this module must import on machines without CuPy
-        in_params, out_params, operation = _STEP_KERNELS[name]
-        kern = cupy.ElementwiseKernel(in_params, out_params, operation, name, no_return=True)
+        if name in _REDUCTION_KERNELS:
+            kern = cupy.ReductionKernel(*_REDUCTION_KERNELS[name], name)
+        else:
+            kern = cupy.ElementwiseKernel(*_STEP_KERNELS[name], name, no_return=True)
         _compiled[name] = kern
     return kern
 
@@ -304,17 +306,6 @@ _REDUCTION_KERNELS = {
 }
 
 
-def _reduction(name):
-    kern = _compiled.get(name)
-    if kern is None:
-        import cupy
-        in_params, out_params, map_expr, reduce_expr, post, identity = _REDUCTION_KERNELS[name]
-        kern = cupy.ReductionKernel(in_params, out_params, map_expr, reduce_expr, post, identity,
-                                    name)
-        _compiled[name] = kern
-    return kern
-
-
 def adam_update(params, grads, ms, vs, lr, beta1, beta2, step, state=None):
     """Adam on CuPy arrays: one kernel for the step counter, one fused kernel per parameter.
 
@@ -357,7 +348,7 @@ def clip_grads(grads, max_norm):
         if rate < 1: for g in grads: g *= rate
     """
     import cupy
-    return _clip_grads(cupy, _elementwise, _reduction, grads, max_norm)
+    return _clip_grads(cupy, _elementwise, _elementwise, grads, max_norm)
 
 
 def _clip_grads(xp, kernel, reduction, grads, max_norm):
