@@ -18,6 +18,15 @@ from .layers import rng_state, set_rng_state
 from .models.base import Model, make_rng
 
 
+def _checked_once(model, x, t):
+    """On the GPU a whole data set's ids are checked here, once; the batches then skip the check
+    (each one would read a value back to the host). A context for the loop over the batches."""
+    if backend.get_array_module(x) is np or not isinstance(model, Model):
+        return contextlib.nullcontext()
+    model.check_data(x, t)
+    return backend.ids_checked()
+
+
 class TrainingDiverged(FloatingPointError):
     """A non-finite loss or gradient: training stopped before the update that would use it."""
 
@@ -143,14 +152,6 @@ class TrainLoop:
         self._device_step = (max_grad, step)
         return step
 
-    def checked_once(self, x, t):
-        """On the GPU the whole data set's ids are checked here, once; the batches then skip the
-        check (each one would read a value back to the host). A context for the loop."""
-        if backend.get_array_module(x) is np or not isinstance(self.model, Model):
-            return contextlib.nullcontext()
-        self.model.check_data(x, t)
-        return backend.ids_checked()
-
     def _check_mean(self, mean, what):
         if not math.isfinite(mean):
             raise TrainingDiverged(f"the mean loss of {what} is {mean} (epoch "
@@ -173,7 +174,7 @@ class TrainLoop:
                              f"epoch now has {n_iters}")
         self._data = (backend.asarray(data[0]), backend.asarray(data[1]), *data[2:])
         try:
-            with self.checked_once(*self._data[:2]):
+            with _checked_once(self.model, *self._data[:2]):
                 self.eval_interval, self.n_iters = eval_interval, n_iters
                 if isinstance(self.model, Model):
                     self.model.train()
@@ -442,14 +443,12 @@ def eval_perplexity(model, corpus, batch_size=10, time_size=35, max_iters=None, 
     model.eval()
     rows = np.arange(batch_size) * jump
     steps = np.arange(time_size)
-    checked = contextlib.nullcontext()
     params = model.params
     if params and backend.get_array_module(params[0]) is not np:
         # on the GPU: the corpus goes over once and the batches are gathered there
         xp = backend.get_array_module(params[0])
         corpus, rows, steps = xp.asarray(corpus), xp.asarray(rows), xp.asarray(steps)
-        model.check_data(corpus, corpus)
-        checked = backend.ids_checked()
+    checked = _checked_once(model, corpus, corpus)
     total = 0.0
     bar = Bar(iters, "perplexity", enabled=progress_bar)
     try:
