@@ -186,9 +186,11 @@ class TimeLSTM:
         return step
 
     def cell(self, embed=None, context=None, rows=None):
-        """Decoding's one step: a function run(x, h, c) -> (h, c) over B rows, with nothing kept
-        for backward and the layer's own state left alone; the weights' share of the work is done
-        here, once, so use it while they do not change.
+        """Decoding's one step: a function run(x, h, c, out=None) -> (h, c) over B rows, with
+        nothing kept for backward and the layer's own state left alone; the weights' share of the
+        work is done here, once, so use it while they do not change. out=(h', c') (B, H): the
+        new state is written there, and h', c' may be h and c themselves (the state advances in
+        place, nothing is allocated).
 
         embed: a TimeEmbedding; x is then ids (B,) into its table. Where the engine takes ids and
         the table has no more rows than a step (V <= rows), each step reads x_t Wx from the table
@@ -201,20 +203,27 @@ class TimeLSTM:
                 raise ValueError(f"TimeLSTM context must be (B, K) with K < {Wx.shape[0]}, "
                                  f"got {context.shape}")
             K = context.shape[1]
-            b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K]) + b   # (B, 4H)
+            b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K])          # (B, 4H)
+            b += self.params[2]
             Wx = Wx[K:]
-        if embed is None:
-            run = kernel.stepper(Wx, Wh, b)
-            return lambda x, h, c: run(x.astype(Wx.dtype, copy=False), h, c)
-        E = embed.params[0]
-        if E.shape[1] != Wx.shape[0]:
-            raise ValueError(f"embedding width {E.shape[1]} does not match the LSTM input "
-                             f"width {Wx.shape[0]}")
-        if rows is not None and E.shape[0] <= rows and kernel.TAKES_IDS:
-            table = matmul(E, Wx)                                             # (V, 4H)
-            return lambda ids, h, c: kernel.final_state(ids[:, None], table, Wh, b, h, c)
-        run = kernel.stepper(Wx, Wh, b)
-        return lambda ids, h, c: run(E[ids], h, c)
+        if embed is not None:
+            E = embed.params[0]
+            if E.shape[1] != Wx.shape[0]:
+                raise ValueError(f"embedding width {E.shape[1]} does not match the LSTM input "
+                                 f"width {Wx.shape[0]}")
+            if rows is not None and E.shape[0] <= rows and kernel.TAKES_IDS:
+                table = matmul(E, Wx)                                         # (V, 4H)
+                return lambda ids, h, c, out=None: kernel.final_state(ids[:, None], table, Wh, b,
+                                                                      h, c, out=out)
+        step = kernel.stepper(Wx, Wh, b)
+
+        def run(x, h, c, out=None):
+            h, c = step(E[x] if embed is not None else x.astype(Wx.dtype, copy=False), h, c)
+            if out is None:
+                return h, c
+            out[0][...], out[1][...] = h, c
+            return out
+        return run
 
     def _step_state(self, x, Wx):
         """Check a step's input against Wx (its input rows) and set a missing state to zeros."""
