@@ -6,6 +6,7 @@ concatenated ``grads`` list stays valid across steps.
 import numpy as np
 
 from . import backend, ops
+from .ops import _pool
 from .backend import get_array_module
 from .functions import exp_rows, matmul, softmax_cross_entropy
 
@@ -255,18 +256,28 @@ class TimeLSTM:
         if fused:  # ids into the table E Wx (see forward's embed=)
             Wx = matmul(E, Wx)
 
-        def run(x_ids, h, c, start):  # the rows of x_ids start from h[start], c[start]
+        # the prefixes' states: two (h, c) pairs of (N, H) buffers from the buffer pool (fresh
+        # memory costs a page fault per 4 KiB), each step reading one pair and writing the first
+        # rows of the other; the last step writes new arrays, which are returned
+        key = ("prefix states", N, H, np.dtype(Wx.dtype).str, xp.__name__)
+        bufs = _pool.take(key) or tuple(xp.empty((N, H), Wx.dtype) for _ in range(4))
+
+        def run(x_ids, h, c, start, out=None):  # the rows of x_ids start from h[start], c[start]
             xs = xp.ascontiguousarray(x_ids, dtype="int64") if fused else E[x_ids]
-            return kernel.final_state(xs, Wx, Wh, b, h, c, start)
+            return kernel.final_state(xs, Wx, Wh, b, h, c, start, out=out)
 
         h = c = xp.zeros((1, H), dtype=Wx.dtype)
         prefix = xp.zeros(N, dtype="int64")  # row n's prefix so far: its row of h, c
-        for t in range(T):
-            if t == T - 1 or h.shape[0] == N:  # the remaining steps for every row at once
-                return run(ids[:, t:], h, c, prefix)
-            keys, prefix = xp.unique(prefix * V + ids[:, t], return_inverse=True)
-            h, c = run((keys % V)[:, None], h, c, keys // V)
-        return h[prefix], c[prefix]  # T == 0: the zero state
+        try:
+            for t in range(T):
+                if t == T - 1 or h.shape[0] == N:  # the remaining steps for every row at once
+                    return run(ids[:, t:], h, c, prefix)
+                keys, prefix = xp.unique(prefix * V + ids[:, t], return_inverse=True)
+                h, c = run((keys % V)[:, None], h, c, keys // V,
+                           out=tuple(a[:len(keys)] for a in bufs[2 * (t % 2):2 * (t % 2) + 2]))
+            return h[prefix], c[prefix]  # T == 0: the zero state
+        finally:
+            _pool.give(key, bufs)
 
     def set_state(self, h, c=None):
         self.h, self.c = h, c
