@@ -83,6 +83,13 @@ def test_compare_attention_runs_an_old_checkout_as_an_engine():
     assert re.search(r"^cython vs old: median of per-round ratios", out, re.M), out
 
 
+def test_bench_decode_runs_an_old_checkout_beside_this_one():
+    out = run_script("bench_decode", "--old-checkout", str(ROOT), "--rounds", "1", "--cpu-time")
+    assert "thread CPU time" in out
+    for name in ("Seq2seq", "PeekySeq2seq"):
+        assert re.search(rf"^\| {name} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|", out, re.M), out
+
+
 def test_profile_big_counts_the_products_and_times_every_op(capsys):
     from benchmarks import profile_big
     profile_big.main(["--iters", "1", "--warmup", "0", "--gemm-size", "64",
