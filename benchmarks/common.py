@@ -100,7 +100,17 @@ SETUPS = {
     "numpy": ({"FASTSEQ_KERNEL": "numpy", "FASTSEQ_BLOCK_EXT": "1"},
               "fastseq NumPy engine, no compiled extension importable"),
     "torch": ({}, "PyTorch CPU, default threads"),
+    "old": ({}, "fastseq of --old-checkout, default engine and threads"),
 }
+
+
+def old_checkout_env(path):
+    """env_of for start_workers / interleaved: the setup 'old' imports fastseq from the built
+    checkout at path (worker_setup puts it first on sys.path), the others as SETUPS says."""
+    path = str(Path(path).resolve())
+    if not (Path(path) / "fastseq" / "__init__.py").exists():
+        raise SystemExit(f"--old-checkout {path}: no fastseq package there")
+    return lambda name: {"FASTSEQ_CHECKOUT": path} if name == "old" else SETUPS[name][0]
 
 
 class _NoExtension:
@@ -113,10 +123,26 @@ class _NoExtension:
         return None
 
 
+def checkouts_line(old):
+    """'old: PATH at COMMIT; this checkout at COMMIT' for a report."""
+    def commit(path):
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path,
+                           capture_output=True, text=True)
+        return r.stdout.strip() or "?"
+    return f"old: {old} at {commit(old)}; this checkout at {commit(ROOT)}"
+
+
 def worker_setup():
-    """Call first thing in a worker process, before importing fastseq."""
+    """Call first thing in a worker process, before importing fastseq: FASTSEQ_CHECKOUT (the
+    setup 'old') imports fastseq from that checkout."""
     if os.environ.get("FASTSEQ_BLOCK_EXT") == "1":
         sys.meta_path.insert(0, _NoExtension())
+    checkout = os.environ.get("FASTSEQ_CHECKOUT")
+    if checkout:
+        sys.path.insert(0, checkout)
+        import fastseq
+        if not Path(fastseq.__file__).resolve().is_relative_to(Path(checkout)):
+            raise SystemExit(f"worker: fastseq came from {fastseq.__file__}, not {checkout}")
 
 
 def worker_serve(commands, ready=None):
@@ -202,12 +228,13 @@ def stop_workers(procs):
         p.wait()
 
 
-def interleaved(module, args, setups, rounds, turn, pause=0.1):
+def interleaved(module, args, setups, rounds, turn, pause=0.1,
+                env_of=lambda name: SETUPS[name][0]):
     """take_turns over worker processes, one per setup (`python -m benchmarks.MODULE --worker
-    SETUP *args`, serving worker_loop in SETUPS' environment): each turn trains for about `turn`
-    seconds. Returns {setup: [seconds per iteration, per round]}; setups whose worker fails to
-    start are left out."""
-    procs = start_workers(module, args, setups)
+    SETUP *args`, serving worker_loop in the environment env_of(SETUP)): each turn trains for
+    about `turn` seconds. Returns {setup: [seconds per iteration, per round]}; setups whose
+    worker fails to start are left out."""
+    procs = start_workers(module, args, setups, env_of)
 
     def one_turn(s):
         n, seconds = ask(procs[s], "run", turn)

@@ -2,7 +2,10 @@
 worker process.
 
     python -m benchmarks.compare_attention [--rounds 12] [--chunk 10] [--eval-rounds 5]
-        [--engines numpy cython torch] [--hidden 256]
+        [--engines numpy cython torch] [--hidden 256] [--old-checkout PATH]
+
+--old-checkout PATH adds the engine 'old': the Cython engine of a built checkout of another commit
+(`python setup.py build_ext --inplace` there), in the same turns as the others.
 
 Every engine runs in a worker process of its own (benchmarks.common.start_workers: PyTorch's
 threads and fastseq's helper threads never share a process); the processes take turns.
@@ -22,9 +25,9 @@ import os
 
 import numpy as np
 
-from benchmarks.common import (ask, machine_line, ratio_stats, set_engine, start_workers,
-                               stop_workers, take_turns, textbook_file, timed,
-                               torch_attention_seq2seq, worker_serve)
+from benchmarks.common import (ask, checkouts_line, machine_line, old_checkout_env, ratio_stats,
+                               set_engine, start_workers, stop_workers, take_turns, textbook_file,
+                               timed, torch_attention_seq2seq, worker_serve, worker_setup)
 
 BATCH, D, H = 128, 16, 256
 
@@ -115,9 +118,10 @@ def torch_runners(data, eval_batch, hidden=H):
 def serve(engine, torch_eval_batch, hidden):
     """The worker of one engine: `train N` -> seconds and mean loss of N training iterations;
     `eval` -> seconds and greedy accuracy of one evaluation of the test questions."""
+    worker_setup()  # the engine 'old': fastseq from --old-checkout, its Cython engine
     data = date_data()
     r = (torch_runners(data, torch_eval_batch, hidden) if engine == "torch"
-         else fastseq_runners(engine, data, hidden))
+         else fastseq_runners("cython" if engine == "old" else engine, data, hidden))
     if r is None:
         raise SystemExit(f"{engine}: not available here")
     train, evaluate = r
@@ -145,10 +149,11 @@ def report(title, times, scale, unit):
     print(f"{'engine':8} {'median ' + unit:>12} {'min ' + unit:>10}")
     for e, v in times.items():
         print(f"{e:8} {np.median(v) * scale:12.2f} {v.min() * scale:10.2f}")
-    for fast in ("cython", "numpy"):
-        if fast in times and "torch" in times:
-            q1, med, q3, lo, hi = ratio_stats(times["torch"], times[fast])
-            print(f"{fast} vs torch: median of per-round ratios {med:.2f}x "
+    for slow, fast in (("torch", "cython"), ("torch", "numpy"), ("torch", "old"),
+                       ("old", "cython")):
+        if fast in times and slow in times:
+            q1, med, q3, lo, hi = ratio_stats(times[slow], times[fast])
+            print(f"{fast} vs {slow}: median of per-round ratios {med:.2f}x "
                   f"(quartiles {q1:.2f}-{q3:.2f}x, min {lo:.2f}x, max {hi:.2f}x)")
 
 
@@ -160,15 +165,24 @@ def main():
     ap.add_argument("--eval-rounds", type=int, default=5)
     ap.add_argument("--torch-eval-batch", type=int, default=500)
     ap.add_argument("--hidden", type=int, default=H, help="hidden size of both LSTMs")
+    ap.add_argument("--old-checkout", default=None,
+                    help="a built checkout whose Cython engine runs as the engine 'old'")
     ap.add_argument("--worker", metavar="ENGINE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hidden < 1:
         ap.error("--hidden must be at least 1")
     if args.worker:
         return serve(args.worker, args.torch_eval_batch, args.hidden)
+    env_of = lambda e: {}  # noqa: E731
+    if args.old_checkout:
+        old_env = old_checkout_env(args.old_checkout)
+        env_of = lambda e: old_env(e) if e == "old" else {}  # noqa: E731
+        args.engines += [] if "old" in args.engines else ["old"]
+    elif "old" in args.engines:
+        ap.error("the engine 'old' needs --old-checkout")
     workers = start_workers("compare_attention", ["--torch-eval-batch", str(args.torch_eval_batch),
                                                   "--hidden", str(args.hidden)],
-                            args.engines, env_of=lambda e: {})
+                            args.engines, env_of=env_of)
     try:
         measure(args, workers)
     finally:
@@ -183,6 +197,8 @@ def measure(args, workers):
     iters = len(d.x_train) // BATCH
     print(f"{machine_line()}; date task, batch {BATCH}, D={D}, H={args.hidden}; "
           f"{args.chunk} iterations per turn; each engine in its own process")
+    if args.old_checkout:
+        print(checkouts_line(args.old_checkout))
     if args.rounds:
         times = turns(workers, args.rounds, ("train", args.chunk))
         report(f"training, {args.rounds} rounds: seconds per epoch ({iters} iterations) implied",

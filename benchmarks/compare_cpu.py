@@ -2,6 +2,11 @@
 engine) and PyTorch CPU, the same model, sizes, batches, Adam and clipping.
 
     python -m benchmarks.compare_cpu [--load N] [--models seq2seq peeky] [--rounds 20] [--turn 1.0]
+    python -m benchmarks.compare_cpu --setups old default torch --old-checkout ../old
+
+--old-checkout PATH: a built checkout of another commit (`python setup.py build_ext --inplace`
+there), run as the setup 'old' in the same turns: its speed against PyTorch and against this
+checkout's, measured side by side.
 
 Each setup runs in its own worker process; the workers take turns of about --turn seconds, in an
 order that rotates every round, so slow and fast spells of a shared machine hit every setup alike.
@@ -13,9 +18,9 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import (BATCH, D, H, SETUPS, addition_data, interleaved, machine_line,
-                               ratio_line, start_load, stop_load, torch_seq2seq, worker_loop,
-                               worker_setup)
+from benchmarks.common import (BATCH, D, H, SETUPS, addition_data, checkouts_line, interleaved,
+                               machine_line, old_checkout_env, ratio_line, start_load, stop_load, torch_seq2seq,
+                               worker_loop, worker_setup)
 
 EPOCH = 45000 // BATCH  # iterations per epoch of the addition training split
 
@@ -92,7 +97,9 @@ def report(model_name, times, turn):
              ("torch", "default", "PyTorch vs default (speed-up of fastseq)"),
              ("torch", "one", "PyTorch vs one thread"),
              ("torch", "numpy", "PyTorch vs NumPy engine (speed-up of the NumPy engine)"),
-             ("numpy", "default", "NumPy engine vs default")]
+             ("numpy", "default", "NumPy engine vs default"),
+             ("torch", "old", "PyTorch vs --old-checkout (speed-up of the old fastseq)"),
+             ("old", "default", "--old-checkout vs default (speed-up of this checkout)")]
     for slow, fast, label in pairs:
         if slow in times and fast in times:
             print(ratio_line(times, slow, fast, label)[0])
@@ -102,20 +109,31 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--load", type=int, default=0, help="competing CPU-bound processes")
     ap.add_argument("--models", nargs="+", default=["seq2seq", "peeky"], choices=["seq2seq", "peeky"])
-    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--setups", nargs="+", default=[s for s in SETUPS if s != "old"],
+                    choices=list(SETUPS))
+    ap.add_argument("--old-checkout", default=None,
+                    help="a built checkout run as the setup 'old' (added to --setups)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--turn", type=float, default=1.0, help="seconds per turn")
     ap.add_argument("--worker", nargs=2, metavar=("SETUP", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker)
+    env_of = lambda name: SETUPS[name][0]  # noqa: E731
+    if args.old_checkout:
+        env_of = old_checkout_env(args.old_checkout)
+        args.setups += [] if "old" in args.setups else ["old"]
+    elif "old" in args.setups:
+        ap.error("the setup 'old' needs --old-checkout")
     print(machine_line())
     print(f"batch {BATCH}, D={D}, H={H}; competing CPU-bound processes: {args.load}")
+    if args.old_checkout:
+        print(checkouts_line(args.old_checkout))
     load = start_load(args.load)
     try:
         for model_name in args.models:
             report(model_name, interleaved("compare_cpu", [model_name], args.setups, args.rounds,
-                                           args.turn), args.turn)
+                                           args.turn, env_of=env_of), args.turn)
     finally:
         stop_load(load)
 

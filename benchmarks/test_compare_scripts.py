@@ -59,6 +59,37 @@ def test_compare_attention_runs_each_engine_in_its_own_process():
     assert bool(re.search(r"^numpy vs torch: median of per-round ratios", out, re.M)) == HAS_TORCH
 
 
+def test_compare_cpu_runs_an_old_checkout_beside_this_one():
+    """--old-checkout (here this very checkout) adds the setup 'old', imported from that path,
+    in the same turns; its ratio to this checkout is printed."""
+    out = run_script("compare_cpu", "--models", "seq2seq", "--setups", "default", "--rounds", "1",
+                     "--turn", "0.01", "--old-checkout", str(ROOT))
+    assert re.search(rf"^old: {re.escape(str(ROOT))} at \S+; this checkout at \S+$", out, re.M)
+    assert re.search(r"^\| fastseq of --old-checkout, default engine and threads \| [0-9.]+ \|",
+                     out, re.M), out
+    assert "--old-checkout vs default (speed-up of this checkout): " in out
+    p = subprocess.run([sys.executable, "-m", "benchmarks.compare_cpu", "--old-checkout",
+                        str(ROOT / "fastseq")], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode != 0 and "no fastseq package there" in p.stderr
+
+
+def test_compare_attention_runs_an_old_checkout_as_an_engine():
+    from fastseq import backend
+    if not backend.cython_available():
+        pytest.skip("the Cython engine is not built here (the engine 'old' is the checkout's)")
+    out = run_script("compare_attention", "--engines", "cython", "--rounds", "1", "--chunk", "1",
+                     "--eval-rounds", "1", "--hidden", "8", "--old-checkout", str(ROOT))
+    assert re.search(r"^old +[0-9.]+ +[0-9.]+$", out, re.M), out
+    assert re.search(r"^cython vs old: median of per-round ratios", out, re.M), out
+
+
+def test_bench_decode_runs_an_old_checkout_beside_this_one():
+    out = run_script("bench_decode", "--old-checkout", str(ROOT), "--rounds", "1", "--cpu-time")
+    assert "thread CPU time" in out
+    for name in ("Seq2seq", "PeekySeq2seq"):
+        assert re.search(rf"^\| {name} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|", out, re.M), out
+
+
 def test_profile_big_counts_the_products_and_times_every_op(capsys):
     from benchmarks import profile_big
     profile_big.main(["--iters", "1", "--warmup", "0", "--gemm-size", "64",

@@ -4,6 +4,7 @@ over many questions at once, written once over the models' decoding interface
 
     state = model.start(xs, k)               k rows per question, rows n k .. n k + k - 1
     scores, state = model.step(ids, state)   one step for every row: ids (B,) -> scores (B, V)
+                                             (the state passed in is used up)
     state = model.select(state, rows)        rows reordered within each question's k rows
     model.end_id, model.length_order(xs), model.vocab_size, model.check_ids(ids, what)
 

@@ -6,6 +6,7 @@ concatenated ``grads`` list stays valid across steps.
 import numpy as np
 
 from . import backend, ops
+from .ops import _pool
 from .backend import get_array_module
 from .functions import exp_rows, matmul, softmax_cross_entropy
 
@@ -186,9 +187,11 @@ class TimeLSTM:
         return step
 
     def cell(self, embed=None, context=None, rows=None):
-        """Decoding's one step: a function run(x, h, c) -> (h, c) over B rows, with nothing kept
-        for backward and the layer's own state left alone; the weights' share of the work is done
-        here, once, so use it while they do not change.
+        """Decoding's one step: a function run(x, h, c, out=None) -> (h, c) over B rows, with
+        nothing kept for backward and the layer's own state left alone; the weights' share of the
+        work is done here, once, so use it while they do not change. out=(h', c') (B, H): the
+        new state is written there, and h', c' may be h and c themselves (the state advances in
+        place, nothing is allocated).
 
         embed: a TimeEmbedding; x is then ids (B,) into its table. Where the engine takes ids and
         the table has no more rows than a step (V <= rows), each step reads x_t Wx from the table
@@ -201,20 +204,27 @@ class TimeLSTM:
                 raise ValueError(f"TimeLSTM context must be (B, K) with K < {Wx.shape[0]}, "
                                  f"got {context.shape}")
             K = context.shape[1]
-            b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K]) + b   # (B, 4H)
+            b = matmul(context.astype(Wx.dtype, copy=False), Wx[:K])          # (B, 4H)
+            b += self.params[2]
             Wx = Wx[K:]
-        if embed is None:
-            run = kernel.stepper(Wx, Wh, b)
-            return lambda x, h, c: run(x.astype(Wx.dtype, copy=False), h, c)
-        E = embed.params[0]
-        if E.shape[1] != Wx.shape[0]:
-            raise ValueError(f"embedding width {E.shape[1]} does not match the LSTM input "
-                             f"width {Wx.shape[0]}")
-        if rows is not None and E.shape[0] <= rows and kernel.TAKES_IDS:
-            table = matmul(E, Wx)                                             # (V, 4H)
-            return lambda ids, h, c: kernel.final_state(ids[:, None], table, Wh, b, h, c)
-        run = kernel.stepper(Wx, Wh, b)
-        return lambda ids, h, c: run(E[ids], h, c)
+        if embed is not None:
+            E = embed.params[0]
+            if E.shape[1] != Wx.shape[0]:
+                raise ValueError(f"embedding width {E.shape[1]} does not match the LSTM input "
+                                 f"width {Wx.shape[0]}")
+            if rows is not None and E.shape[0] <= rows and kernel.TAKES_IDS:
+                table = matmul(E, Wx)                                         # (V, 4H)
+                return lambda ids, h, c, out=None: kernel.final_state(ids[:, None], table, Wh, b,
+                                                                      h, c, out=out)
+        step = kernel.stepper(Wx, Wh, b)
+
+        def run(x, h, c, out=None):
+            h, c = step(E[x] if embed is not None else x.astype(Wx.dtype, copy=False), h, c)
+            if out is None:
+                return h, c
+            out[0][...], out[1][...] = h, c
+            return out
+        return run
 
     def _step_state(self, x, Wx):
         """Check a step's input against Wx (its input rows) and set a missing state to zeros."""
@@ -246,18 +256,28 @@ class TimeLSTM:
         if fused:  # ids into the table E Wx (see forward's embed=)
             Wx = matmul(E, Wx)
 
-        def run(x_ids, h, c, start):  # the rows of x_ids start from h[start], c[start]
+        # the prefixes' states: two (h, c) pairs of (N, H) buffers from the buffer pool (fresh
+        # memory costs a page fault per 4 KiB), each step reading one pair and writing the first
+        # rows of the other; the last step writes new arrays, which are returned
+        key = ("prefix states", N, H, np.dtype(Wx.dtype).str, xp.__name__)
+        bufs = _pool.take(key) or tuple(xp.empty((N, H), Wx.dtype) for _ in range(4))
+
+        def run(x_ids, h, c, start, out=None):  # the rows of x_ids start from h[start], c[start]
             xs = xp.ascontiguousarray(x_ids, dtype="int64") if fused else E[x_ids]
-            return kernel.final_state(xs, Wx, Wh, b, h, c, start)
+            return kernel.final_state(xs, Wx, Wh, b, h, c, start, out=out)
 
         h = c = xp.zeros((1, H), dtype=Wx.dtype)
         prefix = xp.zeros(N, dtype="int64")  # row n's prefix so far: its row of h, c
-        for t in range(T):
-            if t == T - 1 or h.shape[0] == N:  # the remaining steps for every row at once
-                return run(ids[:, t:], h, c, prefix)
-            keys, prefix = xp.unique(prefix * V + ids[:, t], return_inverse=True)
-            h, c = run((keys % V)[:, None], h, c, keys // V)
-        return h[prefix], c[prefix]  # T == 0: the zero state
+        try:
+            for t in range(T):
+                if t == T - 1 or h.shape[0] == N:  # the remaining steps for every row at once
+                    return run(ids[:, t:], h, c, prefix)
+                keys, prefix = xp.unique(prefix * V + ids[:, t], return_inverse=True)
+                h, c = run((keys % V)[:, None], h, c, keys // V,
+                           out=tuple(a[:len(keys)] for a in bufs[2 * (t % 2):2 * (t % 2) + 2]))
+            return h[prefix], c[prefix]  # T == 0: the zero state
+        finally:
+            _pool.give(key, bufs)
 
     def set_state(self, h, c=None):
         self.h, self.c = h, c

@@ -172,6 +172,52 @@ def test_generate_feeds_back_the_argmax(kind, engine, dtype):
     np.testing.assert_array_equal(np.where(sure, scores.argmax(axis=2), -1), np.where(sure, ys, -1))
 
 
+@pytest.mark.parametrize("kind", ["seq2seq", "peeky"])
+def test_a_used_up_state_is_refused(kind):
+    """A step advances the decoder's state in its own arrays: the state it was given is used
+    up, and stepping from it again is refused; the state of a caller's h is not overwritten."""
+    model, xs = make(kind, dtype=np.float64), questions(4)
+    ids = np.full(4, START)
+    state = model.start(xs)
+    _, nxt = model.step(ids, state)  # the encoder's state: the decoder's own
+    with pytest.raises(ValueError, match="used up"):
+        model.step(ids, state)
+    _, after = model.step(ids, nxt)
+    assert after.h is not None
+    h = model.encoder.infer(xs)
+    kept = h.copy()
+    s0 = model.decoder.start(h)  # a caller's h: copied by the first step, never overwritten
+    s1 = model.decoder.step(ids, s0)[1]
+    model.decoder.step(ids, s0)  # still usable
+    model.decoder.step(ids, s1)
+    np.testing.assert_array_equal(h, kept)
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "peeky"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.skipif(not backend.cython_available(), reason="the Cython engine is not built here")
+def test_cython_decodes_the_numpy_engines_answers(kind, dtype):
+    """Greedy answers to 5,000 addition-sized questions (13 symbols, 7 per question, 4 answer
+    steps, D=16, H=128: the decoding benchmark's shapes), on the Cython engine (the table of
+    E Wx, steps in place, blocks of rows over the threads) and the NumPy engine: the same
+    answers (float32: up to the few near-ties that rounding may settle either way)."""
+    rng = np.random.default_rng(21)
+    cls = {"seq2seq": Seq2seq, "peeky": PeekySeq2seq}[kind]
+    model = cls(13, 16, 128, seed=3, dtype=dtype)
+    for p in model.params:
+        p[...] += rng.standard_normal(p.shape).astype(dtype) * 0.3
+    xs = rng.integers(0, 13, (5000, 7))
+    starts = rng.integers(0, 13, 5000)
+    with backend.using("numpy"):
+        want = model.generate(xs, starts, 4)
+    with backend.using("cython"):
+        got = model.generate(xs, starts, 4)
+    if dtype == np.float64:
+        np.testing.assert_array_equal(got, want)
+    else:
+        assert (got == want).all(axis=1).mean() > 0.999
+
+
 def test_start_ids_are_checked():
     model, xs = make("seq2seq"), questions(3)
     with pytest.raises(ValueError, match="start id outside"):
@@ -206,9 +252,14 @@ def test_lstm_cell_is_forward_one_step_at_a_time(engine, context):
         for rows in (N, 1):  # the table (V <= N) and the gather
             run = lstm.cell(TimeEmbedding(E), context=c, rows=rows)
             h, cc = h0, dev(np.zeros((N, H)))
+            hi, ci = h0.copy(), dev(np.zeros((N, H)))  # advanced in place
             for t in range(T):
                 h, cc = run(dev(ids[:, t]), h, cc)
                 np.testing.assert_allclose(backend.to_cpu(h), want[:, t], rtol=1e-10, atol=1e-12)
+                got = run(dev(ids[:, t]), hi, ci, out=(hi, ci))
+                assert got[0] is hi and got[1] is ci
+                np.testing.assert_array_equal(backend.to_cpu(hi), backend.to_cpu(h))
+                np.testing.assert_array_equal(backend.to_cpu(ci), backend.to_cpu(cc))
         assert lstm.h is None
     with pytest.raises(ValueError, match="embedding width"):
         lstm.cell(TimeEmbedding(E[:, :2]), context=c)

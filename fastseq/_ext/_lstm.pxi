@@ -504,7 +504,8 @@ cdef void _final_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t D,
                        const floating *h0, const floating *c0, const int64_t *start,
                        floating *h, floating *c, bint h0_zero, floating *work) noexcept nogil:
     """Rows [r0, r1) of final_state: from their rows of h0, c0 (rows start[n], with start)
-    to h_T, c_T in h, c."""
+    to h_T, c_T in h, c. Without start, h and c may be h0 and c0: each block reads its own rows
+    before it writes them."""
     cdef Py_ssize_t t, rows = r1 - r0, G = 4 * H
     cdef floating *a = work
     cdef floating *cur = c + r0 * H
@@ -512,8 +513,10 @@ cdef void _final_block(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t D,
     cdef floating *tc = nxt + rows * H
     cdef floating *swap
     if start == NULL:
-        memcpy(h + r0 * H, h0 + r0 * H, rows * H * sizeof(floating))
-        memcpy(cur, c0 + r0 * H, rows * H * sizeof(floating))
+        if h != h0:  # (h0 itself: the state advances in place)
+            memcpy(h + r0 * H, h0 + r0 * H, rows * H * sizeof(floating))
+        if c != c0:
+            memcpy(cur, c0 + r0 * H, rows * H * sizeof(floating))
     else:
         _gather_rows(h + r0 * H, h0, start, 1, r0, r1, H)
         _gather_rows(cur, c0, start, 1, r0, r1, H)
@@ -577,6 +580,32 @@ cdef void _check_final_state_shapes(Py_ssize_t N, Py_ssize_t T, Py_ssize_t D, Py
                          f"({N}, {H})")
 
 
+cdef inline bint _mem_overlap(const void *a, const void *b, Py_ssize_t n, Py_ssize_t m,
+                          Py_ssize_t isz) noexcept nogil:
+    """Whether n elements at a and m elements at b share memory."""
+    cdef const char *p = <const char *>a
+    cdef const char *q = <const char *>b
+    return p < q + m * isz and q < p + n * isz
+
+
+cdef void _check_outputs(const floating *h, const floating *c, const floating *h0,
+                         const floating *c0, Py_ssize_t n, Py_ssize_t m, bint gather) except *:
+    """final_state's h and c (n elements each) are disjoint from each other and from h0, c0
+    (m each), except that h may be h0 and c may be c0 when no start rows are gathered."""
+    cdef Py_ssize_t isz = sizeof(floating)
+    if _mem_overlap(h, c, n, n, isz):
+        raise ValueError("final_state: h and c overlap")
+    for out, name in ((0, "h"), (1, "c")):
+        for src, src_name in ((0, "h0"), (1, "c0")):
+            if (not gather and out == src and (h if out == 0 else c) == (h0 if src == 0 else c0)
+                    and n == m):
+                continue  # in place
+            if _mem_overlap(h if out == 0 else c, h0 if src == 0 else c0, n, m, isz):
+                raise ValueError(f"final_state: {name} overlaps {src_name}" +
+                                 (" (in place needs the same array, and no start rows)"
+                                  if out == src else ""))
+
+
 def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
                 const floating[:, ::1] Wh, const floating[::1] b, const floating[:, ::1] h0,
                 const floating[:, ::1] c0, floating[:, ::1] h, floating[:, ::1] c,
@@ -584,7 +613,9 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
                 const int64_t[:, ::1] ids=None, const int64_t[::1] start=None):
     """h_T and c_T of forward over xs (N, T, D) (or one-hot ids (N, T), xs then (N, T, 0))
     from (h0, c0), written to h and c (N, H). start (N,): row n starts from row start[n] of
-    h0 and c0 (M, H) instead of row n. scratch: infer_scratch_size(N, H, nthreads) elements."""
+    h0 and c0 (M, H) instead of row n. Without start, h and c may be h0 and c0 themselves (the
+    state then advances in place); they may overlap nothing else. scratch:
+    infer_scratch_size(N, H, nthreads) elements."""
     cdef Py_ssize_t N = xs.shape[0], T = xs.shape[1], D = xs.shape[2], H = Wh.shape[0]
     cdef Py_ssize_t G = 4 * H, n, nb = _blocks(N), slot = _block_rows(N) * (2 * G)
     cdef int team = _team(nthreads, nb)
@@ -606,6 +637,8 @@ def final_state(const floating[:, :, ::1] xs, const floating[:, ::1] Wx,
         raise ValueError(f"h0 has {h0.shape[0]} rows, expected {N}")
     if b.shape[0] != (N * G if row_bias else G):
         raise ValueError(f"b has {b.shape[0]} elements, expected {N * G if row_bias else G}")
+    _check_outputs(&h[0, 0], &c[0, 0], &h0[0, 0], &c0[0, 0], N * H, h0.shape[0] * H,
+                   start is not None)
     if ids is not None:
         _check_ids(ids, N, T, D, Wx.shape[0])
         idp = &ids[0, 0] if N and T else NULL

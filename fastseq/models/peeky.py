@@ -41,17 +41,18 @@ class PeekyDecoder(Decoder):
         embed_lstm_backward(self.embed, self.lstm, dout)
         return self.lstm.dh + dhs_affine.sum(axis=1) + self.lstm.dcontext
 
-    def start(self, h, k=1):
-        """Decoding state for k rows per encoder state h (N, H). h's shares of the LSTM input
-        and of the scores are the same at every step: both are computed here, once per call,
-        and the steps score h_t W[H:] + (h W[:H] + b)."""
+    def start(self, h, k=1, own=False):
+        """Decoding state for k rows per encoder state h (N, H) (own: as Decoder's). h's shares
+        of the LSTM input and of the scores are the same at every step: both are computed here,
+        once per call, and the steps score h_t W[H:] + (h W[:H] + b)."""
         H = self.H
         h = h if k == 1 else h.repeat(k, axis=0)
         W, b = self.affine.params
         bias = matmul(h, W[:H])
         bias += b
         cell = self.lstm.cell(self.embed, context=h, rows=h.shape[0])
-        return DecoderState(h, get_array_module(h).zeros_like(h), k, (cell, W[H:], bias))
+        return DecoderState(h, get_array_module(h).zeros_like(h), k, (cell, W[H:], bias),
+                            owned=own or k > 1)
 
 
 class PeekySeq2seq(Seq2seq):

@@ -58,15 +58,31 @@ class Encoder(Model):
 class DecoderState:
     """A decoder while decoding B = N k rows, k per question (rows n k .. n k + k - 1): its
     LSTM's (h, c) (B, H) and ``fixed``, what stays the same for the call (the one-step function
-    with the weights prepared, per-row constants), made once by the decoder's start."""
+    with the weights prepared, per-row constants), made once by the decoder's start.
 
-    __slots__ = ("h", "c", "k", "fixed")
+    ``owned``: h and c are this state's own arrays (made by a step or select, not handed in by
+    a caller), so that the next step may overwrite them: see advance."""
 
-    def __init__(self, h, c, k, fixed):
-        self.h, self.c, self.k, self.fixed = h, c, k, fixed
+    __slots__ = ("h", "c", "k", "fixed", "owned")
+
+    def __init__(self, h, c, k, fixed, owned=False):
+        self.h, self.c, self.k, self.fixed, self.owned = h, c, k, fixed, owned
 
     def moved(self, h, c):
-        return DecoderState(h, c, self.k, self.fixed)
+        return DecoderState(h, c, self.k, self.fixed, owned=True)
+
+    def advance(self, cell, ids):
+        """The state after cell(ids, h, c) (an LSTM cell's run): written over this state's own
+        arrays, which this state then gives up (a later use of it is refused), else into new
+        ones."""
+        if self.h is None:
+            raise ValueError("this decoding state has been used up by a step: continue from the "
+                             "state that step returned")
+        if not self.owned:
+            return self.moved(*cell(ids, self.h, self.c))
+        h, c = cell(ids, self.h, self.c, out=(self.h, self.c))
+        self.h = self.c = None
+        return self.moved(h, c)
 
     def select(self, rows):
         """Row i of the result is row rows[i] of this state; every row stays among its
@@ -84,7 +100,9 @@ class EncoderDecoder(Model):
     and beam search use, and the textbook's generate.
 
         state = model.start(xs, k=1)            encode questions xs (N, T), k rows for each
-        scores, state = model.step(ids, state)  one decoder step: ids (B,) -> scores (B, V)
+        scores, state = model.step(ids, state)  one decoder step: ids (B,) -> scores (B, V); the
+                                                state passed in is used up (its arrays may
+                                                hold the next state)
         state = model.select(state, rows)       rows reordered within each question's k rows
         model.end_id                            the id that ends an answer (None: none)
         model.length_order(xs)                  a row order batching similar questions, or None
@@ -139,20 +157,22 @@ class Decoder(Model):
         embed_lstm_backward(self.embed, self.lstm, self.affine.backward(dscore))
         return self.lstm.dh
 
-    def start(self, h, k=1):
-        """Decoding state for k rows per encoder state h (N, H): scores h_t W + b."""
+    def start(self, h, k=1, own=False):
+        """Decoding state for k rows per encoder state h (N, H): scores h_t W + b. own: h is
+        the decoder's to overwrite (the steps then advance the state in h's memory)."""
         h = h if k == 1 else h.repeat(k, axis=0)
         W, b = self.affine.params
         cell = self.lstm.cell(self.embed, rows=h.shape[0])
-        return DecoderState(h, get_array_module(h).zeros_like(h), k, (cell, W, b))
+        return DecoderState(h, get_array_module(h).zeros_like(h), k, (cell, W, b),
+                            owned=own or k > 1)
 
     def step(self, ids, state):
-        """Scores (B, V) after feeding ids (B,), and the next state."""
+        """Scores (B, V) after feeding ids (B,), and the next state (state is used up)."""
         cell, W, b = state.fixed
-        h, c = cell(ids, state.h, state.c)
-        scores = matmul(h, W)
+        state = state.advance(cell, ids)
+        scores = matmul(state.h, W)
         scores += b
-        return scores, state.moved(h, c)
+        return scores, state
 
 
 class Seq2seq(EncoderDecoder):
@@ -198,7 +218,7 @@ class Seq2seq(EncoderDecoder):
     def start(self, xs, k=1):
         """The decoder's state for k rows per question xs (N, T) (nothing kept for backward)."""
         xs = self._check_ids(xs, "questions xs")
-        return self.decoder.start(self.encoder.infer(xs), k)
+        return self.decoder.start(self.encoder.infer(xs), k, own=True)
 
     def step(self, ids, state):
         return self.decoder.step(ids, state)

@@ -3,7 +3,8 @@
     forward(xs, Wx, Wh, b, h0, c0) -> hs, hT, cT, cache       xs (N, T, D), hs (N, T, H)
     backward(dhs, cache, grads)    -> dxs, dh0                 grads = [dWx, dWh, db] (in place)
     step(x, Wx, Wh, b, h, c)       -> h, c                     one step, no cache
-    final_state(xs, Wx, Wh, b, h0, c0, start=None) -> hT, cT   forward's last state alone
+    final_state(xs, Wx, Wh, b, h0, c0, start=None, out=None) -> hT, cT
+                                   forward's last state alone
 
 Gate layout is the textbook's: the 4H pre-activation columns are blocked [f | g | i | o].
 
@@ -22,6 +23,7 @@ import sys
 import numpy
 
 from .. import backend
+from . import _numpy
 from ._cupy_math import (DTYPES, _STEP_KERNELS, _elementwise, _product,  # noqa: F401
                          adam_update, capturing, clip_grads, cublas_matmul, dropout_mask,
                          embed_gather, embed_scatter, exp_rows, matmul, prepare_direct_products,
@@ -166,14 +168,14 @@ def stepper(Wx, Wh, b):
     return lambda x, h, c: step(x, Wx, Wh, b, h, c)
 
 
-def final_state(xs, Wx, Wh, b, h0, c0, start=None):
+def final_state(xs, Wx, Wh, b, h0, c0, start=None, out=None):
     """forward's (h_T, c_T) alone (see _numpy.final_state)."""
     if start is not None:
         if start.size and (int(start.min()) < 0 or int(start.max()) >= h0.shape[0]):
             raise ValueError(f"start row outside [0, {h0.shape[0]})")
         h0, c0 = h0[start], c0[start]
     _, hT, cT, _ = forward(xs, Wx, Wh, b, h0, c0)
-    return hT, cT
+    return (hT, cT) if out is None else _numpy.into(out, hT, cT)
 
 
 def backward(dhs, cache, grads, need_dh0=True):

@@ -162,19 +162,28 @@ def stepper(Wx, Wh, b):
     return lambda x, h, c: step(x, Wx, Wh, b, h, c)
 
 
-def final_state(xs, Wx, Wh, b, h0, c0, start=None):
-    """forward's h_T, c_T alone (see _numpy.final_state), in blocks of rows kept in cache."""
+def final_state(xs, Wx, Wh, b, h0, c0, start=None, out=None):
+    """forward's h_T, c_T alone (see _numpy.final_state), in blocks of rows kept in cache. The
+    kernel writes into out's arrays where it takes them as they are."""
     xs, ids, Wx, Wh, b, h0, c0, row_bias = _inputs(xs, Wx, Wh, b, h0, c0, start)
     (N, T), D, H = xs.shape[:2], Wx.shape[0], Wh.shape[0]
     if N == 0 or T == 0 or D == 0 or H == 0 or h0.shape[0] == 0:
-        return _numpy.final_state(ids if ids is not None else xs, Wx, Wh, b, h0, c0, start)
+        return _numpy.final_state(ids if ids is not None else xs, Wx, Wh, b, h0, c0, start, out)
     if start is not None:
         start = np.ascontiguousarray(start, dtype=np.int64)
-    h, c = np.empty((N, H), Wx.dtype), np.empty((N, H), Wx.dtype)
+    h, c = (_out_array(a, (N, H), Wx.dtype) for a in (out or (None, None)))
     threads = _threads()
     _cpu.final_state(xs, Wx, Wh, b.reshape(-1), h0, c0, h, c,
                      _scratch(N, H, Wx.dtype, threads), threads, row_bias, ids, start)
-    return h, c
+    return (h, c) if out is None else _numpy.into(out, h, c)
+
+
+def _out_array(a, shape, dtype):
+    """a, where the kernel can write into it as it is, else a new array."""
+    if (type(a) is np.ndarray and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous
+            and a.flags.writeable):
+        return a
+    return np.empty(shape, dtype)
 
 
 _local = threading.local()  # per thread: final_state's scratch, reused from call to call

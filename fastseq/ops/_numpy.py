@@ -30,8 +30,11 @@ Interface shared by every engine (numpy, cython, cupy):
                                                                (generation and decoding)
     stepper(Wx, Wh, b) -> run(x, h, c) -> h, c                 step() over weights that stay
         the same for a run of steps (generation): the per-weights work done once, same bits
-    final_state(xs, Wx, Wh, b, h0, c0, start=None) -> hT, cT   forward's last state alone
-        (inference: an encoder); with start (N,), row n starts from h0[start[n]], c0[start[n]]
+    final_state(xs, Wx, Wh, b, h0, c0, start=None, out=None) -> hT, cT
+        forward's last state alone (inference: an encoder; with ids (N, 1), decoding's step);
+        with start (N,), row n starts from h0[start[n]], c0[start[n]]; out=(h, c) (N, H):
+        written there and returned, which may be h0 and c0 themselves without start (the state
+        advances in place, nothing allocated)
 
 need_dh0=False skips the product dA_0 Wh^T at t = 0 (N x 4H x H) and returns dh0 = None: for a
 layer whose initial state is a constant (the Encoder's zero state) nobody needs that gradient.
@@ -421,15 +424,23 @@ def _check_range(ids, V, what="input id"):
         raise ValueError(f"{what} outside [0, {V})")
 
 
-def final_state(xs, Wx, Wh, b, h0, c0, start=None):
-    """forward's (h_T, c_T) without the sequence hs or a cache (inference), block by block."""
+def final_state(xs, Wx, Wh, b, h0, c0, start=None, out=None):
+    """forward's (h_T, c_T) without the sequence hs or a cache (inference), block by block.
+    out=(h, c): written there and returned; they may be h0 and c0 themselves when start is None
+    (each block reads its rows before it writes them)."""
     xp = get_array_module(Wx)
     if xs.ndim == 2:
         _check_range(xs, Wx.shape[0])
     if start is not None:
         _check_range(start, h0.shape[0], "start row")
         h0, c0 = h0[start], c0[start]
-    hT, cT = xp.empty(h0.shape, Wx.dtype), xp.empty(c0.shape, Wx.dtype)
+    if out is None:
+        hT, cT = xp.empty(h0.shape, Wx.dtype), xp.empty(c0.shape, Wx.dtype)
+    else:
+        hT, cT = out
+        if hT.shape != (xs.shape[0], Wh.shape[0]) or cT.shape != hT.shape:
+            raise ValueError(f"final_state: out arrays of shapes {hT.shape} and {cT.shape}, "
+                             f"expected {(xs.shape[0], Wh.shape[0])}")
 
     def run(r):
         cell = _Cell(Wx, Wh, _block(b, r), h0[r], c0[r])
@@ -439,6 +450,14 @@ def final_state(xs, Wx, Wh, b, h0, c0, start=None):
 
     _by_blocks(xs.shape[0], xp, run)
     return hT, cT
+
+
+def into(out, h, c):
+    """out = (h', c') given to final_state, holding h and c (unless they are those arrays)."""
+    for dst, src in zip(out, (h, c)):
+        if dst is not src:
+            dst[...] = src
+    return out
 
 
 class _Cell:
