@@ -3,6 +3,8 @@ a model file or a checkpoint.
 
     saved = fastseq.load("runs/addition/model.npz")
     saved.answer(["71+118"])                  # ['189']  (seq2seq models)
+    saved.answer(["71+118"], beam=5)          # beam search of width 5
+    saved.nbest(["71+118"], 3)                # [[('189', -0.01), ('188', -5.2), ...]]
 
 Nothing a file declares is trusted before it is checked: the metadata against a declared schema
 (MODEL_FILE or CHECKPOINT_MODEL), the model class against the registry, the configuration against
@@ -21,7 +23,6 @@ from .envelope import read_npz
 from .schema import check_schema
 from .weights import CHECKPOINT_FORMAT, CHECKPOINT_MODEL, MODEL_FILE
 
-START = "_"            # answers begin with this character (the textbook's data format)
 _NOT_CONFIG = ("seed", "rng", "dtype")  # constructor arguments a file may not set
 
 
@@ -35,29 +36,58 @@ class LoadedModel:
     meta: dict
     path: str
 
-    def answer(self, questions, beam=None):
-        """Greedy answers (strings, padding stripped) to question strings (seq2seq models);
-        beam=k: beam search of width k instead."""
+    def answer(self, sources, beam=None):
+        """The model's answer to each source string (seq2seq models): greedy, or with beam=k
+        a beam search of width k. Symbols outside a vocabulary that has <unk> become <unk>
+        (counted in one warning); one without <unk> refuses them."""
+        return [hyps[0][0] for hyps in self._converted(sources, beam, None, "answer")]
+
+    def nbest(self, sources, n, beam=None):
+        """The n best answers to each source string, best first, from a beam search of width
+        beam (default n): a list, per source, of n (answer, log-probability) pairs, the
+        log-probability being the answer's summed log p(symbol | source, symbols before)."""
+        return self._converted(sources, n if beam is None else beam, n, "nbest")
+
+    def _converted(self, sources, beam, nbest, caller):
+        out, unknown = self.convert(sources, beam, nbest)
+        if unknown:
+            import warnings
+            warnings.warn(f"{caller}: {unknown} unknown symbol(s) in the sources became <unk>",
+                          stacklevel=3)
+        return out
+
+    def convert(self, sources, beam=None, nbest=None):
+        """(per source a list of (answer, log-probability or None) hypotheses, best first;
+        number of unknown symbols in the sources). Greedy without beam (one hypothesis, no
+        score); beam=k: a beam search of width k, keeping nbest hypotheses (default 1) with
+        their summed log-probabilities. Written against the vocabulary's conversion protocol:
+        encode_sources, decode_targets, start_id, max_answer_length."""
         if self.task != "seq2seq":
-            raise ValueError(f"{self.path}: holds a language model; answer() needs a seq2seq model")
-        if isinstance(questions, str):
-            questions = [questions]
-        if not questions:
-            return []
-        start = self.vocab.char_to_id.get(START)
-        if start is None:
-            raise ValueError(f"{self.path}: the vocabulary has no {START!r} start symbol")
-        xs = self.vocab.encode(list(questions))
-        if self.reverse:  # a padding-aware model reverses each question's characters only
+            raise ValueError(f"{self.path}: holds a language model; answers need a seq2seq model")
+        if isinstance(sources, str):
+            sources = [sources]
+        sources = list(sources)
+        if not sources:
+            return [], 0
+        v = self.vocab
+        if v.start_id is None:
+            raise ValueError(f"{self.path}: the vocabulary has no start symbol")
+        xs, unknown = v.encode_sources(sources)
+        if self.reverse:  # a padding-aware model reverses each source's symbols only
             from ..datasets.sequence import reverse_padded
             xs = reverse_padded(xs, self.model.config().get("pad_id"))
-        if beam is not None:
-            from ..decoding import beam_search
-            out = beam_search(self.model, xs, start, self.vocab.answer_width - 1, k=beam)
-        else:
-            out = np.atleast_2d(np.asarray(self.model.generate(xs, start,
-                                                               self.vocab.answer_width - 1)))
-        return [s.strip() for s in self.vocab.decode(out)]
+        steps = v.max_answer_length
+        if beam is None:
+            if nbest is not None:
+                raise ValueError("nbest needs a beam search (give beam)")
+            out = np.asarray(self.model.generate(xs, v.start_id, steps)).reshape(len(xs), -1)
+            return [[(a, None)] for a in v.decode_targets(out)], unknown
+        from ..decoding import beam_search
+        n = 1 if nbest is None else nbest
+        seqs, scores = beam_search(self.model, xs, v.start_id, steps, k=beam, nbest=n)
+        texts = v.decode_targets(seqs.reshape(len(xs) * n, -1))
+        return [[(texts[i * n + j], float(scores[i, j])) for j in range(n)]
+                for i in range(len(xs))], unknown
 
 
 def load(path, data_dir=None):
