@@ -12,6 +12,7 @@ import signal
 import sys
 
 from .cli import int_at_least, number_in
+from .files.rebuild import BATCH, WINDOW_BATCHES
 from .datasets.text import words_to_text as ids_to_text
 from .sampling import MIN_TEMPERATURE
 
@@ -166,10 +167,9 @@ def main(argv=None):
 #
 # Lines are read one window (WINDOW_BATCHES batches) at a time; within a window the sources are
 # sorted by length and converted in batches of --batch-size (similar lengths pad little), and the
-# window is written back in input order. Memory holds one window, whatever the file's size.
+# window is written back in input order (LoadedModel.convert_window). Memory holds one window,
+# whatever the file's size.
 
-BATCH = 256
-WINDOW_BATCHES = 32
 MAX_LINE_BYTES = 1 << 20  # a longer line is a bad line (memory stays bounded on any input)
 
 
@@ -234,40 +234,42 @@ def _windows(lines, size):
 
 
 def _refused(saved, sources):
-    """The index and message of the first source the vocabulary refuses, or None."""
+    """[(index, message)] of the sources the vocabulary refuses, in order."""
+    out = []
     for i, s in enumerate(sources):
         try:
             saved.vocab.encode_sources([s])
         except ValueError as e:
-            return i, " ".join(str(e).split())
-    return None
+            out.append((i, " ".join(str(e).split())))
+    return out
 
 
-def _convert_batch(saved, batch, lines, beam, nbest):
-    """Hypotheses per (line number, source) of batch, in batch order, and the unknown-symbol
-    count; sources the vocabulary refuses are bad lines (left out, as None, when skipped)."""
-    batch = list(batch)
-    while True:
+def _convert_window(saved, window, lines, beam, nbest, batch_size):
+    """Hypotheses per (line number, source) of the window, and the unknown-symbol count;
+    sources the vocabulary refuses are bad lines (left out of the window when skipped)."""
+    while window:
         try:
-            hyps, unknown = saved.convert([s for _, s in batch], beam, nbest)
-            return hyps, unknown, batch
+            hyps, unknown = saved.convert_window([s for _, s in window], beam, nbest, batch_size)
+            return hyps, unknown, window
         except ValueError:
-            found = _refused(saved, [s for _, s in batch])
-            if found is None:
+            refused = _refused(saved, [s for _, s in window])
+            if not refused:
                 raise  # not a source's fault
-            i, problem = found
-            lines.bad(batch[i][0], problem)
-            del batch[i]
-            if not batch:
-                return [], 0, batch
+            for i, problem in refused:
+                lines.bad(window[i][0], problem)
+            drop = {i for i, _ in refused}
+            window = [w for i, w in enumerate(window) if i not in drop]
+    return [], 0, window
 
 
 def convert_stream(saved, f, write, name, *, beam=None, nbest=None, skip_bad=False,
                    batch_size=BATCH, progress=None):
     """Convert each line of the binary stream f, calling write(bytes) once per window of lines:
     'source<TAB>answer\n' per line in input order, or with nbest N lines per source
-    'source<TAB>answer<TAB>log-probability\n', best first. Returns (lines written, lines
-    skipped, the first skipped line's problem, unknown symbols turned into <unk>)."""
+    'source<TAB>answer<TAB>log-probability\n', best first. The windows and batches are
+    LoadedModel.convert's, so the answers are saved.answer's over the same lines. Returns
+    (lines written, lines skipped, the first skipped line's problem, unknown symbols turned
+    into <unk>)."""
     if nbest is not None and beam is None:
         beam = nbest
     if nbest is not None and nbest > beam:
@@ -275,20 +277,15 @@ def convert_stream(saved, f, write, name, *, beam=None, nbest=None, skip_bad=Fal
     lines = _Lines(f, name, skip_bad, progress)
     done = unknown = 0
     for window in _windows(lines, batch_size * WINDOW_BATCHES):
-        order = sorted(range(len(window)), key=lambda i: len(window[i][1]))
-        results = {}
-        for s in range(0, len(order), batch_size):
-            batch = [window[i] for i in order[s:s + batch_size]]
-            hyps, n_unk, kept = _convert_batch(saved, batch, lines, beam, nbest)
-            unknown += n_unk
-            results.update(zip((line_no for line_no, _ in kept), hyps))
+        hyps, n_unknown, kept = _convert_window(saved, window, lines, beam, nbest, batch_size)
+        unknown += n_unknown
         out = []
-        for line_no, source in window:
-            for answer, score in results.get(line_no, ()):
+        for (_, source), h in zip(kept, hyps):
+            for answer, score in h:
                 out.append(f"{source}\t{answer}\n" if nbest is None
                            else f"{source}\t{answer}\t{score:.4f}\n")
         write("".join(out).encode("utf-8"))
-        done += sum(line_no in results for line_no, _ in window)
+        done += len(kept)
     return done, lines.skipped, lines.first_bad, unknown
 
 
