@@ -2,7 +2,7 @@
 network in PyTorch CPU, and g2p_en's per-word predict, each in its own worker process.
 
     python -m benchmarks.compare_g2p [--hidden 256] [--wordvec 64] [--encoder uni|bi]
-        [--rounds 3] [--batches 0] [--eval-rounds 3] [--sides fastseq torch g2p_en]
+        [--rounds 3] [--batches 0] [--eval-rounds 3] [--sides fastseq torch torch-1 g2p_en]
         [--layers 1] [--dropout 0]
 
 Data: g014b2b.train (one line per pronunciation: `WORD<TAB>PH ON ES`), the 12,000 test words
@@ -21,7 +21,8 @@ batches (0: a whole epoch); reported is seconds per epoch and the median of per-
 
 Conversion: greedy search of the 12,000 test words (at most the longest training target + 1
 symbols, stopping when every word has ended), batched and sorted by length (fastseq: its
-generate, batches of 256; PyTorch: batches of --torch-eval-batch under torch.inference_mode);
+generate, batches of 256; PyTorch: batches of --torch-eval-batch under torch.inference_mode,
+as many threads as the process's CPUs, or one for the side torch-1);
 g2p_en: its predict, one word at a time (its NumPy GRU, no attention; stress marks dropped when
 scoring). The word error rate printed beside each is that of the model as trained by the turns
 above (g2p_en: its shipped weights): a check that the sides decode, not a result.
@@ -47,7 +48,10 @@ from benchmarks.common import (TEXTBOOK_DATA, ask, machine_line, ratio_stats, st
 
 PAD, START = 0, 1
 FILES = ("cmudict/g014b2b.train", "cmudict/g014b2b.words", "cmudict/g014b2b.ref")
-SIDES = ("fastseq", "torch", "g2p_en")
+SIDES = ("fastseq", "torch", "torch-1", "g2p_en")
+# torch: as many threads as this process may use CPUs (torch.set_num_threads); torch-1: one
+# thread (on a loaded machine PyTorch's OpenMP threads wait on each other: the two bracket it)
+THREADS_ENV = {"torch-1": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -147,7 +151,7 @@ def fastseq_model(V, D, H, encoder="uni", layers=1, dropout=0.0):
         return None
 
 
-def fastseq_runners(data, args):
+def fastseq_runners(data, args, side):
     """(train(n batches) -> mean loss, convert() -> output ids (N, steps)), or None."""
     from fastseq.optim import Adam
     from fastseq.trainer import Trainer
@@ -227,7 +231,7 @@ def torch_model(torch, V, D, H, bi):
     return TorchG2P()
 
 
-def torch_runners(data, args):
+def torch_runners(data, args, side):
     try:
         import torch
     except ImportError:
@@ -237,7 +241,7 @@ def torch_runners(data, args):
               file=sys.stderr)
         return None
     torch.manual_seed(0)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(1 if side == "torch-1" else len(os.sched_getaffinity(0)))
     V = len(data.symbols)
     model = torch_model(torch, V, args.wordvec, args.hidden, args.encoder == "bi")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -299,7 +303,7 @@ def g2p_en_model():
     return g2p_module.G2p()
 
 
-def g2p_en_runners(data, args):
+def g2p_en_runners(data, args, side):
     try:
         model = g2p_en_model()
     except ImportError as e:
@@ -313,14 +317,15 @@ def g2p_en_runners(data, args):
     return None, convert
 
 
-RUNNERS = {"fastseq": fastseq_runners, "torch": torch_runners, "g2p_en": g2p_en_runners}
+RUNNERS = {"fastseq": fastseq_runners, "torch": torch_runners, "torch-1": torch_runners,
+           "g2p_en": g2p_en_runners}
 
 
 def serve(side, args):
     """A side's worker: `train N` -> seconds and mean loss of N batches; `convert` -> seconds
     and word error rate (%) of one greedy conversion of the test words."""
     data = G2PData(limit=args.limit)
-    r = RUNNERS[side](data, args)
+    r = RUNNERS[side](data, args, side)
     if r is None:
         raise SystemExit(f"{side}: not available here")
     train, convert = r
@@ -352,7 +357,7 @@ def report(title, times, unit="s"):
     for s, v in times.items():
         print(f"| {s} | {np.median(v):.2f} | {np.min(v):.2f} |")
     if "fastseq" in times:
-        for other in ("torch", "g2p_en"):
+        for other in ("torch", "torch-1", "g2p_en"):
             if other in times:
                 q1, med, q3, lo, hi = ratio_stats(times[other], times["fastseq"])
                 print(f"fastseq vs {other}: {med:.2f}x faster (median of per-round ratios; "
@@ -386,7 +391,7 @@ def measure(args, workers, data):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    ap.add_argument("--sides", nargs="+", choices=SIDES, default=["fastseq", "torch", "g2p_en"])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--wordvec", type=int, default=64)
     ap.add_argument("--encoder", choices=("uni", "bi"), default="bi")
@@ -415,7 +420,8 @@ def main(argv=None):
     if args.worker:
         return serve(args.worker, args)
     passed = [a for a in (argv if argv is not None else sys.argv[1:])]
-    workers = start_workers("compare_g2p", passed, args.sides, env_of=lambda s: {})
+    workers = start_workers("compare_g2p", passed, args.sides,
+                            env_of=lambda s: THREADS_ENV.get(s, {}))
     try:
         measure(args, workers, G2PData(limit=args.limit))
     finally:

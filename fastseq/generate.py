@@ -5,6 +5,21 @@
         [--beam K] [--nbest N] [--skip-bad-lines]
     python -m fastseq.generate --model runs/ptb/model.npz --start "the meaning of life is" \\
         --length 100 --temperature 0.8 --seed 0 [--top-k 40] [--top-p 0.9] [--greedy]
+
+--input FILE ('-': standard input): one source per line (UTF-8; a byte-order mark and CRLF line
+ends are accepted; the text before a tab, if any, surrounding whitespace dropped). Output, in
+input order, to standard output or --output FILE (written to a temporary file renamed at the
+end: on an error or Ctrl-C the target is left as it was):
+
+    source<TAB>answer                     one line per source (greedy, or --beam K)
+    source<TAB>answer<TAB>log-probability  --nbest N: N lines per source, best first
+
+The log-probability is the answer's summed natural-log probability under the model, its end
+symbol included (4 decimals). A line that cannot be converted (empty, not UTF-8, refused by
+the vocabulary) stops the run with one error naming the file and line (exit status 2), or with
+--skip-bad-lines is left out and counted in one warning. Symbols unknown to a vocabulary that
+has <unk> become <unk>, counted in one warning. A progress bar is drawn on standard error when
+it is a terminal. The answers are fastseq.load(FILE).answer(sources)'s (the same batches).
 """
 import argparse
 import math

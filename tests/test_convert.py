@@ -262,3 +262,39 @@ def test_over_long_line_is_a_bad_line(model_file, monkeypatch):
     assert (done, skipped) == (2, 1) and first == "in.txt, line 2: longer than 64 bytes"
     assert [line.split("\t")[0] for line in b"".join(chunks).decode().splitlines()] == \
         ["1+2", "3+4"]
+
+
+def test_progress_bar_when_stderr_is_a_terminal(model_file, tmp_path):
+    """(test_stdin_and_output_file: none when it is not)"""
+    import pty
+    import select
+    (tmp_path / "in.txt").write_text("\n".join(sources(50)) + "\n")
+    import fcntl
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 columns
+    p = subprocess.Popen([sys.executable, "-m", "fastseq.generate", "--model", str(model_file),
+                          "--input", str(tmp_path / "in.txt")], stdout=subprocess.PIPE,
+                         stderr=slave)
+    os.close(slave)
+    err = b""
+    try:
+        while True:  # read the terminal while the child writes to it
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # the child has closed the terminal
+                    break
+                if not chunk:
+                    break
+                err += chunk
+            elif p.poll() is not None:
+                break
+        out = p.stdout.read()
+        assert p.wait(timeout=120) == 0
+    finally:
+        os.close(master)
+        p.stdout.close()
+    assert len(out.splitlines()) == 50 and b"converting" in err
