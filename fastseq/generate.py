@@ -161,9 +161,9 @@ def main(argv=None):
         with _terminate_as_interrupt():
             saved = load(args.model, data_dir=args.data_dir)
             out = _answers(saved, args) if saved.task == "seq2seq" else _text(saved, args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("fastseq: interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
         _silence_stdout()
         return 141
@@ -348,9 +348,13 @@ def _convert_input(saved, args):
     return None
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt."""
+
+
 class _terminate_as_interrupt:
-    """SIGTERM raises KeyboardInterrupt while inside (a temporary output file is then removed,
-    as on Ctrl-C); the previous handler is restored after."""
+    """SIGTERM raises _Terminated while inside (a temporary output file is then removed, as on
+    Ctrl-C); the previous handler is restored after."""
 
     def __enter__(self):
         self.old = None
@@ -365,7 +369,7 @@ class _terminate_as_interrupt:
 
     @staticmethod
     def _raise(signum, frame):
-        raise KeyboardInterrupt
+        raise _Terminated
 
 
 def _silence_stdout():

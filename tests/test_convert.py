@@ -298,3 +298,28 @@ def test_progress_bar_when_stderr_is_a_terminal(model_file, tmp_path):
         os.close(master)
         p.stdout.close()
     assert len(out.splitlines()) == 50 and b"converting" in err
+
+
+def test_sigterm_leaves_no_output_behind(model_file, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "out" / "result.tsv"
+    out.parent.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "fastseq.generate", "--model", str(model_file),
+                          "--input", "-", "--output", str(out)], stdin=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(b"1+2\n3+4\n")  # stdin stays open: the child waits for more lines
+        p.stdin.flush()
+        deadline = time.monotonic() + 120
+        while not os.listdir(out.parent):  # its temporary file appears once it reads input
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 143
+        assert p.stderr.read() == b"fastseq: interrupted\n"
+    finally:
+        p.kill()
+        p.stdin.close()
+        p.stderr.close()
+    assert os.listdir(out.parent) == []
