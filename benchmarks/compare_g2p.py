@@ -3,7 +3,7 @@ network in PyTorch CPU, and g2p_en's per-word predict, each in its own worker pr
 
     python -m benchmarks.compare_g2p [--hidden 256] [--wordvec 64] [--encoder uni|bi]
         [--rounds 3] [--batches 0] [--eval-rounds 3] [--sides fastseq torch torch-1 g2p_en]
-        [--layers 1] [--dropout 0]
+        [--layers 1] [--dropout 0] [--beam 5]
 
 Data: g014b2b.train (one line per pronunciation: `WORD<TAB>PH ON ES`), the 12,000 test words
 g014b2b.words and their references g014b2b.ref, read from the data folder (FASTSEQ_TEXTBOOK_DATA
@@ -24,7 +24,7 @@ symbols, stopping when every word has ended), batched and sorted by length (fast
 generate, batches of 256; PyTorch: batches of --torch-eval-batch under torch.inference_mode,
 as many threads as the process's CPUs, or one for the side torch-1);
 g2p_en: its predict, one word at a time (its NumPy GRU, no attention; stress marks dropped when
-scoring). The word error rate printed beside each is that of the model as trained by the turns
+scoring). Then fastseq's beam search of width --beam over the same words, timed alone. The word error rate printed beside each is that of the model as trained by the turns
 above (g2p_en: its shipped weights): a check that the sides decode, not a result.
 
 The PyTorch network is fastseq's AttentionSeq2seq: nn.Embedding + nn.LSTM encoder over packed
@@ -171,7 +171,10 @@ def fastseq_runners(data, args, side):
             total += trainer.step(xs, ts, 5.0)
         return total / n
 
-    def convert():
+    def convert(beam=None):
+        if beam:
+            from fastseq.decoding import beam_search
+            return beam_search(model, data.X_test, START, data.steps, k=beam)
         return model.generate(data.X_test, START, data.steps)
 
     return train, convert
@@ -323,7 +326,8 @@ RUNNERS = {"fastseq": fastseq_runners, "torch": torch_runners, "torch-1": torch_
 
 def serve(side, args):
     """A side's worker: `train N` -> seconds and mean loss of N batches; `convert` -> seconds
-    and word error rate (%) of one greedy conversion of the test words."""
+    and word error rate (%) of one greedy conversion of the test words (`convert K`: beam
+    search of width K, fastseq only)."""
     data = G2PData(limit=args.limit)
     r = RUNNERS[side](data, args, side)
     if r is None:
@@ -334,8 +338,8 @@ def serve(side, args):
         seconds, loss = timed(lambda: train(int(n)))
         return f"{seconds:.9f}", f"{loss:.6f}"
 
-    def convert_turn():
-        seconds, out = timed(convert)
+    def convert_turn(beam=None):
+        seconds, out = timed(lambda: convert(int(beam)) if beam else convert())
         if side == "g2p_en":  # ARPAbet with stress digits: dropped, as in the references
             phones = [[re.sub(r"\d", "", p) for p in o] for o in out]
         else:
@@ -387,6 +391,13 @@ def measure(args, workers, data):
                            args.eval_rounds)
         report(f"greedy conversion of the {len(data.test_words)} test words, {args.eval_rounds} "
                f"rounds: seconds", {s: np.array(v) for s, v in times.items()})
+    if args.beam and "fastseq" in workers:
+        w = workers["fastseq"]
+        wer = float(ask(w, "convert", args.beam)[1])
+        seconds = [float(ask(w, "convert", args.beam)[0]) for _ in range(args.eval_rounds)]
+        print(f"fastseq: beam search (width {args.beam}) over the {len(data.test_words)} test "
+              f"words: median {np.median(seconds):.2f} s, min {min(seconds):.2f} s "
+              f"({args.eval_rounds} rounds; WER {wer:.2f}%)")
 
 
 def main(argv=None):
@@ -403,6 +414,8 @@ def main(argv=None):
                     help="training batches per turn (0: one epoch)")
     ap.add_argument("--eval-rounds", type=int, default=3)
     ap.add_argument("--torch-eval-batch", type=int, default=500)
+    ap.add_argument("--beam", type=int, default=5,
+                    help="also time fastseq's beam search of this width (0: not)")
     ap.add_argument("--limit", type=int, default=None,
                     help="only the first N training pairs and test words (smoke tests)")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)

@@ -49,6 +49,8 @@ def test_compare_g2p_runs_each_side_in_its_own_process():
         assert bool(re.search(rf"^{side}: greedy test WER [0-9.]+%", out, re.M)) == present, out
         assert bool(re.search(rf"^\| {side} \| [0-9.]+ \| [0-9.]+ \|$", out, re.M)) == present
     assert bool(re.search(r"^fastseq vs torch: [0-9.]+x faster", out, re.M)) == HAS_TORCH
+    assert re.search(r"^fastseq: beam search \(width 5\) over the 300 test words: median", out,
+                     re.M), out
 
 
 def test_compare_g2p_skips_without_the_data(tmp_path):
