@@ -229,7 +229,7 @@ class _Lines:
                 self.bad(line_no, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
                                   f"{e.start + 1} of the line)")
                 continue
-            source = text.rstrip("\n").rstrip("\r").split("\t", 1)[0].strip()
+            source = text.split("\t", 1)[0].strip()  # (strip: the line end, CR included)
             if not source:
                 self.bad(line_no, "empty line" if not text.strip() else "empty source before "
                                                                          "the tab")

@@ -323,3 +323,18 @@ def test_sigterm_leaves_no_output_behind(model_file, tmp_path):
         p.stdin.close()
         p.stderr.close()
     assert os.listdir(out.parent) == []
+
+
+def test_char_vocabulary_conversion_protocol():
+    d = sequence.build(*sequence.parse_lines(sequence.generate_addition(40, seed=5)
+                                             + ["71+118 _189 "]), seed=None)
+    v = d.vocab
+    assert v.start_id == v.char_to_id["_"] and v.pad_id == v.char_to_id[" "]
+    assert v.max_answer_length == 4
+    ids, unknown = v.encode_sources(["71+118", "1+2"])
+    assert unknown == 0 and ids.dtype == np.int32 and ids.shape == (2, 7)
+    assert v.decode(ids) == ["71+118 ", "1+2    "]
+    answers = np.array([[v.char_to_id[c] for c in "189 "], [v.char_to_id[c] for c in "3   "]])
+    assert v.decode_targets(answers) == ["189", "3"]
+    no_pad = sequence.Vocabulary({"a": 0, "b": 1}, {0: "a", 1: "b"}, 3, 2)
+    assert no_pad.start_id is None and no_pad.pad_id is None
