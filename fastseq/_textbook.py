@@ -20,6 +20,7 @@ parameters in place once all of them passed.
     load_textbook_params(model, "BetterRnnlm.pkl")
 """
 import io
+import math
 import os
 import pickle
 import pickletools
@@ -59,12 +60,7 @@ def _empty_bytes():
 
 # Stand-ins for the NumPy callables a pickled array names. They only record their arguments;
 # arrays are built afterwards from those records, once dtype, shape and byte count agree.
-class _Sentinel:
-    def __init__(self, name):
-        self.name = name
-
-
-_NDARRAY = _Sentinel("numpy.ndarray")
+_NDARRAY = object()  # numpy.ndarray
 
 
 class _DtypeStub:
@@ -117,22 +113,17 @@ def _frombuffer(buf, dtype, shape, order):
     return _ArrayStub((1, shape, dtype, order == "F", buf))
 
 
-def _allowlist():
-    allowed = {
-        ("numpy", "ndarray"): _NDARRAY,
-        ("numpy", "dtype"): _DtypeStub,
-        ("_codecs", "encode"): _latin1_encode,  # protocols 0-2 write bytes through it
-        ("__builtin__", "bytes"): _empty_bytes,  # ... and empty bytes as bytes() (Python 2 name)
-        ("builtins", "bytes"): _empty_bytes,
-    }
-    for mod in ("numpy._core", "numpy.core"):  # files written by NumPy 2 and by NumPy 1
-        allowed[(f"{mod}.multiarray", "_reconstruct")] = _reconstruct  # protocols 0-4
-        allowed[(f"{mod}.multiarray", "scalar")] = _ScalarStub  # 0-d NumPy scalars (refused)
-        allowed[(f"{mod}.numeric", "_frombuffer")] = _frombuffer  # protocol 5
-    return allowed
-
-
-_ALLOWED = _allowlist()
+_ALLOWED = {
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DtypeStub,
+    ("_codecs", "encode"): _latin1_encode,  # protocols 0-2 write bytes through it
+    ("__builtin__", "bytes"): _empty_bytes,  # ... and empty bytes as bytes() (Python 2 name)
+    ("builtins", "bytes"): _empty_bytes,
+}
+for _mod in ("numpy._core", "numpy.core"):  # files written by NumPy 2 and by NumPy 1
+    _ALLOWED[(f"{_mod}.multiarray", "_reconstruct")] = _reconstruct  # protocols 0-4
+    _ALLOWED[(f"{_mod}.multiarray", "scalar")] = _ScalarStub  # 0-d NumPy scalars (refused)
+    _ALLOWED[(f"{_mod}.numeric", "_frombuffer")] = _frombuffer  # protocol 5
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -214,9 +205,7 @@ def _build_array(stub, i, source):
         raise FastseqFileError(f"{source}: entry {i} has an invalid shape {str(shape)[:60]}")
     if not isinstance(raw, (bytes, bytearray)):
         raise FastseqFileError(f"{source}: entry {i} holds its data as a {type(raw).__name__}")
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
+    n = dtype.itemsize * math.prod(shape)
     if n != len(raw):
         raise FastseqFileError(f"{source}: entry {i} declares shape {shape} of {dtype} ({n} bytes) "
                                f"but holds {len(raw)} bytes")
@@ -224,19 +213,20 @@ def _build_array(stub, i, source):
     return a.astype(dtype.newbyteorder("="), copy=True)
 
 
-def _is_file_object(path):
-    """A binary file object rather than a path (str, bytes or os.PathLike)."""
-    return isinstance(path, io.IOBase)
+def _source(path):
+    """How messages name ``path``: a path (str, bytes or os.PathLike) or a binary file object."""
+    if isinstance(path, io.IOBase):
+        return getattr(path, "name", "<file object>")
+    return os.fspath(path)
 
 
 def restricted_load(path, max_bytes=MAX_FILE_BYTES):
     """The list of float NumPy arrays pickled in ``path`` (a path or a binary file object), read
     without running anything from the file and without allocating more than it holds."""
-    if _is_file_object(path):
-        source = getattr(path, "name", "<file object>")
+    source = _source(path)
+    if isinstance(path, io.IOBase):
         data = path.read(max_bytes + 1)
     else:
-        source = os.fspath(path)
         f, size = open_regular(source)
         with f:
             if size > max_bytes:
@@ -278,8 +268,7 @@ def _drop_tied(arrays, tied, source):
         for idx in (kept, dup):
             if not 0 <= idx < len(arrays):
                 raise FastseqFileError(f"{source}: tied pair ({kept}, {dup}) refers to entry "
-                                       f"{idx}, "
-                                       f"but the file has {len(arrays)} arrays")
+                                       f"{idx}, but the file has {len(arrays)} arrays")
         a, b = arrays[kept], arrays[dup]
         if b.shape != a.T.shape:
             raise FastseqFileError(f"{source}: entry {dup} should be entry {kept} transposed (tied "
@@ -302,7 +291,7 @@ def load_textbook_params(model, path):
     count, shape and value is checked before anything is copied; the file may hold at most what
     the model's weights need in any pickle protocol. Returns the model.
     """
-    source = getattr(path, "name", "<file object>") if _is_file_object(path) else os.fspath(path)
+    source = _source(path)
     params = list(model.params)
     # protocol 0 spells each byte as up to 6 characters; tied duplicates double a matrix
     budget = (1 << 20) + 16 * sum(int(p.size) * 8 for p in params)

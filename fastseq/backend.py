@@ -27,6 +27,7 @@ import threading
 import warnings
 
 import numpy as np
+import threadpoolctl
 
 ENGINES = ("numpy", "cython", "cupy")
 
@@ -45,23 +46,18 @@ class Config:
 
 def _cgroup_cpus():
     """CPUs allowed by the cgroup quota (v2 cpu.max, else v1 cfs_quota), or None for no limit."""
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
+    for names in (["cpu.max"], ["cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"]):
+        try:
+            text = []
+            for name in names:
+                with open(f"/sys/fs/cgroup/{name}") as f:
+                    text += f.read().split()
+            quota, period = text[:2]
+            if quota == "max" or int(quota) <= 0 or int(period) <= 0:
+                return None
             return max(1, math.ceil(int(quota) / int(period)))
-        return None
-    except (OSError, ValueError):
-        pass
-    try:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
-            quota = int(f.read())
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
-            period = int(f.read())
-        if quota > 0 and period > 0:
-            return max(1, math.ceil(quota / period))
-    except (OSError, ValueError):
-        pass
+        except (OSError, ValueError):
+            pass
     return None
 
 
@@ -81,35 +77,23 @@ CPUS = available_cpus()
 # --- environment (read once) -------------------------------------------------------------------
 
 _problems = []  # invalid environment settings: warned at import, raised by require_requested_engine
-
-
-def _flag(value):
-    return value.strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def _read_env(env):
-    engine = env.get("FASTSEQ_KERNEL", "").strip().lower() or None
-    if engine is not None and engine not in ENGINES:
-        _problems.append(f"FASTSEQ_KERNEL={env['FASTSEQ_KERNEL']!r}: expected numpy, cython or cupy")
-        engine = None
-    threads = None
-    raw = env.get("FASTSEQ_THREADS", "").strip()
-    if raw:
-        try:
-            threads = int(raw)
-            if threads < 1:
-                raise ValueError
-        except ValueError:
-            _problems.append(f"FASTSEQ_THREADS={raw!r}: expected an integer >= 1")
-            threads = None
-    gpu = _flag(env.get("GPU", ""))
-    if gpu:  # GPU=1 is the documented switch: it wins over FASTSEQ_KERNEL
-        engine = "cupy"
-    return engine, threads, gpu, env.get("FASTSEQ_DATA", "").strip(), \
-        env.get("FASTSEQ_PTB_URL", "").strip()
-
-
-_ENV_ENGINE, _ENV_THREADS, _ENV_GPU, DATA_DIR, PTB_URL = _read_env(os.environ)
+_env = {k: os.environ.get(k, "").strip()
+        for k in ("GPU", "FASTSEQ_KERNEL", "FASTSEQ_THREADS", "FASTSEQ_DATA", "FASTSEQ_PTB_URL")}
+DATA_DIR, PTB_URL = _env["FASTSEQ_DATA"], _env["FASTSEQ_PTB_URL"]
+_ENV_ENGINE = _env["FASTSEQ_KERNEL"].lower() or None
+if _ENV_ENGINE not in (None, *ENGINES):
+    _problems.append(f"FASTSEQ_KERNEL={os.environ['FASTSEQ_KERNEL']!r}: "
+                     f"expected numpy, cython or cupy")
+    _ENV_ENGINE = None
+try:
+    _ENV_THREADS = int(_env["FASTSEQ_THREADS"]) if _env["FASTSEQ_THREADS"] else None
+    if _ENV_THREADS is not None and _ENV_THREADS < 1:
+        raise ValueError
+except ValueError:
+    _problems.append(f"FASTSEQ_THREADS={_env['FASTSEQ_THREADS']!r}: expected an integer >= 1")
+    _ENV_THREADS = None
+if _env["GPU"].lower() not in ("", "0", "false", "no", "off"):  # GPU=1 wins over FASTSEQ_KERNEL
+    _ENV_ENGINE = "cupy"
 
 
 # --- CuPy (optional) ----------------------------------------------------------------------------
@@ -120,23 +104,22 @@ _cupy_error = None
 
 def _load_cupy():
     global _cupy, _cupy_error
-    if _cupy is not None or _cupy_error is not None:
-        return _cupy
-    try:
-        import cupy
-    except Exception as e:  # ImportError, or a CUDA library failing to load
-        _cupy_error = f"CuPy is not installed or failed to import ({type(e).__name__}: {e}); " \
-                      f"install it with `pip install fastseq[gpu]`"
-        return None
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no CUDA device found")
-        # compile and run one tiny kernel: catches missing NVRTC / CUDA headers up front
-        float((cupy.arange(2, dtype=cupy.float32) * 2).sum())
-    except Exception as e:
-        _cupy_error = f"CuPy is installed but no usable NVIDIA GPU was found ({type(e).__name__}: {e})"
-        return None
-    _cupy = cupy
+    if _cupy is None and _cupy_error is None:
+        try:
+            import cupy
+        except Exception as e:  # ImportError, or a CUDA library failing to load
+            _cupy_error = f"CuPy is not installed or failed to import ({type(e).__name__}: {e}); " \
+                          f"install it with `pip install fastseq[gpu]`"
+            return None
+        try:
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                raise RuntimeError("no CUDA device found")
+            # compile and run one tiny kernel: catches missing NVRTC / CUDA headers up front
+            float((cupy.arange(2, dtype=cupy.float32) * 2).sum())
+            _cupy = cupy
+        except Exception as e:
+            _cupy_error = f"CuPy is installed but no usable NVIDIA GPU was found " \
+                          f"({type(e).__name__}: {e})"
     return _cupy
 
 
@@ -171,16 +154,8 @@ def cython_available():
 
 # --- BLAS threads (threadpoolctl) ------------------------------------------------------------------
 
-try:
-    import threadpoolctl
-except ImportError:  # then the BLAS keeps its own thread counts
-    threadpoolctl = None
-
-
 def _blas_controllers():
     """threadpoolctl's controllers of the BLAS libraries loaded so far."""
-    if threadpoolctl is None:
-        return []
     return threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
 
 
@@ -270,9 +245,7 @@ def single_blas_thread():
 # --- choosing the engine ------------------------------------------------------------------------
 
 def _default_engine():
-    if _ENV_ENGINE is not None:
-        return _ENV_ENGINE
-    return "cython" if cython_available() else "numpy"
+    return _ENV_ENGINE or ("cython" if cython_available() else "numpy")
 
 
 def _check_engine(name):
@@ -344,7 +317,7 @@ def is_gpu():
 
 def requested_gpu():
     """Whether GPU=1 (or FASTSEQ_KERNEL=cupy) was set."""
-    return _ENV_GPU or _ENV_ENGINE == "cupy"
+    return _ENV_ENGINE == "cupy"
 
 
 def require_requested_engine():
@@ -370,9 +343,7 @@ def _imported_cupy():
 def get_array_module(*arrays):
     """numpy or cupy, whichever owns the given arrays (numpy for plain Python values)."""
     cp = _imported_cupy()
-    if cp is not None:
-        return cp.get_array_module(*arrays)
-    return np
+    return np if cp is None else cp.get_array_module(*arrays)
 
 
 def to_cpu(a):
@@ -393,9 +364,7 @@ def to_gpu(a):
 
 def asarray(a, dtype=None):
     """An array on the current engine's device."""
-    if not is_gpu():
-        return np.asarray(to_cpu(a), dtype=dtype)
-    return _cupy.asarray(a, dtype=dtype)
+    return _cupy.asarray(a, dtype=dtype) if is_gpu() else np.asarray(to_cpu(a), dtype=dtype)
 
 
 _ids_checked = 0  # > 0 inside ids_checked()
@@ -434,8 +403,6 @@ def check_same_device(*arrays, what="arrays"):
 
 def _blas_pools():
     """[(library (owning package), threads), ...] for the BLAS and OpenMP pools loaded here."""
-    if threadpoolctl is None:
-        return []
     pools = []
     for d in threadpoolctl.threadpool_info():
         folder = os.path.basename(os.path.dirname(d.get("filepath", "")))

@@ -34,3 +34,14 @@ def number_in(lo, hi=math.inf, lo_open=True, hi_open=True):
         return v
     parse.__name__ = "number"
     return parse
+
+
+def one_of(*choices):
+    """An argparse type: one of the strings ``choices`` (the error lists them)."""
+    def parse(s):
+        if s not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {s!r}")
+        return s
+    parse.__name__ = "choice"
+    parse.metavar = "{" + ",".join(choices) + "}"
+    return parse

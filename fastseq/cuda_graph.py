@@ -26,14 +26,16 @@ Shapes: one graph per batch shape, at most ``MAX_GRAPHS``; others run eagerly. A
 rate is recaptured (it is a kernel argument in the graph). If capture fails, the reason is kept in
 ``GraphStep.reason`` and every step runs eagerly from then on.
 """
+import collections
 import contextlib
 
 MAX_GRAPHS = 2
 
 
-def capture_problem(model, optimizer=None):
-    """Why the training steps of ``model`` cannot be captured (a sentence), or None."""
-    if optimizer is not None and type(optimizer).__name__ not in ("Adam", "SGD"):
+def capture_problem(optimizer):
+    """Why training steps that update with ``optimizer`` cannot be captured (a sentence), or
+    None (every fastseq model's step can be)."""
+    if type(optimizer).__name__ not in ("Adam", "SGD"):
         return f"the optimiser {type(optimizer).__name__} is not known to be capturable"
     return None
 
@@ -49,7 +51,7 @@ class GraphStep:
 
     def __init__(self, step_fn, model, optimizer, api=None):
         self.step_fn, self.model, self.optimizer = step_fn, model, optimizer
-        self.reason = capture_problem(model, optimizer)
+        self.reason = capture_problem(optimizer)
         self._api = api
         self._graphs = {}   # (x shape, x dtype, t shape, t dtype) -> _Captured
         self._warm = set()  # shapes whose eager warm-up step has run
@@ -128,17 +130,16 @@ class GraphStep:
             return None
         for lstm, h, c in states:
             lstm.h, lstm.c = h, c
-        entry = _Captured(captured["graph"], captured.get("pool"), xb, tb, loss,
-                          opt.lr, states)
+        entry = _Captured(captured["graph"], captured.get("pool"), xb, tb, loss, opt.lr, states)
         self._graphs[key] = entry
         api.launch(entry.graph)  # capture recorded the step; this runs it, for this batch
         self.counts["captured"] += 1
         return entry
 
-class _Captured:
-    def __init__(self, graph, pool, x, t, loss, lr, states):
-        self.graph, self.pool, self.x, self.t, self.loss, self.lr = graph, pool, x, t, loss, lr
-        self.states = states  # [(lstm, h buffer, c buffer)] for the carried LSTM states
+
+# one graph, its memory pool, its input buffers, its loss buffer, the learning rate it was
+# recorded with and [(lstm, h buffer, c buffer)] for the carried LSTM states
+_Captured = collections.namedtuple("_Captured", "graph pool x t loss lr states")
 
 
 def _stateful(model):

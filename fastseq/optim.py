@@ -1,35 +1,15 @@
 """Optimisers: update(params, grads) in place (textbook forms); state_dict() / load_state_dict()
 carry everything a resumed run needs (the learning rate, Adam's moments and step count)."""
-import math
-import numbers
-
 from . import backend, ops
+from ._checks import check_count, check_fraction, check_positive
 from .backend import get_array_module
-
-
-def _check_lr(lr):
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    return float(lr)
-
-
-def _check_beta(name, beta):
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {beta!r}")
-    return float(beta)
-
-
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
 
 
 class SGD:
     """p -= lr * g"""
 
     def __init__(self, lr=0.01):
-        self.lr = _check_lr(lr)
+        self.lr = check_positive("lr", lr)
 
     def update(self, params, grads):
         for p, g in zip(params, grads):
@@ -42,7 +22,7 @@ class SGD:
         return {"lr": self.lr}
 
     def load_state_dict(self, state, params=None):
-        self.lr = _check_lr(state["lr"])
+        self.lr = check_positive("lr", state["lr"])
 
 
 class Adam:
@@ -50,8 +30,8 @@ class Adam:
     p -= lr_t m / (sqrt(v) + 1e-7)"""
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, fused=True):
-        self.lr = _check_lr(lr)
-        self.beta1, self.beta2 = _check_beta("beta1", beta1), _check_beta("beta2", beta2)
+        self.lr = check_positive("lr", lr)
+        self.beta1, self.beta2 = check_fraction("beta1", beta1), check_fraction("beta2", beta2)
         self.fused = fused  # the engine's kernels (False: the numpy engine's code, for tests)
         self.iter = 0
         self.m = self.v = None
@@ -82,9 +62,9 @@ class Adam:
     def load_state_dict(self, state, params=None):
         """Restore a state_dict(); with ``params``, the moments must match their shapes and
         dtypes. Everything is checked before anything changes; arrays go to the current device."""
-        lr = _check_lr(state["lr"])
-        beta1, beta2 = _check_beta("beta1", state["beta1"]), _check_beta("beta2", state["beta2"])
-        step = _check_count("iter", state["iter"])
+        lr = check_positive("lr", state["lr"])
+        beta1, beta2 = (check_fraction(b, state[b]) for b in ("beta1", "beta2"))
+        step = check_count("iter", state["iter"], 0)
         moments = []
         for name in ("m", "v"):
             arrays = state[name]
@@ -97,7 +77,7 @@ class Adam:
         self.lr, self.beta1, self.beta2, self.iter = lr, beta1, beta2, step
         self.m, self.v = moments
         self._work = None if held is None or not backend.is_gpu() else \
-            (backend.asarray(held["counter"]), _check_count("device iter", held["iter"]))
+            (backend.asarray(held["counter"]), check_count("device iter", held["iter"], 0))
 
     def update(self, params, grads):
         if self.m is None:

@@ -56,6 +56,7 @@ SETTING_SCHEMAS = {"epochs": POSITIVE, "batch_size": POSITIVE, "hidden_size": PO
                    "wordvec_size": POSITIVE, "lr": RATE, "max_grad": RATE,
                    "beam": Optional(POSITIVE),
                    "time_size": POSITIVE, "dropout_ratio": Num(0, below=1),
+                   "encoder": Choice("uni", "bi"), "layers": POSITIVE,
                    "max_iters": Optional(POSITIVE), "eval_max_iters": Optional(POSITIVE),
                    "data": Optional(PATH), "data_dir": Optional(PATH), "reverse": Bool(),
                    "mask": Bool(), "optimizer": Choice("adam", "sgd")}
@@ -164,6 +165,9 @@ def load_resume(folder):
             f"{path}: {checkpoint.REFUSED} metadata field 'config.model' is {cfg['model']!r}, "
             f"which is not a model for the task {cfg['task']!r}")
     settings = [k for k in [*tdef, *entry.defaults] if k not in ("family", "model")]
+    for k, v in entry.defaults.items():  # a model keyword newer than the run: its default is
+        if k not in TRAINING_KEYS:        # the model the run was built with
+            cfg.setdefault(k, v)
     checkpoint.check(path, meta, _run_schema(tdef["family"], settings))
     return cfg, (arrays, meta)
 

@@ -9,6 +9,8 @@
 """
 import numpy as np
 
+from ._checks import check_count
+
 
 def make_rng(seed=None, rng=None):
     """A NumPy random generator: ``rng`` as given, else one seeded with ``seed``, else NumPy's
@@ -33,11 +35,7 @@ def _check_temperature(temperature):
 
 
 def _check_top_k(top_k, V):
-    if top_k is None:
-        return None
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    return min(int(top_k), V)
+    return None if top_k is None else min(check_count("top_k", top_k), V)
 
 
 def _check_top_p(top_p):
@@ -69,10 +67,13 @@ def top_k_filter(logits, k):
     """A copy of logits with all but the k largest set to -inf (exactly k kept, ties broken by
     position)."""
     z = np.array(logits, dtype=np.float64)
-    k = _check_top_k(k, z.size)
-    if k < z.size:
-        drop = np.argpartition(z, z.size - k)[:z.size - k]
-        z[drop] = -np.inf
+    return _keep_top_k(z, _check_top_k(k, z.size))
+
+
+def _keep_top_k(z, k):
+    """z with all but its k largest entries set to -inf, in place (k None: all kept)."""
+    if k is not None and k < z.size:
+        z[np.argpartition(z, z.size - k)[:z.size - k]] = -np.inf
     return z
 
 
@@ -82,11 +83,16 @@ def top_p_filter(logits, p, temperature=1.0):
     z = np.array(logits, dtype=np.float64)
     p = _check_top_p(p)
     probs = softmax_temperature(z, temperature if _check_temperature(temperature) > 0 else 1.0)
-    order = np.argsort(-probs, kind="stable")
-    cum = np.cumsum(probs[order])
-    n_keep = min(int(np.searchsorted(cum, p * cum[-1] * (1 - 1e-12))) + 1, z.size)
-    z[order[n_keep:]] = -np.inf
+    z[_outside_nucleus(probs, p)] = -np.inf
     return z
+
+
+def _outside_nucleus(w, p):
+    """The indices outside the nucleus of the weights w: the largest ones, in order, until their
+    total reaches p of the sum (at least one), are in it."""
+    order = np.argsort(-w, kind="stable")
+    cum = np.cumsum(w[order])
+    return order[min(int(np.searchsorted(cum, p * cum[-1] * (1 - 1e-12))) + 1, w.size):]
 
 
 _DRAW_BLOCK = 128
@@ -155,16 +161,11 @@ def make_sampler(vocab_size, skip_ids=None, temperature=1.0, top_k=None, top_p=N
             return int(np.argmax(z))
         if t != 1.0:
             z *= 1.0 / t
-        if k is not None and k < V:
-            drop = np.argpartition(z, V - k)[:V - k]
-            z[drop] = -np.inf
+        _keep_top_k(z, k)
         z -= z.max()
         np.exp(z, out=z)
         if p is not None and p < 1:
-            order = np.argsort(-z, kind="stable")
-            cum = np.cumsum(z[order])
-            n_keep = min(int(np.searchsorted(cum, p * cum[-1] * (1 - 1e-12))) + 1, V)
-            z[order[n_keep:]] = 0.0
+            z[_outside_nucleus(z, p)] = 0.0
         return _draw(z, gen, starts)
 
     return sample

@@ -22,7 +22,7 @@ import time
 
 from . import backend
 from .callbacks import Interrupted
-from .cli import int_at_least, number_in
+from .cli import int_at_least, number_in, one_of
 from .run import (TASK_HELP, TASKS, RunError, TrainingRun, build,  # noqa: F401 (re-exported)
                   check_out, describe_data, load_data, load_resume, make_out, select_engine)
 
@@ -45,6 +45,9 @@ SETTINGS = {
                                      "(greedy decoding is always reported)"),
     "--time-size": ("time_size", positive_int, "truncated-BPTT length T"),
     "--dropout": ("dropout_ratio", probability_lt1, "dropout ratio in [0, 1)"),
+    "--encoder": ("encoder", one_of("uni", "bi"), "attention: one-directional encoder, or "
+                                                  "bidirectional (hidden size / 2 each way)"),
+    "--layers": ("layers", positive_int, "attention: stacked LSTM layers on each side"),
     "--max-iters": ("max_iters", positive_int, "cap the iterations per epoch (quick runs)"),
     "--eval-max-iters": ("eval_max_iters", positive_int,
                          "cap the iterations of each perplexity evaluation (quick runs)"),
@@ -102,7 +105,8 @@ def build_parser():
         p.add_argument(f"--no-{key}", dest=key, action="store_const", const=False, help=off)
     for flag, (key, parse, text) in SETTINGS.items():
         p.add_argument(flag, dest=key, type=parse, default=None,
-                       metavar={str: "PATH", positive_int: "N"}.get(parse, "X"),
+                       metavar=getattr(parse, "metavar", None)
+                       or {str: "PATH", positive_int: "N"}.get(parse, "X"),
                        help=f"{text} ({_defaults_text(key)})")
     p.add_argument("--seed", type=count, default=None,
                    help="seed for weights and shuffling (default 1984)")

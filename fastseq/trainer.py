@@ -7,31 +7,24 @@ own state (position, the current epoch's order, random generators, loss figures,
 state), which is all a checkpoint holds (fastseq.checkpoint)."""
 import contextlib
 import math
-import numbers
 
 import numpy as np
 
 from . import backend
+from ._checks import check_count, check_positive
 from .callbacks import Bar, ProgressBar
 from .functions import clip_grads
 from .layers import rng_state, set_rng_state
-from .models.base import Model
+from .models.base import Model, make_rng
 
 
-def check_count(name, value, minimum=1):
-    """value as an int >= minimum, else ValueError naming it (bools are not counts)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_max_grad(max_grad):
-    if max_grad is None:
-        return None
-    if isinstance(max_grad, bool) or not isinstance(max_grad, numbers.Real) \
-            or not math.isfinite(max_grad) or max_grad <= 0:
-        raise ValueError(f"max_grad must be a finite number > 0 or None, got {max_grad!r}")
-    return float(max_grad)
+def _checked_once(model, x, t):
+    """On the GPU a whole data set's ids are checked here, once; the batches then skip the check
+    (each one would read a value back to the host). A context for the loop over the batches."""
+    if backend.get_array_module(x) is np or not isinstance(model, Model):
+        return contextlib.nullcontext()
+    model.check_data(x, t)
+    return backend.ids_checked()
 
 
 class TrainingDiverged(FloatingPointError):
@@ -71,6 +64,7 @@ class TrainLoop:
         self.epoch_log = {}
         self.callbacks = [ProgressBar()] if progress else []
         self.stop_reason = None
+        self._data = None  # what batch() reads, during run()
 
     # subclasses: the batch of iteration ``it``, new-epoch setup, their own state
     def begin_epoch(self):
@@ -158,14 +152,6 @@ class TrainLoop:
         self._device_step = (max_grad, step)
         return step
 
-    def checked_once(self, x, t):
-        """On the GPU the whole data set's ids are checked here, once; the batches then skip the
-        check (each one would read a value back to the host). A context for the loop."""
-        if backend.get_array_module(x) is np or not isinstance(self.model, Model):
-            return contextlib.nullcontext()
-        self.model.check_data(x, t)
-        return backend.ids_checked()
-
     def _check_mean(self, mean, what):
         if not math.isfinite(mean):
             raise TrainingDiverged(f"the mean loss of {what} is {mean} (epoch "
@@ -181,16 +167,25 @@ class TrainLoop:
         return "(the norm overflowed)"
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self, max_epoch, n_iters, max_grad, eval_interval):
-        self.eval_interval, self.n_iters = eval_interval, n_iters
-        if isinstance(self.model, Model):
-            self.model.train()
+    def run(self, data, max_epoch, n_iters, max_grad, eval_interval):
+        """Train on ``data`` ((x, t, ...) as ``batch`` reads it; x and t go to the device once)."""
+        if self.iteration >= n_iters:
+            raise ValueError(f"the epoch in progress is at iteration {self.iteration} but an "
+                             f"epoch now has {n_iters}")
+        self._data = (backend.asarray(data[0]), backend.asarray(data[1]), *data[2:])
         try:
-            for _ in range(max_epoch):
-                if self._run_epoch(n_iters, max_grad, eval_interval):
-                    break
+            with _checked_once(self.model, *self._data[:2]):
+                self.eval_interval, self.n_iters = eval_interval, n_iters
+                if isinstance(self.model, Model):
+                    self.model.train()
+                try:
+                    for _ in range(max_epoch):
+                        if self._run_epoch(n_iters, max_grad, eval_interval):
+                            break
+                finally:
+                    self._call("on_fit_end")
         finally:
-            self._call("on_fit_end")
+            self._data = None
         return self
 
     def _run_epoch(self, n_iters, max_grad, eval_interval):
@@ -232,7 +227,7 @@ class TrainLoop:
         check_count("batch_size", batch_size)
         if eval_interval is not None:
             check_count("eval_interval", eval_interval)
-        return check_max_grad(max_grad)
+        return check_positive("max_grad", max_grad, optional=True)
 
 
 class Trainer(TrainLoop):
@@ -242,10 +237,9 @@ class Trainer(TrainLoop):
 
     def __init__(self, model, optimizer, seed=None, progress=True, cuda_graphs=None):
         super().__init__(model, optimizer, progress, cuda_graphs)
-        self.rng = np.random.RandomState(seed) if seed is not None else np.random.mtrand._rand
+        self.rng = make_rng(seed)
         self.order = None
         self._order_on_device = None
-        self._data = None
 
     def fit(self, x, t, max_epoch=10, batch_size=32, max_grad=None, eval_interval=20):
         max_grad = self._check_fit_args(max_epoch, batch_size, max_grad, eval_interval)
@@ -254,17 +248,10 @@ class Trainer(TrainLoop):
         if len(x) < batch_size:
             raise ValueError(f"batch_size {batch_size} is larger than the data ({len(x)} rows)")
         shuffled = 0 if self.order is None else len(self.order)
-        if self.iteration >= len(x) // batch_size:
-            raise ValueError(f"the epoch in progress is at iteration {self.iteration} but an "
-                             f"epoch now has {len(x) // batch_size}")
-        if self.iteration and shuffled != len(x):
+        if 0 < self.iteration < len(x) // batch_size and shuffled != len(x):
             raise ValueError(f"the epoch in progress shuffled {shuffled} rows but x has {len(x)}")
-        self._data = (backend.asarray(x), backend.asarray(t), batch_size)  # on the device once
-        try:
-            with self.checked_once(*self._data[:2]):
-                return self.run(max_epoch, len(x) // batch_size, max_grad, eval_interval)
-        finally:
-            self._data = None
+        return self.run((x, t, batch_size), max_epoch, len(x) // batch_size, max_grad,
+                        eval_interval)
 
     def begin_epoch(self):
         self.order = self.rng.permutation(len(self._data[0]))
@@ -310,11 +297,9 @@ def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_
 
     ``corrects`` rows start with the start symbol ('_'), as in the textbook; the rest of each row
     is the answer. With one question this returns 1.0 or 0.0 (textbook: 1 or 0). Batches bound
-    the memory (None = all at once); within a batch each engine keeps its steps' arrays in cache
-    and spreads the rows over its threads by itself.
-    ``workers`` threads decode disjoint slices, each on a copy of the model that shares its
-    weights and uses single-threaded BLAS (default 1: every engine spreads a batch's rows over
-    its threads by itself).
+    the memory (None = all at once); every engine spreads a batch's rows over its threads by
+    itself. ``workers`` threads (default 1) decode disjoint slices instead, each on a copy of the
+    model that shares its weights and uses single-threaded BLAS.
     """
     questions, corrects = np.asarray(backend.to_cpu(questions)), np.asarray(backend.to_cpu(corrects))
     if questions.ndim == 1 and corrects.ndim == 1:
@@ -366,13 +351,6 @@ def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_
     return float(ok.mean())
 
 
-def _lm_batch(x, t, rows, time_idx, time_size):
-    """Batch (B, T) of x and t: row i reads positions (rows[i] + time_idx + j) % len(x), j < T."""
-    pos = rows[:, None] + (time_idx + np.arange(time_size))[None, :]
-    pos %= len(x)
-    return x[pos], t[pos]
-
-
 class RnnlmTrainer(TrainLoop):
     """Truncated-BPTT training of a stateful language model (textbook layout).
 
@@ -387,26 +365,20 @@ class RnnlmTrainer(TrainLoop):
     def __init__(self, model, optimizer, progress=True, cuda_graphs=None):
         super().__init__(model, optimizer, progress, cuda_graphs)
         self.time_idx = 0
-        self._rows_on_device = None
+        self._rows = None  # (key, each row's offset in the corpus)
         self.ppl_list = []
-        self._data = None
 
     def get_batch(self, x, t, batch_size, time_size):
-        """The next (batch_x, batch_t), advancing the running time index by time_size."""
-        jump = len(x) // batch_size
-        rows = np.arange(batch_size) * jump
-        if backend.get_array_module(x) is not np:
-            key = (len(x), batch_size)
-            if self._rows_on_device is None or self._rows_on_device[0] != key:
-                self._rows_on_device = (key, backend.xp.asarray(rows))  # once, not per batch
-            rows = self._rows_on_device[1]
-            pos = rows[:, None] + backend.xp.arange(self.time_idx, self.time_idx + time_size)[None, :]
-            pos %= len(x)
-            bx, bt = x[pos], t[pos]
-        else:
-            bx, bt = _lm_batch(x, t, rows, self.time_idx, time_size)
+        """The next (batch_x, batch_t), advancing the running time index by time_size: row i
+        reads positions (i * jump + time_idx + j) % len(x), j < time_size."""
+        xp = backend.get_array_module(x)
+        key = (len(x), batch_size, xp)
+        if self._rows is None or self._rows[0] != key:  # on the device once, not per batch
+            self._rows = (key, xp.asarray(np.arange(batch_size) * (len(x) // batch_size)))
+        pos = self._rows[1][:, None] + xp.arange(self.time_idx, self.time_idx + time_size)[None, :]
+        pos %= len(x)
         self.time_idx += time_size
-        return bx, bt
+        return x[pos], t[pos]
 
     def batch(self, it):
         return self.get_batch(*self._data)
@@ -420,7 +392,7 @@ class RnnlmTrainer(TrainLoop):
         self.ppl_list[:] = s["ppl_list"]
 
     def report(self, mean_loss):
-        self.loss_list.append(mean_loss)
+        super().report(mean_loss)
         ppl = float(np.exp(mean_loss))
         self.ppl_list.append(ppl)
         return "ppl", f"{ppl:.2f}"
@@ -439,15 +411,8 @@ class RnnlmTrainer(TrainLoop):
                              f"({batch_size} x {time_size} words)")
         if max_iters is not None:
             n_iters = min(n_iters, check_count("max_iters", max_iters))
-        if self.iteration >= n_iters:
-            raise ValueError(f"the epoch in progress is at iteration {self.iteration} but an "
-                             f"epoch now has {n_iters}")
-        self._data = (backend.asarray(xs), backend.asarray(ts), batch_size, time_size)
-        try:
-            with self.checked_once(*self._data[:2]):
-                return self.run(max_epoch, n_iters, max_grad, eval_interval)
-        finally:
-            self._data = None
+        return self.run((xs, ts, batch_size, time_size), max_epoch, n_iters, max_grad,
+                        eval_interval)
 
     def plot(self, path=None, ylim=None):
         from .plot import plot_curve
@@ -478,14 +443,12 @@ def eval_perplexity(model, corpus, batch_size=10, time_size=35, max_iters=None, 
     model.eval()
     rows = np.arange(batch_size) * jump
     steps = np.arange(time_size)
-    checked = contextlib.nullcontext()
     params = model.params
     if params and backend.get_array_module(params[0]) is not np:
         # on the GPU: the corpus goes over once and the batches are gathered there
         xp = backend.get_array_module(params[0])
         corpus, rows, steps = xp.asarray(corpus), xp.asarray(rows), xp.asarray(steps)
-        model.check_data(corpus, corpus)
-        checked = backend.ids_checked()
+    checked = _checked_once(model, corpus, corpus)
     total = 0.0
     bar = Bar(iters, "perplexity", enabled=progress_bar)
     try:

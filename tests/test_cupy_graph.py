@@ -223,12 +223,9 @@ def test_new_learning_rate_is_recaptured_and_shapes_are_bounded():
 
 
 def test_capture_problem_names_the_reason():
-    for model in (fastseq.Seq2seq(13, 8, 16, seed=0), fastseq.PeekySeq2seq(13, 8, 16, seed=0),
-                  fastseq.Rnnlm(50, 8, 8, seed=0), fastseq.BetterRnnlm(50, 8, 8, seed=0)):
-        assert cuda_graph.capture_problem(model, fastseq.Adam()) is None
-    from fastseq.models.attention import AttentionSeq2seq
-    assert cuda_graph.capture_problem(AttentionSeq2seq(13, 8, 16, seed=0, pad_id=12)) is None
-    assert "not known" in cuda_graph.capture_problem(fastseq.Rnnlm(50, 8, 8, seed=0), object())
+    assert cuda_graph.capture_problem(fastseq.Adam()) is None
+    assert cuda_graph.capture_problem(fastseq.SGD()) is None
+    assert "not known" in cuda_graph.capture_problem(object())
 
 
 def test_uncapturable_model_runs_eagerly():

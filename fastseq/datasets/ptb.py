@@ -69,45 +69,20 @@ def cache_dir():
     return Path(expand_path(backend.DATA_DIR or "~/.cache/fastseq")) / "ptb"
 
 
-def _base_urls(base_url=None):
-    if base_url:
-        return [base_url]
-    if backend.PTB_URL:
-        return [backend.PTB_URL]
-    return list(MIRRORS)
-
-
-def _join(base, name):
-    return base.rstrip("/") + "/" + name
-
-
-def _sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
 def _checksum_message(name, where, expected, actual):
     return (f"{name} ({where}) failed its checksum: expected SHA-256 {expected}, got {actual}")
 
 
 def _read_verified(path, name):
-    """The bytes of ``path``, checked against SIZES[name] before reading and SHA256[name] while
-    reading (the same bytes that are then parsed)."""
+    """The bytes of ``path``, checked against SIZES[name] before reading and SHA256[name] after
+    (the same bytes that are then parsed)."""
     f, size = open_regular(path)
     with f:
         if size != SIZES[name]:
             raise ChecksumError(f"{name} ({path}) has {size} bytes, not the {SIZES[name]} of the "
                                 f"expected file (SHA-256 {SHA256[name]})")
-        h, chunks = hashlib.sha256(), []
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            chunks.append(chunk)
-            if sum(map(len, chunks)) > size:
-                break
-    data = b"".join(chunks)
-    actual = h.hexdigest()
+        data = f.read(size + 1)  # one byte more: a file that grew since is caught too
+    actual = hashlib.sha256(data).hexdigest()
     if actual != SHA256[name] or len(data) != size:
         raise ChecksumError(_checksum_message(name, str(path), SHA256[name], actual))
     return data
@@ -115,22 +90,6 @@ def _read_verified(path, name):
 
 # ---------------------------------------------------------------------------------------------
 # download
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total, desc):
-    try:
-        from tqdm import tqdm
-    except Exception:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
-
 
 def _fetch(url, dest, name):
     """Download ``url`` to ``dest`` through the atomic writer, verifying size, length and SHA-256
@@ -151,6 +110,7 @@ def _fetch(url, dest, name):
 
 def _stream(url, name, f):
     """Copy ``url`` into the open file ``f``; every check passes before this returns."""
+    from tqdm import tqdm
     got, total, cap, deadline = 0, None, SIZES[name], time.monotonic() + DEADLINE_S
     req = urllib.request.Request(url, headers={"User-Agent": "fastseq"})
     timeout = max(0.1, min(_TIMEOUT_S, DEADLINE_S))
@@ -162,8 +122,8 @@ def _stream(url, name, f):
             if total is not None and total > cap:
                 raise DownloadError(f"{name}: {url} announces {total} bytes, more than the "
                                     f"{cap} of the expected file; not downloaded")
-            bar = _progress(total or cap, name)
-            try:
+            with tqdm(total=total or cap, desc=name, unit="B", unit_scale=True,
+                      unit_divisor=1024, leave=False) as bar:
                 while True:
                     chunk = resp.read1(_CHUNK)  # what has arrived: the deadline is checked often
                     if not chunk:
@@ -179,8 +139,6 @@ def _stream(url, name, f):
                         raise DownloadError(f"{name}: download from {url} took longer than "
                                             f"{DEADLINE_S} s ({got} bytes received); stopped "
                                             f"and discarded it")
-            finally:
-                bar.close()
     except IncompleteRead as e:
         expected = f" of {total}" if total is not None else ""
         raise DownloadError(f"{name}: download from {url} was truncated: the connection closed "
@@ -197,10 +155,10 @@ def _stream(url, name, f):
 def _download_file(name, dest_dir, base_url=None):
     """Fetch ``name`` into ``dest_dir`` from the first mirror that yields an intact copy."""
     failures = []
-    for base in _base_urls(base_url):
+    base_url = base_url or backend.PTB_URL
+    for base in [base_url] if base_url else MIRRORS:
         try:
-            _fetch(_join(base, name), Path(dest_dir) / name, name)
-            return Path(dest_dir) / name
+            return _fetch(base.rstrip("/") + "/" + name, Path(dest_dir) / name, name)
         except DownloadError as e:
             failures.append(str(e))
     if len(failures) == 1:
@@ -213,32 +171,12 @@ def download(data_dir=None, base_url=None):
     missing or corrupt. Returns the folder as a Path."""
     dest = Path(expand_path(data_dir)) if data_dir is not None else cache_dir()
     for name in SHA256:
-        path = dest / name
-        if path.is_file():
-            try:
-                _read_verified(path, name)
-                continue
-            except ChecksumError:
-                pass
-        _download_file(name, dest, base_url)
+        _cached(name, dest, base_url)
     return dest
 
 
-# ---------------------------------------------------------------------------------------------
-# reading
-
-def _file_bytes(name, data_dir=None):
-    if data_dir is not None:
-        folder = Path(expand_path(data_dir))
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{name} not found in {folder} (a data_dir is read offline; put the PTB files there, "
-                f"call fastseq.datasets.ptb.download({str(folder)!r}), or leave data_dir unset to use "
-                f"the download cache {cache_dir()})")
-        return _read_verified(path, name)
-
-    folder = cache_dir()
+def _cached(name, folder, base_url=None):
+    """The verified bytes of ``folder / name``, downloaded first when missing or corrupt."""
     path = folder / name
     stale = None
     if path.is_file():
@@ -247,12 +185,27 @@ def _file_bytes(name, data_dir=None):
         except ChecksumError as e:
             stale = e
     try:
-        _download_file(name, folder)
+        _download_file(name, folder, base_url)
     except DownloadError as e:
         if stale is not None:
             raise DownloadError(f"the cached {stale}; downloading a fresh copy failed: {e}") from e
         raise
     return _read_verified(path, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+def _file_bytes(name, data_dir=None):
+    if data_dir is None:
+        return _cached(name, cache_dir())
+    folder = Path(expand_path(data_dir))
+    if not (folder / name).is_file():
+        raise FileNotFoundError(
+            f"{name} not found in {folder} (a data_dir is read offline; put the PTB files there, "
+            f"call fastseq.datasets.ptb.download({str(folder)!r}), or leave data_dir unset to use "
+            f"the download cache {cache_dir()})")
+    return _read_verified(folder / name, name)
 
 
 def _words(data, name):
@@ -269,7 +222,7 @@ _train_cache = {}  # SHA-256 of the verified train bytes -> (corpus, word_to_id,
 
 def _train(data_dir):
     data = _file_bytes(FILES["train"], data_dir)
-    key = _sha256(data)  # the content itself: this cannot go stale whatever folder it came from
+    key = hashlib.sha256(data).hexdigest()  # the content itself: this cannot go stale whatever folder it came from
     hit = _train_cache.get(key)
     if hit is None:
         word_to_id, id_to_word = {}, {}

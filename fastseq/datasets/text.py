@@ -7,18 +7,13 @@ from .sequence import read_text  # regular files only, bounded, BOM dropped
 UNK, EOS = "<unk>", "<eos>"
 
 
-def split_lines(n):
-    """(cut1, cut2): lines [0, cut1) train, [cut1, cut2) validation, [cut2, n) test."""
-    return n - n // 10, n - n // 20
-
-
 def load_text_corpus(path):
     """((train, val, test) word-id arrays (int32), words): ids are given in order of first
     appearance in the training lines, after <unk> (0) and <eos> (1); words seen only in the
     held-out lines become <unk>. ValueError when too few lines to hold any out (< 20)."""
     lines = read_text(path).splitlines()
     n = len(lines)
-    cut1, cut2 = split_lines(n)
+    cut1, cut2 = n - n // 10, n - n // 20  # [0, cut1) train, [cut1, cut2) val, [cut2, n) test
     if cut1 < 1 or cut2 - cut1 < 1 or n - cut2 < 1:
         raise ValueError(f"{path}: {n} lines are too few to hold out validation and test lines "
                          f"(needs >= 20)")
@@ -41,12 +36,10 @@ def load_text_corpus(path):
 
 def words_to_text(words):
     """Words joined by spaces, with <eos> as a line break."""
-    lines, cur = [], []
+    lines = [[]]
     for w in words:
         if w == EOS:
-            lines.append(" ".join(cur))
-            cur = []
+            lines.append([])
         else:
-            cur.append(w)
-    lines.append(" ".join(cur))
-    return "\n".join(lines)
+            lines[-1].append(w)
+    return "\n".join(map(" ".join, lines))

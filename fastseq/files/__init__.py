@@ -28,6 +28,7 @@ is refused, and so is a symbolic link (fastseq never writes through a link). Eve
 through ``atomic_write``: a temporary file in the same folder, fsync'ed and renamed over the
 target, so a reader sees the old file or the new one, never half of either.
 """
+from .._textbook import load_textbook_params
 from .core import (CheckpointError, FastseqFileError, NotRegularFileError, atomic_write,
                    check_params, expand_path, open_regular)
 from .envelope import (DEFAULT_LIMITS, FORMAT, VERSION, ArraySpec, Limits, Writer, read_npz,
@@ -35,13 +36,6 @@ from .envelope import (DEFAULT_LIMITS, FORMAT, VERSION, ArraySpec, Limits, Write
 from .rebuild import LoadedModel, load
 from .schema import check_schema
 from .weights import CHECKPOINT_FORMAT, load_checkpoint, load_params, model_file, save_params
-
-
-def load_textbook_params(model, path):
-    """Load the textbook's pickled weight list (e.g. BetterRnnlm.pkl) safely into ``model``
-    (restricted unpickler, shape and finiteness checks: fastseq._textbook)."""
-    from .._textbook import load_textbook_params as load_pickle
-    return load_pickle(model, path)
 
 
 __all__ = ["CheckpointError", "FastseqFileError", "NotRegularFileError", "atomic_write",

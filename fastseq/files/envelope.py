@@ -6,6 +6,7 @@
 import ast
 import hashlib
 import json
+import math
 import re
 import struct
 import zipfile
@@ -91,23 +92,19 @@ def _prepare(arrays, meta, path, limits=DEFAULT_LIMITS):
         text = json.dumps(envelope, ensure_ascii=True, separators=(",", ":")).encode("ascii")
     except (TypeError, ValueError, RecursionError) as e:
         raise TypeError(f"{path}: meta is not JSON-serialisable: {e}") from None
-    _check_text(text, limits, lambda problem: ValueError(f"{path}: metadata {problem}; a fastseq "
-                                                         f"file could not be read back"))
+    try:
+        if len(text) > limits.max_envelope_bytes:
+            raise ValueError(f"of {len(text)} bytes is over the limit of "
+                             f"{limits.max_envelope_bytes}")
+        jsontext.check(text, limits.max_depth, limits.max_values, limits.max_keys)
+    except ValueError as e:
+        raise ValueError(f"{path}: metadata {e}; a fastseq file could not be read back") from None
     env = np.frombuffer(text, dtype=np.uint8)
     h = hashlib.sha256(env)
     for a in prepared:
         h.update(a.reshape(-1).view(np.uint8) if a.size else b"")
     digest = np.frombuffer(h.hexdigest().encode("ascii"), dtype=np.uint8)
     return env, digest, prepared
-
-
-def _check_text(text, limits, fail):
-    if len(text) > limits.max_envelope_bytes:
-        raise fail(f"of {len(text)} bytes is over the limit of {limits.max_envelope_bytes}")
-    try:
-        jsontext.check(text, limits.max_depth, limits.max_values, limits.max_keys)
-    except ValueError as e:
-        raise fail(str(e)) from None
 
 
 def write_npz(path, arrays, meta):
@@ -170,10 +167,7 @@ class ArraySpec:
 
     @property
     def nbytes(self):
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 class _Reader:

@@ -232,13 +232,20 @@ def _fmt(config):
 def _predict_shapes(cls, config, fail):
     """Parameter names and shapes of cls(**config), found without building it: every dimension
     of these models is linear in the integer sizes, so small probe models give the coefficients
-    (sizes equal in ``config`` move together, keeping constraints such as BetterRnnlm's D == H)."""
-    sizes = sorted({v for v in config.values() if type(v) is int and v > 0})
-    base = {v: 3 + 4 * i for i, v in enumerate(sizes)}  # distinct small probe values
+    (sizes equal in ``config`` move together, keeping constraints such as BetterRnnlm's D == H).
+    Probe sizes are even and move in steps of 2, so a dimension may be half a size (each
+    direction of a bidirectional layer). The keys a class names in ``structure_keys`` (counts
+    of layers) keep their value in every probe."""
+    fixed = set(getattr(cls, "structure_keys", ()))
+
+    def is_size(k, v):
+        return k not in fixed and type(v) is int and v > 0
+
+    sizes = sorted({v for k, v in config.items() if is_size(k, v)})
+    base = {v: 4 + 4 * i for i, v in enumerate(sizes)}  # distinct small even probe values
 
     def probe(bump):
-        cfg = {k: (base[v] + bump.get(v, 0) if v in base and type(v) is int else v)
-               for k, v in config.items()}
+        cfg = {k: (base[v] + bump.get(v, 0) if is_size(k, v) else v) for k, v in config.items()}
         try:
             m = cls(**cfg, seed=0)
         except (ValueError, TypeError) as e:
@@ -247,14 +254,18 @@ def _predict_shapes(cls, config, fail):
         return m.param_names, [tuple(p.shape) for p in m.params]
 
     names, at_base = probe({})
-    steps = {v: probe({v: 1})[1] for v in sizes}
+    steps = {v: probe({v: 2})[1] for v in sizes}
     predicted = []
     for i, shape in enumerate(at_base):
         dims = []
         for d, s0 in enumerate(shape):
-            dims.append(s0 + sum((steps[v][i][d] - s0) * (v - base[v]) for v in sizes))
+            twice = 2 * s0 + sum((steps[v][i][d] - s0) * (v - base[v]) for v in sizes)
+            if twice % 2:
+                raise fail(f"configuration {_fmt(config)} is not valid for {cls.__name__}: "
+                           f"parameter {names[i]!r} would have a fractional size")
+            dims.append(twice // 2)
         predicted.append(tuple(dims))
-    check_names, at_two = probe({v: 2 for v in sizes})  # the coefficients hold at a third point
+    check_names, at_two = probe({v: 4 for v in sizes})  # the coefficients hold at a third point
     linear = [tuple(s0 + 2 * sum(steps[v][i][d] - s0 for v in sizes) for d, s0 in enumerate(shape))
               for i, shape in enumerate(at_base)]
     if check_names != names or at_two != linear:

@@ -67,14 +67,6 @@ class Bool(Spec):
         return type(v) is bool
 
 
-class Const(Spec):
-    def __init__(self, value):
-        self.value, self.what = value, repr(value)
-
-    def fits(self, v):
-        return type(v) is type(self.value) and v == self.value
-
-
 class Choice(Spec):
     """One of the given values (of the same type: ``1`` is not ``true``)."""
 
@@ -84,6 +76,14 @@ class Choice(Spec):
 
     def fits(self, v):
         return any(type(v) is type(c) and v == c for c in self.values)
+
+
+class Const(Choice):
+    """Exactly ``value`` (of the same type)."""
+
+    def __init__(self, value):
+        super().__init__(value)
+        self.what = repr(value)
 
 
 class Optional(Spec):

@@ -1,11 +1,13 @@
 """What every model shares: params/grads lists, initialisation, the state protocol
 (state_dict / load_state_dict, train / eval), save/load as .npz."""
 import copy
+import dataclasses
 import sys
 
 import numpy as np
 
 from .. import backend
+from .._checks import check_count as check_size  # noqa: F401  (the model files' size check)
 from ..files.weights import load_params as load_file, save_params as save_file
 
 
@@ -21,13 +23,6 @@ def randn(rng, *shape, scale=1.0, dtype=np.float32):
 
 def zeros(*shape, dtype=np.float32):
     return backend.xp.zeros(shape, dtype=dtype)
-
-
-def check_size(name, value):
-    """value as an int >= 1, else a ValueError naming it (every model checks its sizes here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 def check_dtype(dtype):
@@ -64,16 +59,6 @@ def embed_lstm_params(rng, V, D, H, init="textbook", dtype=np.float32):
     if init == "unit":
         b[:H] = b[3 * H:] = 1  # the forget and output gates' columns (gate order f, g, i, o)
     return [E, Wx, Wh, b]
-
-
-def _check_carried(lstm, h, c):
-    """A carried (h, c) must be two (N, H) arrays of the layer's dtype."""
-    Wh = lstm.params[1]
-    H = Wh.shape[0]
-    if h.ndim != 2 or h.shape[1] != H or c.shape != h.shape or h.dtype != Wh.dtype \
-            or c.dtype != Wh.dtype:
-        raise ValueError(f"a carried LSTM state must be two (N, {H}) {Wh.dtype} arrays, got "
-                         f"{h.dtype}{h.shape} and {c.dtype}{c.shape}")
 
 
 class Model:
@@ -163,8 +148,11 @@ class Model:
                              f"dropout states; {type(self).__name__} has "
                              f"{len(self.lstm_layers)} and {len(self.dropout_layers)}")
         for lstm, s in zip(self.lstm_layers, carried):
-            if s is not None:
-                _check_carried(lstm, s["h"], s["c"])
+            Wh, (h, c) = lstm.params[1], (None, None) if s is None else (s["h"], s["c"])
+            if h is not None and (h.ndim != 2 or h.shape[1] != Wh.shape[0] or c.shape != h.shape
+                                  or not h.dtype == c.dtype == Wh.dtype):
+                raise ValueError(f"a carried LSTM state must be two (N, {Wh.shape[0]}) {Wh.dtype} "
+                                 f"arrays, got {h.dtype}{h.shape} and {c.dtype}{c.shape}")
         for p, n in zip(params, names):
             p[...] = backend.get_array_module(p).asarray(given[n])
         self.set_state([(None, None) if s is None else
@@ -205,15 +193,8 @@ class Model:
         self._check_ids(x, "x")
         self._check_ids(t, "t", ignore=self.ignore_label)
 
-    def save_params(self, path, meta=None):
-        """Write the weights to ``path`` (.npz, atomically) with names, shapes, the model's class
-        and config, ``meta``, and one checksum over all of it (fastseq.files.write_npz)."""
-        save_file(self, path, meta)
-
-    def load_params(self, path):
-        """Read weights saved by save_params. Everything is checked (names, shapes, float32/64,
-        finite values, checksum) before the first parameter changes. Returns the metadata."""
-        return load_file(self, path)
+    save_params = save_file  # (self, path, meta=None): fastseq.files.weights
+    load_params = load_file  # (self, path) -> the file's metadata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,18 +204,16 @@ class Model:
 FAMILIES = ("seq2seq", "lm")
 
 
+@dataclasses.dataclass
 class ModelEntry:
-    """One registered model: ``cls``, ``task`` family ('seq2seq' or 'lm'), ``defaults`` (CLI
-    defaults: constructor keywords such as hidden_size, and training settings such as epochs,
-    which override the task's), ``help`` (one line for --help), ``pads`` (whether the
-    constructor takes the data's ``pad_id``: a padding-aware model)."""
-
-    def __init__(self, name, cls, task, defaults, help, pads=False):
-        self.name, self.cls, self.task, self.defaults, self.help = name, cls, task, defaults, help
-        self.pads = pads
-
-    def __repr__(self):
-        return f"ModelEntry({self.name!r}, {self.cls.__name__}, task={self.task!r})"
+    """One registered model. ``defaults``: its CLI defaults, constructor keywords (hidden_size
+    ...) and training settings (epochs ..., which override the task's)."""
+    name: str
+    cls: type
+    task: str           # family: 'seq2seq' or 'lm'
+    defaults: dict
+    help: str           # one line for --help
+    pads: bool = False  # whether the constructor takes the data's pad_id (padding-aware)
 
 
 REGISTRY = {}

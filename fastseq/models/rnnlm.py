@@ -11,6 +11,7 @@ entries [embed W, Wx1, Wh1, b1, Wx2, Wh2, b2, affine b] (the textbook lists 9, w
 import numpy as np
 
 from .. import backend
+from .._checks import check_fraction
 from ..backend import get_array_module
 from ..functions import matmul
 from ..layers import (TimeAffine, TimeAffineSoftmaxWithLoss, TimeDropout, TimeEmbedding,
@@ -23,8 +24,8 @@ class TiedAffine:
     """x (N, T, H) -> x E^T + b, where E (V, H) is an embedding's weight, shared by identity.
 
     params = [b] only: the weight belongs to the embedding. backward() writes the weight's gradient
-    from this path into ``self.dW`` (a preallocated (V, H) buffer, or the embedding's own gradient
-    buffer when the owning model passes it, so the two paths are summed without a temporary).
+    from this path into the buffer it is given (the embedding's own gradient buffer, so the two
+    paths are summed without a temporary).
     """
 
     param_names = ("b",)
@@ -33,7 +34,6 @@ class TiedAffine:
         self.embed = embed
         self.params = [b]
         self.grads = [get_array_module(b).zeros_like(b)]
-        self.dW = None
         self.x = None
 
     @property
@@ -51,16 +51,11 @@ class TiedAffine:
         out += b
         return out.reshape(N, T, -1)
 
-    def backward(self, dout, dW_out=None):
-        """Returns dx; the weight gradient d^T x goes into dW_out (or self.dW)."""
+    def backward(self, dout, dW_out):
+        """Returns dx; the weight gradient d^T x goes into dW_out (V, H)."""
         E, = self.embed.params
-        xp = get_array_module(E)
         N, T, V = dout.shape
         d = dout.reshape(N * T, V)
-        if dW_out is None:
-            if self.dW is None:
-                self.dW = xp.empty_like(E)
-            dW_out = self.dW
         matmul(d.T, self.x, out=dW_out)
         d.sum(axis=0, out=self.grads[0])
         return matmul(d, E).reshape(N, T, -1)
@@ -76,6 +71,10 @@ class _LanguageModel(Model):
     def _scores(self, xs, train_flg):
         raise NotImplementedError
 
+    def _loss_input(self, xs, train_flg):
+        """What loss_layer takes: the scores, unless it applies the output affine itself."""
+        return self._scores(xs, train_flg)
+
     def predict(self, xs, train_flg=False):
         """Scores (N, T, V) for word ids xs (N, T); carries the LSTM state (stateful)."""
         xs = self._check_ids(xs, "xs")
@@ -89,7 +88,7 @@ class _LanguageModel(Model):
         if xs.shape != ts.shape:
             raise ValueError(f"xs has shape {xs.shape} but ts has shape {ts.shape}")
         return self.loss_layer.forward(
-            self._scores(xs, self.training if train_flg is None else train_flg), ts)
+            self._loss_input(xs, self.training if train_flg is None else train_flg), ts)
 
     # --- generation -------------------------------------------------------------------------
 
@@ -185,15 +184,11 @@ class Rnnlm(_LanguageModel):
         return {"vocab_size": self.vocab_size, "wordvec_size": self.wordvec_size,
                 "hidden_size": self.hidden_size}
 
-    def _scores(self, xs, train_flg):
-        return self.affine.forward(self.lstm.forward(self.embed.forward(xs)))
+    def _loss_input(self, xs, train_flg):
+        return self.lstm.forward(self.embed.forward(xs))  # the loss layer applies the affine
 
-    def forward(self, xs, ts, train_flg=None):
-        xs = self._check_ids(xs, "xs")
-        ts = self._check_ids(ts, "ts")
-        if xs.shape != ts.shape:
-            raise ValueError(f"xs has shape {xs.shape} but ts has shape {ts.shape}")
-        return self.loss_layer.forward(self.lstm.forward(self.embed.forward(xs)), ts)
+    def _scores(self, xs, train_flg):
+        return self.affine.forward(self._loss_input(xs, train_flg))
 
     def _output_weight_vh(self):
         W = self.affine.params[0]
@@ -223,10 +218,7 @@ class BetterRnnlm(_LanguageModel):
         if D != H:
             raise ValueError(f"BetterRnnlm ties the affine weight to the embedding, so wordvec_size "
                              f"({D}) must equal hidden_size ({H})")
-        if isinstance(dropout_ratio, bool) or not isinstance(dropout_ratio, (int, float, np.floating)) \
-                or not 0 <= dropout_ratio < 1:
-            raise ValueError(f"dropout_ratio must be a number in [0, 1), got {dropout_ratio!r}")
-        self.dropout_ratio = float(dropout_ratio)
+        self.dropout_ratio = check_fraction("dropout_ratio", dropout_ratio)
         dtype = self.dtype = check_dtype(dtype)
         rng = make_rng(seed)
         self.embed = TimeEmbedding(randn(rng, V, D, scale=0.01, dtype=dtype))

@@ -20,6 +20,7 @@ results (up to rounding):
 
 No engine knows about vocabularies, output layers or decoding: those are fastseq.decoding's.
 """
+import functools
 import importlib
 
 import numpy as np
@@ -28,15 +29,13 @@ from .. import backend
 from . import _numpy
 
 _CYTHON_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # others: the numpy engine
-_engines = {"numpy": _numpy}  # name -> module, imported on first use (numpy never loads _cython)
 
 
+@functools.cache
 def engine(name):
-    """The engine module called name ('numpy', 'cython' or 'cupy')."""
-    mod = _engines.get(name)
-    if mod is None:
-        mod = _engines[name] = importlib.import_module(f"{__name__}._{name}")
-    return mod
+    """The engine module called name ('numpy', 'cython' or 'cupy'), imported on first use (the
+    numpy engine never loads _cython)."""
+    return importlib.import_module(f"{__name__}._{name}")
 
 
 def engine_for(*arrays):

@@ -13,22 +13,19 @@ gate gradients and dc_{t-1}) and one product (dA_t Wh^T). x Wx, dWx, dWh and dx 
 each over all time steps. Every buffer is time-major (T, N, ...) and allocated once per call.
 
 The ops around the LSTM (products, Adam, clipping, dropout masks, softmax) are in _cupy_math.py,
-imported here: this module is the engine.
-
-The kernel sources are plain C++ expressions over ``T`` (float or double), so
-``tests/test_cupy_source.py`` compiles these very strings with a host C++ compiler and runs them
-on the CPU (``_forward`` and ``_backward`` take the array module and the kernel factory as
-arguments). Importing this module never needs CuPy; calling ``forward`` does.
+imported here: this module is the engine. Its kernel sources are tested on the CPU as
+_cupy_math.py says (``_forward`` and ``_backward`` take the array module and the kernel factory).
+Importing this module never needs CuPy; calling ``forward`` does.
 """
 import sys
 
 import numpy
 
 from .. import backend
-from ._cupy_math import (DTYPES, _STEP_KERNELS, _elementwise, _matmul_into,  # noqa: F401
-                         _product, adam_update, capturing, clip_grads, cublas_matmul,
-                         dropout_mask, embed_gather, embed_scatter, exp_rows, matmul,
-                         prepare_direct_products, softmax_cross_entropy)
+from ._cupy_math import (DTYPES, _STEP_KERNELS, _elementwise, _product,  # noqa: F401
+                         adam_update, capturing, clip_grads, cublas_matmul, dropout_mask,
+                         embed_gather, embed_scatter, exp_rows, matmul, prepare_direct_products,
+                         softmax_cross_entropy)
 
 TAKES_IDS = False  # xs are float inputs (N, T, D); integer ids are for the CPU engines
 
@@ -125,7 +122,7 @@ def _forward(xp, kernel, xs, Wx, Wh, b, h0, c0):
     HW_flat = HW.reshape(N * 4 * H)
     step = kernel("fastseq_lstm_fwd_step")
     for t in range(T):
-        _matmul_into(xp, Hs[t], Wh, HW)
+        _product(xp, Hs[t], Wh, HW)
         step(HW_flat, b, Cs[t], H, 4 * H if row_bias else 0, A[t], Cs[t + 1], TCs[t], Hs[t + 1])
     cache = (x2, Wx, Wh, A, Hs, Cs, TCs, row_bias)
     return Hs[1:].transpose(1, 0, 2), Hs[T].copy(), Cs[T].copy(), cache
@@ -216,12 +213,12 @@ def _backward(xp, kernel, dhs, cache, grads, need_dh0=True):
     for t in reversed(range(T)):
         step(A[t], dhs_tm[t], dh, dc, Cs[t], TCs[t], H, dA[t], dc_prev)
         if t > 0 or need_dh0:
-            _matmul_into(xp, dA[t].reshape(N, 4 * H), WhT, dh)
+            _product(xp, dA[t].reshape(N, 4 * H), WhT, dh)
         dc, dc_prev = dc_prev, dc
     dWx, dWh, db = grads
     dA2 = dA.reshape(T * N, 4 * H)
-    _matmul_into(xp, x2.T, dA2, dWx)
-    _matmul_into(xp, Hs[:T].reshape(T * N, H).T, dA2, dWh)
+    _product(xp, x2.T, dA2, dWx)
+    _product(xp, Hs[:T].reshape(T * N, H).T, dA2, dWh)
     db[...] = dA.reshape(T, N, 4 * H).sum(axis=0) if row_bias else dA2.sum(axis=0)
     dxs = _product(xp, dA2, Wx.T).reshape(T, N, D).transpose(1, 0, 2)
     return dxs, (dh if need_dh0 else None)

@@ -12,6 +12,8 @@ Importing this module never needs CuPy.
 """
 import contextlib
 import contextvars
+import ctypes
+import functools
 
 import numpy
 
@@ -24,40 +26,33 @@ DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 # name -> (in_params, out_params, operation) in cupy.ElementwiseKernel syntax; filled below and
 # by _cupy.py (the LSTM's step kernels).
 _STEP_KERNELS = {}
-_compiled = {}  # name -> cupy.ElementwiseKernel, built on first use (CuPy caches the binaries)
+_compiled = {}  # name -> CuPy kernel, built on first use (CuPy caches the binaries)
 
 
 def _elementwise(name):
-    """The memoised ``cupy.ElementwiseKernel`` for step kernel ``name`` (compiled on first call
-    for each dtype by CuPy itself)."""
+    """The memoised ``cupy.ElementwiseKernel`` for step kernel ``name``, or
+    ``cupy.ReductionKernel`` for a reduction (compiled on first call for each dtype by CuPy)."""
     kern = _compiled.get(name)
     if kern is None:
         import cupy  # lazy: this module must import on machines without CuPy
-        in_params, out_params, operation = _STEP_KERNELS[name]
-        kern = cupy.ElementwiseKernel(in_params, out_params, operation, name, no_return=True)
+        if name in _REDUCTION_KERNELS:
+            kern = cupy.ReductionKernel(*_REDUCTION_KERNELS[name], name)
+        else:
+            kern = cupy.ElementwiseKernel(*_STEP_KERNELS[name], name, no_return=True)
         _compiled[name] = kern
     return kern
 
 
-def _matmul_into(xp, a, b, out):
-    """``out[...] = a @ b`` without a temporary when the array module allows it."""
+def _product(xp, a, b, out=None):
+    """``a @ b``, into ``out`` when given (without a temporary where its layout allows)."""
     if _capturing() and _is_device(xp):  # a CUDA graph is being captured: see cublas_matmul
-        return cublas_matmul(a, b, out=out)
+        return cublas_matmul(a, b, out)
+    if out is None:
+        return xp.matmul(a, b)
     if out.flags.c_contiguous and out.dtype == a.dtype == b.dtype:
-        try:
-            xp.matmul(a, b, out=out)
-            return out
-        except TypeError:  # a CuPy too old for matmul(out=)
-            pass
+        return xp.matmul(a, b, out=out)
     out[...] = xp.matmul(a, b)
     return out
-
-
-def _product(xp, a, b):
-    """a @ b (a new array)."""
-    if _capturing() and _is_device(xp):
-        return cublas_matmul(a, b)
-    return xp.matmul(a, b)
 
 
 def _is_device(xp):
@@ -196,20 +191,13 @@ class _Cublas:
     WORKSPACE = 32 << 20  # bytes; what cuBLAS asks for on recent GPUs
 
     def __init__(self):
-        import ctypes
-
         import cupy
         cupy.cuda.device.get_cublas_handle()  # makes sure CuPy has loaded libcublas
-        path = None
         with open("/proc/self/maps") as f:  # the very library CuPy uses (Linux)
-            for line in f:
-                name = line.split()[-1]
-                if "/libcublas.so" in name:
-                    path = name
-                    break
+            path = next((p for p in (line.split()[-1] for line in f) if "/libcublas.so" in p),
+                        None)
         if path is None:
             raise RuntimeError("could not find the libcublas that CuPy loaded")
-        self.ctypes = ctypes
         self.lib = lib = ctypes.CDLL(path)
         handle = ctypes.c_void_p()
         self._check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
@@ -235,12 +223,12 @@ class _Cublas:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
     def set_stream(self, stream_ptr):
-        c = self.ctypes
-        self._check(self.lib.cublasSetStream_v2(self.handle, c.c_void_p(stream_ptr)),
+        self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)),
                     "cublasSetStream")
         # setting the stream resets the workspace to cuBLAS's own pool: set ours again
-        self._check(self.lib.cublasSetWorkspace_v2(self.handle, c.c_void_p(self.workspace.data.ptr),
-                                                   c.c_size_t(self.WORKSPACE)), "cublasSetWorkspace")
+        self._check(self.lib.cublasSetWorkspace_v2(
+            self.handle, ctypes.c_void_p(self.workspace.data.ptr), ctypes.c_size_t(self.WORKSPACE)),
+            "cublasSetWorkspace")
         self.stream = stream_ptr
 
     def gemm(self, plan, first, second, out):
@@ -249,27 +237,21 @@ class _Cublas:
             self.set_stream(stream)
         op1, op2, m, n, k, ld1, ld2, ldo, batch, s1, s2, so = plan
         size = out.dtype.itemsize
-        c = self.ctypes
-        args = [self.handle, op1, op2, m, n, k, c.byref(self.one[size]), first.data.ptr, ld1]
+        t = "S" if size == 4 else "D"
+        one, zero = ctypes.byref(self.one[size]), ctypes.byref(self.zero[size])
+        args = [self.handle, op1, op2, m, n, k, one, first.data.ptr, ld1]
         if out.ndim == 3:  # a stack: one strided batched call
-            fn = self.lib.cublasSgemmStridedBatched if size == 4 else \
-                self.lib.cublasDgemmStridedBatched
-            args += [s1, second.data.ptr, ld2, s2, c.byref(self.zero[size]), out.data.ptr, ldo, so,
-                     batch]
+            fn = getattr(self.lib, f"cublas{t}gemmStridedBatched")
+            args += [s1, second.data.ptr, ld2, s2, zero, out.data.ptr, ldo, so, batch]
         else:
-            fn = self.lib.cublasSgemm_v2 if size == 4 else self.lib.cublasDgemm_v2
-            args += [second.data.ptr, ld2, c.byref(self.zero[size]), out.data.ptr, ldo]
+            fn = getattr(self.lib, f"cublas{t}gemm_v2")
+            args += [second.data.ptr, ld2, zero, out.data.ptr, ldo]
         self._check(fn(*args), "cublas gemm")
 
 
-_cublas_lib = None
-
-
+@functools.cache
 def _cublas():
-    global _cublas_lib
-    if _cublas_lib is None:
-        _cublas_lib = _Cublas()
-    return _cublas_lib
+    return _Cublas()
 
 
 def prepare_direct_products(stream_ptr):
@@ -324,17 +306,6 @@ _REDUCTION_KERNELS = {
 }
 
 
-def _reduction(name):
-    kern = _compiled.get(name)
-    if kern is None:
-        import cupy
-        in_params, out_params, map_expr, reduce_expr, post, identity = _REDUCTION_KERNELS[name]
-        kern = cupy.ReductionKernel(in_params, out_params, map_expr, reduce_expr, post, identity,
-                                    name)
-        _compiled[name] = kern
-    return kern
-
-
 def adam_update(params, grads, ms, vs, lr, beta1, beta2, step, state=None):
     """Adam on CuPy arrays: one kernel for the step counter, one fused kernel per parameter.
 
@@ -377,7 +348,7 @@ def clip_grads(grads, max_norm):
         if rate < 1: for g in grads: g *= rate
     """
     import cupy
-    return _clip_grads(cupy, _elementwise, _reduction, grads, max_norm)
+    return _clip_grads(cupy, _elementwise, _elementwise, grads, max_norm)
 
 
 def _clip_grads(xp, kernel, reduction, grads, max_norm):
