@@ -32,9 +32,11 @@ sequences (its final state at each word's true end), the decoder nn.LSTM started
 state with c = 0, dot-product attention over the encoder states with the keys past a word's end
 masked, nn.Linear on [context ; h]. --encoder bi: a bidirectional encoder, H/2 per direction,
 the two directions' states concatenated (H), the decoder started from [forward state at the
-end ; backward state at the start]. fastseq's side passes encoder=, layers=, dropout= to
-AttentionSeq2seq only when they differ from uni, 1, 0 (the hook for the extended model); a
-fastseq without those keywords is reported as unavailable for that setting.
+end ; backward state at the start]; --layers L: stacked LSTMs on both sides, each decoder layer
+started from the encoder's final state of its layer; --dropout p: on both sides' word vectors,
+between layers and on [context ; h]. fastseq's side passes encoder=, layers=, dropout_ratio= to
+AttentionSeq2seq only when they differ from uni, 1, 0; a fastseq without those keywords is
+reported as unavailable for that setting.
 """
 import argparse
 import os
@@ -142,7 +144,7 @@ def fastseq_model(V, D, H, encoder="uni", layers=1, dropout=0.0):
     if layers != 1:
         extra["layers"] = layers
     if dropout:
-        extra["dropout"] = dropout
+        extra["dropout_ratio"] = dropout
     try:
         return AttentionSeq2seq(V, D, H, seed=0, pad_id=PAD, **extra)
     except TypeError as e:
@@ -180,9 +182,11 @@ def fastseq_runners(data, args, side):
     return train, convert
 
 
-def torch_model(torch, V, D, H, bi):
-    """fastseq's AttentionSeq2seq in PyTorch (see the module's docstring), with an optional
-    bidirectional encoder."""
+def torch_model(torch, V, D, H, bi, layers=1, dropout=0.0):
+    """fastseq's AttentionSeq2seq in PyTorch (see the module's docstring), with its extensions:
+    a bidirectional encoder, stacked layers (each decoder layer starts from the encoder's final
+    state of the same layer), dropout on both sides' word vectors, between layers and on
+    [context ; h] (off in eval())."""
     nn = torch.nn
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -190,29 +194,33 @@ def torch_model(torch, V, D, H, bi):
         def __init__(self):
             super().__init__()
             self.enc_embed = nn.Embedding(V, D)
-            self.enc = nn.LSTM(D, H // 2 if bi else H, batch_first=True, bidirectional=bi)
+            self.enc = nn.LSTM(D, H // 2 if bi else H, num_layers=layers, batch_first=True,
+                               bidirectional=bi, dropout=dropout if layers > 1 else 0.0)
             self.dec_embed = nn.Embedding(V, D)
-            self.dec = nn.LSTM(D, H, batch_first=True)
+            self.dec = nn.LSTM(D, H, num_layers=layers, batch_first=True,
+                               dropout=dropout if layers > 1 else 0.0)
+            self.drop = nn.Dropout(dropout)
             self.out = nn.Linear(2 * H, V)
 
         def encode(self, xs, lengths):
             """Encoder states (N, T, H), the key mask (N, T), the decoder's first state."""
-            packed = pack_padded_sequence(self.enc_embed(xs), lengths, batch_first=True,
-                                          enforce_sorted=False)
+            packed = pack_padded_sequence(self.drop(self.enc_embed(xs)), lengths,
+                                          batch_first=True, enforce_sorted=False)
             out, (h, _) = self.enc(packed)
             hs, _ = pad_packed_sequence(out, batch_first=True, total_length=xs.shape[1])
-            h0 = torch.cat([h[0], h[1]], dim=1) if bi else h[0]
+            if bi:  # (2 L, N, H/2), directions of a layer side by side -> (L, N, H)
+                h = torch.cat([h[0::2], h[1::2]], dim=2)
             keys = torch.arange(xs.shape[1])[None, :] < lengths[:, None]
-            return hs, keys, (h0[None].contiguous(), torch.zeros_like(h0)[None])
+            return hs, keys, (h.contiguous(), torch.zeros_like(h))
 
         def scores(self, dec, hs, keys):
             s = torch.bmm(dec, hs.transpose(1, 2)).masked_fill(~keys[:, None, :], float("-inf"))
             context = torch.bmm(torch.softmax(s, dim=2), hs)
-            return self.out(torch.cat([context, dec], dim=2))
+            return self.out(self.drop(torch.cat([context, dec], dim=2)))
 
         def forward(self, xs, lengths, ts_in):
             hs, keys, state = self.encode(xs, lengths)
-            dec, _ = self.dec(self.dec_embed(ts_in), state)
+            dec, _ = self.dec(self.drop(self.dec_embed(ts_in)), state)
             return self.scores(dec, hs, keys)
 
         def greedy(self, xs, lengths, steps):
@@ -239,14 +247,11 @@ def torch_runners(data, args, side):
         import torch
     except ImportError:
         return None
-    if args.layers != 1 or args.dropout:
-        print("torch: --layers and --dropout are not part of the PyTorch network here",
-              file=sys.stderr)
-        return None
     torch.manual_seed(0)
     torch.set_num_threads(1 if side == "torch-1" else len(os.sched_getaffinity(0)))
     V = len(data.symbols)
-    model = torch_model(torch, V, args.wordvec, args.hidden, args.encoder == "bi")
+    model = torch_model(torch, V, args.wordvec, args.hidden, args.encoder == "bi", args.layers,
+                        args.dropout)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def prepare(xs, ts):

@@ -58,18 +58,49 @@ def test_compare_g2p_skips_without_the_data(tmp_path):
     assert out.startswith("skipped: the CMUdict split is not here (cmudict/g014b2b.train")
 
 
+def copy_weights(torch, tm, model):
+    """fastseq's weights into the PyTorch network (gates f, g, i, o -> i, f, g, o; fastseq's one
+    bias into bias_ih, bias_hh zeroed; layer l's backward LSTM into *_l{l-1}_reverse)."""
+    P = dict(zip(model.param_names, model.params))
+
+    def gates(w):
+        f, g, i, o = np.split(w, 4, axis=-1)
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate([i, f, g, o], axis=-1)))
+
+    with torch.no_grad():
+        tm.enc_embed.weight.copy_(torch.from_numpy(P["encoder.embed.W"]))
+        tm.dec_embed.weight.copy_(torch.from_numpy(P["decoder.embed.W"]))
+        for side, lstm in (("encoder", tm.enc), ("decoder", tm.dec)):
+            for name in P:
+                m = re.fullmatch(rf"{side}\.lstm(\d*)(_back)?\.Wx", name)
+                if not m:
+                    continue
+                layer = int(m.group(1) or 1) - 1
+                suffix = f"_l{layer}" + ("_reverse" if m.group(2) else "")
+                stem = name[:-3]
+                getattr(lstm, "weight_ih" + suffix).copy_(gates(P[stem + ".Wx"]).T)
+                getattr(lstm, "weight_hh" + suffix).copy_(gates(P[stem + ".Wh"]).T)
+                getattr(lstm, "bias_ih" + suffix).copy_(gates(P[stem + ".b"]))
+                getattr(lstm, "bias_hh" + suffix).zero_()
+        tm.out.weight.copy_(torch.from_numpy(P["decoder.affine.W"]).T)
+        tm.out.bias.copy_(torch.from_numpy(P["decoder.affine.b"]))
+
+
 @needs_cmudict
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch (a benchmark-only dependency)")
-def test_the_pytorch_network_is_fastseqs():
+@pytest.mark.parametrize("encoder,layers", [("uni", 1), ("bi", 1), ("bi", 2)])
+def test_the_pytorch_network_is_fastseqs(encoder, layers):
     import torch
-    from benchmarks.common import copy_attention_weights
     data = compare_g2p.G2PData(limit=200)
-    model = compare_g2p.fastseq_model(len(data.symbols), 6, 10)
+    model = compare_g2p.fastseq_model(len(data.symbols), 6, 10, encoder, layers)
+    if model is None:
+        pytest.skip(f"this fastseq's AttentionSeq2seq has no encoder={encoder!r}")
     rng = np.random.RandomState(0)
     for p in model.params:  # weights far from the initial ones, so that the check is not a tie
         p[...] = rng.standard_normal(p.shape).astype(p.dtype) * 0.5
-    tm = compare_g2p.torch_model(torch, len(data.symbols), 6, 10, bi=False)
-    copy_attention_weights(torch, tm, model)
+    tm = compare_g2p.torch_model(torch, len(data.symbols), 6, 10, encoder == "bi", layers)
+    copy_weights(torch, tm, model)
+    tm.eval()
     xs, ts = data.batches(64)[0]
     loss = float(model.forward(xs, ts))
     x = torch.from_numpy(xs.astype(np.int64))
