@@ -10,6 +10,7 @@ over many questions at once, written once over the models' decoding interface
 
     greedy_search(model, xs, start_id, sample_size)              -> (N, sample_size) ids
     beam_search(model, xs, start_id, sample_size, k=5)           -> (N, sample_size) ids
+    beam_search(..., k=5, nbest=n)  -> (N, n, sample_size) ids, (N, n) log-probs, best first
     sequence_log_prob(model, xs, start_id, ys)                   -> (N,) sum of log p(y_t | ...)
 
 The end symbol (model.end_id, e.g. AttentionSeq2seq's pad id): once a row or beam has emitted
@@ -99,10 +100,12 @@ def greedy_search(model, xs, start_id, sample_size, end_id=_AUTO, batch_size=500
 
 
 def beam_search(model, xs, start_id, sample_size, k=5, length_penalty=0.0, end_id=_AUTO,
-                batch_size=200, return_scores=False):
+                batch_size=200, return_scores=False, nbest=None):
     """Beam search of width k for every question of xs (N, T), all questions' beams advanced
     together (in batches of ``batch_size`` questions) -> (N, sample_size) NumPy array of the best
     sequence per question (and, with return_scores, its summed log-probability (N,)).
+    nbest=n (1 <= n <= k): the n best final hypotheses of each question instead, best first,
+    as (N, n, sample_size) ids and their summed log-probabilities (N, n) (always returned).
 
     Hypotheses are ranked by their summed log-probability divided by length ** length_penalty
     (0: no length normalisation; the length counts symbols up to and including the end symbol).
@@ -116,20 +119,27 @@ def beam_search(model, xs, start_id, sample_size, k=5, length_penalty=0.0, end_i
         raise ValueError(f"length_penalty must be >= 0, got {length_penalty!r}")
     if k > model.vocab_size:
         raise ValueError(f"beam width {k} is larger than the vocabulary ({model.vocab_size})")
+    n = 1 if nbest is None else nbest
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= k:
+        raise ValueError(f"nbest must be an integer in [1, k={k}], got {nbest!r}")
     xs, starts, xp = _prepare(model, xs, start_id, sample_size)
     end = _end_id(model, end_id)
     N = xs.shape[0]
-    out = np.full((N, sample_size), -1 if end is None else end, dtype=np.int64)
-    best_scores = np.zeros(N)
+    out = np.full((N, n, sample_size), -1 if end is None else end, dtype=np.int64)
+    best_scores = np.zeros((N, n))
     for rows, dev_rows in _batches(model, xs, batch_size):
         seqs, scores = _beam_batch(model, xs[dev_rows], starts[dev_rows], sample_size, int(k),
-                                   float(length_penalty), end, xp)
-        out[rows, :seqs.shape[1]] = seqs
+                                   float(length_penalty), end, xp, int(n))
+        out[rows, :, :seqs.shape[2]] = seqs
         best_scores[rows] = scores
-    return (out, best_scores) if return_scores else out
+    if nbest is not None:
+        return out, best_scores
+    return (out[:, 0], best_scores[:, 0]) if return_scores else out[:, 0]
 
 
-def _beam_batch(model, xs, starts, sample_size, k, alpha, end, xp):
+def _beam_batch(model, xs, starts, sample_size, k, alpha, end, xp, nbest=1):
+    """The nbest best hypotheses of each question: ids (N, nbest, steps) and summed
+    log-probabilities (N, nbest)."""
     N, V = xs.shape[0], model.vocab_size
     state = model.start(xs, k)
     score = xp.full((N, k), -xp.inf)
@@ -165,8 +175,8 @@ def _beam_batch(model, xs, starts, sample_size, k, alpha, end, xp):
             if bool(done.all()):
                 break
     final = score / xp.maximum(length, 1) ** alpha if alpha else score
-    best = final.argmax(axis=1)
-    rows = xp.arange(N)
+    best = _top_k(final, nbest, xp)                                          # (N, nbest)
+    rows = xp.arange(N)[:, None]
     return backend.to_cpu(seqs[rows, best]), backend.to_cpu(score[rows, best])
 
 

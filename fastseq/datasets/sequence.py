@@ -84,6 +84,33 @@ class Vocabulary:
             return "".join(table[a])
         return ["".join(row) for row in table[a]]
 
+    # the conversion protocol (fastseq.files.rebuild.LoadedModel, fastseq.generate): every
+    # vocabulary a seq2seq model file holds has these four members
+
+    def encode_sources(self, sources):
+        """Source strings -> ((N, question_width) int32 ids, number of unknown symbols). These
+        character sets have no <unk>: a character outside them is an error, so the count is 0."""
+        return self.encode(sources), 0
+
+    def decode_targets(self, ids):
+        """(N, T) answer ids (the start symbol not included) -> N strings, padding stripped."""
+        return [s.strip() for s in self.decode(np.atleast_2d(ids))]
+
+    @property
+    def start_id(self):
+        """The id that starts every answer ('_' in the textbook's sets), None without one."""
+        return self.char_to_id.get("_")
+
+    @property
+    def pad_id(self):
+        """The id padding questions and answers at their end (a space), None without one."""
+        return self.char_to_id.get(" ")
+
+    @property
+    def max_answer_length(self):
+        """Symbols decoded per answer: the answer width less its start symbol."""
+        return self.answer_width - 1
+
 
 @dataclass(frozen=True)
 class SequenceData:

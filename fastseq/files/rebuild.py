@@ -3,6 +3,8 @@ a model file or a checkpoint.
 
     saved = fastseq.load("runs/addition/model.npz")
     saved.answer(["71+118"])                  # ['189']  (seq2seq models)
+    saved.answer(["71+118"], beam=5)          # beam search of width 5
+    saved.nbest(["71+118"], 3)                # [[('189', -0.01), ('188', -5.2), ...]]
 
 Nothing a file declares is trusted before it is checked: the metadata against a declared schema
 (MODEL_FILE or CHECKPOINT_MODEL), the model class against the registry, the configuration against
@@ -21,8 +23,9 @@ from .envelope import read_npz
 from .schema import check_schema
 from .weights import CHECKPOINT_FORMAT, CHECKPOINT_MODEL, MODEL_FILE
 
-START = "_"            # answers begin with this character (the textbook's data format)
 _NOT_CONFIG = ("seed", "rng", "dtype")  # constructor arguments a file may not set
+BATCH = 256           # sources decoded together
+WINDOW_BATCHES = 32   # batches per window of sources sorted by length
 
 
 @dataclass
@@ -35,29 +38,92 @@ class LoadedModel:
     meta: dict
     path: str
 
-    def answer(self, questions, beam=None):
-        """Greedy answers (strings, padding stripped) to question strings (seq2seq models);
-        beam=k: beam search of width k instead."""
+    def answer(self, sources, beam=None, batch_size=BATCH):
+        """The model's answer to each source string (seq2seq models): greedy, or with beam=k
+        a beam search of width k. Symbols outside a vocabulary that has <unk> become <unk>
+        (counted in one warning); one without <unk> refuses them. Sources are converted as
+        ``python -m fastseq.generate --input`` converts a file's lines (see convert): the same
+        answers, bit for bit."""
+        return [hyps[0][0] for hyps in self._converted(sources, beam, None, batch_size,
+                                                       "answer")]
+
+    def nbest(self, sources, n, beam=None, batch_size=BATCH):
+        """The n best answers to each source string, best first, from a beam search of width
+        beam (default n): a list, per source, of n (answer, log-probability) pairs, the
+        log-probability being the answer's summed natural-log p(symbol | source, symbols
+        before), its end symbol included."""
+        return self._converted(sources, n if beam is None else beam, n, batch_size, "nbest")
+
+    def _converted(self, sources, beam, nbest, batch_size, caller):
+        out, unknown = self.convert(sources, beam, nbest, batch_size)
+        if unknown:
+            import warnings
+            warnings.warn(f"{caller}: {unknown} unknown symbol(s) in the sources became <unk>",
+                          stacklevel=3)
+        return out
+
+    def convert(self, sources, beam=None, nbest=None, batch_size=BATCH):
+        """(per source a list of (answer, log-probability or None) hypotheses, best first;
+        number of unknown symbols in the sources). Greedy without beam (one hypothesis, no
+        score); beam=k: a beam search of width k, keeping nbest hypotheses (default 1) with
+        their summed log-probabilities.
+
+        Sources go in windows of WINDOW_BATCHES batches; each window's sources are sorted by
+        length (similar lengths pad little) and converted batch_size at a time
+        (convert_window). Results depend on which sources share a batch only through
+        floating-point rounding, yet that can flip a near tie: generate --input makes the
+        same windows and batches, so its answers are these."""
+        if isinstance(sources, str):
+            sources = [sources]
+        sources = list(sources)
+        window = batch_size * WINDOW_BATCHES
+        out, unknown = [], 0
+        for s in range(0, len(sources), window):
+            hyps, n_unknown = self.convert_window(sources[s:s + window], beam, nbest, batch_size)
+            out += hyps
+            unknown += n_unknown
+        return out, unknown
+
+    def convert_window(self, sources, beam=None, nbest=None, batch_size=BATCH):
+        """convert for one window of sources: sorted by length, converted in batches, the
+        results put back in the sources' order."""
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        out, unknown = [None] * len(sources), 0
+        for s in range(0, len(order), batch_size):
+            rows = order[s:s + batch_size]
+            hyps, n_unknown = self.convert_batch([sources[i] for i in rows], beam, nbest)
+            for i, h in zip(rows, hyps):
+                out[i] = h
+            unknown += n_unknown
+        return out, unknown
+
+    def convert_batch(self, sources, beam=None, nbest=None):
+        """convert for one batch of sources, decoded together. Written against the
+        vocabulary's conversion protocol: encode_sources, decode_targets, start_id,
+        max_answer_length."""
         if self.task != "seq2seq":
-            raise ValueError(f"{self.path}: holds a language model; answer() needs a seq2seq model")
-        if isinstance(questions, str):
-            questions = [questions]
-        if not questions:
-            return []
-        start = self.vocab.char_to_id.get(START)
-        if start is None:
-            raise ValueError(f"{self.path}: the vocabulary has no {START!r} start symbol")
-        xs = self.vocab.encode(list(questions))
-        if self.reverse:  # a padding-aware model reverses each question's characters only
+            raise ValueError(f"{self.path}: holds a language model; answers need a seq2seq model")
+        if not sources:
+            return [], 0
+        v = self.vocab
+        if v.start_id is None:
+            raise ValueError(f"{self.path}: the vocabulary has no start symbol")
+        xs, unknown = v.encode_sources(sources)
+        if self.reverse:  # a padding-aware model reverses each source's symbols only
             from ..datasets.sequence import reverse_padded
             xs = reverse_padded(xs, self.model.config().get("pad_id"))
-        if beam is not None:
-            from ..decoding import beam_search
-            out = beam_search(self.model, xs, start, self.vocab.answer_width - 1, k=beam)
-        else:
-            out = np.atleast_2d(np.asarray(self.model.generate(xs, start,
-                                                               self.vocab.answer_width - 1)))
-        return [s.strip() for s in self.vocab.decode(out)]
+        steps = v.max_answer_length
+        if beam is None:
+            if nbest is not None:
+                raise ValueError("nbest needs a beam search (give beam)")
+            out = np.asarray(self.model.generate(xs, v.start_id, steps)).reshape(len(xs), -1)
+            return [[(a, None)] for a in v.decode_targets(out)], unknown
+        from ..decoding import beam_search
+        n = 1 if nbest is None else nbest
+        seqs, scores = beam_search(self.model, xs, v.start_id, steps, k=beam, nbest=n)
+        texts = v.decode_targets(seqs.reshape(len(xs) * n, -1))
+        return [[(texts[i * n + j], float(scores[i, j])) for j in range(n)]
+                for i in range(len(xs))], unknown
 
 
 def load(path, data_dir=None):
