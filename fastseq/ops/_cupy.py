@@ -27,7 +27,7 @@ import numpy
 from .. import backend
 from ._cupy_math import (DTYPES, _STEP_KERNELS, _elementwise, _matmul_into,  # noqa: F401
                          _product, adam_update, capturing, clip_grads, cublas_matmul,
-                         dropout_mask, embed_gather, embed_scatter, exp_rows, matmul,
+                         dropout, dropout_mask, embed_gather, embed_scatter, exp_rows, matmul,
                          prepare_direct_products, softmax_cross_entropy)
 
 TAKES_IDS = False  # xs are float inputs (N, T, D); integer ids are for the CPU engines

@@ -429,6 +429,14 @@ def dropout_mask(shape, dtype, keep, state):
     return _dropout_mask(cupy, _elementwise, shape, dtype, keep, state)
 
 
+def dropout(xs, keep, key):
+    """xs times the host engines' mask of the draw with this key (key < 2^53; see
+    _numpy_math.dropout_mask): the mask kernel above with state [key, 0]."""
+    import cupy
+    state = cupy.asarray(numpy.array([float(key), 0.0]))
+    return xs * _dropout_mask(cupy, _elementwise, xs.shape, xs.dtype, keep, state)
+
+
 def _dropout_mask(xp, kernel, shape, dtype, keep, state):
     mask = xp.empty(shape, dtype=dtype)
     kernel("fastseq_dropout_mask")(state, float(keep), mask)

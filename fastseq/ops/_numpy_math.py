@@ -172,7 +172,47 @@ def _scratch(buf, p, params):
     return buf
 
 
-def dropout_mask(shape, dtype, keep, rng):
-    """An inverted-dropout mask: 1/keep where kept (probability keep), else 0, drawn from rng
-    (a RandomState of xs's array module)."""
-    return (rng.random_sample(shape) < keep).astype(dtype) / np.dtype(dtype).type(keep)
+# Inverted dropout masks from a counter-based hash: element i (flat, C order) of the draw with
+# key k is kept when the top 53 bits of splitmix64's finaliser of
+#     k * GOLDEN + i * MIX1 + OFFSET   (mod 2^64)
+# fall below ceil(keep * 2^53) (a uniform number in [0, 1) below keep): the cupy engine's mask
+# kernel with state [k, 0]. Nothing is stored between forward and backward but the key.
+GOLDEN, MIX1, MIX2, OFFSET = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB,
+                              0x632BE59BD9B4E019)
+KEY_BITS = 53  # keys below 2^53 (exact in float64, as the cupy kernel's state holds them)
+
+
+def dropout_params(keep, key, dtype):
+    """(base, threshold, scale) of a draw: base = k GOLDEN + OFFSET mod 2^64, threshold =
+    ceil(keep 2^53), scale = 1 / keep in dtype."""
+    if not 0 <= int(key) < 1 << KEY_BITS:
+        raise ValueError(f"a dropout key must be in [0, 2^{KEY_BITS}), got {key}")
+    base = (int(key) * GOLDEN + OFFSET) % (1 << 64)
+    thr = -int(-keep * (1 << 53) // 1)  # exact: keep * 2^53 only shifts the exponent
+    t = np.dtype(dtype).type
+    return base, thr, t(1) / t(keep)
+
+
+def dropout_mask(shape, dtype, keep, key):
+    """The inverted-dropout mask of the draw with this key: 1/keep where kept (probability keep),
+    else 0 (see above)."""
+    base, thr, scale = dropout_params(keep, key, dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    z = np.arange(n, dtype=np.uint64)
+    z *= np.uint64(MIX1)  # uint64 arrays wrap around: arithmetic mod 2^64
+    z += np.uint64(base)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(MIX1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(MIX2)
+    z ^= z >> np.uint64(31)
+    z >>= np.uint64(11)
+    mask = (z < np.uint64(thr)).astype(dtype)
+    mask *= scale
+    return mask.reshape(shape)
+
+
+def dropout(xs, keep, key):
+    """xs * dropout_mask(xs.shape, xs.dtype, keep, key) (a new array)."""
+    xp = get_array_module(xs)
+    return xs * xp.asarray(dropout_mask(xs.shape, xs.dtype, keep, key))
