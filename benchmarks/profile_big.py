@@ -206,6 +206,7 @@ def g2p_batches(rng, batch, path):
         pairs = [([chr(65 + c) for c in rng.randint(0, 30, rng.randint(4, 16))],
                   [f"P{c}" for c in rng.randint(0, 40, rng.randint(3, 15))])
                  for _ in range(20000)]
+    pairs = [(src, ["/" + s for s in tgt]) for src, tgt in pairs]  # phones apart from letters
     symbols = sorted({s for src, tgt in pairs for s in src + tgt})
     ids = {s: i + 2 for i, s in enumerate(symbols)}  # 0 pad (and end), 1 start
     xs = np.zeros((len(pairs), 15), np.int64)

@@ -411,7 +411,9 @@ class TimeDropout:
             return ops.engine("numpy").dropout_mask(shape, dtype, keep, key)
         return self._mask
 
-    def forward(self, xs):
+    def forward(self, xs, in_place=False):
+        """in_place: write the result into xs where it is a C-contiguous writeable host array
+        (a temporary of the caller's)."""
         self._mask = self._key = None
         if not self.train_flg or self.dropout_ratio == 0:
             return xs
@@ -426,16 +428,25 @@ class TimeDropout:
             return xs * self._mask
         key = int(self._generator(xp).randint(0, 2 ** KEY_BITS, dtype=np.int64))
         self._key = (key, keep, xs.shape, xs.dtype)
-        return ops.engine_for(xs).dropout(xs, keep, key)
+        return ops.engine_for(xs).dropout(xs, keep, key, out=_writable(xs, in_place))
 
-    def backward(self, dout):
+    def backward(self, dout, in_place=False):
+        """in_place: write the gradient into dout where it is a C-contiguous writeable host
+        array."""
         if self._key is not None:  # the forward's mask again, from its key
             key, keep, shape, _ = self._key
             if dout.shape != shape:
                 raise ValueError(f"TimeDropout.backward got shape {dout.shape}, its forward "
                                  f"had {shape}")
-            return ops.engine_for(dout).dropout(dout, keep, key)
+            return ops.engine_for(dout).dropout(dout, keep, key, out=_writable(dout, in_place))
         return dout if self._mask is None else dout * self._mask
+
+
+def _writable(a, wanted):
+    """a where an op may write into it (wanted, and a C-contiguous writeable host array), else
+    None."""
+    ok = wanted and type(a) is np.ndarray and a.flags.c_contiguous and a.flags.writeable
+    return a if ok else None
 
 
 class TimeAffineSoftmaxWithLoss:

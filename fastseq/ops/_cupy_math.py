@@ -17,7 +17,8 @@ import numpy
 
 from .. import backend
 from ._numpy_math import _matmul as _xp_matmul
-from ._numpy_math import embed_gather, embed_scatter, exp_rows  # noqa: F401  (array calls)
+from ._numpy_math import (dropout, embed_gather, embed_scatter,  # noqa: F401  (array calls)
+                          exp_rows)
 
 DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
@@ -427,14 +428,6 @@ def dropout_mask(shape, dtype, keep, state):
     """
     import cupy
     return _dropout_mask(cupy, _elementwise, shape, dtype, keep, state)
-
-
-def dropout(xs, keep, key):
-    """xs times the host engines' mask of the draw with this key (key < 2^53; see
-    _numpy_math.dropout_mask): the mask kernel above with state [key, 0]."""
-    import cupy
-    state = cupy.asarray(numpy.array([float(key), 0.0]))
-    return xs * _dropout_mask(cupy, _elementwise, xs.shape, xs.dtype, keep, state)
 
 
 def _dropout_mask(xp, kernel, shape, dtype, keep, state):

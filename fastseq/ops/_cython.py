@@ -316,13 +316,15 @@ def adam_update(params, grads, ms, vs, lr, beta1, beta2, step, state=None):
     return _numpy.adam_update(params, grads, ms, vs, lr, beta1, beta2, step, state)
 
 
-def dropout(xs, keep, key):
+def dropout(xs, keep, key, out=None):
     """xs times the dropout mask of the draw with this key, generated and applied in one
     pass (see _numpy_math.dropout_mask)."""
-    if type(xs) is not np.ndarray or xs.dtype not in DTYPES:
-        return _numpy.dropout(xs, keep, key)
-    base, thr, scale = _numpy_math.dropout_params(keep, key, xs.dtype)
+    if type(xs) is not np.ndarray or xs.dtype not in DTYPES or not (
+            out is None or _numpy_math.dropout_out_ok(xs, out)):
+        return _numpy.dropout(xs, keep, key, out)
+    a, b, thr, scale = _numpy_math.dropout_params(keep, key, xs.dtype)
     x = np.ascontiguousarray(xs)
-    out = np.empty(x.shape, x.dtype)
-    _cpu.dropout(x.reshape(-1), out.reshape(-1), base, thr, float(scale), _threads())
+    if out is None:  # a copy made here takes the result itself
+        out = x if x is not xs else np.empty(x.shape, x.dtype)
+    _cpu.dropout(x.reshape(-1), out.reshape(-1), a, b, thr, float(scale), _threads())
     return out

@@ -172,47 +172,67 @@ def _scratch(buf, p, params):
     return buf
 
 
-# Inverted dropout masks from a counter-based hash: element i (flat, C order) of the draw with
-# key k is kept when the top 53 bits of splitmix64's finaliser of
-#     k * GOLDEN + i * MIX1 + OFFSET   (mod 2^64)
-# fall below ceil(keep * 2^53) (a uniform number in [0, 1) below keep): the cupy engine's mask
-# kernel with state [k, 0]. Nothing is stored between forward and backward but the key.
-GOLDEN, MIX1, MIX2, OFFSET = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB,
-                              0x632BE59BD9B4E019)
-KEY_BITS = 53  # keys below 2^53 (exact in float64, as the cupy kernel's state holds them)
+# Inverted dropout masks from a counter-based hash. A draw has a key k < 2^53, split into
+# a = k mod 2^32 and b = k div 2^32; element i (flat, C order, i < 2^32) gets the 32 bits
+#     z = fmix(fmix(i * 0x9E3779B9 ^ a) + b)        (arithmetic mod 2^32)
+# (fmix: MurmurHash3's 32-bit finaliser) and is kept when z >> 8, a uniform 24-bit number, is
+# below ceil(keep * 2^24). Nothing is stored between forward and backward but the key.
+KEY_BITS = 53  # keys below 2^53 (exact in float64)
 
 
 def dropout_params(keep, key, dtype):
-    """(base, threshold, scale) of a draw: base = k GOLDEN + OFFSET mod 2^64, threshold =
-    ceil(keep 2^53), scale = 1 / keep in dtype."""
+    """(a, b, threshold, scale) of a draw: the key's two halves, ceil(keep 2^24), 1/keep in
+    dtype."""
     if not 0 <= int(key) < 1 << KEY_BITS:
         raise ValueError(f"a dropout key must be in [0, 2^{KEY_BITS}), got {key}")
-    base = (int(key) * GOLDEN + OFFSET) % (1 << 64)
-    thr = -int(-keep * (1 << 53) // 1)  # exact: keep * 2^53 only shifts the exponent
+    thr = -int(-keep * (1 << 24) // 1)  # exact: keep * 2^24 only shifts the exponent
     t = np.dtype(dtype).type
-    return base, thr, t(1) / t(keep)
+    return int(key) & 0xFFFFFFFF, int(key) >> 32, thr, t(1) / t(keep)
 
 
-def dropout_mask(shape, dtype, keep, key):
-    """The inverted-dropout mask of the draw with this key: 1/keep where kept (probability keep),
-    else 0 (see above)."""
-    base, thr, scale = dropout_params(keep, key, dtype)
+def _fmix32(z):
+    """MurmurHash3's finaliser on a uint32 array, in place."""
+    z ^= z >> np.uint32(16)
+    z *= np.uint32(0x85EBCA6B)  # uint32 arrays wrap around: arithmetic mod 2^32
+    z ^= z >> np.uint32(13)
+    z *= np.uint32(0xC2B2AE35)
+    z ^= z >> np.uint32(16)
+    return z
+
+
+def dropout_mask(shape, dtype, keep, key, xp=np):
+    """The inverted-dropout mask of the draw with this key, an xp array: 1/keep where kept
+    (probability keep), else 0 (see above)."""
+    a, b, thr, scale = dropout_params(keep, key, dtype)
     n = int(np.prod(shape, dtype=np.int64))
-    z = np.arange(n, dtype=np.uint64)
-    z *= np.uint64(MIX1)  # uint64 arrays wrap around: arithmetic mod 2^64
-    z += np.uint64(base)
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(MIX1)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(MIX2)
-    z ^= z >> np.uint64(31)
-    z >>= np.uint64(11)
-    mask = (z < np.uint64(thr)).astype(dtype)
+    if n > 0xFFFFFFFF:
+        raise ValueError(f"dropout takes fewer than 2^32 elements, got {n}")
+    z = xp.arange(n, dtype=np.uint32)
+    z *= np.uint32(0x9E3779B9)
+    z ^= np.uint32(a)
+    z = _fmix32(z)
+    z += np.uint32(b)
+    z = _fmix32(z)
+    z >>= np.uint32(8)
+    mask = (z < np.uint32(thr)).astype(dtype)
     mask *= scale
     return mask.reshape(shape)
 
 
-def dropout(xs, keep, key):
-    """xs * dropout_mask(xs.shape, xs.dtype, keep, key) (a new array)."""
+def dropout(xs, keep, key, out=None):
+    """xs * dropout_mask(xs.shape, xs.dtype, keep, key): a new array, or written into out (a
+    C-contiguous array of xs's shape and dtype, which may be xs itself)."""
     xp = get_array_module(xs)
-    return xs * xp.asarray(dropout_mask(xs.shape, xs.dtype, keep, key))
+    mask = dropout_mask(xs.shape, xs.dtype, keep, key, xp)
+    if out is None:
+        return xs * mask
+    if not dropout_out_ok(xs, out):
+        raise ValueError(f"dropout's out must be a C-contiguous {xs.dtype}{xs.shape} array, got "
+                         f"{out.dtype}{out.shape}")
+    return xp.multiply(xs, mask, out=out)
+
+
+def dropout_out_ok(xs, out):
+    """Whether out can take dropout(xs)'s result."""
+    return (out.shape == xs.shape and out.dtype == xs.dtype and out.flags.c_contiguous
+            and out.flags.writeable)
