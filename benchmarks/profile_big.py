@@ -4,7 +4,7 @@ engine, against the machine's measured float32 GEMM rate.
     python -m benchmarks.profile_big [--iters 5] [--warmup 2] [--gemm-size 2048]
         [--better-hidden 650] [--attention-hidden 256] [--data-dir DIR]
         [--models better attention g2p] [--g2p-encoder bi] [--g2p-layers 1] [--g2p-dropout 0.3]
-        [--g2p-wordvec 128]
+        [--g2p-wordvec 128] [--g2p-no-word-dropout]
 
 Three iterations can be profiled: the textbook's BetterRnnlm PTB iteration (batch 20, time 35, two
 LSTM layers of 650, V = 10,000, dropout 0.5, tied weights, SGD lr 20, clip 0.25), an
@@ -234,6 +234,8 @@ def attention_g2p(prof, args):
                              dropout_ratio=p)
     opt = Adam(1e-3)
     enc, dec = model.encoder, model.decoder
+    if p and args.g2p_no_word_dropout:  # what dropout on the word vectors costs
+        enc.drops[0].dropout_ratio = dec.drops[0].dropout_ratio = 0.0
     wrapped = [("encoder embedding", enc.embed), ("decoder embedding", dec.embed),
                ("attention", dec.attention), ("affine", dec.affine),
                ("softmax + loss", model.softmax)]
@@ -273,7 +275,9 @@ def attention_g2p(prof, args):
         return out
 
     title = (f"AttentionSeq2seq G2P iteration: batch 128, V {V}, D {D}, H {H}, encoder "
-             f"{args.g2p_encoder}, layers {L}, dropout {p}, Adam 0.001, clip 5.0")
+             f"{args.g2p_encoder}, layers {L}, dropout {p}"
+             f"{' (none on the word vectors)' if p and args.g2p_no_word_dropout else ''}, "
+             f"Adam 0.001, clip 5.0")
     return title, iteration, gflop
 
 
@@ -333,6 +337,8 @@ def main(argv=None):
     ap.add_argument("--g2p-layers", type=int, default=1)
     ap.add_argument("--g2p-dropout", type=float, default=0.3)
     ap.add_argument("--g2p-wordvec", type=int, default=128)
+    ap.add_argument("--g2p-no-word-dropout", action="store_true",
+                    help="no dropout on the word vectors (the other dropout layers kept)")
     ap.add_argument("--data-dir", default=str(TEXTBOOK_DATA / "ptb"),
                     help="PTB folder (else random ids)")
     args = ap.parse_args(argv)
