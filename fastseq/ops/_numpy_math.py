@@ -235,4 +235,4 @@ def dropout(xs, keep, key, out=None):
 def dropout_out_ok(xs, out):
     """Whether out can take dropout(xs)'s result."""
     return (out.shape == xs.shape and out.dtype == xs.dtype and out.flags.c_contiguous
-            and out.flags.writeable)
+            and getattr(out.flags, "writeable", True))  # (CuPy's flags have no writeable)
