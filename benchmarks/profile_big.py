@@ -3,10 +3,16 @@ engine, against the machine's measured float32 GEMM rate.
 
     python -m benchmarks.profile_big [--iters 5] [--warmup 2] [--gemm-size 2048]
         [--better-hidden 650] [--attention-hidden 256] [--data-dir DIR]
+        [--models better attention g2p] [--g2p-encoder bi] [--g2p-layers 1] [--g2p-dropout 0.3]
+        [--g2p-wordvec 128] [--g2p-no-word-dropout]
 
-Two iterations are profiled: the textbook's BetterRnnlm PTB iteration (batch 20, time 35, two
-LSTM layers of 650, V = 10,000, dropout 0.5, tied weights, SGD lr 20, clip 0.25) and an
-AttentionSeq2seq date iteration (D 16, H 256, batch 128, Adam 0.001, clip 5.0). The layers'
+Three iterations can be profiled: the textbook's BetterRnnlm PTB iteration (batch 20, time 35, two
+LSTM layers of 650, V = 10,000, dropout 0.5, tied weights, SGD lr 20, clip 0.25), an
+AttentionSeq2seq date iteration (D 16, H 256, batch 128, Adam 0.001, clip 5.0) and a
+grapheme-to-phoneme-shaped AttentionSeq2seq iteration (--models g2p: batch 128 of CMUdict words
+of 4-15 letters and 3-14 phones, one vocabulary of letters and phones, D --g2p-wordvec, H
+--attention-hidden, encoder --g2p-encoder, --g2p-layers, dropout --g2p-dropout, Adam 0.001,
+clip 5.0; random words of those lengths when the CMUdict split is absent). The layers'
 forward and backward methods are wrapped with timers from here (fastseq's code is unchanged);
 "other" is the iteration's time outside every wrapped call (Python glue, copies, the model's own
 bookkeeping). GFLOP counts the products each op stands for (2 M K N per (M, K) x (K, N) product;
@@ -185,6 +191,96 @@ def attention_date(prof, args):
     return title, iteration, gflop
 
 
+def g2p_batches(rng, batch, path):
+    """(vocab size, pad id, next_batch() -> (xs, ts)): batches of CMUdict words (sources of 4-15
+    letters, targets of 3-14 phones) padded with id 0 at their end, targets starting with id 1;
+    random ones of those lengths (30 letters, 40 phones) when `path` is absent."""
+    if path.exists():
+        pairs = []
+        for line in open(path, encoding="utf-8"):
+            word, _, phones = line.rstrip("\n").partition("\t")
+            src, tgt = list(word), phones.split()
+            if 4 <= len(src) <= 15 and 3 <= len(tgt) <= 14:
+                pairs.append((src, tgt))
+    else:
+        pairs = [([chr(65 + c) for c in rng.randint(0, 30, rng.randint(4, 16))],
+                  [f"P{c}" for c in rng.randint(0, 40, rng.randint(3, 15))])
+                 for _ in range(20000)]
+    pairs = [(src, ["/" + s for s in tgt]) for src, tgt in pairs]  # phones apart from letters
+    symbols = sorted({s for src, tgt in pairs for s in src + tgt})
+    ids = {s: i + 2 for i, s in enumerate(symbols)}  # 0 pad (and end), 1 start
+    xs = np.zeros((len(pairs), 15), np.int64)
+    ts = np.zeros((len(pairs), 16), np.int64)
+    ts[:, 0] = 1
+    for n, (src, tgt) in enumerate(pairs):
+        xs[n, :len(src)] = [ids[s] for s in src]
+        ts[n, 1:len(tgt) + 1] = [ids[s] for s in tgt]
+
+    def next_batch():
+        idx = rng.randint(0, len(pairs), batch)
+        return xs[idx], ts[idx]
+    return len(symbols) + 2, 0, next_batch
+
+
+def attention_g2p(prof, args):
+    """(iteration(), {label: GFLOP}) of the G2P-shaped AttentionSeq2seq."""
+    from fastseq import clip_grads
+    from fastseq.models.attention import AttentionSeq2seq
+    from fastseq.optim import Adam
+    H, D, L, p = args.attention_hidden, args.g2p_wordvec, args.g2p_layers, args.g2p_dropout
+    rng = np.random.RandomState(0)
+    V, pad, next_batch = g2p_batches(rng, 128, TEXTBOOK_DATA / "cmudict" / "g014b2b.train")
+    model = AttentionSeq2seq(V, D, H, seed=0, pad_id=pad, encoder=args.g2p_encoder, layers=L,
+                             dropout_ratio=p)
+    opt = Adam(1e-3)
+    enc, dec = model.encoder, model.decoder
+    if p and args.g2p_no_word_dropout:  # what dropout on the word vectors costs
+        enc.drops[0].dropout_ratio = dec.drops[0].dropout_ratio = 0.0
+    wrapped = [("encoder embedding", enc.embed), ("decoder embedding", dec.embed),
+               ("attention", dec.attention), ("affine", dec.affine),
+               ("softmax + loss", model.softmax)]
+    wrapped += [(f"encoder {name}", lstm) for name, lstm in enc.layers[1:]]
+    wrapped += [(f"decoder {name}", lstm) for name, lstm in dec.layers if name.startswith("lstm")]
+    for name, layer in wrapped:
+        prof.wrap(layer, "forward", f"{name} forward")
+        prof.wrap(layer, "backward", f"{name} backward")
+    for d in model.dropout_layers:
+        prof.wrap(d, "forward", f"dropout forward ({len(model.dropout_layers)} layers)")
+        prof.wrap(d, "backward", f"dropout backward ({len(model.dropout_layers)} layers)")
+    if enc.directions == 2:  # the reordering of rows for the backward direction
+        prof.wrap(enc, "_flipped", "bidirectional gather (flip)")
+
+    def iteration():
+        xs, ts = next_batch()
+        model.forward(xs, ts)
+        model.backward()
+        prof.time("gradient clipping", lambda: clip_grads(model.grads, 5.0))
+        prof.time("optimiser (Adam)", lambda: opt.update(model.params, model.grads))
+
+    def gflop():
+        out = {}
+        for name, lstm in wrapped:
+            key = f"{name} forward"
+            if isinstance(lstm, type(enc.lstm)) and key in prof.shapes:
+                shape = prof.shapes[key][0]
+                out[key] = lstm_gflop(lstm, shape, False)
+                out[f"{name} backward"] = lstm_gflop(lstm, shape, True)
+        hs_enc, hs_dec = prof.shapes["attention forward"][:2]
+        (N, Te, Hh), Td = hs_enc, hs_dec[1]
+        att = 2 * _gemm(Td, Hh, Te) * N
+        out["attention forward"], out["attention backward"] = att, 2 * att
+        W = dec.affine.params[0]
+        aff = _gemm(N * Td, W.shape[0], W.shape[1])
+        out["affine forward"], out["affine backward"] = aff, 2 * aff
+        return out
+
+    title = (f"AttentionSeq2seq G2P iteration: batch 128, V {V}, D {D}, H {H}, encoder "
+             f"{args.g2p_encoder}, layers {L}, dropout {p}"
+             f"{' (none on the word vectors)' if p and args.g2p_no_word_dropout else ''}, "
+             f"Adam 0.001, clip 5.0")
+    return title, iteration, gflop
+
+
 def profile(make, args):
     prof = Profile()
     title, iteration, gflop = make(prof, args)
@@ -236,11 +332,18 @@ def main(argv=None):
     ap.add_argument("--better-hidden", type=int, default=650)
     ap.add_argument("--attention-hidden", type=int, default=256)
     ap.add_argument("--models", nargs="+", default=["better", "attention"],
-                    choices=["better", "attention"])
+                    choices=["better", "attention", "g2p"])
+    ap.add_argument("--g2p-encoder", default="bi", choices=["uni", "bi"])
+    ap.add_argument("--g2p-layers", type=int, default=1)
+    ap.add_argument("--g2p-dropout", type=float, default=0.3)
+    ap.add_argument("--g2p-wordvec", type=int, default=128)
+    ap.add_argument("--g2p-no-word-dropout", action="store_true",
+                    help="no dropout on the word vectors (the other dropout layers kept)")
     ap.add_argument("--data-dir", default=str(TEXTBOOK_DATA / "ptb"),
                     help="PTB folder (else random ids)")
     args = ap.parse_args(argv)
-    for name in ("iters", "gemm_size", "better_hidden", "attention_hidden"):
+    for name in ("iters", "gemm_size", "better_hidden", "attention_hidden", "g2p_layers",
+                 "g2p_wordvec"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
@@ -251,7 +354,9 @@ def main(argv=None):
     print(f"fastseq engine: {backend.config.engine}, {backend.config.threads} threads"
           f"; float32 GEMM peak (numpy.matmul {args.gemm_size}^2, all threads): "
           f"{peak:.1f} GFLOP/s; {args.iters} profiled iterations after {args.warmup} warm-up\n")
-    makers = {"better": better_rnnlm, "attention": attention_date}
+    if not 0 <= args.g2p_dropout < 1:
+        ap.error("--g2p-dropout must be in [0, 1)")
+    makers = {"better": better_rnnlm, "attention": attention_date, "g2p": attention_g2p}
     for m in args.models:
         title, total, prof, gflop = profile(makers[m], args)
         print(table(title, total, prof, gflop, peak, args.iters))

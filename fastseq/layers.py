@@ -9,6 +9,7 @@ from . import backend, ops
 from .ops import _pool
 from .backend import get_array_module
 from .functions import exp_rows, matmul, softmax_cross_entropy
+from .ops._numpy_math import KEY_BITS
 
 
 class TimeEmbedding:
@@ -369,8 +370,12 @@ def set_rng_state(rs, state):
 class TimeDropout:
     """Inverted dropout: scale kept units by 1/(1-p) in training, identity at inference.
 
-    Masks come from a generator seeded with ``seed`` (NumPy's global one when None); on the GPU
-    from a hash of the seed and a draw counter kept on the device. state_dict() holds both."""
+    On the host each forward draws one key from a generator seeded with ``seed`` (NumPy's global
+    one when None); the mask is a hash of that key and each element's position
+    (fastseq.ops._numpy_math.dropout_mask), generated and applied in one pass by the engine's
+    ``dropout`` and again in backward, so no mask is stored. On the GPU masks are a hash of the
+    seed and a draw counter kept on the device. state_dict() holds both generators' states.
+    ``mask`` is the last forward's mask (made on request on the host)."""
 
     param_names = ()
 
@@ -378,7 +383,8 @@ class TimeDropout:
         self.params, self.grads = [], []
         self.dropout_ratio = dropout_ratio
         self.train_flg = True
-        self.mask = None
+        self._mask = None  # the GPU's last mask
+        self._key = None  # the host's last draw: (key, keep, shape, dtype)
         self._seed = seed
         self._rng = None
         self._device_state = None  # CuPy: [seed, draws] on the device (ops._cupy.dropout_mask)
@@ -417,9 +423,19 @@ class TimeDropout:
                          else xp.random)
         return self._rng[1]
 
-    def forward(self, xs):
+    @property
+    def mask(self):
+        """The last forward's mask (same shape and dtype as its input), or None."""
+        if self._key is not None:
+            key, keep, shape, dtype = self._key
+            return ops.engine("numpy").dropout_mask(shape, dtype, keep, key)
+        return self._mask
+
+    def forward(self, xs, in_place=False):
+        """in_place: write the result into xs where it is a C-contiguous writeable host array
+        (a temporary of the caller's)."""
+        self._mask = self._key = None
         if not self.train_flg or self.dropout_ratio == 0:
-            self.mask = None
             return xs
         xp = get_array_module(xs)
         keep = 1.0 - self.dropout_ratio
@@ -427,14 +443,30 @@ class TimeDropout:
             if self._device_state is None:
                 seed = self._seed if self._seed is not None else np.random.randint(2 ** 31 - 1)
                 self._device_state = xp.asarray(np.array([seed, 0.0]))
-            state = self._device_state
-        else:
-            state = self._generator(xp)
-        self.mask = ops.engine_for(xs).dropout_mask(xs.shape, xs.dtype, keep, state)
-        return xs * self.mask
+            self._mask = ops.engine_for(xs).dropout_mask(xs.shape, xs.dtype, keep,
+                                                          self._device_state)
+            return xs * self._mask
+        key = int(self._generator(xp).randint(0, 2 ** KEY_BITS, dtype=np.int64))
+        self._key = (key, keep, xs.shape, xs.dtype)
+        return ops.engine_for(xs).dropout(xs, keep, key, out=_writable(xs, in_place))
 
-    def backward(self, dout):
-        return dout if self.mask is None else dout * self.mask
+    def backward(self, dout, in_place=False):
+        """in_place: write the gradient into dout where it is a C-contiguous writeable host
+        array."""
+        if self._key is not None:  # the forward's mask again, from its key
+            key, keep, shape, _ = self._key
+            if dout.shape != shape:
+                raise ValueError(f"TimeDropout.backward got shape {dout.shape}, its forward "
+                                 f"had {shape}")
+            return ops.engine_for(dout).dropout(dout, keep, key, out=_writable(dout, in_place))
+        return dout if self._mask is None else dout * self._mask
+
+
+def _writable(a, wanted):
+    """a where an op may write into it (wanted, and a C-contiguous writeable host array), else
+    None."""
+    ok = wanted and type(a) is np.ndarray and a.flags.c_contiguous and a.flags.writeable
+    return a if ok else None
 
 
 class TimeAffineSoftmaxWithLoss:

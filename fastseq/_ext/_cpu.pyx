@@ -7,6 +7,7 @@ fastseq.ops calls them; nothing else imports this module but fastseq.backend.
     _products.pxi   chunked products and exp_rows for the layers around the LSTM
     _ops.pxi        softmax cross-entropy passes, embedding gather and scatter-add
     _optim.pxi      Adam, the gradients' sum of squares and scaling (clipping)
+    _dropout.pxi    inverted dropout masks from a counter-based hash, generated and applied
 
 The element-wise math is C in the fs_*.h headers. Work is cut into chunks whose number and
 bounds depend on the shapes alone; fastseq's worker threads (fs_pool.h, one set per process)
@@ -41,3 +42,4 @@ include "_lstm.pxi"
 include "_products.pxi"
 include "_ops.pxi"
 include "_optim.pxi"
+include "_dropout.pxi"

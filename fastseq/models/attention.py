@@ -138,11 +138,11 @@ class AttentionEncoder(Model):
             x = xs
         else:
             x = self.embed.forward(xs)
-            x = x if drops[0] is None else drops[0].forward(x)
+            x = x if drops[0] is None else drops[0].forward(x, in_place=True)
         finals = []
         for l, lstms in enumerate(self.stack):
-            if l and drops[l] is not None:
-                x = drops[l].forward(x)
+            if l and drops[l] is not None:  # (two directions: x is a concatenation made here)
+                x = drops[l].forward(x, in_place=self.directions == 2)
             outs, ends = [], []
             for d, lstm in enumerate(lstms):
                 inp = x if d == 0 else self._flipped(x)
@@ -198,7 +198,7 @@ class AttentionEncoder(Model):
                 dxi = self._flipped(dxi) if d else dxi
                 dx = dxi if dx is None else dx + dxi
             drop = self._drops[l]
-            dhs = dx if drop is None else drop.backward(dx)
+            dhs = dx if drop is None else drop.backward(dx, in_place=True)
         self.embed.backward(dhs)
 
     def _fused_backward(self, gs):
@@ -274,26 +274,28 @@ class AttentionDecoder(Model):
         for lstm, h in zip(self.lstms, h0):
             lstm.set_state(h)
         if self._dropped:
-            x = self.lstm.forward(drops[0].forward(self.embed.forward(xs)))
+            x = self.lstm.forward(drops[0].forward(self.embed.forward(xs), in_place=True))
         else:
             x = embed_lstm_forward(self.embed, self.lstm, xs)                   # (N, T, H)
         for lstm, drop in zip(self.lstms[1:], drops[1:]):
             x = lstm.forward(x if drop is None else drop.forward(x))
         c = self.attention.forward(enc_hs, x, mask)                             # (N, T, H)
         out = xp.concatenate([c, x], axis=2)
-        return self.affine.forward(out if drops[-1] is None else drops[-1].forward(out))
+        if drops[-1] is not None:
+            out = drops[-1].forward(out, in_place=True)  # (out: the concatenation just made)
+        return self.affine.forward(out)
 
     def backward(self, dscore):
         H, drops = self.H, self._drops
         dout = self.affine.backward(dscore)
-        dout = dout if drops[-1] is None else drops[-1].backward(dout)
+        dout = dout if drops[-1] is None else drops[-1].backward(dout, in_place=True)
         denc_hs, dx = self.attention.backward(dout[:, :, :H])
         dx += dout[:, :, H:]
         for l in range(len(self.lstms) - 1, 0, -1):
             dx = self.lstms[l].backward(dx)
-            dx = dx if drops[l] is None else drops[l].backward(dx)
+            dx = dx if drops[l] is None else drops[l].backward(dx, in_place=True)
         if self._dropped:
-            self.embed.backward(drops[0].backward(self.lstm.backward(dx)))
+            self.embed.backward(drops[0].backward(self.lstm.backward(dx), in_place=True))
         else:
             embed_lstm_backward(self.embed, self.lstm, dx)
         self.dh0 = [lstm.dh for lstm in self.lstms]

@@ -16,7 +16,9 @@ results (up to rounding):
     softmax   exp_rows(S), softmax_cross_entropy(scores, labels, ignore_label)
     embedding embed_gather(W, idx) -> (rows, ids), embed_scatter(dW, ids, dout, accumulate)
     training  adam_update(params, grads, ms, vs, lr, beta1, beta2, step, state) -> state,
-              clip_grads(grads, max_norm) -> norm, dropout_mask(shape, dtype, keep, state)
+              clip_grads(grads, max_norm) -> norm, dropout_mask(shape, dtype, keep, state),
+              dropout(xs, keep, key, out=None) -> xs times the mask of the draw with
+              that key
 
 No engine knows about vocabularies, output layers or decoding: those are fastseq.decoding's.
 """

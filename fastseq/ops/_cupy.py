@@ -25,9 +25,9 @@ import numpy
 from .. import backend
 from . import _numpy
 from ._cupy_math import (DTYPES, _STEP_KERNELS, _elementwise, _product,  # noqa: F401
-                         adam_update, capturing, clip_grads, cublas_matmul, dropout_mask,
-                         embed_gather, embed_scatter, exp_rows, matmul, prepare_direct_products,
-                         softmax_cross_entropy)
+                         adam_update, capturing, clip_grads, cublas_matmul, dropout,
+                         dropout_mask, embed_gather, embed_scatter, exp_rows, matmul,
+                         prepare_direct_products, softmax_cross_entropy)
 
 TAKES_IDS = False  # xs are float inputs (N, T, D); integer ids are for the CPU engines
 

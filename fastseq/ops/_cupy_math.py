@@ -19,7 +19,8 @@ import numpy
 
 from .. import backend
 from ._numpy_math import _matmul as _xp_matmul
-from ._numpy_math import embed_gather, embed_scatter, exp_rows  # noqa: F401  (array calls)
+from ._numpy_math import (dropout, embed_gather, embed_scatter,  # noqa: F401  (array calls)
+                          exp_rows)
 
 DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import backend
 from . import _numpy, _numpy_math, _pool
-from ._numpy import dropout_mask  # noqa: F401  (no kernel of its own)
+from ._numpy import dropout_mask  # noqa: F401  (dropout below applies it)
 
 _cpu = backend.compiled()
 if _cpu is None:
@@ -323,3 +323,17 @@ def adam_update(params, grads, ms, vs, lr, beta1, beta2, step, state=None):
     if _cpu.adam_update(params, grads, ms, vs, lr_t, 1 - beta1, 1 - beta2, 1e-7, _threads()):
         return state
     return _numpy.adam_update(params, grads, ms, vs, lr, beta1, beta2, step, state)
+
+
+def dropout(xs, keep, key, out=None):
+    """xs times the dropout mask of the draw with this key, generated and applied in one
+    pass (see _numpy_math.dropout_mask)."""
+    if type(xs) is not np.ndarray or xs.dtype not in DTYPES or not (
+            out is None or _numpy_math.dropout_out_ok(xs, out)):
+        return _numpy.dropout(xs, keep, key, out)
+    a, b, thr, scale = _numpy_math.dropout_params(keep, key, xs.dtype)
+    x = np.ascontiguousarray(xs)
+    if out is None:  # a copy made here takes the result itself
+        out = x if x is not xs else np.empty(x.shape, x.dtype)
+    _cpu.dropout(x.reshape(-1), out.reshape(-1), a, b, thr, float(scale), _threads())
+    return out

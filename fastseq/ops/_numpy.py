@@ -56,8 +56,8 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 from . import _pool
-from ._numpy_math import (adam_update, clip_grads, dropout_mask, embed_gather,  # noqa: F401
-                          embed_scatter, exp_rows, matmul, softmax_cross_entropy)
+from ._numpy_math import (adam_update, clip_grads, dropout, dropout_mask,  # noqa: F401
+                          embed_gather, embed_scatter, exp_rows, matmul, softmax_cross_entropy)
 
 TAKES_IDS = True  # xs may be integer ids standing for one-hot rows (see forward)
 

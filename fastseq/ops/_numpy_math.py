@@ -172,7 +172,67 @@ def _scratch(buf, p, params):
     return buf
 
 
-def dropout_mask(shape, dtype, keep, rng):
-    """An inverted-dropout mask: 1/keep where kept (probability keep), else 0, drawn from rng
-    (a RandomState of xs's array module)."""
-    return (rng.random_sample(shape) < keep).astype(dtype) / np.dtype(dtype).type(keep)
+# Inverted dropout masks from a counter-based hash. A draw has a key k < 2^53, split into
+# a = k mod 2^32 and b = k div 2^32; element i (flat, C order, i < 2^32) gets the 32 bits
+#     z = fmix(fmix(i * 0x9E3779B9 ^ a) + b)        (arithmetic mod 2^32)
+# (fmix: MurmurHash3's 32-bit finaliser) and is kept when z >> 8, a uniform 24-bit number, is
+# below ceil(keep * 2^24). Nothing is stored between forward and backward but the key.
+KEY_BITS = 53  # keys below 2^53 (exact in float64)
+
+
+def dropout_params(keep, key, dtype):
+    """(a, b, threshold, scale) of a draw: the key's two halves, ceil(keep 2^24), 1/keep in
+    dtype."""
+    if not 0 <= int(key) < 1 << KEY_BITS:
+        raise ValueError(f"a dropout key must be in [0, 2^{KEY_BITS}), got {key}")
+    thr = -int(-keep * (1 << 24) // 1)  # exact: keep * 2^24 only shifts the exponent
+    t = np.dtype(dtype).type
+    return int(key) & 0xFFFFFFFF, int(key) >> 32, thr, t(1) / t(keep)
+
+
+def _fmix32(z):
+    """MurmurHash3's finaliser on a uint32 array, in place."""
+    z ^= z >> np.uint32(16)
+    z *= np.uint32(0x85EBCA6B)  # uint32 arrays wrap around: arithmetic mod 2^32
+    z ^= z >> np.uint32(13)
+    z *= np.uint32(0xC2B2AE35)
+    z ^= z >> np.uint32(16)
+    return z
+
+
+def dropout_mask(shape, dtype, keep, key, xp=np):
+    """The inverted-dropout mask of the draw with this key, an xp array: 1/keep where kept
+    (probability keep), else 0 (see above)."""
+    a, b, thr, scale = dropout_params(keep, key, dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    if n > 0xFFFFFFFF:
+        raise ValueError(f"dropout takes fewer than 2^32 elements, got {n}")
+    z = xp.arange(n, dtype=np.uint32)
+    z *= np.uint32(0x9E3779B9)
+    z ^= np.uint32(a)
+    z = _fmix32(z)
+    z += np.uint32(b)
+    z = _fmix32(z)
+    z >>= np.uint32(8)
+    mask = (z < np.uint32(thr)).astype(dtype)
+    mask *= scale
+    return mask.reshape(shape)
+
+
+def dropout(xs, keep, key, out=None):
+    """xs * dropout_mask(xs.shape, xs.dtype, keep, key): a new array, or written into out (a
+    C-contiguous array of xs's shape and dtype, which may be xs itself)."""
+    xp = get_array_module(xs)
+    mask = dropout_mask(xs.shape, xs.dtype, keep, key, xp)
+    if out is None:
+        return xs * mask
+    if not dropout_out_ok(xs, out):
+        raise ValueError(f"dropout's out must be a C-contiguous {xs.dtype}{xs.shape} array, got "
+                         f"{out.dtype}{out.shape}")
+    return xp.multiply(xs, mask, out=out)
+
+
+def dropout_out_ok(xs, out):
+    """Whether out can take dropout(xs)'s result."""
+    return (out.shape == xs.shape and out.dtype == xs.dtype and out.flags.c_contiguous
+            and getattr(out.flags, "writeable", True))  # (CuPy's flags have no writeable)
