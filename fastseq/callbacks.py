@@ -107,14 +107,15 @@ class EveryIterations(Callback):
 
 
 class _Monitor(Callback):
-    """Follows ``loop.epoch_log[monitor]`` (lower is better; NaN is never better)."""
+    """Follows ``loop.epoch_log[monitor]`` (lower is better, or higher with ``higher=True``;
+    NaN is never better; a tie is not better)."""
 
-    def __init__(self, monitor):
-        self.monitor, self.best = monitor, None
+    def __init__(self, monitor, higher=False):
+        self.monitor, self.best, self.higher = monitor, None, higher
 
     def improved(self, loop):
         value = loop.epoch_log[self.monitor]
-        if self.best is None or value < self.best:
+        if self.best is None or (value > self.best if self.higher else value < self.best):
             self.best = value
             return True
         return False
@@ -137,8 +138,8 @@ class LRSchedule(_Monitor):
 
     state_key = "lr_schedule"
 
-    def __init__(self, monitor, factor=0.25):
-        super().__init__(monitor)
+    def __init__(self, monitor, factor=0.25, higher=False):
+        super().__init__(monitor, higher)
         self.factor = factor
 
     def on_epoch_end(self, loop):
@@ -154,8 +155,8 @@ class SaveBest(_Monitor):
 
     state_key = "save_best"
 
-    def __init__(self, monitor, save):
-        super().__init__(monitor)
+    def __init__(self, monitor, save, higher=False):
+        super().__init__(monitor, higher)
         self.save = save
 
     def on_epoch_end(self, loop):
@@ -169,13 +170,17 @@ class EarlyStopping(_Monitor):
 
     state_key = "early_stopping"
 
-    def __init__(self, monitor, patience=3):
-        super().__init__(monitor)
+    def __init__(self, monitor, patience=3, higher=False):
+        super().__init__(monitor, higher)
         self.patience, self.bad_epochs = patience, 0
+
+    def stopped(self):
+        """Whether training has stopped here (also after a resume from the stopping epoch)."""
+        return self.bad_epochs >= self.patience
 
     def on_epoch_end(self, loop):
         self.bad_epochs = 0 if self.improved(loop) else self.bad_epochs + 1
-        if self.bad_epochs >= self.patience:
+        if self.stopped():
             loop.stop_reason = f"early stopping: no better {self.monitor} in {self.patience} epochs"
 
     def state_dict(self):

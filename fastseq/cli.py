@@ -34,3 +34,13 @@ def number_in(lo, hi=math.inf, lo_open=True, hi_open=True):
         return v
     parse.__name__ = "number"
     return parse
+
+
+def one_of(*choices):
+    """An argparse type: one of the given words (the error lists them)."""
+    def parse(s):
+        if s not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {s!r}")
+        return s
+    parse.__name__ = "choice"
+    return parse

@@ -22,8 +22,8 @@ import time
 
 from . import backend
 from .callbacks import Interrupted
-from .cli import int_at_least, number_in
-from .run import (TASK_HELP, TASKS, RunError, TrainingRun, build,  # noqa: F401 (re-exported)
+from .cli import int_at_least, number_in, one_of
+from .run import (NOT_SETTINGS, TASK_HELP, TASKS, RunError, TrainingRun, build,  # noqa: F401 (re-exported)
                   check_out, describe_data, load_data, load_resume, make_out, select_engine)
 
 # ---------------------------------------------------------------------------------------------
@@ -31,6 +31,7 @@ from .run import (TASK_HELP, TASKS, RunError, TrainingRun, build,  # noqa: F401 
 
 positive_int, positive_float, count = int_at_least(1), number_in(0), int_at_least(0)
 probability_lt1 = number_in(0, 1, lo_open=False, hi_open=True)
+fraction, factor, tokens = number_in(0, 1), number_in(0, 1, hi_open=False), one_of("char", "space")
 
 # flag -> (key, parser, help); the defaults in each help line come from TASKS and REGISTRY
 SETTINGS = {
@@ -48,8 +49,25 @@ SETTINGS = {
     "--max-iters": ("max_iters", positive_int, "cap the iterations per epoch (quick runs)"),
     "--eval-max-iters": ("eval_max_iters", positive_int,
                          "cap the iterations of each perplexity evaluation (quick runs)"),
-    "--data": ("data", str, "data file (seq2seq: the textbook's question_answer lines; text: "
-                            "any UTF-8 text)"),
+    "--data": ("data", str, "data file (addition, date: the textbook's question_answer lines; "
+                            "text: any UTF-8 text; pairs: source<TAB>target lines, the training "
+                            "file)"),
+    "--valid": ("valid", str, "pairs: dev file (source<TAB>target); default: --valid-fraction "
+                              "of the --data sources"),
+    "--test": ("test", str, "pairs: test file (source<TAB>target), scored once with the best "
+                            "model"),
+    "--valid-fraction": ("valid_fraction", fraction,
+                         "share of the training sources (pairs) or rows held out as the dev "
+                         "split, seeded"),
+    "--source-tokens": ("source_tokens", tokens, "pairs: sources as characters (char) or "
+                                                 "whitespace-separated symbols (space)"),
+    "--target-tokens": ("target_tokens", tokens, "pairs: targets as characters (char) or "
+                                                 "whitespace-separated symbols (space)"),
+    "--max-length": ("max_length", positive_int, "pairs: longest side in symbols; longer lines "
+                                                 "are bad lines"),
+    "--patience": ("patience", positive_int, "stop after N epochs without a better dev figure"),
+    "--lr-decay": ("lr_decay", factor, "multiply the learning rate by X after every epoch "
+                                       "without a better dev figure (1: never)"),
     "--data-dir": ("data_dir", str, "folder holding ptb.{train,valid,test}.txt (read offline; "
                                     "default: the download cache)"),
 }
@@ -59,7 +77,10 @@ SWITCHES = {  # key -> help of --key, help of --no-key
     "mask": ("padding-aware models (attention): give the model the data's pad id (padding "
              "masked; addition default)",
              "padding-aware models: treat pads as data, reverse whole rows (the textbook's "
-             "setting; date default: it learns the date task faster)")}
+             "setting; date default: it learns the date task faster)"),
+    "skip-bad-lines": ("pairs: leave out bad lines (no tab, an empty side, not UTF-8, over "
+                       "--max-length), counted in one warning",
+                       "pairs: a bad line is an error naming the file and line (default)")}
 
 
 def run_flags():
@@ -72,6 +93,8 @@ def run_flags():
 def _defaults_text(key):
     from .models import REGISTRY
     where = [f"{t}: {d[key]}" for t, d in TASKS.items() if d.get(key) is not None]
+    where += [f"{t}: {d['model_defaults'][key]}" for t, d in TASKS.items()
+              if key in d.get("model_defaults", {})]
     where += [f"--model {n}: {e.defaults[key]}" for n, e in REGISTRY.items() if key in e.defaults]
     used = [t for t, d in TASKS.items() if key in d] + \
            [f"--model {n}" for n, e in REGISTRY.items() if key in e.defaults]
@@ -102,7 +125,7 @@ def build_parser():
         p.add_argument(f"--no-{key}", dest=key, action="store_const", const=False, help=off)
     for flag, (key, parse, text) in SETTINGS.items():
         p.add_argument(flag, dest=key, type=parse, default=None,
-                       metavar={str: "PATH", positive_int: "N"}.get(parse, "X"),
+                       metavar={str: "PATH", positive_int: "N", tokens: "char|space"}.get(parse, "X"),
                        help=f"{text} ({_defaults_text(key)})")
     p.add_argument("--seed", type=count, default=None,
                    help="seed for weights and shuffling (default 1984)")
@@ -131,8 +154,10 @@ def resolve(args):
         fits = ", ".join(n for n, e in sorted(REGISTRY.items()) if e.task == tdef["family"])
         kind = {"lm": "language"}.get(entry.task, entry.task)
         raise RunError(f"--model {name} is a {kind} model; --task {task} needs one of: {fits}")
-    cfg = {k: v for k, v in tdef.items() if k not in ("family", "model")}
+    cfg = {k: v for k, v in tdef.items() if k not in NOT_SETTINGS}
     cfg.update(entry.defaults)
+    # the task's model sizes (pairs) override the model's own defaults, for the keys it has
+    cfg.update({k: v for k, v in tdef.get("model_defaults", {}).items() if k in entry.defaults})
     for flag, key in run_flags().items():
         value = getattr(args, key)
         if value is None:
@@ -142,6 +167,8 @@ def resolve(args):
         cfg[key] = value
     if task == "text" and not cfg["data"]:
         raise RunError("--task text needs --data FILE (a UTF-8 text file)")
+    if task == "pairs" and not cfg["data"]:
+        raise RunError("--task pairs needs --data FILE (source<TAB>target lines)")
     cfg.update(task=task, family=tdef["family"], model=name,
                seed=1984 if args.seed is None else args.seed,
                checkpoint_every=args.checkpoint_every)
