@@ -132,22 +132,34 @@ class _Monitor(Callback):
 
 
 class LRSchedule(_Monitor):
-    """Multiplies the optimiser's learning rate by ``factor`` after every epoch whose monitored
-    figure is no better than the best so far (the textbook's PTB schedule: factor 1/4). Writes
-    'lr' (the rate the epoch trained with) and 'lr_note' into the epoch log."""
+    """Multiplies the optimiser's learning rate by ``factor`` once the monitored figure has been
+    no better than the best so far for ``patience`` epochs in a row (the textbook's PTB schedule:
+    factor 1/4, patience 1); the count then starts again. Writes 'lr' (the rate the epoch trained
+    with) and 'lr_note' into the epoch log."""
 
     state_key = "lr_schedule"
 
-    def __init__(self, monitor, factor=0.25, higher=False):
+    def __init__(self, monitor, factor=0.25, higher=False, patience=1):
         super().__init__(monitor, higher)
-        self.factor = factor
+        self.factor, self.patience, self.bad_epochs = factor, patience, 0
 
     def on_epoch_end(self, loop):
         opt = loop.optimizer
         loop.epoch_log["lr"] = opt.lr
-        if not self.improved(loop):
+        self.bad_epochs = 0 if self.improved(loop) else self.bad_epochs + 1
+        if self.bad_epochs >= self.patience:
+            self.bad_epochs = 0
             opt.lr = opt.lr * self.factor
             loop.epoch_log["lr_note"] = f"worse: lr -> {opt.lr:g}"
+        elif self.bad_epochs:
+            loop.epoch_log["lr_note"] = f"not better ({self.bad_epochs} of {self.patience})"
+
+    def state_dict(self):
+        return dict(super().state_dict(), bad_epochs=self.bad_epochs)
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.bad_epochs = int(state.get("bad_epochs", 0))
 
 
 class SaveBest(_Monitor):

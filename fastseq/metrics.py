@@ -45,6 +45,6 @@ def score(predictions, references):
         errors += d
         ref_tokens += length
     N = len(predictions)
-    return {"n": N, "accuracy": right / N, "wer": 1 - right / N,
+    return {"n": N, "accuracy": right / N, "wer": (N - right) / N,
             "ter": errors / ref_tokens if ref_tokens else float(errors > 0),
             "errors": errors, "ref_tokens": ref_tokens}

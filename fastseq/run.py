@@ -32,17 +32,17 @@ TASKS = {
     "addition": {"family": "seq2seq", "model": "peeky", "data": "addition.txt", "reverse": True,
                  "epochs": 25, "batch_size": 128, "optimizer": "adam", "lr": 1e-3,
                  "max_grad": 5.0, "beam": None, "mask": True, "valid_fraction": 0.05,
-                 "patience": None, "lr_decay": 0.5},
+                 "patience": None, "lr_decay": 0.5, "lr_patience": 2},
     "date": {"family": "seq2seq", "model": "attention", "data": "date.txt", "reverse": True,
              "epochs": 10, "batch_size": 128, "optimizer": "adam", "lr": 1e-3, "max_grad": 5.0,
              "beam": None, "mask": False, "valid_fraction": 0.05, "patience": None,
-             "lr_decay": 0.5},
+             "lr_decay": 0.5, "lr_patience": 2},
     # provisional: the model's sizes come from model_defaults (they override the model's own)
     "pairs": {"family": "seq2seq", "model": "attention", "data": None, "valid": None,
               "test": None, "valid_fraction": 0.05, "source_tokens": "char",
               "target_tokens": "char", "max_length": 100, "skip_bad_lines": False,
               "reverse": False, "epochs": 30, "batch_size": 128, "optimizer": "adam",
-              "lr": 1e-3, "max_grad": 5.0, "beam": None, "patience": 5, "lr_decay": 0.5,
+              "lr": 1e-3, "max_grad": 5.0, "beam": None, "patience": 5, "lr_decay": 0.5, "lr_patience": 1,
               "model_defaults": {"wordvec_size": 64, "hidden_size": 256}},
     "ptb": {"family": "lm", "model": "rnnlm", "data_dir": None, "epochs": 4, "batch_size": 20,
             "time_size": 35, "optimizer": "sgd", "lr": 20.0, "max_grad": 0.25, "max_iters": None,
@@ -74,7 +74,8 @@ SETTING_SCHEMAS = {"epochs": POSITIVE, "batch_size": POSITIVE, "hidden_size": PO
                    "valid_fraction": Num(above=0, below=1),
                    "source_tokens": Choice("char", "space"), "target_tokens": Choice("char", "space"),
                    "max_length": POSITIVE, "skip_bad_lines": Bool(),
-                   "patience": Optional(POSITIVE), "lr_decay": Num(above=0, hi=1)}
+                   "patience": Optional(POSITIVE), "lr_decay": Num(above=0, hi=1),
+                   "lr_patience": POSITIVE}
 NOT_SETTINGS = ("family", "model", "model_defaults")  # a task's keys that are not settings
 TRAINING_KEYS = {k for t in TASKS.values() for k in t} - set(NOT_SETTINGS)
 
@@ -168,8 +169,9 @@ def _run_schema(task, settings):
     fields = {"config": config,
               "metrics": Dict({"epochs": List(epoch, checkpoint.MAX_ITEMS)}, extra=Any())}
     best = Dict({"best": Optional(Num())})
+    counted = Dict({"best": Optional(Num()), "bad_epochs": Int(0)})
     callbacks = Dict({"save_best": best},
-                     optional={"lr_schedule": best,
+                     optional={"lr_schedule": counted,
                                "early_stopping": Dict({"best": Optional(Num()),
                                                        "bad_epochs": Int(0)})}, extra=Any())
     fields["state"] = Dict({"loop": Dict({"callbacks": callbacks}, extra=Any())}, extra=Any())
@@ -329,7 +331,7 @@ def describe_data(cfg, data, model):
                 f"{len(data['val'])} val / {len(data['test'])} test words, vocabulary "
                 f"{len(data['words'])}")
     test = data["test"]
-    return (f"{type(model).__name__} on {data['source']}: {len(data['x_train'])} train / "
+    return (f"{type(model).__name__} on {data['source']}: {len(data['x_train'])} train rows / "
             f"{len(data['valid'].x)} dev / {0 if test is None else len(test.x)} test "
             f"{'sources' if cfg['task'] == 'pairs' else 'questions'}, vocabulary "
             f"{len(data['vocab'])}, reverse={cfg['reverse']}")
@@ -392,7 +394,8 @@ class TrainingRun:
         if self.lm:
             after.append(LRSchedule(figure, 0.25))
         elif cfg["lr_decay"] < 1:  # the learning rate falls whenever the dev figure does not improve
-            after.append(LRSchedule(figure, cfg["lr_decay"], higher=higher))
+            after.append(LRSchedule(figure, cfg["lr_decay"], higher=higher,
+                                    patience=cfg["lr_patience"]))
         self.early = None
         if not self.lm and cfg["patience"]:
             self.early = EarlyStopping(figure, cfg["patience"], higher=higher)

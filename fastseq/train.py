@@ -66,27 +66,33 @@ SETTINGS = {
     "--max-length": ("max_length", positive_int, "pairs: longest side in symbols; longer lines "
                                                  "are bad lines"),
     "--patience": ("patience", positive_int, "stop after N epochs without a better dev figure"),
-    "--lr-decay": ("lr_decay", factor, "multiply the learning rate by X after every epoch "
-                                       "without a better dev figure (1: never)"),
+    "--lr-decay": ("lr_decay", factor, "multiply the learning rate by X once --lr-patience "
+                                       "epochs in a row bring no better dev figure (1: never)"),
+    "--lr-patience": ("lr_patience", positive_int, "epochs in a row without a better dev figure "
+                                                   "before the learning rate falls"),
     "--data-dir": ("data_dir", str, "folder holding ptb.{train,valid,test}.txt (read offline; "
                                     "default: the download cache)"),
 }
-SWITCHES = {  # key -> help of --key, help of --no-key
+SWITCHES = {  # key -> help of --key, help of --no-key (a '-' in the flag is '_' in the key)
     "reverse": ("seq2seq: feed each question reversed (addition default)",
                 "seq2seq: feed questions in their written order"),
     "mask": ("padding-aware models (attention): give the model the data's pad id (padding "
              "masked; addition default)",
              "padding-aware models: treat pads as data, reverse whole rows (the textbook's "
              "setting; date default: it learns the date task faster)"),
-    "skip-bad-lines": ("pairs: leave out bad lines (no tab, an empty side, not UTF-8, over "
+    "skip_bad_lines": ("pairs: leave out bad lines (no tab, an empty side, not UTF-8, over "
                        "--max-length), counted in one warning",
                        "pairs: a bad line is an error naming the file and line (default)")}
+
+
+def _dashed(key):
+    return key.replace("_", "-")
 
 
 def run_flags():
     """flag -> key of every flag that sets part of a run's configuration."""
     flags = {f: key for f, (key, _, _) in SETTINGS.items()}
-    flags.update({f"--{k}/--no-{k}": k for k in SWITCHES})
+    flags.update({f"--{_dashed(k)}/--no-{_dashed(k)}": k for k in SWITCHES})
     return flags
 
 
@@ -120,9 +126,10 @@ def build_parser():
                    help="model from the registry (default: " +
                         ", ".join(f"{t}: {d['model']}" for t, d in TASKS.items()) + ")")
     for key, (on, off) in SWITCHES.items():
-        p.add_argument(f"--{key}", dest=key, action="store_const", const=True, default=None,
-                       help=on)
-        p.add_argument(f"--no-{key}", dest=key, action="store_const", const=False, help=off)
+        p.add_argument(f"--{_dashed(key)}", dest=key, action="store_const", const=True,
+                       default=None, help=on)
+        p.add_argument(f"--no-{_dashed(key)}", dest=key, action="store_const", const=False,
+                       help=off)
     for flag, (key, parse, text) in SETTINGS.items():
         p.add_argument(flag, dest=key, type=parse, default=None,
                        metavar={str: "PATH", positive_int: "N", tokens: "char|space"}.get(parse, "X"),
