@@ -1,6 +1,8 @@
 """A training run in a folder, as ``python -m fastseq.train`` runs it: the task's data, a model and
 trainer built from the registry, callbacks for evaluation, the learning-rate schedule, the best
-model, checkpoints and Ctrl-C, and the files: metrics.json, model.npz, checkpoint.npz and curves.
+model, early stopping, checkpoints and Ctrl-C, and the files: metrics.json, model.npz,
+checkpoint.npz, curves and, for seq2seq tasks, best.npz (the best epoch by the dev figure: exact
+match for addition and date, WER for pairs), with which the test split is scored at the end.
 
     cfg = {...}                        # what fastseq.train resolves from flags and defaults
     run = TrainingRun(cfg, out, load_data(cfg))

@@ -8,11 +8,16 @@ every epoch (and every --checkpoint-every iterations), checkpoint.npz.
     python -m fastseq.train --task ptb --model rnnlm --data-dir ptb   # PTB files read offline
     python -m fastseq.train --task ptb --model better          # BetterRnnlm, 40 epochs
     python -m fastseq.train --task text --data my.txt          # a language model on any text
+    python -m fastseq.train --task pairs --data train.tsv --test test.tsv --target-tokens space
+                                                  # seq2seq on your own source<TAB>target lines
     python -m fastseq.train --resume runs/20260101-120000      # continue a stopped or killed run
 
 Models, their task family and their defaults come from fastseq.models.REGISTRY; the tasks'
 defaults from fastseq.run.TASKS (a model's defaults override its task's, a flag overrides both).
-The run itself is fastseq.run.TrainingRun. Ctrl-C (or SIGTERM) stops at the end of the current
+The run itself is fastseq.run.TrainingRun. Seq2seq runs score a dev split every epoch (held out
+of the training data, seeded; pairs: --valid FILE or --valid-fraction of the sources), keep the
+best epoch's weights in best.npz, lower the learning rate when the dev figure stops improving
+(--lr-decay, --lr-patience), stop early (--patience) and score the test split with best.npz. Ctrl-C (or SIGTERM) stops at the end of the current
 iteration and saves; a second one stops at once.
 """
 import argparse
