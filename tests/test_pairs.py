@@ -169,13 +169,8 @@ def bucket_setup(tmp_path, bucket=True, seed=0):
 
 def test_bucketed_order_is_a_permutation_of_similar_lengths(tmp_path):
     tr, train = bucket_setup(tmp_path)
-    seen = []
-    widths = []
-
-    def record(loop):
-        pass
-
     from fastseq.callbacks import Callback
+    seen, widths = [], []
 
     class Record(Callback):
         def on_epoch_begin(self, loop):
