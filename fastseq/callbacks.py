@@ -107,14 +107,15 @@ class EveryIterations(Callback):
 
 
 class _Monitor(Callback):
-    """Follows ``loop.epoch_log[monitor]`` (lower is better; NaN is never better)."""
+    """Follows ``loop.epoch_log[monitor]`` (lower is better, or higher with ``higher=True``;
+    NaN is never better; a tie is not better)."""
 
-    def __init__(self, monitor):
-        self.monitor, self.best = monitor, None
+    def __init__(self, monitor, higher=False):
+        self.monitor, self.best, self.higher = monitor, None, higher
 
     def improved(self, loop):
         value = loop.epoch_log[self.monitor]
-        if self.best is None or value < self.best:
+        if self.best is None or (value > self.best if self.higher else value < self.best):
             self.best = value
             return True
         return False
@@ -131,22 +132,34 @@ class _Monitor(Callback):
 
 
 class LRSchedule(_Monitor):
-    """Multiplies the optimiser's learning rate by ``factor`` after every epoch whose monitored
-    figure is no better than the best so far (the textbook's PTB schedule: factor 1/4). Writes
-    'lr' (the rate the epoch trained with) and 'lr_note' into the epoch log."""
+    """Multiplies the optimiser's learning rate by ``factor`` once the monitored figure has been
+    no better than the best so far for ``patience`` epochs in a row (the textbook's PTB schedule:
+    factor 1/4, patience 1); the count then starts again. Writes 'lr' (the rate the epoch trained
+    with) and 'lr_note' into the epoch log."""
 
     state_key = "lr_schedule"
 
-    def __init__(self, monitor, factor=0.25):
-        super().__init__(monitor)
-        self.factor = factor
+    def __init__(self, monitor, factor=0.25, higher=False, patience=1):
+        super().__init__(monitor, higher)
+        self.factor, self.patience, self.bad_epochs = factor, patience, 0
 
     def on_epoch_end(self, loop):
         opt = loop.optimizer
         loop.epoch_log["lr"] = opt.lr
-        if not self.improved(loop):
+        self.bad_epochs = 0 if self.improved(loop) else self.bad_epochs + 1
+        if self.bad_epochs >= self.patience:
+            self.bad_epochs = 0
             opt.lr = opt.lr * self.factor
             loop.epoch_log["lr_note"] = f"worse: lr -> {opt.lr:g}"
+        elif self.bad_epochs:
+            loop.epoch_log["lr_note"] = f"not better ({self.bad_epochs} of {self.patience})"
+
+    def state_dict(self):
+        return dict(super().state_dict(), bad_epochs=self.bad_epochs)
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.bad_epochs = int(state.get("bad_epochs", 0))
 
 
 class SaveBest(_Monitor):
@@ -154,8 +167,8 @@ class SaveBest(_Monitor):
 
     state_key = "save_best"
 
-    def __init__(self, monitor, save):
-        super().__init__(monitor)
+    def __init__(self, monitor, save, higher=False):
+        super().__init__(monitor, higher)
         self.save = save
 
     def on_epoch_end(self, loop):
@@ -169,13 +182,17 @@ class EarlyStopping(_Monitor):
 
     state_key = "early_stopping"
 
-    def __init__(self, monitor, patience=3):
-        super().__init__(monitor)
+    def __init__(self, monitor, patience=3, higher=False):
+        super().__init__(monitor, higher)
         self.patience, self.bad_epochs = patience, 0
+
+    def stopped(self):
+        """Whether training has stopped here (also after a resume from the stopping epoch)."""
+        return self.bad_epochs >= self.patience
 
     def on_epoch_end(self, loop):
         self.bad_epochs = 0 if self.improved(loop) else self.bad_epochs + 1
-        if self.bad_epochs >= self.patience:
+        if self.stopped():
             loop.stop_reason = f"early stopping: no better {self.monitor} in {self.patience} epochs"
 
     def state_dict(self):

@@ -58,6 +58,7 @@ LOOP = {"epoch": COUNT, "iteration": COUNT, "total_iters": COUNT, "loss_list": F
 TRAINERS = {
     "Trainer": Dict(dict(LOOP, order=Optional(ARRAY), shuffle_rng=Optional(RNG))),
     "RnnlmTrainer": Dict(dict(LOOP, time_idx=COUNT, ppl_list=FIGURES))}
+TRAINERS["BucketTrainer"] = TRAINERS["Trainer"]  # the same state, another order of rows
 CLASSES = Dict({"optimizer_class": Choice(*OPTIMIZERS), "trainer_class": Choice(*TRAINERS)},
                extra=Any())
 

@@ -8,11 +8,16 @@ every epoch (and every --checkpoint-every iterations), checkpoint.npz.
     python -m fastseq.train --task ptb --model rnnlm --data-dir ptb   # PTB files read offline
     python -m fastseq.train --task ptb --model better          # BetterRnnlm, 40 epochs
     python -m fastseq.train --task text --data my.txt          # a language model on any text
+    python -m fastseq.train --task pairs --data train.tsv --test test.tsv --target-tokens space
+                                                  # seq2seq on your own source<TAB>target lines
     python -m fastseq.train --resume runs/20260101-120000      # continue a stopped or killed run
 
 Models, their task family and their defaults come from fastseq.models.REGISTRY; the tasks'
 defaults from fastseq.run.TASKS (a model's defaults override its task's, a flag overrides both).
-The run itself is fastseq.run.TrainingRun. Ctrl-C (or SIGTERM) stops at the end of the current
+The run itself is fastseq.run.TrainingRun. Seq2seq runs score a dev split every epoch (held out
+of the training data, seeded; pairs: --valid FILE or --valid-fraction of the sources), keep the
+best epoch's weights in best.npz, lower the learning rate when the dev figure stops improving
+(--lr-decay, --lr-patience), stop early (--patience) and score the test split with best.npz. Ctrl-C (or SIGTERM) stops at the end of the current
 iteration and saves; a second one stops at once.
 """
 import argparse
@@ -23,7 +28,7 @@ import time
 from . import backend
 from .callbacks import Interrupted
 from .cli import int_at_least, number_in, one_of
-from .run import (TASK_HELP, TASKS, RunError, TrainingRun, build,  # noqa: F401 (re-exported)
+from .run import (NOT_SETTINGS, TASK_HELP, TASKS, RunError, TrainingRun, build,  # noqa: F401 (re-exported)
                   check_out, describe_data, load_data, load_resume, make_out, select_engine)
 
 # ---------------------------------------------------------------------------------------------
@@ -31,6 +36,7 @@ from .run import (TASK_HELP, TASKS, RunError, TrainingRun, build,  # noqa: F401 
 
 positive_int, positive_float, count = int_at_least(1), number_in(0), int_at_least(0)
 probability_lt1 = number_in(0, 1, lo_open=False, hi_open=True)
+fraction, factor, tokens = number_in(0, 1), number_in(0, 1, hi_open=False), one_of("char", "space")
 
 # flag -> (key, parser, help); the defaults in each help line come from TASKS and REGISTRY
 SETTINGS = {
@@ -51,30 +57,58 @@ SETTINGS = {
     "--max-iters": ("max_iters", positive_int, "cap the iterations per epoch (quick runs)"),
     "--eval-max-iters": ("eval_max_iters", positive_int,
                          "cap the iterations of each perplexity evaluation (quick runs)"),
-    "--data": ("data", str, "data file (seq2seq: the textbook's question_answer lines; text: "
-                            "any UTF-8 text)"),
+    "--data": ("data", str, "data file (addition, date: the textbook's question_answer lines; "
+                            "text: any UTF-8 text; pairs: source<TAB>target lines, the training "
+                            "file)"),
+    "--valid": ("valid", str, "pairs: dev file (source<TAB>target); default: --valid-fraction "
+                              "of the --data sources"),
+    "--test": ("test", str, "pairs: test file (source<TAB>target), scored once with the best "
+                            "model"),
+    "--valid-fraction": ("valid_fraction", fraction,
+                         "share of the training sources (pairs) or rows held out as the dev "
+                         "split, seeded"),
+    "--source-tokens": ("source_tokens", tokens, "pairs: sources as characters (char) or "
+                                                 "whitespace-separated symbols (space)"),
+    "--target-tokens": ("target_tokens", tokens, "pairs: targets as characters (char) or "
+                                                 "whitespace-separated symbols (space)"),
+    "--max-length": ("max_length", positive_int, "pairs: longest side in symbols; longer lines "
+                                                 "are bad lines"),
+    "--patience": ("patience", positive_int, "stop after N epochs without a better dev figure"),
+    "--lr-decay": ("lr_decay", factor, "multiply the learning rate by X once --lr-patience "
+                                       "epochs in a row bring no better dev figure (1: never)"),
+    "--lr-patience": ("lr_patience", positive_int, "epochs in a row without a better dev figure "
+                                                   "before the learning rate falls"),
     "--data-dir": ("data_dir", str, "folder holding ptb.{train,valid,test}.txt (read offline; "
                                     "default: the download cache)"),
 }
-SWITCHES = {  # key -> help of --key, help of --no-key
+SWITCHES = {  # key -> help of --key, help of --no-key (a '-' in the flag is '_' in the key)
     "reverse": ("seq2seq: feed each question reversed (addition default)",
                 "seq2seq: feed questions in their written order"),
     "mask": ("padding-aware models (attention): give the model the data's pad id (padding "
              "masked; addition default)",
              "padding-aware models: treat pads as data, reverse whole rows (the textbook's "
-             "setting; date default: it learns the date task faster)")}
+             "setting; date default: it learns the date task faster)"),
+    "skip_bad_lines": ("pairs: leave out bad lines (no tab, an empty side, not UTF-8, over "
+                       "--max-length), counted in one warning",
+                       "pairs: a bad line is an error naming the file and line (default)")}
+
+
+def _dashed(key):
+    return key.replace("_", "-")
 
 
 def run_flags():
     """flag -> key of every flag that sets part of a run's configuration."""
     flags = {f: key for f, (key, _, _) in SETTINGS.items()}
-    flags.update({f"--{k}/--no-{k}": k for k in SWITCHES})
+    flags.update({f"--{_dashed(k)}/--no-{_dashed(k)}": k for k in SWITCHES})
     return flags
 
 
 def _defaults_text(key):
     from .models import REGISTRY
     where = [f"{t}: {d[key]}" for t, d in TASKS.items() if d.get(key) is not None]
+    where += [f"{t}: {d['model_defaults'][key]}" for t, d in TASKS.items()
+              if key in d.get("model_defaults", {})]
     where += [f"--model {n}: {e.defaults[key]}" for n, e in REGISTRY.items() if key in e.defaults]
     used = [t for t, d in TASKS.items() if key in d] + \
            [f"--model {n}" for n, e in REGISTRY.items() if key in e.defaults]
@@ -100,13 +134,14 @@ def build_parser():
                    help="model from the registry (default: " +
                         ", ".join(f"{t}: {d['model']}" for t, d in TASKS.items()) + ")")
     for key, (on, off) in SWITCHES.items():
-        p.add_argument(f"--{key}", dest=key, action="store_const", const=True, default=None,
-                       help=on)
-        p.add_argument(f"--no-{key}", dest=key, action="store_const", const=False, help=off)
+        p.add_argument(f"--{_dashed(key)}", dest=key, action="store_const", const=True,
+                       default=None, help=on)
+        p.add_argument(f"--no-{_dashed(key)}", dest=key, action="store_const", const=False,
+                       help=off)
     for flag, (key, parse, text) in SETTINGS.items():
         p.add_argument(flag, dest=key, type=parse, default=None,
                        metavar=getattr(parse, "metavar", None)
-                       or {str: "PATH", positive_int: "N"}.get(parse, "X"),
+                       or {str: "PATH", positive_int: "N", tokens: "char|space"}.get(parse, "X"),
                        help=f"{text} ({_defaults_text(key)})")
     p.add_argument("--seed", type=count, default=None,
                    help="seed for weights and shuffling (default 1984)")
@@ -135,8 +170,10 @@ def resolve(args):
         fits = ", ".join(n for n, e in sorted(REGISTRY.items()) if e.task == tdef["family"])
         kind = {"lm": "language"}.get(entry.task, entry.task)
         raise RunError(f"--model {name} is a {kind} model; --task {task} needs one of: {fits}")
-    cfg = {k: v for k, v in tdef.items() if k not in ("family", "model")}
+    cfg = {k: v for k, v in tdef.items() if k not in NOT_SETTINGS}
     cfg.update(entry.defaults)
+    # the task's model sizes (pairs) override the model's own defaults, for the keys it has
+    cfg.update({k: v for k, v in tdef.get("model_defaults", {}).items() if k in entry.defaults})
     for flag, key in run_flags().items():
         value = getattr(args, key)
         if value is None:
@@ -146,6 +183,8 @@ def resolve(args):
         cfg[key] = value
     if task == "text" and not cfg["data"]:
         raise RunError("--task text needs --data FILE (a UTF-8 text file)")
+    if task == "pairs" and not cfg["data"]:
+        raise RunError("--task pairs needs --data FILE (source<TAB>target lines)")
     cfg.update(task=task, family=tdef["family"], model=name,
                seed=1984 if args.seed is None else args.seed,
                checkpoint_every=args.checkpoint_every)

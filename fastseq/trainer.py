@@ -291,6 +291,55 @@ class Trainer(TrainLoop):
         return plot_curve(self.loss_list, f"iterations (x{self.eval_interval})", "loss", path, ylim)
 
 
+class BucketTrainer(Trainer):
+    """A Trainer for rows of different lengths, padded at their end with ``pad_id``: each batch
+    holds rows of similar lengths and is cut to its longest row (the columns after it are
+    padding in every row), so short rows do not pay for the longest ones.
+
+    An epoch's order: the rows shuffled, cut into chunks of ``chunk`` batches, each chunk sorted
+    by length (source + target) and cut into batches, the batches shuffled; the rows left over
+    (fewer than a batch) are drawn at random and skipped, as in Trainer. ``bucket=False``: plain
+    shuffled batches, still cut to their longest row. The order is a permutation of the rows
+    drawn from the seeded generator, so a checkpoint's state resumes it as Trainer's."""
+
+    def __init__(self, model, optimizer, pad_id, seed=None, progress=True, cuda_graphs=None,
+                 chunk=64, bucket=True):
+        super().__init__(model, optimizer, seed, progress, cuda_graphs)
+        self.pad_id, self.chunk, self.bucket = int(pad_id), check_count("chunk", chunk), bucket
+        self._lengths = None
+
+    def fit(self, x, t, max_epoch=10, batch_size=32, max_grad=None, eval_interval=20):
+        from .functions import true_lengths
+        x_host, t_host = np.asarray(backend.to_cpu(x)), np.asarray(backend.to_cpu(t))
+        # columns each row needs: its source; <s>, its target and the end symbol (a pad)
+        self._lengths = (true_lengths(x_host, self.pad_id),
+                         np.minimum(true_lengths(t_host, self.pad_id) + 1, t_host.shape[1]))
+        try:
+            return super().fit(x, t, max_epoch, batch_size, max_grad, eval_interval)
+        finally:
+            self._lengths = None
+
+    def begin_epoch(self):
+        n, bs = len(self._data[0]), self._data[2]
+        order = self.rng.permutation(n)
+        if self.bucket:
+            m = n - n % bs
+            key = self._lengths[0] + self._lengths[1]
+            size = bs * self.chunk
+            for s in range(0, m, size):
+                part = order[s:min(s + size, m)]
+                order[s:s + len(part)] = part[np.argsort(key[part], kind="stable")]
+            batches = order[:m].reshape(-1, bs)[self.rng.permutation(m // bs)]
+            order = np.concatenate([batches.ravel(), order[m:]])
+        self.order = order
+
+    def batch(self, it):
+        bs = self._data[2]
+        rows = self.order[it * bs:(it + 1) * bs]
+        x, t = super().batch(it)
+        return x[:, :int(self._lengths[0][rows].max())], t[:, :int(self._lengths[1][rows].max())]
+
+
 def eval_seq2seq(model, questions, corrects, id_to_char=None, verbose=False, is_reverse=False,
                  batch_size=10000, workers=None):
     """Exact-match accuracy of greedy answers over all questions, decoded in batches.

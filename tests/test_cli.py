@@ -31,9 +31,15 @@ def test_train_cli_writes_outputs(tmp_path, capsys, small_data):
     assert m["config"]["model"] == "peeky" and m["config"]["reverse"] is True
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     for e in m["epochs"]:
-        assert set(e) == {"epoch", "train_seconds", "checkpoint_seconds", "eval_seconds", "loss",
-                          "test_accuracy"}
-        assert 0.0 <= e["test_accuracy"] <= 1.0
+        assert set(e) - {"lr_note"} == {"epoch", "train_seconds", "checkpoint_seconds",
+                                        "eval_seconds", "loss", "test_accuracy", "val_accuracy",
+                                        "lr"}
+        assert 0.0 <= e["test_accuracy"] <= 1.0 and 0.0 <= e["val_accuracy"] <= 1.0
+    # the best epoch by dev accuracy (the first of equals) is best.npz, and the test figure is its
+    best = max(range(2), key=lambda i: (m["epochs"][i]["val_accuracy"], -i)) + 1
+    assert m["best_epoch"] == best
+    assert m["test_accuracy"] == m["epochs"][best - 1]["test_accuracy"] == m["test"]["accuracy"]
+    assert PeekySeq2seq(13, 8, 16).load_params(out / "best.npz")["epoch"] == best
     assert m["epochs"][1]["loss"] < m["epochs"][0]["loss"]
     assert m["engine"]["engine"] in ("numpy", "cython", "cupy")
     model = PeekySeq2seq(13, 8, 16)

@@ -60,7 +60,21 @@ def data(tmp_path_factory):
     words = [f"w{i}" for i in range(30)]
     (d / "text.txt").write_text("\n".join(" ".join(rng.choice(words, rng.randint(3, 12)))
                                           for _ in range(240)) + "\n")
+    (d / "pairs.tsv").write_text(pairs_lines(300, seed=5))
     return d
+
+
+def pairs_lines(n, seed):
+    """n source<TAB>target lines: a word of 2-7 letters, its letters reversed as space tokens;
+    every tenth word has a second target (its letters in order)."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n):
+        w = "".join(rng.choice(list("abcdefgh"), rng.randint(2, 8)))
+        out.append(f"{w}\t{' '.join(reversed(w))}")
+        if i % 10 == 0:
+            out.append(f"{w}\t{' '.join(w)}")
+    return "\n".join(out) + "\n"
 
 
 def task_args(task, data):
@@ -68,6 +82,12 @@ def task_args(task, data):
         return ["--data", str(data / "add.txt"), "--model", "peeky", "--epochs", "2",
                 "--batch-size", "32", "--hidden-size", "8", "--wordvec-size", "4",
                 "--checkpoint-every", "4", "--seed", "7"]
+    if task == "pairs":  # 285 training sources (~314 rows) / 32 = 9 iterations per epoch; the
+        # dev WER stays at 100%: the learning rate halves every epoch, early stopping at the 3rd
+        return ["--task", "pairs", "--data", str(data / "pairs.tsv"), "--target-tokens", "space",
+                "--epochs", "4", "--batch-size", "32", "--hidden-size", "8",
+                "--wordvec-size", "4", "--patience", "2", "--checkpoint-every", "3",
+                "--seed", "7"]
     return ["--task", "text", "--data", str(data / "text.txt"), "--model", "better",
             "--epochs", "3", "--max-iters", "12", "--batch-size", "4", "--time-size", "5",
             "--hidden-size", "8", "--wordvec-size", "8", "--eval-max-iters", "2",
@@ -99,7 +119,8 @@ def arrays_of(path):
 
 
 def assert_same_run(a, b):
-    for name in ("checkpoint.npz", "model.npz"):
+    names = ["checkpoint.npz", "model.npz"] + (["best.npz"] if (a / "best.npz").exists() else [])
+    for name in names:
         x, y = arrays_of(a / name), arrays_of(b / name)
         assert sorted(x) == sorted(y)
         for k in x:
@@ -124,7 +145,8 @@ def baseline(engine, task, data, tmp_path_factory):
     return _baselines[key]
 
 
-@pytest.mark.parametrize("task,signal_at,ckpt_at", [("seq2seq", 22, 20), ("lm", 17, 15)])
+@pytest.mark.parametrize("task,signal_at,ckpt_at", [("seq2seq", 22, 20), ("lm", 17, 15),
+                                                    ("pairs", 14, 12)])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(engine, task, signal_at, ckpt_at, data,
                                                         tmp_path, tmp_path_factory):
@@ -144,7 +166,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(engine, task, signal_at,
     assert_same_run(baseline(engine, task, data, tmp_path_factory), out)
 
 
-@pytest.mark.parametrize("task,signal_at", [("seq2seq", 22), ("lm", 17)])
+@pytest.mark.parametrize("task,signal_at", [("seq2seq", 22), ("lm", 17), ("pairs", 14)])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_sigint_saves_state_reached_then_resume_is_bit_identical(engine, task, signal_at, data,
                                                                  tmp_path, tmp_path_factory):

@@ -177,4 +177,23 @@ def test_early_stopping_and_lr_schedule_follow_the_monitored_figure(addition):
     assert trainer.current_epoch == 4 and trainer.stop_reason.startswith("early stopping")
     assert trainer.optimizer.lr == pytest.approx(1e-2 / 4)  # halved after epochs 3 and 4
     state = trainer.state_dict()["loop"]["callbacks"]
-    assert state["lr_schedule"] == {"best": 2.0} and state["early_stopping"]["bad_epochs"] == 2
+    assert state["lr_schedule"] == {"best": 2.0, "bad_epochs": 0}
+    assert state["early_stopping"]["bad_epochs"] == 2
+
+
+def test_higher_is_better_and_the_schedule_waits_its_patience(addition):
+    """An accuracy (higher is better; a tie is not better): the rate falls after 2 epochs in a
+    row without a better figure, the count starts again; early stopping after 3."""
+    from fastseq.callbacks import EarlyStopping, LRSchedule, SaveBest
+    _, trainer = seq2seq_run(addition)
+    saved = []
+    best = SaveBest("val", lambda loop: saved.append(loop.current_epoch), higher=True)
+    schedule = LRSchedule("val", 0.5, higher=True, patience=2)
+    stop = EarlyStopping("val", patience=3, higher=True)
+    trainer.callbacks += [_Figures([0.1, 0.5, 0.5, 0.4, 0.6, 0.6, 0.6, 0.6, 0.9]), best,
+                          schedule, stop]
+    trainer.fit(addition.x_train, addition.t_train, max_epoch=9, batch_size=256)
+    assert saved == [1, 2, 5]
+    assert trainer.current_epoch == 8 and stop.stopped()
+    assert trainer.optimizer.lr == pytest.approx(1e-2 / 4)  # after epochs 4 and 7
+    assert schedule.state_dict() == {"best": 0.6, "bad_epochs": 1}

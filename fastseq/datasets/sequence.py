@@ -236,10 +236,9 @@ def build(questions, answers, seed=1984, source="<lines>"):
 MAX_DATA_BYTES = 64 << 20  # the textbook's sets are ~1-2 MB
 
 
-def read_text(path, max_bytes=MAX_DATA_BYTES):
-    """The text of a UTF-8 file (a leading byte-order mark dropped), with errors that name the
-    file: not a regular file (a FIFO would block), too large, not UTF-8 (UTF-16 recognised),
-    binary (NUL bytes)."""
+def read_bytes(path, max_bytes=MAX_DATA_BYTES):
+    """The bytes of a data file, refused with an error naming it when it is not a regular file
+    (a FIFO would block), holds more than ``max_bytes`` or is UTF-16 text."""
     f, size = open_regular(path)
     with f:
         if size > max_bytes:
@@ -250,6 +249,14 @@ def read_text(path, max_bytes=MAX_DATA_BYTES):
         raise DataFormatError(f"{path}: more than the {max_bytes}-byte limit for a text data set")
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise DataFormatError(f"{path}: is UTF-16 text; save it as UTF-8")
+    return data
+
+
+def read_text(path, max_bytes=MAX_DATA_BYTES):
+    """The text of a UTF-8 file (a leading byte-order mark dropped), with errors that name the
+    file: not a regular file (a FIFO would block), too large, not UTF-8 (UTF-16 recognised),
+    binary (NUL bytes)."""
+    data = read_bytes(path, max_bytes)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -186,6 +186,8 @@ class _Plan:
 
     def _vocab(self, vmeta):
         V = self.config.get("vocab_size")
+        if self.task == "seq2seq" and "pairs" in vmeta:
+            return self._pairs_vocab(vmeta["pairs"], V)
         if self.task == "seq2seq":
             for k in ("chars", "question_width", "answer_width"):
                 if k not in vmeta:
@@ -208,6 +210,32 @@ class _Plan:
             raise self.fail(f"the vocabulary has {len(words)} words but the model "
                             f"({self.cls.__name__}) has vocab_size {V}")
         return list(words)
+
+    def _pairs_vocab(self, pm, V):
+        """A PairsVocabulary from metadata that fits VOCABULARY['pairs'] (checked) and whose
+        fields agree with each other and with the model."""
+        from ..datasets.pairs import SPECIALS, PairsVocabulary
+        symbols = pm["symbols"]
+        where = "vocabulary" if self.checkpoint else "metadata"
+        for i, s in enumerate(SPECIALS):
+            if symbols[i] != s:
+                raise self.fail(f"{where} field 'pairs.symbols[{i}]' must be {s!r}, got "
+                                f"{symbols[i][:40]!r}")
+        kinds = {pm["source_tokens"], pm["target_tokens"]}
+        both_char = kinds == {"char"}
+        for i, s in enumerate(symbols[len(SPECIALS):], len(SPECIALS)):
+            whole = not any(c.isspace() for c in s)  # a token split at whitespace
+            if not (len(s) == 1 if both_char else whole or (len(s) == 1 and "char" in kinds)):
+                raise self.fail(f"{where} field 'pairs.symbols[{i}]' = {s[:40]!r} is not a "
+                                f"{'character' if both_char else 'token'}")
+        if len(symbols) != V:
+            raise self.fail(f"{where} field 'pairs.symbols' has {len(symbols)} symbols but the "
+                            f"model ({self.cls.__name__}) has vocab_size {V}")
+        if self.config.get("pad_id", PairsVocabulary.pad_id) != PairsVocabulary.pad_id:
+            raise self.fail(f"the model's pad_id {self.config['pad_id']} is not the "
+                            f"vocabulary's {PairsVocabulary.pad_id} ({SPECIALS[0]})")
+        return PairsVocabulary(symbols, pm["source_tokens"], pm["target_tokens"],
+                               pm["max_answer_length"])
 
     def _check_shapes(self, specs):
         names, shapes = _predict_shapes(self.cls, self.config, self.fail)

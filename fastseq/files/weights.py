@@ -10,7 +10,7 @@ import numpy as np
 from .. import backend
 from .core import check_params, expand_path
 from .envelope import read_npz, write_npz
-from .schema import Any, Bool, Const, Dict, Float, Int, List, Null, OneOf, Str, check_schema
+from .schema import Any, Bool, Choice, Const, Dict, Float, Int, List, Null, OneOf, Str, check_schema
 
 CHECKPOINT_FORMAT = "fastseq-checkpoint-1"
 CHECKPOINT_FILE = Dict({"format": Const(CHECKPOINT_FORMAT)}, extra=Any())
@@ -25,6 +25,11 @@ VOCABULARY = {  # seq2seq: chars + widths; language model: vocab, or vocab_sourc
     "question_width": Int(1, MAX_WIDTH), "answer_width": Int(1, MAX_WIDTH),
     "vocab": List(Str(4096, 1, blank=False), MAX_VOCAB, unique=True),
     "vocab_source": Str(4096),
+    # pairs (fastseq.datasets.pairs): symbols by id, <pad> <s> <unk> first; how sides are split
+    "pairs": Dict({"symbols": List(Str(4096, 1), MAX_VOCAB, 4, unique=True),
+                   "source_tokens": Choice("char", "space"),
+                   "target_tokens": Choice("char", "space"),
+                   "max_answer_length": Int(1, MAX_WIDTH)}),
 }
 MODEL_FILE = Dict({"model": Str(64, 1), "config": CONFIG},
                   optional={"reverse": Bool(), **VOCABULARY}, extra=Any())
