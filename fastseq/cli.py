@@ -1,4 +1,5 @@
-"""What the command-line tools share: argparse types that name what they expect."""
+"""What the command-line tools share: argparse types that name what they expect, and flags built
+from tables of settings."""
 import argparse
 import math
 
@@ -15,7 +16,7 @@ def int_at_least(lo):
         if v is None or v < lo:
             raise argparse.ArgumentTypeError(f"expected {kind}, got {s}")
         return v
-    parse.__name__ = "integer"
+    parse.__name__, parse.metavar = "integer", "N"
     return parse
 
 
@@ -45,3 +46,30 @@ def one_of(*choices):
     parse.__name__ = "choice"
     parse.metavar = "{" + ",".join(choices) + "}"
     return parse
+
+
+def dashed(key):
+    """The flag spelling of a configuration key: batch_size -> batch-size."""
+    return key.replace("_", "-")
+
+
+def flag_keys(settings, switches):
+    """flag -> key of every flag that add_flags makes (a switch as '--key/--no-key')."""
+    flags = {f: key for f, (key, _, _) in settings.items()}
+    flags.update({f"--{dashed(k)}/--no-{dashed(k)}": k for k in switches})
+    return flags
+
+
+def add_flags(p, settings, switches, defaults_text):
+    """Add to parser ``p`` a flag per setting ({flag: (key, type, help)}) and a --key/--no-key
+    pair per switch ({key: (help of --key, help of --no-key)}); each is None when not given.
+    ``defaults_text(key)`` words a setting's defaults, shown at the end of its help line."""
+    for key, (on, off) in switches.items():
+        p.add_argument(f"--{dashed(key)}", dest=key, action="store_const", const=True,
+                       default=None, help=on)
+        p.add_argument(f"--no-{dashed(key)}", dest=key, action="store_const", const=False,
+                       help=off)
+    for flag, (key, parse, text) in settings.items():
+        metavar = getattr(parse, "metavar", None) or ("PATH" if parse is str else "X")
+        p.add_argument(flag, dest=key, type=parse, default=None, metavar=metavar,
+                       help=f"{text} ({defaults_text(key)})")

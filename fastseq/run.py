@@ -4,7 +4,7 @@ model, early stopping, checkpoints and Ctrl-C, and the files: metrics.json, mode
 checkpoint.npz, curves and, for seq2seq tasks, best.npz (the best epoch by the dev figure: exact
 match for addition and date, WER for pairs), with which the test split is scored at the end.
 
-    cfg = {...}                        # what fastseq.train resolves from flags and defaults
+    cfg = configure("date", given={"--epochs": ("epochs", 3)})  # defaults, then the flags given
     run = TrainingRun(cfg, out, load_data(cfg))
     signum = run.train()               # None when every epoch ran; else the stopping signal
     run.finish()                       # test figures, curves, the final metrics.json
@@ -93,6 +93,52 @@ def model_keywords(entry, cfg):
     """The constructor keywords of a registered model: its defaults that are not training
     settings, with the values cfg gives them."""
     return {k: cfg[k] for k in entry.defaults if k not in TRAINING_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+def configure(task, model=None, given=(), seed=None, checkpoint_every=None):
+    """A run's full configuration: the task's defaults, the model's (by default the task's
+    model), then the settings the user gave (``given``: {flag: (key, value)}); RunError for a
+    model of another family, a flag the task and model do not use, or missing data."""
+    from .models import REGISTRY
+    tdef = TASKS[task]
+    name = model or tdef["model"]
+    entry = REGISTRY[name]
+    if entry.task != tdef["family"]:
+        fits = ", ".join(n for n, e in sorted(REGISTRY.items()) if e.task == tdef["family"])
+        kind = {"lm": "language"}.get(entry.task, entry.task)
+        raise RunError(f"--model {name} is a {kind} model; --task {task} needs one of: {fits}")
+    cfg = {k: v for k, v in tdef.items() if k not in NOT_SETTINGS}
+    cfg.update(entry.defaults)
+    # the task's model sizes (pairs) override the model's own defaults, for the keys it has
+    cfg.update({k: v for k, v in tdef.get("model_defaults", {}).items() if k in entry.defaults})
+    for flag, (key, value) in dict(given).items():
+        if key not in cfg:
+            raise RunError(f"{flag} does not apply to --task {task} --model {name}")
+        cfg[key] = value
+    if task == "text" and not cfg["data"]:
+        raise RunError("--task text needs --data FILE (a UTF-8 text file)")
+    if task == "pairs" and not cfg["data"]:
+        raise RunError("--task pairs needs --data FILE (source<TAB>target lines)")
+    cfg.update(task=task, family=tdef["family"], model=name,
+               seed=1984 if seed is None else seed, checkpoint_every=checkpoint_every)
+    return cfg
+
+
+def defaults_text(key):
+    """A setting's defaults in words, per task and per model ("for ..." where none is set)."""
+    from .models import REGISTRY
+    where = [f"{t}: {d[key]}" for t, d in TASKS.items() if d.get(key) is not None]
+    where += [f"{t}: {d['model_defaults'][key]}" for t, d in TASKS.items()
+              if key in d.get("model_defaults", {})]
+    where += [f"--model {n}: {e.defaults[key]}" for n, e in REGISTRY.items() if key in e.defaults]
+    if where:
+        return "; ".join(where)
+    used = [t for t, d in TASKS.items() if key in d] + \
+           [f"--model {n}" for n, e in REGISTRY.items() if key in e.defaults]
+    return "for " + ", ".join(used)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,11 +13,12 @@ every epoch (and every --checkpoint-every iterations), checkpoint.npz.
     python -m fastseq.train --resume runs/20260101-120000      # continue a stopped or killed run
 
 Models, their task family and their defaults come from fastseq.models.REGISTRY; the tasks'
-defaults from fastseq.run.TASKS (a model's defaults override its task's, a flag overrides both).
-The run itself is fastseq.run.TrainingRun. Seq2seq runs score a dev split every epoch (held out
-of the training data, seeded; pairs: --valid FILE or --valid-fraction of the sources), keep the
-best epoch's weights in best.npz, lower the learning rate when the dev figure stops improving
-(--lr-decay, --lr-patience), stop early (--patience) and score the test split with best.npz. Ctrl-C (or SIGTERM) stops at the end of the current
+defaults from fastseq.run.TASKS; fastseq.run.configure merges them (a model's defaults override
+its task's, a flag overrides both). The run itself is fastseq.run.TrainingRun. Seq2seq runs
+score a dev split every epoch (held out of the training data, seeded; pairs: --valid FILE or
+--valid-fraction of the sources), keep the best epoch's weights in best.npz, lower the learning
+rate when the dev figure stops improving (--lr-decay, --lr-patience), stop early (--patience)
+and score the test split with best.npz. Ctrl-C (or SIGTERM) stops at the end of the current
 iteration and saves; a second one stops at once.
 """
 import argparse
@@ -27,9 +28,10 @@ import time
 
 from . import backend
 from .callbacks import Interrupted
-from .cli import int_at_least, number_in, one_of
-from .run import (NOT_SETTINGS, TASK_HELP, TASKS, RunError, TrainingRun, build,  # noqa: F401 (re-exported)
-                  check_out, describe_data, load_data, load_resume, make_out, select_engine)
+from .cli import add_flags, flag_keys, int_at_least, number_in, one_of
+from .run import (TASK_HELP, TASKS, RunError, TrainingRun, build,  # noqa: F401 (re-exported)
+                  check_out, configure, defaults_text, describe_data, load_data, load_resume,
+                  make_out, select_engine)
 
 # ---------------------------------------------------------------------------------------------
 # flags
@@ -92,29 +94,7 @@ SWITCHES = {  # key -> help of --key, help of --no-key (a '-' in the flag is '_'
                        "--max-length), counted in one warning",
                        "pairs: a bad line is an error naming the file and line (default)")}
 
-
-def _dashed(key):
-    return key.replace("_", "-")
-
-
-def run_flags():
-    """flag -> key of every flag that sets part of a run's configuration."""
-    flags = {f: key for f, (key, _, _) in SETTINGS.items()}
-    flags.update({f"--{_dashed(k)}/--no-{_dashed(k)}": k for k in SWITCHES})
-    return flags
-
-
-def _defaults_text(key):
-    from .models import REGISTRY
-    where = [f"{t}: {d[key]}" for t, d in TASKS.items() if d.get(key) is not None]
-    where += [f"{t}: {d['model_defaults'][key]}" for t, d in TASKS.items()
-              if key in d.get("model_defaults", {})]
-    where += [f"--model {n}: {e.defaults[key]}" for n, e in REGISTRY.items() if key in e.defaults]
-    used = [t for t, d in TASKS.items() if key in d] + \
-           [f"--model {n}" for n, e in REGISTRY.items() if key in e.defaults]
-    if where:
-        return "; ".join(where)
-    return "for " + ", ".join(used)
+FLAGS = flag_keys(SETTINGS, SWITCHES)  # flag -> key of every flag that sets part of a run
 
 
 def build_parser():
@@ -133,16 +113,7 @@ def build_parser():
     p.add_argument("--model", choices=sorted(REGISTRY), default=None,
                    help="model from the registry (default: " +
                         ", ".join(f"{t}: {d['model']}" for t, d in TASKS.items()) + ")")
-    for key, (on, off) in SWITCHES.items():
-        p.add_argument(f"--{_dashed(key)}", dest=key, action="store_const", const=True,
-                       default=None, help=on)
-        p.add_argument(f"--no-{_dashed(key)}", dest=key, action="store_const", const=False,
-                       help=off)
-    for flag, (key, parse, text) in SETTINGS.items():
-        p.add_argument(flag, dest=key, type=parse, default=None,
-                       metavar=getattr(parse, "metavar", None)
-                       or {str: "PATH", positive_int: "N", tokens: "char|space"}.get(parse, "X"),
-                       help=f"{text} ({_defaults_text(key)})")
+    add_flags(p, SETTINGS, SWITCHES, defaults_text)
     p.add_argument("--seed", type=count, default=None,
                    help="seed for weights and shuffling (default 1984)")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
@@ -161,34 +132,9 @@ def build_parser():
 
 def resolve(args):
     """The run's full configuration from the flags, the task's defaults and the model's."""
-    from .models import REGISTRY
-    task = args.task or "addition"
-    tdef = TASKS[task]
-    name = args.model or tdef["model"]
-    entry = REGISTRY[name]
-    if entry.task != tdef["family"]:
-        fits = ", ".join(n for n, e in sorted(REGISTRY.items()) if e.task == tdef["family"])
-        kind = {"lm": "language"}.get(entry.task, entry.task)
-        raise RunError(f"--model {name} is a {kind} model; --task {task} needs one of: {fits}")
-    cfg = {k: v for k, v in tdef.items() if k not in NOT_SETTINGS}
-    cfg.update(entry.defaults)
-    # the task's model sizes (pairs) override the model's own defaults, for the keys it has
-    cfg.update({k: v for k, v in tdef.get("model_defaults", {}).items() if k in entry.defaults})
-    for flag, key in run_flags().items():
-        value = getattr(args, key)
-        if value is None:
-            continue
-        if key not in cfg:
-            raise RunError(f"{flag} does not apply to --task {task} --model {name}")
-        cfg[key] = value
-    if task == "text" and not cfg["data"]:
-        raise RunError("--task text needs --data FILE (a UTF-8 text file)")
-    if task == "pairs" and not cfg["data"]:
-        raise RunError("--task pairs needs --data FILE (source<TAB>target lines)")
-    cfg.update(task=task, family=tdef["family"], model=name,
-               seed=1984 if args.seed is None else args.seed,
-               checkpoint_every=args.checkpoint_every)
-    return cfg
+    given = {f: (key, getattr(args, key)) for f, key in FLAGS.items()
+             if getattr(args, key) is not None}
+    return configure(args.task or "addition", args.model, given, args.seed, args.checkpoint_every)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +149,7 @@ def prepare(args):
         return cfg, out, None
     others = {"--task": "task", "--model": "model", "--seed": "seed", "--out": "out",
               "--checkpoint-every": "checkpoint_every"}
-    given = [f for f, key in dict(others, **run_flags()).items() if getattr(args, key) is not None]
+    given = [f for f, key in dict(others, **FLAGS).items() if getattr(args, key) is not None]
     if given:
         raise RunError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
     cfg, resume = load_resume(args.resume)

@@ -193,6 +193,14 @@ def test_argument_refusals(model_file, tmp_path, capsys):
         assert rc == 2 and out == "" and len(err.splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.parametrize("flag", ["--nbest", "--batch-size"])
+def test_counts_below_one_are_usage_errors(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "m.npz"), "--input", "-", flag, "0"])
+    assert e.value.code == 2
+    assert f"error: argument {flag}: expected a positive integer, got 0" in capsys.readouterr().err
+
+
 class UnkVocabulary:
     """The conversion protocol over the char vocabulary, with an <unk> id (here: the id of '0')
     for unknown characters, as a data vocabulary with <unk> behaves."""

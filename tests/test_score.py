@@ -45,3 +45,15 @@ def test_bad_prediction_files_are_one_line_errors(tmp_path, capsys, preds_text, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastseq: ") and "\n" not in err
     assert (message or "is not UTF-8") in err
+
+
+def test_unknown_token_kind_and_bad_reference_line(tmp_path, capsys):
+    refs = write(tmp_path, "refs", "ab\tA B\nno tab\n")
+    preds = write(tmp_path, "preds", "ab\tA B\n")
+    with pytest.raises(SystemExit) as e:
+        main([refs, preds, "--tokens", "word"])
+    assert e.value.code == 2
+    assert "argument --tokens: expected one of char, space, got 'word'" in capsys.readouterr().err
+    assert main([refs, preds]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fastseq: {refs}, line 2: no tab") and "\n" not in err

@@ -60,6 +60,17 @@ MALFORMED = [
     (["--checkpoint-every", "0"], "--checkpoint-every"),
     (["--model", "transformer"], "--model"), (["--task", "translate"], "--task"),
     (["--engine", "fortran"], "--engine"),
+    (["--task", "date", "--encoder", "both"], "--encoder"),
+    (["--task", "date", "--layers", "0"], "--layers"),
+    (["--task", "pairs", "--valid-fraction", "0"], "--valid-fraction"),
+    (["--task", "pairs", "--valid-fraction", "1"], "--valid-fraction"),
+    (["--task", "pairs", "--source-tokens", "word"], "--source-tokens"),
+    (["--task", "pairs", "--target-tokens", "phones"], "--target-tokens"),
+    (["--task", "pairs", "--max-length", "0"], "--max-length"),
+    (["--task", "pairs", "--patience", "0"], "--patience"),
+    (["--task", "pairs", "--lr-decay", "0"], "--lr-decay"),
+    (["--task", "pairs", "--lr-decay", "1.5"], "--lr-decay"),
+    (["--task", "pairs", "--lr-patience", "0"], "--lr-patience"),
 ]
 
 
@@ -85,6 +96,17 @@ REFUSED = [
     (["--model", "rnnlm"], ["rnnlm", "seq2seq", "peeky"]),
     (["--task", "ptb", "--model", "peeky"], ["peeky", "rnnlm"]),
     (["--task", "text"], ["--data"]),
+    (["--task", "pairs"], ["--task pairs needs --data FILE"]),
+    (["--encoder", "bi"], ["--encoder", "addition"]),
+    (["--layers", "2"], ["--layers", "addition"]),
+    (["--valid", "v.tsv"], ["--valid", "addition"]),
+    (["--test", "t.tsv"], ["--test", "addition"]),
+    (["--skip-bad-lines"], ["--skip-bad-lines", "addition"]),
+    (["--max-length", "9"], ["--max-length", "addition"]),
+    (["--task", "ptb", "--patience", "3"], ["--patience", "ptb"]),
+    (["--task", "ptb", "--lr-decay", "0.5"], ["--lr-decay", "ptb"]),
+    (["--task", "text", "--data", "x.txt", "--valid-fraction", "0.2"],
+     ["--valid-fraction", "text"]),
     (["--resume", "nowhere"], ["nowhere", "checkpoint.npz"]),
     (["--resume", ".", "--epochs", "3"], ["--epochs"]),
 ]
@@ -183,6 +205,16 @@ def test_help_lists_models_and_tasks_from_the_registry(capsys):
         assert type(model) is Toy and model.config()["hidden_size"] == 4
     finally:
         del REGISTRY["toy"]
+
+
+def test_every_flag_is_in_the_reliability_table():
+    """docs/RELIABILITY.md lists every flag --help lists (a new flag needs its row)."""
+    doc = (ROOT / "docs" / "RELIABILITY.md").read_text()
+    flags = [s for a in build_parser()._actions for s in a.option_strings
+             if s not in ("-h", "--help")]
+    assert len(flags) > 30
+    assert [f for f in flags if f"| `{f}`" not in doc and f", `{f}`" not in doc
+            and f"/ `{f}`" not in doc] == []
 
 
 def test_every_registered_model_rebuilds_from_config():
