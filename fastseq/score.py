@@ -49,7 +49,8 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     args = p.parse_args(argv)
     try:
-        refs, _ = read_pairs(args.refs, args.tokens, args.tokens, max_length=10**6)
+        refs, _ = read_pairs(args.refs, args.tokens, args.tokens, max_length=10**6,
+                             hint=False)
         preds = read_predictions(args.predictions, args.tokens)
         missing = [src for src, _, _ in refs if src not in preds]
         if missing:

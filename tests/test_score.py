@@ -57,3 +57,11 @@ def test_unknown_token_kind_and_bad_reference_line(tmp_path, capsys):
     assert main([refs, preds]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"fastseq: {refs}, line 2: no tab") and "\n" not in err
+
+
+def test_a_bad_reference_line_names_no_flag_score_lacks(tmp_path, capsys):
+    refs = write(tmp_path, "refs", "ab\tA B\ncd\n")
+    preds = write(tmp_path, "preds", "ab\tA B\ncd\tK\n")
+    assert main([refs, preds, "--tokens", "space"]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: no tab" in err and "--skip-bad-lines" not in err

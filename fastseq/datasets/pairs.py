@@ -141,11 +141,12 @@ def _decode_line(raw):
 
 
 def read_pairs(path, source_tokens="char", target_tokens="char", max_length=MAX_LENGTH,
-               skip_bad_lines=False, max_bytes=MAX_DATA_BYTES):
+               skip_bad_lines=False, max_bytes=MAX_DATA_BYTES, hint=True):
     """([(source text, source tokens, [target token lists])...] in line order, a source's lines
     merged at its first; skipped) from a file. A bad line (no tab, an empty side, not UTF-8, a
     side over ``max_length`` symbols, a reserved symbol) raises DataFormatError naming the file
-    and line, or with ``skip_bad_lines`` is left out: skipped = (count, first problem)."""
+    and line (``hint``: the message names --skip-bad-lines), or with ``skip_bad_lines`` is left
+    out: skipped = (count, first problem)."""
     data = read_bytes(path, max_bytes)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -161,7 +162,8 @@ def read_pairs(path, source_tokens="char", target_tokens="char", max_length=MAX_
         if problem is not None:
             message = f"{path}, line {i}: {problem}"
             if not skip_bad_lines:
-                raise DataFormatError(message + " (--skip-bad-lines leaves such lines out)")
+                raise DataFormatError(message + (" (--skip-bad-lines leaves such lines out)"
+                                                 if hint else ""))
             skipped += 1
             first = first or message
             continue
