@@ -94,6 +94,18 @@ class DecoderState:
             raise ValueError(f"select needs {B} rows, each among its question's {self.k}")
         return self.moved(self.h[rows], self.c[rows])
 
+    def keep(self, questions, fixed):
+        """This state for the questions ``questions`` (N',) only (indices in this state's
+        order, increasing): their k rows each, and ``fixed``, what the decoder keeps for them."""
+        xp = get_array_module(self.h)
+        rows = (xp.asarray(questions)[:, None] * self.k + xp.arange(self.k)).reshape(-1)
+        return type(self)(self._take(self.h, rows), self._take(self.c, rows), self.k, fixed,
+                          owned=True)
+
+    @staticmethod
+    def _take(a, rows):
+        return a[rows]
+
 
 class EncoderDecoder(Model):
     """What every seq2seq model shares: the decoding interface that fastseq.decoding's greedy
@@ -104,6 +116,8 @@ class EncoderDecoder(Model):
                                                 state passed in is used up (its arrays may
                                                 hold the next state)
         state = model.select(state, rows)       rows reordered within each question's k rows
+        state = model.keep(state, questions)    only these questions (N',) from now on (None:
+                                                the model cannot drop questions)
         model.end_id                            the id that ends an answer (None: none)
         model.length_order(xs)                  a row order batching similar questions, or None
     """
@@ -122,6 +136,12 @@ class EncoderDecoder(Model):
 
     def select(self, state, rows):
         return state.select(rows)
+
+    def keep(self, state, questions):
+        """The state for the questions ``questions`` (N',) only (increasing indices into the
+        state's questions), so that later steps run on fewer rows; None where the model cannot
+        (the search then keeps stepping every question)."""
+        return None
 
     def length_order(self, xs):
         return None
