@@ -6,6 +6,8 @@ over many questions at once, written once over the models' decoding interface
     scores, state = model.step(ids, state)   one step for every row: ids (B,) -> scores (B, V)
                                              (the state passed in is used up)
     state = model.select(state, rows)        rows reordered within each question's k rows
+    state = model.keep(state, questions)     (optional) only the questions (N',) given, from now
+                                             on; None where the model cannot drop questions
     model.end_id, model.length_order(xs), model.vocab_size, model.check_ids(ids, what)
 
     greedy_search(model, xs, start_id, sample_size)              -> (N, sample_size) ids
@@ -87,7 +89,7 @@ def greedy_search(model, xs, start_id, sample_size, end_id=_AUTO, batch_size=500
         B = ids.shape[0]
         res = xp.full((B, sample_size), -1 if end is None else end, dtype=np.int64)
         live = None  # the batch rows still stepped (None: all of them)
-        shrink = True  # whether the model can drop rows (model.keep)
+        shrink = hasattr(model, "keep")  # whether the model can drop rows
         done = xp.zeros(B, dtype=bool)
         steps = 0
         for t in range(sample_size):
@@ -180,7 +182,7 @@ def _beam_batch(model, xs, starts, sample_size, k, alpha, end, xp, nbest=1):
     out_scores = xp.zeros((N, nbest))
     live = xp.arange(N)  # the questions still stepped, in the state's order
     settled = xp.zeros(N, dtype=bool)  # of those, the ones whose answer is taken
-    shrink = end is not None  # whether settled questions may leave the state
+    shrink = end is not None and hasattr(model, "keep")  # whether settled questions may leave
     ids = starts.repeat(k)
     if end is not None:
         after_end = xp.full(V, -xp.inf)  # a finished hypothesis: end symbols at no cost
