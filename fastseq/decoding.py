@@ -172,7 +172,10 @@ def _beam_batch(model, xs, starts, sample_size, k, alpha, end, xp, nbest=1):
     model's state (model.keep) when the settled questions are KEEP_FRACTION of those still
     stepped."""
     N, V = xs.shape[0], model.vocab_size
-    state = model.start(xs, k)
+    widen = getattr(model, "widen", None) if k > 1 else None
+    # the first step: every question's k rows are the same, with one live hypothesis; where the
+    # model can widen a state, it runs on one row per question (k rows from the second)
+    state = model.start(xs, 1 if widen else k)
     score = xp.full((N, k), -xp.inf)
     score[:, 0] = 0  # one live hypothesis per question at the start
     length = xp.zeros((N, k))
@@ -183,7 +186,7 @@ def _beam_batch(model, xs, starts, sample_size, k, alpha, end, xp, nbest=1):
     live = xp.arange(N)  # the questions still stepped, in the state's order
     settled = xp.zeros(N, dtype=bool)  # of those, the ones whose answer is taken
     shrink = end is not None and hasattr(model, "keep")  # whether settled questions may leave
-    ids = starts.repeat(k)
+    ids = starts if widen else starts.repeat(k)
     if end is not None:
         after_end = xp.full(V, -xp.inf)  # a finished hypothesis: end symbols at no cost
         after_end[end] = 0
@@ -191,6 +194,9 @@ def _beam_batch(model, xs, starts, sample_size, k, alpha, end, xp, nbest=1):
     for t in range(sample_size):
         n = live.shape[0]
         scores, state = model.step(ids, state)
+        if widen and t == 0:  # rows 1 .. k - 1 of each question: -inf scores, never taken
+            scores = xp.repeat(scores, k, axis=0)
+            state = widen(state, k)
         logp = _log_softmax(scores).reshape(n, k, V)
         if end is not None:
             logp = xp.where(done[:, :, None], after_end, logp)

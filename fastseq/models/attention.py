@@ -230,8 +230,8 @@ class StackedState(DecoderState):
         return self.moved(tuple(h[rows] for h in self.h), tuple(c[rows] for c in self.c))
 
     @staticmethod
-    def _take(a, rows):
-        return tuple(x[rows] for x in a)
+    def _each(a, f):
+        return tuple(f(x) for x in a)
 
 
 class AttentionDecoder(Model):
@@ -315,11 +315,21 @@ class AttentionDecoder(Model):
         hs = [h if k == 1 else h.repeat(k, axis=0) for h in h0]
         B, xp = hs[0].shape[0], get_array_module(hs[0])
         W, b = self.affine.params
-        cells = [self.lstm.cell(self.embed, rows=B)] + [l.cell(rows=B) for l in self.lstms[1:]]
-        fixed = (cells, enc_hs, mask, W[:self.H], W[self.H:], b)  # Affine's rows for c, for h
+        fixed = (self._cells(B), enc_hs, mask, W[:self.H], W[self.H:], b)  # Affine: c's, h's rows
         if len(hs) == 1:
             return DecoderState(hs[0], xp.zeros_like(hs[0]), k, fixed)
         return StackedState(tuple(hs), tuple(xp.zeros_like(h) for h in hs), k, fixed)
+
+    def _cells(self, B):
+        """Each layer's LSTM cell for steps of B rows (the first reads ids)."""
+        return [self.lstm.cell(self.embed, rows=B)] + [l.cell(rows=B) for l in self.lstms[1:]]
+
+    def widen(self, state, k):
+        """A state of one row per question as k rows per question (each row repeated): the
+        state start(..., k) would have made, advanced as the one given."""
+        cells, *rest = state.fixed
+        B = (state.h[0] if isinstance(state, StackedState) else state.h).shape[0]
+        return state.widen(k, (self._cells(B * k), *rest))
 
     def step(self, ids, state):
         """Scores (B, V) after feeding ids (B,), and the next state: the k rows of a question
@@ -474,6 +484,9 @@ class AttentionSeq2seq(EncoderDecoder):
 
     def keep(self, state, questions):
         return self.decoder.keep(state, questions)
+
+    def widen(self, state, k):
+        return self.decoder.widen(state, k)
 
     def length_order(self, xs):
         """Row order by true question length (None without a pad id): decoding rows of similar

@@ -99,12 +99,21 @@ class DecoderState:
         order, increasing): their k rows each, and ``fixed``, what the decoder keeps for them."""
         xp = get_array_module(self.h)
         rows = (xp.asarray(questions)[:, None] * self.k + xp.arange(self.k)).reshape(-1)
-        return type(self)(self._take(self.h, rows), self._take(self.c, rows), self.k, fixed,
-                          owned=True)
+        return type(self)(self._each(self.h, lambda a: a[rows]),
+                          self._each(self.c, lambda a: a[rows]), self.k, fixed, owned=True)
+
+    def widen(self, k, fixed):
+        """This state of one row per question as k rows per question (each row repeated k
+        times), with ``fixed``."""
+        if self.k != 1:
+            raise ValueError(f"widen needs a state of one row per question, not {self.k}")
+        return type(self)(self._each(self.h, lambda a: a.repeat(k, axis=0)),
+                          self._each(self.c, lambda a: a.repeat(k, axis=0)), k, fixed, owned=True)
 
     @staticmethod
-    def _take(a, rows):
-        return a[rows]
+    def _each(a, f):
+        """f of the state's array a (StackedState: of each layer's)."""
+        return f(a)
 
 
 class EncoderDecoder(Model):
@@ -118,6 +127,9 @@ class EncoderDecoder(Model):
         state = model.select(state, rows)       rows reordered within each question's k rows
         state = model.keep(state, questions)    only these questions (N',) from now on (None:
                                                 the model cannot drop questions)
+        state = model.widen(state, k)           one row per question -> k (each repeated), for
+                                                models that have it (beam search's first step
+                                                runs on one row per question)
         model.end_id                            the id that ends an answer (None: none)
         model.length_order(xs)                  a row order batching similar questions, or None
     """
@@ -142,6 +154,8 @@ class EncoderDecoder(Model):
         state's questions), so that later steps run on fewer rows; None where the model cannot
         (the search then keeps stepping every question)."""
         return None
+
+    widen = None  # optional: widen(state, k), a state of one row per question as k rows each
 
     def length_order(self, xs):
         return None
