@@ -156,3 +156,24 @@ def test_float32_decodes_as_float64(engine):
         c = beam_search(m64, xs, START, 9, k=3)
         d = beam_search(m32, xs, START, 9, k=3)
     assert (a == b).all(axis=1).mean() > 0.98 and (c == d).all(axis=1).mean() > 0.98
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("encoder,layers", [("bi", 1), ("uni", 2)])
+def test_a_widened_state_steps_as_one_started_wide(engine, encoder, layers):
+    """start(xs, 1) then widen(state, 3): the state start(xs, 3) gives, step for step."""
+    model, xs = make(seed=8, encoder=encoder, layers=layers), questions(12, seed=9)
+    rng = np.random.default_rng(10)
+    with backend.using(engine):
+        first = np.full(12, START)
+        s1, one = model.step(first, model.start(xs, 1))
+        s3, wide = model.step(first.repeat(3), model.start(xs, 3))
+        np.testing.assert_allclose(s1.repeat(3, axis=0), s3, rtol=1e-12)
+        one = model.widen(one, 3)
+        for _ in range(3):
+            ids = rng.integers(0, V, 36)
+            a, one = model.step(ids, one)
+            b, wide = model.step(ids, wide)
+            np.testing.assert_allclose(a, b, rtol=1e-12)
+        with pytest.raises(ValueError, match="one row per question"):
+            model.widen(one, 2)
