@@ -108,7 +108,7 @@ def greedy_search(model, xs, start_id, sample_size, end_id=_AUTO, batch_size=500
             ended = int(done.sum())
             if ended == done.shape[0]:
                 break
-            if shrink and ended >= KEEP_FRACTION * done.shape[0]:
+            if shrink and ended and ended >= KEEP_FRACTION * done.shape[0]:
                 kept = xp.flatnonzero(~done)
                 smaller = model.keep(state, kept)
                 shrink = smaller is not None
@@ -121,7 +121,8 @@ def greedy_search(model, xs, start_id, sample_size, end_id=_AUTO, batch_size=500
 
 
 KEEP_FRACTION = 0.125  # rows (or questions) that have ended, as a share of those still stepped,
-#                        at which they leave the state (each time costs a copy of the state)
+#                        at which they leave the state (each time costs a copy of the state;
+#                        0: at every step where one ends)
 
 
 def beam_search(model, xs, start_id, sample_size, k=5, length_penalty=0.0, end_id=_AUTO,
@@ -236,7 +237,8 @@ def _beam_batch(model, xs, starts, sample_size, k, alpha, end, xp, nbest=1):
             settled |= now
         if bool(settled.all()):
             break
-        if int(settled.sum()) >= KEEP_FRACTION * n:
+        gone = int(settled.sum())
+        if gone and gone >= KEEP_FRACTION * n:
             kept = xp.flatnonzero(~settled)
             smaller = model.keep(state, kept)
             shrink = smaller is not None
@@ -254,7 +256,7 @@ def _beam_batch(model, xs, starts, sample_size, k, alpha, end, xp, nbest=1):
 
 
 def _final(score, length, alpha, nbest, xp):
-    """The beam positions of the nbest best finished hypotheses (n, nbest), best first."""
+    """The beam positions of each question's nbest best hypotheses (n, nbest), best first."""
     final = score / xp.maximum(length, 1) ** alpha if alpha else score
     return _top_k(final, nbest, xp)
 

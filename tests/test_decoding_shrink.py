@@ -81,7 +81,7 @@ def plain_beam(model, xs, steps, k, alpha=0.0, nbest=1):
 
 @pytest.fixture(params=[0.0, 0.125, 1.0])
 def keep_fraction(request, monkeypatch):
-    """0: rows leave at every step where one ends; 1: only when all of them could."""
+    """0: rows leave at every step where one ends; 1: never (the search stops first)."""
     monkeypatch.setattr(decoding, "KEEP_FRACTION", request.param)
 
 
