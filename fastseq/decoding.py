@@ -6,6 +6,8 @@ over many questions at once, written once over the models' decoding interface
     scores, state = model.step(ids, state)   one step for every row: ids (B,) -> scores (B, V)
                                              (the state passed in is used up)
     state = model.select(state, rows)        rows reordered within each question's k rows
+    state = model.keep(state, questions)     (optional) only the questions (N',) given, from now
+                                             on; None where the model cannot drop questions
     model.end_id, model.length_order(xs), model.vocab_size, model.check_ids(ids, what)
 
     greedy_search(model, xs, start_id, sample_size)              -> (N, sample_size) ids
@@ -76,27 +78,51 @@ def _batches(model, xs, batch_size):
 def greedy_search(model, xs, start_id, sample_size, end_id=_AUTO, batch_size=500):
     """The most likely symbol at every step, for all questions xs (N, T) at once (in batches of
     ``batch_size``; None: one batch) -> (N, sample_size) NumPy array; stops early once every row
-    has ended."""
+    has ended. Rows that have ended leave the model's state (model.keep) once they are
+    KEEP_FRACTION of those still stepped."""
     xs, starts, xp = _prepare(model, xs, start_id, sample_size)
     end = _end_id(model, end_id)
     out = np.full((xs.shape[0], sample_size), -1 if end is None else end, dtype=np.int64)
     for rows, dev_rows in _batches(model, xs, batch_size):
         state = model.start(xs[dev_rows])
         ids = starts[dev_rows]
-        done = xp.zeros(ids.shape[0], dtype=bool)
-        cols = []
-        for _ in range(sample_size):
+        B = ids.shape[0]
+        res = xp.full((B, sample_size), -1 if end is None else end, dtype=np.int64)
+        live = None  # the batch rows still stepped (None: all of them)
+        shrink = hasattr(model, "keep")  # whether the model can drop rows
+        done = xp.zeros(B, dtype=bool)
+        steps = 0
+        for t in range(sample_size):
             scores, state = model.step(ids, state)
             ids = scores.argmax(axis=1)
-            if end is not None:
-                ids = xp.where(done, end, ids)
-                done |= ids == end
-            cols.append(ids)
-            if end is not None and bool(done.all()):
+            steps = t + 1
+            if end is None:
+                res[:, t] = ids
+                continue
+            ids = xp.where(done, end, ids)
+            if live is None:
+                res[:, t] = ids
+            else:
+                res[live, t] = ids
+            done |= ids == end
+            ended = int(done.sum())
+            if ended == done.shape[0]:
                 break
-        if cols:
-            out[rows, :len(cols)] = backend.to_cpu(xp.stack(cols, axis=1))
+            if shrink and ended and ended >= KEEP_FRACTION * done.shape[0]:
+                kept = xp.flatnonzero(~done)
+                smaller = model.keep(state, kept)
+                shrink = smaller is not None
+                if shrink:
+                    state, ids, done = smaller, ids[kept], done[kept]
+                    live = kept if live is None else live[kept]
+        if steps:
+            out[rows, :steps] = backend.to_cpu(res[:, :steps])
     return out
+
+
+KEEP_FRACTION = 0.125  # rows (or questions) that have ended, as a share of those still stepped,
+#                        at which they leave the state (each time costs a copy of the state;
+#                        0: at every step where one ends)
 
 
 def beam_search(model, xs, start_id, sample_size, k=5, length_penalty=0.0, end_id=_AUTO,
@@ -139,45 +165,100 @@ def beam_search(model, xs, start_id, sample_size, k=5, length_penalty=0.0, end_i
 
 def _beam_batch(model, xs, starts, sample_size, k, alpha, end, xp, nbest=1):
     """The nbest best hypotheses of each question: ids (N, nbest, steps) and summed
-    log-probabilities (N, nbest)."""
+    log-probabilities (N, nbest).
+
+    A question is settled once all its k hypotheses have finished, or (without length
+    normalisation, where a score can only fall) once its nbest best hypotheses have finished
+    with scores above every unfinished one's: its answer is then taken, and it leaves the
+    model's state (model.keep) when the settled questions are KEEP_FRACTION of those still
+    stepped."""
     N, V = xs.shape[0], model.vocab_size
-    state = model.start(xs, k)
+    widen = getattr(model, "widen", None) if k > 1 else None
+    # the first step: every question's k rows are the same, with one live hypothesis; where the
+    # model can widen a state, it runs on one row per question (k rows from the second)
+    state = model.start(xs, 1 if widen else k)
     score = xp.full((N, k), -xp.inf)
     score[:, 0] = 0  # one live hypothesis per question at the start
     length = xp.zeros((N, k))
     done = xp.zeros((N, k), dtype=bool)
-    seqs = xp.zeros((N, k, 0), dtype=np.int64)
-    ids = starts.repeat(k)
+    seqs = xp.zeros((N, k, sample_size), dtype=np.int64)
+    out_seqs = xp.full((N, nbest, sample_size), 0 if end is None else end, dtype=np.int64)
+    out_scores = xp.zeros((N, nbest))
+    live = xp.arange(N)  # the questions still stepped, in the state's order
+    settled = xp.zeros(N, dtype=bool)  # of those, the ones whose answer is taken
+    shrink = end is not None and hasattr(model, "keep")  # whether settled questions may leave
+    ids = starts if widen else starts.repeat(k)
     if end is not None:
         after_end = xp.full(V, -xp.inf)  # a finished hypothesis: end symbols at no cost
         after_end[end] = 0
-    for _ in range(sample_size):
+    steps = 0
+    for t in range(sample_size):
+        n = live.shape[0]
         scores, state = model.step(ids, state)
-        logp = _log_softmax(scores).reshape(N, k, V)
+        if widen and t == 0:  # rows 1 .. k - 1 of each question: -inf scores, never taken
+            scores = xp.repeat(scores, k, axis=0)
+            state = widen(state, k)
+        logp = _log_softmax(scores).reshape(n, k, V)
         if end is not None:
             logp = xp.where(done[:, :, None], after_end, logp)
-        cand = (score[:, :, None] + logp).reshape(N, k * V)
+        cand = (score[:, :, None] + logp).reshape(n, k * V)
         rank = cand
         if alpha:
-            n = (length + ~done).repeat(V, axis=1)  # length if this candidate is taken
-            rank = cand / n ** alpha
-        top = _top_k(rank, k, xp)                                            # (N, k)
+            m = (length + ~done).repeat(V, axis=1)  # length if this candidate is taken
+            rank = cand / m ** alpha
+        top = _top_k(rank, k, xp)                                            # (n, k)
         beam, tok = top // V, top % V
         score = xp.take_along_axis(cand, top, axis=1)
         length = xp.take_along_axis(length + ~done, beam, axis=1)
         done = xp.take_along_axis(done, beam, axis=1)
-        seqs = xp.concatenate([xp.take_along_axis(seqs, beam[:, :, None], axis=1),
-                               tok[:, :, None]], axis=2)
-        state = model.select(state, (xp.arange(N)[:, None] * k + beam).reshape(-1))
+        seqs[:, :, :t] = xp.take_along_axis(seqs[:, :, :t], beam[:, :, None], axis=1)
+        seqs[:, :, t] = tok
+        steps = t + 1
+        state = model.select(state, (xp.arange(n)[:, None] * k + beam).reshape(-1))
         ids = tok.reshape(-1)
-        if end is not None:
-            done |= tok == end
-            if bool(done.all()):
-                break
+        if end is None:
+            continue
+        done |= tok == end
+        if bool(done.all()):
+            break
+        if not shrink:
+            continue
+        now = done.all(axis=1)
+        if not alpha and nbest < k:  # the nbest best have finished above every live score
+            head = done[:, :nbest].all(axis=1)
+            beaten = xp.where(done, -xp.inf, score).max(axis=1) < score[:, nbest - 1]
+            now |= head & beaten
+        now &= ~settled
+        if bool(now.any()):
+            q = xp.flatnonzero(now)
+            best = _final(score[q], length[q], alpha, nbest, xp)
+            out_seqs[live[q], :, :steps] = seqs[q[:, None], best, :steps]
+            out_scores[live[q]] = xp.take_along_axis(score[q], best, axis=1)
+            settled |= now
+        if bool(settled.all()):
+            break
+        gone = int(settled.sum())
+        if gone and gone >= KEEP_FRACTION * n:
+            kept = xp.flatnonzero(~settled)
+            smaller = model.keep(state, kept)
+            shrink = smaller is not None
+            if shrink:
+                state = smaller
+                ids = ids.reshape(n, k)[kept].reshape(-1)
+                score, length, done, seqs = score[kept], length[kept], done[kept], seqs[kept]
+                live, settled = live[kept], settled[kept]
+    rest = xp.flatnonzero(~settled)
+    if rest.size:
+        best = _final(score[rest], length[rest], alpha, nbest, xp)
+        out_seqs[live[rest], :, :steps] = seqs[rest[:, None], best, :steps]
+        out_scores[live[rest]] = xp.take_along_axis(score[rest], best, axis=1)
+    return backend.to_cpu(out_seqs[:, :, :steps]), backend.to_cpu(out_scores)
+
+
+def _final(score, length, alpha, nbest, xp):
+    """The beam positions of each question's nbest best hypotheses (n, nbest), best first."""
     final = score / xp.maximum(length, 1) ** alpha if alpha else score
-    best = _top_k(final, nbest, xp)                                          # (N, nbest)
-    rows = xp.arange(N)[:, None]
-    return backend.to_cpu(seqs[rows, best]), backend.to_cpu(score[rows, best])
+    return _top_k(final, nbest, xp)
 
 
 def _top_k(a, k, xp):

@@ -229,6 +229,10 @@ class StackedState(DecoderState):
             raise ValueError(f"select needs {B} rows, each among its question's {self.k}")
         return self.moved(tuple(h[rows] for h in self.h), tuple(c[rows] for c in self.c))
 
+    @staticmethod
+    def _each(a, f):
+        return tuple(f(x) for x in a)
+
 
 class AttentionDecoder(Model):
     """Teacher-forced scores (N, T, V) from ids (N, T), attending over the encoder states.
@@ -311,16 +315,26 @@ class AttentionDecoder(Model):
         hs = [h if k == 1 else h.repeat(k, axis=0) for h in h0]
         B, xp = hs[0].shape[0], get_array_module(hs[0])
         W, b = self.affine.params
-        cells = [self.lstm.cell(self.embed, rows=B)] + [l.cell(rows=B) for l in self.lstms[1:]]
-        fixed = (cells, enc_hs, mask, W, b)
+        fixed = (self._cells(B), enc_hs, mask, W[:self.H], W[self.H:], b)  # Affine: c's, h's rows
         if len(hs) == 1:
             return DecoderState(hs[0], xp.zeros_like(hs[0]), k, fixed)
         return StackedState(tuple(hs), tuple(xp.zeros_like(h) for h in hs), k, fixed)
 
+    def _cells(self, B):
+        """Each layer's LSTM cell for steps of B rows (the first reads ids)."""
+        return [self.lstm.cell(self.embed, rows=B)] + [l.cell(rows=B) for l in self.lstms[1:]]
+
+    def widen(self, state, k):
+        """A state of one row per question as k rows per question (each row repeated): the
+        state start(..., k) would have made, advanced as the one given."""
+        cells, *rest = state.fixed
+        B = (state.h[0] if isinstance(state, StackedState) else state.h).shape[0]
+        return state.widen(k, (self._cells(B * k), *rest))
+
     def step(self, ids, state):
         """Scores (B, V) after feeding ids (B,), and the next state: the k rows of a question
         attend to one copy of its encoder states, as k more queries."""
-        cells, enc_hs, mask, W, b = state.fixed
+        cells, enc_hs, mask, Wc, Wh, b = state.fixed
         if len(cells) == 1:
             h, c = cells[0](ids, state.h, state.c)                              # (B, H)
             moved = (h, c)
@@ -333,9 +347,18 @@ class AttentionDecoder(Model):
             moved = (tuple(hs), tuple(cs))
         (B, H), N = h.shape, enc_hs.shape[0]
         ctx = self.attention.forward(enc_hs, h.reshape(N, B // N, H), mask).reshape(B, H)
-        scores = matmul(get_array_module(h).concatenate([ctx, h], axis=1), W)
+        scores = matmul(ctx, Wc)  # Affine([c ; h]) as c W[:H] + h W[H:] + b: no concatenation
+        scores += matmul(h, Wh)
         scores += b
         return scores, state.moved(*moved)
+
+    def keep(self, state, questions):
+        """The state for the questions ``questions`` (N',) only: their rows and encoder states."""
+        cells, enc_hs, mask, *rest = state.fixed
+        xp = get_array_module(enc_hs)
+        q = xp.asarray(questions)
+        fixed = (cells, enc_hs[q], None if mask is None else mask[q], *rest)
+        return state.keep(q, fixed)
 
 
 class AttentionSeq2seq(EncoderDecoder):
@@ -458,6 +481,12 @@ class AttentionSeq2seq(EncoderDecoder):
 
     def step(self, ids, state):
         return self.decoder.step(ids, state)
+
+    def keep(self, state, questions):
+        return self.decoder.keep(state, questions)
+
+    def widen(self, state, k):
+        return self.decoder.widen(state, k)
 
     def length_order(self, xs):
         """Row order by true question length (None without a pad id): decoding rows of similar

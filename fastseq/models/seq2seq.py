@@ -94,6 +94,27 @@ class DecoderState:
             raise ValueError(f"select needs {B} rows, each among its question's {self.k}")
         return self.moved(self.h[rows], self.c[rows])
 
+    def keep(self, questions, fixed):
+        """This state for the questions ``questions`` (N',) only (indices in this state's
+        order, increasing): their k rows each, and ``fixed``, what the decoder keeps for them."""
+        xp = get_array_module(self.h)
+        rows = (xp.asarray(questions)[:, None] * self.k + xp.arange(self.k)).reshape(-1)
+        return type(self)(self._each(self.h, lambda a: a[rows]),
+                          self._each(self.c, lambda a: a[rows]), self.k, fixed, owned=True)
+
+    def widen(self, k, fixed):
+        """This state of one row per question as k rows per question (each row repeated k
+        times), with ``fixed``."""
+        if self.k != 1:
+            raise ValueError(f"widen needs a state of one row per question, not {self.k}")
+        return type(self)(self._each(self.h, lambda a: a.repeat(k, axis=0)),
+                          self._each(self.c, lambda a: a.repeat(k, axis=0)), k, fixed, owned=True)
+
+    @staticmethod
+    def _each(a, f):
+        """f of the state's array a (StackedState: of each layer's)."""
+        return f(a)
+
 
 class EncoderDecoder(Model):
     """What every seq2seq model shares: the decoding interface that fastseq.decoding's greedy
@@ -104,6 +125,11 @@ class EncoderDecoder(Model):
                                                 state passed in is used up (its arrays may
                                                 hold the next state)
         state = model.select(state, rows)       rows reordered within each question's k rows
+        state = model.keep(state, questions)    only these questions (N',) from now on (None:
+                                                the model cannot drop questions)
+        state = model.widen(state, k)           one row per question -> k (each repeated), for
+                                                models that have it (beam search's first step
+                                                runs on one row per question)
         model.end_id                            the id that ends an answer (None: none)
         model.length_order(xs)                  a row order batching similar questions, or None
     """
@@ -122,6 +148,14 @@ class EncoderDecoder(Model):
 
     def select(self, state, rows):
         return state.select(rows)
+
+    def keep(self, state, questions):
+        """The state for the questions ``questions`` (N',) only (increasing indices into the
+        state's questions), so that later steps run on fewer rows; None where the model cannot
+        (the search then keeps stepping every question)."""
+        return None
+
+    widen = None  # optional: widen(state, k), a state of one row per question as k rows each
 
     def length_order(self, xs):
         return None
