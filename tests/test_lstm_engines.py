@@ -169,7 +169,10 @@ def test_matches_reference_random_shapes(engine, shape, dtype, zero_state, scale
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(128, 7, 16, 128), (128, 4, 16, 128), (33, 5, 7, 77),
-                                   (2, 3, 300, 5), (1, 1, 1, 1)])
+                                   (2, 3, 300, 5), (1, 1, 1, 1),
+                                   # one chunk with products in panels (per step, and over all
+                                   # steps only)
+                                   (20, 6, 64, 256), (7, 9, 300, 300)])
 @pytest.mark.parametrize("zero_state", [False, True])
 def test_matches_reference_larger(engine, shape, dtype, zero_state):
     rng = np.random.default_rng(sum(shape))

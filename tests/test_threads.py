@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # a few addition-like Adam steps with clipping, batch 128 (so the LSTM runs in row chunks),
-# Seq2seq and PeekySeq2seq, then SGD steps of an Rnnlm; prints a digest of every parameter's bytes
+# Seq2seq and PeekySeq2seq, then SGD steps of an Rnnlm and of a BetterRnnlm with H 256 (batch 20:
+# its LSTM products in panels); prints a digest of every parameter's bytes
 TRAIN = textwrap.dedent("""
     import hashlib, numpy as np, fastseq
     from fastseq.trainer import TrainLoop
@@ -33,6 +34,16 @@ TRAIN = textwrap.dedent("""
         loop.step(ids[i, :, :-1], ids[i, :, 1:], 0.25)
     for p in lm.params:
         h.update(np.ascontiguousarray(p).tobytes())
+    # H 256 at batch 20: one chunk whose LSTM products run in panels on fastseq's threads (the
+    # compiled engine only: the NumPy engine hands products this large to OpenBLAS's threads)
+    if fastseq.backend.config.engine == "cython":
+        big = fastseq.BetterRnnlm(500, 256, 256, seed=0)
+        loop = TrainLoop(big, fastseq.SGD(1.0), progress=False)
+        ids = rng.integers(0, 500, (2, 20, 36))
+        for i in range(2):
+            loop.step(ids[i, :, :-1], ids[i, :, 1:], 0.25)
+        for p in big.params:
+            h.update(np.ascontiguousarray(p).tobytes())
     print(fastseq.backend.config.engine, h.hexdigest())
 """)
 

@@ -129,15 +129,81 @@ cdef inline void _add_into(floating *dst, const floating *src, Py_ssize_t n,
             dst[k] = dst[k] + src[k]
 
 
+# --- products of a one-chunk batch, in panels --------------------------------------------------------
+# A batch too small to cut into chunks (fewer than 2 * min_chunk_rows rows, e.g. a language model's
+# 20) runs its time loop once; where its products are large (H in the hundreds), each product is
+# cut into panels of its output instead: a number fixed by the shapes (never by the thread count),
+# each panel one BLAS call over the whole sum, so the bits are the same on any number of threads.
+
+cdef enum:
+    PANEL_WORK = 1 << 21  # multiply-adds per panel at least: a hand-off costs a few microseconds
+    MAX_PANELS = 4        # each panel's call packs the other operand again
+
+
+cdef inline Py_ssize_t _panels(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """Panels of a column-major product C (m x n) over k: one per PANEL_WORK multiply-adds, at
+    most MAX_PANELS, each at least 32 wide along the split side (the longer of m, n)."""
+    cdef Py_ssize_t p = m * n * k // PANEL_WORK, wide = (m if m >= n else n) // 32
+    if p > MAX_PANELS:
+        p = MAX_PANELS
+    if p > wide:
+        p = wide
+    return p if p > 1 else 1
+
+
+cdef struct PanelJob:
+    char ta, tb
+    int m, n, k, lda, ldb, ldc, np
+    bint split_m
+    double alpha, beta
+    const void *a
+    const void *b
+    void *c
+
+
+cdef void _panel_task(floating *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
+    """Panel q of a product (fs_pool.h task): rows [i0, i1) of op(A) and C (split_m), else
+    columns [i0, i1) of op(B) and C."""
+    cdef PanelJob *j = <PanelJob *>ctx
+    cdef const floating *a = <const floating *>j.a
+    cdef const floating *b = <const floating *>j.b
+    cdef floating *c = <floating *>j.c
+    cdef int X = j.m if j.split_m else j.n
+    cdef int i0 = <int>(q * X // j.np), i1 = <int>((q + 1) * X // j.np)
+    if j.split_m:
+        _gemm(j.ta, j.tb, i1 - i0, j.n, j.k, <floating>j.alpha,
+              a + (i0 * j.lda if j.ta == c'T' else i0), j.lda, b, j.ldb, <floating>j.beta,
+              c + i0, j.ldc)
+    else:
+        _gemm(j.ta, j.tb, j.m, i1 - i0, j.k, <floating>j.alpha, a, j.lda,
+              b + (i0 if j.tb == c'T' else i0 * j.ldb), j.ldb, <floating>j.beta,
+              c + i0 * j.ldc, j.ldc)
+
+
+cdef void _pgemm(int nthreads, char ta, char tb, int m, int n, int k, floating alpha,
+                 const floating *a, int lda, const floating *b, int ldb, floating beta,
+                 floating *c, int ldc) noexcept nogil:
+    """_gemm in _panels(m, n, k) panels taken by up to nthreads threads."""
+    cdef Py_ssize_t np = _panels(m, n, k)
+    cdef PanelJob job
+    if np == 1:
+        _gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        return
+    job = PanelJob(ta, tb, m, n, k, lda, ldb, ldc, <int>np, m >= n, alpha, beta, a, b, c)
+    fs_pool_run(_team(nthreads, np), np, <fs_task>_panel_task[floating], &job)
+
+
 # --- forward -------------------------------------------------------------------------------------
 
 cdef void _fwd_rows(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py_ssize_t H,
                     Py_ssize_t D, const floating *X, const floating *Wx, const floating *W,
                     const floating *bias, Py_ssize_t b_rs, floating *A, floating *Hb,
                     floating *Cb, floating *TC, bint h0_zero, bint xw, const int64_t *ids,
-                    Py_ssize_t T_ids) noexcept nogil:
+                    Py_ssize_t T_ids, int panels_threads=0) noexcept nogil:
     """The time loop of forward for rows [r0, r1). xw: compute x_t Wx for these rows per step
-    (a chunk); ids (N, T_ids): gather it instead; neither: A already holds x Wx."""
+    (a chunk); ids (N, T_ids): gather it instead; neither: A already holds x Wx.
+    panels_threads > 0 (the whole batch as one chunk): h_{t-1} Wh in panels on that many
+    threads."""
     cdef Py_ssize_t t, G = 4 * H, NH = N * H, rows = r1 - r0
     cdef floating *a
     for t in range(T):
@@ -147,7 +213,10 @@ cdef void _fwd_rows(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py
         elif xw:  # a_t = x_t Wx
             _gemm(c'N', c'N', <int>G, <int>rows, <int>D, <floating>1, Wx, <int>G,
                   X + t * N * D + r0 * D, <int>D, <floating>0, a, <int>G)
-        if t > 0 or not h0_zero:  # a_t += h_{t-1} Wh:  a^T (4H x rows) += Wh^T (4H x H) h^T
+        if panels_threads and (t > 0 or not h0_zero):
+            _pgemm(panels_threads, c'N', c'N', <int>G, <int>rows, <int>H, <floating>1, W,
+                   <int>G, Hb + t * NH + r0 * H, <int>H, <floating>1, a, <int>G)
+        elif t > 0 or not h0_zero:  # a_t += h_{t-1} Wh:  a^T (4H x rows) += Wh^T (4H x H) h^T
             _gemm(c'N', c'N', <int>G, <int>rows, <int>H, <floating>1, W, <int>G,
                   Hb + t * NH + r0 * H, <int>H, <floating>1, a, <int>G)
         if floating is float:
@@ -226,10 +295,11 @@ def forward(const floating[:, :, ::1] xs, const floating[:, ::1] Wx, const float
         h0_zero = _all_zero(&h0[0, 0], N * H)
         if nc == 1:
             if ids is None:  # A = X Wx for all steps:  A^T (4H x TN) = Wx^T (4H x D) X^T (D x TN)
-                _gemm(c'N', c'N', <int>G, <int>(T * N), <int>D, <floating>1, &Wx[0, 0], <int>G,
-                      &X[0, 0, 0], <int>D, <floating>0, &A[0, 0, 0], <int>G)
+                _pgemm(nthreads, c'N', c'N', <int>G, <int>(T * N), <int>D, <floating>1,
+                       &Wx[0, 0], <int>G, &X[0, 0, 0], <int>D, <floating>0, &A[0, 0, 0], <int>G)
             _fwd_rows(0, N, T, N, H, D, &X[0, 0, 0], &Wx[0, 0], W, bias, b_rs, &A[0, 0, 0],
-                      &Hb[0, 0, 0], &Cb[0, 0, 0], &TC[0, 0, 0], h0_zero, False, idp, T)
+                      &Hb[0, 0, 0], &Cb[0, 0, 0], &TC[0, 0, 0], h0_zero, False, idp, T,
+                      nthreads if nthreads > 0 else 1)
         else:
             job = FwdJob(nc, T, N, H, D, b_rs, &X[0, 0, 0], &Wx[0, 0], W, bias, &A[0, 0, 0],
                          &Hb[0, 0, 0], &Cb[0, 0, 0], &TC[0, 0, 0], h0_zero, idp)
@@ -253,10 +323,11 @@ cdef void _bwd_rows(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py
                     Py_ssize_t dy_ts, Py_ssize_t dy_rs, floating *dhn, floating *dc,
                     const floating *Cb, const floating *TC, const floating *X,
                     const floating *Wx, const floating *Hb, Grads g, bint h0_zero,
-                    bint need_dh0, const int64_t *ids) noexcept nogil:
+                    bint need_dh0, const int64_t *ids, int panels_threads=0) noexcept nogil:
     """The time loop of backward for rows [r0, r1): A's gates become dA, dhn ends as dh0 and dc
     as dc0 for these rows. With g.pdWx (a chunk), also these rows' dX (unless ids) and their
-    shares of dWx and dWh, overwritten. need_dh0=False: no dA_0 Wh^T at t = 0."""
+    shares of dWx and dWh, overwritten. need_dh0=False: no dA_0 Wh^T at t = 0.
+    panels_threads > 0 (the whole batch as one chunk): dA_t Wh^T in panels."""
     cdef Py_ssize_t t, G = 4 * H, NH = N * H, rows = r1 - r0
     cdef floating *at
     cdef floating *pdWx = <floating *>g.pdWx
@@ -277,7 +348,10 @@ cdef void _bwd_rows(Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t T, Py_ssize_t N, Py
                          TC + t * NH, g.dbacc)
         if g.dbr != NULL:
             _add_into(<floating *>g.dbr + r0 * G, at, rows * G, t == T - 1)
-        if t > 0 or need_dh0:  # dh_{t-1} = dA_t Wh^T:  (H x rows) = Wh (H x 4H) dA_t^T
+        if panels_threads and (t > 0 or need_dh0):
+            _pgemm(panels_threads, c'T', c'N', <int>H, <int>rows, <int>G, <floating>1, W,
+                   <int>G, at, <int>G, <floating>0, dhn + r0 * H, <int>H)
+        elif t > 0 or need_dh0:  # dh_{t-1} = dA_t Wh^T:  (H x rows) = Wh (H x 4H) dA_t^T
             _gemm(c'T', c'N', <int>H, <int>rows, <int>G, <floating>1, W, <int>G,
                   at, <int>G, <floating>0, dhn + r0 * H, <int>H)
         if pdWx == NULL:
@@ -359,23 +433,24 @@ cdef void _sum_shares(const floating *shares, Py_ssize_t nc, Py_ssize_t PW, floa
 cdef void _bwd_whole(Py_ssize_t T, Py_ssize_t N, Py_ssize_t H, Py_ssize_t D, floating *A,
                      const floating *X, const floating *Wx, const floating *Hb,
                      floating *dWx, floating *dWh, floating *dX, bint h0_zero,
-                     const int64_t *ids) noexcept nogil:
-    """One chunk: dWx, dWh and dX as products over all steps, after the time loop."""
+                     const int64_t *ids, int nthreads) noexcept nogil:
+    """One chunk: dWx, dWh and dX as products over all steps (in panels), after the time
+    loop."""
     cdef Py_ssize_t G = 4 * H, t, K = (T - 1) * N if h0_zero else T * N
     if ids != NULL:  # one-hot inputs: dWx is a scatter-add of dA's rows
         memset(dWx, 0, D * G * sizeof(floating))
         for t in range(T):
             _scatter_rows(dWx, A + t * N * G, ids + t, T, 0, N, G)
     else:  # dWx = X^T dA:  dWx^T (4H x D) = dA^T (4H x TN) X (TN x D)
-        _gemm(c'N', c'T', <int>G, <int>D, <int>(T * N), <floating>1, A, <int>G,
-              X, <int>D, <floating>0, dWx, <int>G)
+        _pgemm(nthreads, c'N', c'T', <int>G, <int>D, <int>(T * N), <floating>1, A, <int>G,
+               X, <int>D, <floating>0, dWx, <int>G)
         # dX = dA Wx^T:  dX^T (D x TN) = Wx (D x 4H) dA^T (4H x TN)
-        _gemm(c'T', c'N', <int>D, <int>(T * N), <int>G, <floating>1, Wx, <int>G,
-              A, <int>G, <floating>0, dX, <int>D)
+        _pgemm(nthreads, c'T', c'N', <int>D, <int>(T * N), <int>G, <floating>1, Wx, <int>G,
+               A, <int>G, <floating>0, dX, <int>D)
     # dWh = Hprev^T dA with Hprev = Hb[:-1]; the rows of step 0 add nothing when h0 == 0
     if K > 0:
-        _gemm(c'N', c'T', <int>G, <int>H, <int>K, <floating>1, A + (T * N - K) * G, <int>G,
-              Hb + (T * N - K) * H, <int>H, <floating>0, dWh, <int>G)
+        _pgemm(nthreads, c'N', c'T', <int>G, <int>H, <int>K, <floating>1, A + (T * N - K) * G,
+               <int>G, Hb + (T * N - K) * H, <int>H, <floating>0, dWh, <int>G)
     else:
         memset(dWh, 0, H * G * sizeof(floating))
 
@@ -429,9 +504,9 @@ def backward(const floating[:, :, :] dhs, const floating[:, :, ::1] X,
         if nc == 1:
             _bwd_rows(0, N, T, N, H, D, &Wh[0, 0], &A[0, 0, 0], dy0, dy_ts, dy_rs, &dh0[0, 0], dc,
                       &Cb[0, 0, 0], &TC[0, 0, 0], &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], g,
-                      h0_zero, need_dh0, idp)
+                      h0_zero, need_dh0, idp, nthreads if nthreads > 0 else 1)
             _bwd_whole(T, N, H, D, &A[0, 0, 0], &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], &dWx[0, 0],
-                       &dWh[0, 0], &dX[0, 0, 0], h0_zero, idp)
+                       &dWh[0, 0], &dX[0, 0, 0], h0_zero, idp, nthreads)
         else:
             job = BwdJob(nc, T, N, H, D, dy_ts, dy_rs, &Wh[0, 0], &A[0, 0, 0], dy0, &dh0[0, 0],
                          dc, &Cb[0, 0, 0], &TC[0, 0, 0], &X[0, 0, 0], &Wx[0, 0], &Hb[0, 0, 0], g,
