@@ -25,7 +25,7 @@ def numpy_only(cython_engine):
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
 @pytest.mark.parametrize("ignore", [-1, None, 3])
-@pytest.mark.parametrize("M,V", [(1, 1), (7, 13), (512, 13), (40, 1000)])
+@pytest.mark.parametrize("M,V", [(1, 1), (7, 13), (512, 13), (40, 1000), (300, 3000)])
 def test_softmax_cross_entropy_matches_numpy(cython_engine, dtype, tol, ignore, M, V):
     rng = np.random.default_rng(M * V)
     scores = (rng.standard_normal((M, V)) * 5).astype(dtype)

@@ -4,11 +4,10 @@
 #
 # NumPy equivalents (see fastseq.functions.softmax_cross_entropy and fastseq.layers.TimeEmbedding,
 # which fall back to them):
-#     softmax_shift(S, labels, ignore) -> (picked, n_valid):
-#         S -= S.max(1)[:, None];  picked[i] = S[i, labels[i]] (0 on ignored rows)
-#     softmax_finish(E, labels, picked, ignore, n_valid) -> loss, where E = exp(shifted S):
-#         z = E.sum(1);  loss = sum over valid rows of (log(z) - picked) / n_valid
-#         E[...] = E / z / n_valid, minus 1 / n_valid at each label; 0 on ignored rows
+#     softmax_xent(S, labels, ignore) -> loss (rows in chunks on fastseq's threads):
+#         S -= S.max(1)[:, None];  picked = S[i, labels[i]];  E = exp(S);  z = E.sum(1)
+#         loss = sum over valid rows of (log(z) - picked) / n_valid
+#         S[...] = E / z / n_valid, minus 1 / n_valid at each label; 0 on ignored rows
 #     embed_gather(W, ids, out) -> -1:              out[...] = W[ids]   (or the flat position of
 #                                                   the first id outside [0, V), nothing written)
 #     embed_scatter(dW, ids, d, accumulate):        dW[...] = 0 unless accumulate;
@@ -16,16 +15,12 @@
 
 
 cdef extern from "fs_ops.h":
-    Py_ssize_t fs_softmax_shiftf(float *S, Py_ssize_t M, Py_ssize_t V, const int64_t *labels,
-                                 int64_t ignore, int has_ignore, double *picked) noexcept nogil
-    Py_ssize_t fs_softmax_shiftd(double *S, Py_ssize_t M, Py_ssize_t V, const int64_t *labels,
-                                 int64_t ignore, int has_ignore, double *picked) noexcept nogil
-    double fs_softmax_finishf(float *E, Py_ssize_t M, Py_ssize_t V, const int64_t *labels,
-                              const double *picked, int64_t ignore, int has_ignore,
-                              Py_ssize_t n_valid) noexcept nogil
-    double fs_softmax_finishd(double *E, Py_ssize_t M, Py_ssize_t V, const int64_t *labels,
-                              const double *picked, int64_t ignore, int has_ignore,
-                              Py_ssize_t n_valid) noexcept nogil
+    void fs_softmax_rowsf(float *S, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t V,
+                          const int64_t *labels, int64_t ignore, int has_ignore, double denom,
+                          double *loss) noexcept nogil
+    void fs_softmax_rowsd(double *S, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t V,
+                          const int64_t *labels, int64_t ignore, int has_ignore, double denom,
+                          double *loss) noexcept nogil
     Py_ssize_t fs_embed_gatherf(const float *W, Py_ssize_t V, Py_ssize_t D, const int64_t *ids,
                                 Py_ssize_t n, float *out) noexcept nogil
     Py_ssize_t fs_embed_gatherd(const double *W, Py_ssize_t V, Py_ssize_t D, const int64_t *ids,
@@ -39,49 +34,59 @@ cdef extern from "fs_ops.h":
                            Py_ssize_t T) noexcept nogil
 
 
-def softmax_shift(floating[:, ::1] S, const int64_t[::1] labels, int64_t ignore,
-                  bint has_ignore=True):
-    """Subtract each row's maximum in place; returns picked (float64, per row) and n_valid.
-    has_ignore=False: no label is ignored. A label outside [0, V) raises ValueError."""
-    cdef Py_ssize_t M = S.shape[0], V = S.shape[1], n_valid = 0
+cdef struct SoftmaxJob:
+    Py_ssize_t nq, M, V
+    void *S
+    const int64_t *labels
+    int64_t ignore
+    bint has_ignore
+    double denom
+    double *loss
+
+
+cdef void _softmax_task(floating *tag, void *ctx, Py_ssize_t q, int tid) noexcept nogil:
+    """Rows [q M / nq, (q + 1) M / nq) of softmax_xent (fs_pool.h task)."""
+    cdef SoftmaxJob *j = <SoftmaxJob *>ctx
+    cdef Py_ssize_t r0 = q * j.M // j.nq, r1 = (q + 1) * j.M // j.nq
+    if floating is float:
+        fs_softmax_rowsf(<float *>j.S, r0, r1, j.V, j.labels, j.ignore, j.has_ignore, j.denom,
+                         j.loss)
+    else:
+        fs_softmax_rowsd(<double *>j.S, r0, r1, j.V, j.labels, j.ignore, j.has_ignore, j.denom,
+                         j.loss)
+
+
+def softmax_xent(floating[:, ::1] S, const int64_t[::1] labels, int64_t ignore,
+                 bint has_ignore=True, int nthreads=1):
+    """Softmax cross-entropy in place (see above): S becomes the gradient of the mean loss;
+    returns the mean loss. Rows go in chunks fixed by the shape (each row's bits are its own),
+    on up to nthreads threads, and the rows' losses are added in row order. has_ignore=False:
+    no label is ignored. A label outside [0, V) raises ValueError (nothing is written)."""
+    cdef Py_ssize_t M = S.shape[0], V = S.shape[1], i, n_valid = 0
     if labels.shape[0] != M:
         raise ValueError(f"{labels.shape[0]} labels for {M} rows")
-    picked_arr = np.zeros(M, dtype=np.float64)
-    cdef double[::1] picked = picked_arr
-    if M == 0:
-        return picked_arr, 0
-    with nogil:
-        if floating is float:
-            n_valid = fs_softmax_shiftf(&S[0, 0], M, V, &labels[0], ignore, has_ignore,
-                                        &picked[0])
-        else:
-            n_valid = fs_softmax_shiftd(&S[0, 0], M, V, &labels[0], ignore, has_ignore,
-                                        &picked[0])
-    if n_valid < 0:
-        bad = -n_valid - 1
-        raise ValueError(f"label {labels[bad]} at position {bad} is outside [0, {V}) "
-                         f"(and is not the ignore label {ignore})")
-    return picked_arr, n_valid
-
-
-def softmax_finish(floating[:, ::1] E, const int64_t[::1] labels, const double[::1] picked,
-                   int64_t ignore, Py_ssize_t n_valid, bint has_ignore=True):
-    """E = exp(shifted scores) in, the gradient of the mean loss out (see above); returns the
-    mean loss. labels were checked by softmax_shift."""
-    cdef Py_ssize_t M = E.shape[0], V = E.shape[1]
-    cdef double loss
-    if labels.shape[0] != M or picked.shape[0] != M:
-        raise ValueError(f"{labels.shape[0]} labels and {picked.shape[0]} picked for {M} rows")
+    for i in range(M):
+        if has_ignore and labels[i] == ignore:
+            continue
+        if labels[i] < 0 or labels[i] >= V:
+            raise ValueError(f"label {labels[i]} at position {i} is outside [0, {V}) "
+                             f"(and is not the ignore label {ignore})")
+        n_valid += 1
     if M == 0:
         return 0.0
+    loss_arr = np.empty(M, dtype=np.float64)
+    cdef double[::1] loss = loss_arr
+    cdef SoftmaxJob job
+    cdef Py_ssize_t nq = _even(min(M * V // MATMUL_CHUNK_WORK + 1, MATMUL_MAX_CHUNKS, M))
+    job.nq, job.M, job.V, job.S, job.labels = nq, M, V, &S[0, 0], &labels[0]
+    job.ignore, job.has_ignore, job.loss = ignore, has_ignore, &loss[0]
+    job.denom = <double>n_valid if n_valid > 0 else 1.0
+    cdef double total = 0
     with nogil:
-        if floating is float:
-            loss = fs_softmax_finishf(&E[0, 0], M, V, &labels[0], &picked[0], ignore,
-                                      has_ignore, n_valid)
-        else:
-            loss = fs_softmax_finishd(&E[0, 0], M, V, &labels[0], &picked[0], ignore,
-                                      has_ignore, n_valid)
-    return loss
+        fs_pool_run(nthreads, nq, <fs_task>_softmax_task[floating], &job)
+        for i in range(M):
+            total += loss[i]
+    return total / job.denom
 
 
 def embed_gather(const floating[:, ::1] W, const int64_t[::1] ids, floating[:, ::1] out):

@@ -1,5 +1,5 @@
-/* The small kernels around the LSTM (_ops.pxi): the two passes of softmax cross-entropy around
-   NumPy's exp, and the embedding's gather and scatter-add; float32 suffix f, float64 d. */
+/* The small kernels around the LSTM (_ops.pxi): softmax cross-entropy by rows, and the
+   embedding's gather and scatter-add; float32 suffix f, float64 d. */
 #ifndef FS_OPS_H
 #define FS_OPS_H
 
@@ -8,64 +8,49 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Each row of S (M x V) minus its maximum, in place; picked[i] = the shifted S[i, labels[i]]
-   (left alone on ignored rows). Returns the number of rows not ignored, or -(i + 1) for the
-   first row i whose label is outside [0, V) and not ignored (rows before it are shifted). */
-#define FS_SOFTMAX_SHIFT(T, SFX) \
-static ptrdiff_t fs_softmax_shift##SFX(T *S, ptrdiff_t M, ptrdiff_t V, const int64_t *labels, \
-                                       int64_t ignore, int has_ignore, double *picked) \
+#include "fs_lstm.h"   /* fs_exp_row: a row's exp and its sum, vectorised; FS_KERNEL, FS_SIMD */
+
+/* Softmax cross-entropy of rows [r0, r1) of S (M x V), one row at a time (it stays in cache):
+   the row minus its maximum, exp and its sum z (fs_exp_row), then S[i] becomes the gradient of
+   the mean loss over the rows not ignored, exp / z / denom minus 1 / denom at the label (0 on
+   ignored rows), and loss[i] = log(z) - (S[i, label] - max) (0 on ignored rows). Labels were
+   checked before. The maximum and the sum run in 8 fixed lanes, so a row's bits do not depend
+   on where it sits or which thread takes it. */
+#define FS_SOFTMAX_ROWS(T, SFX) \
+FS_KERNEL static void fs_softmax_rows##SFX(T *S, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t V, \
+                                           const int64_t *labels, int64_t ignore, \
+                                           int has_ignore, double denom, double *loss) \
 { \
-    ptrdiff_t n_valid = 0; \
-    for (ptrdiff_t i = 0; i < M; ++i) { \
-        int64_t lab = labels[i]; \
-        int skip = has_ignore && lab == ignore; \
-        if (!skip && (lab < 0 || lab >= V)) \
-            return -(i + 1); \
-        if (V == 0) \
-            continue; \
+    for (ptrdiff_t i = r0; i < r1; ++i) { \
         T *s = S + i * V; \
-        T mx = s[0]; \
-        for (ptrdiff_t j = 1; j < V; ++j) \
-            if (s[j] > mx) \
-                mx = s[j]; \
-        for (ptrdiff_t j = 0; j < V; ++j) \
-            s[j] = s[j] - mx; \
-        if (!skip) { \
-            picked[i] = s[lab]; \
-            n_valid++; \
+        int64_t lab = labels[i]; \
+        if ((has_ignore && lab == ignore) || V == 0) { \
+            memset(s, 0, V * sizeof(T)); \
+            loss[i] = 0; \
+            continue; \
         } \
+        T lane[8]; \
+        for (int k = 0; k < 8; ++k) lane[k] = s[0]; \
+        ptrdiff_t j = 0; \
+        for (; j + 8 <= V; j += 8) \
+            for (int k = 0; k < 8; ++k) lane[k] = s[j + k] > lane[k] ? s[j + k] : lane[k]; \
+        for (; j < V; ++j) lane[0] = s[j] > lane[0] ? s[j] : lane[0]; \
+        T mx = lane[0]; \
+        for (int k = 1; k < 8; ++k) mx = lane[k] > mx ? lane[k] : mx; \
+        T picked = s[lab] - mx; \
+        FS_SIMD \
+        for (j = 0; j < V; ++j) s[j] = s[j] - mx; \
+        double z = (double)fs_exp_row##SFX(s, V); \
+        loss[i] = log(z) - (double)picked; \
+        T r = (T)(1.0 / (z * denom)); \
+        FS_SIMD \
+        for (j = 0; j < V; ++j) s[j] = s[j] * r; \
+        s[lab] = s[lab] - (T)(1.0 / denom); \
     } \
-    return n_valid; \
 }
 
-/* E = exp(shifted S) in, the gradient of the mean loss out: E / z / n_valid per row (z its
-   sum), minus 1 / n_valid at the label; ignored rows 0. Returns the mean of log(z) - picked
-   over the rows not ignored (labels already checked by fs_softmax_shift). */
-#define FS_SOFTMAX_FINISH(T, SFX) \
-static double fs_softmax_finish##SFX(T *E, ptrdiff_t M, ptrdiff_t V, const int64_t *labels, \
-                                     const double *picked, int64_t ignore, int has_ignore, \
-                                     ptrdiff_t n_valid) \
-{ \
-    double loss = 0, denom = n_valid > 0 ? (double)n_valid : 1; \
-    for (ptrdiff_t i = 0; i < M; ++i) { \
-        T *e = E + i * V; \
-        int64_t lab = labels[i]; \
-        if (has_ignore && lab == ignore) { \
-            for (ptrdiff_t j = 0; j < V; ++j) \
-                e[j] = 0; \
-            continue; \
-        } \
-        double z = 0; \
-        for (ptrdiff_t j = 0; j < V; ++j) \
-            z += e[j]; \
-        loss += log(z) - picked[i]; \
-        T r = (T)(1.0 / (z * denom)); \
-        for (ptrdiff_t j = 0; j < V; ++j) \
-            e[j] = e[j] * r; \
-        e[lab] = e[lab] - (T)(1.0 / denom); \
-    } \
-    return loss / denom; \
-}
+FS_SOFTMAX_ROWS(float, f)
+FS_SOFTMAX_ROWS(double, d)
 
 /* out[k] = W[ids[k]] (W is V x D); returns -1, or the position of the first id outside
    [0, V) (then nothing is written). */
@@ -101,10 +86,6 @@ static void fs_embed_scatter##SFX(T *dW, ptrdiff_t V, ptrdiff_t D, const int64_t
         } \
 }
 
-FS_SOFTMAX_SHIFT(float, f)
-FS_SOFTMAX_SHIFT(double, d)
-FS_SOFTMAX_FINISH(float, f)
-FS_SOFTMAX_FINISH(double, d)
 FS_EMBED_GATHER(float, f)
 FS_EMBED_GATHER(double, d)
 FS_EMBED_SCATTER(float, f)

@@ -268,8 +268,8 @@ def exp_rows(S):
 
 
 def softmax_cross_entropy(scores, labels, ignore_label=-1):
-    """The numpy engine's in three passes: row max and shift, exp (NumPy's SIMD), then sums,
-    loss and gradient."""
+    """The numpy engine's, one pass per row (max, shift, exp and its sum, loss, gradient), rows
+    in chunks on fastseq's threads."""
     M, V = scores.shape
     if not (type(scores) is np.ndarray and scores.dtype in DTYPES and scores.flags.c_contiguous
             and scores.flags.writeable and M and V):
@@ -277,9 +277,7 @@ def softmax_cross_entropy(scores, labels, ignore_label=-1):
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     has_ignore = ignore_label is not None
     ignore = int(ignore_label) if has_ignore else 0
-    picked, n_valid = _cpu.softmax_shift(scores, labels, ignore, has_ignore)
-    np.exp(scores, out=scores)
-    loss = _cpu.softmax_finish(scores, labels, picked, ignore, n_valid, has_ignore)
+    loss = _cpu.softmax_xent(scores, labels, ignore, has_ignore, _threads())
     return float(loss), scores
 
 
