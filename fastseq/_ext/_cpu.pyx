@@ -37,6 +37,17 @@ cdef extern from "fs_pool.h":
     long fs_pool_helped() noexcept nogil
 
 
+cdef extern from "fs_simd.h":
+    const char *fs_simd_level() noexcept nogil
+
+
+def simd_level():
+    """The instruction-set level the kernels run at here: 'x86-64-v4' (AVX-512), 'x86-64-v3'
+    (AVX2 + FMA) or 'x86-64' (SSE2), picked for this CPU at import from the clones compiled (or
+    the single level a FASTSEQ_SIMD build was compiled for)."""
+    return fs_simd_level().decode()
+
+
 include "_blas.pxi"
 include "_lstm.pxi"
 include "_products.pxi"
