@@ -2,7 +2,7 @@
 pure NumPy engine) and PyTorch CPU, the same model, batch layout, SGD and clipping.
 
     python -m benchmarks.compare_rnnlm [--model rnnlm|better] [--load N] [--rounds 10]
-        [--turn 1.0] [--data-dir DIR]
+        [--turn 1.0] [--data-dir DIR] [--old-checkout PATH]
 
 One iteration = the next truncated-BPTT batch (B=20, T=35, the textbook's layout), forward,
 backward, gradient clipping (0.25) and SGD (lr 20) with softmax cross-entropy; the LSTM state is
@@ -11,15 +11,17 @@ Linear(100, 10000). --model better, the textbook's BetterRnnlm: Embedding(10000,
 -> LSTM(650) -> dropout -> LSTM(650) -> dropout -> Linear(650, 10000) tied to the embedding,
 dropout ratio 0.5 (in PyTorch: nn.LSTM(num_layers=2, dropout=0.5) between the dropouts). Setups
 run in worker processes taking turns, as in benchmarks.compare_cpu; --load N adds N CPU-bound
-processes.
+processes. --old-checkout PATH: a built checkout of another commit, run as the setup 'old' in the
+same turns.
 """
 import argparse
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (SETUPS, TEXTBOOK_DATA, interleaved, machine_line, ratio_line,
-                               start_load, stop_load, worker_loop, worker_setup)
+from benchmarks.common import (SETUPS, TEXTBOOK_DATA, checkouts_line, interleaved, machine_line,
+                               old_checkout_env, ratio_line, start_load, stop_load, worker_loop,
+                               worker_setup)
 
 V, D, H, B, T = 10000, 100, 100, 20, 35
 LR, CLIP = 20.0, 0.25
@@ -152,11 +154,14 @@ def main():
     ap.add_argument("--hidden", type=int, default=BETTER_H,
                     help="BetterRnnlm's wordvec and hidden size (--model better)")
     ap.add_argument("--load", type=int, default=0, help="competing CPU-bound processes")
-    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--setups", nargs="+", default=[s for s in SETUPS if s != "old"],
+                    choices=list(SETUPS))
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--turn", type=float, default=1.0, help="seconds per turn")
     ap.add_argument("--data-dir", default=str(TEXTBOOK_DATA / "ptb"),
                     help="PTB folder (else random ids)")
+    ap.add_argument("--old-checkout", default=None,
+                    help="a built checkout run as the setup 'old' (added to --setups)")
     ap.add_argument("--worker", metavar="SETUP", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hidden < 1:
@@ -170,7 +175,15 @@ def main():
             return worker_loop(make(corpus, args.hidden))
         make = make_torch_runner if args.worker == "torch" else make_fastseq_runner
         return worker_loop(make(corpus))
+    env_of = lambda name: SETUPS[name][0]  # noqa: E731
+    if args.old_checkout:
+        env_of = old_checkout_env(args.old_checkout)
+        args.setups += [] if "old" in args.setups else ["old"]
+    elif "old" in args.setups:
+        ap.error("the setup 'old' needs --old-checkout")
     print(machine_line())
+    if args.old_checkout:
+        print(checkouts_line(args.old_checkout))
     if args.model == "better":
         print(f"BetterRnnlm V={V} D=H={args.hidden}, 2 LSTM layers, dropout {DROPOUT}, "
               f"tied weights, batch {B} x time {T}, SGD lr {LR}, clip {CLIP}; "
@@ -183,7 +196,8 @@ def main():
         worker_args = ["--data-dir", args.data_dir]
     load = start_load(args.load)
     try:
-        times = interleaved("compare_rnnlm", worker_args, args.setups, args.rounds, args.turn)
+        times = interleaved("compare_rnnlm", worker_args, args.setups, args.rounds, args.turn,
+                            env_of=env_of)
     finally:
         stop_load(load)
     print(f"\n{args.rounds} rounds of ~{args.turn:g} s per setup")
@@ -192,6 +206,8 @@ def main():
     for s, v in times.items():
         print(f"| {SETUPS[s][1]} | {np.median(v) * 1e3:.1f} |")
     for slow, fast, label in [("torch", "default", "PyTorch vs default (speed-up of fastseq)"),
+                              ("torch", "old", "PyTorch vs --old-checkout (speed-up of the old fastseq)"),
+                              ("old", "default", "--old-checkout vs default (speed-up of this checkout)"),
                               ("default", "one", "default vs one thread (time ratio)"),
                               ("torch", "numpy", "PyTorch vs NumPy engine")]:
         if slow in times and fast in times:
