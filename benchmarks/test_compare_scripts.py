@@ -73,6 +73,15 @@ def test_compare_cpu_runs_an_old_checkout_beside_this_one():
     assert p.returncode != 0 and "no fastseq package there" in p.stderr
 
 
+def test_compare_rnnlm_runs_an_old_checkout_beside_this_one():
+    out = run_script("compare_rnnlm", "--setups", "default", "--rounds", "1", "--turn", "0.01",
+                     "--old-checkout", str(ROOT))
+    assert re.search(rf"^old: {re.escape(str(ROOT))} at \S+; this checkout at \S+$", out, re.M)
+    assert re.search(r"^\| fastseq of --old-checkout, default engine and threads \| [0-9.]+ \|",
+                     out, re.M), out
+    assert "--old-checkout vs default (speed-up of this checkout): " in out
+
+
 def test_compare_attention_runs_an_old_checkout_as_an_engine():
     from fastseq import backend
     if not backend.cython_available():

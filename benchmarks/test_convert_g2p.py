@@ -119,3 +119,33 @@ def test_the_pytorch_network_is_fastseqs(encoder, layers):
         x_test = torch.from_numpy(data.X_test[:50].astype(np.int64))
         theirs = tm.greedy(x_test, (x_test != 0).sum(dim=1), data.steps).numpy()
     assert (mine == theirs).mean() > 0.99 and len({tuple(r) for r in mine}) > 5
+
+
+def test_conversion_floor_counts_each_product():
+    """2 layers, bidirectional, H 8 (4 per direction), V 10; one 3-symbol source, 2 steps."""
+    from benchmarks.conversion_floor import conversion_flop
+    cfg = {"hidden_size": 8, "layers": 2, "encoder": "bi"}
+    # encoder: 2 directions x (h Wh 4x16 + layer 2's [x ; h] (8 + 4) x 16) per symbol
+    enc = 2 * 2 * (4 * 16 + 12 * 16) * 3
+    # decoder per step: h Wh 8x32, layer 2 16x32, affine 16x10; attention 2 x 3 x 8
+    dec = 2 * ((8 * 32 + 16 * 32 + 16 * 10) * 2 + 2 * 8 * 3 * 2)
+    assert conversion_flop(cfg, 10, np.array([3.0]), np.array([2.0])) == (enc, dec)
+    assert conversion_flop(cfg, 10, np.array([3.0]), np.array([2.0]), k=5) == (enc, 5 * dec)
+
+
+def test_conversion_floor_prints_the_floor_beside_the_measured_time(tmp_path):
+    from fastseq.train import main
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdef"), rng.integers(2, 6))) for _ in range(120)]
+    (tmp_path / "train.tsv").write_text("".join(f"{w}\t{' '.join(w.upper())}\n" for w in words))
+    (tmp_path / "words.txt").write_text("\n".join(words[:50]) + "\n")
+    assert main(["--task", "pairs", "--data", str(tmp_path / "train.tsv"), "--target-tokens",
+                 "space", "--epochs", "1", "--hidden-size", "8", "--wordvec-size", "4",
+                 "--batch-size", "32", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    out = run_script("conversion_floor", "--model", str(tmp_path / "run" / "best.npz"),
+                     "--words", str(tmp_path / "words.txt"), "--rounds", "1",
+                     "--gemm-size", "128", "--beam", "3")
+    assert "encoder bi layers 2; 50 sources" in out
+    for name in ("greedy", "beam 3"):
+        assert re.search(rf"^\| {name} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| "
+                         r"[0-9]+% \|$", out, re.M), out
