@@ -105,6 +105,9 @@ def test_each_level_built_alone_matches_the_reference(level, tmp_path):
     env = {**os.environ, "FASTSEQ_SIMD": level, "FASTSEQ_REQUIRE_EXT": "1"}
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    if build.returncode and "for '-march=' switch" in build.stderr.replace("\u2018", "'").replace(
+            "\u2019", "'"):
+        pytest.skip(f"this C compiler does not know -march={level}")
     assert build.returncode == 0, build.stderr[-3000:]
     if not NEEDS[level] <= cpu_flags():
         pytest.skip(f"{level} built; this CPU lacks {sorted(NEEDS[level] - cpu_flags())} to run it")
