@@ -113,6 +113,17 @@ def old_checkout_env(path):
     return lambda name: {"FASTSEQ_CHECKOUT": path} if name == "old" else SETUPS[name][0]
 
 
+def setups_env(ap, args):
+    """env_of for the setups of args.setups: with --old-checkout, the setup 'old' is added and
+    imports fastseq from that checkout (old_checkout_env); without it, 'old' is refused."""
+    if args.old_checkout:
+        args.setups += [] if "old" in args.setups else ["old"]
+        return old_checkout_env(args.old_checkout)
+    if "old" in args.setups:
+        ap.error("the setup 'old' needs --old-checkout")
+    return lambda name: SETUPS[name][0]
+
+
 class _NoExtension:
     """Import hook making fastseq._ext unimportable: the pure NumPy engine, as users without a
     compiler get it."""

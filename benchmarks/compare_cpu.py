@@ -19,8 +19,8 @@ import argparse
 import numpy as np
 
 from benchmarks.common import (BATCH, D, H, SETUPS, addition_data, checkouts_line, interleaved,
-                               machine_line, old_checkout_env, ratio_line, start_load, stop_load, torch_seq2seq,
-                               worker_loop, worker_setup)
+                               machine_line, ratio_line, setups_env, start_load, stop_load,
+                               torch_seq2seq, worker_loop, worker_setup)
 
 EPOCH = 45000 // BATCH  # iterations per epoch of the addition training split
 
@@ -119,12 +119,7 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker)
-    env_of = lambda name: SETUPS[name][0]  # noqa: E731
-    if args.old_checkout:
-        env_of = old_checkout_env(args.old_checkout)
-        args.setups += [] if "old" in args.setups else ["old"]
-    elif "old" in args.setups:
-        ap.error("the setup 'old' needs --old-checkout")
+    env_of = setups_env(ap, args)
     print(machine_line())
     print(f"batch {BATCH}, D={D}, H={H}; competing CPU-bound processes: {args.load}")
     if args.old_checkout:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (SETUPS, TEXTBOOK_DATA, checkouts_line, interleaved, machine_line,
-                               old_checkout_env, ratio_line, start_load, stop_load, worker_loop,
+                               ratio_line, setups_env, start_load, stop_load, worker_loop,
                                worker_setup)
 
 V, D, H, B, T = 10000, 100, 100, 20, 35
@@ -175,12 +175,7 @@ def main():
             return worker_loop(make(corpus, args.hidden))
         make = make_torch_runner if args.worker == "torch" else make_fastseq_runner
         return worker_loop(make(corpus))
-    env_of = lambda name: SETUPS[name][0]  # noqa: E731
-    if args.old_checkout:
-        env_of = old_checkout_env(args.old_checkout)
-        args.setups += [] if "old" in args.setups else ["old"]
-    elif "old" in args.setups:
-        ap.error("the setup 'old' needs --old-checkout")
+    env_of = setups_env(ap, args)
     print(machine_line())
     if args.old_checkout:
         print(checkouts_line(args.old_checkout))
